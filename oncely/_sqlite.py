@@ -1,0 +1,102 @@
+"""SQLite plumbing shared by the SQLite broker and store.
+
+URLs follow SQLAlchemy's rule: ``sqlite:///jobs.db`` is relative to the working directory,
+``sqlite:////var/lib/jobs.db`` is absolute. Query parameters carry backend options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+import aiosqlite
+
+from oncely.runtime.errors import ConfigError, StoreUnavailable
+
+BUSY_TIMEOUT_MS = 30_000
+"""How long a writer waits for another process's write lock before SQLITE_BUSY."""
+
+
+def parse_sqlite_url(url: str) -> tuple[Path, dict[str, str]]:
+    """Split ``sqlite:///path?opt=v`` into the database path and its options."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ConfigError(f"not a sqlite URL: {url!r}")
+    if parts.netloc:
+        raise ConfigError(
+            f"sqlite URL {url!r} has a host; write sqlite:///relative.db or sqlite:////abs.db"
+        )
+    raw = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if not raw:
+        raise ConfigError(f"sqlite URL {url!r} names no file; write sqlite:///path/to.db")
+    return Path(raw), dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
+def option(options: dict[str, str], name: str, default: float, url: str) -> float:
+    """Read a positive number option from a URL's query, with a precise error."""
+    raw = options.pop(name, None)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{url!r}: option {name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{url!r}: option {name} must be > 0, got {raw}")
+    return value
+
+
+def reject_unknown(options: dict[str, str], url: str) -> None:
+    if options:
+        raise ConfigError(f"{url!r}: unknown option(s) {', '.join(sorted(options))}")
+
+
+async def open_db(path: Path) -> aiosqlite.Connection:
+    """Open ``path`` in WAL mode with a busy timeout, creating its directory.
+
+    Transactions are explicit (``isolation_level=None``): callers issue ``BEGIN IMMEDIATE``
+    for every read-modify-write so that claims stay atomic across processes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with map_sqlite_errors(StoreUnavailable):
+        db = await aiosqlite.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return db
+
+
+@contextlib.contextmanager
+def map_sqlite_errors(error: type[Exception]) -> Iterator[None]:
+    """Translate sqlite3's operational errors into ``error``, chaining the original."""
+    try:
+        yield
+    except (sqlite3.OperationalError, sqlite3.DatabaseError, ValueError) as exc:
+        # aiosqlite raises ValueError("no active connection") once closed.
+        raise error(f"sqlite: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def immediate(
+    db: aiosqlite.Connection, lock: asyncio.Lock
+) -> AsyncIterator[aiosqlite.Connection]:
+    """A ``BEGIN IMMEDIATE`` transaction: takes the write lock up front, so two processes never
+    both read a row as free and then both claim it.
+
+    ``lock`` guards the connection: aiosqlite runs statements of all tasks on one thread, so
+    without it another task's statement would land inside this transaction.
+    """
+    async with lock:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            # Shielded: a cancelled handler must still leave the connection outside a
+            # transaction, or the next BEGIN on it fails.
+            await asyncio.shield(db.execute("ROLLBACK"))
+            raise
+        await asyncio.shield(db.execute("COMMIT"))

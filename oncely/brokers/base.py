@@ -1,0 +1,332 @@
+"""The broker contract every adapter implements.
+
+A broker does three things: ``publish`` bytes to a topic, ``consume`` a topic as an async
+iterator of ``Delivery`` objects, and ``aclose``. Each delivery is settled exactly once, by
+``ack`` (done), ``nack(delay)`` (redeliver after at least ``delay``) or ``reject(reason)``
+(dead-letter with the reason recorded). While it is unsettled, ``extend(seconds)`` pushes its
+visibility deadline out.
+
+Delivery is **at least once** on every broker: a message whose delivery is not acked before its
+visibility deadline (or whose connection, channel or partition is lost) is delivered again, to
+this or another consumer. Making effects happen once is the runtime's job, not the broker's.
+
+What a broker cannot do natively it declares in ``Capabilities`` rather than faking it; the
+runtime reads the flags (for example it only runs the visibility heartbeat where ``extend`` is
+supported).
+
+Reserved headers start with ``oncely-``; see ``Headers``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Self
+
+__all__ = [
+    "Broker",
+    "Capabilities",
+    "DeadLetter",
+    "DeadLetterAdmin",
+    "Delivery",
+    "Headers",
+    "Subscription",
+    "check_headers",
+]
+
+
+class Headers:
+    """Names of the headers oncely reads and writes. Other headers pass through untouched."""
+
+    KEY = "oncely-key"
+    """The idempotency key a publisher chose."""
+    MESSAGE_ID = "oncely-message-id"
+    """The stable message id, for brokers whose own id changes on redelivery."""
+    ATTEMPT = "oncely-attempt"
+    """The delivery count, for brokers that carry it in the message (AMQP retry path)."""
+    PUBLISHED_AT = "oncely-published-at"
+    """Unix time of the first publish, as a decimal string."""
+    REASON = "oncely-dead-letter-reason"
+    """Why a message was dead-lettered."""
+    FAILED_AT = "oncely-dead-lettered-at"
+    """Unix time at which a message was dead-lettered."""
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a broker does natively. The runtime adapts to these flags; nothing is faked.
+
+    Attributes:
+        native_delay: ``nack(delay)`` and ``publish(delay=)`` are honoured by the broker itself
+            without blocking the consumer. When false the adapter emulates delay in a way its
+            docstring describes (for example TTL retry queues), and ``max_delay`` bounds it.
+        max_delay: the longest delay the broker accepts, in seconds, or ``None`` for no limit.
+        native_dlq: ``reject`` moves the message to a dead-letter store the broker keeps.
+        extend: ``Delivery.extend`` pushes this message's visibility deadline out. When false,
+            ``extend`` raises ``NotSupported`` and the adapter sizes its redelivery timeout from
+            the ``visibility`` given to ``consume`` instead.
+        ordering: ``"none"``, ``"queue"`` (FIFO per topic while one consumer runs) or
+            ``"partition"`` (FIFO per partition/key).
+        ack_model: ``"message"`` when each delivery is settled on its own, ``"offset"`` when
+            progress is a committed offset per partition (Kafka); there, ``ack`` marks the
+            delivery done and the adapter commits the lowest contiguous completed offset.
+        transactions: the broker can publish and commit consumed offsets atomically.
+        durable: messages survive a broker (or, for embedded brokers, a process) restart.
+    """
+
+    native_delay: bool
+    max_delay: float | None
+    native_dlq: bool
+    extend: bool
+    ordering: Literal["none", "queue", "partition"] = "none"
+    ack_model: Literal["message", "offset"] = "message"
+    transactions: bool = False
+    durable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message at rest in a dead-letter queue."""
+
+    id: str
+    topic: str
+    body: bytes
+    headers: Mapping[str, str]
+    reason: str
+    attempt: int
+    failed_at: float
+
+
+class Delivery(abc.ABC):
+    """One delivery of a message to this consumer.
+
+    Attributes:
+        id: the broker's message id, stable across redeliveries of the same message where the
+            broker allows (memory, SQLite, SQS, AMQP via ``oncely-message-id``; Kafka uses
+            ``topic:partition:offset``).
+        key: the idempotency key the publisher set (``oncely-key`` header), else ``id``.
+        attempt: how many times this message has been delivered, counting this one (1 on the
+            first delivery). An expired visibility counts as a delivery.
+        headers: the message headers, ``oncely-`` ones included.
+        body: the raw payload bytes.
+        topic: the topic (queue) the message was consumed from.
+        enqueued_at: Unix time the message was first published.
+
+    Settling methods are **not** safe to call concurrently on one delivery; the runtime calls
+    them from the one task that runs the handler. Different deliveries may be settled
+    concurrently from many tasks.
+    """
+
+    __slots__ = ("attempt", "body", "enqueued_at", "headers", "id", "key", "topic")
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        topic: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        attempt: int,
+        enqueued_at: float,
+        key: str | None = None,
+    ) -> None:
+        self.id = id
+        self.topic = topic
+        self.body = body
+        self.headers = headers
+        self.attempt = attempt
+        self.enqueued_at = enqueued_at
+        self.key = key if key is not None else headers.get(Headers.KEY, id)
+
+    @property
+    @abc.abstractmethod
+    def settled(self) -> bool:
+        """True once ``ack``, ``nack`` or ``reject`` has completed."""
+
+    @abc.abstractmethod
+    async def ack(self) -> None:
+        """Mark the message done; it is not delivered again (except as the broker's own
+        at-least-once behaviour allows, e.g. SQS standard queues).
+
+        Raises:
+            AlreadySettled: the delivery was settled before.
+            DeliveryExpired: the lease was lost; the message will be redelivered.
+            ConnectionLost: the broker could not be reached; the outcome is unknown.
+        """
+
+    @abc.abstractmethod
+    async def nack(self, delay: float = 0.0) -> None:
+        """Give the message back for redelivery no sooner than ``delay`` seconds from now.
+
+        ``delay=0`` makes it available at once. Adapters without native delay round the delay
+        **up** to what they can honour; never down.
+
+        Raises:
+            AlreadySettled, DeliveryExpired, ConnectionLost: as for ``ack``.
+            NotSupported: ``delay`` exceeds ``Capabilities.max_delay``.
+        """
+
+    @abc.abstractmethod
+    async def reject(self, reason: str) -> None:
+        """Move the message to the topic's dead-letter queue with ``reason`` recorded.
+
+        The dead letter keeps the body and headers and adds ``oncely-dead-letter-reason``,
+        ``oncely-attempt`` and ``oncely-dead-lettered-at``. The move is atomic where the broker
+        allows (embedded brokers); elsewhere the dead letter is written before the original is
+        removed, so a crash between the two can leave a dead letter *and* a redelivery, never
+        neither.
+
+        Raises:
+            AlreadySettled, DeliveryExpired, ConnectionLost: as for ``ack``.
+        """
+
+    @abc.abstractmethod
+    async def extend(self, seconds: float) -> None:
+        """Set the visibility deadline to ``seconds`` from now (SQS semantics: not added to
+        what remains). Idempotent; calling it on a settled delivery is a no-op.
+
+        Raises:
+            NotSupported: the broker cannot extend a single message (``Capabilities.extend``).
+            DeliveryExpired: the deadline already passed and the message was claimed again.
+        """
+
+
+class Subscription(abc.ABC):
+    """An async iterator of deliveries from one topic, returned by ``Broker.consume``.
+
+    It holds at most ``prefetch`` unsettled deliveries (yielded and buffered together); it
+    fetches more only as earlier ones are settled. Iteration is meant for one task.
+    Cancelling a pending ``__anext__`` loses nothing: a message claimed but not yet yielded
+    goes back to the broker when the subscription closes.
+    """
+
+    def __aiter__(self) -> Self:
+        return self
+
+    @abc.abstractmethod
+    async def __anext__(self) -> Delivery:
+        """Wait for the next delivery. Raises ``StopAsyncIteration`` once closed."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop fetching and return buffered, never-yielded messages to the broker.
+
+        Deliveries already yielded stay valid: they can still be acked, nacked or rejected,
+        which is what lets a worker drain in-flight handlers after it stops fetching.
+        Idempotent.
+        """
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Broker(abc.ABC):
+    """A message broker behind one contract.
+
+    Constructors do no I/O and touch no event loop; ``connect`` (or ``async with``) opens
+    connections. All methods are safe to call concurrently from many tasks once connected.
+    """
+
+    capabilities: Capabilities
+    """What this broker does natively."""
+
+    url: str = ""
+    """The URL the broker was built from, with any password masked."""
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open connections and declare what the adapter needs. Idempotent.
+
+        Raises:
+            ConnectionLost: the broker could not be reached.
+        """
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        message_id: str | None = None,
+        delay: float = 0.0,
+    ) -> str:
+        """Store a message durably (per ``Capabilities.durable``) and return its id.
+
+        Returns only once the broker has confirmed the message. A given ``message_id`` is kept
+        as the message's id; otherwise one is generated. ``delay`` holds the message back for
+        at least that many seconds. Headers must be ``str`` to ``str``.
+
+        Raises:
+            PublishFailed: the broker refused or did not confirm; it may or may not be stored.
+            ConnectionLost: the broker could not be reached.
+            NotSupported: ``delay`` exceeds ``Capabilities.max_delay``.
+        """
+
+    @abc.abstractmethod
+    def consume(self, topic: str, *, prefetch: int, visibility: float) -> Subscription:
+        """Subscribe to ``topic``.
+
+        Args:
+            topic: the topic or queue to read.
+            prefetch: the most unsettled deliveries the subscription may hold at once.
+            visibility: seconds a delivery stays invisible to other consumers before it is
+                redelivered, unless extended or settled first. Adapters without per-message
+                visibility size their redelivery timeout from it.
+
+        Consumers of one topic compete: each message goes to one of them at a time.
+        """
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close connections. Idempotent. Unsettled deliveries are redelivered later."""
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class DeadLetterAdmin(abc.ABC):
+    """Optional mixin for brokers whose dead-letter queue can be listed and replayed."""
+
+    @abc.abstractmethod
+    async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
+        """Return up to ``limit`` dead letters of ``topic``, oldest first, without removing
+        them."""
+
+    @abc.abstractmethod
+    async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
+        """Move dead letters of ``topic`` (all, or those in ``ids``) back to the topic with a
+        fresh attempt count, atomically per message. Returns how many moved."""
+
+
+def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Copy and check a headers mapping: keys and values must be ``str``."""
+    out: dict[str, str] = {}
+    for k, v in (headers or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"headers must map str to str, got {k!r}: {v!r}")
+        out[k] = v
+    return out
+

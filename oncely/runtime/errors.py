@@ -1,0 +1,157 @@
+"""Every exception oncely raises, in one hierarchy.
+
+Driver errors (aiosqlite, aio-pika, aiokafka, botocore, asyncpg, redis) never escape an adapter
+unwrapped: each adapter translates them in one ``map_errors()`` context manager and chains the
+original with ``raise ... from exc``.
+
+::
+
+    OncelyError
+    ├── ConfigError                 a setting, URL or handler declaration is wrong
+    │   ├── UnknownScheme           no backend is registered for a URL scheme
+    │   └── MissingExtra            the backend's optional dependency is not installed
+    ├── BrokerError                 anything a broker adapter reports
+    │   ├── ConnectionLost          the connection to the broker broke or could not be made
+    │   ├── PublishFailed           the broker did not confirm a publish
+    │   ├── DeliveryExpired         the delivery's lease was lost (visibility ran out, channel
+    │   │                           closed, partition revoked); settling it again is refused
+    │   ├── AlreadySettled          ack/nack/reject was called twice on one delivery
+    │   └── NotSupported            the broker cannot do this (see ``Capabilities``)
+    ├── StoreError                  anything an idempotency store reports
+    │   ├── StoreUnavailable        the store could not be reached
+    │   └── LeaseLost               another worker owns the key now; this worker's effect must
+    │                               not be recorded
+    ├── DecodeError                 a payload could not be decoded into the handler's type
+    └── HandlerTimeout              a handler outlived its ``timeout`` and was cancelled
+
+Two exceptions are not errors but instructions a handler raises to choose its outcome:
+``Retry(delay=)`` asks for redelivery after ``delay`` seconds and ``Reject(reason=)`` sends the
+message to the dead-letter queue at once. They derive from ``HandlerOutcome``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadySettled",
+    "BrokerError",
+    "ConfigError",
+    "ConnectionLost",
+    "DecodeError",
+    "DeliveryExpired",
+    "HandlerOutcome",
+    "HandlerTimeout",
+    "LeaseLost",
+    "MissingExtra",
+    "NotSupported",
+    "OncelyError",
+    "PublishFailed",
+    "Reject",
+    "Retry",
+    "StoreError",
+    "StoreUnavailable",
+    "UnknownScheme",
+]
+
+
+class OncelyError(Exception):
+    """Base class of every error oncely raises."""
+
+
+class ConfigError(OncelyError):
+    """A setting, URL or handler declaration is invalid."""
+
+
+class UnknownScheme(ConfigError):
+    """No broker or store is registered for a URL scheme."""
+
+
+class MissingExtra(ConfigError):
+    """A backend's optional dependency is not installed.
+
+    The message names the exact ``pip install 'oncely[extra]'`` that fixes it.
+    """
+
+    def __init__(self, scheme: str, extra: str, module: str) -> None:
+        super().__init__(
+            f"the {scheme!r} backend needs the {module!r} package, which is not installed; "
+            f"run: pip install 'oncely[{extra}]'"
+        )
+        self.scheme = scheme
+        self.extra = extra
+        self.module = module
+
+
+class BrokerError(OncelyError):
+    """A broker adapter failed."""
+
+
+class ConnectionLost(BrokerError):
+    """The connection to the broker broke or could not be opened."""
+
+
+class PublishFailed(BrokerError):
+    """The broker did not confirm a publish; the message may or may not have been stored."""
+
+
+class DeliveryExpired(BrokerError):
+    """The delivery's lease is gone, so another consumer may hold the message now.
+
+    Raised by ``ack``/``nack``/``reject``/``extend`` when the visibility deadline passed and the
+    message was claimed again, when the channel that carried it closed, or when its partition was
+    revoked. The message is not lost: the broker redelivers it.
+    """
+
+
+class AlreadySettled(BrokerError):
+    """``ack``, ``nack`` or ``reject`` was called on a delivery that was already settled."""
+
+
+class NotSupported(BrokerError):
+    """The broker cannot perform this operation; its ``Capabilities`` say so."""
+
+
+class StoreError(OncelyError):
+    """An idempotency store failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The idempotency store could not be reached."""
+
+
+class LeaseLost(StoreError):
+    """The lease on a key expired and another worker took it over."""
+
+
+class DecodeError(OncelyError):
+    """A payload could not be decoded into the handler's declared type."""
+
+
+class HandlerTimeout(OncelyError):
+    """A handler ran past its ``timeout`` and was cancelled."""
+
+
+class HandlerOutcome(Exception):  # noqa: N818 - these are instructions, not errors
+    """Base of the exceptions a handler raises to choose how its message is settled."""
+
+
+class Retry(HandlerOutcome):
+    """Raise from a handler to have the message redelivered after ``delay`` seconds.
+
+    With ``delay=None`` the handler's retry policy picks the delay. The attempt still counts
+    against ``max_attempts``.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        if delay is not None and delay < 0:
+            raise ValueError(f"Retry delay must be >= 0, got {delay}")
+        self.delay = delay
+        self.reason = reason
+
+
+class Reject(HandlerOutcome):
+    """Raise from a handler to dead-letter the message at once, with ``reason`` recorded."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
