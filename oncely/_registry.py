@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit
 
 from oncely.runtime.errors import ConfigError, MissingExtra, UnknownScheme
@@ -27,7 +27,8 @@ class Entry:
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, base: type[T]) -> None:
+    def __init__(self, kind: str, base: Any) -> None:
+        # ``Any``: the base is an ABC, which mypy will not accept as ``type[T]``.
         self._kind = kind
         self._base = base
         self._entries: dict[str, Entry] = {}
@@ -42,7 +43,7 @@ class Registry(Generic[T]):
     def resolve(self, url_or_instance: str | T) -> T:
         """Build a backend from a URL, or pass an instance through."""
         if isinstance(url_or_instance, self._base):
-            return url_or_instance
+            return cast("T", url_or_instance)
         if not isinstance(url_or_instance, str):
             raise ConfigError(
                 f"{self._kind} must be a URL string or a {self._base.__name__} instance, "
@@ -56,10 +57,12 @@ class Registry(Generic[T]):
             what = f"scheme {scheme!r}" if scheme else "no scheme"
             raise UnknownScheme(f"unknown {self._kind} URL {url!r} ({what}); known: {known}")
         cls = self._load(scheme, entry)
-        backend: T = cls.from_url(url)
-        return backend
+        backend = cls.from_url(url)
+        if not isinstance(backend, self._base):
+            raise ConfigError(f"{entry.target}.from_url returned {type(backend).__name__}")
+        return cast("T", backend)
 
-    def _load(self, scheme: str, entry: Entry) -> type:
+    def _load(self, scheme: str, entry: Entry) -> Any:
         module_name, _, attr = entry.target.partition(":")
         try:
             module = importlib.import_module(module_name)
@@ -68,5 +71,4 @@ class Registry(Generic[T]):
             if entry.driver and missing == entry.driver:
                 raise MissingExtra(scheme, entry.extra, entry.driver) from exc
             raise
-        cls: type = getattr(module, attr)
-        return cls
+        return getattr(module, attr)

@@ -63,7 +63,9 @@ async def open_db(path: Path) -> aiosqlite.Connection:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with map_sqlite_errors(StoreUnavailable):
-        db = await aiosqlite.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        db = await aiosqlite.connect(
+            str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+        )
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")

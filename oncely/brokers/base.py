@@ -329,4 +329,3 @@ def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
             raise TypeError(f"headers must map str to str, got {k!r}: {v!r}")
         out[k] = v
     return out
-

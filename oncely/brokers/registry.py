@@ -9,7 +9,9 @@ __all__ = ["broker_from_url", "register_broker"]
 
 _brokers: Registry[Broker] = Registry("broker", Broker)
 _brokers.register("memory", "oncely.brokers.memory:MemoryBroker")
-_brokers.register("sqlite", "oncely.brokers.sqlite:SqliteBroker", extra="sqlite", driver="aiosqlite")
+_brokers.register(
+    "sqlite", "oncely.brokers.sqlite:SqliteBroker", extra="sqlite", driver="aiosqlite"
+)
 _brokers.register("amqp", "oncely.brokers.amqp:AmqpBroker", extra="amqp", driver="aio_pika")
 _brokers.register("amqps", "oncely.brokers.amqp:AmqpBroker", extra="amqp", driver="aio_pika")
 

@@ -130,7 +130,7 @@ class HandlerTimeout(OncelyError):
     """A handler ran past its ``timeout`` and was cancelled."""
 
 
-class HandlerOutcome(Exception):  # noqa: N818 - these are instructions, not errors
+class HandlerOutcome(Exception):
     """Base of the exceptions a handler raises to choose how its message is settled."""
 
 

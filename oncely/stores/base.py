@@ -168,9 +168,10 @@ class TransactionalStore(IdempotencyStore):
         """Open a database transaction and yield it, connection included, to the handler.
 
         On a clean exit the key is marked completed (with ``StoreTransaction.result``)
-        **in the same transaction**, which then commits: the handler's writes and the completion record
-        become durable together, or not at all. If the lease was lost meanwhile, the transaction
-        rolls back and ``LeaseLost`` is raised. On an exception it rolls back and re-raises.
+        **in the same transaction**, which then commits: the handler's writes and the
+        completion record become durable together, or not at all. If the lease was lost
+        meanwhile, the transaction rolls back and ``LeaseLost`` is raised. On an exception
+        it rolls back and re-raises.
 
         Raises:
             LeaseLost: another worker owns the key now; the handler's writes were rolled back.

@@ -1,0 +1,316 @@
+"""The application: a router from topics to handlers, and how each handler runs."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+
+from oncely.runtime.codec import Decoder
+from oncely.runtime.errors import ConfigError
+from oncely.runtime.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from oncely.brokers.base import Broker, Delivery
+    from oncely.runtime.publisher import Publisher
+
+__all__ = ["App", "Guarantee", "HandlerSpec", "KeyFunction", "MissingKey"]
+
+Guarantee = Literal["at_most_once", "at_least_once", "effectively_once"]
+"""How hard a handler's effects are protected against redelivery; see README's tier table."""
+
+MissingKey = Literal["process", "reject"]
+"""What to do with a message whose key source yields nothing."""
+
+_GUARANTEES = typing.get_args(Guarantee)
+_MISSING = typing.get_args(MissingKey)
+
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+
+class KeyFunction(Protocol):
+    """A user function that derives the idempotency key from the decoded payload."""
+
+    def __call__(self, payload: Any, delivery: Delivery, /) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class KeySource:
+    """Where a handler's idempotency key comes from.
+
+    ``auto`` reads the ``oncely-key`` header and falls back to the broker's message id.
+    """
+
+    kind: Literal["auto", "header", "message_id", "payload", "function"]
+    name: str = ""
+    function: KeyFunction | None = None
+
+    @classmethod
+    def parse(cls, spec: str | KeyFunction | None) -> KeySource:
+        if spec is None or spec == "auto":
+            return cls("auto")
+        if callable(spec):
+            return cls("function", function=spec)
+        kind, _, name = spec.partition(":")
+        if kind == "header":
+            return cls("header", name or "oncely-key")
+        if kind == "message_id" and not name:
+            return cls("message_id")
+        if kind == "payload" and name:
+            return cls("payload", name)
+        raise ConfigError(
+            f"bad key source {spec!r}; use 'auto', 'header', 'header:NAME', 'message_id', "
+            "'payload:FIELD[.SUB]' or a function (payload, delivery) -> str | None"
+        )
+
+    def extract(self, payload: Any, delivery: Delivery) -> str | None:
+        if self.kind == "auto":
+            return delivery.key
+        if self.kind == "header":
+            return delivery.headers.get(self.name)
+        if self.kind == "message_id":
+            return delivery.id
+        if self.kind == "function":
+            assert self.function is not None
+            return self.function(payload, delivery)
+        value: Any = payload
+        for part in self.name.split("."):
+            if isinstance(value, Mapping):
+                value = value.get(part)
+            else:
+                value = getattr(value, part, None)
+            if value is None:
+                return None
+        return str(value)
+
+
+@dataclass(slots=True)
+class HandlerSpec:
+    """Everything the worker needs to run one handler. Built by ``App.handler``."""
+
+    name: str
+    topic: str
+    fn: Callable[..., Awaitable[Any]]
+    concurrency: int
+    timeout: float
+    retry: RetryPolicy
+    guarantee: Guarantee
+    key: KeySource
+    on_missing_key: MissingKey
+    transactional: bool
+    visibility: float
+    result_ttl: float
+    decoder: Decoder
+    wants_context: bool
+    payload_type: Any = field(default=Any)
+
+    @property
+    def uses_store(self) -> bool:
+        return self.guarantee == "effectively_once"
+
+
+class App:
+    """A set of handlers, each bound to a topic.
+
+    Args:
+        name: shown in logs.
+        guarantee: the default guarantee of handlers that do not choose one.
+        idempotent: shorthand for ``guarantee="effectively_once"`` on every handler.
+        broker: the broker URL (or instance) ``app.publish`` uses when no worker runs; the
+            worker's own broker wins while it runs.
+
+    Constructing an App does no I/O.
+    """
+
+    def __init__(
+        self,
+        name: str = "oncely",
+        *,
+        guarantee: Guarantee = "at_least_once",
+        idempotent: bool = False,
+        broker: str | Broker | None = None,
+    ) -> None:
+        if guarantee not in _GUARANTEES:
+            raise ConfigError(f"guarantee must be one of {_GUARANTEES}, got {guarantee!r}")
+        self.name = name
+        self.default_guarantee: Guarantee = "effectively_once" if idempotent else guarantee
+        self.handlers: dict[str, HandlerSpec] = {}
+        self.broker = broker
+        self._publisher: Publisher | None = None
+        self._bound: Publisher | None = None
+
+    def handler(
+        self,
+        topic: str,
+        *,
+        name: str | None = None,
+        concurrency: int = 16,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        guarantee: Guarantee | None = None,
+        idempotent: bool | None = None,
+        key: str | KeyFunction | None = None,
+        on_missing_key: MissingKey = "process",
+        transactional: bool = False,
+        visibility: float = 30.0,
+        result_ttl: float = 7 * 24 * 3600.0,
+    ) -> Callable[[H], H]:
+        """Register an async handler for ``topic``.
+
+        Args:
+            topic: the topic (queue) to consume.
+            name: a unique handler name (default: the function's qualified name); it prefixes
+                idempotency keys, so two handlers of one topic dedupe independently.
+            concurrency: the most messages this handler runs at once; the broker prefetch
+                follows it.
+            timeout: seconds before a running handler is cancelled and counted as failed.
+            retry: the retry policy (default ``RetryPolicy()``).
+            guarantee: ``at_most_once`` (ack first), ``at_least_once`` (ack after) or
+                ``effectively_once`` (ack after, through the idempotency store).
+            idempotent: ``True`` is shorthand for ``guarantee="effectively_once"``.
+            key: the idempotency key source: ``"auto"`` (``oncely-key`` header, then message
+                id), ``"header:NAME"``, ``"message_id"``, ``"payload:FIELD"`` or a function.
+            on_missing_key: ``"process"`` runs a message without a key without dedupe;
+                ``"reject"`` dead-letters it.
+            transactional: run the handler inside the store's transaction
+                (``ctx.transaction``) so its writes and the completion commit together.
+            visibility: seconds a delivery stays invisible; the heartbeat extends it (and the
+                idempotency lease) every third of this while the handler runs.
+            result_ttl: seconds a completed key (and its result) is remembered.
+
+        Raises:
+            ConfigError: a bad argument or a handler already registered under that name.
+        """
+
+        def register(fn: H) -> H:
+            spec = self._build(
+                fn,
+                topic=topic,
+                name=name,
+                concurrency=concurrency,
+                timeout=timeout,
+                retry=retry or RetryPolicy(),
+                guarantee=guarantee,
+                idempotent=idempotent,
+                key=key,
+                on_missing_key=on_missing_key,
+                transactional=transactional,
+                visibility=visibility,
+                result_ttl=result_ttl,
+            )
+            if spec.name in self.handlers:
+                raise ConfigError(f"a handler named {spec.name!r} is already registered")
+            self.handlers[spec.name] = spec
+            return fn
+
+        return register
+
+    def _build(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        *,
+        topic: str,
+        name: str | None,
+        concurrency: int,
+        timeout: float,
+        retry: RetryPolicy,
+        guarantee: Guarantee | None,
+        idempotent: bool | None,
+        key: str | KeyFunction | None,
+        on_missing_key: MissingKey,
+        transactional: bool,
+        visibility: float,
+        result_ttl: float,
+    ) -> HandlerSpec:
+        where = f"handler {getattr(fn, '__qualname__', fn)!r}"
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigError(f"{where} must be an async function")
+        if not topic:
+            raise ConfigError(f"{where} needs a topic")
+        if concurrency < 1:
+            raise ConfigError(f"{where}: concurrency must be >= 1, got {concurrency}")
+        if timeout <= 0 or visibility <= 0 or result_ttl <= 0:
+            raise ConfigError(f"{where}: timeout, visibility and result_ttl must be > 0")
+        if guarantee is not None and guarantee not in _GUARANTEES:
+            raise ConfigError(f"{where}: guarantee must be one of {_GUARANTEES}")
+        if idempotent and guarantee not in (None, "effectively_once"):
+            raise ConfigError(f"{where}: idempotent=True contradicts guarantee={guarantee!r}")
+        if on_missing_key not in _MISSING:
+            raise ConfigError(f"{where}: on_missing_key must be one of {_MISSING}")
+        chosen: Guarantee = guarantee or (
+            "effectively_once" if idempotent else self.default_guarantee
+        )
+        if idempotent is False and guarantee is None and chosen == "effectively_once":
+            chosen = "at_least_once"
+        if transactional and chosen != "effectively_once":
+            raise ConfigError(f"{where}: transactional=True needs guarantee='effectively_once'")
+        payload_type, wants_context = _signature(fn, where)
+        return HandlerSpec(
+            name=name or f"{fn.__module__}.{fn.__qualname__}",
+            topic=topic,
+            fn=fn,
+            concurrency=concurrency,
+            timeout=timeout,
+            retry=retry,
+            guarantee=chosen,
+            key=KeySource.parse(key),
+            on_missing_key=on_missing_key,
+            transactional=transactional,
+            visibility=visibility,
+            result_ttl=result_ttl,
+            decoder=Decoder(payload_type),
+            wants_context=wants_context,
+            payload_type=payload_type,
+        )
+
+    async def publish(
+        self,
+        topic: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float = 0.0,
+        message_id: str | None = None,
+    ) -> str:
+        """Publish through the running worker's broker, else through ``App(broker=...)``.
+
+        Returns the message id. See ``Publisher.publish``.
+        """
+        publisher = self._bound or self._publisher
+        if publisher is None:
+            from oncely.runtime.publisher import Publisher
+
+            if self.broker is None:
+                raise ConfigError(
+                    "app.publish needs a broker: run it inside a Worker or pass App(broker=URL)"
+                )
+            publisher = self._publisher = Publisher(self.broker)
+        return await publisher.publish(
+            topic, payload, key=key, headers=headers, delay=delay, message_id=message_id
+        )
+
+    async def aclose(self) -> None:
+        """Close the publisher ``app.publish`` opened outside a worker, if any."""
+        if self._publisher is not None:
+            publisher, self._publisher = self._publisher, None
+            await publisher.aclose()
+
+    def bind(self, publisher: Publisher | None) -> None:
+        """Route ``app.publish`` through a running worker's broker (``None`` unbinds)."""
+        self._bound = publisher
+
+
+def _signature(fn: Callable[..., Any], where: str) -> tuple[Any, bool]:
+    """The payload type (first parameter) and whether the handler takes a ``Context``."""
+    params = list(inspect.signature(fn).parameters.values())
+    if not params or len(params) > 2:
+        raise ConfigError(f"{where} must take (payload) or (payload, ctx)")
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise ConfigError(f"{where}: cannot resolve its type annotations: {exc}") from exc
+    payload_type = hints.get(params[0].name, Any)
+    return payload_type, len(params) == 2

@@ -1,0 +1,64 @@
+"""Payload encoding and typed decoding with msgspec.
+
+Bodies are JSON, except that a ``bytes`` payload travels as-is and a handler annotated with
+``bytes`` receives the raw body. A handler's first parameter annotation picks the decode type:
+a ``msgspec.Struct``, ``dict``, ``list``, a dataclass, ``str``, ``int``, ... or nothing (``Any``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+
+from oncely.runtime.errors import DecodeError
+
+__all__ = ["Decoder", "encode", "fingerprint"]
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(payload: object) -> bytes:
+    """Encode a payload for the wire: bytes pass through, anything else becomes JSON.
+
+    Raises:
+        TypeError: the payload has a type msgspec cannot encode.
+    """
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    try:
+        return _encoder.encode(payload)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise TypeError(f"cannot encode payload of type {type(payload).__name__}: {exc}") from exc
+
+
+def fingerprint(body: bytes) -> str:
+    """A stable digest of a body, to catch a key reused with a different payload."""
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+class Decoder:
+    """Decodes bodies into one type, built once per handler (msgspec caches the schema)."""
+
+    __slots__ = ("_decoder", "type")
+
+    def __init__(self, type_: Any) -> None:
+        self.type = type_
+        self._decoder: msgspec.json.Decoder[Any] | None = (
+            None if type_ is bytes else msgspec.json.Decoder(type_)
+        )
+
+    def decode(self, body: bytes) -> Any:
+        """Decode ``body``.
+
+        Raises:
+            DecodeError: the body is not valid JSON or does not match the type; the message
+                says where (msgspec's path, e.g. ``$.items[0].qty``).
+        """
+        if self._decoder is None:
+            return body
+        try:
+            return self._decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise DecodeError(str(exc)) from exc

@@ -1,0 +1,66 @@
+"""What a handler that asks for it receives as its second argument."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from oncely.runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from oncely.brokers.base import Delivery
+    from oncely.runtime.publisher import Publisher
+    from oncely.stores.base import StoreTransaction
+
+__all__ = ["Context"]
+
+
+class Context:
+    """Per-delivery context: metadata, the store transaction, and publishing.
+
+    Attributes:
+        delivery: the broker delivery (id, attempt, headers, topic, enqueued_at).
+        key: the idempotency key in use, or ``None`` when the handler runs without dedupe.
+        transaction: the open store transaction in transactional mode, else ``None``.
+    """
+
+    __slots__ = ("_publisher", "delivery", "key", "transaction")
+
+    def __init__(
+        self,
+        delivery: Delivery,
+        key: str | None,
+        publisher: Publisher,
+        transaction: StoreTransaction | None = None,
+    ) -> None:
+        self.delivery = delivery
+        self.key = key
+        self.transaction = transaction
+        self._publisher = publisher
+
+    @property
+    def attempt(self) -> int:
+        return self.delivery.attempt
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.delivery.headers
+
+    @property
+    def connection(self) -> Any:
+        """The connection of the open store transaction (transactional handlers only)."""
+        if self.transaction is None:
+            raise ConfigError("ctx.connection needs a handler declared with transactional=True")
+        return self.transaction.connection
+
+    async def publish(
+        self,
+        topic: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float = 0.0,
+    ) -> str:
+        """Publish through the worker's broker (see ``Publisher.publish``)."""
+        return await self._publisher.publish(topic, payload, key=key, headers=headers, delay=delay)

@@ -1,0 +1,84 @@
+"""Publishing typed payloads with idempotency keys."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from oncely.brokers.base import Broker, Headers, check_headers
+from oncely.brokers.registry import broker_from_url
+from oncely.runtime.codec import encode
+
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Self
+
+__all__ = ["Publisher"]
+
+
+class Publisher:
+    """Publishes payloads to a broker.
+
+    Args:
+        broker: a broker URL or a ``Broker``. A URL's broker is owned (connected lazily,
+            closed by ``aclose``); an instance is connected if needed but never closed here.
+    """
+
+    def __init__(self, broker: str | Broker) -> None:
+        self.broker = broker_from_url(broker)
+        self._owned = isinstance(broker, str)
+        self._connected = False
+
+    async def publish(
+        self,
+        topic: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float = 0.0,
+        message_id: str | None = None,
+    ) -> str:
+        """Encode ``payload`` and publish it; return the message id once the broker confirmed.
+
+        Args:
+            topic: where to publish.
+            payload: ``bytes`` travel as-is; anything msgspec encodes becomes JSON.
+            key: the idempotency key (``oncely-key`` header). Publish the same logical
+                message twice with the same key and an effectively-once handler runs once.
+            headers: extra ``str`` headers.
+            delay: hold the message back this many seconds.
+            message_id: a stable id of your own; otherwise the broker assigns one.
+
+        Raises:
+            TypeError: the payload cannot be encoded.
+            PublishFailed, ConnectionLost, NotSupported: from the broker.
+        """
+        if not self._connected:
+            await self.broker.connect()
+            self._connected = True
+        merged = check_headers(headers)
+        if key is not None:
+            merged[Headers.KEY] = key
+        merged.setdefault(Headers.PUBLISHED_AT, repr(time.time()))
+        return await self.broker.publish(
+            topic, encode(payload), headers=merged, message_id=message_id, delay=delay
+        )
+
+    async def aclose(self) -> None:
+        """Close the broker if this publisher built it from a URL. Idempotent."""
+        if self._owned and self._connected:
+            self._connected = False
+            await self.broker.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

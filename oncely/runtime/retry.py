@@ -1,0 +1,50 @@
+"""Retry policy: capped exponential backoff with full jitter."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+
+from oncely.runtime.errors import ConfigError
+
+__all__ = ["RetryPolicy"]
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How often and how far apart a failing message is retried.
+
+    The delay before attempt ``n + 1`` is drawn uniformly from ``[0, min(cap, base * 2**(n-1))]``
+    ("full jitter"), which spreads retries of many failed messages instead of letting them
+    stampede together. After ``max_attempts`` deliveries the message goes to the dead-letter
+    queue with the last error as its reason.
+
+    Attributes:
+        max_attempts: deliveries before dead-lettering, counting the first (1 means no retry).
+        base: the ceiling of the first retry delay, in seconds.
+        cap: the largest ceiling any retry delay may have, in seconds.
+        jitter: draw the delay at random below the ceiling; ``False`` uses the ceiling itself
+            (deterministic, for tests and demos).
+    """
+
+    max_attempts: int = 5
+    base: float = 0.5
+    cap: float = 60.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.base < 0 or self.cap < 0:
+            raise ConfigError(f"RetryPolicy base and cap must be >= 0, got {self.base}, {self.cap}")
+
+    def exhausted(self, attempt: int) -> bool:
+        """True when delivery number ``attempt`` was the last one allowed."""
+        return attempt >= self.max_attempts
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed delivery number ``attempt`` (1-based)."""
+        ceiling: float = min(self.cap, self.base * 2.0 ** max(attempt - 1, 0))
+        if not self.jitter:
+            return ceiling
+        return random.uniform(0.0, ceiling)

@@ -1,0 +1,297 @@
+"""The worker: one consume loop per handler, bounded concurrency, graceful drain.
+
+The worker never installs signal handlers and never creates or configures an event loop, so it
+embeds in any running asyncio application::
+
+    async with oncely.Worker(app, broker="sqlite:///jobs.db"):
+        await serve_http()   # the worker consumes in the background meanwhile
+
+Only the CLI maps SIGTERM/SIGINT to ``stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from oncely.brokers.registry import broker_from_url
+from oncely.runtime._process import Runner
+from oncely.runtime.config import Settings
+from oncely.runtime.errors import BrokerError, ConfigError, OncelyError
+from oncely.runtime.publisher import Publisher
+from oncely.runtime.retry import RetryPolicy
+from oncely.runtime.stats import Stats
+from oncely.stores.base import IdempotencyStore, TransactionalStore
+from oncely.stores.registry import store_from_url
+
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Self
+
+    from oncely.brokers.base import Broker, Delivery, Subscription
+    from oncely.runtime.app import App, HandlerSpec
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("oncely.worker")
+
+RESUBSCRIBE_DELAY = (0.1, 5.0)
+"""First and largest pause before re-subscribing after the broker failed a fetch."""
+
+
+class Worker:
+    """Runs an ``App``'s handlers against a broker.
+
+    Args:
+        app: the handlers.
+        broker: a broker URL or instance; overrides ``settings.broker``.
+        store: an idempotency store URL or instance; overrides ``settings.store``.
+        settings: everything else (see ``Settings``); defaults apply when omitted.
+        handlers: run only these handler names (default: all).
+
+    Use ``async with Worker(...)`` or call ``start()`` and ``stop()``. Construction does no I/O.
+    A broker or store given as an instance is connected if needed but not closed by the
+    worker; one built from a URL is owned and closed on ``stop()``.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        broker: str | Broker | None = None,
+        store: str | IdempotencyStore | None = None,
+        settings: Settings | None = None,
+        handlers: list[str] | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings or Settings()
+        self._broker_arg = broker if broker is not None else self.settings.broker
+        self._store_arg = store if store is not None else self.settings.store_url()
+        self.stats = Stats()
+        self.specs = self._select(handlers)
+        self.broker: Broker | None = None
+        self.store: IdempotencyStore | None = None
+        self._owned: list[Broker | IdempotencyStore] = []
+        self._loops: list[asyncio.Task[None]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._subscriptions: list[Subscription] = []
+        self._stopping: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
+        self._started = False
+
+    def _select(self, names: list[str] | None) -> list[HandlerSpec]:
+        unknown = set(self.settings.handlers) - set(self.app.handlers)
+        if unknown:
+            raise ConfigError(f"settings name unknown handler(s): {', '.join(sorted(unknown))}")
+        chosen = list(self.app.handlers) if names is None else names
+        missing = [n for n in chosen if n not in self.app.handlers]
+        if missing:
+            raise ConfigError(f"unknown handler(s): {', '.join(missing)}")
+        if not chosen:
+            raise ConfigError(f"app {self.app.name!r} has no handlers to run")
+        specs = []
+        for name in chosen:
+            spec = self.app.handlers[name]
+            o = self.settings.handlers.get(name)
+            concurrency = self.settings.concurrency or (o and o.concurrency) or spec.concurrency
+            retry = spec.retry
+            if o and o.max_attempts is not None:
+                retry = RetryPolicy(
+                    max_attempts=o.max_attempts,
+                    base=retry.base,
+                    cap=retry.cap,
+                    jitter=retry.jitter,
+                )
+            specs.append(
+                replace(
+                    spec,
+                    concurrency=concurrency,
+                    timeout=(o and o.timeout) or spec.timeout,
+                    visibility=(o and o.visibility) or spec.visibility,
+                    retry=retry,
+                )
+            )
+        return specs
+
+    async def start(self) -> None:
+        """Connect, then start consuming every handler's topic in background tasks.
+
+        Raises:
+            ConfigError: no store for an effectively-once handler, a transactional handler on
+                a store without transactions, or a bad URL.
+            ConnectionLost, StoreUnavailable: the broker or store could not be reached.
+        """
+        if self._started:
+            raise RuntimeError("worker already started")
+        self._started = True
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        try:
+            await self._connect()
+        except BaseException:
+            await self._close_owned()
+            raise
+        assert self.broker is not None
+        publisher = Publisher(self.broker)
+        self.app.bind(publisher)
+        for spec in self.specs:
+            runner = Runner(
+                spec,
+                self.broker,
+                self.store,
+                publisher,
+                self.stats,
+                fail_open=self.settings.fail_open,
+            )
+            self._loops.append(asyncio.create_task(self._consume(runner), name=spec.name))
+        log.info(
+            "worker started: %d handler(s) on %s", len(self.specs), self.broker.url or "broker"
+        )
+
+    async def _connect(self) -> None:
+        self.broker = broker_from_url(self._broker_arg)
+        if isinstance(self._broker_arg, str):
+            self._owned.append(self.broker)
+        needs_store = [s for s in self.specs if s.uses_store]
+        if needs_store:
+            if self._store_arg is None:
+                raise ConfigError(
+                    f"handler {needs_store[0].name!r} is effectively-once but no idempotency "
+                    "store is configured (set store=, ONCELY_STORE or --store)"
+                )
+            self.store = store_from_url(self._store_arg)
+            if isinstance(self._store_arg, str):
+                self._owned.append(self.store)
+            for spec in needs_store:
+                if spec.transactional and not isinstance(self.store, TransactionalStore):
+                    raise ConfigError(
+                        f"handler {spec.name!r} is transactional but the store "
+                        f"{type(self.store).__name__} has no transactions"
+                    )
+            await self.store.connect()
+        await self.broker.connect()
+
+    async def _consume(self, runner: Runner) -> None:
+        spec = runner.spec
+        assert self.broker is not None and self._stopping is not None
+        # Without per-message extend, the broker's own redelivery timer must outlast the
+        # handler, because no heartbeat can push it out.
+        visibility = spec.visibility
+        if not self.broker.capabilities.extend:
+            visibility = max(visibility, spec.timeout * 1.5 + 5)
+        slots = asyncio.Semaphore(spec.concurrency)
+        pause = RESUBSCRIBE_DELAY[0]
+        while not self._stopping.is_set():
+            sub = self.broker.consume(spec.topic, prefetch=spec.concurrency, visibility=visibility)
+            self._subscriptions.append(sub)
+            try:
+                while True:
+                    await slots.acquire()
+                    try:
+                        delivery = await sub.__anext__()
+                    except BaseException:
+                        slots.release()
+                        raise
+                    pause = RESUBSCRIBE_DELAY[0]
+                    self._spawn(runner, delivery, slots)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                raise
+            except OncelyError as exc:
+                log.error(
+                    "%s: consuming %s failed, resubscribing in %.1fs: %s",
+                    spec.name,
+                    spec.topic,
+                    pause,
+                    exc,
+                )
+            finally:
+                self._subscriptions.remove(sub)
+                await asyncio.shield(self._close_sub(sub))
+            try:
+                await asyncio.wait_for(self._stopping.wait(), pause)
+            except TimeoutError:
+                pause = min(pause * 2, RESUBSCRIBE_DELAY[1])
+
+    def _spawn(self, runner: Runner, delivery: Delivery, slots: asyncio.Semaphore) -> None:
+        task = asyncio.create_task(runner.run(delivery))
+        self._inflight.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._inflight.discard(t)
+            slots.release()
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s: unexpected error", runner.spec.name, exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    @staticmethod
+    async def _close_sub(sub: Subscription) -> None:
+        try:
+            await sub.aclose()
+        except BrokerError as exc:
+            log.warning("closing a subscription failed: %s", exc)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop fetching, let in-flight handlers finish, then close.
+
+        Handlers still running after ``grace`` seconds (default ``settings.grace_period``) are
+        cancelled; each releases its idempotency lease and nacks its message with no delay so
+        another worker takes it at once. Nothing is acked that did not finish. Idempotent.
+        """
+        if not self._started or self._stopping is None or self._stopped is None:
+            return
+        if self._stopping.is_set():
+            await self._stopped.wait()
+            return
+        self._stopping.set()
+        grace = self.settings.grace_period if grace is None else grace
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._inflight:
+            log.info("draining %d in-flight handler(s), up to %.1fs", len(self._inflight), grace)
+            pending = set(self._inflight)
+            if grace > 0:
+                _, pending = await asyncio.wait(pending, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self.app.bind(None)
+        await self._close_owned()
+        self._stopped.set()
+        log.info("worker stopped: %s", self.stats.as_dict())
+
+    async def _close_owned(self) -> None:
+        for resource in reversed(self._owned):
+            try:
+                await resource.aclose()
+            except OncelyError as exc:
+                log.warning("closing %s failed: %s", type(resource).__name__, exc)
+        self._owned.clear()
+
+    async def wait_stopped(self) -> None:
+        """Wait until ``stop()`` has finished (for a CLI or a supervisor task)."""
+        if self._stopped is None:
+            raise RuntimeError("worker not started")
+        await self._stopped.wait()
+
+    @property
+    def in_flight(self) -> int:
+        """How many handlers are running now."""
+        return len(self._inflight)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
