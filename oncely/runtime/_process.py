@@ -23,12 +23,12 @@ from oncely.runtime.errors import (
     DecodeError,
     HandlerTimeout,
     LeaseLost,
-    NotSupported,
     Reject,
     Retry,
     StoreError,
     StoreUnavailable,
 )
+from oncely.runtime.heartbeat import Active, Heartbeat
 from oncely.runtime.stats import Stats
 from oncely.stores.base import Outcome, StoreTransaction, TransactionalStore
 
@@ -71,7 +71,16 @@ class Runner:
         self.publisher = publisher
         self.stats = stats
         self.fail_open = fail_open
-        self.can_extend = broker.capabilities.extend
+        self.heartbeat = Heartbeat(
+            spec.name,
+            spec.visibility,
+            extend=broker.capabilities.extend,
+            store=None if spec.transactional else store,
+        )
+
+    async def aclose(self) -> None:
+        """Stop the heartbeat; call once no delivery of this handler runs any more."""
+        await self.heartbeat.aclose()
 
     async def run(self, delivery: Delivery) -> None:
         """Run the handler on ``delivery`` and settle it. Never raises except on cancel."""
@@ -193,54 +202,36 @@ class Runner:
         """Run the handler under its timeout and heartbeat; return the encoded result."""
         spec = self.spec
         tx_cm: AbstractAsyncContextManager[StoreTransaction | None] = nullcontext()
-        if spec.transactional and lease is not None:
-            assert isinstance(self.store, TransactionalStore)
-            tx_cm = self.store.transaction(lease.key, lease.token, spec.result_ttl)
-        beat = asyncio.create_task(self._heartbeat(delivery, lease, asyncio.current_task()))
+        active = Active(delivery, asyncio.current_task())
+        if lease is not None:
+            if spec.transactional:
+                assert isinstance(self.store, TransactionalStore)
+                tx_cm = self.store.transaction(lease.key, lease.token, spec.result_ttl)
+            else:
+                active.lease_key, active.lease_token = lease.key, lease.token
+        self.heartbeat.track(active)
+        # A bare timer rather than asyncio.timeout(): same effect, a fraction of the cost.
+        timer = asyncio.get_running_loop().call_later(spec.timeout, active.expire)
         try:
             async with tx_cm as tx:
-                ctx = Context(delivery, key, self.publisher, tx)
-                args = (payload, ctx) if spec.wants_context else (payload,)
-                try:
-                    async with asyncio.timeout(spec.timeout):
-                        value = await spec.fn(*args)
-                except TimeoutError:
-                    raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from None
+                if spec.wants_context:
+                    value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
+                else:
+                    value = await spec.fn(payload)
                 result = None if value is None else encode(value)
                 if tx is not None:
                     tx.result = result
             return result
+        except asyncio.CancelledError:
+            if not (active.timed_out or active.lease_lost) or active.task is None:
+                raise
+            active.task.uncancel()
+            if active.timed_out:
+                raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from None
+            raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from None
         finally:
-            beat.cancel()
-            await asyncio.gather(beat, return_exceptions=True)
-
-    async def _heartbeat(
-        self, delivery: Delivery, lease: Lease | None, handler: asyncio.Task[Any] | None
-    ) -> None:
-        """Extend visibility and renew the lease every third of the visibility window."""
-        spec = self.spec
-        interval = spec.visibility / 3
-        extend = self.can_extend
-        while True:
-            await asyncio.sleep(interval)
-            if extend:
-                try:
-                    await delivery.extend(spec.visibility)
-                except NotSupported:
-                    extend = False
-                except BrokerError as exc:
-                    log.warning("%s: could not extend %s: %s", spec.name, delivery.id, exc)
-            if lease is not None and self.store is not None and not spec.transactional:
-                try:
-                    await self.store.renew(lease.key, lease.token, spec.visibility)
-                except LeaseLost:
-                    # Someone else runs this key now; running on would duplicate the effect.
-                    log.error("%s: lease on %s lost; cancelling handler", spec.name, lease.key)
-                    if handler is not None:
-                        handler.cancel()
-                    return
-                except StoreError as exc:
-                    log.warning("%s: could not renew lease %s: %s", spec.name, lease.key, exc)
+            timer.cancel()
+            self.heartbeat.untrack(active)
 
     async def _failed(self, delivery: Delivery, reason: str, delay: float) -> None:
         if self.spec.retry.exhausted(delivery.attempt):

@@ -75,12 +75,17 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0, got {self.grace_period}")
 
-    def store_url(self) -> str | None:
-        """The store URL, defaulting to the embedded broker's own database."""
+    def store_url(self, broker_url: str | None = None) -> str | None:
+        """The store URL, defaulting to the embedded broker's own database.
+
+        Args:
+            broker_url: the broker actually in use, when it is not ``self.broker``.
+        """
         if self.store:
             return self.store
-        if self.broker.startswith(("sqlite:", "memory:")):
-            return self.broker
+        broker = self.broker if broker_url is None else broker_url
+        if broker.startswith(("sqlite:", "memory:")):
+            return broker
         return None
 
 

@@ -68,13 +68,15 @@ class Worker:
         self.app = app
         self.settings = settings or Settings()
         self._broker_arg = broker if broker is not None else self.settings.broker
-        self._store_arg = store if store is not None else self.settings.store_url()
+        broker_url = self._broker_arg if isinstance(self._broker_arg, str) else self._broker_arg.url
+        self._store_arg = store if store is not None else self.settings.store_url(broker_url)
         self.stats = Stats()
         self.specs = self._select(handlers)
         self.broker: Broker | None = None
         self.store: IdempotencyStore | None = None
         self._owned: list[Broker | IdempotencyStore] = []
         self._loops: list[asyncio.Task[None]] = []
+        self._runners: list[Runner] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
         self._stopping: asyncio.Event | None = None
@@ -145,6 +147,7 @@ class Worker:
                 self.stats,
                 fail_open=self.settings.fail_open,
             )
+            self._runners.append(runner)
             self._loops.append(asyncio.create_task(self._consume(runner), name=spec.name))
         log.info(
             "worker started: %d handler(s) on %s", len(self.specs), self.broker.url or "broker"
@@ -260,6 +263,8 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        for runner in self._runners:
+            await runner.aclose()
         self.app.bind(None)
         await self._close_owned()
         self._stopped.set()

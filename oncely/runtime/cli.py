@@ -1,0 +1,238 @@
+"""The ``oncely`` command: run a worker, publish a message, inspect the dead-letter queue.
+
+This is the only place that installs signal handlers or picks an event loop. Errors in user
+input print one line and exit 2; a broker or store failure exits 1; neither shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from oncely._version import __version__
+from oncely.brokers.base import DeadLetterAdmin
+from oncely.brokers.registry import broker_from_url
+from oncely.runtime.app import App
+from oncely.runtime.config import Settings, load_settings
+from oncely.runtime.errors import ConfigError, NotSupported, OncelyError
+from oncely.runtime.publisher import Publisher
+from oncely.runtime.worker import Worker
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``oncely`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(
+            config_file=args.config,
+            overrides={
+                "broker": args.broker,
+                "store": getattr(args, "store", None),
+                "concurrency": getattr(args, "concurrency", None),
+                "grace_period": getattr(args, "grace", None),
+                "log_level": args.log_level,
+            },
+        )
+        logging.basicConfig(
+            level=settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        command: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]] = args.func
+        return _run_loop(command(args, settings), args.loop)
+    except ConfigError as exc:
+        print(f"oncely: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OncelyError as exc:
+        print(f"oncely: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--broker", help="broker URL (default: $ONCELY_BROKER or sqlite)")
+    common.add_argument("--config", help="TOML settings file (default: $ONCELY_CONFIG)")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument(
+        "--loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="event loop; auto uses uvloop when installed",
+    )
+    parser = argparse.ArgumentParser(prog="oncely", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"oncely {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", parents=[common], help="run a worker for module:app")
+    run.add_argument("target", help="the App to run, as module:attribute")
+    run.add_argument("--store", help="idempotency store URL")
+    run.add_argument("--concurrency", type=int, help="override every handler's concurrency")
+    run.add_argument("--grace", type=float, help="seconds to drain at shutdown")
+    run.add_argument("--handler", action="append", help="run only this handler (repeatable)")
+    run.set_defaults(func=_cmd_run)
+
+    pub = sub.add_parser("publish", parents=[common], help="publish one JSON message")
+    pub.add_argument("topic")
+    pub.add_argument("payload", help="the message body, as JSON")
+    pub.add_argument("--key", help="idempotency key")
+    pub.add_argument("--delay", type=float, default=0.0, help="seconds to hold it back")
+    pub.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+    pub.set_defaults(func=_cmd_publish)
+
+    dlq = sub.add_parser("dlq", help="inspect or replay a dead-letter queue")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    lst = dlq_sub.add_parser("list", parents=[common], help="list dead letters of a topic")
+    lst.add_argument("topic")
+    lst.add_argument("--limit", type=int, default=100)
+    lst.set_defaults(func=_cmd_dlq_list)
+    rep = dlq_sub.add_parser("replay", parents=[common], help="move dead letters back")
+    rep.add_argument("topic")
+    rep.add_argument("--id", action="append", dest="ids", help="only this message (repeatable)")
+    rep.set_defaults(func=_cmd_dlq_replay)
+    return parser
+
+
+def _run_loop(coro: Coroutine[Any, Any, int], loop: str) -> int:
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                coro.close()
+                raise ConfigError(
+                    "--loop uvloop needs uvloop; run: pip install 'oncely[uvloop]'"
+                ) from None
+        else:
+            return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+def load_app(target: str) -> App:
+    """Import ``module:attribute`` and return the ``App`` it names.
+
+    Raises:
+        ConfigError: the target is malformed, cannot be imported, or is not an App.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"expected module:app, got {target!r}")
+    # Like `python -m`, let the worker find modules in the current directory.
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigError(f"cannot import module {module_name!r}: {exc}") from None
+        raise
+    obj: object = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, App):
+        raise ConfigError(f"{target!r} is a {type(obj).__name__}, not an oncely.App")
+    return obj
+
+
+async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    app = load_app(args.target)
+    worker = Worker(app, settings=settings, handlers=args.handler)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        # First signal drains within the grace period; a second one stops at once.
+        grace = None if signals == 1 else 0.0
+        logging.getLogger("oncely").info("signal received, stopping (grace=%s)", grace)
+        stops.append(asyncio.ensure_future(worker.stop(grace)))
+
+    stops: list[asyncio.Future[None]] = []
+    await worker.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await worker.wait_stopped()
+        await asyncio.gather(*stops)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+async def _cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"payload is not valid JSON: {exc}") from None
+    headers = {}
+    for item in args.header:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--header expects NAME=VALUE, got {item!r}")
+        headers[name] = value
+    async with Publisher(settings.broker) as publisher:
+        message_id = await publisher.publish(
+            args.topic, payload, key=args.key, headers=headers, delay=args.delay
+        )
+    print(message_id)
+    return 0
+
+
+def _admin(settings: Settings) -> Any:
+    broker = broker_from_url(settings.broker)
+    if not isinstance(broker, DeadLetterAdmin):
+        raise NotSupported(f"{type(broker).__name__} does not support listing dead letters")
+    return broker
+
+
+async def _cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    broker = _admin(settings)
+    async with broker:
+        letters = await broker.dead_letters(args.topic, limit=args.limit)
+    for letter in letters:
+        print(
+            json.dumps(
+                {
+                    "id": letter.id,
+                    "attempt": letter.attempt,
+                    "failed_at": letter.failed_at,
+                    "reason": letter.reason,
+                    "body": letter.body.decode("utf-8", "backslashreplace"),
+                    "headers": dict(letter.headers),
+                }
+            )
+        )
+    print(f"{len(letters)} dead letter(s) in {args.topic!r}", file=sys.stderr)
+    return 0
+
+
+async def _cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    broker = _admin(settings)
+    async with broker:
+        moved = await broker.replay(args.topic, ids=args.ids)
+    print(f"replayed {moved} message(s) to {args.topic!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
