@@ -34,7 +34,7 @@ async def main() -> int:
             await pub.publish("orders", order)
         for order in orders[:3]:  # the client retried these: same id, same body
             await pub.publish("orders", order)
-        await pub.publish("orders", b'{"id": "o-bad", "sku": 7')  # truncated JSON
+        await pub.publish("orders", b'{"id": "o-bad", "sku": "sku-1", "qty": ')  # truncated
         await pub.publish("emails", Email(to="ada@example.com", subject="Your order"))
     expected = len(orders) + 3 + 1 + 1  # processed + duplicates + dead letters
     started = time.monotonic()

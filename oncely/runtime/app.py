@@ -28,6 +28,7 @@ _GUARANTEES = typing.get_args(Guarantee)
 _MISSING = typing.get_args(MissingKey)
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None]])
 
 
 class KeyFunction(Protocol):
@@ -140,6 +141,21 @@ class App:
         self.broker = broker
         self._publisher: Publisher | None = None
         self._bound: Publisher | None = None
+        self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+
+    def on_startup(self, fn: Hook) -> Hook:
+        """Register an async function the worker awaits after connecting, before consuming
+        (open a database pool, warm a cache). A failing hook aborts ``Worker.start``."""
+        self.startup_hooks.append(fn)
+        return fn
+
+    def on_shutdown(self, fn: Hook) -> Hook:
+        """Register an async function the worker awaits after draining, before closing the
+        broker (close what ``on_startup`` opened). Hooks run in reverse order of
+        registration; a failing one is logged and the rest still run."""
+        self.shutdown_hooks.append(fn)
+        return fn
 
     def handler(
         self,

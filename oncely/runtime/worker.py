@@ -137,6 +137,12 @@ class Worker:
             raise
         assert self.broker is not None
         publisher = Publisher(self.broker)
+        try:
+            for hook in self.app.startup_hooks:
+                await hook()
+        except BaseException:
+            await self._close_owned()
+            raise
         self.app.bind(publisher)
         for spec in self.specs:
             runner = Runner(
@@ -265,6 +271,11 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
         for runner in self._runners:
             await runner.aclose()
+        for hook in reversed(self.app.shutdown_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook %r failed", hook)
         self.app.bind(None)
         await self._close_owned()
         self._stopped.set()

@@ -32,8 +32,20 @@ async def _effects_connection() -> aiosqlite.Connection:
     return _conn
 
 
+@app.on_shutdown
+async def close_effects_connection() -> None:
+    # aiosqlite's thread is not a daemon: an open connection would keep the process alive.
+    if _conn is not None:
+        await _conn.close()
+
+
 @app.handler(
-    "e2e", name="effect", concurrency=8, visibility=2.0, transactional=MODE == "transactional"
+    "e2e",
+    name="effect",
+    key="payload:key",
+    concurrency=8,
+    visibility=2.0,
+    transactional=MODE == "transactional",
 )
 async def effect(payload: dict[str, Any], ctx: oncely.Context) -> None:
     if MODE == "transactional":

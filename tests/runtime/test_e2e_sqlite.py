@@ -6,6 +6,7 @@ in README; run with ``-s`` to see them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -20,7 +21,7 @@ import pytest
 
 import oncely
 
-pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = 2000
@@ -66,6 +67,8 @@ def workers(
             if p.poll() is None:
                 p.kill()
             p.wait(timeout=30)
+            if p.stderr is not None:
+                p.stderr.close()
 
 
 def spawn(url: str, handler: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -87,15 +90,19 @@ def pending(db: Path) -> int:
     return int(str(row[0]))
 
 
-async def publish_all(db: Path, topic: str, payloads: list[dict[str, str]]) -> None:
+def publish_all(db: Path, topic: str, payloads: list[dict[str, str]]) -> None:
+    asyncio.run(_publish_all(db, topic, payloads))
+
+
+async def _publish_all(db: Path, topic: str, payloads: list[dict[str, str]]) -> None:
     async with oncely.Publisher(f"sqlite:///{db}") as pub:
         for p in payloads:
             await pub.publish(topic, p)
 
 
-async def test_sigkilled_handler_is_redelivered_to_another_worker(tmp_path: Path) -> None:
+def test_sigkilled_handler_is_redelivered_to_another_worker(tmp_path: Path) -> None:
     db = make_db(tmp_path)
-    await publish_all(db, "hold", [{"key": "k1"}])
+    publish_all(db, "hold", [{"key": "k1"}])
     with workers(db, 1, "hold", {"E2E_BLOCK": "1"}) as (first,):
         wait_for(lambda: bool(query(db, "SELECT 1 FROM effects")), 30, "the first run")
         with workers(db, 1, "hold") as (second,):
@@ -113,12 +120,12 @@ async def test_sigkilled_handler_is_redelivered_to_another_worker(tmp_path: Path
 
 
 @pytest.mark.parametrize("mode", ["transactional", "plain"])
-async def test_2000_keys_published_3_times_3_workers_one_killed(
-    tmp_path: Path, mode: str
+def test_2000_keys_published_3_times_3_workers_one_killed(
+    tmp_path: Path, mode: str, report: Callable[[str], None]
 ) -> None:
     db = make_db(tmp_path)
     payloads = [{"key": f"k{n}"} for n in range(KEYS)] * COPIES
-    await publish_all(db, "e2e", payloads)
+    publish_all(db, "e2e", payloads)
     env = {"E2E_MODE": mode, "E2E_SLOW": "0.005"}
     started = time.monotonic()
     with workers(db, 3, "effect", env) as procs:
@@ -138,8 +145,8 @@ async def test_2000_keys_published_3_times_3_workers_one_killed(
     dead = int(str(query(db, "SELECT COUNT(*) FROM oncely_dead_letters")[0][0]))
     duplicate_effects = rows - keys
     deliveries = KEYS * COPIES
-    print(
-        f"\n[e2e {mode}] {deliveries} deliveries of {KEYS} keys in {elapsed:.1f}s, "
+    report(
+        f"[e2e {mode}] {deliveries} deliveries of {KEYS} keys in {elapsed:.1f}s, "
         f"3 workers, 1 SIGKILLed: {rows} effect rows, {keys} keys, "
         f"duplicate effects {duplicate_effects}, "
         f"duplicate deliveries absorbed >= {deliveries - rows}, dead letters {dead}"

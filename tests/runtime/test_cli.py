@@ -1,0 +1,86 @@
+"""The `oncely` command as a user runs it: a real subprocess each time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def oncely(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "oncely", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**base, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_version() -> None:
+    out = oncely("--version")
+    assert out.returncode == 0 and out.stdout.startswith("oncely ")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["run", "no_such_module:app"], {}, "cannot import module 'no_such_module'"),
+        (["run", "examples.orders"], {}, "expected module:app"),
+        (["run", "examples.orders:nope"], {}, "has no attribute 'nope'"),
+        (["run", "examples.orders:Order"], {}, "not an oncely.App"),
+        (["run", "examples.orders:app", "--broker", "rabbit://x"], {}, "unknown broker URL"),
+        (["run", "examples.orders:app"], {"ONCELY_CONCURENCY": "2"}, "ONCELY_CONCURENCY"),
+        (["publish", "orders", "{not json"], {}, "payload is not valid JSON"),
+        (["publish", "orders", "{}", "--broker", "sqlite://host/x.db"], {}, "has a host"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    out = oncely(*args, env=env)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_publish_then_dead_letters_list_and_replay(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    first = oncely("publish", "jobs", '{"n": 1}', "--key", "k1", "--broker", url)
+    assert first.returncode == 0, first.stderr
+    message_id = first.stdout.strip()
+    assert message_id
+
+    # Dead-letter it through the broker API, as a failing handler would.
+    script = (
+        "import asyncio, oncely\n"
+        "async def main():\n"
+        f"    b = oncely.broker_from_url({url!r})\n"
+        "    async with b, b.consume('jobs', prefetch=1, visibility=5) as s:\n"
+        "        d = await s.__anext__()\n"
+        "        assert d.key == 'k1', d.key\n"
+        "        await d.reject('poison: bad total')\n"
+        "asyncio.run(main())\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=60)
+
+    listed = oncely("dlq", "list", "jobs", "--broker", url)
+    assert listed.returncode == 0, listed.stderr
+    (line,) = listed.stdout.strip().splitlines()
+    letter = json.loads(line)
+    assert letter["id"] == message_id
+    assert letter["reason"] == "poison: bad total"
+    assert json.loads(letter["body"]) == {"n": 1}
+
+    replayed = oncely("dlq", "replay", "jobs", "--broker", url)
+    assert replayed.returncode == 0 and "replayed 1 message" in replayed.stdout
+    assert oncely("dlq", "list", "jobs", "--broker", url).stdout.strip() == ""
