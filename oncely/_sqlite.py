@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -63,13 +64,36 @@ async def open_db(path: Path) -> aiosqlite.Connection:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with map_sqlite_errors(StoreUnavailable):
-        db = await aiosqlite.connect(
+        connecting = aiosqlite.connect(
             str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
         )
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        try:
+            db = await connecting
+        except BaseException:
+            _join_worker(connecting)
+            raise
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except BaseException:
+            # e.g. "file is not a database": without this the connection's worker thread
+            # outlives the error and keeps the process from exiting.
+            await db.close()
+            raise
     return db
+
+
+def _join_worker(connection: aiosqlite.Connection) -> None:
+    """Wait for the worker thread of a failed connect.
+
+    aiosqlite stops that thread without waiting for it; the thread then posts to the event
+    loop, and dies with "Event loop is closed" if the loop ended meanwhile. It has no SQLite
+    work left, so the join takes microseconds.
+    """
+    thread = getattr(connection, "_thread", None)
+    if isinstance(thread, threading.Thread) and thread.is_alive():
+        thread.join(timeout=1.0)
 
 
 @contextlib.contextmanager
@@ -93,7 +117,7 @@ async def immediate(
     without it another task's statement would land inside this transaction.
     """
     async with lock:
-        await db.execute("BEGIN IMMEDIATE")
+        await begin_immediate(db)
         try:
             yield db
         except BaseException:
@@ -102,3 +126,26 @@ async def immediate(
             await asyncio.shield(db.execute("ROLLBACK"))
             raise
         await asyncio.shield(db.execute("COMMIT"))
+
+
+async def begin_immediate(db: aiosqlite.Connection) -> None:
+    """``BEGIN IMMEDIATE`` that stays correct when the waiting task is cancelled.
+
+    aiosqlite keeps running a statement on its thread after the awaiting task is cancelled.
+    A ``BEGIN`` cancelled while it waits for another writer would then open a transaction
+    nobody ends: the connection would hold the database's write lock for good, and every
+    later ``BEGIN`` on it would fail. The rollback is queued behind the ``BEGIN`` on the same
+    thread, so it undoes exactly what the ``BEGIN`` started.
+    """
+    try:
+        await db.execute("BEGIN IMMEDIATE")
+    except asyncio.CancelledError:
+        await asyncio.shield(rollback_quietly(db))
+        raise
+
+
+async def rollback_quietly(db: aiosqlite.Connection) -> None:
+    """``ROLLBACK`` when a transaction may or may not be open, on a cleanup path whose own
+    exception must win."""
+    with contextlib.suppress(sqlite3.Error, ValueError):
+        await db.execute("ROLLBACK")

@@ -1,0 +1,108 @@
+"""Waiting and settle bookkeeping shared by the brokers that run in this process (memory and
+SQLite): a subscription parks on a future that a publish, a settle or ``aclose`` resolves, and
+a delivery frees its prefetch slot exactly once, whether it settled or found its lease gone."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from oncely.brokers.base import Delivery, Subscription
+from oncely.runtime.errors import AlreadySettled, DeliveryExpired
+
+__all__ = ["LocalDelivery", "LocalSubscription", "check_delay", "resolve", "wake_all"]
+
+
+def resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    """Complete ``fut`` with ``value`` unless it is done already."""
+    if fut.done():
+        return
+    try:
+        fut.set_result(value)
+    except RuntimeError:
+        # Its loop has closed (a shared memory hub outlives event loops); nobody waits on it.
+        pass
+
+
+def wake_all(waiters: set[asyncio.Future[bool]]) -> None:
+    for fut in waiters:
+        resolve(fut, True)
+    waiters.clear()
+
+
+def check_delay(delay: float, name: str = "delay") -> None:
+    if delay < 0:
+        raise ValueError(f"{name} must be >= 0, got {delay}")
+
+
+class LocalSubscription(Subscription):
+    """Prefetch accounting and parking for one consumer of ``topic``."""
+
+    def __init__(self, topic: str, prefetch: int, visibility: float) -> None:
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        if visibility <= 0:
+            raise ValueError(f"visibility must be > 0, got {visibility}")
+        self.topic = topic
+        self.prefetch = prefetch
+        self.visibility = visibility
+        self.unsettled = 0
+        """Deliveries yielded and not yet settled (nor found expired)."""
+        self.closed = False
+        self._waiter: asyncio.Future[bool] | None = None
+
+    async def park(self, waiters: set[asyncio.Future[bool]] | None, seconds: float | None) -> bool:
+        """Sleep until woken through ``waiters`` (a publish), a freed slot or close (True), or
+        until ``seconds`` pass (False)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._waiter = fut
+        if waiters is not None:
+            waiters.add(fut)
+        timer = loop.call_later(seconds, resolve, fut, False) if seconds is not None else None
+        try:
+            return await fut
+        finally:
+            self._waiter = None
+            if waiters is not None:
+                waiters.discard(fut)
+            if timer is not None:
+                timer.cancel()
+
+    def interrupt(self) -> None:
+        """Wake a parked ``__anext__`` so it re-checks its state."""
+        if self._waiter is not None:
+            resolve(self._waiter, True)
+
+    def release_slot(self) -> None:
+        self.unsettled -= 1
+        self.interrupt()
+
+
+class LocalDelivery(Delivery):
+    """A delivery whose outcome is known when its settle call returns."""
+
+    __slots__ = ("_done", "_settled", "_sub")
+
+    def __init__(self, sub: LocalSubscription, **fields: Any) -> None:
+        super().__init__(topic=sub.topic, **fields)
+        self._sub = sub
+        self._settled = False
+        self._done = False
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def _check(self) -> None:
+        if self._settled:
+            raise AlreadySettled(f"message {self.id} was already settled")
+
+    def _finish(self, ok: bool) -> None:
+        """Record a settle attempt: ``ok`` if it took effect, else the lease was lost."""
+        if not self._done:
+            self._done = True
+            self._sub.release_slot()
+        if not ok:
+            raise DeliveryExpired(f"message {self.id}: visibility ran out and it was re-claimed")
+        self._settled = True

@@ -1,0 +1,195 @@
+"""SQL and row helpers of the SQLite broker (``oncely.brokers.sqlite``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from oncely.brokers._local import resolve
+from oncely.brokers.base import DeadLetter, Headers
+from oncely.runtime.errors import ConnectionLost
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS oncely_messages (
+        id INTEGER PRIMARY KEY,
+        msg_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        body BLOB NOT NULL,
+        headers TEXT NOT NULL,
+        enqueued_at REAL NOT NULL,
+        visible_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        claim_token TEXT,
+        UNIQUE (topic, msg_id)
+    )""",
+    "CREATE INDEX IF NOT EXISTS oncely_messages_ready ON oncely_messages (topic, visible_at)",
+    """CREATE TABLE IF NOT EXISTS oncely_dead_letters (
+        id INTEGER PRIMARY KEY,
+        msg_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        body BLOB NOT NULL,
+        headers TEXT NOT NULL,
+        enqueued_at REAL NOT NULL,
+        attempts INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        failed_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS oncely_dead_letters_topic ON oncely_dead_letters (topic, id)",
+)
+
+PUBLISH = (
+    "INSERT INTO oncely_messages (msg_id, topic, body, headers, enqueued_at, visible_at, attempts)"
+    " VALUES (?, ?, ?, ?, ?, ?, 0) ON CONFLICT (topic, msg_id) DO NOTHING"
+)
+
+# One statement: the write lock is taken before the subquery reads, so concurrent claimers
+# (tasks or processes) serialise here and never both see a row as free. The token is unique
+# per row and claim: a per-claim prefix plus the row id.
+CLAIM = """
+UPDATE oncely_messages
+SET visible_at = ?1, claim_token = ?2 || id, attempts = attempts + 1
+WHERE id IN (
+    SELECT id FROM oncely_messages
+    WHERE topic = ?3 AND visible_at <= ?4
+    ORDER BY visible_at, id
+    LIMIT ?5
+)
+RETURNING id, msg_id, body, headers, enqueued_at, attempts, claim_token
+"""
+
+NEXT_VISIBLE = "SELECT MIN(visible_at) FROM oncely_messages WHERE topic = ?"
+
+RELEASE = (
+    "UPDATE oncely_messages SET visible_at = ?, claim_token = NULL, attempts = attempts - 1"
+    " WHERE id = ? AND claim_token = ?"
+)
+
+NACK = (
+    "UPDATE oncely_messages SET visible_at = ?, claim_token = NULL WHERE id = ? AND claim_token = ?"
+)
+
+EXTEND = "UPDATE oncely_messages SET visible_at = ? WHERE id = ? AND claim_token = ?"
+
+TAKE_FOR_DEAD = (
+    "DELETE FROM oncely_messages WHERE id = ? AND claim_token = ?"
+    " RETURNING msg_id, topic, body, headers, enqueued_at, attempts"
+)
+
+INSERT_DEAD = (
+    "INSERT INTO oncely_dead_letters"
+    " (msg_id, topic, body, headers, enqueued_at, attempts, reason, failed_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+READ_DEAD = (
+    "SELECT msg_id, body, headers, attempts, reason, failed_at FROM oncely_dead_letters"
+    " WHERE topic = ? ORDER BY id LIMIT ?"
+)
+
+READ_DEAD_FOR_REPLAY = (
+    "SELECT id, msg_id, body, headers, enqueued_at FROM oncely_dead_letters"
+    " WHERE {where} ORDER BY id"
+)
+
+DELETE_DEAD = "DELETE FROM oncely_dead_letters WHERE id = ?"
+
+ACK_BATCH = 400
+"""Most acks deleted by one statement (two parameters each, well under SQLite's limit)."""
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+def ack_sql(n: int) -> str:
+    """``DELETE`` of ``n`` claimed rows, each only if it still carries its claim token.
+
+    Tokens are unique per row and claim, so matching ``id IN (...) AND claim_token IN (...)``
+    deletes exactly the rows whose own token is in the batch.
+    """
+    marks = ",".join("?" * n)
+    return (
+        f"DELETE FROM oncely_messages WHERE id IN ({marks}) AND claim_token IN ({marks})"
+        " RETURNING claim_token"
+    )
+
+
+class AckBatcher:
+    """Group commit for acks: acks that arrive while a batch is being written share the next
+    statement, so many concurrent handlers cost one commit instead of one each, while every
+    ``ack`` still waits for its own row's outcome.
+
+    Args:
+        fetch: runs one statement under the connection lock and returns its rows.
+    """
+
+    def __init__(self, fetch: Callable[[str, tuple[Any, ...]], Awaitable[list[Any]]]) -> None:
+        self._fetch = fetch
+        self._queue: list[tuple[int, str, asyncio.Future[bool]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def ack(self, rowid: int, token: str) -> bool:
+        """Delete the row if it still carries ``token``; True if it did.
+
+        Raises:
+            ConnectionLost: the batch could not be written; the outcome is unknown.
+        """
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append((rowid, token, fut))
+        if self._task is None:
+            self._task = asyncio.create_task(self._flush())
+        return await fut
+
+    async def drain(self) -> None:
+        """Wait until every queued ack has been written (or failed)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[:ACK_BATCH]
+                del self._queue[:ACK_BATCH]
+                params = tuple(b[0] for b in batch) + tuple(b[1] for b in batch)
+                try:
+                    rows = await self._fetch(ack_sql(len(batch)), params)
+                except ConnectionLost as exc:
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            err = ConnectionLost(str(exc))
+                            err.__cause__ = exc.__cause__
+                            fut.set_exception(err)
+                    continue
+                deleted = {row[0] for row in rows}
+                for _, token, fut in batch:
+                    resolve(fut, token in deleted)
+        finally:
+            self._task = None
+
+
+def to_json(value: Any) -> str:
+    return _encoder.encode(value).decode()
+
+
+def decode_headers(text: str) -> dict[str, str]:
+    return {} if text == "{}" else _decoder.decode(text)
+
+
+def dead_letter(topic: str, row: tuple[Any, ...]) -> DeadLetter:
+    mid, body, headers, attempts, reason, failed_at = row
+    return DeadLetter(
+        id=mid,
+        topic=topic,
+        body=body,
+        headers={
+            **decode_headers(headers),
+            Headers.REASON: reason,
+            Headers.ATTEMPT: str(attempts),
+            Headers.FAILED_AT: repr(failed_at),
+        },
+        reason=reason,
+        attempt=attempts,
+        failed_at=failed_at,
+    )

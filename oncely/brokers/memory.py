@@ -1,0 +1,391 @@
+"""An in-process broker for tests, demos and single-process apps: ``memory://``.
+
+Messages live in a *hub*. ``memory://`` is the process-global default hub, ``memory://name``
+a named one (so tests can isolate themselves), and ``MemoryBroker()`` built directly owns a
+private hub no other broker sees. Brokers on the same hub share its topics, so closing one
+broker and opening another on the same name keeps the messages; they are gone when the process
+exits (``Capabilities.durable`` is false).
+
+Each topic keeps one heap of its messages ordered by the time they become claimable
+(``visible_at``). A delayed publish, a delayed ``nack`` and a claimed message's visibility
+deadline are all just a ``visible_at`` in the future, so one structure handles delay and
+expiry. Entries are invalidated lazily: every change to a message bumps its version, and heap
+entries carrying an older version are discarded when they reach the top. Consumers sleep until
+the earliest ``visible_at`` or until a publish wakes them; nothing polls.
+
+Publishing a ``message_id`` that is still queued (or in flight) on the same topic is a no-op
+that returns the id, so a publisher that retries after a lost confirmation does not enqueue
+the message twice.
+
+A hub is not thread-safe: use it from one event loop at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+import uuid
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from oncely.brokers._local import (
+    LocalDelivery,
+    LocalSubscription,
+    check_delay,
+    wake_all,
+)
+from oncely.brokers.base import (
+    Broker,
+    Capabilities,
+    DeadLetter,
+    DeadLetterAdmin,
+    Delivery,
+    Headers,
+    Subscription,
+    check_headers,
+)
+from oncely.runtime.errors import ConfigError, ConnectionLost
+
+__all__ = ["MemoryBroker"]
+
+
+class _Record:
+    """One message in a hub. ``token`` identifies the current claim, ``None`` when unclaimed."""
+
+    __slots__ = (
+        "attempts",
+        "body",
+        "enqueued_at",
+        "headers",
+        "id",
+        "token",
+        "version",
+        "visible_at",
+    )
+
+    def __init__(
+        self, id: str, body: bytes, headers: dict[str, str], enqueued_at: float, visible_at: float
+    ) -> None:
+        self.id = id
+        self.body = body
+        self.headers = headers
+        self.enqueued_at = enqueued_at
+        self.visible_at = visible_at
+        self.attempts = 0
+        self.token: int | None = None
+        self.version = 0
+
+
+class _Dead:
+    __slots__ = ("attempts", "body", "enqueued_at", "failed_at", "headers", "id", "reason")
+
+    def __init__(self, record: _Record, reason: str, failed_at: float) -> None:
+        self.id = record.id
+        self.body = record.body
+        self.headers = record.headers
+        self.enqueued_at = record.enqueued_at
+        self.attempts = record.attempts
+        self.reason = reason
+        self.failed_at = failed_at
+
+
+class _Topic:
+    __slots__ = ("dead", "heap", "live", "waiters")
+
+    def __init__(self) -> None:
+        # (visible_at, seq, version, record): seq breaks ties so records are never compared.
+        self.heap: list[tuple[float, int, int, _Record]] = []
+        self.live: dict[str, _Record] = {}
+        self.dead: list[_Dead] = []
+        self.waiters: set[asyncio.Future[bool]] = set()
+
+
+class _Hub:
+    """The messages of every topic of one ``memory://`` location."""
+
+    def __init__(self) -> None:
+        self.topics: dict[str, _Topic] = {}
+        self._seq = itertools.count()
+        self._tokens = itertools.count(1)
+
+    def topic(self, name: str) -> _Topic:
+        t = self.topics.get(name)
+        if t is None:
+            t = self.topics[name] = _Topic()
+        return t
+
+    def schedule(self, t: _Topic, rec: _Record, visible_at: float) -> None:
+        rec.version += 1
+        rec.visible_at = visible_at
+        heapq.heappush(t.heap, (visible_at, next(self._seq), rec.version, rec))
+
+    def add(self, t: _Topic, rec: _Record) -> None:
+        t.live[rec.id] = rec
+        self.schedule(t, rec, rec.visible_at)
+        wake_all(t.waiters)
+
+    def claim(self, t: _Topic, visibility: float, now: float) -> _Record | None:
+        heap = t.heap
+        while heap:
+            visible_at, _, version, rec = heap[0]
+            if version != rec.version:
+                heapq.heappop(heap)
+                continue
+            if visible_at > now:
+                return None
+            heapq.heappop(heap)
+            # A record whose claim deadline passed is claimed again here: that is the
+            # visibility expiry, and the new token makes the old holder's settle fail.
+            rec.attempts += 1
+            rec.token = next(self._tokens)
+            self.schedule(t, rec, now + visibility)
+            return rec
+        return None
+
+    def next_visible(self, t: _Topic) -> float | None:
+        heap = t.heap
+        while heap and heap[0][2] != heap[0][3].version:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def remove(self, t: _Topic, rec: _Record) -> None:
+        rec.version += 1
+        rec.token = None
+        del t.live[rec.id]
+
+
+_hubs: dict[str, _Hub] = {}
+
+
+class MemoryBroker(Broker, DeadLetterAdmin):
+    """An in-process broker; see the module docstring.
+
+    Args:
+        hub: the name of a process-global hub to share with other brokers (``""`` is the one
+            ``memory://`` uses), or ``None`` for a private hub.
+    """
+
+    capabilities = Capabilities(
+        native_delay=True,
+        max_delay=None,
+        native_dlq=True,
+        extend=True,
+        ordering="none",
+        durable=False,
+    )
+
+    def __init__(self, hub: str | None = None) -> None:
+        self._hub_name = hub
+        self._hub: _Hub | None = None if hub is not None else _Hub()
+        self._connected = False
+        self._subs: set[_MemorySubscription] = set()
+        self.url = f"memory://{hub}" if hub is not None else "memory://<private>"
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryBroker:
+        """Build a broker from ``memory://`` (the default hub) or ``memory://name``.
+
+        Raises:
+            ConfigError: the URL has a path, query, fragment or credentials.
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "memory":
+            raise ConfigError(f"not a memory URL: {url!r}")
+        if parts.query:
+            raise ConfigError(f"{url!r}: memory URLs take no options, got {parts.query!r}")
+        if parts.path not in ("", "/") or parts.fragment:
+            raise ConfigError(f"{url!r}: write memory:// or memory://name, with no path")
+        if "@" in parts.netloc or ":" in parts.netloc:
+            raise ConfigError(f"{url!r}: a memory hub name cannot hold credentials or a port")
+        return cls(hub=parts.netloc)
+
+    async def connect(self) -> None:
+        """Attach to the hub. Idempotent; also reattaches after ``aclose``."""
+        if self._hub is None:
+            assert self._hub_name is not None
+            self._hub = _hubs.setdefault(self._hub_name, _Hub())
+        self._connected = True
+
+    def _require(self) -> _Hub:
+        if not self._connected or self._hub is None:
+            raise ConnectionLost(f"{self.url} is not connected; call connect() first")
+        return self._hub
+
+    async def publish(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        message_id: str | None = None,
+        delay: float = 0.0,
+    ) -> str:
+        """Enqueue a message; see ``Broker.publish``. A still-queued ``message_id`` is kept
+        as is (no second copy)."""
+        checked = check_headers(headers)
+        check_delay(delay)
+        hub = self._require()
+        t = hub.topic(topic)
+        mid = message_id if message_id is not None else uuid.uuid4().hex
+        if mid not in t.live:
+            now = time.monotonic()
+            hub.add(t, _Record(mid, bytes(body), checked, time.time(), now + delay))
+        return mid
+
+    def consume(self, topic: str, *, prefetch: int, visibility: float) -> Subscription:
+        """Subscribe to ``topic``; see ``Broker.consume``."""
+        sub = _MemorySubscription(self, topic, prefetch, visibility)
+        self._subs.add(sub)
+        return sub
+
+    async def aclose(self) -> None:
+        """Close every subscription and detach. Claimed, unsettled messages become claimable
+        again when their visibility runs out."""
+        for sub in list(self._subs):
+            await sub.aclose()
+        self._connected = False
+
+    async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
+        """List dead letters of ``topic``, oldest first; see ``DeadLetterAdmin``."""
+        hub = self._require()
+        t = hub.topics.get(topic)
+        if t is None:
+            return []
+        return [
+            DeadLetter(
+                id=d.id,
+                topic=topic,
+                body=d.body,
+                headers={
+                    **d.headers,
+                    Headers.REASON: d.reason,
+                    Headers.ATTEMPT: str(d.attempts),
+                    Headers.FAILED_AT: repr(d.failed_at),
+                },
+                reason=d.reason,
+                attempt=d.attempts,
+                failed_at=d.failed_at,
+            )
+            for d in t.dead[:limit]
+        ]
+
+    async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
+        """Move dead letters back with attempt count 0; see ``DeadLetterAdmin``.
+
+        A dead letter whose id is queued on the topic again stays where it is.
+        """
+        hub = self._require()
+        t = hub.topics.get(topic)
+        if t is None:
+            return 0
+        wanted = None if ids is None else set(ids)
+        kept: list[_Dead] = []
+        now = time.monotonic()
+        moved = 0
+        for d in t.dead:
+            if (wanted is None or d.id in wanted) and d.id not in t.live:
+                rec = _Record(d.id, d.body, d.headers, d.enqueued_at, now)
+                t.live[rec.id] = rec
+                hub.schedule(t, rec, now)
+                moved += 1
+            else:
+                kept.append(d)
+        t.dead = kept
+        if moved:
+            wake_all(t.waiters)
+        return moved
+
+
+class _MemorySubscription(LocalSubscription):
+    def __init__(self, broker: MemoryBroker, topic: str, prefetch: int, visibility: float) -> None:
+        super().__init__(topic, prefetch, visibility)
+        self._broker = broker
+
+    async def __anext__(self) -> Delivery:
+        # A checkpoint, so a consumer that always finds a message still lets other tasks run.
+        await asyncio.sleep(0)
+        while True:
+            if self.closed:
+                raise StopAsyncIteration
+            hub = self._broker._require()
+            t = hub.topic(self.topic)
+            if self.unsettled >= self.prefetch:
+                await self.park(None, None)
+                continue
+            now = time.monotonic()
+            rec = hub.claim(t, self.visibility, now)
+            if rec is not None:
+                self.unsettled += 1
+                return _MemoryDelivery(self, t, rec)
+            nxt = hub.next_visible(t)
+            await self.park(t.waiters, None if nxt is None else nxt - now)
+
+    async def aclose(self) -> None:
+        """Stop iterating; nothing is buffered, so nothing goes back. Idempotent."""
+        self.closed = True
+        self._broker._subs.discard(self)
+        self.interrupt()
+
+
+class _MemoryDelivery(LocalDelivery):
+    __slots__ = ("_record", "_t", "_token")
+
+    def __init__(self, sub: _MemorySubscription, t: _Topic, rec: _Record) -> None:
+        super().__init__(
+            sub,
+            id=rec.id,
+            body=rec.body,
+            headers=rec.headers,
+            attempt=rec.attempts,
+            enqueued_at=rec.enqueued_at,
+        )
+        self._t = t
+        self._record = rec
+        self._token = rec.token
+
+    def _own(self) -> _Hub | None:
+        """The hub if this claim still holds the message, else ``None``."""
+        self._check()
+        assert isinstance(self._sub, _MemorySubscription)
+        hub = self._sub._broker._require()
+        return hub if self._record.token == self._token else None
+
+    async def ack(self) -> None:
+        hub = self._own()
+        if hub is not None:
+            hub.remove(self._t, self._record)
+        self._finish(hub is not None)
+
+    async def nack(self, delay: float = 0.0) -> None:
+        check_delay(delay)
+        hub = self._own()
+        if hub is not None:
+            self._record.token = None
+            hub.schedule(self._t, self._record, time.monotonic() + delay)
+            wake_all(self._t.waiters)
+        self._finish(hub is not None)
+
+    async def reject(self, reason: str) -> None:
+        hub = self._own()
+        if hub is not None:
+            hub.remove(self._t, self._record)
+            self._t.dead.append(_Dead(self._record, reason, time.time()))
+        self._finish(hub is not None)
+
+    async def extend(self, seconds: float) -> None:
+        check_delay(seconds, "seconds")
+        if self._settled:
+            return
+        hub = self._own()
+        if hub is None:
+            self._finish(False)
+            return
+        rec = self._record
+        visible_at = time.monotonic() + seconds
+        earlier = visible_at < rec.visible_at
+        hub.schedule(self._t, rec, visible_at)
+        if earlier:
+            # Consumers sleep until the earliest deadline they know of; this one moved up.
+            wake_all(self._t.waiters)
