@@ -1,0 +1,320 @@
+"""The consuming half of ``AmqpBroker``: subscription, delivery and batched acks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Final
+
+import aiormq.exceptions
+
+from oncely.brokers._amqp_topology import (
+    bucket_for,
+    bucket_name,
+    dlq_name,
+    map_errors,
+    own_headers,
+    parse,
+    properties,
+    topology,
+)
+from oncely.brokers.base import Delivery, Headers, Subscription
+from oncely.runtime.errors import (
+    AlreadySettled,
+    BrokerError,
+    DeliveryExpired,
+    NotSupported,
+)
+
+if TYPE_CHECKING:
+    import aiormq.abc
+    from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+    from pamqp.common import FieldTable
+
+    from oncely.brokers.amqp import AmqpBroker
+
+_OPEN: Final = 0
+_SETTLING: Final = 1  # an ack frame is committed to; never send another for this tag
+_SETTLED: Final = 2
+_EXPIRED: Final = 3
+
+
+class AckWindow:
+    """The delivery tags of one AMQP channel instance and how they are acked.
+
+    Delivery tags are per channel, so a reconnect starts a new window; acks for an old window
+    fail with ``DeliveryExpired`` (its tags are void and the broker redelivers the messages).
+
+    With batching, acks requested in the same event-loop turn are flushed together by one task:
+    every requested tag below the lowest still-unsettled tag is covered by a single
+    ``basic.ack(multiple=True)``; tags above it are acked one by one. ``multiple=True`` is only
+    used when no lower tag on the channel is still unsettled (held by a handler, buffered, or
+    about to be handed back with ``basic.nack(requeue=True)``), so it never acks a message this
+    consumer did not finish. Flushes are serialised so frames leave in the order computed.
+    """
+
+    __slots__ = ("_batch", "_flush", "_lock", "_ready", "_task", "channel", "unsettled")
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, *, batch: bool) -> None:
+        self.channel = channel
+        self.unsettled: set[int] = set()
+        self._batch = batch
+        self._ready: list[int] = []
+        self._flush: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self.channel.is_closed
+
+    async def ack(self, tag: int) -> None:
+        if self.closed:
+            raise DeliveryExpired("the delivery's AMQP channel closed; it will be redelivered")
+        if not self._batch:
+            with map_errors("settle"):
+                await self.channel.basic_ack(tag)
+            self.unsettled.discard(tag)
+            return
+        self._ready.append(tag)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().create_future()
+            self._task = asyncio.create_task(self._run(self._flush))
+        # Shielded: the flush acks this tag whether or not the caller is cancelled meanwhile.
+        await asyncio.shield(self._flush)
+
+    async def _run(self, done: asyncio.Future[None]) -> None:
+        try:
+            async with self._lock:
+                self._flush = None
+                tags, self._ready = self._ready, []
+                self.unsettled.difference_update(tags)
+                low = min(self.unsettled, default=None)
+                prefix = [t for t in tags if low is None or t < low]
+                frames = [(t, False) for t in tags if low is not None and t > low]
+                if prefix:
+                    frames.insert(0, (max(prefix), len(prefix) > 1))
+                with map_errors("settle"):
+                    for i, (tag, multiple) in enumerate(frames):
+                        last = i == len(frames) - 1
+                        await self.channel.basic_ack(tag, multiple=multiple, wait=last)
+        except BaseException as exc:
+            if not done.done():
+                done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            done.set_result(None)
+
+    async def requeue(self, tag: int) -> None:
+        """Hand an unyielded message back; the tag stays unsettled until the frame is out."""
+        with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError, BrokerError):
+            with map_errors("settle"):
+                await self.channel.basic_nack(tag, requeue=True)
+        self.unsettled.discard(tag)
+
+
+class AmqpDelivery(Delivery):
+    """A delivery from an AMQP queue. See ``oncely.brokers.amqp`` for the guarantees."""
+
+    __slots__ = ("_message", "_state", "_sub", "_tag", "_window")
+
+    def __init__(
+        self, sub: AmqpSubscription, message: AbstractIncomingMessage, window: AckWindow
+    ) -> None:
+        p = parse(message)
+        super().__init__(
+            id=p.id,
+            topic=sub.topic,
+            body=message.body,
+            headers=p.headers,
+            attempt=p.attempt,
+            enqueued_at=p.enqueued_at,
+        )
+        self._sub = sub
+        self._message = message
+        self._window = window
+        self._tag: int = message.delivery_tag or 0
+        self._state = _OPEN
+
+    @property
+    def settled(self) -> bool:
+        return self._state == _SETTLED
+
+    async def _begin(self) -> None:
+        if self._state in (_SETTLED, _SETTLING):
+            raise AlreadySettled(f"delivery {self.id!r} was already settled")
+        if self._state == _EXPIRED:
+            raise DeliveryExpired(f"delivery {self.id!r}: its AMQP channel closed")
+        if self._window.closed:
+            await self._expire()
+            raise DeliveryExpired(f"delivery {self.id!r}: its AMQP channel closed")
+
+    async def _expire(self) -> None:
+        if self._state != _EXPIRED:
+            self._state = _EXPIRED
+            await self._sub.release()
+
+    async def _finish(self) -> None:
+        self._state = _SETTLING
+        try:
+            await self._window.ack(self._tag)
+        except BrokerError:
+            await self._expire()
+            raise
+        finally:
+            # Also on cancellation: the shielded flush still sends this ack.
+            if self._state == _SETTLING:
+                self._state = _SETTLED
+                await self._sub.release()
+
+    async def ack(self) -> None:
+        await self._begin()
+        await self._finish()
+
+    async def nack(self, delay: float = 0.0) -> None:
+        await self._begin()
+        bucket = bucket_for(delay)
+        target = self.topic if bucket is None else bucket_name(self.topic, bucket[1])
+        headers = self._headers()
+        headers[Headers.ATTEMPT] = str(self.attempt)
+        await self._republish(target, headers)
+        await self._finish()
+
+    async def reject(self, reason: str) -> None:
+        await self._begin()
+        headers = self._headers()
+        headers[Headers.REASON] = reason
+        headers[Headers.ATTEMPT] = str(self.attempt)
+        headers[Headers.FAILED_AT] = repr(time.time())
+        await self._republish(dlq_name(self.topic), headers)
+        await self._finish()
+
+    async def extend(self, seconds: float) -> None:
+        raise NotSupported(
+            "AMQP cannot extend a delivery; size consumer_timeout from the handler timeout"
+        )
+
+    def _headers(self) -> FieldTable:
+        headers = own_headers(self._message.headers)
+        headers[Headers.MESSAGE_ID] = self.id
+        headers.setdefault(Headers.PUBLISHED_AT, repr(self.enqueued_at))
+        return headers
+
+    async def _republish(self, queue: str, headers: FieldTable) -> None:
+        # Confirmed before the original is acked: a crash in between leaves a duplicate.
+        props = properties(self.id, headers, self.enqueued_at, self._message)
+        await self._sub.broker._send(queue, self.body, props)
+        if self._window.closed:
+            await self._expire()
+            raise DeliveryExpired(
+                f"delivery {self.id!r}: channel closed after the republish; the broker "
+                "redelivers the original too (a duplicate, not a loss)"
+            )
+
+
+class AmqpSubscription(Subscription):
+    """One channel, one consumer, ``basic.qos(prefetch)``; resumes after a reconnect."""
+
+    def __init__(self, broker: AmqpBroker, topic: str, prefetch: int, visibility: float) -> None:
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.broker = broker
+        self.topic = topic
+        self.prefetch = prefetch
+        self.visibility = visibility
+        self._buffer: asyncio.Queue[tuple[AbstractIncomingMessage, AckWindow] | None] = (
+            asyncio.Queue()
+        )  # None: closed
+        self._channel: AbstractRobustChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._ctag: str | None = None
+        self._window: AckWindow | None = None
+        self._start_lock = asyncio.Lock()
+        self._closed = False
+        self._in_flight = 0  # yielded, not yet settled or expired
+
+    async def _start(self) -> None:
+        async with self._start_lock:
+            if self._channel is not None or self._closed:
+                return
+            connection = await self.broker._connected()
+            await self.broker._ensure_topology(self.topic)
+            channel = connection.channel(publisher_confirms=False)
+            try:
+                with map_errors("connect"):
+                    await channel.initialize()
+                    await channel.set_qos(prefetch_count=self.prefetch)
+                    args = topology(self.topic, self.broker.options.queue_type)[0][1]
+                    # Robust: re-declared and re-consumed (same tag) when the channel reopens.
+                    queue = await channel.declare_queue(self.topic, durable=True, arguments=args)
+                    self._ctag = await queue.consume(self._on_message, no_ack=False)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                raise
+            self._channel, self._queue = channel, queue
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            raw = message.channel
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return  # its channel died: the broker requeues it
+        window = self._window
+        if window is None or window.channel is not raw:
+            window = self._window = AckWindow(raw, batch=self.broker.options.batch_acks)
+        tag = message.delivery_tag or 0
+        window.unsettled.add(tag)
+        if self._closed:  # arrived between basic.cancel and cancel-ok
+            await window.requeue(tag)
+            return
+        self._buffer.put_nowait((message, window))
+
+    async def __anext__(self) -> AmqpDelivery:
+        if self._channel is None and not self._closed:
+            await self._start()
+        while True:
+            if self._closed and self._buffer.empty():
+                raise StopAsyncIteration
+            item = await self._buffer.get()
+            if item is None:
+                raise StopAsyncIteration
+            message, window = item
+            if window.closed:
+                continue  # stale tag: the broker already requeued this message
+            self._in_flight += 1
+            return AmqpDelivery(self, message, window)
+
+    def shutdown(self) -> None:
+        """The broker closed: stop iterating. Its deliveries expire with the connection."""
+        self._closed = True
+        self._buffer.put_nowait(None)
+
+    async def release(self) -> None:
+        self._in_flight -= 1
+        if self._closed and self._in_flight == 0:
+            await self._close_channel()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        channel = self._channel
+        if self._queue is not None and self._ctag is not None and channel and not channel.is_closed:
+            with contextlib.suppress(BrokerError), map_errors("connect"):
+                await asyncio.wait_for(self._queue.cancel(self._ctag), 10)
+        while not self._buffer.empty():
+            item = self._buffer.get_nowait()
+            if item is not None:
+                message, window = item
+                await window.requeue(message.delivery_tag or 0)
+        self._buffer.put_nowait(None)
+        if self._in_flight == 0:
+            await self._close_channel()
+
+    async def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):  # best effort: closing the connection also does
+                await channel.close()

@@ -1,0 +1,361 @@
+"""AMQP topology, URL options, header mapping and error translation for ``AmqpBroker``.
+
+Per topic ``t`` the adapter declares, all durable and of one queue type:
+
+* ``t``: the work queue; its ``x-dead-letter-exchange`` is the default exchange routed to
+  ``t.dlq``, so a plain AMQP consumer's ``basic.reject(requeue=False)`` also dead-letters.
+* ``t.dlq``: the dead-letter queue.
+* ``t.delay.1s`` ... ``t.delay.1h``: delay buckets. Each has a per-queue ``x-message-ttl`` (so
+  every message in it expires in arrival order) and dead-letters to the default exchange with
+  routing key ``t``, i.e. back into the work queue.
+
+Everything is published through the default exchange with the queue name as routing key and
+``mandatory=True``, so a missing queue is a returned (failed) publish rather than a silent drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import aiormq
+import aiormq.exceptions
+import pamqp.exceptions
+from pamqp.commands import Basic
+
+from oncely.brokers.base import Headers
+from oncely.runtime.errors import (
+    ConfigError,
+    ConnectionLost,
+    DeliveryExpired,
+    NotSupported,
+    PublishFailed,
+)
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractIncomingMessage
+    from pamqp.common import FieldTable, FieldValue
+
+BUCKETS: tuple[tuple[int, str], ...] = (
+    (1, "1s"),
+    (5, "5s"),
+    (30, "30s"),
+    (120, "2m"),
+    (600, "10m"),
+    (3600, "1h"),
+)
+"""Delay buckets as (seconds, label). A delay is rounded *up* to the next bucket."""
+
+MAX_DELAY = float(BUCKETS[-1][0])
+
+QueueType = Literal["classic", "quorum"]
+
+# Query options that aio-pika/aiormq understand; they are passed through unchanged.
+_DRIVER_OPTIONS = frozenset(
+    {
+        "heartbeat",
+        "timeout",
+        "name",
+        "auth",
+        "cafile",
+        "capath",
+        "cadata",
+        "keyfile",
+        "certfile",
+        "no_verify_ssl",
+        "reconnect_interval",
+        "fail_fast",
+        "interleave",
+        "happy_eyeballs_delay",
+    }
+)
+_OWN_OPTIONS = frozenset({"queue_type", "publish_timeout", "batch_acks"})
+# Broker bookkeeping added on every dead-lettering (our delay buckets included); it is not the
+# publisher's and is not copied on republish.
+_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpOptions:
+    """Adapter options, from the URL query (``?queue_type=quorum&publish_timeout=10``).
+
+    Attributes:
+        queue_type: ``classic`` (default) or ``quorum`` (replicated; the production choice).
+        publish_timeout: seconds to wait for a connection and a publisher confirm.
+        batch_acks: coalesce acks of concurrently settled deliveries into ``multiple=True``
+            frames where every lower delivery tag on the channel is settled too.
+    """
+
+    queue_type: QueueType = "classic"
+    publish_timeout: float = 30.0
+    batch_acks: bool = True
+
+
+def parse_url(url: str) -> tuple[str, AmqpOptions, str]:
+    """Split an ``amqp(s)://`` URL into (driver URL, options, URL with password masked).
+
+    Raises:
+        ConfigError: unknown or invalid option, or not an AMQP URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("amqp", "amqps") or not parts.hostname:
+        raise ConfigError(f"not an AMQP URL: {mask(url)!r}")
+    own: dict[str, str] = {}
+    driver: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in _OWN_OPTIONS:
+            own[key] = value
+        elif key in _DRIVER_OPTIONS:
+            driver.append((key, value))
+        else:
+            known = ", ".join(sorted(_OWN_OPTIONS | _DRIVER_OPTIONS))
+            raise ConfigError(f"unknown AMQP URL option {key!r}; known: {known}")
+    if not any(k == "reconnect_interval" for k, _ in driver):
+        driver.append(("reconnect_interval", "1"))
+    queue_type = own.get("queue_type", "classic")
+    if queue_type not in ("classic", "quorum"):
+        raise ConfigError(f"queue_type must be 'classic' or 'quorum', got {queue_type!r}")
+    try:
+        publish_timeout = float(own.get("publish_timeout", "30"))
+    except ValueError:
+        publish_timeout = math.nan
+    if not publish_timeout > 0 or math.isinf(publish_timeout):
+        raise ConfigError(f"publish_timeout must be a positive number of seconds: {url!r}")
+    batch = own.get("batch_acks", "1").lower()
+    if batch not in ("1", "0", "true", "false", "yes", "no"):
+        raise ConfigError(f"batch_acks must be a boolean, got {batch!r}")
+    options = AmqpOptions(
+        queue_type="quorum" if queue_type == "quorum" else "classic",
+        publish_timeout=publish_timeout,
+        batch_acks=batch in ("1", "true", "yes"),
+    )
+    query = "&".join(f"{k}={v}" for k, v in driver)
+    driver_url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+    return driver_url, options, mask(url)
+
+
+def mask(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def check_topic(topic: str) -> None:
+    """Queue names are at most 255 bytes and ``amq.`` is reserved."""
+    if not topic or topic.startswith("amq.") or len(topic.encode()) > 240:
+        raise ConfigError(f"invalid AMQP topic (queue name) {topic!r}")
+
+
+def dlq_name(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+def bucket_for(delay: float) -> tuple[int, str] | None:
+    """The smallest bucket >= ``delay``, or ``None`` for no delay.
+
+    Raises:
+        NotSupported: ``delay`` exceeds the largest bucket.
+        ValueError: ``delay`` is negative or not a number.
+    """
+    if not delay >= 0:
+        raise ValueError(f"delay must be >= 0, got {delay!r}")
+    if delay == 0:
+        return None
+    for bucket in BUCKETS:
+        if bucket[0] >= delay:
+            return bucket
+    raise NotSupported(f"AMQP delay {delay}s exceeds the largest delay bucket ({MAX_DELAY:g}s)")
+
+
+def bucket_name(topic: str, label: str) -> str:
+    return f"{topic}.delay.{label}"
+
+
+def topology(topic: str, queue_type: QueueType) -> list[tuple[str, FieldTable]]:
+    """(queue name, arguments) of every queue ``topic`` needs, work queue first."""
+    safe: FieldTable = {"x-queue-type": queue_type}
+    if queue_type == "quorum":
+        # At-least-once dead-lettering (3.10+): a message leaves the source queue only once the
+        # target confirmed it. It requires reject-publish overflow.
+        safe.update({"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+    work: FieldTable = {
+        **safe,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dlq_name(topic),
+    }
+    queues: list[tuple[str, FieldTable]] = [
+        (topic, work),
+        (dlq_name(topic), {"x-queue-type": queue_type}),
+    ]
+    for seconds, label in BUCKETS:
+        args: FieldTable = {
+            **safe,
+            "x-message-ttl": seconds * 1000,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": topic,
+        }
+        queues.append((bucket_name(topic, label), args))
+    return queues
+
+
+async def declare(channel: aiormq.abc.AbstractChannel, topic: str, queue_type: QueueType) -> None:
+    with map_errors("declare"):
+        for name, args in topology(topic, queue_type):
+            await channel.queue_declare(name, durable=True, arguments=args)
+
+
+# --------------------------------------------------------------------------- message mapping
+
+
+def properties(
+    message_id: str,
+    headers: FieldTable,
+    published_at: float,
+    template: AbstractIncomingMessage | None = None,
+) -> Basic.Properties:
+    """Persistent properties for a (re)publish, keeping the template's descriptive fields."""
+    t = template
+    stamp = t.timestamp if t is not None and t.timestamp is not None else None
+    return Basic.Properties(
+        content_type=t.content_type if t else None,
+        content_encoding=t.content_encoding if t else None,
+        headers=headers,
+        delivery_mode=2,
+        priority=t.priority or None if t else None,
+        correlation_id=t.correlation_id if t else None,
+        reply_to=t.reply_to if t else None,
+        message_id=message_id,
+        timestamp=stamp or datetime.fromtimestamp(int(published_at), tz=UTC),
+        message_type=t.type if t else None,
+        app_id=t.app_id if t else None,
+    )
+
+
+def text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def own_headers(raw: Mapping[str, FieldValue] | None) -> FieldTable:
+    """The message's headers minus the broker's dead-lettering bookkeeping."""
+    return {k: v for k, v in (raw or {}).items() if not k.startswith(_DEATH_HEADERS)}
+
+
+@dataclass(slots=True)
+class Parsed:
+    id: str
+    headers: dict[str, str]
+    attempt: int
+    enqueued_at: float
+
+
+def parse(message: AbstractIncomingMessage) -> Parsed:
+    """Read oncely's view of an AMQP message: id, ``str`` headers, attempt, enqueued_at.
+
+    ``id``: ``oncely-message-id``, else the AMQP ``message_id``, else ``sha256:`` + the body's
+    SHA-256 (the broker redelivers the same body and properties, so each is stable across
+    redeliveries; two plain messages with identical bodies and no ``message_id`` share it).
+    ``attempt``: ``oncely-attempt`` (deliveries before the last republish) + 1, plus the quorum
+    queue's ``x-delivery-count`` when present, else + 1 when ``redelivered`` is set.
+    ``enqueued_at``: ``oncely-published-at``, else the AMQP ``timestamp``, else now.
+    """
+    raw = message.headers or {}
+    headers = {k: text(v) for k, v in raw.items() if not k.startswith(_DEATH_HEADERS)}
+    mid = headers.get(Headers.MESSAGE_ID) or message.message_id
+    if not mid:
+        mid = "sha256:" + hashlib.sha256(message.body).hexdigest()
+    attempt = _int(headers.get(Headers.ATTEMPT)) + 1
+    count = raw.get("x-delivery-count")
+    if isinstance(count, int) and count > 0:
+        attempt += count
+    elif message.redelivered:
+        attempt += 1
+    enqueued_at = _float(headers.get(Headers.PUBLISHED_AT))
+    if enqueued_at is None:
+        stamp = message.timestamp
+        enqueued_at = stamp.timestamp() if stamp is not None else time.time()
+    return Parsed(mid, headers, attempt, enqueued_at)
+
+
+def _int(value: str | None) -> int:
+    try:
+        return max(int(value), 0) if value is not None else 0
+    except ValueError:
+        return 0
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------- error mapping
+
+Op = Literal["connect", "declare", "publish", "settle", "admin"]
+
+
+@contextlib.contextmanager
+def map_errors(op: Op) -> Iterator[None]:
+    """Translate aio-pika / aiormq / pamqp / socket errors into oncely's, by operation.
+
+    ``publish``: a nack, return or lost confirm is ``PublishFailed`` (outcome unknown).
+    ``settle``: the delivery's channel is gone, so it is ``DeliveryExpired`` (redelivered).
+    ``declare``: a queue that exists with other arguments is a ``ConfigError``.
+    Anything else that means the broker is unreachable is ``ConnectionLost``. A
+    ``CancelledError`` the current task did not ask for (aiormq cancels pending futures when a
+    channel closes) is treated as a lost channel; a real cancellation propagates.
+    """
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise _translate(op, exc) from exc
+    except (
+        aiormq.exceptions.AMQPError,
+        aiormq.exceptions.ChannelInvalidStateError,
+        pamqp.exceptions.PAMQPException,
+        ConnectionError,
+        OSError,
+        TimeoutError,
+    ) as exc:
+        raise _translate(op, exc) from exc
+
+
+def _translate(op: Op, exc: BaseException) -> Exception:
+    what = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) and op == "declare":
+        return ConfigError(f"an AMQP queue exists with different arguments ({what})")
+    if isinstance(
+        exc, aiormq.exceptions.ChannelAccessRefused | aiormq.exceptions.AuthenticationError
+    ):
+        return ConfigError(f"AMQP access refused ({what})")
+    if op == "settle" and not isinstance(exc, TimeoutError):
+        return DeliveryExpired(
+            f"the delivery's AMQP channel is gone; it will be redelivered ({what})"
+        )
+    if op == "publish" and isinstance(
+        exc, aiormq.exceptions.DeliveryError | aiormq.exceptions.ChannelClosed | TimeoutError
+    ):
+        return PublishFailed(f"AMQP publish not confirmed ({what})")
+    if op == "publish" and isinstance(
+        exc, asyncio.CancelledError | aiormq.exceptions.ConnectionClosed
+    ):
+        return PublishFailed(f"AMQP connection lost before the confirm ({what})")
+    return ConnectionLost(f"AMQP broker unreachable ({what})")

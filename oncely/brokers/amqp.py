@@ -1,0 +1,374 @@
+"""RabbitMQ (AMQP 0-9-1) broker over aio-pika: ``amqp://user:pass@host:port/vhost``.
+
+URL options (anything else is a ``ConfigError``):
+
+* ``queue_type=classic|quorum`` (default ``classic``). Quorum queues are replicated (Raft) and
+  are the production choice; classic queues live on one node. All queues are durable and all
+  messages persistent either way, so both survive a broker restart.
+* ``publish_timeout=30``: seconds to wait for the connection and the publisher confirm.
+* ``batch_acks=1``: coalesce acks into ``multiple=True`` frames (see ``AckWindow``).
+* aio-pika's own: ``heartbeat``, ``timeout``, ``name``, ``reconnect_interval`` (default 1 here),
+  ``fail_fast``, TLS files for ``amqps://`` and a few more.
+
+Topology (see ``_amqp_topology``): per topic, a work queue ``<topic>``, a dead-letter queue
+``<topic>.dlq`` and TTL delay buckets ``<topic>.delay.{1s,5s,30s,2m,10m,1h}``, declared
+idempotently on first use. A queue that already exists with other arguments is a
+``ConfigError``; plain AMQP clients should publish to ``<topic>`` through the default
+exchange without redeclaring it (or declare it passively).
+
+**Delay.** AMQP 0-9-1 has no per-message delay. ``publish(delay=)`` and ``nack(delay)``
+publish to the smallest bucket whose TTL is at least the delay (rounded *up*, never down); the
+bucket dead-letters expired messages back to the work queue. Per-queue TTL is used, not
+per-message expiration, which only expires messages at the head of a queue. A delay above the
+largest bucket (1 hour, ``Capabilities.max_delay``) raises ``NotSupported``.
+
+**Retry and dead-letter.** ``nack`` republishes the message (body, headers, properties) to the
+bucket or work queue with ``oncely-attempt`` = this attempt, waits for the confirm, *then* acks
+the original, so a crash in between leaves a duplicate and never a loss. ``reject`` does the
+same towards ``<topic>.dlq`` and adds ``oncely-dead-letter-reason``, ``oncely-attempt`` and
+``oncely-dead-lettered-at``. ``attempt`` is ``oncely-attempt + 1``, plus one for a broker
+redelivery (``redelivered`` flag, or the quorum queue's ``x-delivery-count``).
+
+**Ids.** ``Delivery.id`` is ``oncely-message-id``, else the AMQP ``message_id``, else
+``sha256:<hex of the body>``; the last is stable across redeliveries but shared by identical
+bodies, so plain publishers that send identical payloads as distinct messages must set a
+``message_id``. oncely publishes plain bytes with ordinary ``str`` headers, readable by any
+AMQP client.
+
+**No extend; size the consumer timeout.** AMQP cannot extend a single delivery, so
+``Capabilities.extend`` is false and ``Delivery.extend`` raises ``NotSupported``. The only
+limit on how long a delivery may stay unacked is RabbitMQ's ``consumer_timeout`` (global in
+``rabbitmq.conf`` -- ``scripts/services.sh`` sets 1 hour; per queue via ``x-consumer-timeout``
+or a policy only from 3.12). It must exceed the handler timeout (the ``visibility`` given to
+``consume`` is not enforced by the broker). Prefetched deliveries that wait in the
+subscription's buffer are unacked too, so ``prefetch`` x handler time must stay below it as
+well. When it fires, RabbitMQ closes the channel and requeues *every* unacked delivery on it;
+this adapter reopens the channel and resumes, and the old deliveries raise ``DeliveryExpired``.
+
+**Connection loss.** The connection is ``connect_robust``; subscriptions resume after a
+reconnect on a new channel. Deliveries from the dead channel raise ``DeliveryExpired`` when
+settled (their delivery tags are void) and the broker redelivers them, so nothing is acked
+twice or lost. Publishes that were waiting for a confirm raise ``PublishFailed`` (the message
+may or may not be stored). AMQP acks are not confirmed: an ack that races a channel close is
+dropped by the broker and the message comes back (a duplicate, never a loss). Messages a
+closed subscription hands back are marked redelivered, so their next attempt counts one more.
+
+**Quorum queues on RabbitMQ 4.x** have a default ``delivery-limit`` of 20 redeliveries (not
+retries: those are republished); a message over it is dead-lettered to ``<topic>.dlq`` by the
+broker, without oncely's reason header (``DeadLetter.reason`` falls back to the broker's
+``x-first-death-reason``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+import weakref
+from typing import TYPE_CHECKING
+
+import aio_pika
+from pamqp.commands import Basic
+
+from oncely.brokers._amqp_consume import AmqpSubscription
+from oncely.brokers._amqp_topology import (
+    MAX_DELAY,
+    AmqpOptions,
+    QueueType,
+    bucket_for,
+    bucket_name,
+    check_topic,
+    declare,
+    dlq_name,
+    map_errors,
+    own_headers,
+    parse,
+    parse_url,
+    properties,
+    text,
+)
+from oncely.brokers.base import (
+    Broker,
+    Capabilities,
+    DeadLetter,
+    DeadLetterAdmin,
+    Headers,
+    check_headers,
+)
+from oncely.runtime.errors import ConnectionLost, PublishFailed
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Self
+
+    from aio_pika.abc import (
+        AbstractIncomingMessage,
+        AbstractRobustChannel,
+        AbstractRobustConnection,
+    )
+    from pamqp.common import FieldTable
+
+__all__ = ["AmqpBroker", "AmqpOptions"]
+
+_FRESH = (Headers.ATTEMPT, Headers.REASON, Headers.FAILED_AT)
+
+
+class AmqpBroker(Broker, DeadLetterAdmin):
+    """RabbitMQ through aio-pika. See the module docstring for the topology and guarantees.
+
+    Publishes from many tasks share one confirm-mode channel and pipeline: each awaits only
+    its own confirm. Each subscription has its own channel with ``basic.qos(prefetch)``.
+    """
+
+    capabilities = Capabilities(
+        native_delay=False,
+        max_delay=MAX_DELAY,
+        native_dlq=True,
+        extend=False,
+        ordering="queue",
+        ack_model="message",
+        transactions=False,
+        durable=True,
+    )
+
+    def __init__(
+        self,
+        url: str = "amqp://guest:guest@127.0.0.1:5672/",
+        *,
+        queue_type: QueueType | None = None,
+        publish_timeout: float | None = None,
+        batch_acks: bool | None = None,
+    ) -> None:
+        self._driver_url, options, self.url = parse_url(url)
+        self.options = AmqpOptions(
+            queue_type=queue_type or options.queue_type,
+            publish_timeout=publish_timeout or options.publish_timeout,
+            batch_acks=options.batch_acks if batch_acks is None else batch_acks,
+        )
+        self._conn: AbstractRobustConnection | None = None
+        self._pub: AbstractRobustChannel | None = None
+        self._connect_lock: asyncio.Lock | None = None
+        self._declared: set[str] = set()
+        self._topology_lock: asyncio.Lock | None = None
+        self._subscriptions: weakref.WeakSet[AmqpSubscription] = weakref.WeakSet()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        return cls(url)
+
+    def __repr__(self) -> str:
+        return f"AmqpBroker({self.url!r}, queue_type={self.options.queue_type!r})"
+
+    # ------------------------------------------------------------------------- connection
+
+    async def connect(self) -> None:
+        """Open the robust connection and the publish channel. Idempotent.
+
+        Raises:
+            ConnectionLost: the broker could not be reached.
+            ConfigError: the credentials or vhost were refused.
+        """
+        await self._connected()
+
+    async def _connected(self) -> AbstractRobustConnection:
+        if self._closed:
+            raise ConnectionLost("the AMQP broker was closed")
+        if self._conn is not None and self._pub is not None:
+            return self._conn
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._conn is None:
+                with map_errors("connect"):
+                    self._conn = await aio_pika.connect_robust(self._driver_url)
+            if self._pub is None:
+                with map_errors("connect"):
+                    pub = self._conn.channel(publisher_confirms=True, on_return_raises=True)
+                    await pub.initialize()
+                self._pub = pub
+        return self._conn
+
+    async def aclose(self) -> None:
+        """Close the connection. Idempotent. Unacked deliveries are requeued by the broker."""
+        self._closed = True
+        for sub in list(self._subscriptions):
+            sub.shutdown()
+        conn, self._conn, self._pub = self._conn, None, None
+        if conn is not None:
+            # Closing a connection whose transport is already gone may raise; it is closed.
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _ensure_topology(self, topic: str) -> None:
+        if topic in self._declared:
+            return
+        check_topic(topic)
+        if self._topology_lock is None:
+            self._topology_lock = asyncio.Lock()
+        # One declaration at a time: concurrent first publishes to a topic wait for the first.
+        async with self._topology_lock:
+            if topic in self._declared:
+                return
+            connection = await self._connected()
+            with map_errors("declare"):
+                # A short-lived channel: a failed declare closes the channel it ran on.
+                async with connection.channel(publisher_confirms=False) as channel:
+                    raw = await channel.get_underlay_channel()
+                    await declare(raw, topic, self.options.queue_type)
+            self._declared.add(topic)
+
+    # ---------------------------------------------------------------------------- publish
+
+    async def publish(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        message_id: str | None = None,
+        delay: float = 0.0,
+    ) -> str:
+        """Publish persistently with a publisher confirm and return the message id.
+
+        Safe to call concurrently; concurrent calls pipeline on one channel. The message goes
+        to ``topic``, or with ``delay`` to the smallest delay bucket >= ``delay``.
+
+        Raises:
+            PublishFailed: nacked, returned (no such queue) or not confirmed in time.
+            ConnectionLost: no connection within ``publish_timeout``.
+            NotSupported: ``delay`` exceeds ``Capabilities.max_delay`` (1 hour).
+        """
+        table: FieldTable = dict(check_headers(headers))
+        bucket = bucket_for(delay)
+        await self._ensure_topology(topic)
+        mid = message_id or uuid.uuid4().hex
+        now = time.time()
+        table[Headers.MESSAGE_ID] = mid
+        table[Headers.PUBLISHED_AT] = repr(now)
+        target = topic if bucket is None else bucket_name(topic, bucket[1])
+        await self._send(target, body, properties(mid, table, now))
+        return mid
+
+    async def _send(self, queue: str, body: bytes, props: Basic.Properties) -> None:
+        """Publish to ``queue`` via the default exchange, mandatory, and await the confirm."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.publish_timeout
+        await self._connected()
+        pub = self._pub
+        if pub is None:
+            raise ConnectionLost("the AMQP broker was closed")
+        with map_errors("connect"):
+            async with asyncio.timeout_at(deadline):
+                await pub.ready()  # connection and channel restored after any reconnect
+                channel = await pub.get_underlay_channel()
+        with map_errors("publish"):
+            result = await channel.basic_publish(
+                body,
+                exchange="",
+                routing_key=queue,
+                properties=props,
+                mandatory=True,
+                timeout=max(deadline - loop.time(), 0.001),
+            )
+        if not isinstance(result, Basic.Ack):
+            raise PublishFailed(f"AMQP publish to {queue!r} was not acked: {result!r}")
+
+    # ---------------------------------------------------------------------------- consume
+
+    def consume(self, topic: str, *, prefetch: int, visibility: float) -> AmqpSubscription:
+        """Subscribe on a channel of its own with ``basic.qos(prefetch)``.
+
+        ``visibility`` is not enforced by RabbitMQ: the broker-wide ``consumer_timeout`` must
+        exceed it (see the module docstring). The channel opens on the first ``__anext__``.
+        """
+        check_topic(topic)
+        sub = AmqpSubscription(self, topic, prefetch, visibility)
+        self._subscriptions.add(sub)
+        return sub
+
+    # ------------------------------------------------------------------------- dead letters
+
+    async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
+        """Read up to ``limit`` dead letters, oldest first, without removing them.
+
+        They are fetched with ``basic.get`` (no ack) on a short-lived channel and handed back
+        with ``basic.nack(requeue=True)``, which RabbitMQ puts back in their original positions.
+        While they are read, another reader of the DLQ does not see them.
+        """
+        await self._ensure_topology(topic)
+        connection = await self._connected()
+        out: list[DeadLetter] = []
+        with map_errors("admin"):
+            async with connection.channel(publisher_confirms=False) as channel:
+                queue = await channel.get_queue(dlq_name(topic), ensure=False)
+                last = 0
+                while len(out) < limit:
+                    message = await queue.get(no_ack=False, fail=False, timeout=10)
+                    if message is None:
+                        break
+                    out.append(_dead_letter(topic, message))
+                    last = message.delivery_tag or last
+                if last:
+                    raw = await channel.get_underlay_channel()
+                    await raw.basic_nack(last, multiple=True, requeue=True)
+        return out
+
+    async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
+        """Move dead letters (all, or those in ``ids``) back to ``topic`` with a fresh attempt.
+
+        Each is republished with a confirm and then acked from the DLQ, so a crash between the
+        two leaves it in both places (a duplicate), never in neither. Letters not selected are
+        handed back in place.
+        """
+        await self._ensure_topology(topic)
+        connection = await self._connected()
+        wanted = None if ids is None else set(ids)
+        moved = 0
+        with map_errors("admin"):
+            async with connection.channel(publisher_confirms=False) as channel:
+                queue = await channel.get_queue(dlq_name(topic), ensure=False)
+                while wanted is None or wanted:
+                    message = await queue.get(no_ack=False, fail=False, timeout=10)
+                    if message is None:
+                        break
+                    p = parse(message)
+                    if wanted is not None and p.id not in wanted:
+                        continue  # stays unacked; requeued in place when the channel closes
+                    table = own_headers(message.headers)
+                    for name in _FRESH:
+                        table.pop(name, None)
+                    table[Headers.MESSAGE_ID] = p.id
+                    table.setdefault(Headers.PUBLISHED_AT, repr(p.enqueued_at))
+                    await self._send(
+                        topic, message.body, properties(p.id, table, p.enqueued_at, message)
+                    )
+                    await message.ack()
+                    moved += 1
+                    if wanted is not None:
+                        wanted.discard(p.id)
+        return moved
+
+
+def _dead_letter(topic: str, message: AbstractIncomingMessage) -> DeadLetter:
+    p = parse(message)
+    raw = message.headers or {}
+    reason = p.headers.get(Headers.REASON) or text(raw.get("x-first-death-reason", ""))
+    try:
+        failed_at = float(p.headers[Headers.FAILED_AT])
+    except (KeyError, ValueError):
+        failed_at = p.enqueued_at
+    try:
+        attempt = int(p.headers.get(Headers.ATTEMPT, "0"))
+    except ValueError:
+        attempt = 0
+    return DeadLetter(
+        id=p.id,
+        topic=topic,
+        body=message.body,
+        headers=p.headers,
+        reason=reason,
+        attempt=attempt,
+        failed_at=failed_at,
+    )

@@ -1,0 +1,322 @@
+#!/usr/bin/env bash
+# Install and run the local services oncely's tests need, on loopback only.
+#
+#   scripts/services.sh up       install what is missing, start what is stopped, wait until ready
+#   scripts/services.sh status   one line per service; exit 1 if any is not running
+#   scripts/services.sh down     stop them
+#
+# Services (Debian 12 packages, no service manager needed, run as root):
+#   RabbitMQ    amqp://guest:guest@127.0.0.1:5672/          (rabbitmq-server, 3.10.x)
+#   PostgreSQL  postgresql://oncely:oncely@127.0.0.1:5432/oncely  (own cluster in $STATE_DIR)
+#   Redis       redis://127.0.0.1:6379/0                    (redis-server)
+#
+# `up` is idempotent: a service that already answers is left alone, so a second `up` only
+# probes. Every wait is bounded (ONCELY_SERVICES_TIMEOUT, default 90 s) and a service that does
+# not come up is a failure (non-zero exit), never a skip. RabbitMQ's config files under
+# /etc/rabbitmq are rewritten by `up`; a change takes effect after `down` and `up`.
+set -euo pipefail
+
+STATE_DIR=${ONCELY_SERVICES_DIR:-/var/lib/oncely}
+TIMEOUT=${ONCELY_SERVICES_TIMEOUT:-90}
+HOST=127.0.0.1
+AMQP_PORT=5672
+PG_PORT=5432
+REDIS_PORT=6379
+PG_USER=oncely PG_PASSWORD=oncely PG_DB=oncely
+PG_DATA=$STATE_DIR/postgres
+PG_SOCKET_DIR=/var/run/postgresql
+PG_LOG=$PG_DATA/server.log
+REDIS_DIR=$STATE_DIR/redis
+RABBIT_ETC=/etc/rabbitmq
+RABBIT_LOG_DIR=/var/log/rabbitmq
+MARKER="# Managed by oncely scripts/services.sh; rewritten by 'up'."
+
+log() { printf '%s\n' "services: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+need_root() {
+    [[ $(id -u) -eq 0 ]] || die "'$1' must run as root (it installs packages and runs services as their own users)"
+}
+
+# True if something accepts TCP connections on 127.0.0.1:$1 (bash's /dev/tcp, no extra tools).
+port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$HOST/$1" 2>/dev/null; }
+
+# wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.5 s until it succeeds.
+wait_until() {
+    local limit=$1 what=$2 deadline
+    shift 2
+    deadline=$((SECONDS + limit))
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS >= deadline)); then
+            log "$what did not succeed within ${limit}s"
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+pg_bindir() { # the newest installed PostgreSQL's bin directory, or nothing
+    local d
+    d=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+    [[ -x $d/pg_ctl ]] && printf '%s\n' "$d"
+}
+
+# ---------------------------------------------------------------------------------- install
+install_missing() {
+    local pkgs=()
+    command -v rabbitmq-server >/dev/null || pkgs+=(rabbitmq-server)
+    command -v redis-server >/dev/null && command -v redis-cli >/dev/null ||
+        pkgs+=(redis-server redis-tools)
+    [[ -n $(pg_bindir) ]] || pkgs+=(postgresql)
+    command -v runuser >/dev/null || pkgs+=(util-linux)
+    ((${#pkgs[@]})) || return 0
+
+    log "installing: ${pkgs[*]}"
+    # Keep package postinst scripts from starting services (on all interfaces) on their own;
+    # this script starts them, on loopback. Only add a policy file if there is none.
+    local policy=/usr/sbin/policy-rc.d added_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        added_policy=1
+    fi
+    local rc=0
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } >&2 || rc=$?
+    ((added_policy)) && rm -f "$policy"
+    ((rc == 0)) || die "apt-get install ${pkgs[*]} failed (exit $rc)"
+}
+
+# --------------------------------------------------------------------------------- RabbitMQ
+# 3.10 has no per-queue x-consumer-timeout (that came in 3.12), so the delivery
+# acknowledgement timeout is the global consumer_timeout. AMQP cannot extend a delivery, so it
+# must exceed the longest handler timeout; when it fires the broker closes the channel and
+# requeues every unacked delivery on it.
+RABBIT_CONSUMER_TIMEOUT_MS=3600000 # 1 hour
+
+write_if_changed() { # PATH CONTENT: returns 0 if the file changed
+    local path=$1 content=$2
+    if [[ -f $path ]] && [[ $(<"$path") == "$content" ]]; then
+        return 1
+    fi
+    if [[ -f $path ]] && ! grep -qF "$MARKER" "$path" && [[ ! -e $path.orig ]]; then
+        cp -p "$path" "$path.orig"
+    fi
+    printf '%s\n' "$content" >"$path"
+    return 0
+}
+
+rabbit_configure() {
+    install -d -m 755 "$RABBIT_ETC"
+    local changed=0 env_conf conf
+    # Sourced by the rabbitmq scripts (server and CLI). Binds AMQP, epmd and Erlang
+    # distribution (server and CLI tools) to loopback.
+    env_conf="$MARKER
+NODE_IP_ADDRESS=$HOST
+NODE_PORT=$AMQP_PORT
+ERL_EPMD_ADDRESS=$HOST
+SERVER_ADDITIONAL_ERL_ARGS=\"-kernel inet_dist_use_interface {127,0,0,1}\"
+CTL_ERL_ARGS=\"-kernel inet_dist_use_interface {127,0,0,1}\""
+    conf="$MARKER
+# Delivery acknowledgement timeout, global because 3.10 has no per-queue x-consumer-timeout
+# (3.12+). It must exceed the longest handler timeout: 1 hour = 3600000 ms. Checked about once
+# a minute; when it fires the channel is closed and its unacked deliveries are requeued.
+consumer_timeout = $RABBIT_CONSUMER_TIMEOUT_MS
+loopback_users.guest = true
+log.console = false
+log.file.level = info"
+    write_if_changed "$RABBIT_ETC/rabbitmq-env.conf" "$env_conf" && changed=1
+    write_if_changed "$RABBIT_ETC/rabbitmq.conf" "$conf" && changed=1
+    # No plugins: the management UI would listen on 0.0.0.0:15672.
+    write_if_changed "$RABBIT_ETC/enabled_plugins" "[]." && changed=1
+    return $((1 - changed))
+}
+
+rabbit_ping() { timeout 20 rabbitmq-diagnostics -q ping; }
+# Only root (or rabbitmq) may run the CLI; anyone else gets the port check alone.
+rabbit_running() { port_open "$AMQP_PORT" && { [[ $(id -u) -ne 0 ]] || rabbit_ping >/dev/null 2>&1; }; }
+
+rabbit_up() {
+    local config_changed=0
+    rabbit_configure && config_changed=1
+    if port_open "$AMQP_PORT"; then
+        ((config_changed)) &&
+            log "rabbitmq: config in $RABBIT_ETC changed; run 'down' then 'up' to apply it"
+        wait_until "$TIMEOUT" "rabbitmq-diagnostics ping" rabbit_ping ||
+            die "rabbitmq: port $AMQP_PORT is open but the node does not answer ping"
+        return 0
+    fi
+    log "rabbitmq: starting"
+    install -d -o rabbitmq -g rabbitmq "$RABBIT_LOG_DIR" /var/lib/rabbitmq
+    # epmd first, on loopback: otherwise the first Erlang node or CLI tool starts it on all
+    # interfaces.
+    ERL_EPMD_ADDRESS=$HOST runuser -u rabbitmq -- epmd -address "$HOST" -daemon
+    rabbitmq-server -detached
+    if ! wait_until "$TIMEOUT" "rabbitmq-diagnostics ping" rabbit_ping ||
+        ! timeout "$TIMEOUT" rabbitmqctl -q await_startup --timeout "$TIMEOUT" >/dev/null ||
+        ! wait_until "$TIMEOUT" "AMQP port $AMQP_PORT" port_open "$AMQP_PORT"; then
+        tail -n 30 "$RABBIT_LOG_DIR"/rabbit@*.log 2>/dev/null >&2 || true
+        die "rabbitmq did not come up within ${TIMEOUT}s (logs: $RABBIT_LOG_DIR)"
+    fi
+}
+
+rabbit_down() {
+    if ! port_open "$AMQP_PORT" && ! rabbit_ping >/dev/null 2>&1; then
+        log "rabbitmq: not running"
+    else
+        log "rabbitmq: stopping"
+        timeout "$TIMEOUT" rabbitmqctl -q shutdown >&2 || die "rabbitmq: shutdown failed"
+    fi
+    # epmd refuses to die while a node is registered, which is what we want.
+    if pgrep -x epmd >/dev/null; then epmd -kill >/dev/null 2>&1 || true; fi
+}
+
+rabbit_status() {
+    if rabbit_running; then
+        local info version timeout_ms
+        # The live values, not this script's: a node started elsewhere may differ.
+        info=$(timeout 20 rabbitmqctl -q eval 'io:format("~s ~p~n", [rabbit_misc:version(),
+            application:get_env(rabbit, consumer_timeout, undefined)]).' 2>/dev/null | head -n 1)
+        read -r version timeout_ms <<<"${info:-? ?}"
+        echo "rabbitmq    running   amqp://guest:guest@$HOST:$AMQP_PORT/  (RabbitMQ $version, consumer_timeout=${timeout_ms}ms)"
+    else
+        echo "rabbitmq    stopped"
+        return 1
+    fi
+}
+
+# ------------------------------------------------------------------------------- PostgreSQL
+pg() { runuser -u postgres -- "$@"; }
+pg_ready() { "$(pg_bindir)/pg_isready" -q -h "$HOST" -p "$PG_PORT"; }
+pg_ours() { [[ -f $PG_DATA/PG_VERSION ]] && pg "$(pg_bindir)/pg_ctl" status -D "$PG_DATA" >/dev/null 2>&1; }
+
+pg_ensure_db() {
+    local psql
+    psql=("$(pg_bindir)/psql" -X -q -v ON_ERROR_STOP=1 -h "$PG_SOCKET_DIR" -p "$PG_PORT" -U postgres -d postgres)
+    pg "${psql[@]}" -tAc "SELECT 1 FROM pg_roles WHERE rolname = '$PG_USER'" | grep -q 1 ||
+        pg "${psql[@]}" -c "CREATE ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD'"
+    pg "${psql[@]}" -tAc "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" | grep -q 1 ||
+        pg "${psql[@]}" -c "CREATE DATABASE $PG_DB OWNER $PG_USER"
+}
+
+pg_up() {
+    local bin
+    bin=$(pg_bindir)
+    install -d -o postgres -g postgres -m 2775 "$PG_SOCKET_DIR"
+    if ! pg_ready; then
+        install -d -o postgres -g postgres -m 700 "$PG_DATA"
+        if [[ ! -f $PG_DATA/PG_VERSION ]]; then
+            log "postgres: initdb $PG_DATA"
+            pg "$bin/initdb" -D "$PG_DATA" -U postgres -E UTF8 --locale=C.UTF-8 \
+                --auth-local=peer --auth-host=scram-sha-256 >/dev/null
+            # A throwaway test cluster: durability against an OS crash is not needed.
+            cat >>"$PG_DATA/postgresql.conf" <<EOF
+
+$MARKER
+listen_addresses = '$HOST'
+port = $PG_PORT
+unix_socket_directories = '$PG_SOCKET_DIR'
+fsync = off
+full_page_writes = off
+max_connections = 200
+EOF
+        fi
+        log "postgres: starting"
+        pg "$bin/pg_ctl" start -D "$PG_DATA" -l "$PG_LOG" -w -t "$TIMEOUT" >/dev/null ||
+            { tail -n 20 "$PG_LOG" >&2 || true; die "postgres did not start (log: $PG_LOG)"; }
+        wait_until "$TIMEOUT" "pg_isready" pg_ready || die "postgres is not accepting connections on $HOST:$PG_PORT"
+    fi
+    pg_ensure_db || die "postgres: could not create role/database $PG_USER/$PG_DB (is the server on $PG_PORT ours?)"
+}
+
+pg_down() {
+    if pg_ours; then
+        log "postgres: stopping"
+        pg "$(pg_bindir)/pg_ctl" stop -D "$PG_DATA" -m fast -w -t "$TIMEOUT" >/dev/null || die "postgres: stop failed"
+    elif pg_ready; then
+        log "postgres: a server on $HOST:$PG_PORT was not started by this script; left alone"
+    else
+        log "postgres: not running"
+    fi
+}
+
+pg_status() {
+    if [[ -n $(pg_bindir) ]] && pg_ready; then
+        echo "postgres    running   postgresql://$PG_USER:$PG_PASSWORD@$HOST:$PG_PORT/$PG_DB  (data: $PG_DATA)"
+    else
+        echo "postgres    stopped"
+        return 1
+    fi
+}
+
+# ------------------------------------------------------------------------------------ Redis
+redis_ping() { [[ $(timeout 5 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; }
+
+redis_up() {
+    redis_ping && return 0
+    log "redis: starting"
+    install -d -o redis -g redis -m 750 "$REDIS_DIR"
+    # No persistence: a test cache. Bound to loopback with protected mode on.
+    runuser -u redis -- redis-server --daemonize yes --bind "$HOST" --port "$REDIS_PORT" \
+        --protected-mode yes --dir "$REDIS_DIR" --pidfile "$REDIS_DIR/redis.pid" \
+        --logfile "$REDIS_DIR/redis.log" --save "" --appendonly no
+    wait_until "$TIMEOUT" "redis-cli ping" redis_ping ||
+        { tail -n 20 "$REDIS_DIR/redis.log" >&2 || true; die "redis did not come up within ${TIMEOUT}s"; }
+}
+
+redis_down() {
+    if redis_ping; then
+        log "redis: stopping"
+        timeout "$TIMEOUT" redis-cli -h "$HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+        ! redis_ping || die "redis: still running after shutdown"
+    else
+        log "redis: not running"
+    fi
+}
+
+redis_status() {
+    if command -v redis-cli >/dev/null && redis_ping; then
+        echo "redis       running   redis://$HOST:$REDIS_PORT/0"
+    else
+        echo "redis       stopped"
+        return 1
+    fi
+}
+
+# ------------------------------------------------------------------------------------- main
+status() {
+    local rc=0
+    if command -v rabbitmq-server >/dev/null; then rabbit_status || rc=1; else
+        echo "rabbitmq    not installed"; rc=1; fi
+    if [[ -n $(pg_bindir) ]]; then pg_status || rc=1; else
+        echo "postgres    not installed"; rc=1; fi
+    if command -v redis-server >/dev/null; then redis_status || rc=1; else
+        echo "redis       not installed"; rc=1; fi
+    return $rc
+}
+
+case ${1:-} in
+up)
+    need_root up
+    install -d -m 755 "$STATE_DIR"
+    install_missing
+    rabbit_up
+    pg_up
+    redis_up
+    status
+    ;;
+down)
+    need_root down
+    rabbit_down
+    [[ -n $(pg_bindir) ]] && pg_down
+    command -v redis-cli >/dev/null && redis_down
+    status || true
+    ;;
+status)
+    status
+    ;;
+*)
+    echo "usage: $0 up|down|status" >&2
+    exit 2
+    ;;
+esac
