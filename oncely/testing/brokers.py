@@ -39,7 +39,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import anyio.lowlevel
@@ -47,6 +47,7 @@ import pytest
 
 from oncely.brokers.base import Capabilities, DeadLetter, DeadLetterAdmin, Headers
 from oncely.runtime.errors import AlreadySettled, ConnectionLost, DeliveryExpired, NotSupported
+from oncely.testing._select import drop_inapplicable, requires
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Broker, Delivery, Subscription
@@ -117,6 +118,10 @@ class BrokerConformance:
     (a fixture) and ``features``; see the module docstring."""
 
     features: ClassVar[BrokerFeatures] = BrokerFeatures()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        drop_inapplicable(cls, cls.features)
 
     @pytest.fixture
     def broker_factory(self) -> BrokerFactory:
@@ -330,9 +335,8 @@ class BrokerConformance:
         assert acked == {i: 2 if i in failing else 1 for i in ids}
 
     @pytest.mark.anyio
+    @requires(delay=True)
     async def test_nack_delay_is_never_early(self, broker: Broker, topic: str) -> None:
-        if not self.features.delay:
-            pytest.skip("broker does not delay")
         delay = self.features.delay_seconds
         mid = await broker.publish(topic, b"later")
         async with broker.consume(topic, prefetch=1, visibility=self._visibility()) as sub:
@@ -346,11 +350,10 @@ class BrokerConformance:
             await again.ack()
 
     @pytest.mark.anyio
+    @requires(delay=True)
     async def test_publish_delay_is_never_early_and_does_not_block(
         self, broker: Broker, topic: str
     ) -> None:
-        if not self.features.delay:
-            pytest.skip("broker does not delay")
         delay = self.features.delay_seconds
         start = time.monotonic()
         late = await broker.publish(topic, b"late", delay=delay)
@@ -368,9 +371,8 @@ class BrokerConformance:
     # -- visibility --------------------------------------------------------------------------
 
     @pytest.mark.anyio
+    @requires(visibility_expiry=True)
     async def test_expired_visibility_redelivers(self, broker: Broker, topic: str) -> None:
-        if not self.features.visibility_expiry:
-            pytest.skip("broker does not redeliver on visibility expiry")
         visibility = self._visibility(short=True)
         mid = await broker.publish(topic, b"slow")
         async with broker.consume(topic, prefetch=2, visibility=visibility) as sub:
@@ -385,11 +387,10 @@ class BrokerConformance:
             await self._assert_quiet(sub)
 
     @pytest.mark.anyio
+    @requires(visibility_expiry=True, lease_check=True)
     async def test_settle_after_lost_lease_raises_delivery_expired(
         self, broker: Broker, topic: str
     ) -> None:
-        if not (self.features.visibility_expiry and self.features.lease_check):
-            pytest.skip("broker cannot tell a lost lease")
         visibility = self._visibility(short=True)
         await broker.publish(topic, b"taken over")
         async with broker.consume(topic, prefetch=2, visibility=visibility) as sub:
@@ -411,11 +412,10 @@ class BrokerConformance:
             await self._assert_quiet(sub)
 
     @pytest.mark.anyio
+    @requires(extend=True)
     async def test_extend_keeps_message_invisible(
         self, broker: Broker, open_broker: BrokerFactory, topic: str
     ) -> None:
-        if not self.features.extend:
-            pytest.skip("broker cannot extend")
         visibility = self._visibility(short=True)
         mid = await broker.publish(topic, b"long job")
         holder = broker.consume(topic, prefetch=1, visibility=visibility)
@@ -445,11 +445,10 @@ class BrokerConformance:
         assert [(x.id, x.attempt) for x in stolen] == []
 
     @pytest.mark.anyio
+    @requires(extend=False)
     async def test_extend_unsupported_raises_not_supported(
         self, broker: Broker, topic: str
     ) -> None:
-        if self.features.extend:
-            pytest.skip("broker extends")
         await broker.publish(topic, b"x")
         async with broker.consume(topic, prefetch=1, visibility=self._visibility()) as sub:
             d = await self._next(sub)
@@ -507,9 +506,8 @@ class BrokerConformance:
     # -- dead letters ------------------------------------------------------------------------
 
     @pytest.mark.anyio
+    @requires(dlq=True)
     async def test_reject_dead_letters_with_reason(self, broker: Broker, topic: str) -> None:
-        if not self.features.dlq:
-            pytest.skip("broker has no readable dead-letter queue")
         mid = await broker.publish(topic, b"poison", headers={"x-origin": "test"})
         async with broker.consume(topic, prefetch=1, visibility=self._visibility()) as sub:
             d = await self._next(sub)
@@ -531,9 +529,8 @@ class BrokerConformance:
         assert before - skew <= letter.failed_at <= time.time() + skew
 
     @pytest.mark.anyio
+    @requires(dlq_admin=True)
     async def test_replay_moves_dead_letters_back(self, broker: Broker, topic: str) -> None:
-        if not self.features.dlq_admin:
-            pytest.skip("broker does not implement DeadLetterAdmin")
         assert isinstance(broker, DeadLetterAdmin)
         ids = await self._publish_many(broker, topic, 3)
         async with broker.consume(topic, prefetch=1, visibility=self._visibility()) as sub:
@@ -632,11 +629,10 @@ class BrokerConformance:
                 await ended.wait()
 
     @pytest.mark.anyio
+    @requires(reopen=True)
     async def test_reopen_loses_nothing(
         self, broker: Broker, open_broker: BrokerFactory, topic: str
     ) -> None:
-        if not self.features.reopen:
-            pytest.skip("broker location does not outlive the broker")
         visibility = self._visibility(short=True)
         ids = await self._publish_many(broker, topic, 20)
         done: set[str] = set()

@@ -45,6 +45,7 @@ from oncely.stores.base import (
     StoreTransaction,
     TransactionalStore,
 )
+from oncely.testing._select import drop_inapplicable, requires
 
 if TYPE_CHECKING:
     from anyio.abc import Process
@@ -82,6 +83,10 @@ class StoreConformance:
     """The cases every ``IdempotencyStore`` must pass; subclass it per store."""
 
     features: ClassVar[StoreFeatures] = StoreFeatures()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        drop_inapplicable(cls, cls.features)
 
     @pytest.fixture
     def store_factory(self) -> StoreFactory:
@@ -122,8 +127,6 @@ class StoreConformance:
         await anyio.sleep(seconds + self.features.timing_slack)
 
     def transactional(self, store: IdempotencyStore) -> TransactionalStore:
-        if not self.features.transactional:
-            pytest.skip("store is not transactional")
         assert isinstance(store, TransactionalStore)
         return store
 
@@ -273,9 +276,8 @@ class StoreConformance:
         assert Counter(outcomes) == {Outcome.NEW: 1, Outcome.IN_PROGRESS: 49}
 
     @pytest.mark.anyio
+    @requires(multiprocess=True)
     async def test_exactly_one_new_among_processes(self, store: IdempotencyStore, key: str) -> None:
-        if not self.features.multiprocess:
-            pytest.skip("store is not shared between processes")
         keys = [f"{key}-{i}" for i in range(200)]
         with anyio.fail_after(100):
             reports = await _hammer_in_processes(store, keys, processes=4, lease=600.0)
@@ -306,6 +308,7 @@ class StoreConformance:
 
     @pytest.mark.anyio
     @pytest.mark.parametrize("result", [b"done", None], ids=repr)
+    @requires(transactional=True)
     async def test_transaction_commits_effect_and_completion_together(
         self, store: IdempotencyStore, other: IdempotencyStore, key: str, result: bytes | None
     ) -> None:
@@ -320,6 +323,7 @@ class StoreConformance:
         assert await other.begin(key, "fp", LONG) == Begin(Outcome.COMPLETED, result=result)
 
     @pytest.mark.anyio
+    @requires(transactional=True)
     async def test_transaction_error_rolls_back_both_and_keeps_the_lease(
         self, store: IdempotencyStore, other: IdempotencyStore, key: str
     ) -> None:
@@ -340,6 +344,7 @@ class StoreConformance:
         await self.own(other, key)
 
     @pytest.mark.anyio
+    @requires(transactional=True)
     async def test_transaction_with_a_lost_lease_rolls_back_and_raises(
         self, store: IdempotencyStore, other: IdempotencyStore, key: str
     ) -> None:
@@ -356,6 +361,7 @@ class StoreConformance:
         assert await tstore.begin(key, "fp", LONG) == Begin(Outcome.COMPLETED, result=b"fresh")
 
     @pytest.mark.anyio
+    @requires(transactional=True)
     async def test_takeover_racing_an_open_transaction_has_one_winner(
         self, store: IdempotencyStore, other: IdempotencyStore, key: str
     ) -> None:
@@ -389,6 +395,7 @@ class StoreConformance:
         assert await self.effect_visible(tstore, marker) is committed
 
     @pytest.mark.anyio
+    @requires(transactional=True)
     async def test_heartbeat_renews_during_an_open_transaction(
         self, store: IdempotencyStore, other: IdempotencyStore, key: str
     ) -> None:
