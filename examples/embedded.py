@@ -44,8 +44,12 @@ async def handle_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     writer.close()
 
 
-async def serve(port: int, ready: asyncio.Event | None = None) -> None:
-    async with oncely.Worker(app, broker="sqlite:///.demo/embedded.db"):
+async def serve(
+    port: int,
+    broker: str = "sqlite:///.demo/embedded.db",
+    ready: asyncio.Event | None = None,
+) -> None:
+    async with oncely.Worker(app, broker=broker):
         server = await asyncio.start_server(handle_http, "127.0.0.1", port)
         async with server:
             if ready is not None:

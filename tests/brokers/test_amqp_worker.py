@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,17 +11,10 @@ import pytest
 import oncely
 from examples import orders
 from oncely.brokers.base import DeadLetterAdmin
+from tests._wait import eventually
 from tests.brokers.test_amqp import AMQP_URL, delete_topology
 
 pytestmark = [pytest.mark.amqp, pytest.mark.anyio]
-
-
-async def eventually(cond: Callable[[], bool], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -14,6 +13,7 @@ import pytest
 import oncely
 from oncely.brokers.base import DeadLetterAdmin
 from oncely.stores.memory import MemoryStore
+from tests._wait import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -21,15 +21,6 @@ pytestmark = pytest.mark.anyio
 class Order(msgspec.Struct):
     id: str
     qty: int
-
-
-async def eventually(cond: Callable[[], bool], within: float = 10.0) -> None:
-    """Wait until ``cond()`` holds, failing the test after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def dead_letters(worker: oncely.Worker, topic: str) -> list[oncely.DeadLetter]:
