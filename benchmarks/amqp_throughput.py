@@ -29,9 +29,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import aio_pika
+import throughput  # the sibling script: one Worker timing for every broker
 import uvloop
 
-import oncely
 from oncely.brokers._amqp_topology import topology
 from oncely.brokers.amqp import AmqpBroker
 
@@ -85,28 +85,8 @@ async def raw(url: str, topic: str, n: int, concurrency: int) -> float:
 
 
 async def with_worker(url: str, topic: str, n: int, concurrency: int, idem: bool) -> float:
-    app = oncely.App("bench")
-    done = asyncio.Event()
-    count = 0
-
-    @app.handler(topic, concurrency=concurrency, idempotent=idem)
-    async def noop(_: dict[str, int]) -> None:
-        nonlocal count
-        count += 1
-        if count == n:
-            done.set()
-
     store = f"memory://bench-{uuid.uuid4().hex[:8]}" if idem else None
-    worker = oncely.Worker(app, broker=url, store=store)
-    started = time.perf_counter()
-    await worker.start()
-    await done.wait()
-    # The last acks are part of the work: stop() drains them (and closes the connection, which
-    # the raw loop pays for too), so oncely is timed pessimistically.
-    await worker.stop()
-    elapsed = time.perf_counter() - started
-    assert worker.stats.processed == n, worker.stats
-    return n / elapsed
+    return await throughput.with_worker(url, topic, n, concurrency, idem, store)
 
 
 async def measure(args: argparse.Namespace) -> dict[str, float]:

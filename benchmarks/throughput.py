@@ -49,7 +49,10 @@ async def raw(url: str, topic: str, n: int, concurrency: int) -> float:
         return n / (time.perf_counter() - started)
 
 
-async def with_worker(url: str, topic: str, n: int, concurrency: int, idem: bool) -> float:
+async def with_worker(
+    url: str, topic: str, n: int, concurrency: int, idem: bool, store: str | None = None
+) -> float:
+    """Time a Worker running a no-op handler over ``n`` queued messages of ``topic``."""
     app = oncely.App("bench")
     done = asyncio.Event()
     count = 0
@@ -61,7 +64,7 @@ async def with_worker(url: str, topic: str, n: int, concurrency: int, idem: bool
         if count == n:
             done.set()
 
-    worker = oncely.Worker(app, broker=url)
+    worker = oncely.Worker(app, broker=url, store=store)
     started = time.perf_counter()
     await worker.start()
     await done.wait()
