@@ -214,6 +214,22 @@ class AmqpDelivery(Delivery):
             )
 
 
+MIN_CONSUMER_TIMEOUT = 1800.0
+"""RabbitMQ's own default ``consumer_timeout``; the per-consumer value never goes below it."""
+
+
+def consumer_timeout_ms(visibility: float) -> int:
+    """The per-consumer acknowledgement timeout for a subscription.
+
+    RabbitMQ >= 3.11.15 honours ``x-consumer-timeout`` on ``basic.consume`` (older servers
+    ignore it and apply the global ``consumer_timeout``). Twice the visibility covers a handler
+    that runs to its timeout plus the time its message waited in the prefetch buffer; it is
+    never set below the broker's 30-minute default, because when it fires RabbitMQ closes the
+    whole channel and requeues every unacked delivery on it.
+    """
+    return int(max(2 * visibility, MIN_CONSUMER_TIMEOUT) * 1000)
+
+
 class AmqpSubscription(Subscription):
     """One channel, one consumer, ``basic.qos(prefetch)``; resumes after a reconnect."""
 
@@ -249,7 +265,11 @@ class AmqpSubscription(Subscription):
                     args = topology(self.topic, self.broker.options.queue_type)[0][1]
                     # Robust: re-declared and re-consumed (same tag) when the channel reopens.
                     queue = await channel.declare_queue(self.topic, durable=True, arguments=args)
-                    self._ctag = await queue.consume(self._on_message, no_ack=False)
+                    self._ctag = await queue.consume(
+                        self._on_message,
+                        no_ack=False,
+                        arguments={"x-consumer-timeout": consumer_timeout_ms(self.visibility)},
+                    )
             except BaseException:
                 with contextlib.suppress(Exception):
                     await channel.close()

@@ -38,8 +38,9 @@ AMQP client.
 **No extend; size the consumer timeout.** AMQP cannot extend a single delivery, so
 ``Capabilities.extend`` is false and ``Delivery.extend`` raises ``NotSupported``. The only
 limit on how long a delivery may stay unacked is RabbitMQ's ``consumer_timeout`` (global in
-``rabbitmq.conf`` -- ``scripts/services.sh`` sets 1 hour; per queue via ``x-consumer-timeout``
-or a policy only from 3.12). It must exceed the handler timeout (the ``visibility`` given to
+``rabbitmq.conf`` -- ``scripts/services.sh`` sets 1 hour; per consumer, from 3.11.15, through
+the ``x-consumer-timeout`` argument each subscription sends: see ``consumer_timeout_ms``).
+It must exceed the handler timeout (the ``visibility`` given to
 ``consume`` is not enforced by the broker). Prefetched deliveries that wait in the
 subscription's buffer are unacked too, so ``prefetch`` x handler time must stay below it as
 well. When it fires, RabbitMQ closes the channel and requeues *every* unacked delivery on it;

@@ -494,3 +494,23 @@ def test_topology_names() -> None:
     bucket_args = dict(topology("orders", "quorum"))[bucket_name("orders", "5s")]
     assert bucket_args["x-message-ttl"] == 5000
     assert bucket_args["x-dead-letter-routing-key"] == "orders"
+
+
+def test_consumer_timeout_follows_visibility_but_never_shortens_the_default() -> None:
+    from oncely.brokers._amqp_consume import consumer_timeout_ms
+
+    assert consumer_timeout_ms(30) == 1_800_000
+    assert consumer_timeout_ms(2 * 3600) == 4 * 3600 * 1000
+
+
+@pytest.mark.anyio
+async def test_consumer_carries_its_timeout(broker: AmqpBroker, topic: str) -> None:
+    """The consumer is registered with x-consumer-timeout (ignored by servers before 3.11.15,
+    which apply the global one that scripts/services.sh sets to 1 hour)."""
+    await broker.publish(topic, b"x")
+    async with broker.consume(topic, prefetch=1, visibility=3600) as sub:
+        (delivery,) = await take(sub, 1)
+        out = rabbitmqctl("list_consumers", "queue_name", "arguments")
+        line = next(ln for ln in out.splitlines() if ln.startswith(topic + "\t"))
+        assert "x-consumer-timeout" in line and "7200000" in line
+        await delivery.ack()
