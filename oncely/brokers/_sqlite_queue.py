@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
-from oncely.brokers._local import resolve
+from oncely._sqlite import GroupCommit
 from oncely.brokers.base import DeadLetter, Headers
-from oncely.runtime.errors import ConnectionLost
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS oncely_messages (
@@ -127,8 +125,7 @@ class AckBatcher:
 
     def __init__(self, fetch: Callable[[str, tuple[Any, ...]], Awaitable[list[Any]]]) -> None:
         self._fetch = fetch
-        self._queue: list[tuple[int, str, asyncio.Future[bool]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._commit: GroupCommit[tuple[int, str], bool] = GroupCommit(self._write, limit=ACK_BATCH)
 
     async def ack(self, rowid: int, token: str) -> bool:
         """Delete the row if it still carries ``token``; True if it did.
@@ -136,37 +133,16 @@ class AckBatcher:
         Raises:
             ConnectionLost: the batch could not be written; the outcome is unknown.
         """
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.append((rowid, token, fut))
-        if self._task is None:
-            self._task = asyncio.create_task(self._flush())
-        return await fut
+        return await self._commit.submit((rowid, token))
 
     async def drain(self) -> None:
         """Wait until every queued ack has been written (or failed)."""
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._commit.drain()
 
-    async def _flush(self) -> None:
-        try:
-            while self._queue:
-                batch = self._queue[:ACK_BATCH]
-                del self._queue[:ACK_BATCH]
-                params = tuple(b[0] for b in batch) + tuple(b[1] for b in batch)
-                try:
-                    rows = await self._fetch(ack_sql(len(batch)), params)
-                except ConnectionLost as exc:
-                    for _, _, fut in batch:
-                        if not fut.done():
-                            err = ConnectionLost(str(exc))
-                            err.__cause__ = exc.__cause__
-                            fut.set_exception(err)
-                    continue
-                deleted = {row[0] for row in rows}
-                for _, token, fut in batch:
-                    resolve(fut, token in deleted)
-        finally:
-            self._task = None
+    async def _write(self, batch: list[tuple[int, str]]) -> list[bool | Exception]:
+        params = tuple(rowid for rowid, _ in batch) + tuple(token for _, token in batch)
+        deleted = {row[0] for row in await self._fetch(ack_sql(len(batch)), params)}
+        return [token in deleted for _, token in batch]
 
 
 def to_json(value: Any) -> str:

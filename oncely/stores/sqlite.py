@@ -4,9 +4,11 @@
 ``pool`` (connections for transactions, default 1) and ``purge_interval`` (seconds between
 opportunistic purges of expired rows, default 60).
 
-Every read-modify-write runs under ``BEGIN IMMEDIATE``, which takes SQLite's single write lock
-up front, so a transition is atomic across processes; single-statement updates are atomic on
-their own. Expiry uses the wall clock (``time.time()``), since processes share the file.
+Every transition is a single statement, or runs under ``BEGIN IMMEDIATE`` in a transaction.
+Either way SQLite takes its single write lock before the transition reads anything, so a
+transition is atomic across processes. ``begin`` and ``complete`` calls that arrive together
+share one statement (``oncely.stores._sqlite_keys``). Expiry uses the wall clock
+(``time.time()``), since processes share the file.
 
 Transactional mode: when the handler's own tables live in the same file, ``transaction()``
 commits the handler's writes and the completion record in one SQLite transaction. SQLite
@@ -24,7 +26,6 @@ import contextvars
 import os
 import sqlite3
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import aiosqlite
 
 from oncely._sqlite import (
+    GroupCommit,
     begin_immediate,
     immediate,
     map_sqlite_errors,
@@ -41,8 +43,22 @@ from oncely._sqlite import (
     reject_unknown,
     rollback_quietly,
 )
-from oncely.runtime.errors import ConfigError, LeaseLost, StoreUnavailable
-from oncely.stores.base import Begin, Outcome, StoreTransaction, TransactionalStore
+from oncely.runtime.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
+from oncely.stores._sqlite_keys import (
+    BATCH,
+    COMPLETE,
+    OWNED,
+    PURGE,
+    PURGE_SOME,
+    RELEASE,
+    RENEW,
+    SCHEMA,
+    BeginCall,
+    CompleteCall,
+    write_begins,
+    write_completes,
+)
+from oncely.stores.base import Begin, StoreTransaction, TransactionalStore
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -58,46 +74,6 @@ Until then the old owner may still renew or complete; afterwards it gets ``Lease
 PURGE_BATCH = 500
 """Rows an opportunistic purge deletes at most, so one ``begin`` never pays for a backlog."""
 
-# ``expires_at`` is when a row may be deleted: a completed row's result ttl, or a running row's
-# lease plus STALE_LEASE_GRACE. One indexed column keeps the purge a range delete.
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS oncely_idempotency (
-        key TEXT PRIMARY KEY,
-        fingerprint TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('running', 'completed')),
-        token TEXT,
-        lease_until REAL,
-        result BLOB,
-        expires_at REAL NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS oncely_idempotency_expiry ON oncely_idempotency (expires_at)",
-)
-_SELECT = (
-    "SELECT fingerprint, state, lease_until, result, expires_at FROM oncely_idempotency "
-    "WHERE key = ?"
-)
-_CLAIM = (
-    "INSERT OR REPLACE INTO oncely_idempotency "
-    "(key, fingerprint, state, token, lease_until, result, expires_at) "
-    "VALUES (?, ?, 'running', ?, ?, NULL, ?)"
-)
-_RENEW = (
-    "UPDATE oncely_idempotency SET lease_until = ?, expires_at = ? "
-    "WHERE key = ? AND token = ? AND state = 'running'"
-)
-_COMPLETE = (
-    "UPDATE oncely_idempotency "
-    "SET state = 'completed', token = NULL, lease_until = NULL, result = ?, expires_at = ? "
-    "WHERE key = ? AND token = ? AND state = 'running'"
-)
-_OWNED = "SELECT 1 FROM oncely_idempotency WHERE key = ? AND token = ? AND state = 'running'"
-_RELEASE = "DELETE FROM oncely_idempotency WHERE key = ? AND token = ? AND state = 'running'"
-_PURGE = "DELETE FROM oncely_idempotency WHERE expires_at <= ?"
-_PURGE_SOME = (
-    "DELETE FROM oncely_idempotency WHERE rowid IN "
-    "(SELECT rowid FROM oncely_idempotency WHERE expires_at <= ? LIMIT ?)"
-)
-
 # (database file, task) for each transaction open in this context. A store call from the task
 # that opened one would wait for the write lock its own transaction holds. Tasks it starts
 # inherit the context but are not flagged: they only wait, which is fine unless the
@@ -112,11 +88,13 @@ class SqliteStore(TransactionalStore):
 
     One connection (guarded by an ``asyncio.Lock``, since aiosqlite runs every task's
     statements on that connection's one thread) serves ``begin``/``renew``/``complete``/
-    ``release``. Transactions get connections of their own from a pool of ``pool``, opened on
-    first use: an open transaction must never see another task's statements, and the plain
-    calls must not land inside it. A pooled connection is checked out by one transaction at a
-    time, which is the lock that guards it. Since ``BEGIN IMMEDIATE`` takes the file's single
-    write lock, ``pool > 1`` only helps handlers that spend part of their transaction reading.
+    ``release``. Concurrent ``begin`` calls share one statement, and so do concurrent
+    ``complete`` calls, each caller still with its own outcome. Transactions get connections of
+    their own from a pool of ``pool``, opened on first use: an open transaction must never
+    see another task's statements, and the plain calls must not land inside it. A pooled
+    connection is checked out by one transaction at a time, which is the lock that guards it.
+    Since ``BEGIN IMMEDIATE`` takes the file's single write lock, ``pool > 1`` only helps
+    handlers that spend part of their transaction reading.
 
     A lease that expired but was not taken over still belongs to its token: ``renew`` and
     ``complete`` succeed, until ``STALE_LEASE_GRACE`` later the row may be purged.
@@ -145,6 +123,8 @@ class SqliteStore(TransactionalStore):
         self.url = f"sqlite:///{self.path}" + (f"?{query}" if query else "")
         self._db: aiosqlite.Connection | None = None
         self._lock: asyncio.Lock | None = None
+        self._begins = GroupCommit(self._write_begins, limit=BATCH, abandoned=self._give_back)
+        self._completes = GroupCommit(self._write_completes, limit=BATCH)
         self._connecting: asyncio.Lock | None = None
         self._slots: asyncio.Semaphore | None = None
         self._idle: list[aiosqlite.Connection] = []
@@ -180,7 +160,7 @@ class SqliteStore(TransactionalStore):
             try:
                 with map_sqlite_errors(StoreUnavailable):
                     async with immediate(db, asyncio.Lock()):
-                        for statement in _SCHEMA:
+                        for statement in SCHEMA:
                             await db.execute(statement)
                 self._ident = str(self.path.resolve())
             except BaseException:
@@ -190,6 +170,9 @@ class SqliteStore(TransactionalStore):
             self._slots = asyncio.Semaphore(self.pool)
 
     async def aclose(self) -> None:
+        # Calls already queued still get their outcomes; the connection goes after them.
+        await self._begins.drain()
+        await self._completes.drain()
         conns = [*self._tx_conns, self._db]
         self._db, self._lock, self._slots = None, None, None
         self._tx_conns, self._idle = [], []
@@ -199,24 +182,8 @@ class SqliteStore(TransactionalStore):
                 await _close_quietly(db)
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
-        db, lock = self._plain()
-        with map_sqlite_errors(StoreUnavailable):
-            async with immediate(db, lock):
-                now = time.time()
-                if now >= self._next_purge:
-                    self._next_purge = now + self.purge_interval
-                    await db.execute(_PURGE_SOME, (now, PURGE_BATCH))
-                rows = list(await db.execute_fetchall(_SELECT, (key,)))
-                if rows:
-                    found = _classify(rows[0], fingerprint, now)
-                    if found is not None:
-                        return found
-                token = uuid.uuid4().hex
-                until = now + lease
-                await db.execute(
-                    _CLAIM, (key, fingerprint, token, until, until + STALE_LEASE_GRACE)
-                )
-        return Begin(Outcome.NEW, token=token)
+        self._plain()  # fail before queueing
+        return await self._begins.submit(BeginCall(key, fingerprint, lease))
 
     async def renew(self, key: str, token: str, lease: float) -> None:
         if self._in_tx[key, token]:
@@ -236,24 +203,20 @@ class SqliteStore(TransactionalStore):
             async with lock:
                 now = time.time()
                 changed = await _changes(
-                    db, _RENEW, (now + lease, now + lease + STALE_LEASE_GRACE, key, token)
+                    db, RENEW, (now + lease, now + lease + STALE_LEASE_GRACE, key, token)
                 )
         if not changed:
             raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
-        db, lock = self._plain()
-        with map_sqlite_errors(StoreUnavailable):
-            async with lock:
-                changed = await _changes(db, _COMPLETE, (result, time.time() + ttl, key, token))
-        if not changed:
-            raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
+        self._plain()
+        await self._completes.submit(CompleteCall(key, token, result, ttl))
 
     async def release(self, key: str, token: str) -> None:
         db, lock = self._plain()
         with map_sqlite_errors(StoreUnavailable):
             async with lock:
-                await db.execute(_RELEASE, (key, token))
+                await db.execute(RELEASE, (key, token))
 
     async def purge(self) -> int:
         """Delete expired results and long-dead leases now.
@@ -267,7 +230,7 @@ class SqliteStore(TransactionalStore):
         db, lock = self._plain()
         with map_sqlite_errors(StoreUnavailable):
             async with lock:
-                return await _changes(db, _PURGE, (time.time(),))
+                return await _changes(db, PURGE, (time.time(),))
 
     @contextlib.asynccontextmanager
     async def transaction(
@@ -306,7 +269,7 @@ class SqliteStore(TransactionalStore):
                 await begin_immediate(db)
             try:
                 with map_sqlite_errors(StoreUnavailable):
-                    owned = list(await db.execute_fetchall(_OWNED, (key, token)))
+                    owned = list(await db.execute_fetchall(OWNED, (key, token)))
                 if not owned:
                     raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
                 tx = StoreTransaction(db)
@@ -318,7 +281,7 @@ class SqliteStore(TransactionalStore):
                     _in_transaction.set(outer)
                 with map_sqlite_errors(StoreUnavailable):
                     args = (tx.result, time.time() + ttl, key, token)
-                    if not await _changes(db, _COMPLETE, args):
+                    if not await _changes(db, COMPLETE, args):
                         raise LeaseLost(f"lease on key {key!r} was lost during the transaction")
                     await asyncio.shield(db.execute("COMMIT"))
             except BaseException:
@@ -339,6 +302,36 @@ class SqliteStore(TransactionalStore):
             raise StoreUnavailable("sqlite store is not connected (call connect() first)")
         self._check_not_nested()
         return self._db, self._lock
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        """One statement under the connection lock. It is its own transaction, and fetching
+        all its rows in one call ends it, so a cancelled caller leaves none open."""
+        db, lock = self._db, self._lock
+        if db is None or lock is None:
+            raise StoreUnavailable("sqlite store is not connected (call connect() first)")
+        with map_sqlite_errors(StoreUnavailable):
+            async with lock:
+                return list(await db.execute_fetchall(sql, params))
+
+    async def _write_begins(self, calls: list[BeginCall]) -> list[Begin | Exception]:
+        now = time.time()
+        if now >= self._next_purge:
+            # A statement of its own: it need not be atomic with the claims, and its failure
+            # is not theirs (the next purge catches up).
+            self._next_purge = now + self.purge_interval
+            with contextlib.suppress(StoreUnavailable):
+                await self._fetch(PURGE_SOME, (now, PURGE_BATCH))
+        return await write_begins(self._fetch, calls, STALE_LEASE_GRACE)
+
+    async def _write_completes(self, calls: list[CompleteCall]) -> list[Exception | None]:
+        return await write_completes(self._fetch, calls)
+
+    async def _give_back(self, call: BeginCall, begun: Begin) -> None:
+        """Release a key a cancelled ``begin`` took: its caller will never use or release the
+        lease, which would otherwise block the key until it runs out."""
+        if begun.token is not None and self._db is not None:
+            with contextlib.suppress(StoreError):
+                await self.release(call.key, begun.token)
 
     def _check_not_nested(self) -> None:
         # Fail at once rather than wait out the busy timeout on our own write lock.
@@ -373,22 +366,6 @@ class SqliteStore(TransactionalStore):
         if self._slots is not None and db in self._tx_conns:  # else closed meanwhile
             self._idle.append(db)
             self._slots.release()
-
-
-def _classify(row: Any, fingerprint: str, now: float) -> Begin | None:
-    """The outcome for an existing row, or ``None`` if it expired and may be taken."""
-    found_fingerprint, state, lease_until, result, expires_at = row
-    if state == "completed":
-        if expires_at <= now:
-            return None
-        if found_fingerprint != fingerprint:
-            return Begin(Outcome.MISMATCH)
-        return Begin(Outcome.COMPLETED, result=None if result is None else bytes(result))
-    if lease_until <= now:
-        return None
-    if found_fingerprint != fingerprint:
-        return Begin(Outcome.MISMATCH)
-    return Begin(Outcome.IN_PROGRESS, retry_after=lease_until - now)
 
 
 async def _changes(db: aiosqlite.Connection, sql: str, args: tuple[Any, ...]) -> int:

@@ -8,10 +8,12 @@ import sys
 import textwrap
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
+from oncely.brokers._sqlite_queue import AckBatcher
 from oncely.brokers.base import Delivery, Subscription
 from oncely.brokers.registry import broker_from_url
 from oncely.brokers.sqlite import SqliteBroker
@@ -192,6 +194,32 @@ async def test_concurrent_acks_share_a_batch_and_a_stale_one_fails_alone(tmp_pat
         assert set(results.values()) == {None} and len(results) == 20
         assert rows(tmp_path / "q.db", "SELECT COUNT(*) FROM oncely_messages") == [(0,)]
         await sub.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_failed_ack_batch_fails_each_ack_with_its_own_error() -> None:
+    cause = sqlite3.OperationalError("disk I/O error")
+    statements = 0
+
+    async def fetch(sql: str, params: tuple[Any, ...]) -> list[Any]:
+        nonlocal statements
+        statements += 1
+        raise ConnectionLost(f"sqlite: {cause}") from cause
+
+    acks = AckBatcher(fetch)
+    errors: list[ConnectionLost] = []
+
+    async def ack(rowid: int) -> None:
+        with pytest.raises(ConnectionLost) as caught:
+            await acks.ack(rowid, f"token{rowid}")
+        errors.append(caught.value)
+
+    async with anyio.create_task_group() as tg:
+        for rowid in range(3):
+            tg.start_soon(ack, rowid)
+    assert statements == 1, "the three acks share one statement"
+    assert len({id(e) for e in errors}) == 3
+    assert all(e.__cause__ is cause and str(e) == "sqlite: disk I/O error" for e in errors)
 
 
 @pytest.mark.anyio

@@ -3,10 +3,12 @@ transactional mode shares SQLite's single write lock with the plain calls."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 import anyio
@@ -14,6 +16,15 @@ import pytest
 
 from oncely.runtime.errors import ConfigError, LeaseLost, StoreUnavailable
 from oncely.stores import sqlite as sqlite_module
+from oncely.stores._sqlite_keys import (
+    CLAIM_ROUNDS,
+    RETRY_SOON,
+    BeginCall,
+    CompleteCall,
+    Fetch,
+    write_begins,
+    write_completes,
+)
 from oncely.stores.base import Begin, Outcome
 from oncely.stores.registry import store_from_url
 from oncely.stores.sqlite import SqliteStore
@@ -39,6 +50,22 @@ async def store(db_path: Path, anyio_backend: object) -> AsyncIterator[SqliteSto
 async def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
     async with aiosqlite.connect(path) as db:
         return [tuple(row) for row in await db.execute_fetchall(sql)]
+
+
+T = TypeVar("T")
+
+
+async def gather(*calls: Awaitable[T]) -> list[T]:
+    """Run ``calls`` concurrently, as tasks of one task group; results in call order."""
+    results: list[T | None] = [None] * len(calls)
+
+    async def run(i: int, call: Awaitable[T]) -> None:
+        results[i] = await call
+
+    async with anyio.create_task_group() as tg:
+        for i, call in enumerate(calls):
+            tg.start_soon(run, i, call)
+    return cast("list[T]", results)
 
 
 async def held_token(store: SqliteStore, key: str) -> str:
@@ -373,3 +400,163 @@ async def test_handler_database_errors_propagate_unchanged(
             await tx.connection.execute("INSERT INTO effects VALUES ('dup')")
     assert await rows(db_path, "SELECT marker FROM effects") == []
     assert (await store.begin("k", "fp", LONG)).outcome is Outcome.IN_PROGRESS
+
+
+# -- batched begins and completes ----------------------------------------------------------
+
+
+@pytest.fixture
+def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The size of every batch the store writes, by kind."""
+    sizes: dict[str, list[int]] = {"begin": [], "complete": []}
+
+    async def begins(fetch: Fetch, calls: list[BeginCall], grace: float) -> list[Any]:
+        sizes["begin"].append(len(calls))
+        return await write_begins(fetch, calls, grace)
+
+    async def completes(fetch: Fetch, calls: list[CompleteCall]) -> list[Any]:
+        sizes["complete"].append(len(calls))
+        return await write_completes(fetch, calls)
+
+    monkeypatch.setattr(sqlite_module, "write_begins", begins)
+    monkeypatch.setattr(sqlite_module, "write_completes", completes)
+    return sizes
+
+
+@pytest.mark.anyio
+async def test_concurrent_begins_share_a_statement_and_each_gets_its_outcome(
+    store: SqliteStore, batch_sizes: dict[str, list[int]]
+) -> None:
+    await store.complete("done", await held_token(store, "done"), b"r", LONG)
+    await held_token(store, "held")
+    batch_sizes["begin"].clear()
+    calls = [
+        *[(f"free{i}", "fp") for i in range(10)],
+        ("dup", "fp"),
+        ("dup", "fp"),  # the same key twice in one batch: the first wins
+        ("done", "fp"),
+        ("done", "other-fp"),
+        ("held", "fp"),
+        ("held", "other-fp"),
+    ]
+    with anyio.fail_after(10):
+        results = await gather(*(store.begin(key, fp, LONG) for key, fp in calls))
+    assert batch_sizes["begin"] == [len(calls)]
+    outcomes = [r.outcome for r in results]
+    assert outcomes[:10] == [Outcome.NEW] * 10
+    assert len({r.token for r in results[:10]}) == 10
+    assert outcomes[10:12] == [Outcome.NEW, Outcome.IN_PROGRESS]
+    assert results[12:14] == [Begin(Outcome.COMPLETED, result=b"r"), Begin(Outcome.MISMATCH)]
+    assert outcomes[14:] == [Outcome.IN_PROGRESS, Outcome.MISMATCH]
+
+
+@pytest.mark.anyio
+async def test_concurrent_completes_share_a_statement_and_a_stale_token_fails_alone(
+    store: SqliteStore, batch_sizes: dict[str, list[int]]
+) -> None:
+    stale = (await store.begin("taken", "fp", 0.1)).token
+    assert stale
+    await anyio.sleep(0.25)
+    fresh = await held_token(store, "taken")  # taken over: ``stale`` lost it
+    tokens = {f"k{i}": await held_token(store, f"k{i}") for i in range(10)}
+    outcomes: dict[str, BaseException | None] = {}
+
+    async def complete(name: str, key: str, token: str) -> None:
+        try:
+            await store.complete(key, token, name.encode(), LONG)
+            outcomes[name] = None
+        except LeaseLost as exc:
+            outcomes[name] = exc
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(complete, "stale", "taken", stale)
+            for key, token in tokens.items():
+                tg.start_soon(complete, key, key, token)
+            tg.start_soon(complete, "again", "k0", tokens["k0"])  # completed a second time
+            tg.start_soon(complete, "fresh", "taken", fresh)
+    # One statement for the batch, then one for the keys it met twice (in arrival order).
+    assert batch_sizes["complete"] == [13]
+    assert isinstance(outcomes.pop("stale"), LeaseLost)
+    assert isinstance(outcomes.pop("again"), LeaseLost)
+    assert outcomes == dict.fromkeys([*tokens, "fresh"])
+    assert await store.begin("taken", "fp", LONG) == Begin(Outcome.COMPLETED, result=b"fresh")
+    for key in tokens:
+        assert await store.begin(key, "fp", LONG) == Begin(Outcome.COMPLETED, result=key.encode())
+
+
+@pytest.mark.anyio
+async def test_begin_cancelled_after_it_took_the_key_gives_it_back(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch granted the key, but the caller was cancelled before it could see that: no
+    one would ever use or release the lease, so the store releases it."""
+    caller: list[asyncio.Task[Any]] = []
+
+    async def write_then_cancel(fetch: Fetch, calls: list[BeginCall], grace: float) -> list[Any]:
+        outcomes = await write_begins(fetch, calls, grace)
+        # Runs before the caller wakes up to its outcome.
+        asyncio.get_running_loop().call_soon(caller[0].cancel)
+        return outcomes
+
+    monkeypatch.setattr(sqlite_module, "write_begins", write_then_cancel)
+
+    async def begin() -> Begin:
+        caller.append(cast("asyncio.Task[Any]", asyncio.current_task()))
+        return await store.begin("k", "fp", LONG)
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.ensure_future(begin())
+    monkeypatch.setattr(sqlite_module, "write_begins", write_begins)
+    with anyio.fail_after(5):
+        assert (await store.begin("k", "fp", LONG)).outcome is Outcome.NEW
+
+
+@pytest.mark.anyio
+async def test_a_failed_statement_fails_only_the_calls_it_concerns() -> None:
+    """A statement that fails committed nothing: its callers get StoreUnavailable, and callers
+    answered by an earlier statement of the same batch keep their outcome."""
+    statements: list[str] = []
+
+    async def fetch(sql: str, params: tuple[Any, ...]) -> list[Any]:
+        statements.append(sql.split()[0])
+        if len(statements) == 1:  # the first round completes "a" and (stale) "b"
+            return [("a",)]
+        raise StoreUnavailable("sqlite: disk I/O error")
+
+    calls = [
+        CompleteCall("a", "t1", None, LONG),
+        CompleteCall("b", "t2", None, LONG),
+        CompleteCall("a", "t3", None, LONG),  # met twice: waits for the second statement
+    ]
+    first, second, third = await write_completes(fetch, calls)
+    assert first is None
+    assert isinstance(second, LeaseLost)
+    assert isinstance(third, StoreUnavailable)
+    assert statements == ["WITH", "WITH"]
+
+
+@pytest.mark.anyio
+async def test_a_row_that_vanishes_between_claim_and_read_is_claimed_again() -> None:
+    """The claim met a row, which was gone (released, purged) by the time it was read: the key
+    is free now, and IN_PROGRESS could be wrong (the row may have been a completed one)."""
+    statements: list[str] = []
+
+    async def fetch(sql: str, params: tuple[Any, ...]) -> list[Any]:
+        statements.append(sql.split()[0])
+        if len(statements) == 3:  # the second claim
+            return [(params[2],)]  # grants the token it was given
+        return []  # first claim: blocked; the read: no row any more
+
+    [begun] = await write_begins(fetch, [BeginCall("k", "fp", LONG)], 0.0)
+    assert statements == ["INSERT", "SELECT", "INSERT"]
+    assert isinstance(begun, Begin) and begun.outcome is Outcome.NEW and begun.token
+    statements.clear()
+
+    async def never(sql: str, params: tuple[Any, ...]) -> list[Any]:
+        statements.append(sql.split()[0])
+        return []
+
+    [busy] = await write_begins(never, [BeginCall("k", "fp", LONG)], 0.0)
+    assert busy == Begin(Outcome.IN_PROGRESS, retry_after=RETRY_SOON)
+    assert statements == ["INSERT", "SELECT"] * CLAIM_ROUNDS
