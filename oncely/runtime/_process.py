@@ -85,13 +85,15 @@ class Runner:
     async def run(self, delivery: Delivery) -> None:
         """Run the handler on ``delivery`` and settle it. Never raises except on cancel."""
         self.stats.received += 1
-        if self.spec.guarantee == "at_most_once":
-            await self._at_most_once(delivery)
-            return
         try:
             payload = self.spec.decoder.decode(delivery.body)
         except DecodeError as exc:
+            # Decoding has no side effects, so even an at-most-once poison message can go to
+            # the dead-letter queue rather than vanish.
             await self._dead_letter(delivery, f"undecodable payload: {exc}")
+            return
+        if self.spec.guarantee == "at_most_once":
+            await self._at_most_once(delivery, payload)
             return
         lease: Lease | None = None
         key: str | None = None
@@ -106,13 +108,12 @@ class Runner:
                     return
         await self._execute(delivery, payload, key, lease)
 
-    async def _at_most_once(self, delivery: Delivery) -> None:
-        # Acked before anything runs: a crash or failure from here on loses the message, which
-        # is the contract the handler asked for.
+    async def _at_most_once(self, delivery: Delivery, payload: Any) -> None:
+        # Acked before the handler runs: a crash or failure from here on loses the message,
+        # which is the contract the handler asked for.
         if not await self._settle(delivery.ack(), delivery, "ack"):
             return
         try:
-            payload = self.spec.decoder.decode(delivery.body)
             await self._call(delivery, payload, None, None)
         except Exception as exc:
             self.stats.failed += 1

@@ -207,8 +207,11 @@ async def test_at_most_once_acks_first_and_never_retries(unique: str) -> None:
 
     async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
         await app.publish("metrics", {})
-        await eventually(lambda: worker.stats.failed == 1)
-    assert runs == 1 and worker.stats.retried == 0 and worker.stats.dead_lettered == 0
+        await app.publish("metrics", b"[not json")
+        await eventually(lambda: worker.stats.failed == 1 and worker.stats.dead_lettered == 1)
+        (letter,) = await dead_letters(worker, "metrics")
+    assert runs == 1 and worker.stats.retried == 0
+    assert letter.reason.startswith("undecodable payload")
 
 
 class FlakyStore(MemoryStore):
