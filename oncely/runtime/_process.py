@@ -26,7 +26,6 @@ from oncely.runtime.errors import (
     Reject,
     Retry,
     StoreError,
-    StoreUnavailable,
 )
 from oncely.runtime.heartbeat import Active, Heartbeat
 from oncely.runtime.stats import Stats
@@ -98,7 +97,12 @@ class Runner:
         lease: Lease | None = None
         key: str | None = None
         if self.spec.uses_store:
-            key = self.spec.key.extract(payload, delivery)
+            try:
+                key = self.spec.key.extract(payload, delivery)
+            except Exception as exc:
+                # A key function that fails on this payload will fail on every redelivery.
+                await self._dead_letter(delivery, f"key extraction failed: {exc!r}")
+                return
             if key is None and self.spec.on_missing_key == "reject":
                 await self._dead_letter(delivery, "message has no idempotency key")
                 return
@@ -129,7 +133,7 @@ class Runner:
             begin = await self.store.begin(
                 store_key, fingerprint(delivery.body), self.spec.visibility
             )
-        except StoreUnavailable as exc:
+        except StoreError as exc:
             if self.fail_open and not self.spec.transactional:
                 log.warning(
                     "%s: store unreachable, running %s WITHOUT dedupe (fail_open): %s",
@@ -219,7 +223,7 @@ class Runner:
                     value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
                 else:
                     value = await spec.fn(payload)
-                result = None if value is None else encode(value)
+                result = self._encode_result(value)
                 if tx is not None:
                     tx.result = result
             return result
@@ -233,6 +237,17 @@ class Runner:
         finally:
             timer.cancel()
             self.heartbeat.untrack(active)
+
+    def _encode_result(self, value: object) -> bytes | None:
+        if value is None:
+            return None
+        try:
+            return encode(value)
+        except TypeError as exc:
+            # The effect already happened: a return value that cannot be cached must not turn
+            # a success into a retry (which would run the effect again).
+            log.error("%s: result not cached, cannot encode it: %s", self.spec.name, exc)
+            return None
 
     async def _failed(self, delivery: Delivery, reason: str, delay: float) -> None:
         if self.spec.retry.exhausted(delivery.attempt):

@@ -195,6 +195,38 @@ async def test_missing_key_policy(unique: str) -> None:
     assert letter.reason == "message has no idempotency key"
 
 
+async def test_failing_key_function_dead_letters(unique: str) -> None:
+    app = oncely.App()
+
+    @app.handler("k", idempotent=True, key=lambda p, d: p["id"].upper())
+    async def handle(_: dict[str, Any]) -> None:
+        return None
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        await app.publish("k", {"id": "a"})
+        await app.publish("k", {"no_id": 1})
+        await eventually(lambda: worker.stats.processed == 1 and worker.stats.dead_lettered == 1)
+        (letter,) = await dead_letters(worker, "k")
+    assert letter.reason == "key extraction failed: KeyError('id')"
+
+
+async def test_unencodable_result_is_not_a_failure(unique: str) -> None:
+    app = oncely.App(idempotent=True)
+    runs = 0
+
+    @app.handler("r")
+    async def handle(_: dict[str, Any]) -> object:
+        nonlocal runs
+        runs += 1
+        return object()  # msgspec cannot encode this
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        await app.publish("r", {}, key="once")
+        await app.publish("r", {}, key="once")
+        await eventually(lambda: worker.stats.processed == 1 and worker.stats.duplicates == 1)
+    assert runs == 1 and worker.stats.retried == 0
+
+
 async def test_at_most_once_acks_first_and_never_retries(unique: str) -> None:
     app = oncely.App()
     runs = 0
