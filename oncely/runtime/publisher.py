@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from oncely.brokers.base import Broker, Headers, check_headers
+from oncely.brokers.base import Broker, Headers
 from oncely.brokers.registry import broker_from_url
 from oncely.runtime.codec import encode
 
@@ -58,7 +58,8 @@ class Publisher:
         if not self._connected:
             await self.broker.connect()
             self._connected = True
-        merged = check_headers(headers)
+        # The broker validates headers (str to str) on publish; this is only a copy to extend.
+        merged = dict(headers or {})
         if key is not None:
             merged[Headers.KEY] = key
         merged.setdefault(Headers.PUBLISHED_AT, repr(time.time()))

@@ -78,7 +78,6 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._runners: list[Runner] = []
         self._inflight: set[asyncio.Task[None]] = set()
-        self._subscriptions: list[Subscription] = []
         self._stopping: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._started = False
@@ -194,7 +193,6 @@ class Worker:
         pause = RESUBSCRIBE_DELAY[0]
         while not self._stopping.is_set():
             sub = self.broker.consume(spec.topic, prefetch=spec.concurrency, visibility=visibility)
-            self._subscriptions.append(sub)
             try:
                 while True:
                     await slots.acquire()
@@ -218,7 +216,6 @@ class Worker:
                     exc,
                 )
             finally:
-                self._subscriptions.remove(sub)
                 await asyncio.shield(self._close_sub(sub))
             try:
                 await asyncio.wait_for(self._stopping.wait(), pause)

@@ -326,3 +326,9 @@ async def test_same_module_runs_on_memory_and_sqlite(unique: str, tmp_path: Any)
             await orders.app.publish("orders", orders.Order(id="x", sku="s", qty=1))
             await eventually(lambda: w.stats.processed + w.stats.duplicates == 2)
         assert orders.placed == {"x": 1}, url
+
+
+async def test_publisher_refuses_non_str_headers(unique: str) -> None:
+    async with oncely.Publisher(f"memory://{unique}") as pub:
+        with pytest.raises(TypeError, match="headers must map str to str"):
+            await pub.publish("t", {}, headers={"n": 1})  # type: ignore[dict-item]
