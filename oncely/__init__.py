@@ -17,10 +17,7 @@ from oncely.brokers.base import (
     Subscription,
 )
 from oncely.brokers.registry import broker_from_url, register_broker
-from oncely.runtime.app import App, Guarantee, KeyFunction
-from oncely.runtime.config import Settings, load_settings
-from oncely.runtime.context import Context
-from oncely.runtime.errors import (
+from oncely.errors import (
     AlreadySettled,
     BrokerError,
     ConfigError,
@@ -40,6 +37,9 @@ from oncely.runtime.errors import (
     StoreUnavailable,
     UnknownScheme,
 )
+from oncely.runtime.app import App, Guarantee, KeyFunction
+from oncely.runtime.config import Settings, load_settings
+from oncely.runtime.context import Context
 from oncely.runtime.publisher import Publisher
 from oncely.runtime.retry import RetryPolicy
 from oncely.runtime.stats import Stats

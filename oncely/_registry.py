@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit
 
-from oncely.runtime.errors import ConfigError, MissingExtra, UnknownScheme
+from oncely.errors import ConfigError, MissingExtra, UnknownScheme
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiosqlite
 
-from oncely.runtime.errors import ConfigError, StoreUnavailable
+from oncely.errors import ConfigError, StoreUnavailable
 
 T = TypeVar("T")
 R = TypeVar("R")

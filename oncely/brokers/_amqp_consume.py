@@ -20,7 +20,7 @@ from oncely.brokers._amqp_topology import (
     topology,
 )
 from oncely.brokers.base import Delivery, Headers, Subscription
-from oncely.runtime.errors import (
+from oncely.errors import (
     AlreadySettled,
     BrokerError,
     DeliveryExpired,
@@ -173,12 +173,13 @@ class AmqpDelivery(Delivery):
         await self._begin()
         await self._finish()
 
-    async def nack(self, delay: float = 0.0) -> None:
+    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
         await self._begin()
         bucket = bucket_for(delay)
         target = self.topic if bucket is None else bucket_name(self.topic, bucket[1])
         headers = self._headers()
-        headers[Headers.ATTEMPT] = str(self.attempt)
+        # The next delivery's attempt is this header plus one; a deferral keeps this one's.
+        headers[Headers.ATTEMPT] = str(self.attempt - 1 if defer else self.attempt)
         await self._republish(target, headers)
         await self._finish()
 

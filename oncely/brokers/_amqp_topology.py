@@ -32,7 +32,7 @@ import pamqp.exceptions
 from pamqp.commands import Basic
 
 from oncely.brokers.base import Headers
-from oncely.runtime.errors import (
+from oncely.errors import (
     ConfigError,
     ConnectionLost,
     DeliveryExpired,

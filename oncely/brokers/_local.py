@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 from oncely.brokers.base import Delivery, Subscription
-from oncely.runtime.errors import AlreadySettled, DeliveryExpired
+from oncely.errors import AlreadySettled, DeliveryExpired
 
 __all__ = ["LocalDelivery", "LocalSubscription", "check_delay", "resolve", "wake_all"]
 

@@ -69,6 +69,12 @@ NACK = (
     "UPDATE oncely_messages SET visible_at = ?, claim_token = NULL WHERE id = ? AND claim_token = ?"
 )
 
+# A deferral: the next claim counts the same attempt again.
+NACK_DEFER = (
+    "UPDATE oncely_messages SET visible_at = ?, claim_token = NULL, attempts = attempts - 1"
+    " WHERE id = ? AND claim_token = ?"
+)
+
 EXTEND = "UPDATE oncely_messages SET visible_at = ? WHERE id = ? AND claim_token = ?"
 
 TAKE_FOR_DEAD = (

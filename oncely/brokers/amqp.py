@@ -97,7 +97,7 @@ from oncely.brokers.base import (
     Headers,
     check_headers,
 )
-from oncely.runtime.errors import ConnectionLost, PublishFailed
+from oncely.errors import ConnectionLost, PublishFailed
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

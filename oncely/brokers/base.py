@@ -77,6 +77,10 @@ class Capabilities:
             delivery done and the adapter commits the lowest contiguous completed offset.
         transactions: the broker can publish and commit consumed offsets atomically.
         durable: messages survive a broker (or, for embedded brokers, a process) restart.
+        defer_keeps_attempt: ``nack(defer=True)`` redelivers with the same ``attempt``, so a
+            deferral (the store was down, another worker held the key, shutdown) does not
+            spend the failure budget. False where the broker alone counts receives (SQS's
+            ``ApproximateReceiveCount``): there every deferral counts as an attempt.
     """
 
     native_delay: bool
@@ -87,6 +91,7 @@ class Capabilities:
     ack_model: Literal["message", "offset"] = "message"
     transactions: bool = False
     durable: bool = True
+    defer_keeps_attempt: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +116,8 @@ class Delivery(abc.ABC):
             ``topic:partition:offset``).
         key: the idempotency key the publisher set (``oncely-key`` header), else ``id``.
         attempt: how many times this message has been delivered, counting this one (1 on the
-            first delivery). An expired visibility counts as a delivery.
+            first delivery). An expired visibility counts as a delivery; a deferral
+            (``nack(defer=True)``) does not, where ``Capabilities.defer_keeps_attempt``.
         headers: the message headers, ``oncely-`` ones included.
         body: the raw payload bytes.
         topic: the topic (queue) the message was consumed from.
@@ -160,11 +166,15 @@ class Delivery(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def nack(self, delay: float = 0.0) -> None:
+    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
         """Give the message back for redelivery no sooner than ``delay`` seconds from now.
 
         ``delay=0`` makes it available at once. Adapters without native delay round the delay
         **up** to what they can honour; never down.
+
+        ``defer=True`` says the handler did not run (a deferral, not a failure): where
+        ``Capabilities.defer_keeps_attempt`` holds, the redelivery carries this delivery's
+        ``attempt`` again instead of the next one. Otherwise it counts like any nack.
 
         Raises:
             AlreadySettled, DeliveryExpired, ConnectionLost: as for ``ack``.

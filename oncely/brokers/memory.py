@@ -46,7 +46,7 @@ from oncely.brokers.base import (
     Subscription,
     check_headers,
 )
-from oncely.runtime.errors import ConfigError, ConnectionLost
+from oncely.errors import ConfigError, ConnectionLost
 
 __all__ = ["MemoryBroker"]
 
@@ -358,11 +358,13 @@ class _MemoryDelivery(LocalDelivery):
             hub.remove(self._t, self._record)
         self._finish(hub is not None)
 
-    async def nack(self, delay: float = 0.0) -> None:
+    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
         check_delay(delay)
         hub = self._own()
         if hub is not None:
             self._record.token = None
+            if defer:
+                self._record.attempts -= 1
             hub.schedule(self._t, self._record, time.monotonic() + delay)
             wake_all(self._t.waiters)
         self._finish(hub is not None)

@@ -58,6 +58,7 @@ from oncely.brokers._sqlite_queue import (
     EXTEND,
     INSERT_DEAD,
     NACK,
+    NACK_DEFER,
     NEXT_VISIBLE,
     PUBLISH,
     READ_DEAD,
@@ -79,7 +80,7 @@ from oncely.brokers.base import (
     Subscription,
     check_headers,
 )
-from oncely.runtime.errors import BrokerError, ConfigError, ConnectionLost, StoreUnavailable
+from oncely.errors import BrokerError, ConfigError, ConnectionLost, StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -400,11 +401,11 @@ class _SqliteDelivery(LocalDelivery):
         self._broker._require()
         self._finish(await self._broker._acks.ack(self._rowid, self._token))
 
-    async def nack(self, delay: float = 0.0) -> None:
+    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
         self._check()
         check_delay(delay)
         params = (time.time() + delay, self._rowid, self._token)
-        self._finish(bool(await self._broker._exec(NACK, params)))
+        self._finish(bool(await self._broker._exec(NACK_DEFER if defer else NACK, params)))
         self._broker._wake(self.topic)
 
     async def reject(self, reason: str) -> None:

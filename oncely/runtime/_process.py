@@ -16,9 +16,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from oncely.runtime.codec import encode, fingerprint
-from oncely.runtime.context import Context
-from oncely.runtime.errors import (
+from oncely.errors import (
     BrokerError,
     DecodeError,
     HandlerTimeout,
@@ -27,6 +25,8 @@ from oncely.runtime.errors import (
     Retry,
     StoreError,
 )
+from oncely.runtime.codec import encode, fingerprint
+from oncely.runtime.context import Context
 from oncely.runtime.heartbeat import Active, Heartbeat
 from oncely.runtime.stats import Stats
 from oncely.stores.base import Outcome, StoreTransaction, TransactionalStore

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
+from oncely.errors import ConfigError
 from oncely.runtime.codec import Decoder
-from oncely.runtime.errors import ConfigError
 from oncely.runtime.retry import RetryPolicy
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ from typing import Any
 from oncely._version import __version__
 from oncely.brokers.base import DeadLetterAdmin
 from oncely.brokers.registry import broker_from_url
+from oncely.errors import ConfigError, NotSupported, OncelyError
 from oncely.runtime.app import App
 from oncely.runtime.config import Settings, load_settings
-from oncely.runtime.errors import ConfigError, NotSupported, OncelyError
 from oncely.runtime.publisher import Publisher
 from oncely.runtime.worker import Worker
 

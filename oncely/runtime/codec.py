@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from oncely.runtime.errors import DecodeError
+from oncely.errors import DecodeError
 
 __all__ = ["Decoder", "encode", "fingerprint"]
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from oncely.runtime.errors import ConfigError
+from oncely.errors import ConfigError
 
 __all__ = ["DEFAULT_BROKER", "HandlerSettings", "Settings", "load_settings"]
 
@@ -34,6 +34,8 @@ DEFAULT_BROKER = "sqlite:///oncely.db"
 
 ENV_PREFIX = "ONCELY_"
 ENV_CONFIG = "ONCELY_CONFIG"
+ENV_IGNORED = "ONCELY_TEST_"
+"""Variables for oncely's own test suite (server URLs); the strict check passes over them."""
 
 
 class HandlerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -115,7 +117,7 @@ def load_settings(
     if path:
         merged.update(_read_toml(Path(path)))
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG or name.startswith(ENV_IGNORED):
             continue
         field = name[len(ENV_PREFIX) :].lower()
         if field not in _ENV_FIELDS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from oncely.runtime.errors import ConfigError
+from oncely.errors import ConfigError
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Delivery

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from oncely.runtime.errors import BrokerError, LeaseLost, NotSupported, StoreError
+from oncely.errors import BrokerError, LeaseLost, NotSupported, StoreError
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Delivery

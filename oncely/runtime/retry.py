@@ -6,7 +6,7 @@ import random
 
 import msgspec
 
-from oncely.runtime.errors import ConfigError
+from oncely.errors import ConfigError
 
 __all__ = ["RetryPolicy"]
 

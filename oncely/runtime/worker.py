@@ -17,9 +17,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from oncely.brokers.registry import broker_from_url
+from oncely.errors import BrokerError, ConfigError, OncelyError
 from oncely.runtime._process import Runner
 from oncely.runtime.config import Settings
-from oncely.runtime.errors import BrokerError, ConfigError, OncelyError
 from oncely.runtime.publisher import Publisher
 from oncely.runtime.retry import RetryPolicy
 from oncely.runtime.stats import Stats

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
-from oncely.runtime.errors import LeaseLost, StoreUnavailable
+from oncely.errors import LeaseLost, StoreUnavailable
 from oncely.stores.base import Begin, Outcome
 
 # ``expires_at`` is when a row may be deleted: a completed row's result ttl, or a running row's

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from oncely.runtime.errors import ConfigError, LeaseLost, StoreUnavailable
+from oncely.errors import ConfigError, LeaseLost, StoreUnavailable
 from oncely.stores.base import Begin, IdempotencyStore, Outcome
 
 __all__ = ["MemoryStore"]

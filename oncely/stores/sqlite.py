@@ -43,7 +43,7 @@ from oncely._sqlite import (
     reject_unknown,
     rollback_quietly,
 )
-from oncely.runtime.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
+from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._sqlite_keys import (
     BATCH,
     COMPLETE,

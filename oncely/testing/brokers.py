@@ -46,7 +46,7 @@ import anyio.lowlevel
 import pytest
 
 from oncely.brokers.base import Capabilities, DeadLetter, DeadLetterAdmin, Headers
-from oncely.runtime.errors import AlreadySettled, ConnectionLost, DeliveryExpired, NotSupported
+from oncely.errors import AlreadySettled, ConnectionLost, DeliveryExpired, NotSupported
 from oncely.testing._select import drop_inapplicable, requires
 
 if TYPE_CHECKING:

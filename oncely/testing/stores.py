@@ -37,7 +37,7 @@ import anyio
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from oncely.runtime.errors import LeaseLost, StoreUnavailable
+from oncely.errors import LeaseLost, StoreUnavailable
 from oncely.stores.base import (
     Begin,
     IdempotencyStore,

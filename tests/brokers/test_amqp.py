@@ -33,7 +33,7 @@ from oncely.brokers._amqp_topology import (
 from oncely.brokers.amqp import AmqpBroker
 from oncely.brokers.base import Delivery, Headers, Subscription
 from oncely.brokers.registry import broker_from_url
-from oncely.runtime.errors import (
+from oncely.errors import (
     AlreadySettled,
     ConfigError,
     DeliveryExpired,

@@ -28,7 +28,7 @@ import pytest
 
 from oncely.brokers.amqp import AmqpBroker
 from oncely.brokers.base import Delivery
-from oncely.runtime.errors import ConnectionLost, DeliveryExpired, PublishFailed
+from oncely.errors import ConnectionLost, DeliveryExpired, PublishFailed
 from tests.brokers.test_amqp import (
     AMQP_URL,
     delete_topology,

@@ -10,7 +10,7 @@ import pytest
 from oncely.brokers.base import Broker, Delivery, Subscription
 from oncely.brokers.memory import MemoryBroker
 from oncely.brokers.registry import broker_from_url
-from oncely.runtime.errors import ConfigError, ConnectionLost, DeliveryExpired
+from oncely.errors import ConfigError, ConnectionLost, DeliveryExpired
 
 LONG = 60.0
 

@@ -17,7 +17,7 @@ from oncely.brokers._sqlite_queue import AckBatcher
 from oncely.brokers.base import Delivery, Subscription
 from oncely.brokers.registry import broker_from_url
 from oncely.brokers.sqlite import SqliteBroker
-from oncely.runtime.errors import ConfigError, ConnectionLost, DeliveryExpired
+from oncely.errors import ConfigError, ConnectionLost, DeliveryExpired
 
 LONG = 60.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -271,7 +271,7 @@ CLAIMER = textwrap.dedent(
     from contextlib import closing
     from pathlib import Path
     from oncely.brokers.sqlite import SqliteBroker
-    from oncely.runtime.errors import DeliveryExpired
+    from oncely.errors import DeliveryExpired
 
     db, topic, workers, me = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     barrier = Path(db).parent

@@ -7,7 +7,7 @@ import uuid
 import anyio
 import pytest
 
-from oncely.runtime.errors import ConfigError, LeaseLost
+from oncely.errors import ConfigError, LeaseLost
 from oncely.stores import memory as memory_module
 from oncely.stores.base import Begin, Outcome
 from oncely.stores.memory import MemoryStore

@@ -14,7 +14,7 @@ import aiosqlite
 import anyio
 import pytest
 
-from oncely.runtime.errors import ConfigError, LeaseLost, StoreUnavailable
+from oncely.errors import ConfigError, LeaseLost, StoreUnavailable
 from oncely.stores import sqlite as sqlite_module
 from oncely.stores._sqlite_keys import (
     CLAIM_ROUNDS,
