@@ -25,8 +25,9 @@ original with ``raise ... from exc``.
     └── HandlerTimeout              a handler outlived its ``timeout`` and was cancelled
 
 Two exceptions are not errors but instructions a handler raises to choose its outcome:
-``Retry(delay=)`` asks for redelivery after ``delay`` seconds and ``Reject(reason=)`` sends the
-message to the dead-letter queue at once. They derive from ``HandlerOutcome``.
+``Retry(reason, *, delay=None)`` asks for redelivery after ``delay`` seconds and
+``Reject(reason)`` sends the message to the dead-letter queue at once; both take the reason
+first. They derive from ``HandlerOutcome``.
 """
 
 from __future__ import annotations
@@ -135,23 +136,48 @@ class HandlerOutcome(Exception):
 
 
 class Retry(HandlerOutcome):
-    """Raise from a handler to have the message redelivered after ``delay`` seconds.
+    """Raise from a handler to have the message redelivered: ``raise Retry("db down")``.
 
-    With ``delay=None`` the handler's retry policy picks the delay. The attempt still counts
-    against ``max_attempts``.
+    Args:
+        reason: why, recorded in logs and, if retries run out, as the dead-letter reason. The
+            first positional argument means the same in ``Retry`` and ``Reject``.
+        delay: seconds before the redelivery (keyword-only); ``None`` lets the handler's retry
+            policy pick it. The attempt still counts against ``max_attempts``.
+
+    Raises:
+        TypeError: ``reason`` is not a string (``Retry(5)`` is a mistake for
+            ``Retry(delay=5)``).
+        ValueError: ``delay`` is negative.
     """
 
-    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
-        super().__init__(reason)
-        if delay is not None and delay < 0:
+    def __init__(self, reason: str = "retry requested", *, delay: float | None = None) -> None:
+        _check_reason(type(self).__name__, reason)
+        if delay is not None and not delay >= 0:
             raise ValueError(f"Retry delay must be >= 0, got {delay}")
-        self.delay = delay
+        super().__init__(reason)
         self.reason = reason
+        self.delay = delay
 
 
 class Reject(HandlerOutcome):
-    """Raise from a handler to dead-letter the message at once, with ``reason`` recorded."""
+    """Raise from a handler to dead-letter the message at once: ``raise Reject("bad total")``.
+
+    Args:
+        reason: recorded as the dead letter's reason.
+
+    Raises:
+        TypeError: ``reason`` is not a string.
+    """
 
     def __init__(self, reason: str) -> None:
+        _check_reason(type(self).__name__, reason)
         super().__init__(reason)
         self.reason = reason
+
+
+def _check_reason(cls: str, reason: object) -> None:
+    if not isinstance(reason, str):
+        hint = f"; for a delay write {cls}(delay={reason!r})" if cls == "Retry" else ""
+        raise TypeError(
+            f"{cls}'s first argument is the reason, a str; got {type(reason).__name__}{hint}"
+        )
