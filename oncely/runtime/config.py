@@ -1,8 +1,18 @@
 """Worker settings: one msgspec Struct tree from TOML, ``ONCELY_*`` variables and CLI flags.
 
-Precedence, lowest first: the defaults, the TOML file, the environment, the CLI flags. An
-unknown key anywhere (a TOML key, an ``ONCELY_*`` variable, a handler name) is an error, never
-silently dropped.
+Where a value comes from, lowest first: the defaults, the TOML file, the environment, the CLI
+flags. An unknown key anywhere (a TOML key, an ``ONCELY_*`` variable, a handler name) is an
+error, never silently dropped. Values are checked when the tree is built: a non-positive
+``concurrency``, ``timeout``, ``visibility`` or ``max_attempts``, or a negative
+``grace_period``, is a one-line ``ConfigError`` that names the key.
+
+What a handler runs with, most specific first (explicit ``None`` checks, so ``0`` is never
+mistaken for "unset"):
+
+1. ``[handlers."NAME"]`` settings (``concurrency``, ``timeout``, ``visibility``,
+   ``max_attempts``);
+2. the global ``concurrency`` (``ONCELY_CONCURRENCY``, ``--concurrency``);
+3. what the code declared in ``@app.handler(...)``.
 
 A TOML file looks like::
 
@@ -17,11 +27,13 @@ A TOML file looks like::
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -39,7 +51,10 @@ ENV_IGNORED = "ONCELY_TEST_"
 
 
 class HandlerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Per-handler overrides of what the code declared."""
+    """Per-handler overrides of what the code declared; they beat the global settings.
+
+    Checked by the ``Settings`` that holds them, so the error names the handler.
+    """
 
     concurrency: int | None = None
     timeout: float | None = None
@@ -55,7 +70,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         store: the idempotency store URL. Unset: the broker's own database when the broker is
             ``sqlite://`` or ``memory://``; other brokers need it set when any handler is
             effectively-once.
-        concurrency: overrides every handler's concurrency when set.
+        concurrency: overrides what the code declared for every handler, unless the
+            handler's own ``[handlers."NAME"] concurrency`` is set.
         grace_period: seconds in-flight handlers get to finish at shutdown.
         fail_open: when the store is unreachable, run handlers without dedupe (logged)
             instead of retrying later.
@@ -72,23 +88,65 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     handlers: dict[str, HandlerSettings] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.grace_period < 0:
-            raise ConfigError(f"grace_period must be >= 0, got {self.grace_period}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every value; the worker calls it again, in case one was assigned later.
+
+        Raises:
+            ConfigError: one line naming the key, e.g. ``[handlers.x] timeout must be a
+                number > 0, got 0``.
+        """
+        _check(self.concurrency, "concurrency", minimum=1)
+        _check(self.grace_period, "grace_period", minimum=0)
+        for name, o in self.handlers.items():
+            where = f"[handlers.{_quote(name)}] "
+            _check(o.concurrency, where + "concurrency", minimum=1)
+            _check(o.timeout, where + "timeout")
+            _check(o.visibility, where + "visibility")
+            _check(o.max_attempts, where + "max_attempts", minimum=1)
 
     def store_url(self, broker_url: str | None = None) -> str | None:
         """The store URL, defaulting to the embedded broker's own database.
 
+        The default keeps the broker's location and drops its options: ``sqlite:///x.db
+        ?poll_interval=0.1`` gives the store ``sqlite:///x.db``, ``memory://name`` the memory
+        store of that name, and a private ``MemoryBroker()`` a private memory store.
+
         Args:
-            broker_url: the broker actually in use, when it is not ``self.broker``.
+            broker_url: the broker actually in use, when it is not ``self.broker`` (for a
+                broker instance, its ``url``).
         """
         if self.store:
             return self.store
         broker = self.broker if broker_url is None else broker_url
-        if broker.startswith(("sqlite:", "memory:")):
-            return broker
+        parts = urlsplit(broker)
+        if parts.scheme == "sqlite":
+            # The broker's options (poll_interval, ...) mean nothing to the store.
+            return broker.split("?", 1)[0].split("#", 1)[0]
+        if parts.scheme == "memory":
+            # MemoryBroker() names its private hub "memory://<private>": no name to share.
+            name = "" if parts.netloc.startswith("<") else parts.netloc
+            return f"memory://{name}"
         return None
+
+
+def _check(value: float | None, key: str, *, minimum: float | None = None) -> None:
+    """Raise a one-line ``ConfigError`` naming ``key`` when ``value`` is out of range.
+
+    Without ``minimum`` the value must be a finite number > 0.
+    """
+    if value is None:
+        return
+    if minimum is None:
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{key} must be a number > 0, got {value}")
+    elif not (value >= minimum and math.isfinite(value)):
+        raise ConfigError(f"{key} must be >= {minimum:g}, got {value}")
+
+
+def _quote(name: str) -> str:
+    return name if name.replace("_", "").replace("-", "").isalnum() else f'"{name}"'
 
 
 _ENV_FIELDS = {f for f in Settings.__struct_fields__ if f != "handlers"}

@@ -83,6 +83,10 @@ class Worker:
         self._started = False
 
     def _select(self, names: list[str] | None) -> list[HandlerSpec]:
+        """The chosen handlers, each with its settings applied, most specific first:
+        ``[handlers."NAME"]``, then the global ``concurrency``, then the code's declaration
+        (see ``oncely.runtime.config``)."""
+        self.settings.validate()
         unknown = set(self.settings.handlers) - set(self.app.handlers)
         if unknown:
             raise ConfigError(f"settings name unknown handler(s): {', '.join(sorted(unknown))}")
@@ -96,9 +100,14 @@ class Worker:
         for name in chosen:
             spec = self.app.handlers[name]
             o = self.settings.handlers.get(name)
-            concurrency = self.settings.concurrency or (o and o.concurrency) or spec.concurrency
+            # Explicit None checks: a 0 that slipped past validation must not read as "unset".
+            own = o.concurrency if o is not None else None
+            shared = self.settings.concurrency
+            concurrency = own if own is not None else shared if shared is not None else None
+            timeout = o.timeout if o is not None else None
+            visibility = o.visibility if o is not None else None
             retry = spec.retry
-            if o and o.max_attempts is not None:
+            if o is not None and o.max_attempts is not None:
                 retry = RetryPolicy(
                     max_attempts=o.max_attempts,
                     base=retry.base,
@@ -108,9 +117,9 @@ class Worker:
             specs.append(
                 replace(
                     spec,
-                    concurrency=concurrency,
-                    timeout=(o and o.timeout) or spec.timeout,
-                    visibility=(o and o.visibility) or spec.visibility,
+                    concurrency=spec.concurrency if concurrency is None else concurrency,
+                    timeout=spec.timeout if timeout is None else timeout,
+                    visibility=spec.visibility if visibility is None else visibility,
                     retry=retry,
                 )
             )

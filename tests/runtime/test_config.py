@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
+import oncely
 from oncely import ConfigError, Settings, load_settings
+from oncely.runtime.config import HandlerSettings
 
 
 def test_defaults_use_the_embedded_broker_and_its_own_store() -> None:
@@ -55,3 +57,120 @@ def test_unknown_environment_variable_is_an_error() -> None:
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(config_file=tmp_path / "nope.toml", environ={})
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("concurrency = -2", "concurrency must be >= 1, got -2"),
+        ("grace_period = -1", "grace_period must be >= 0, got -1"),
+        ("[handlers.h]\ntimeout = 0", "[handlers.h] timeout must be a number > 0, got 0"),
+        ("[handlers.h]\ntimeout = -5", "[handlers.h] timeout must be a number > 0, got -5"),
+        ("[handlers.h]\nvisibility = 0", "[handlers.h] visibility must be a number > 0"),
+        ("[handlers.h]\nvisibility = -1", "[handlers.h] visibility must be a number > 0"),
+        ("[handlers.h]\nvisibility = nan", "[handlers.h] visibility must be a number > 0"),
+        ("[handlers.h]\nconcurrency = 0", "[handlers.h] concurrency must be >= 1, got 0"),
+        ("[handlers.h]\nmax_attempts = 0", "[handlers.h] max_attempts must be >= 1, got 0"),
+        ('[handlers."shop.place"]\ntimeout = 0', '[handlers."shop.place"] timeout'),
+    ],
+)
+def test_out_of_range_values_are_one_line_errors_naming_the_key(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=cfg, environ={})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ONCELY_GRACE_PERIOD", "-1", "grace_period must be >= 0"),
+        ("ONCELY_CONCURRENCY", "0", "concurrency must be >= 1"),
+    ],
+)
+def test_out_of_range_environment_values_name_the_key(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ={name: value})
+
+
+def test_test_variables_pass_the_strict_environment_check() -> None:
+    env = {"ONCELY_TEST_AMQP_URL": "amqp://x/", "ONCELY_TEST_ANYTHING": "1"}
+    assert load_settings(environ=env) == load_settings(environ={})
+    # The prefix is exact: a near miss is still a misspelt setting.
+    with pytest.raises(ConfigError, match="ONCELY_TESTS_AMQP_URL"):
+        load_settings(environ={"ONCELY_TESTS_AMQP_URL": "amqp://x/"})
+
+
+def test_the_project_tests_read_only_the_test_prefix() -> None:
+    """Every ONCELY_* variable the test suite reads uses the prefix the check ignores."""
+    import re
+
+    tests = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"""environ(?:\.get)?[\[(]\s*["'](ONCELY_[A-Z0-9_]+)""")
+    read = {m for f in tests.rglob("*.py") for m in pattern.findall(f.read_text())}
+    assert read, "the pattern found no variables at all"
+    assert {v for v in read if not v.startswith("ONCELY_TEST_")} == set()
+
+
+def _specs(settings: Settings) -> dict[str, tuple[int, float, float, int]]:
+    app = oncely.App()
+
+    @app.handler("a", name="a", concurrency=4, timeout=10, visibility=20)
+    async def a(_: object) -> None: ...
+
+    @app.handler("b", name="b", concurrency=4, timeout=10, visibility=20)
+    async def b(_: object) -> None: ...
+
+    worker = oncely.Worker(app, broker="memory://", settings=settings)
+    return {
+        s.name: (s.concurrency, s.timeout, s.visibility, s.retry.max_attempts) for s in worker.specs
+    }
+
+
+def test_the_most_specific_setting_wins() -> None:
+    declared = _specs(Settings())
+    assert declared == {"a": (4, 10, 20, 5), "b": (4, 10, 20, 5)}
+    # The global concurrency beats the code; a handler's own setting beats the global one.
+    settings = Settings(
+        concurrency=9,
+        handlers={"a": HandlerSettings(concurrency=2, timeout=3, visibility=6, max_attempts=7)},
+    )
+    assert _specs(settings) == {"a": (2, 3, 6, 7), "b": (9, 10, 20, 5)}
+
+
+def test_values_assigned_after_load_are_checked_by_the_worker() -> None:
+    settings = Settings()
+    settings.handlers["a"] = HandlerSettings(timeout=0)
+    with pytest.raises(ConfigError, match=r"\[handlers.a\] timeout"):
+        _specs(settings)
+
+
+@pytest.mark.parametrize(
+    ("broker", "store"),
+    [
+        ("sqlite:///x.db?poll_interval=0.1", "sqlite:///x.db"),
+        ("sqlite:////abs/x.db?poll_interval=0.1&max_poll_interval=1", "sqlite:////abs/x.db"),
+        ("sqlite:///x.db", "sqlite:///x.db"),
+        ("memory://hub", "memory://hub"),
+        ("memory://", "memory://"),
+        ("memory://<private>", "memory://"),
+        ("amqp://guest:guest@localhost/", None),
+    ],
+)
+def test_default_store_keeps_the_broker_location_without_its_options(
+    broker: str, store: str | None
+) -> None:
+    assert Settings(broker=broker).store_url() == store
+    assert Settings().store_url(broker) == store
+    assert Settings(broker=broker, store="memory://x").store_url() == "memory://x"
+
+
+def test_sqlite_store_rejects_broker_options() -> None:
+    from oncely.stores.registry import store_from_url
+
+    with pytest.raises(ConfigError, match=r"unknown option.*poll_interval"):
+        store_from_url("sqlite:///x.db?poll_interval=0.1")
