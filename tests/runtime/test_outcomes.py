@@ -23,7 +23,7 @@ def test_a_number_where_the_reason_goes_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="first argument is the reason"):
         oncely.Reject(3)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        oncely.Retry("x", 5)  # type: ignore[misc]
+        oncely.Retry("x", 5)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="delay"):
         oncely.Retry("x", delay=float("nan"))
 
