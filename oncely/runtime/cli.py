@@ -11,8 +11,10 @@ import asyncio
 import importlib
 import json
 import logging
+import math
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,72 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+
+DESCRIPTION = """\
+Run effectively-once message handlers, publish messages and manage dead letters.
+
+Settings come from a TOML file (--config or $ONCELY_CONFIG), then ONCELY_* environment
+variables, then these flags, each overriding the one before. The default broker is an
+embedded SQLite queue in ./oncely.db; no server is needed."""
+
+EPILOG = """\
+examples:
+  oncely run shop.tasks:app                         # the embedded SQLite queue
+  oncely run shop.tasks:app --broker amqp://guest:guest@localhost/ --store sqlite:///keys.db
+  oncely publish orders '{"id": "A1", "qty": 2}' --key A1
+  oncely dlq list orders
+  oncely dlq replay orders --id 3f2a...
+
+Bad input (a bad module:app, URL, setting or JSON) prints one line and exits 2; a broker or
+store failure exits 1. Run 'oncely COMMAND --help' for a command's options."""
+
+RUN_HELP = """\
+Import module:app and consume every handler's topic until SIGTERM or SIGINT.
+
+The first signal stops fetching and lets in-flight handlers finish within the grace period;
+a second one stops at once. If the module fails to import, its own traceback is shown,
+followed by a one-line summary, and the exit status is 2."""
+
+RUN_EPILOG = """\
+examples:
+  oncely run shop.tasks:app
+  oncely run shop.tasks:app --concurrency 32 --grace 10
+  oncely run shop.tasks:app --handler shop.tasks.place_order --config oncely.toml"""
+
+PUBLISH_HELP = """\
+Publish one message whose body is the given JSON, and print its message id."""
+
+PUBLISH_EPILOG = """\
+examples:
+  oncely publish orders '{"id": "A1", "qty": 2}'
+  oncely publish orders '{"id": "A1", "qty": 2}' --key A1 --delay 30
+  oncely publish orders '[1, 2]' --header x-source=cli --broker sqlite:///jobs.db"""
+
+DLQ_HELP = """\
+List or replay the messages a topic's handlers dead-lettered (poison payloads, exhausted
+retries, oncely.Reject)."""
+
+DLQ_EPILOG = """\
+examples:
+  oncely dlq list orders --broker amqp://guest:guest@localhost/
+  oncely dlq replay orders"""
+
+DLQ_LIST_HELP = """\
+Print a topic's dead letters, oldest first, one JSON object per line (id, attempt,
+failed_at, reason, body, headers); the count goes to stderr."""
+
+DLQ_LIST_EPILOG = """\
+examples:
+  oncely dlq list orders
+  oncely dlq list orders --limit 10 | jq -r .reason"""
+
+DLQ_REPLAY_HELP = """\
+Move a topic's dead letters back to the topic, with their attempt count reset."""
+
+DLQ_REPLAY_EPILOG = """\
+examples:
+  oncely dlq replay orders                      # all of them
+  oncely dlq replay orders --id ID1 --id ID2    # only these"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,8 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--broker", help="broker URL (default: $ONCELY_BROKER or sqlite)")
-    common.add_argument("--config", help="TOML settings file (default: $ONCELY_CONFIG)")
+    common.add_argument(
+        "--broker", metavar="URL", help="broker URL (default: $ONCELY_BROKER, else sqlite)"
+    )
+    common.add_argument(
+        "--config", metavar="FILE", help="TOML settings file (default: $ONCELY_CONFIG)"
+    )
     common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     common.add_argument(
         "--loop",
@@ -75,35 +147,68 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="event loop; auto uses uvloop when installed",
     )
-    parser = argparse.ArgumentParser(prog="oncely", description=__doc__)
+    text = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="oncely", description=DESCRIPTION, epilog=EPILOG, formatter_class=text
+    )
     parser.add_argument("--version", action="version", version=f"oncely {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[common], help="run a worker for module:app")
-    run.add_argument("target", help="the App to run, as module:attribute")
-    run.add_argument("--store", help="idempotency store URL")
-    run.add_argument("--concurrency", type=int, help="override every handler's concurrency")
-    run.add_argument("--grace", type=float, help="seconds to drain at shutdown")
-    run.add_argument("--handler", action="append", help="run only this handler (repeatable)")
+    def command(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        summary: str,
+        description: str,
+        epilog: str | None,
+        common_flags: bool = True,
+    ) -> argparse.ArgumentParser:
+        return parent.add_parser(
+            name,
+            parents=[common] if common_flags else [],
+            help=summary,
+            description=description,
+            epilog=epilog,
+            formatter_class=text,
+        )
+
+    run = command(sub, "run", "run a worker for module:app", RUN_HELP, RUN_EPILOG)
+    run.add_argument("target", help="the App to run, as module:attribute (e.g. shop.tasks:app)")
+    run.add_argument("--store", metavar="URL", help="idempotency store URL")
+    run.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="concurrency of every handler (a [handlers.NAME] setting still wins)",
+    )
+    run.add_argument("--grace", type=float, metavar="S", help="seconds to drain at shutdown")
+    run.add_argument(
+        "--handler", action="append", metavar="NAME", help="run only this handler (repeatable)"
+    )
     run.set_defaults(func=_cmd_run)
 
-    pub = sub.add_parser("publish", parents=[common], help="publish one JSON message")
+    pub = command(sub, "publish", "publish one JSON message", PUBLISH_HELP, PUBLISH_EPILOG)
     pub.add_argument("topic")
     pub.add_argument("payload", help="the message body, as JSON")
-    pub.add_argument("--key", help="idempotency key")
-    pub.add_argument("--delay", type=float, default=0.0, help="seconds to hold it back")
+    pub.add_argument("--key", help="idempotency key (sets the oncely-key header)")
+    pub.add_argument(
+        "--delay", type=float, default=0.0, metavar="S", help="seconds to hold it back (>= 0)"
+    )
     pub.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
     pub.set_defaults(func=_cmd_publish)
 
-    dlq = sub.add_parser("dlq", help="inspect or replay a dead-letter queue")
-    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
-    lst = dlq_sub.add_parser("list", parents=[common], help="list dead letters of a topic")
+    dlq = command(
+        sub, "dlq", "list or replay dead letters", DLQ_HELP, DLQ_EPILOG, common_flags=False
+    )
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
+    lst = command(dlq_sub, "list", "list a topic's dead letters", DLQ_LIST_HELP, DLQ_LIST_EPILOG)
     lst.add_argument("topic")
-    lst.add_argument("--limit", type=int, default=100)
+    lst.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (>= 1)")
     lst.set_defaults(func=_cmd_dlq_list)
-    rep = dlq_sub.add_parser("replay", parents=[common], help="move dead letters back")
+    rep = command(dlq_sub, "replay", "move dead letters back", DLQ_REPLAY_HELP, DLQ_REPLAY_EPILOG)
     rep.add_argument("topic")
-    rep.add_argument("--id", action="append", dest="ids", help="only this message (repeatable)")
+    rep.add_argument(
+        "--id", action="append", dest="ids", metavar="ID", help="only this message (repeatable)"
+    )
     rep.set_defaults(func=_cmd_dlq_replay)
     return parser
 
@@ -138,9 +243,16 @@ def load_app(target: str) -> App:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name is not None and (
+            exc.name == module_name or module_name.startswith(exc.name + ".")
+        ):
             raise ConfigError(f"cannot import module {module_name!r}: {exc}") from None
-        raise
+        _print_user_traceback(exc)
+        raise _import_failed(module_name, exc) from None
+    except Exception as exc:
+        # The user's bug: their own traceback is worth seeing, then oncely's one-line summary.
+        _print_user_traceback(exc)
+        raise _import_failed(module_name, exc) from None
     obj: object = module
     for part in attr.split("."):
         try:
@@ -150,6 +262,25 @@ def load_app(target: str) -> App:
     if not isinstance(obj, App):
         raise ConfigError(f"{target!r} is a {type(obj).__name__}, not an oncely.App")
     return obj
+
+
+def _import_failed(module_name: str, exc: BaseException) -> ConfigError:
+    return ConfigError(
+        f"cannot import module {module_name!r}: {type(exc).__name__}: {exc} "
+        "(the traceback above is from that module)"
+    )
+
+
+def _print_user_traceback(exc: BaseException) -> None:
+    """Print ``exc``'s traceback from the first frame outside oncely and importlib."""
+    tb = exc.__traceback__
+    ours = str(Path(__file__).resolve().parents[1])
+    while tb is not None and (
+        tb.tb_frame.f_code.co_filename.startswith(("<frozen importlib", ours))
+        or "importlib" in tb.tb_frame.f_code.co_filename
+    ):
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
 
 
 async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -180,6 +311,8 @@ async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    if not (math.isfinite(args.delay) and args.delay >= 0):
+        raise ConfigError(f"--delay must be a number of seconds >= 0, got {args.delay}")
     try:
         payload = json.loads(args.payload)
     except json.JSONDecodeError as exc:
@@ -206,6 +339,8 @@ def _admin(settings: Settings) -> Any:
 
 
 async def _cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     broker = _admin(settings)
     async with broker:
         letters = await broker.dead_letters(args.topic, limit=args.limit)

@@ -13,13 +13,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def oncely(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def oncely(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
     return subprocess.run(
         [sys.executable, "-m", "oncely", *args],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=cwd,
         env={**base, **(env or {})},
         timeout=60,
     )
@@ -41,6 +43,24 @@ def test_version() -> None:
         (["run", "examples.orders:app"], {"ONCELY_CONCURENCY": "2"}, "ONCELY_CONCURENCY"),
         (["publish", "orders", "{not json"], {}, "payload is not valid JSON"),
         (["publish", "orders", "{}", "--broker", "sqlite://host/x.db"], {}, "has a host"),
+        (
+            ["publish", "t", "{}", "--delay", "-1", "--broker", "memory://"],
+            {},
+            "--delay must be a number of seconds >= 0",
+        ),
+        (
+            ["publish", "t", "{}", "--delay", "nan", "--broker", "memory://"],
+            {},
+            "--delay must be a number of seconds",
+        ),
+        (
+            ["dlq", "list", "t", "--limit", "0", "--broker", "memory://"],
+            {},
+            "--limit must be >= 1, got 0",
+        ),
+        (["run", "examples.orders:app", "--concurrency", "0"], {}, "concurrency must be >= 1"),
+        (["run", "examples.orders:app", "--grace", "-1"], {}, "grace_period must be >= 0"),
+        (["run", "nothere.sub:app"], {}, "cannot import module 'nothere.sub'"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(
@@ -84,3 +104,48 @@ def test_publish_then_dead_letters_list_and_replay(tmp_path: Path) -> None:
     replayed = oncely("dlq", "replay", "jobs", "--broker", url)
     assert replayed.returncode == 0 and "replayed 1 message" in replayed.stdout
     assert oncely("dlq", "list", "jobs", "--broker", url).stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        ("import oncely\napp = oncely.App()\nundefined_name\n", "NameError"),
+        ("import oncely\nimport no_such_dependency_xyz\n", "ModuleNotFoundError"),
+        ("import oncely\napp = oncely.App(\n", "SyntaxError"),
+    ],
+)
+def test_a_module_that_fails_to_import_shows_its_traceback_then_one_line(
+    tmp_path: Path, source: str, error: str
+) -> None:
+    (tmp_path / "userapp.py").write_text(source)
+    out = oncely("run", "userapp:app", "--broker", "memory://", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    # The user's own traceback, pointing into their file, and nothing of oncely's.
+    assert str(tmp_path / "userapp.py") in out.stderr
+    assert "oncely/runtime" not in out.stderr and "importlib" not in out.stderr
+    assert any(line.startswith(error) for line in lines[:-1])
+    # Then oncely's one-line summary, last.
+    assert lines[-1].startswith(f"oncely: error: cannot import module 'userapp': {error}")
+    assert sum(line.startswith("oncely:") for line in lines) == 1
+
+
+def test_help_is_written_for_users(tmp_path: Path) -> None:
+    top = oncely("--help")
+    assert top.returncode == 0
+    for command in ("run", "publish", "dlq"):
+        assert command in top.stdout
+    assert "examples:" in top.stdout and "oncely run shop.tasks:app" in top.stdout
+    # Not the module's maintainer docstring, and no reStructuredText markup.
+    assert "``" not in top.stdout and "installs signal handlers" not in top.stdout
+    for args, example in [
+        (["run"], "oncely run shop.tasks:app"),
+        (["publish"], "oncely publish orders"),
+        (["dlq"], "oncely dlq replay orders"),
+        (["dlq", "list"], "oncely dlq list orders"),
+        (["dlq", "replay"], "oncely dlq replay orders --id"),
+    ]:
+        out = oncely(*args, "--help")
+        assert out.returncode == 0, out.stderr
+        assert "examples:" in out.stdout and example in out.stdout
+        assert "``" not in out.stdout
