@@ -72,10 +72,10 @@ class MissingExtra(ConfigError):
     The message names the exact ``pip install 'oncely[extra]'`` that fixes it.
     """
 
-    def __init__(self, scheme: str, extra: str, module: str) -> None:
+    def __init__(self, scheme: str, extra: str, module: str, *, what: str = "") -> None:
         super().__init__(
-            f"the {scheme!r} backend needs the {module!r} package, which is not installed; "
-            f"run: pip install 'oncely[{extra}]'"
+            f"{what or f'the {scheme!r} backend'} needs the {module!r} package, which is not "
+            f"installed; run: pip install 'oncely[{extra}]'"
         )
         self.scheme = scheme
         self.extra = extra

@@ -4,14 +4,35 @@
 broker and store: subclass one in a test module, give it a factory fixture and a features
 record (``BrokerFeatures``/``StoreFeatures``), and pytest runs every case against your backend.
 See ``oncely.testing.brokers`` and ``oncely.testing.stores`` for the details.
+
+They need the ``testing`` extra (``pip install 'oncely[testing]'``: pytest and anyio). The
+cases are ``@pytest.mark.anyio`` tests and run on anyio's pytest plugin, which pytest loads by
+itself once anyio is installed, next to pytest-asyncio in strict or auto mode. A project that
+turns plugin autoloading off (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``) adds ``-p anyio``.
 """
 
 from __future__ import annotations
 
-import pytest
+from oncely.errors import MissingExtra
+
+try:
+    import anyio  # noqa: F401
+    import pytest
+except ImportError as exc:
+    raise MissingExtra(
+        "oncely.testing", "testing", exc.name or "pytest", what="oncely.testing"
+    ) from None
 
 # The cases live outside the test tree; this makes their failed asserts show values too.
-pytest.register_assert_rewrite("oncely.testing.brokers", "oncely.testing.stores")
+pytest.register_assert_rewrite(
+    "oncely.testing.brokers",
+    "oncely.testing._broker_base",
+    "oncely.testing._broker_delivery",
+    "oncely.testing._broker_settle",
+    "oncely.testing._broker_visibility",
+    "oncely.testing._broker_dlq",
+    "oncely.testing.stores",
+)
 
 from oncely.testing.brokers import (  # noqa: E402
     BrokerConformance,
