@@ -42,6 +42,8 @@ class BrokerFeatures:
             (SQS may accept a stale receipt handle silently).
         dlq: ``reject`` puts the message where ``read_dead_letters`` can see it.
         dlq_admin: the broker implements ``DeadLetterAdmin`` (list and replay).
+        defer_keeps_attempt: ``nack(defer=True)`` redelivers with the same ``attempt``
+            (``Capabilities.defer_keeps_attempt``); when false, with ``attempt + 1``.
         reopen: a new broker on the same location sees what a closed one left (durable
             brokers, and named ``memory://`` hubs within one process).
         visibility_seconds: a short visibility the broker honours, for the expiry cases.
@@ -61,6 +63,7 @@ class BrokerFeatures:
     lease_check: bool = True
     dlq: bool = True
     dlq_admin: bool = True
+    defer_keeps_attempt: bool = True
     reopen: bool = True
     visibility_seconds: float = 0.5
     long_visibility_seconds: float = 60.0

@@ -9,7 +9,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from oncely.brokers.base import Capabilities, Headers
+from oncely.brokers.base import Capabilities, DeadLetterAdmin, Headers
 from oncely.errors import ConnectionLost, DeliveryExpired, NotSupported
 from oncely.testing._broker_base import BrokerCases, bounded
 from oncely.testing._select import requires
@@ -231,3 +231,46 @@ class DeliveryCases(BrokerCases):
         if caps.max_delay is not None:
             with pytest.raises(NotSupported):
                 await broker.publish(topic, b"x", delay=caps.max_delay + 1)
+
+    @pytest.mark.anyio
+    async def test_features_match_capabilities(self, broker: Broker) -> None:
+        """The features record that picks the cases says what ``capabilities`` says, so no
+        case is dropped (or run) because of a record that contradicts the broker."""
+        caps, f = broker.capabilities, self.features
+        wrong: list[str] = []
+
+        def expect(ok: bool, why: str) -> None:
+            if not ok:
+                wrong.append(why)
+
+        expect(f.extend == caps.extend, f"features.extend={f.extend}, capabilities.extend")
+        expect(
+            f.defer_keeps_attempt == caps.defer_keeps_attempt,
+            f"features.defer_keeps_attempt={f.defer_keeps_attempt}, "
+            "capabilities.defer_keeps_attempt",
+        )
+        expect(f.dlq == caps.native_dlq, f"features.dlq={f.dlq}, capabilities.native_dlq")
+        expect(
+            f.dlq_admin == isinstance(broker, DeadLetterAdmin),
+            f"features.dlq_admin={f.dlq_admin}, but the broker "
+            f"{'is' if isinstance(broker, DeadLetterAdmin) else 'is not'} a DeadLetterAdmin",
+        )
+        expect(not f.dlq_admin or f.dlq, "features.dlq_admin needs features.dlq")
+        expect(
+            not (f.delay and not caps.native_delay) or f.delay_granularity > 0,
+            "an emulated delay (capabilities.native_delay=False) rounds to its buckets: "
+            "set features.delay_granularity",
+        )
+        expect(
+            not (f.delay and not caps.native_delay) or caps.max_delay is not None,
+            "an emulated delay needs capabilities.max_delay",
+        )
+        expect(
+            caps.native_delay or f.delay_granularity > 0 or not f.delay,
+            "features.delay_granularity=0 claims an exact delay the broker does not have",
+        )
+        expect(
+            not caps.durable or f.reopen,
+            "capabilities.durable, so features.reopen must be true",
+        )
+        assert wrong == [], f"{type(broker).__name__}: " + "; ".join(wrong)

@@ -36,6 +36,32 @@ class SettleCases(BrokerCases):
             await self._assert_quiet(sub)
 
     @pytest.mark.anyio
+    async def test_deferral_keeps_the_attempt_where_the_broker_can(
+        self, broker: Broker, topic: str
+    ) -> None:
+        """``nack(defer=True)`` (the handler did not run) redelivers with the same attempt
+        where ``defer_keeps_attempt``, with the next one otherwise; a plain nack still counts."""
+        keeps = broker.capabilities.defer_keeps_attempt
+        assert keeps == self.features.defer_keeps_attempt
+        mid = await broker.publish(topic, b"deferred")
+        async with broker.consume(topic, prefetch=1, visibility=self._visibility()) as sub:
+            d = await self._next(sub)
+            assert (d.id, d.attempt) == (mid, 1)
+            seen = [d.attempt]
+            for _ in range(2):
+                await d.nack(defer=True)
+                assert d.settled
+                d = await self._next(sub)
+                assert (d.id, d.body) == (mid, b"deferred")
+                seen.append(d.attempt)
+            await d.nack()
+            d = await self._next(sub)
+            seen.append(d.attempt)
+            await d.ack()
+            await self._assert_quiet(sub)
+        assert seen == ([1, 1, 1, 2] if keeps else [1, 2, 3, 4])
+
+    @pytest.mark.anyio
     async def test_nack_does_not_hold_up_other_messages(self, broker: Broker, topic: str) -> None:
         ids = await self._publish_many(broker, topic, 10)
         failing = set(ids[::2])
