@@ -8,7 +8,8 @@ See ``oncely.testing.brokers`` and ``oncely.testing.stores`` for the details.
 They need the ``testing`` extra (``pip install 'oncely[testing]'``: pytest and anyio). The
 cases are ``@pytest.mark.anyio`` tests and run on anyio's pytest plugin, which pytest loads by
 itself once anyio is installed, next to pytest-asyncio in strict or auto mode. A project that
-turns plugin autoloading off (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``) adds ``-p anyio``.
+turns plugin autoloading off (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``) adds
+``-p anyio.pytest_plugin``.
 """
 
 from __future__ import annotations
