@@ -67,9 +67,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     Attributes:
         broker: the broker URL.
-        store: the idempotency store URL. Unset: the broker's own database when the broker is
-            ``sqlite://`` or ``memory://``; other brokers need it set when any handler is
-            effectively-once.
+        store: the idempotency store URL. Unset: the broker's own location without its
+            options when the broker is ``sqlite://`` or ``memory://`` (see ``store_url``);
+            other brokers need it set when any handler is effectively-once.
         concurrency: overrides what the code declared for every handler, unless the
             handler's own ``[handlers."NAME"] concurrency`` is set.
         grace_period: seconds in-flight handlers get to finish at shutdown.
