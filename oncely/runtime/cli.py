@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import traceback
@@ -271,14 +272,24 @@ def _import_failed(module_name: str, exc: BaseException) -> ConfigError:
     )
 
 
+# Whole directories, with the separator: a user's "oncely_jobs/" or "importlib_play/" is
+# their own code, not ours.
+_HIDDEN_DIRS = tuple(
+    str(Path(p).resolve().parent) + os.sep for p in (Path(__file__).parent, importlib.__file__)
+)
+
+
+def _hidden_frame(filename: str) -> bool:
+    """True for a frame of oncely's own package or of importlib, not the user's."""
+    if filename.startswith("<frozen importlib"):
+        return True
+    return str(Path(filename).resolve()).startswith(_HIDDEN_DIRS) if filename else False
+
+
 def _print_user_traceback(exc: BaseException) -> None:
     """Print ``exc``'s traceback from the first frame outside oncely and importlib."""
     tb = exc.__traceback__
-    ours = str(Path(__file__).resolve().parents[1])
-    while tb is not None and (
-        tb.tb_frame.f_code.co_filename.startswith(("<frozen importlib", ours))
-        or "importlib" in tb.tb_frame.f_code.co_filename
-    ):
+    while tb is not None and _hidden_frame(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
 

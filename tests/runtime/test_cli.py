@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -149,3 +150,26 @@ def test_help_is_written_for_users(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert "examples:" in out.stdout and example in out.stdout
         assert "``" not in out.stdout
+
+
+def test_the_users_traceback_survives_a_folder_named_like_importlib(tmp_path: Path) -> None:
+    """Frames are skipped by location (importlib's own files), not by a substring of the
+    path: a project in ``importlib_play/`` still sees its own frame."""
+    project = tmp_path / "importlib_play"
+    project.mkdir()
+    (project / "userapp.py").write_text("import oncely\napp = oncely.App()\nundefined_name\n")
+    out = oncely("run", "userapp:app", "--broker", "memory://", cwd=project)
+    assert out.returncode == 2, out.stderr
+    assert f'File "{project / "userapp.py"}", line 3' in out.stderr, out.stderr
+
+
+def test_only_oncely_and_importlib_frames_are_hidden() -> None:
+    from oncely.runtime import cli
+
+    package = Path(cli.__file__).resolve().parents[1]
+    assert cli._hidden_frame(str(package / "runtime" / "cli.py"))
+    assert cli._hidden_frame(importlib.__file__)
+    assert cli._hidden_frame("<frozen importlib._bootstrap>")
+    # Siblings whose names merely start the same are the user's code.
+    assert not cli._hidden_frame(f"{package}_jobs/tasks.py")
+    assert not cli._hidden_frame(f"{package.parent}/importlib_play/userapp.py")
