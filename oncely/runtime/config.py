@@ -44,6 +44,9 @@ __all__ = ["DEFAULT_BROKER", "HandlerSettings", "Settings", "load_settings"]
 DEFAULT_BROKER = "sqlite:///oncely.db"
 """The embedded default: a durable queue in a file next to the worker, no server needed."""
 
+DEFAULT_MEMORY_STORE = "~default"
+"""The store name the process-wide ``memory://`` hub gets by default, shared like the hub."""
+
 ENV_PREFIX = "ONCELY_"
 ENV_CONFIG = "ONCELY_CONFIG"
 ENV_IGNORED = "ONCELY_TEST_"
@@ -111,7 +114,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
         The default keeps the broker's location and drops its options: ``sqlite:///x.db
         ?poll_interval=0.1`` gives the store ``sqlite:///x.db``, ``memory://name`` the memory
-        store of that name, and a private ``MemoryBroker()`` a private memory store.
+        store of that name, the process-wide hub ``memory://`` the process-wide store
+        ``memory://~default``, and a private ``MemoryBroker()`` a private memory store.
 
         Args:
             broker_url: the broker actually in use, when it is not ``self.broker`` (for a
@@ -125,9 +129,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             # The broker's options (poll_interval, ...) mean nothing to the store.
             return broker.split("?", 1)[0].split("#", 1)[0]
         if parts.scheme == "memory":
-            # MemoryBroker() names its private hub "memory://<private>": no name to share.
-            name = "" if parts.netloc.startswith("<") else parts.netloc
-            return f"memory://{name}"
+            if parts.netloc.startswith("<"):
+                # MemoryBroker() names its private hub "memory://<private>": no name to share.
+                return "memory://"
+            # memory:// is one hub shared by the whole process, but a store URL without a
+            # name is private to one store: name it, or each Worker would forget the keys.
+            return f"memory://{parts.netloc or DEFAULT_MEMORY_STORE}"
         return None
 
 

@@ -156,7 +156,7 @@ def test_values_assigned_after_load_are_checked_by_the_worker() -> None:
         ("sqlite:////abs/x.db?poll_interval=0.1&max_poll_interval=1", "sqlite:////abs/x.db"),
         ("sqlite:///x.db", "sqlite:///x.db"),
         ("memory://hub", "memory://hub"),
-        ("memory://", "memory://"),
+        ("memory://", "memory://~default"),
         ("memory://<private>", "memory://"),
         ("amqp://guest:guest@localhost/", None),
     ],

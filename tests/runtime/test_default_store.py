@@ -66,3 +66,21 @@ async def test_effectively_once_runs_on_the_default_store(
         if isinstance(broker, Broker):
             await broker.aclose()
     assert sorted(runs) == [1, 2]
+
+
+async def test_the_default_memory_hub_keeps_its_keys_across_workers(unique: str) -> None:
+    """``memory://`` is one hub shared by the whole process, so its default store is shared
+    too: a second Worker on it must not run a key the first one completed."""
+    app = oncely.App(idempotent=True)
+    runs: list[int] = []
+    topic = f"jobs-{unique}"
+
+    @app.handler(topic)
+    async def handle(job: dict[str, int]) -> None:
+        runs.append(job["n"])
+
+    for _ in range(2):
+        async with oncely.Worker(app, broker="memory://") as worker:
+            await app.publish(topic, {"n": 1}, key=unique)
+            await eventually(lambda: worker.stats.processed + worker.stats.duplicates >= 1)
+    assert runs == [1], "the second Worker ran a key the first one completed"
