@@ -194,7 +194,25 @@ def load_settings(
         # strict=False lets "8" from the environment become 8 and "true" become True.
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid setting: {exc}") from None
+        raise ConfigError(f"invalid setting: {_name_handler(exc, merged)}") from None
+
+
+def _name_handler(exc: msgspec.ValidationError, merged: Mapping[str, Any]) -> str:
+    """msgspec's message, with its ``$.handlers[...]`` (any handler) replaced by the one."""
+    message = str(exc)
+    marker = "`$.handlers[...]"
+    handlers = merged.get("handlers")
+    if marker not in message or not isinstance(handlers, Mapping):
+        return message
+    for name, table in handlers.items():
+        try:
+            msgspec.convert(table, HandlerSettings, strict=False)
+        except msgspec.ValidationError as inner:
+            # "what" alone, or "what - at `$.concurrency`": say which handler's table.
+            what, at, path = str(inner).partition(" - at `$.")
+            key = f" {path.rstrip('`')}" if at else ""
+            return f"{what} - at `[handlers.{_quote(str(name))}]{key}`"
+    return message
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -174,3 +174,26 @@ def test_sqlite_store_rejects_broker_options() -> None:
 
     with pytest.raises(ConfigError, match=r"unknown option.*poll_interval"):
         store_from_url("sqlite:///x.db?poll_interval=0.1")
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            '[handlers."shop.place"]\ntimout = 3',
+            "invalid setting: Object contains unknown field `timout` - at "
+            '`[handlers."shop.place"]`',
+        ),
+        (
+            "[handlers.a]\ntimeout = 3\n[handlers.b]\nconcurrency = 1.5",
+            "invalid setting: Expected `int | null`, got `float` - at `[handlers.b] concurrency`",
+        ),
+    ],
+)
+def test_a_bad_handler_table_is_named(tmp_path: Path, toml: str, message: str) -> None:
+    """msgspec writes ``$.handlers[...]`` for any handler; the error must say which one."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=cfg, environ={})
+    assert str(caught.value) == message
