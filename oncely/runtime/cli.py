@@ -93,7 +93,8 @@ examples:
   oncely dlq list orders --limit 10 | jq -r .reason"""
 
 DLQ_REPLAY_HELP = """\
-Move a topic's dead letters back to the topic, with their attempt count reset."""
+Move a topic's dead letters back to the topic, with their attempt count reset. An --id that
+is not among them (misspelt, or already replayed) is reported and the exit status is 2."""
 
 DLQ_REPLAY_EPILOG = """\
 examples:
@@ -377,6 +378,15 @@ async def _cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     async with broker:
         moved = await broker.replay(args.topic, ids=args.ids)
     print(f"replayed {moved} message(s) to {args.topic!r}")
+    asked = len(set(args.ids or ()))
+    if moved < asked:
+        # replay() counts what moved; the rest of the ids named nothing in the DLQ.
+        print(
+            f"oncely: error: {asked - moved} of the {asked} ids given are not dead letters of "
+            f"{args.topic!r} (misspelt, or already replayed)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     return 0
 
 

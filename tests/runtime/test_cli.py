@@ -173,3 +173,17 @@ def test_only_oncely_and_importlib_frames_are_hidden() -> None:
     # Siblings whose names merely start the same are the user's code.
     assert not cli._hidden_frame(f"{package}_jobs/tasks.py")
     assert not cli._hidden_frame(f"{package.parent}/importlib_play/userapp.py")
+
+
+def test_replay_of_ids_that_are_not_dead_letters_is_an_error(tmp_path: Path) -> None:
+    """A misspelt or already replayed ``--id`` must not read as success."""
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    out = oncely("dlq", "replay", "jobs", "--id", "nope1", "--id", "nope2", "--broker", url)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "replayed 0 message(s) to 'jobs'" in out.stdout
+    assert out.stderr.strip() == (
+        "oncely: error: 2 of the 2 ids given are not dead letters of 'jobs' "
+        "(misspelt, or already replayed)"
+    )
+    # Without --id there is nothing to have missed: an empty queue is not an error.
+    assert oncely("dlq", "replay", "jobs", "--broker", url).returncode == 0
