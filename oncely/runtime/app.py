@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-import msgspec
-import msgspec.inspect
-
 from oncely.errors import ConfigError
+from oncely.runtime._signature import default_name, handler_signature
 from oncely.runtime.codec import Decoder
 from oncely.runtime.retry import RetryPolicy
 
@@ -264,9 +260,9 @@ class App:
             chosen = "at_least_once"
         if transactional and chosen != "effectively_once":
             raise ConfigError(f"{where}: transactional=True needs guarantee='effectively_once'")
-        payload_type, wants_context = _signature(fn, where)
+        payload_type, wants_context = handler_signature(fn, where)
         return HandlerSpec(
-            name=name or _default_name(fn),
+            name=name or default_name(fn),
             topic=topic,
             fn=fn,
             concurrency=concurrency,
@@ -319,133 +315,3 @@ class App:
     def bind(self, publisher: Publisher | None) -> None:
         """Route ``app.publish`` through a running worker's broker (``None`` unbinds)."""
         self._bound = publisher
-
-
-def _default_name(fn: object) -> str:
-    """``module.qualname`` of a function, of a partial's function, or of a callable's class."""
-    target = fn.func if isinstance(fn, functools.partial) else fn
-    if not inspect.isroutine(target):
-        target = type(target)
-    return f"{target.__module__}.{target.__qualname__}"
-
-
-def _is_async(fn: object) -> bool:
-    """True for an async function, a partial of one, or an object with an async ``__call__``."""
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not the instance's
-    return not inspect.isroutine(fn) and inspect.iscoroutinefunction(call)
-
-
-def _signature(fn: Callable[..., Any], where: str) -> tuple[Any, bool]:
-    """The payload type (first parameter) and whether the handler takes a ``Context``.
-
-    A handler is ``async (payload)`` or ``async (payload, ctx)``. The payload's annotation
-    (none means ``Any``) must be a type msgspec can decode JSON into, or ``bytes``. The second
-    parameter receives the ``Context``: unannotated it is taken as one by its position;
-    annotated, it must say ``Context``. Anything else would register fine and then fail on
-    every message, so it is refused here.
-
-    Raises:
-        ConfigError: the handler is not async, takes other parameters, or a type is wrong.
-    """
-    if not _is_async(fn):
-        raise ConfigError(
-            f"{where} must be an async function (async def), or an object with an async "
-            f"__call__; got {type(fn).__name__}"
-        )
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: cannot read its signature: {exc}") from None
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if not 1 <= len(params) <= 2 or any(p.kind not in positional for p in params):
-        shown = ", ".join(str(p) for p in params)
-        raise ConfigError(
-            f"{where} must take (payload) or (payload, ctx: oncely.Context), got ({shown})"
-        )
-    target: Any = fn
-    if isinstance(target, functools.partial):
-        target = target.func
-    elif not inspect.isroutine(target):
-        target = type(target).__call__
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception as exc:
-        raise ConfigError(f"{where}: cannot resolve its type annotations: {exc}") from exc
-    payload_type = hints.get(params[0].name, Any)
-    if _is_context(payload_type):
-        raise ConfigError(
-            f"{where}: the Context goes second: (payload, ctx: oncely.Context); the first "
-            "parameter receives the decoded payload"
-        )
-    if len(params) == 2 and params[1].name in hints and not _is_context(hints[params[1].name]):
-        raise ConfigError(
-            f"{where}: its second parameter {params[1].name!r} receives the oncely.Context, "
-            f"but is annotated {_name(hints[params[1].name])}"
-        )
-    _check_decodable(payload_type, where)
-    return payload_type, len(params) == 2
-
-
-def _is_context(annotation: Any) -> bool:
-    from oncely.runtime.context import Context
-
-    return isinstance(annotation, type) and issubclass(annotation, Context)
-
-
-def _name(tp: Any) -> str:
-    return getattr(tp, "__qualname__", None) or repr(tp)
-
-
-def _check_decodable(payload_type: Any, where: str) -> None:
-    """Refuse a payload type msgspec cannot decode JSON into (it would fail every message).
-
-    msgspec builds its decoder lazily and accepts any class at first (a "custom type" it
-    could only decode with a ``dec_hook``, which oncely does not pass), so the type tree is
-    walked for those as well.
-    """
-    if payload_type is bytes:
-        return
-    try:
-        msgspec.json.Decoder(payload_type)
-        info = msgspec.inspect.type_info(payload_type)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: msgspec cannot decode its payload type: {exc}") from None
-    custom = _custom_type(info, "$", set())
-    if custom is not None:
-        path, tp = custom
-        raise ConfigError(
-            f"{where}: msgspec cannot decode JSON into {_name(tp)} (at {path} of the payload "
-            f"type {_name(payload_type)}); use a msgspec.Struct, a dataclass, dict, list, a "
-            "builtin type, or bytes for the raw body"
-        )
-
-
-def _custom_type(info: msgspec.inspect.Type, path: str, seen: set[int]) -> tuple[str, Any] | None:
-    """The first type in ``info``'s tree that msgspec could only decode with a hook."""
-    mi = msgspec.inspect
-    if id(info) in seen:  # a recursive Struct
-        return None
-    seen.add(id(info))
-    if isinstance(info, mi.CustomType):
-        # msgspec decodes into ``object`` as into ``Any``.
-        return None if info.cls is object else (path, info.cls)
-    children: list[tuple[str, mi.Type]] = []
-    if isinstance(info, mi.Metadata):
-        children = [(path, info.type)]
-    elif isinstance(info, mi.UnionType):
-        children = [(path, t) for t in info.types]
-    elif isinstance(info, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
-        children = [(f"{path}[]", info.item_type)]
-    elif isinstance(info, mi.TupleType):
-        children = [(f"{path}[{i}]", t) for i, t in enumerate(info.item_types)]
-    elif isinstance(info, mi.DictType):
-        children = [(f"{path}{{key}}", info.key_type), (f"{path}[]", info.value_type)]
-    elif isinstance(info, mi.StructType | mi.DataclassType | mi.TypedDictType | mi.NamedTupleType):
-        children = [(f"{path}.{f.encode_name}", f.type) for f in info.fields]
-    for child_path, child in children:
-        found = _custom_type(child, child_path, seen)
-        if found is not None:
-            return found
-    return None
