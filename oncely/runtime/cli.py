@@ -325,6 +325,8 @@ async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 async def _cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     if not (math.isfinite(args.delay) and args.delay >= 0):
         raise ConfigError(f"--delay must be a number of seconds >= 0, got {args.delay}")
+    if args.key == "":
+        raise ConfigError("--key must not be empty (is the variable it came from unset?)")
     try:
         payload = json.loads(args.payload)
     except json.JSONDecodeError as exc:

@@ -53,8 +53,14 @@ class Publisher:
 
         Raises:
             TypeError: the payload cannot be encoded.
+            ValueError: ``key`` is an empty string (every such message would share it).
             PublishFailed, ConnectionLost, NotSupported: from the broker.
         """
+        if key is not None and not key:
+            raise ValueError(
+                "key must be a non-empty string (an empty key would be shared by every message "
+                "published with it); pass key=None for none"
+            )
         if not self._connected:
             await self.broker.connect()
             self._connected = True

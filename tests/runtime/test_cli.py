@@ -59,6 +59,11 @@ def test_version() -> None:
             {},
             "--limit must be >= 1, got 0",
         ),
+        (
+            ["publish", "t", "{}", "--key", "", "--broker", "memory://"],
+            {},
+            "--key must not be empty",
+        ),
         (["run", "examples.orders:app", "--concurrency", "0"], {}, "concurrency must be >= 1"),
         (["run", "examples.orders:app", "--grace", "-1"], {}, "grace_period must be >= 0"),
         (["run", "nothere.sub:app"], {}, "cannot import module 'nothere.sub'"),

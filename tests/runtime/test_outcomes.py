@@ -45,3 +45,16 @@ async def test_raise_retry_with_a_reason_retries_then_dead_letters_with_it(uniqu
         (letter,) = await worker.broker.dead_letters("jobs")
     assert runs == [1, 2]
     assert letter.reason.startswith("Retry: db down")
+
+
+@pytest.mark.anyio
+async def test_an_empty_key_is_refused_not_shared_by_every_message(unique: str) -> None:
+    """``key=""`` (an unset variable, say) would make every such message one key."""
+    app = oncely.App()
+
+    @app.handler("jobs")
+    async def handle(_: dict[str, int]) -> None: ...
+
+    async with oncely.Worker(app, broker=f"memory://{unique}"):
+        with pytest.raises(ValueError, match="key must be a non-empty string"):
+            await app.publish("jobs", {}, key="")
