@@ -110,7 +110,7 @@ def test_the_project_tests_read_only_the_test_prefix() -> None:
     import re
 
     tests = Path(__file__).resolve().parents[1]
-    pattern = re.compile(r"""environ(?:\.get)?[\[(]\s*["'](ONCELY_[A-Z0-9_]+)""")
+    pattern = re.compile(r"""(?:environ(?:\.get)?[\[(]|getenv\()\s*["'](ONCELY_[A-Z0-9_]+)""")
     read = {m for f in tests.rglob("*.py") for m in pattern.findall(f.read_text())}
     assert read, "the pattern found no variables at all"
     assert {v for v in read if not v.startswith("ONCELY_TEST_")} == set()
