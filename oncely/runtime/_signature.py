@@ -90,7 +90,8 @@ def _is_context(annotation: Any) -> bool:
 
 
 def _name(tp: Any) -> str:
-    return getattr(tp, "__qualname__", None) or repr(tp)
+    # Only a class by its name: list[X] or X | None would lend it "list" or nothing useful.
+    return tp.__qualname__ if isinstance(tp, type) else repr(tp)
 
 
 def _check_decodable(payload_type: Any, where: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from typing import Any
+from typing import Any, Optional
 
 import msgspec
 import pytest
@@ -65,6 +65,12 @@ async def context_only(ctx: oncely.Context) -> None: ...
 async def second_not_context(p: dict[str, int], meta: dict[str, str]) -> None: ...
 
 
+async def second_optional_context(p: dict[str, int], ctx: Optional[oncely.Context]) -> None: ...  # noqa: UP045
+
+
+async def takes_list_of_opaque(p: list[Opaque]) -> None: ...
+
+
 async def three_params(p: dict[str, int], ctx: oncely.Context, extra: int) -> None: ...
 
 
@@ -92,6 +98,14 @@ class SyncCallable:
         (context_first, "the Context goes second"),
         (context_only, "the Context goes second"),
         (second_not_context, "second parameter 'meta' receives the oncely.Context"),
+        (
+            second_optional_context,
+            r"annotated typing\.Optional\[oncely\.runtime\.context\.Context\]$",
+        ),
+        (
+            takes_list_of_opaque,
+            r"of the payload type list\[tests\.runtime\.test_signatures\.Opaque\]\)",
+        ),
         (three_params, r"must take \(payload\) or \(payload, ctx"),
         (keyword_only, r"must take \(payload\) or \(payload, ctx"),
         (no_params, r"must take \(payload\)"),
