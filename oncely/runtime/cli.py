@@ -24,6 +24,20 @@ from oncely._version import __version__
 from oncely.brokers.base import DeadLetterAdmin
 from oncely.brokers.registry import broker_from_url
 from oncely.errors import ConfigError, NotSupported, OncelyError
+from oncely.runtime._cli_help import (
+    DESCRIPTION,
+    DLQ_EPILOG,
+    DLQ_HELP,
+    DLQ_LIST_EPILOG,
+    DLQ_LIST_HELP,
+    DLQ_REPLAY_EPILOG,
+    DLQ_REPLAY_HELP,
+    EPILOG,
+    PUBLISH_EPILOG,
+    PUBLISH_HELP,
+    RUN_EPILOG,
+    RUN_HELP,
+)
 from oncely.runtime.app import App
 from oncely.runtime.config import Settings, load_settings
 from oncely.runtime.publisher import Publisher
@@ -33,73 +47,6 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-
-DESCRIPTION = """\
-Run effectively-once message handlers, publish messages and manage dead letters.
-
-Settings come from a TOML file (--config or $ONCELY_CONFIG), then ONCELY_* environment
-variables, then these flags, each overriding the one before. The default broker is an
-embedded SQLite queue in ./oncely.db; no server is needed."""
-
-EPILOG = """\
-examples:
-  oncely run shop.tasks:app                         # the embedded SQLite queue
-  oncely run shop.tasks:app --broker amqp://guest:guest@localhost/ --store sqlite:///keys.db
-  oncely publish orders '{"id": "A1", "qty": 2}' --key A1
-  oncely dlq list orders
-  oncely dlq replay orders --id 3f2a...
-
-Bad input (a bad module:app, URL, setting or JSON) prints one line and exits 2; a broker or
-store failure exits 1. Run 'oncely COMMAND --help' for a command's options."""
-
-RUN_HELP = """\
-Import module:app and consume every handler's topic until SIGTERM or SIGINT.
-
-The first signal stops fetching and lets in-flight handlers finish within the grace period;
-a second one stops at once. If the module fails to import, its own traceback is shown,
-followed by a one-line summary, and the exit status is 2."""
-
-RUN_EPILOG = """\
-examples:
-  oncely run shop.tasks:app
-  oncely run shop.tasks:app --concurrency 32 --grace 10
-  oncely run shop.tasks:app --handler shop.tasks.place_order --config oncely.toml"""
-
-PUBLISH_HELP = """\
-Publish one message whose body is the given JSON, and print its message id."""
-
-PUBLISH_EPILOG = """\
-examples:
-  oncely publish orders '{"id": "A1", "qty": 2}'
-  oncely publish orders '{"id": "A1", "qty": 2}' --key A1 --delay 30
-  oncely publish orders '[1, 2]' --header x-source=cli --broker sqlite:///jobs.db"""
-
-DLQ_HELP = """\
-List or replay the messages a topic's handlers dead-lettered (poison payloads, exhausted
-retries, oncely.Reject)."""
-
-DLQ_EPILOG = """\
-examples:
-  oncely dlq list orders --broker amqp://guest:guest@localhost/
-  oncely dlq replay orders"""
-
-DLQ_LIST_HELP = """\
-Print a topic's dead letters, oldest first, one JSON object per line (id, attempt,
-failed_at, reason, body, headers); the count goes to stderr."""
-
-DLQ_LIST_EPILOG = """\
-examples:
-  oncely dlq list orders
-  oncely dlq list orders --limit 10 | jq -r .reason"""
-
-DLQ_REPLAY_HELP = """\
-Move a topic's dead letters back to the topic, with their attempt count reset. An --id that
-is not among them (misspelt, or already replayed) is reported and the exit status is 2."""
-
-DLQ_REPLAY_EPILOG = """\
-examples:
-  oncely dlq replay orders                      # all of them
-  oncely dlq replay orders --id ID1 --id ID2    # only these"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
