@@ -108,12 +108,9 @@ class Worker:
             visibility = o.visibility if o is not None else None
             retry = spec.retry
             if o is not None and o.max_attempts is not None:
-                retry = RetryPolicy(
-                    max_attempts=o.max_attempts,
-                    base=retry.base,
-                    cap=retry.cap,
-                    jitter=retry.jitter,
-                )
+                # Every other field of the code's policy is kept, including any added later.
+                kept = {f: getattr(retry, f) for f in retry.__struct_fields__}
+                retry = RetryPolicy(**{**kept, "max_attempts": o.max_attempts})
             specs.append(
                 replace(
                     spec,

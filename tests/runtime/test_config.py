@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import oncely
@@ -197,3 +198,21 @@ def test_a_bad_handler_table_is_named(tmp_path: Path, toml: str, message: str) -
     with pytest.raises(ConfigError) as caught:
         load_settings(config_file=cfg, environ={})
     assert str(caught.value) == message
+
+
+def test_a_max_attempts_setting_keeps_the_rest_of_the_codes_retry_policy() -> None:
+    """Every field but ``max_attempts`` survives the override, whatever fields there are."""
+    declared = oncely.RetryPolicy()
+    changed: dict[str, object] = {}
+    for f in oncely.RetryPolicy.__struct_fields__:
+        value = getattr(declared, f)
+        changed[f] = (not value) if isinstance(value, bool) else value * 3 + 1
+    policy = oncely.RetryPolicy(**changed)  # type: ignore[arg-type]
+    app = oncely.App()
+
+    @app.handler("a", name="a", retry=policy)
+    async def a(_: object) -> None: ...
+
+    settings = Settings(handlers={"a": HandlerSettings(max_attempts=2)})
+    (spec,) = oncely.Worker(app, broker="memory://", settings=settings).specs
+    assert spec.retry == msgspec.structs.replace(policy, max_attempts=2)
