@@ -87,13 +87,17 @@ class Worker:
         ``[handlers."NAME"]``, then the global ``concurrency``, then the code's declaration
         (see ``oncely.runtime.config``)."""
         self.settings.validate()
+        # The default name is module.function, easy to get wrong: show the names there are.
+        known = f"; the handlers are: {', '.join(self.app.handlers) or '(none)'}"
         unknown = set(self.settings.handlers) - set(self.app.handlers)
         if unknown:
-            raise ConfigError(f"settings name unknown handler(s): {', '.join(sorted(unknown))}")
+            raise ConfigError(
+                f"settings name unknown handler(s): {', '.join(sorted(unknown))}{known}"
+            )
         chosen = list(self.app.handlers) if names is None else names
         missing = [n for n in chosen if n not in self.app.handlers]
         if missing:
-            raise ConfigError(f"unknown handler(s): {', '.join(missing)}")
+            raise ConfigError(f"unknown handler(s): {', '.join(missing)}{known}")
         if not chosen:
             raise ConfigError(f"app {self.app.name!r} has no handlers to run")
         specs = []

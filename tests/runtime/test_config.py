@@ -216,3 +216,24 @@ def test_a_max_attempts_setting_keeps_the_rest_of_the_codes_retry_policy() -> No
     settings = Settings(handlers={"a": HandlerSettings(max_attempts=2)})
     (spec,) = oncely.Worker(app, broker="memory://", settings=settings).specs
     assert spec.retry == msgspec.structs.replace(policy, max_attempts=2)
+
+
+def test_an_unknown_handler_name_lists_the_names_there_are() -> None:
+    """``[handlers.place_order]`` for a handler named ``shop.place_order`` by default: the
+    error must show the name to write, in settings and in ``--handler``."""
+    app = oncely.App()
+
+    @app.handler("a", name="shop.place_order")
+    async def place_order(_: object) -> None: ...
+
+    settings = Settings(handlers={"place_order": HandlerSettings(timeout=5)})
+    with pytest.raises(ConfigError) as caught:
+        oncely.Worker(app, broker="memory://", settings=settings)
+    assert str(caught.value) == (
+        "settings name unknown handler(s): place_order; the handlers are: shop.place_order"
+    )
+    with pytest.raises(ConfigError) as caught:
+        oncely.Worker(app, broker="memory://", handlers=["place_order"])
+    assert (
+        str(caught.value) == "unknown handler(s): place_order; the handlers are: shop.place_order"
+    )
