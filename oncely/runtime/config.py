@@ -3,8 +3,8 @@
 Where a value comes from, lowest first: the defaults, the TOML file, the environment, the CLI
 flags. An unknown key anywhere (a TOML key, an ``ONCELY_*`` variable, a handler name) is an
 error, never silently dropped. Values are checked when the tree is built: a non-positive
-``concurrency``, ``timeout``, ``visibility`` or ``max_attempts``, or a negative
-``grace_period``, is a one-line ``ConfigError`` that names the key.
+``concurrency``, ``timeout``, ``visibility``, ``max_attempts`` or ``grace_period`` is a
+one-line ``ConfigError`` that names the key.
 
 What a handler runs with, most specific first (explicit ``None`` checks, so ``0`` is never
 mistaken for "unset"):
@@ -101,7 +101,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 number > 0, got 0``.
         """
         _check(self.concurrency, "concurrency", minimum=1)
-        _check(self.grace_period, "grace_period", minimum=0)
+        # Issue 6: a grace of 0 would cancel every in-flight handler at the first SIGTERM;
+        # "stop at once" is the second signal's job, not a setting.
+        _check(self.grace_period, "grace_period")
         for name, o in self.handlers.items():
             where = f"[handlers.{_quote(name)}] "
             _check(o.concurrency, where + "concurrency", minimum=1)

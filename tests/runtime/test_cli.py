@@ -65,7 +65,7 @@ def test_version() -> None:
             "--key must not be empty",
         ),
         (["run", "examples.orders:app", "--concurrency", "0"], {}, "concurrency must be >= 1"),
-        (["run", "examples.orders:app", "--grace", "-1"], {}, "grace_period must be >= 0"),
+        (["run", "examples.orders:app", "--grace", "-1"], {}, "grace_period must be a number > 0"),
         (["run", "nothere.sub:app"], {}, "cannot import module 'nothere.sub'"),
     ],
 )

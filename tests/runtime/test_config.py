@@ -64,7 +64,8 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
     ("toml", "message"),
     [
         ("concurrency = -2", "concurrency must be >= 1, got -2"),
-        ("grace_period = -1", "grace_period must be >= 0, got -1"),
+        ("grace_period = -1", "grace_period must be a number > 0, got -1"),
+        ("grace_period = 0", "grace_period must be a number > 0, got 0"),
         ("[handlers.h]\ntimeout = 0", "[handlers.h] timeout must be a number > 0, got 0"),
         ("[handlers.h]\ntimeout = -5", "[handlers.h] timeout must be a number > 0, got -5"),
         ("[handlers.h]\nvisibility = 0", "[handlers.h] visibility must be a number > 0"),
@@ -89,7 +90,7 @@ def test_out_of_range_values_are_one_line_errors_naming_the_key(
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("ONCELY_GRACE_PERIOD", "-1", "grace_period must be >= 0"),
+        ("ONCELY_GRACE_PERIOD", "-1", "grace_period must be a number > 0"),
         ("ONCELY_CONCURRENCY", "0", "concurrency must be >= 1"),
     ],
 )
