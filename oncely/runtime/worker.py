@@ -7,6 +7,21 @@ embeds in any running asyncio application::
         await serve_http()   # the worker consumes in the background meanwhile
 
 Only the CLI maps SIGTERM/SIGINT to ``stop()``.
+
+Consume loops are supervised. What ends one decides what happens next:
+
+- a ``BrokerError`` (connection lost, channel closed, a fetch failed): transient, so the loop
+  resubscribes with a backoff from 0.1 s up to 5 s, however long it takes;
+- a ``ConfigError``, ``NotSupported``, ``ValueError`` or ``TypeError`` (``visibility=-1``, a
+  bad topic name): a mistake no retry will fix, so the worker **stops** at once;
+- anything else (a third-party adapter's ``RuntimeError``, say): logged with its traceback and
+  resubscribed with the same backoff, but ``MAX_UNEXPECTED`` such failures in a row without a
+  delivery in between also stop the worker;
+- a subscription that ends on its own while the worker runs: resubscribed, with a warning.
+
+A worker that stops itself logs the cause with its traceback and keeps it in ``failure``;
+``wait_stopped()`` then raises ``WorkerFailed``, so ``oncely run`` exits 1. A worker never
+sits idle while it claims to consume.
 """
 
 from __future__ import annotations
@@ -17,7 +32,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from oncely.brokers.registry import broker_from_url
-from oncely.errors import BrokerError, ConfigError, OncelyError
+from oncely.errors import BrokerError, ConfigError, NotSupported, OncelyError, WorkerFailed
 from oncely.runtime._process import Runner
 from oncely.runtime.config import Settings
 from oncely.runtime.publisher import Publisher
@@ -39,6 +54,12 @@ log = logging.getLogger("oncely.worker")
 
 RESUBSCRIBE_DELAY = (0.1, 5.0)
 """First and largest pause before re-subscribing after the broker failed a fetch."""
+
+MAX_UNEXPECTED = 5
+"""Unexpected consume failures in a row (no delivery between them) that stop the worker."""
+
+_FATAL = (ConfigError, NotSupported, ValueError, TypeError)
+"""Consume errors no retry can fix: they stop the worker."""
 
 
 class Worker:
@@ -80,7 +101,13 @@ class Worker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None
+        self._deadline = 0.0
         self._started = False
+        self._publisher: Publisher | None = None
+        self._self_stop: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None
+        """What stopped the worker on its own (see the module docstring), else ``None``."""
 
     def _select(self, names: list[str] | None) -> list[HandlerSpec]:
         unknown = set(self.settings.handlers) - set(self.app.handlers)
@@ -129,6 +156,7 @@ class Worker:
         self._started = True
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._hurry = asyncio.Event()
         try:
             await self._connect()
         except BaseException:
@@ -142,6 +170,7 @@ class Worker:
         except BaseException:
             await self._close_owned()
             raise
+        self._publisher = publisher
         self.app.bind(publisher)
         for spec in self.specs:
             runner = Runner(
@@ -153,7 +182,9 @@ class Worker:
                 fail_open=self.settings.fail_open,
             )
             self._runners.append(runner)
-            self._loops.append(asyncio.create_task(self._consume(runner), name=spec.name))
+            loop = asyncio.create_task(self._consume(runner), name=f"consume:{spec.name}")
+            loop.add_done_callback(self._loop_done)
+            self._loops.append(loop)
         log.info(
             "worker started: %d handler(s) on %s", len(self.specs), self.broker.url or "broker"
         )
@@ -191,9 +222,13 @@ class Worker:
             visibility = max(visibility, spec.timeout * 1.5 + 5)
         slots = asyncio.Semaphore(spec.concurrency)
         pause = RESUBSCRIBE_DELAY[0]
+        unexpected = 0
         while not self._stopping.is_set():
-            sub = self.broker.consume(spec.topic, prefetch=spec.concurrency, visibility=visibility)
+            sub: Subscription | None = None
             try:
+                sub = self.broker.consume(
+                    spec.topic, prefetch=spec.concurrency, visibility=visibility
+                )
                 while True:
                     await slots.acquire()
                     try:
@@ -201,13 +236,19 @@ class Worker:
                     except BaseException:
                         slots.release()
                         raise
-                    pause = RESUBSCRIBE_DELAY[0]
+                    pause, unexpected = RESUBSCRIBE_DELAY[0], 0
                     self._spawn(runner, delivery, slots)
             except StopAsyncIteration:
-                return
+                if self._stopping.is_set():
+                    return
+                log.warning("%s: subscription to %s ended; resubscribing", spec.name, spec.topic)
             except asyncio.CancelledError:
                 raise
-            except OncelyError as exc:
+            except _FATAL as exc:
+                self._fail(f"{spec.name}: consuming {spec.topic!r} cannot work", exc)
+                return
+            except BrokerError as exc:
+                self.stats.consume_errors += 1
                 log.error(
                     "%s: consuming %s failed, resubscribing in %.1fs: %s",
                     spec.name,
@@ -215,12 +256,47 @@ class Worker:
                     pause,
                     exc,
                 )
+            except Exception as exc:
+                self.stats.consume_errors += 1
+                unexpected += 1
+                if unexpected >= MAX_UNEXPECTED:
+                    self._fail(
+                        f"{spec.name}: consuming {spec.topic!r} failed {unexpected} times in a row",
+                        exc,
+                    )
+                    return
+                log.exception(
+                    "%s: consuming %s failed unexpectedly (%d in a row), resubscribing in %.1fs",
+                    spec.name,
+                    spec.topic,
+                    unexpected,
+                    pause,
+                )
             finally:
-                await asyncio.shield(self._close_sub(sub))
+                if sub is not None:
+                    await asyncio.shield(self._close_sub(sub))
             try:
                 await asyncio.wait_for(self._stopping.wait(), pause)
             except TimeoutError:
                 pause = min(pause * 2, RESUBSCRIBE_DELAY[1])
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        """Stop the worker loudly: a consume loop cannot go on."""
+        log.critical("%s; stopping the worker", what, exc_info=exc)
+        if self.failure is None:
+            self.failure = exc
+        if self._self_stop is None:
+            self._self_stop = asyncio.create_task(self.stop(), name="oncely:self-stop")
+
+    def _loop_done(self, task: asyncio.Task[None]) -> None:
+        # _consume catches everything; this is the last line should that ever change.
+        if self.failure is not None:
+            return
+        if task.cancelled() or task.exception() is None:
+            if self._stopping is not None and not self._stopping.is_set():
+                self._fail(f"consume loop {task.get_name()} ended", RuntimeError("loop ended"))
+            return
+        self._fail(f"consume loop {task.get_name()} died", task.exception())  # type: ignore[arg-type]
 
     def _spawn(self, runner: Runner, delivery: Delivery, slots: asyncio.Semaphore) -> None:
         task = asyncio.create_task(runner.run(delivery))
@@ -246,23 +322,31 @@ class Worker:
 
         Handlers still running after ``grace`` seconds (default ``settings.grace_period``) are
         cancelled; each releases its idempotency lease and nacks its message with no delay so
-        another worker takes it at once. Nothing is acked that did not finish. Idempotent.
+        another worker takes it at once. Nothing is acked that did not finish. Idempotent: a
+        second call while the first drains waits for it, and cuts the drain short if its
+        ``grace`` ends sooner (a second signal stops at once).
         """
         if not self._started or self._stopping is None or self._stopped is None:
             return
+        assert self._hurry is not None
+        loop = asyncio.get_running_loop()
+        grace = self.settings.grace_period if grace is None else grace
+        deadline = loop.time() + max(grace, 0.0)
         if self._stopping.is_set():
+            if deadline < self._deadline:
+                self._deadline = deadline
+                self._hurry.set()
             await self._stopped.wait()
             return
         self._stopping.set()
-        grace = self.settings.grace_period if grace is None else grace
-        for loop in self._loops:
-            loop.cancel()
+        self._deadline = deadline
+        for task in self._loops:
+            if task is not asyncio.current_task():
+                task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._inflight:
             log.info("draining %d in-flight handler(s), up to %.1fs", len(self._inflight), grace)
-            pending = set(self._inflight)
-            if grace > 0:
-                _, pending = await asyncio.wait(pending, timeout=grace)
+            pending = await self._drain(set(self._inflight))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -273,10 +357,30 @@ class Worker:
                 await hook()
             except Exception:
                 log.exception("shutdown hook %r failed", hook)
-        self.app.bind(None)
+        if self._publisher is not None:
+            self.app.unbind(self._publisher)
         await self._close_owned()
         self._stopped.set()
         log.info("worker stopped: %s", self.stats.as_dict())
+
+    async def _drain(self, pending: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
+        """Wait for ``pending`` until the deadline, which a later ``stop()`` may bring in."""
+        assert self._hurry is not None
+        loop = asyncio.get_running_loop()
+        while pending:
+            remaining = self._deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._hurry.clear()
+            hurry = asyncio.create_task(self._hurry.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {*pending, hurry}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                hurry.cancel()
+            pending -= done
+        return pending
 
     async def _close_owned(self) -> None:
         for resource in reversed(self._owned):
@@ -287,10 +391,19 @@ class Worker:
         self._owned.clear()
 
     async def wait_stopped(self) -> None:
-        """Wait until ``stop()`` has finished (for a CLI or a supervisor task)."""
+        """Wait until ``stop()`` has finished (for a CLI or a supervisor task).
+
+        Raises:
+            WorkerFailed: the worker stopped itself because a consume loop could not go on
+                (the cause is ``failure``, and its traceback was logged).
+        """
         if self._stopped is None:
             raise RuntimeError("worker not started")
         await self._stopped.wait()
+        if self.failure is not None:
+            raise WorkerFailed(
+                f"the worker stopped: {type(self.failure).__name__}: {self.failure}"
+            ) from self.failure
 
     @property
     def in_flight(self) -> int:
