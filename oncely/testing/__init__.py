@@ -11,13 +11,16 @@ from __future__ import annotations
 import pytest
 
 # The cases live outside the test tree; this makes their failed asserts show values too.
-pytest.register_assert_rewrite("oncely.testing.brokers", "oncely.testing.stores")
+pytest.register_assert_rewrite(
+    "oncely.testing.brokers", "oncely.testing.runtime", "oncely.testing.stores"
+)
 
 from oncely.testing.brokers import (  # noqa: E402
     BrokerConformance,
     BrokerFactory,
     BrokerFeatures,
 )
+from oncely.testing.runtime import RuntimeConformance, RuntimeFeatures  # noqa: E402
 from oncely.testing.stores import (  # noqa: E402
     StoreConformance,
     StoreFactory,
@@ -28,6 +31,8 @@ __all__ = [
     "BrokerConformance",
     "BrokerFactory",
     "BrokerFeatures",
+    "RuntimeConformance",
+    "RuntimeFeatures",
     "StoreConformance",
     "StoreFactory",
     "StoreFeatures",
