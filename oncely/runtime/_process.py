@@ -63,6 +63,7 @@ class Runner:
         self.stats = stats
         self.fail_open = fail_open
         self._results = Decoder(spec.result_type)
+        self._finishing: dict[asyncio.Future[None], Delivery] = {}
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.keys = (
             Keys(spec.name, store, stats, visibility=spec.visibility)
@@ -78,7 +79,10 @@ class Runner:
         )
 
     async def aclose(self) -> None:
-        """Stop the heartbeat; call once no delivery of this handler runs any more."""
+        """Finish recording successes cut short by a cancel, then stop the heartbeat; call
+        once no delivery of this handler runs any more."""
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
         await self.heartbeat.aclose()
 
     async def run(self, delivery: Delivery) -> None:
@@ -87,7 +91,7 @@ class Runner:
         try:
             await self._run(delivery)
         except asyncio.CancelledError:
-            if not is_settled(delivery):
+            if not is_settled(delivery) and delivery not in self._finishing.values():
                 # Cancelled before the handler ran (shutdown): give it straight back.
                 await asyncio.shield(self.settle.nack(delivery, 0.0, defer=True))
             raise
@@ -214,7 +218,6 @@ class Runner:
     async def _execute(
         self, delivery: Delivery, payload: Any, key: str | None, lease: Lease | None
     ) -> None:
-        keys = self.keys
         try:
             result = await self._call(delivery, payload, key, lease)
         except asyncio.CancelledError:
@@ -239,13 +242,27 @@ class Runner:
             reason = f"{type(exc).__name__}: {exc}"
             await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
         else:
-            if lease is not None and keys is not None:
-                if self.spec.transactional:
-                    keys.finished(lease.key)  # the transaction recorded the completion
-                else:
-                    await keys.complete(lease, result, self.spec.result_ttl)
-            if await self.settle.ack(delivery):
-                self.stats.processed += 1
+            # The effect happened: recording it and acking are not cut short by a shutdown
+            # cancel (a give-back now would run the effect again). aclose() waits for it.
+            finish = asyncio.ensure_future(self._succeeded(delivery, lease, result))
+            try:
+                await asyncio.shield(finish)
+            except asyncio.CancelledError:
+                self._finishing[finish] = delivery
+                finish.add_done_callback(self._finishing.pop)
+                raise
+
+    async def _succeeded(
+        self, delivery: Delivery, lease: Lease | None, result: bytes | None
+    ) -> None:
+        keys = self.keys
+        if lease is not None and keys is not None:
+            if self.spec.transactional:
+                keys.finished(lease.key)  # the transaction recorded the completion
+            else:
+                await keys.complete(lease, result, self.spec.result_ttl)
+        if await self.settle.ack(delivery):
+            self.stats.processed += 1
 
     async def _call(
         self, delivery: Delivery, payload: Any, key: str | None, lease: Lease | None

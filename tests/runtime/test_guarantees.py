@@ -273,3 +273,36 @@ async def test_one_app_serves_two_workers(unique: str) -> None:
         # The first worker still runs, and app.publish goes through it now.
         await app.publish("t", {"via": "a"})
         await eventually(lambda: seen == ["b", "a"])
+
+
+async def test_a_shutdown_cancel_does_not_cut_short_the_record_of_a_finished_effect(
+    unique: str,
+) -> None:
+    class SlowComplete(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered = asyncio.Event()
+            self.gate = asyncio.Event()
+
+        async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
+            self.entered.set()
+            await self.gate.wait()
+            await super().complete(key, token, result, ttl)
+
+    app = oncely.App()
+
+    @app.handler("t", name="h", idempotent=True)
+    async def handle(_: Any) -> None: ...
+
+    store = SlowComplete()
+    worker = oncely.Worker(app, broker=f"memory://{unique}", store=store)
+    await worker.start()
+    await app.publish("t", {}, key="k")
+    await store.entered.wait()
+    stopping = asyncio.create_task(worker.stop(grace=0))
+    await eventually(lambda: worker.in_flight == 0)  # the handler's task was cancelled
+    store.gate.set()
+    await stopping
+    assert worker.stats.processed == 1 and worker.stats.cancelled == 0
+    begun = await store.begin("h:k", fingerprint(encode({})), 30)
+    assert begun.outcome is oncely.Outcome.COMPLETED
