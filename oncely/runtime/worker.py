@@ -11,11 +11,11 @@ Only the CLI maps SIGTERM/SIGINT to ``stop()``.
 Consume loops are supervised. What ends one decides what happens next:
 
 - a ``BrokerError`` (connection lost, channel closed, a fetch failed): transient, so the loop
-  resubscribes with a backoff from 0.1 s up to 5 s, however long it takes;
+  resubscribes with a backoff from 0.1 s up to 5 s (``RESUBSCRIBE_DELAY``), however long it takes;
 - a ``ConfigError``, ``NotSupported``, ``ValueError`` or ``TypeError`` (``visibility=-1``, a
   bad topic name): a mistake no retry will fix, so the worker **stops** at once;
 - anything else (a third-party adapter's ``RuntimeError``, say): logged with its traceback and
-  resubscribed with the same backoff, but ``MAX_UNEXPECTED`` such failures in a row without a
+  resubscribed with the same backoff, but ``MAX_UNEXPECTED`` (5) such failures in a row without a
   delivery in between also stop the worker;
 - a subscription that ends on its own while the worker runs: resubscribed, with a warning.
 
@@ -32,7 +32,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from oncely.brokers.registry import broker_from_url
-from oncely.errors import BrokerError, ConfigError, NotSupported, OncelyError, WorkerFailed
+from oncely.errors import ConfigError, OncelyError, WorkerFailed
+from oncely.runtime._consume import ConsumeLoop
 from oncely.runtime._process import Runner
 from oncely.runtime.config import Settings
 from oncely.runtime.publisher import Publisher
@@ -45,21 +46,12 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Self
 
-    from oncely.brokers.base import Broker, Delivery, Subscription
+    from oncely.brokers.base import Broker, Delivery
     from oncely.runtime.app import App, HandlerSpec
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("oncely.worker")
-
-RESUBSCRIBE_DELAY = (0.1, 5.0)
-"""First and largest pause before re-subscribing after the broker failed a fetch."""
-
-MAX_UNEXPECTED = 5
-"""Unexpected consume failures in a row (no delivery between them) that stop the worker."""
-
-_FATAL = (ConfigError, NotSupported, ValueError, TypeError)
-"""Consume errors no retry can fix: they stop the worker."""
 
 
 class Worker:
@@ -213,72 +205,11 @@ class Worker:
         await self.broker.connect()
 
     async def _consume(self, runner: Runner) -> None:
-        spec = runner.spec
         assert self.broker is not None and self._stopping is not None
-        # Without per-message extend, the broker's own redelivery timer must outlast the
-        # handler, because no heartbeat can push it out.
-        visibility = spec.visibility
-        if not self.broker.capabilities.extend:
-            visibility = max(visibility, spec.timeout * 1.5 + 5)
-        slots = asyncio.Semaphore(spec.concurrency)
-        pause = RESUBSCRIBE_DELAY[0]
-        unexpected = 0
-        while not self._stopping.is_set():
-            sub: Subscription | None = None
-            try:
-                sub = self.broker.consume(
-                    spec.topic, prefetch=spec.concurrency, visibility=visibility
-                )
-                while True:
-                    await slots.acquire()
-                    try:
-                        delivery = await sub.__anext__()
-                    except BaseException:
-                        slots.release()
-                        raise
-                    pause, unexpected = RESUBSCRIBE_DELAY[0], 0
-                    self._spawn(runner, delivery, slots)
-            except StopAsyncIteration:
-                if self._stopping.is_set():
-                    return
-                log.warning("%s: subscription to %s ended; resubscribing", spec.name, spec.topic)
-            except asyncio.CancelledError:
-                raise
-            except _FATAL as exc:
-                self._fail(f"{spec.name}: consuming {spec.topic!r} cannot work", exc)
-                return
-            except BrokerError as exc:
-                self.stats.consume_errors += 1
-                log.error(
-                    "%s: consuming %s failed, resubscribing in %.1fs: %s",
-                    spec.name,
-                    spec.topic,
-                    pause,
-                    exc,
-                )
-            except Exception as exc:
-                self.stats.consume_errors += 1
-                unexpected += 1
-                if unexpected >= MAX_UNEXPECTED:
-                    self._fail(
-                        f"{spec.name}: consuming {spec.topic!r} failed {unexpected} times in a row",
-                        exc,
-                    )
-                    return
-                log.exception(
-                    "%s: consuming %s failed unexpectedly (%d in a row), resubscribing in %.1fs",
-                    spec.name,
-                    spec.topic,
-                    unexpected,
-                    pause,
-                )
-            finally:
-                if sub is not None:
-                    await asyncio.shield(self._close_sub(sub))
-            try:
-                await asyncio.wait_for(self._stopping.wait(), pause)
-            except TimeoutError:
-                pause = min(pause * 2, RESUBSCRIBE_DELAY[1])
+        loop = ConsumeLoop(
+            self.broker, runner, self._stopping, self.stats, spawn=self._spawn, fail=self._fail
+        )
+        await loop.run()
 
     def _fail(self, what: str, exc: BaseException) -> None:
         """Stop the worker loudly: a consume loop cannot go on."""
@@ -309,13 +240,6 @@ class Worker:
                 log.error("%s: unexpected error", runner.spec.name, exc_info=t.exception())
 
         task.add_done_callback(done)
-
-    @staticmethod
-    async def _close_sub(sub: Subscription) -> None:
-        try:
-            await sub.aclose()
-        except BrokerError as exc:
-            log.warning("closing a subscription failed: %s", exc)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop fetching, let in-flight handlers finish, then close.
