@@ -90,6 +90,9 @@ class Keys:
             except TimeoutError:
                 break
         if begun.outcome is Outcome.NEW:
+            stale = self._held.get(key)
+            if stale is not None:  # a lease of ours expired and was taken over: re-check
+                stale.set()
             self._held[key] = asyncio.Event()
         if begun.outcome is not Outcome.IN_PROGRESS:
             self._deferrals.pop(key, None)

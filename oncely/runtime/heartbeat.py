@@ -113,7 +113,14 @@ class Heartbeat:
         while True:
             await asyncio.sleep(self.interval)
             if self._active:
-                await asyncio.gather(*(self._beat(a) for a in list(self._active)))
+                await asyncio.gather(*(self._bounded(a) for a in list(self._active)))
+
+    async def _bounded(self, active: Active) -> None:
+        # A backend call that hangs must not hold up the next beat of every other delivery.
+        try:
+            await asyncio.wait_for(self._beat(active), self.interval)
+        except TimeoutError:
+            self._failed(active, "beat (timed out)", active.delivery.id)
 
     async def _beat(self, active: Active) -> None:
         """Beat one delivery; never raises (except on cancel)."""
@@ -148,7 +155,7 @@ class Heartbeat:
             return  # finished meanwhile; the failure no longer matters
         self.stats.heartbeat_errors += 1
         exc = sys.exc_info()[1]
-        if isinstance(exc, BrokerError | StoreError):
+        if isinstance(exc, BrokerError | StoreError | TimeoutError):
             log.warning("%s: could not %s %s: %r", self.name, what, name, exc)
         else:
             log.exception("%s: could not %s %s", self.name, what, name)

@@ -212,3 +212,31 @@ async def test_a_second_stop_with_less_grace_cuts_the_drain_short(unique: str) -
     await asyncio.wait_for(worker.stop(grace=0), 5)  # without the fix: waits out the 30 s
     await first
     assert worker.stats.cancelled == 1 and worker.stats.processed == 0
+
+
+async def test_a_hanging_beat_does_not_hold_up_the_others(unique: str) -> None:
+    hang = asyncio.Event()
+
+    class HangingStore(FaultyStore):
+        async def renew(self, key: str, token: str, lease: float) -> None:
+            if key.endswith(":stuck"):
+                await hang.wait()  # a backend call that never returns
+            await super().renew(key, token, lease)
+
+    store = HangingStore()
+    broker = WrappedBroker(MemoryBroker(unique))
+    app = oncely.App()
+    release = asyncio.Event()
+
+    @app.handler("t", name="h", idempotent=True, visibility=0.3, concurrency=2)
+    async def handle(_: Any) -> None:
+        await release.wait()
+
+    async with oncely.Worker(app, broker=broker, store=store) as worker:
+        ids = {k: await app.publish("t", {}, key=k) for k in ("stuck", "fine")}
+        await eventually(lambda: store.renewals.get("h:fine", 0) >= 4)
+        assert broker.extends.get(ids["fine"], 0) >= 4
+        assert worker.stats.heartbeat_errors >= 3  # the stuck renewals, each timed out
+        release.set()
+        hang.set()
+        await eventually(lambda: worker.stats.processed == 2)
