@@ -62,7 +62,7 @@ class Runner:
         self.publisher = publisher
         self.stats = stats
         self.fail_open = fail_open
-        self._results = Decoder(spec.result_type)
+        self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
         self._finishing: dict[asyncio.Future[None], Delivery] = {}
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.keys = (

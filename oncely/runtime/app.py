@@ -27,6 +27,8 @@ MissingKey = Literal["process", "reject"]
 
 _GUARANTEES = typing.get_args(Guarantee)
 _MISSING = typing.get_args(MissingKey)
+_KEYED = ("auto", "message_id")
+"""Key sources that yield a key for every message."""
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None]])
@@ -286,15 +288,7 @@ class App:
         if transactional and chosen != "effectively_once":
             raise ConfigError(f"{where}: transactional=True needs guarantee='effectively_once'")
         key_source = KeySource.parse(key)
-        if (
-            transactional
-            and on_missing_key == "process"
-            and key_source.kind
-            not in (
-                "auto",
-                "message_id",
-            )
-        ):
+        if transactional and on_missing_key == "process" and key_source.kind not in _KEYED:
             # Without a key there is no lease, so no transaction: the handler would run with
             # ctx.transaction None and fail on ctx.connection, on every delivery.
             raise ConfigError(
@@ -308,12 +302,9 @@ class App:
             if not inspect.iscoroutinefunction(on_duplicate):
                 raise ConfigError(f"{where}: on_duplicate must be an async function")
         payload_type, wants_context = _signature(fn, where)
-        try:
-            result_type = typing.get_type_hints(fn).get("return", Any)
-        except Exception:
-            result_type = Any
-        if result_type is None or result_type is type(None):
-            result_type = Any
+        result_type: Any = Any
+        if on_duplicate is not None:
+            result_type = _result_type(fn, where)
         return HandlerSpec(
             name=name or f"{fn.__module__}.{fn.__qualname__}",
             topic=topic,
@@ -381,6 +372,23 @@ class App:
             if self._bound[i] is publisher:
                 del self._bound[i]
                 return
+
+
+def _result_type(fn: Callable[..., Any], where: str) -> Any:
+    """The handler's return annotation, which ``on_duplicate`` results are decoded into."""
+    try:
+        hint = typing.get_type_hints(fn).get("return", Any)
+    except Exception as exc:
+        raise ConfigError(f"{where}: cannot resolve its type annotations: {exc}") from exc
+    if hint is None or hint is type(None):
+        return Any
+    try:
+        Decoder(hint)
+    except TypeError as exc:
+        raise ConfigError(
+            f"{where}: on_duplicate needs a return annotation msgspec can decode: {exc}"
+        ) from exc
+    return hint
 
 
 def _signature(fn: Callable[..., Any], where: str) -> tuple[Any, bool]:
