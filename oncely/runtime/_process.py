@@ -125,6 +125,12 @@ class Runner:
                 # A key function that fails on this payload will fail on every redelivery.
                 await self.settle.dead_letter(delivery, f"key extraction failed: {exc!r}")
                 return
+            if key is None and spec.transactional:
+                # No key, no lease, no transaction: the handler cannot run as declared.
+                await self.settle.dead_letter(
+                    delivery, "message has no idempotency key (a transactional handler needs one)"
+                )
+                return
             if key is None and spec.on_missing_key == "reject":
                 await self.settle.dead_letter(delivery, "message has no idempotency key")
                 return

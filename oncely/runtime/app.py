@@ -27,8 +27,6 @@ MissingKey = Literal["process", "reject"]
 
 _GUARANTEES = typing.get_args(Guarantee)
 _MISSING = typing.get_args(MissingKey)
-_KEYED = ("auto", "message_id")
-"""Key sources that yield a key for every message."""
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None]])
@@ -207,7 +205,8 @@ class App:
             key: the idempotency key source: ``"auto"`` (``oncely-key`` header, then message
                 id), ``"header:NAME"``, ``"message_id"``, ``"payload:FIELD"`` or a function.
             on_missing_key: ``"process"`` runs a message without a key without dedupe;
-                ``"reject"`` dead-letters it.
+                ``"reject"`` dead-letters it. A transactional handler always dead-letters
+                one: without a key there is no lease, so no transaction to run in.
             transactional: run the handler inside the store's transaction
                 (``ctx.transaction``) so its writes and the completion commit together.
             visibility: seconds a delivery stays invisible; the heartbeat extends it (and the
@@ -288,14 +287,6 @@ class App:
         if transactional and chosen != "effectively_once":
             raise ConfigError(f"{where}: transactional=True needs guarantee='effectively_once'")
         key_source = KeySource.parse(key)
-        if transactional and on_missing_key == "process" and key_source.kind not in _KEYED:
-            # Without a key there is no lease, so no transaction: the handler would run with
-            # ctx.transaction None and fail on ctx.connection, on every delivery.
-            raise ConfigError(
-                f"{where}: a transactional handler needs a key on every message, but key="
-                f"{key!r} can yield none; use on_missing_key='reject' (dead-letter keyless "
-                "messages) or key='auto'/'message_id'"
-            )
         if on_duplicate is not None:
             if chosen != "effectively_once":
                 raise ConfigError(f"{where}: on_duplicate needs guarantee='effectively_once'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -15,6 +16,7 @@ from oncely.brokers.base import DeadLetterAdmin
 from oncely.brokers.memory import MemoryBroker
 from oncely.runtime.codec import encode, fingerprint
 from oncely.stores.memory import MemoryStore
+from oncely.stores.sqlite import SqliteStore
 from tests._wait import eventually
 from tests.runtime._faulty import FaultyStore, WrappedBroker
 
@@ -169,19 +171,27 @@ async def test_a_duplicate_of_a_key_held_elsewhere_is_rechecked_soon(unique: str
     assert broker.nacks[0][1:] == (0.05, True)  # deferred, starting small
 
 
-def test_a_transactional_handler_needs_a_key_on_every_message() -> None:
+async def test_a_transactional_handler_dead_letters_a_message_without_a_key(
+    unique: str, tmp_path: Path
+) -> None:
     app = oncely.App()
+    ran: list[bool] = []
 
-    async def handle(_: Any, ctx: oncely.Context) -> None: ...
+    # on_missing_key="process" (the default) cannot hold here: no key, no lease, no
+    # transaction; the message is dead-lettered rather than run outside one.
+    @app.handler("t", idempotent=True, transactional=True, key="header:order")
+    async def handle(_: Any, ctx: oncely.Context) -> None:
+        ran.append(ctx.transaction is not None)
 
-    with pytest.raises(oncely.ConfigError, match="transactional handler needs a key"):
-        app.handler("t", idempotent=True, transactional=True, key="header:order")(handle)
-    with pytest.raises(oncely.ConfigError, match="transactional handler needs a key"):
-        app.handler("t", idempotent=True, transactional=True, key="payload:id", name="b")(handle)
-    app.handler("t", idempotent=True, transactional=True, key="payload:id", name="c",
-                on_missing_key="reject")(handle)  # fmt: skip
-    app.handler("t", idempotent=True, transactional=True, name="d")(handle)  # auto: always
-    assert set(app.handlers) == {"c", "d"}
+    store = SqliteStore(tmp_path / "s.db")
+    worker = oncely.Worker(app, broker=f"memory://{unique}", store=store)
+    async with store, worker:
+        await app.publish("t", {}, headers={"order": "o1"})
+        await app.publish("t", {})
+        await eventually(lambda: worker.stats.processed == 1 and worker.stats.dead_lettered == 1)
+        (letter,) = await letters(worker.broker, "t")
+    assert ran == [True]
+    assert letter.reason == "message has no idempotency key (a transactional handler needs one)"
 
 
 async def test_a_completion_that_fails_to_record_is_retried(unique: str) -> None:
