@@ -3,7 +3,9 @@
 ``BrokerConformance`` and ``StoreConformance`` are the suites this project runs against every
 broker and store: subclass one in a test module, give it a factory fixture and a features
 record (``BrokerFeatures``/``StoreFeatures``), and pytest runs every case against your backend.
-See ``oncely.testing.brokers`` and ``oncely.testing.stores`` for the details.
+``RuntimeConformance`` (with ``RuntimeFeatures``) takes the same broker factory and runs a real
+worker over it. See ``oncely.testing.brokers``, ``oncely.testing.runtime`` and
+``oncely.testing.stores`` for the details.
 """
 
 from __future__ import annotations

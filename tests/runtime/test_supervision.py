@@ -27,7 +27,10 @@ async def test_a_failing_beat_affects_only_its_own_delivery(unique: str) -> None
         if delivery.key == "bad":
             raise RuntimeError("third-party extend glitch")
 
-    broker = WrappedBroker(MemoryBroker(unique), on_extend=bad_extend)
+    acked: list[str] = []
+    broker = WrappedBroker(
+        MemoryBroker(unique), on_extend=bad_extend, on_ack=lambda d: acked.append(d.key)
+    )
     store = FaultyStore()
     store.renew_error = lambda key: RuntimeError("renew glitch") if key.endswith(":bad") else None
     app = oncely.App()
@@ -52,9 +55,12 @@ async def test_a_failing_beat_affects_only_its_own_delivery(unique: str) -> None
             )
         )
         assert worker.stats.heartbeat_errors >= 6  # bad's extend and renew, every beat
+        assert runs.count("good") == 1
         release.set()
-        await eventually(lambda: worker.stats.processed == 2)
-    assert sorted(runs) == ["bad", "good"]
+        # "bad" lost its visibility and lease (its own beats failed), so it may legitimately
+        # come back; "good" was kept alive throughout and ran once.
+        await eventually(lambda: "good" in acked)
+    assert runs.count("good") == 1
 
 
 async def test_the_heartbeat_task_is_restarted_if_it_dies(
