@@ -248,6 +248,11 @@ class Runner:
             reason = f"{type(exc).__name__}: {exc}"
             await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
         else:
+            if lease is None:
+                # Just the ack: no task on the hot path of handlers without a store.
+                if await self.settle.ack(delivery):
+                    self.stats.processed += 1
+                return
             # The effect happened: recording it and acking are not cut short by a shutdown
             # cancel (a give-back now would run the effect again). aclose() waits for it.
             finish = asyncio.ensure_future(self._succeeded(delivery, lease, result))
@@ -258,11 +263,9 @@ class Runner:
                 finish.add_done_callback(self._finishing.pop)
                 raise
 
-    async def _succeeded(
-        self, delivery: Delivery, lease: Lease | None, result: bytes | None
-    ) -> None:
+    async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
         keys = self.keys
-        if lease is not None and keys is not None:
+        if keys is not None:
             if self.spec.transactional:
                 keys.finished(lease.key)  # the transaction recorded the completion
             else:
