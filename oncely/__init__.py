@@ -36,8 +36,9 @@ from oncely.errors import (
     StoreError,
     StoreUnavailable,
     UnknownScheme,
+    WorkerFailed,
 )
-from oncely.runtime.app import App, Guarantee, KeyFunction
+from oncely.runtime.app import App, DuplicateHook, Guarantee, KeyFunction
 from oncely.runtime.config import Settings, load_settings
 from oncely.runtime.context import Context
 from oncely.runtime.publisher import Publisher
@@ -68,6 +69,7 @@ __all__ = [
     "DecodeError",
     "Delivery",
     "DeliveryExpired",
+    "DuplicateHook",
     "Guarantee",
     "HandlerOutcome",
     "HandlerTimeout",
@@ -93,6 +95,7 @@ __all__ = [
     "TransactionalStore",
     "UnknownScheme",
     "Worker",
+    "WorkerFailed",
     "__version__",
     "broker_from_url",
     "load_settings",

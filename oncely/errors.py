@@ -22,6 +22,7 @@ original with ``raise ... from exc``.
     │   └── LeaseLost               another worker owns the key now; this worker's effect must
     │                               not be recorded
     ├── DecodeError                 a payload could not be decoded into the handler's type
+    ├── WorkerFailed                the worker stopped itself: a consume loop could not go on
     └── HandlerTimeout              a handler outlived its ``timeout`` and was cancelled
 
 Two exceptions are not errors but instructions a handler raises to choose its outcome:
@@ -51,6 +52,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "UnknownScheme",
+    "WorkerFailed",
 ]
 
 
@@ -125,6 +127,11 @@ class LeaseLost(StoreError):
 
 class DecodeError(OncelyError):
     """A payload could not be decoded into the handler's declared type."""
+
+
+class WorkerFailed(OncelyError):
+    """The worker stopped itself because a consume loop could not go on (a configuration
+    mistake, or the same unexpected failure again and again); the cause is chained."""
 
 
 class HandlerTimeout(OncelyError):

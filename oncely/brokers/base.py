@@ -11,8 +11,9 @@ visibility deadline (or whose connection, channel or partition is lost) is deliv
 this or another consumer. Making effects happen once is the runtime's job, not the broker's.
 
 What a broker cannot do natively it declares in ``Capabilities`` rather than faking it; the
-runtime reads the flags (for example it only runs the visibility heartbeat where ``extend`` is
-supported).
+runtime reads ``extend`` (the visibility heartbeat runs only where it is supported, and the
+redelivery timeout is sized from the handler timeout where it is not) and ``max_delay`` (nack
+delays above it are clamped to it). The other flags describe the broker to users and tests.
 
 Reserved headers start with ``oncely-``; see ``Headers``.
 """
@@ -59,17 +60,23 @@ class Headers:
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a broker does natively. The runtime adapts to these flags; nothing is faked.
+    """What a broker does natively; nothing is faked.
+
+    The runtime reads ``extend`` and ``max_delay`` (see each); the others describe the broker
+    to users and to the conformance suites.
 
     Attributes:
         native_delay: ``nack(delay)`` and ``publish(delay=)`` are honoured by the broker itself
             without blocking the consumer. When false the adapter emulates delay in a way its
             docstring describes (for example TTL retry queues), and ``max_delay`` bounds it.
         max_delay: the longest delay the broker accepts, in seconds, or ``None`` for no limit.
+            The runtime clamps every nack delay (retry backoff, ``Retry(delay=)``, deferral
+            rechecks) to it, with a log line, rather than let the nack fail.
         native_dlq: ``reject`` moves the message to a dead-letter store the broker keeps.
         extend: ``Delivery.extend`` pushes this message's visibility deadline out. When false,
             ``extend`` raises ``NotSupported`` and the adapter sizes its redelivery timeout from
-            the ``visibility`` given to ``consume`` instead.
+            the ``visibility`` given to ``consume`` instead; the runtime then runs no
+            visibility heartbeat and passes a visibility that outlasts the handler timeout.
         ordering: ``"none"``, ``"queue"`` (FIFO per topic while one consumer runs) or
             ``"partition"`` (FIFO per partition/key).
         ack_model: ``"message"`` when each delivery is settled on its own, ``"offset"`` when
@@ -80,7 +87,8 @@ class Capabilities:
         defer_keeps_attempt: ``nack(defer=True)`` redelivers with the same ``attempt``, so a
             deferral (the store was down, another worker held the key, shutdown) does not
             spend the failure budget. False where the broker alone counts receives (SQS's
-            ``ApproximateReceiveCount``): there every deferral counts as an attempt.
+            ``ApproximateReceiveCount``): there every deferral counts as an attempt (README,
+            "Attempts count failures, not deferrals", says what that means for users).
     """
 
     native_delay: bool

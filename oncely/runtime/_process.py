@@ -6,6 +6,13 @@ Order matters everywhere here:
 - a lease is released *before* the nack, so the redelivery can take the key at once;
 - a cancelled handler (shutdown) is released and nacked with no delay, shielded from the
   cancellation itself, so nothing is acked that did not finish.
+
+Every delivery is settled one way or another: a poison payload (anything decoding, key
+extraction or fingerprinting raises) is dead-lettered with its reason, and a bug in the
+runtime's own code is logged with its traceback and the delivery nacked with a short delay.
+Deferrals (the store was down, another worker held the key, shutdown) nack with
+``defer=True``, so they do not spend the handler's failure budget where the broker can keep
+the attempt.
 """
 
 from __future__ import annotations
@@ -13,42 +20,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AbstractAsyncContextManager, nullcontext
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from oncely.errors import (
-    BrokerError,
-    DecodeError,
-    HandlerTimeout,
-    LeaseLost,
-    Reject,
-    Retry,
-    StoreError,
-)
-from oncely.runtime.codec import encode, fingerprint
+from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
+from oncely.runtime._keys import Keys, Lease
+from oncely.runtime._settle import Settler, is_settled
+from oncely.runtime.codec import Decoder, encode, fingerprint
 from oncely.runtime.context import Context
 from oncely.runtime.heartbeat import Active, Heartbeat
-from oncely.runtime.stats import Stats
 from oncely.stores.base import Outcome, StoreTransaction, TransactionalStore
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
-
     from oncely.brokers.base import Broker, Delivery
     from oncely.runtime.app import HandlerSpec
     from oncely.runtime.publisher import Publisher
-    from oncely.stores.base import IdempotencyStore
+    from oncely.runtime.stats import Stats
+    from oncely.stores.base import Begin, IdempotencyStore
 
 log = logging.getLogger("oncely.worker")
 
-IN_PROGRESS_DELAY_CAP = 5.0
-"""The longest a message waits before re-checking a key another worker holds."""
-
-
-@dataclass(slots=True)
-class Lease:
-    key: str
-    token: str
+INTERNAL_ERROR_DELAY = 1.0
+"""Seconds before a delivery the runtime itself failed on is tried again."""
 
 
 class Runner:
@@ -70,41 +62,77 @@ class Runner:
         self.publisher = publisher
         self.stats = stats
         self.fail_open = fail_open
+        self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
+        self._finishing: dict[asyncio.Future[None], Delivery] = {}
+        self.settle = Settler(spec.name, broker.capabilities, stats)
+        self.keys = (
+            Keys(spec.name, store, stats, visibility=spec.visibility)
+            if store is not None and spec.uses_store
+            else None
+        )
         self.heartbeat = Heartbeat(
             spec.name,
             spec.visibility,
             extend=broker.capabilities.extend,
-            store=None if spec.transactional else store,
+            store=store if spec.uses_store else None,
+            stats=stats,
         )
 
     async def aclose(self) -> None:
-        """Stop the heartbeat; call once no delivery of this handler runs any more."""
+        """Finish recording successes cut short by a cancel, then stop the heartbeat; call
+        once no delivery of this handler runs any more."""
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
         await self.heartbeat.aclose()
 
     async def run(self, delivery: Delivery) -> None:
         """Run the handler on ``delivery`` and settle it. Never raises except on cancel."""
         self.stats.received += 1
         try:
-            payload = self.spec.decoder.decode(delivery.body)
-        except DecodeError as exc:
+            await self._run(delivery)
+        except asyncio.CancelledError:
+            if not is_settled(delivery) and delivery not in self._finishing.values():
+                # Cancelled before the handler ran (shutdown): give it straight back.
+                await asyncio.shield(self.settle.nack(delivery, 0.0, defer=True))
+            raise
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("%s: internal error on %s; nacking it", self.spec.name, delivery.id)
+            if not is_settled(delivery):
+                await self.settle.nack(delivery, INTERNAL_ERROR_DELAY)
+
+    async def _run(self, delivery: Delivery) -> None:
+        spec = self.spec
+        try:
+            payload = spec.decoder.decode(delivery.body)
+        except Exception as exc:
             # Decoding has no side effects, so even an at-most-once poison message can go to
-            # the dead-letter queue rather than vanish.
-            await self._dead_letter(delivery, f"undecodable payload: {exc}")
+            # the dead-letter queue rather than vanish. Not only DecodeError: msgspec raises
+            # UnicodeDecodeError for invalid UTF-8 inside a JSON string, for one.
+            await self.settle.dead_letter(delivery, f"undecodable payload: {_describe(exc)}")
             return
-        if self.spec.guarantee == "at_most_once":
+        if spec.guarantee == "at_most_once":
             await self._at_most_once(delivery, payload)
             return
         lease: Lease | None = None
         key: str | None = None
-        if self.spec.uses_store:
+        if self.keys is not None:
             try:
-                key = self.spec.key.extract(payload, delivery)
+                key = spec.key.extract(payload, delivery)
+                if key is not None and not isinstance(key, str):
+                    raise TypeError(f"key must be a str, got {type(key).__name__}")
             except Exception as exc:
                 # A key function that fails on this payload will fail on every redelivery.
-                await self._dead_letter(delivery, f"key extraction failed: {exc!r}")
+                await self.settle.dead_letter(delivery, f"key extraction failed: {exc!r}")
                 return
-            if key is None and self.spec.on_missing_key == "reject":
-                await self._dead_letter(delivery, "message has no idempotency key")
+            if key is None and spec.transactional:
+                # No key, no lease, no transaction: the handler cannot run as declared.
+                await self.settle.dead_letter(
+                    delivery, "message has no idempotency key (a transactional handler needs one)"
+                )
+                return
+            if key is None and spec.on_missing_key == "reject":
+                await self.settle.dead_letter(delivery, "message has no idempotency key")
                 return
             if key is not None:
                 started, lease = await self._begin(delivery, key)
@@ -115,10 +143,18 @@ class Runner:
     async def _at_most_once(self, delivery: Delivery, payload: Any) -> None:
         # Acked before the handler runs: a crash or failure from here on loses the message,
         # which is the contract the handler asked for.
-        if not await self._settle(delivery.ack(), delivery, "ack"):
+        if not await self.settle.ack(delivery):
             return
         try:
             await self._call(delivery, payload, None, None)
+        except asyncio.CancelledError:
+            self.stats.lost += 1
+            log.warning(
+                "%s: at-most-once message %s cancelled at shutdown; it was acked, so it is lost",
+                self.spec.name,
+                delivery.id,
+            )
+            raise
         except Exception as exc:
             self.stats.failed += 1
             log.warning("%s: at-most-once message %s failed: %r", self.spec.name, delivery.id, exc)
@@ -127,39 +163,63 @@ class Runner:
 
     async def _begin(self, delivery: Delivery, key: str) -> tuple[bool, Lease | None]:
         """Claim ``key``; return whether to run the handler, and the lease if one was taken."""
-        assert self.store is not None
+        assert self.keys is not None
         store_key = f"{self.spec.name}:{key}"
         try:
-            begin = await self.store.begin(
-                store_key, fingerprint(delivery.body), self.spec.visibility
-            )
-        except StoreError as exc:
+            fp = fingerprint(delivery.body)
+        except Exception as exc:
+            await self.settle.dead_letter(delivery, f"cannot fingerprint payload: {exc!r}")
+            return False, None
+        try:
+            begin = await self.keys.begin(store_key, fp)
+        except Exception as exc:
+            # Any store failure, a third-party store's RuntimeError included, fails closed.
+            if not isinstance(exc, StoreError):
+                log.exception("%s: store.begin failed unexpectedly", self.spec.name)
             if self.fail_open and not self.spec.transactional:
                 log.warning(
-                    "%s: store unreachable, running %s WITHOUT dedupe (fail_open): %s",
+                    "%s: store unreachable, running %s WITHOUT dedupe (fail_open): %r",
                     self.spec.name,
                     delivery.id,
                     exc,
                 )
                 return True, None
-            log.warning("%s: store unreachable, retrying %s later: %s", self.spec.name, key, exc)
+            log.warning("%s: store unreachable, retrying %s later: %r", self.spec.name, key, exc)
             self.stats.deferred += 1
-            await self._nack(delivery, self.spec.retry.delay(delivery.attempt))
+            delay = self.spec.retry.delay(self.keys.deferrals(store_key))
+            await self.settle.nack(delivery, delay, defer=True)
             return False, None
         if begin.outcome is Outcome.NEW:
             assert begin.token is not None
             return True, Lease(store_key, begin.token)
         if begin.outcome is Outcome.COMPLETED:
-            self.stats.duplicates += 1
-            await self._settle(delivery.ack(), delivery, "ack")
+            await self._duplicate(delivery, key, begin)
         elif begin.outcome is Outcome.IN_PROGRESS:
             self.stats.deferred += 1
-            await self._nack(delivery, min(max(begin.retry_after, 0.05), IN_PROGRESS_DELAY_CAP))
+            delay = self.keys.recheck_delay(store_key, begin.retry_after)
+            await self.settle.nack(delivery, delay, defer=True)
         else:
-            await self._dead_letter(
+            await self.settle.dead_letter(
                 delivery, f"idempotency key {key!r} was reused with a different payload"
             )
         return False, None
+
+    async def _duplicate(self, delivery: Delivery, key: str, begin: Begin) -> None:
+        hook = self.spec.on_duplicate
+        if hook is not None:
+            try:
+                result = None if begin.result is None else self._results.decode(begin.result)
+                await hook(result, Context(delivery, key, self.publisher))
+            except Exception as exc:
+                log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, exc)
+                await self._failed(
+                    delivery,
+                    f"on_duplicate: {type(exc).__name__}: {exc}",
+                    self.spec.retry.delay(delivery.attempt),
+                )
+                return
+        self.stats.duplicates += 1
+        await self.settle.ack(delivery)
 
     async def _execute(
         self, delivery: Delivery, payload: Any, key: str | None, lease: Lease | None
@@ -171,7 +231,7 @@ class Runner:
             raise
         except Reject as exc:
             await self._release(lease)
-            await self._dead_letter(delivery, exc.reason)
+            await self.settle.dead_letter(delivery, exc.reason)
         except Retry as exc:
             await self._release(lease)
             delay = exc.delay if exc.delay is not None else self.spec.retry.delay(delivery.attempt)
@@ -188,18 +248,30 @@ class Runner:
             reason = f"{type(exc).__name__}: {exc}"
             await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
         else:
-            if lease is not None and not self.spec.transactional:
-                assert self.store is not None
-                try:
-                    await self.store.complete(lease.key, lease.token, result, self.spec.result_ttl)
-                except LeaseLost:
-                    # The effect happened but another worker owns the key now and may run it
-                    # again: the plain store's crash window, made visible.
-                    log.error("%s: lease on %s lost before completion", self.spec.name, key)
-                except StoreError as exc:
-                    log.error("%s: could not record completion of %s: %s", self.spec.name, key, exc)
-            if await self._settle(delivery.ack(), delivery, "ack"):
-                self.stats.processed += 1
+            if lease is None:
+                # Just the ack: no task on the hot path of handlers without a store.
+                if await self.settle.ack(delivery):
+                    self.stats.processed += 1
+                return
+            # The effect happened: recording it and acking are not cut short by a shutdown
+            # cancel (a give-back now would run the effect again). aclose() waits for it.
+            finish = asyncio.ensure_future(self._succeeded(delivery, lease, result))
+            try:
+                await asyncio.shield(finish)
+            except asyncio.CancelledError:
+                self._finishing[finish] = delivery
+                finish.add_done_callback(self._finishing.pop)
+                raise
+
+    async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
+        keys = self.keys
+        if keys is not None:
+            if self.spec.transactional:
+                keys.finished(lease.key)  # the transaction recorded the completion
+            else:
+                await keys.complete(lease, result, self.spec.result_ttl)
+        if await self.settle.ack(delivery):
+            self.stats.processed += 1
 
     async def _call(
         self, delivery: Delivery, payload: Any, key: str | None, lease: Lease | None
@@ -209,11 +281,12 @@ class Runner:
         tx_cm: AbstractAsyncContextManager[StoreTransaction | None] = nullcontext()
         active = Active(delivery, asyncio.current_task())
         if lease is not None:
+            # The heartbeat renews transactional leases too: a transaction may wait for a
+            # connection (or, on PostgreSQL, run) longer than the lease.
+            active.lease_key, active.lease_token = lease.key, lease.token
             if spec.transactional:
                 assert isinstance(self.store, TransactionalStore)
                 tx_cm = self.store.transaction(lease.key, lease.token, spec.result_ttl)
-            else:
-                active.lease_key, active.lease_token = lease.key, lease.token
         self.heartbeat.track(active)
         # A bare timer rather than asyncio.timeout(): same effect, a fraction of the cost.
         timer = asyncio.get_running_loop().call_later(spec.timeout, active.expire)
@@ -251,43 +324,24 @@ class Runner:
 
     async def _failed(self, delivery: Delivery, reason: str, delay: float) -> None:
         if self.spec.retry.exhausted(delivery.attempt):
-            await self._dead_letter(
+            await self.settle.dead_letter(
                 delivery, f"{reason} (gave up after {delivery.attempt} attempts)"
             )
         else:
             self.stats.retried += 1
-            await self._nack(delivery, delay)
+            await self.settle.nack(delivery, delay)
 
     async def _give_back(self, delivery: Delivery, lease: Lease | None) -> None:
         self.stats.cancelled += 1
         await self._release(lease)
-        await self._nack(delivery, 0.0)
+        await self.settle.nack(delivery, 0.0, defer=True)
 
     async def _release(self, lease: Lease | None) -> None:
-        if lease is None or self.store is None:
-            return
-        try:
-            await self.store.release(lease.key, lease.token)
-        except StoreError as exc:
-            log.warning(
-                "%s: could not release %s (it will expire): %s", self.spec.name, lease.key, exc
-            )
+        if self.keys is not None:
+            await self.keys.release(lease)
 
-    async def _nack(self, delivery: Delivery, delay: float) -> None:
-        await self._settle(delivery.nack(delay), delivery, "nack")
 
-    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
-        log.warning("%s: dead-lettering %s: %s", self.spec.name, delivery.id, reason)
-        if await self._settle(delivery.reject(reason), delivery, "reject"):
-            self.stats.dead_lettered += 1
-
-    async def _settle(self, op: Awaitable[None], delivery: Delivery, verb: str) -> bool:
-        """Await a settle operation; a broker error is logged, never raised: the broker
-        redelivers what was not settled, and the store absorbs the duplicate."""
-        try:
-            await op
-        except BrokerError as exc:
-            self.stats.settle_errors += 1
-            log.warning("%s: %s of %s failed: %r", self.spec.name, verb, delivery.id, exc)
-            return False
-        return True
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, DecodeError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

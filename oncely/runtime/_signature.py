@@ -26,7 +26,7 @@ def default_name(fn: object) -> str:
     return f"{target.__module__}.{target.__qualname__}"
 
 
-def _is_async(fn: object) -> bool:
+def is_async(fn: object) -> bool:
     """True for an async function, a partial of one, or an object with an async ``__call__``."""
     if inspect.iscoroutinefunction(fn):
         return True
@@ -46,7 +46,7 @@ def handler_signature(fn: Callable[..., Any], where: str) -> tuple[Any, bool]:
     Raises:
         ConfigError: the handler is not async, takes other parameters, or a type is wrong.
     """
-    if not _is_async(fn):
+    if not is_async(fn):
         raise ConfigError(
             f"{where} must be an async function (async def), or an object with an async "
             f"__call__; got {type(fn).__name__}"

@@ -8,15 +8,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from oncely.errors import ConfigError
-from oncely.runtime._signature import default_name, handler_signature
+from oncely.runtime._signature import default_name, handler_signature, is_async
 from oncely.runtime.codec import Decoder
 from oncely.runtime.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Broker, Delivery
+    from oncely.runtime.context import Context
     from oncely.runtime.publisher import Publisher
 
-__all__ = ["App", "Guarantee", "HandlerSpec", "KeyFunction", "MissingKey"]
+__all__ = ["App", "DuplicateHook", "Guarantee", "HandlerSpec", "KeyFunction", "MissingKey"]
 
 Guarantee = Literal["at_most_once", "at_least_once", "effectively_once"]
 """How hard a handler's effects are protected against redelivery; see README's tier table."""
@@ -29,6 +30,18 @@ _MISSING = typing.get_args(MissingKey)
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None]])
+
+
+class DuplicateHook(Protocol):
+    """A user function awaited when a duplicate of a completed key arrives.
+
+    It receives the handler's stored return value, decoded into the handler's return
+    annotation (``None`` if it returned nothing), and the duplicate's ``Context``; for example
+    to send a request/reply answer again. If it raises, the duplicate is retried like a failed
+    handler run.
+    """
+
+    def __call__(self, result: Any, ctx: Context, /) -> Awaitable[None]: ...
 
 
 class KeyFunction(Protocol):
@@ -106,6 +119,8 @@ class HandlerSpec:
     decoder: Decoder
     wants_context: bool
     payload_type: Any = field(default=Any)
+    on_duplicate: DuplicateHook | None = None
+    result_type: Any = field(default=Any)
 
     @property
     def uses_store(self) -> bool:
@@ -140,7 +155,7 @@ class App:
         self.handlers: dict[str, HandlerSpec] = {}
         self.broker = broker
         self._publisher: Publisher | None = None
-        self._bound: Publisher | None = None
+        self._bound: list[Publisher] = []
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
 
@@ -172,6 +187,7 @@ class App:
         transactional: bool = False,
         visibility: float = 30.0,
         result_ttl: float = 7 * 24 * 3600.0,
+        on_duplicate: DuplicateHook | None = None,
     ) -> Callable[[H], H]:
         """Register an async handler for ``topic``.
 
@@ -189,12 +205,18 @@ class App:
             key: the idempotency key source: ``"auto"`` (``oncely-key`` header, then message
                 id), ``"header:NAME"``, ``"message_id"``, ``"payload:FIELD"`` or a function.
             on_missing_key: ``"process"`` runs a message without a key without dedupe;
-                ``"reject"`` dead-letters it.
+                ``"reject"`` dead-letters it. A transactional handler always dead-letters
+                one: without a key there is no lease, so no transaction to run in.
             transactional: run the handler inside the store's transaction
                 (``ctx.transaction``) so its writes and the completion commit together.
             visibility: seconds a delivery stays invisible; the heartbeat extends it (and the
                 idempotency lease) every third of this while the handler runs.
             result_ttl: seconds a completed key (and its result) is remembered.
+            on_duplicate: an async ``(result, ctx)`` function awaited when a duplicate of a
+                completed key arrives, with the first run's return value (decoded into the
+                handler's return annotation) from the store: the way to answer a duplicate
+                request again. Effectively-once handlers only. Without it a duplicate is acked
+                silently.
 
         Raises:
             ConfigError: a bad argument or a handler already registered under that name.
@@ -215,6 +237,7 @@ class App:
                 transactional=transactional,
                 visibility=visibility,
                 result_ttl=result_ttl,
+                on_duplicate=on_duplicate,
             )
             if spec.name in self.handlers:
                 raise ConfigError(f"a handler named {spec.name!r} is already registered")
@@ -239,6 +262,7 @@ class App:
         transactional: bool,
         visibility: float,
         result_ttl: float,
+        on_duplicate: DuplicateHook | None = None,
     ) -> HandlerSpec:
         where = f"handler {getattr(fn, '__qualname__', fn)!r}"
         if not topic:
@@ -260,7 +284,16 @@ class App:
             chosen = "at_least_once"
         if transactional and chosen != "effectively_once":
             raise ConfigError(f"{where}: transactional=True needs guarantee='effectively_once'")
+        key_source = KeySource.parse(key)
+        if on_duplicate is not None:
+            if chosen != "effectively_once":
+                raise ConfigError(f"{where}: on_duplicate needs guarantee='effectively_once'")
+            if not is_async(on_duplicate):
+                raise ConfigError(f"{where}: on_duplicate must be an async function")
         payload_type, wants_context = handler_signature(fn, where)
+        result_type: Any = Any
+        if on_duplicate is not None:
+            result_type = _result_type(fn, where)
         return HandlerSpec(
             name=name or default_name(fn),
             topic=topic,
@@ -269,7 +302,7 @@ class App:
             timeout=timeout,
             retry=retry,
             guarantee=chosen,
-            key=KeySource.parse(key),
+            key=key_source,
             on_missing_key=on_missing_key,
             transactional=transactional,
             visibility=visibility,
@@ -277,6 +310,8 @@ class App:
             decoder=Decoder(payload_type),
             wants_context=wants_context,
             payload_type=payload_type,
+            on_duplicate=on_duplicate,
+            result_type=result_type,
         )
 
     async def publish(
@@ -293,7 +328,7 @@ class App:
 
         Returns the message id. See ``Publisher.publish``.
         """
-        publisher = self._bound or self._publisher
+        publisher = self._bound[-1] if self._bound else self._publisher
         if publisher is None:
             from oncely.runtime.publisher import Publisher
 
@@ -312,6 +347,34 @@ class App:
             publisher, self._publisher = self._publisher, None
             await publisher.aclose()
 
-    def bind(self, publisher: Publisher | None) -> None:
-        """Route ``app.publish`` through a running worker's broker (``None`` unbinds)."""
-        self._bound = publisher
+    def bind(self, publisher: Publisher) -> None:
+        """Route ``app.publish`` through a running worker's broker until ``unbind``.
+
+        Several workers may serve one app at once: the latest bound one publishes, and when
+        it stops, ``app.publish`` falls back to the one bound before it.
+        """
+        self._bound.append(publisher)
+
+    def unbind(self, publisher: Publisher) -> None:
+        """Stop routing ``app.publish`` through ``publisher``. Unknown publishers are ignored."""
+        for i in range(len(self._bound) - 1, -1, -1):
+            if self._bound[i] is publisher:
+                del self._bound[i]
+                return
+
+
+def _result_type(fn: Callable[..., Any], where: str) -> Any:
+    """The handler's return annotation, which ``on_duplicate`` results are decoded into."""
+    try:
+        hint = typing.get_type_hints(fn).get("return", Any)
+    except Exception as exc:
+        raise ConfigError(f"{where}: cannot resolve its type annotations: {exc}") from exc
+    if hint is None or hint is type(None):
+        return Any
+    try:
+        Decoder(hint)
+    except TypeError as exc:
+        raise ConfigError(
+            f"{where}: on_duplicate needs a return annotation msgspec can decode: {exc}"
+        ) from exc
+    return hint

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from oncely.errors import BrokerError, LeaseLost, NotSupported, StoreError
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Delivery
+    from oncely.runtime.stats import Stats
     from oncely.stores.base import IdempotencyStore
 
 __all__ = ["Active", "Heartbeat"]
@@ -44,54 +46,88 @@ class Active:
 class Heartbeat:
     """Keeps every running delivery of one handler visible and its lease alive.
 
+    A failing beat (any exception, from any backend) is logged, counted in
+    ``Stats.heartbeat_errors`` and affects only its own delivery: the next beat tries it
+    again, and the others are beaten meanwhile. The timer task itself is supervised: should
+    it ever die, it is logged with its traceback and restarted.
+
     Args:
         name: the handler name, for logs.
         visibility: seconds of visibility (and lease) granted at each beat.
         extend: whether the broker supports ``Delivery.extend``.
         store: the store whose leases to renew, or ``None``.
+        stats: the worker's counters.
     """
 
     def __init__(
-        self, name: str, visibility: float, *, extend: bool, store: IdempotencyStore | None
+        self,
+        name: str,
+        visibility: float,
+        *,
+        extend: bool,
+        store: IdempotencyStore | None,
+        stats: Stats,
     ) -> None:
         self.name = name
         self.visibility = visibility
         self.interval = visibility / 3
         self.extend = extend
         self.store = store
+        self.stats = stats
         self._active: set[Active] = set()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def track(self, active: Active) -> None:
         if self._task is None and (self.extend or self.store is not None):
-            self._task = asyncio.create_task(self._run(), name=f"heartbeat:{self.name}")
+            self._start()
         self._active.add(active)
 
     def untrack(self, active: Active) -> None:
         self._active.discard(active)
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._task is not None:
             task, self._task = self._task, None
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    def _start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"heartbeat:{self.name}")
+        self._task.add_done_callback(self._supervise)
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        if task is not self._task or task.cancelled() or self._closed:
+            return
+        exc = task.exception()
+        log.error(
+            "%s: heartbeat died; restarting it", self.name, exc_info=exc or RuntimeError("exited")
+        )
+        self.stats.heartbeat_errors += 1
+        self._task = None
+        if self._active:
+            self._start()
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             if self._active:
-                await asyncio.gather(*(self._beat(a) for a in list(self._active)))
+                await asyncio.gather(*(self._bounded(a) for a in list(self._active)))
+
+    async def _bounded(self, active: Active) -> None:
+        # A backend call that hangs must not hold up the next beat of every other delivery.
+        try:
+            await asyncio.wait_for(self._beat(active), self.interval)
+        except TimeoutError:
+            self._failed(active, "beat (timed out)", active.delivery.id)
 
     async def _beat(self, active: Active) -> None:
-        delivery = active.delivery
-        if self.extend and not delivery.settled:
-            try:
-                await delivery.extend(self.visibility)
-            except NotSupported:
-                self.extend = False
-            except BrokerError as exc:
-                if not delivery.settled:
-                    log.warning("%s: could not extend %s: %s", self.name, delivery.id, exc)
+        """Beat one delivery; never raises (except on cancel)."""
+        try:
+            await self._extend(active)
+        except Exception:
+            self._failed(active, "extend visibility of", active.delivery.id)
         if active.lease_key is None or active.lease_token is None or self.store is None:
             return
         try:
@@ -103,5 +139,23 @@ class Heartbeat:
                 active.lease_lost = True
                 if active.task is not None:
                     active.task.cancel()
-        except StoreError as exc:
-            log.warning("%s: could not renew lease %s: %s", self.name, active.lease_key, exc)
+        except Exception:
+            self._failed(active, "renew lease", active.lease_key)
+
+    async def _extend(self, active: Active) -> None:
+        delivery = active.delivery
+        if self.extend and not delivery.settled:
+            try:
+                await delivery.extend(self.visibility)
+            except NotSupported:
+                self.extend = False
+
+    def _failed(self, active: Active, what: str, name: object) -> None:
+        if active not in self._active:
+            return  # finished meanwhile; the failure no longer matters
+        self.stats.heartbeat_errors += 1
+        exc = sys.exc_info()[1]
+        if isinstance(exc, BrokerError | StoreError | TimeoutError):
+            log.warning("%s: could not %s %s: %r", self.name, what, name, exc)
+        else:
+            log.exception("%s: could not %s %s", self.name, what, name)

@@ -24,6 +24,17 @@ class Stats:
         cancelled: runs cancelled at shutdown and given back to the broker.
         settle_errors: acks, nacks or rejects the broker refused (lease lost, connection
             lost); the broker redelivers those messages.
+        lost: at-most-once runs cancelled at shutdown; they were acked first, so they are
+            gone (each is logged at WARNING with its message id).
+        heartbeat_errors: visibility extensions or lease renewals that failed (each affects
+            only its own delivery; the heartbeat goes on for the others).
+        delays_clamped: nack delays cut to the broker's ``Capabilities.max_delay``.
+        complete_retries: completions retried because the store failed to record them.
+        unrecorded: completions given up (store down past the retries, or lease lost): the
+            effect happened but a redelivery of the message would run it again.
+        internal_errors: deliveries on which the runtime itself failed (a bug, logged with its
+            traceback); each was nacked for a later retry.
+        consume_errors: consume loops that failed and were restarted.
     """
 
     received: int = 0
@@ -35,6 +46,13 @@ class Stats:
     failed: int = 0
     cancelled: int = 0
     settle_errors: int = 0
+    lost: int = 0
+    heartbeat_errors: int = 0
+    delays_clamped: int = 0
+    complete_retries: int = 0
+    unrecorded: int = 0
+    internal_errors: int = 0
+    consume_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -7,6 +7,21 @@ embeds in any running asyncio application::
         await serve_http()   # the worker consumes in the background meanwhile
 
 Only the CLI maps SIGTERM/SIGINT to ``stop()``.
+
+Consume loops are supervised. What ends one decides what happens next:
+
+- a ``BrokerError`` (connection lost, channel closed, a fetch failed): transient, so the loop
+  resubscribes with a backoff from 0.1 s up to 5 s (``RESUBSCRIBE_DELAY``), however long it takes;
+- a ``ConfigError``, ``NotSupported``, ``ValueError`` or ``TypeError`` (``visibility=-1``, a
+  bad topic name): a mistake no retry will fix, so the worker **stops** at once;
+- anything else (a third-party adapter's ``RuntimeError``, say): logged with its traceback and
+  resubscribed with the same backoff, but ``MAX_UNEXPECTED`` (5) such failures in a row without a
+  delivery in between also stop the worker;
+- a subscription that ends on its own while the worker runs: resubscribed, with a warning.
+
+A worker that stops itself logs the cause with its traceback and keeps it in ``failure``;
+``wait_stopped()`` then raises ``WorkerFailed``, so ``oncely run`` exits 1. A worker never
+sits idle while it claims to consume.
 """
 
 from __future__ import annotations
@@ -17,7 +32,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from oncely.brokers.registry import broker_from_url
-from oncely.errors import BrokerError, ConfigError, OncelyError
+from oncely.errors import ConfigError, OncelyError, WorkerFailed
+from oncely.runtime._consume import ConsumeLoop
 from oncely.runtime._process import Runner
 from oncely.runtime.config import Settings
 from oncely.runtime.publisher import Publisher
@@ -30,15 +46,12 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Self
 
-    from oncely.brokers.base import Broker, Delivery, Subscription
+    from oncely.brokers.base import Broker, Delivery
     from oncely.runtime.app import App, HandlerSpec
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("oncely.worker")
-
-RESUBSCRIBE_DELAY = (0.1, 5.0)
-"""First and largest pause before re-subscribing after the broker failed a fetch."""
 
 
 class Worker:
@@ -80,7 +93,13 @@ class Worker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None
+        self._deadline = 0.0
         self._started = False
+        self._publisher: Publisher | None = None
+        self._self_stop: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None
+        """What stopped the worker on its own (see the module docstring), else ``None``."""
 
     def _select(self, names: list[str] | None) -> list[HandlerSpec]:
         """The chosen handlers, each with its settings applied, most specific first:
@@ -139,6 +158,7 @@ class Worker:
         self._started = True
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._hurry = asyncio.Event()
         try:
             await self._connect()
         except BaseException:
@@ -152,6 +172,7 @@ class Worker:
         except BaseException:
             await self._close_owned()
             raise
+        self._publisher = publisher
         self.app.bind(publisher)
         for spec in self.specs:
             runner = Runner(
@@ -163,7 +184,9 @@ class Worker:
                 fail_open=self.settings.fail_open,
             )
             self._runners.append(runner)
-            self._loops.append(asyncio.create_task(self._consume(runner), name=spec.name))
+            loop = asyncio.create_task(self._consume(runner), name=f"consume:{spec.name}")
+            loop.add_done_callback(self._loop_done)
+            self._loops.append(loop)
         log.info(
             "worker started: %d handler(s) on %s", len(self.specs), self.broker.url or "broker"
         )
@@ -192,45 +215,29 @@ class Worker:
         await self.broker.connect()
 
     async def _consume(self, runner: Runner) -> None:
-        spec = runner.spec
         assert self.broker is not None and self._stopping is not None
-        # Without per-message extend, the broker's own redelivery timer must outlast the
-        # handler, because no heartbeat can push it out.
-        visibility = spec.visibility
-        if not self.broker.capabilities.extend:
-            visibility = max(visibility, spec.timeout * 1.5 + 5)
-        slots = asyncio.Semaphore(spec.concurrency)
-        pause = RESUBSCRIBE_DELAY[0]
-        while not self._stopping.is_set():
-            sub = self.broker.consume(spec.topic, prefetch=spec.concurrency, visibility=visibility)
-            try:
-                while True:
-                    await slots.acquire()
-                    try:
-                        delivery = await sub.__anext__()
-                    except BaseException:
-                        slots.release()
-                        raise
-                    pause = RESUBSCRIBE_DELAY[0]
-                    self._spawn(runner, delivery, slots)
-            except StopAsyncIteration:
-                return
-            except asyncio.CancelledError:
-                raise
-            except OncelyError as exc:
-                log.error(
-                    "%s: consuming %s failed, resubscribing in %.1fs: %s",
-                    spec.name,
-                    spec.topic,
-                    pause,
-                    exc,
-                )
-            finally:
-                await asyncio.shield(self._close_sub(sub))
-            try:
-                await asyncio.wait_for(self._stopping.wait(), pause)
-            except TimeoutError:
-                pause = min(pause * 2, RESUBSCRIBE_DELAY[1])
+        loop = ConsumeLoop(
+            self.broker, runner, self._stopping, self.stats, spawn=self._spawn, fail=self._fail
+        )
+        await loop.run()
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        """Stop the worker loudly: a consume loop cannot go on."""
+        log.critical("%s; stopping the worker", what, exc_info=exc)
+        if self.failure is None:
+            self.failure = exc
+        if self._self_stop is None:
+            self._self_stop = asyncio.create_task(self.stop(), name="oncely:self-stop")
+
+    def _loop_done(self, task: asyncio.Task[None]) -> None:
+        # _consume catches everything; this is the last line should that ever change.
+        if self.failure is not None:
+            return
+        if task.cancelled() or task.exception() is None:
+            if self._stopping is not None and not self._stopping.is_set():
+                self._fail(f"consume loop {task.get_name()} ended", RuntimeError("loop ended"))
+            return
+        self._fail(f"consume loop {task.get_name()} died", task.exception())  # type: ignore[arg-type]
 
     def _spawn(self, runner: Runner, delivery: Delivery, slots: asyncio.Semaphore) -> None:
         task = asyncio.create_task(runner.run(delivery))
@@ -244,35 +251,36 @@ class Worker:
 
         task.add_done_callback(done)
 
-    @staticmethod
-    async def _close_sub(sub: Subscription) -> None:
-        try:
-            await sub.aclose()
-        except BrokerError as exc:
-            log.warning("closing a subscription failed: %s", exc)
-
     async def stop(self, grace: float | None = None) -> None:
         """Stop fetching, let in-flight handlers finish, then close.
 
         Handlers still running after ``grace`` seconds (default ``settings.grace_period``) are
         cancelled; each releases its idempotency lease and nacks its message with no delay so
-        another worker takes it at once. Nothing is acked that did not finish. Idempotent.
+        another worker takes it at once. Nothing is acked that did not finish. Idempotent: a
+        second call while the first drains waits for it, and cuts the drain short if its
+        ``grace`` ends sooner (a second signal stops at once).
         """
         if not self._started or self._stopping is None or self._stopped is None:
             return
+        assert self._hurry is not None
+        loop = asyncio.get_running_loop()
+        grace = self.settings.grace_period if grace is None else grace
+        deadline = loop.time() + max(grace, 0.0)
         if self._stopping.is_set():
+            if deadline < self._deadline:
+                self._deadline = deadline
+                self._hurry.set()
             await self._stopped.wait()
             return
         self._stopping.set()
-        grace = self.settings.grace_period if grace is None else grace
-        for loop in self._loops:
-            loop.cancel()
+        self._deadline = deadline
+        for task in self._loops:
+            if task is not asyncio.current_task():
+                task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._inflight:
             log.info("draining %d in-flight handler(s), up to %.1fs", len(self._inflight), grace)
-            pending = set(self._inflight)
-            if grace > 0:
-                _, pending = await asyncio.wait(pending, timeout=grace)
+            pending = await self._drain(set(self._inflight))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -283,10 +291,30 @@ class Worker:
                 await hook()
             except Exception:
                 log.exception("shutdown hook %r failed", hook)
-        self.app.bind(None)
+        if self._publisher is not None:
+            self.app.unbind(self._publisher)
         await self._close_owned()
         self._stopped.set()
         log.info("worker stopped: %s", self.stats.as_dict())
+
+    async def _drain(self, pending: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
+        """Wait for ``pending`` until the deadline, which a later ``stop()`` may bring in."""
+        assert self._hurry is not None
+        loop = asyncio.get_running_loop()
+        while pending:
+            remaining = self._deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._hurry.clear()
+            hurry = asyncio.create_task(self._hurry.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {*pending, hurry}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                hurry.cancel()
+            pending -= done
+        return pending
 
     async def _close_owned(self) -> None:
         for resource in reversed(self._owned):
@@ -297,10 +325,19 @@ class Worker:
         self._owned.clear()
 
     async def wait_stopped(self) -> None:
-        """Wait until ``stop()`` has finished (for a CLI or a supervisor task)."""
+        """Wait until ``stop()`` has finished (for a CLI or a supervisor task).
+
+        Raises:
+            WorkerFailed: the worker stopped itself because a consume loop could not go on
+                (the cause is ``failure``, and its traceback was logged).
+        """
         if self._stopped is None:
             raise RuntimeError("worker not started")
         await self._stopped.wait()
+        if self.failure is not None:
+            raise WorkerFailed(
+                f"the worker stopped: {type(self.failure).__name__}: {self.failure}"
+            ) from self.failure
 
     @property
     def in_flight(self) -> int:

@@ -187,16 +187,17 @@ class SqliteStore(TransactionalStore):
 
     async def renew(self, key: str, token: str, lease: float) -> None:
         if self._in_tx[key, token]:
-            # A transaction of this process is waiting for, or holds, SQLite's write lock on
-            # behalf of this key. A renew needs that same lock: it would only wait on the
-            # plain connection (blocking every other plain call of the process) until the
-            # transaction ends, or fail at the busy timeout. Skipping loses nothing and is
-            # safe. While the transaction waits for the lock, no renew could progress either.
-            # Once it holds the lock it has checked the token, and no connection of any
-            # process can write the row, so no one can take the key over. If the lease ran
-            # out before that, the transaction raises LeaseLost and nothing is written. In
-            # the end the key is completed, or the transaction rolled back and the
-            # heartbeat's next renew pushes the lease out as usual.
+            # The runtime's heartbeat renews transactional leases too. A transaction of
+            # this process is waiting for, or holds, SQLite's write lock on behalf of this
+            # key. A renew needs that same lock: it would only wait on the plain connection
+            # (blocking every other plain call of the process) until the transaction ends,
+            # or fail at the busy timeout. Skipping loses nothing and is safe. While the
+            # transaction waits for the lock, no renew could progress either. Once it holds
+            # the lock it has checked the token, and no connection of any process can write
+            # the row, so no one can take the key over. If the lease ran out before that, the
+            # transaction raises LeaseLost and nothing is written. In the end the key is
+            # completed, or the transaction rolled back and the heartbeat's next renew pushes
+            # the lease out as usual.
             return
         db, lock = self._plain()
         with map_sqlite_errors(StoreUnavailable):
@@ -252,12 +253,10 @@ class SqliteStore(TransactionalStore):
                 ``begin``/``renew``/``complete``/``release`` called from inside one).
         """
         self._check_not_nested()
+        # Counted only once a connection is ours: while a transaction waits for a pooled
+        # connection it holds no lock, and the heartbeat's renewals must go through.
+        db = await self._checkout()
         self._in_tx[key, token] += 1
-        try:
-            db = await self._checkout()
-        except BaseException:
-            self._untrack(key, token)
-            raise
         try:
             # A renew of this key that passed the check above before we counted it may be
             # on the plain connection; let it finish, or it could lose the race for the

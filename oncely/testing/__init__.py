@@ -3,7 +3,9 @@
 ``BrokerConformance`` and ``StoreConformance`` are the suites this project runs against every
 broker and store: subclass one in a test module, give it a factory fixture and a features
 record (``BrokerFeatures``/``StoreFeatures``), and pytest runs every case against your backend.
-See ``oncely.testing.brokers`` and ``oncely.testing.stores`` for the details.
+See ``oncely.testing.brokers``, ``oncely.testing.runtime`` and ``oncely.testing.stores`` for
+the details. ``RuntimeConformance`` (with ``RuntimeFeatures``) takes the same broker factory as
+``BrokerConformance`` and runs a real worker over it.
 
 They need the ``testing`` extra (``pip install 'oncely[testing]'``: pytest and anyio). The
 cases are ``@pytest.mark.anyio`` tests and run on anyio's pytest plugin, which pytest loads by
@@ -32,6 +34,7 @@ pytest.register_assert_rewrite(
     "oncely.testing._broker_settle",
     "oncely.testing._broker_visibility",
     "oncely.testing._broker_dlq",
+    "oncely.testing.runtime",
     "oncely.testing.stores",
 )
 
@@ -40,6 +43,7 @@ from oncely.testing.brokers import (  # noqa: E402
     BrokerFactory,
     BrokerFeatures,
 )
+from oncely.testing.runtime import RuntimeConformance, RuntimeFeatures  # noqa: E402
 from oncely.testing.stores import (  # noqa: E402
     StoreConformance,
     StoreFactory,
@@ -50,6 +54,8 @@ __all__ = [
     "BrokerConformance",
     "BrokerFactory",
     "BrokerFeatures",
+    "RuntimeConformance",
+    "RuntimeFeatures",
     "StoreConformance",
     "StoreFactory",
     "StoreFeatures",

@@ -1,0 +1,179 @@
+"""The idempotency side of one effectively-once handler: begin, wait, complete, release.
+
+- A duplicate whose key is held **by this same handler in this process** waits on an
+  in-process event for that key (at most ``LOCAL_WAIT_CAP``, and never past the holder's
+  lease), then begins again: it is answered as soon as the holder completes or releases,
+  not after a fixed delay.
+- A duplicate whose key another process holds is deferred (``nack(defer=True)``) with a
+  delay that starts at ``FIRST_RECHECK`` and doubles per deferral of that key, bounded by the
+  holder's remaining lease.
+- A completion that fails to record is retried with a short backoff while the lease is
+  surely still valid (a third of ``visibility``), then logged at ERROR as the crash window it
+  is. The message is acked all the same: the effect happened, and a nack would guarantee the
+  effect runs again, while an ack leaves only the chance of a broker redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from oncely.errors import LeaseLost
+from oncely.stores.base import Outcome
+
+if TYPE_CHECKING:
+    from oncely.runtime.stats import Stats
+    from oncely.stores.base import Begin, IdempotencyStore
+
+log = logging.getLogger("oncely.worker")
+
+FIRST_RECHECK = 0.05
+"""Seconds before a key held elsewhere is first checked again."""
+
+LOCAL_WAIT_CAP = 5.0
+"""The longest a duplicate waits in-process (holding a concurrency slot) for a local holder."""
+
+COMPLETE_TRIES = 5
+"""How many times a completion is attempted before it is given up as the crash window."""
+
+_REMEMBERED = 10_000
+"""Keys whose deferral count is remembered, to grow their recheck delay; oldest forgotten."""
+
+
+@dataclass(slots=True)
+class Lease:
+    key: str
+    token: str
+
+
+class Keys:
+    """Dedupe bookkeeping for one handler in one worker.
+
+    Args:
+        name: the handler name, for logs.
+        store: the idempotency store.
+        stats: the worker's counters.
+        visibility: the lease length, in seconds.
+    """
+
+    def __init__(
+        self, name: str, store: IdempotencyStore, stats: Stats, *, visibility: float
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.stats = stats
+        self.visibility = visibility
+        self._held: dict[str, asyncio.Event] = {}
+        self._deferrals: OrderedDict[str, int] = OrderedDict()
+
+    async def begin(self, key: str, fingerprint: str) -> Begin:
+        """``store.begin``, waiting for a local holder of ``key`` to finish first.
+
+        Raises:
+            Exception: whatever the store raised; the caller fails closed (or open).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOCAL_WAIT_CAP
+        while True:
+            begun = await self.store.begin(key, fingerprint, self.visibility)
+            held = self._held.get(key)
+            if begun.outcome is not Outcome.IN_PROGRESS or held is None:
+                break
+            wait = min(max(begun.retry_after, FIRST_RECHECK), deadline - loop.time())
+            if wait <= 0:
+                break
+            try:
+                await asyncio.wait_for(held.wait(), wait)
+            except TimeoutError:
+                break
+        if begun.outcome is Outcome.NEW:
+            stale = self._held.get(key)
+            if stale is not None:  # a lease of ours expired and was taken over: re-check
+                stale.set()
+            self._held[key] = asyncio.Event()
+        if begun.outcome is not Outcome.IN_PROGRESS:
+            self._deferrals.pop(key, None)
+        return begun
+
+    def finished(self, key: str) -> None:
+        """The holder of ``key`` completed or released it: wake local duplicates."""
+        event = self._held.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def recheck_delay(self, key: str, retry_after: float) -> float:
+        """How long to defer a duplicate of ``key``, held elsewhere for ``retry_after`` more
+        seconds: ``FIRST_RECHECK``, doubling per deferral, at most ``retry_after``."""
+        n = self._deferrals.pop(key, 0)
+        self._deferrals[key] = n + 1
+        if len(self._deferrals) > _REMEMBERED:
+            self._deferrals.popitem(last=False)
+        return min(FIRST_RECHECK * 2.0**n, max(retry_after, FIRST_RECHECK))
+
+    def deferrals(self, key: str) -> int:
+        """How many times ``key`` was deferred (store down) in a row; counts this one."""
+        n = self._deferrals.pop(key, 0) + 1
+        self._deferrals[key] = n
+        if len(self._deferrals) > _REMEMBERED:
+            self._deferrals.popitem(last=False)
+        return n
+
+    async def complete(self, lease: Lease, result: bytes | None, ttl: float) -> None:
+        """Record completion, retrying a failing store while the lease surely holds."""
+        loop = asyncio.get_running_loop()
+        # The heartbeat renewed the lease at most a third of visibility ago.
+        deadline = loop.time() + self.visibility / 3
+        pause = 0.05
+        try:
+            for tries in range(1, COMPLETE_TRIES + 1):
+                try:
+                    await self.store.complete(lease.key, lease.token, result, ttl)
+                    return
+                except LeaseLost:
+                    # Another worker owns the key now and may run it again.
+                    self.stats.unrecorded += 1
+                    log.error(
+                        "%s: lease on %s lost before completion was recorded; the effect may "
+                        "run again (crash window)",
+                        self.name,
+                        lease.key,
+                    )
+                    return
+                except Exception as exc:
+                    if tries == COMPLETE_TRIES or loop.time() + pause > deadline:
+                        self.stats.unrecorded += 1
+                        log.error(
+                            "%s: completion of %s could not be recorded after %d tries, acking "
+                            "anyway (crash window: a redelivery would run the effect again): %r",
+                            self.name,
+                            lease.key,
+                            tries,
+                            exc,
+                        )
+                        return
+                    self.stats.complete_retries += 1
+                    log.warning(
+                        "%s: recording completion of %s failed, retrying in %.2fs: %r",
+                        self.name,
+                        lease.key,
+                        pause,
+                        exc,
+                    )
+                    await asyncio.sleep(pause)
+                    pause *= 2
+        finally:
+            self.finished(lease.key)
+
+    async def release(self, lease: Lease | None) -> None:
+        """Give a lease back so a retry can take the key at once; a failure lets it expire."""
+        if lease is None:
+            return
+        try:
+            await self.store.release(lease.key, lease.token)
+        except Exception as exc:
+            log.warning("%s: could not release %s (it will expire): %r", self.name, lease.key, exc)
+        finally:
+            self.finished(lease.key)

@@ -1,0 +1,95 @@
+"""Settling a delivery without ever letting the attempt escape: ack, nack, reject.
+
+A settle operation that fails is logged and counted, never raised: the broker redelivers what
+was not settled (after its visibility runs out), and the idempotency store absorbs the
+duplicate. Third-party adapters may raise anything, so anything is caught; oncely's own
+``BrokerError`` is the expected case and is logged without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from oncely.errors import BrokerError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from oncely.brokers.base import Capabilities, Delivery
+    from oncely.runtime.stats import Stats
+
+log = logging.getLogger("oncely.worker")
+
+
+class Settler:
+    """Settles deliveries of one handler and keeps its counters.
+
+    Args:
+        name: the handler name, for logs.
+        capabilities: the broker's; ``max_delay`` bounds every nack delay.
+        stats: the worker's counters.
+    """
+
+    __slots__ = ("max_delay", "name", "stats")
+
+    def __init__(self, name: str, capabilities: Capabilities, stats: Stats) -> None:
+        self.name = name
+        self.max_delay = capabilities.max_delay
+        self.stats = stats
+
+    async def ack(self, delivery: Delivery) -> bool:
+        return await self._settle(delivery.ack, delivery, "ack")
+
+    async def nack(self, delivery: Delivery, delay: float, *, defer: bool = False) -> bool:
+        """Nack with ``delay`` clamped to the broker's ``max_delay``.
+
+        A retry policy (or a ``Retry(delay=)``) may ask for more than a broker can hold, as
+        ``RetryPolicy(cap=7200)`` does on RabbitMQ (1 hour): the message then comes back after
+        the longest delay the broker has, rather than the nack failing on every attempt.
+        ``defer=True`` marks a deferral: the handler did not run, so the attempt is kept where
+        the broker can (``Capabilities.defer_keeps_attempt``).
+        """
+        if self.max_delay is not None and delay > self.max_delay:
+            log.info(
+                "%s: delay %.1fs for %s is over the broker's max_delay; clamped to %.1fs",
+                self.name,
+                delay,
+                delivery.id,
+                self.max_delay,
+            )
+            self.stats.delays_clamped += 1
+            delay = self.max_delay
+        delay = max(delay, 0.0)
+        return await self._settle(lambda: delivery.nack(delay, defer=defer), delivery, "nack")
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> bool:
+        log.warning("%s: dead-lettering %s: %s", self.name, delivery.id, reason)
+        if await self._settle(lambda: delivery.reject(reason), delivery, "reject"):
+            self.stats.dead_lettered += 1
+            return True
+        return False
+
+    async def _settle(
+        self, op: Callable[[], Awaitable[None]], delivery: Delivery, verb: str
+    ) -> bool:
+        try:
+            await op()
+        except BrokerError as exc:
+            self.stats.settle_errors += 1
+            log.warning("%s: %s of %s failed: %r", self.name, verb, delivery.id, exc)
+            return False
+        except Exception:
+            # A third-party adapter's own bug: the traceback is the only way to find it.
+            self.stats.settle_errors += 1
+            log.exception("%s: %s of %s failed unexpectedly", self.name, verb, delivery.id)
+            return False
+        return True
+
+
+def is_settled(delivery: Delivery) -> bool:
+    """``delivery.settled``, reading a broken adapter's property as "not settled"."""
+    try:
+        return bool(delivery.settled)
+    except Exception:
+        return False

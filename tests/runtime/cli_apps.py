@@ -1,0 +1,43 @@
+"""Apps that the CLI tests run in a real ``oncely run`` subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import oncely
+from oncely.brokers.memory import MemoryBroker
+from tests.runtime._faulty import WrappedBroker
+
+
+class BadConsumeBroker(WrappedBroker):
+    """A third-party-like broker whose ``consume`` rejects its arguments, as a broker does on
+    ``visibility=-1``."""
+
+    @classmethod
+    def from_url(cls, url: str) -> BadConsumeBroker:
+        def refuse() -> None:
+            raise ValueError("visibility must be > 0, got -1")
+
+        broker = cls(MemoryBroker(), on_consume=refuse)
+        broker.url = url
+        return broker
+
+
+oncely.register_broker("badconsume", "tests.runtime.cli_apps:BadConsumeBroker")
+
+app = oncely.App("cli-apps")
+
+
+@app.handler("slow", idempotent=True, key="payload:id", concurrency=2)
+async def slow(job: dict[str, Any]) -> None:
+    # Tells the test it is running, then outlives any grace the test is willing to wait.
+    _mark(job["id"])
+    await asyncio.sleep(120)
+    _mark("finished")
+
+
+def _mark(text: str) -> None:
+    Path(os.environ["CLI_APPS_STARTED"]).write_text(text)
