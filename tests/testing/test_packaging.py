@@ -77,6 +77,7 @@ def test_the_suite_modules_are_assert_rewritten() -> None:
         "oncely.testing._broker_settle",
         "oncely.testing._broker_visibility",
         "oncely.testing._broker_dlq",
+        "oncely.testing.runtime",
         "oncely.testing.stores",
     ]
     suite_files = {p.stem for p in (PACKAGE / "testing").glob("*.py")} - {"__init__", "_select"}
