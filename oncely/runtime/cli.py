@@ -21,6 +21,7 @@ from oncely._version import __version__
 from oncely.brokers.base import DeadLetterAdmin
 from oncely.brokers.registry import broker_from_url
 from oncely.errors import ConfigError, NotSupported, OncelyError
+from oncely.runtime._cli_outbox import add_outbox_parser
 from oncely.runtime.app import App
 from oncely.runtime.config import Settings, load_settings
 from oncely.runtime.publisher import Publisher
@@ -105,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("topic")
     rep.add_argument("--id", action="append", dest="ids", help="only this message (repeatable)")
     rep.set_defaults(func=_cmd_dlq_replay)
+
+    add_outbox_parser(sub, common)
     return parser
 
 
