@@ -167,6 +167,8 @@ class PgBackend(Backend):
         self._schema = [s.format(t=self.table, n=short) for s in _SCHEMA]
         self._pool: asyncpg.Pool | None = None
         self._lock: asyncio.Lock | None = None
+        self.listening = False
+        """True while the LISTEN connection is up (polling covers the gaps)."""
 
     @property
     def connected(self) -> bool:
@@ -278,14 +280,17 @@ class PgBackend(Backend):
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 with map_errors("listen"):
                     await conn.add_listener(self._channel, lambda *_a: wake())
+                self.listening = True
                 # Whatever was added while nobody listened is found by this look.
                 wake()
                 pause = LISTEN_RETRY[0]
                 await lost.wait()
+                self.listening = False
                 log.warning("outbox listener connection to %s closed; reconnecting", self.url)
             except (StoreUnavailable, StoreError) as exc:
                 log.warning("outbox listener on %s failed (%s); polling meanwhile", self.url, exc)
             finally:
+                self.listening = False
                 if conn is not None:
                     await asyncio.shield(_close(conn))
             await asyncio.sleep(pause)

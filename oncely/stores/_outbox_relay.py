@@ -119,6 +119,8 @@ class OutboxRelay:
         # SQLite claims are leases: long enough for a batch whose keys all time out once.
         self.lease = max(60.0, 4 * publish_timeout)
         self.stats = RelayStats()
+        self.idle = False
+        """True while the relay waits for new rows (a notification or the next poll)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._loop_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -290,7 +292,11 @@ class OutboxRelay:
             if withheld:
                 await self._sleep(min(self.poll, WITHHELD_PAUSE))
             else:
-                await self._sleep(self.poll, wake=True)
+                self.idle = True
+                try:
+                    await self._sleep(self.poll, wake=True)
+                finally:
+                    self.idle = False
 
     async def relay_once(self) -> tuple[int, int, int, int]:
         """Claim one batch, publish it, mark it; return (claimed, sent, failed, withheld).
