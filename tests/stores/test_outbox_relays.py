@@ -1,0 +1,298 @@
+"""The outbox end to end on PostgreSQL and RabbitMQ: relay processes (`oncely outbox relay`),
+a real SIGKILL mid-batch, per-key order at a consumer, and a broker outage behind a TCP fault
+proxy (the shared RabbitMQ itself is never stopped).
+
+The consumer is an oncely Worker whose effectively-once handler records effects; the figures
+(duplicates delivered and absorbed) are printed in the run's summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aio_pika
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
+import pytest
+
+import oncely
+from oncely.stores.outbox import Outbox, OutboxRelay
+from tests.brokers.test_amqp import delete_topology
+from tests.stores._outbox_support import AMQP_URL, PG_URL, FaultProxy, drop, table_name
+
+pytestmark = [pytest.mark.anyio, pytest.mark.amqp, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    # Multi-process and minute-long: once, on asyncio (the relay processes pick uvloop).
+    return ("asyncio", {"use_uvloop": False})
+
+
+@pytest.fixture
+async def outbox(unique: str) -> AsyncIterator[Outbox]:
+    ob = Outbox.from_url(PG_URL, table=table_name())
+    await ob.migrate()
+    try:
+        yield ob
+    finally:
+        await drop(ob)
+
+
+@pytest.fixture
+async def topic(unique: str) -> AsyncIterator[str]:
+    yield unique
+    await delete_topology(unique)
+
+
+async def until(cond: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def add_rows(ob: Outbox, rows: list[tuple[str, dict[str, Any], str | None]]) -> None:
+    """Add ``(topic, payload, key)`` rows, 20 per transaction."""
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        for i in range(0, len(rows), 20):
+            async with conn.transaction():
+                for topic, payload, key in rows[i : i + 20]:
+                    await ob.add(conn, topic, payload, key=key)
+    finally:
+        await conn.close()
+
+
+async def scalar(sql: str, *args: Any) -> int:
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        return int(await conn.fetchval(sql, *args))
+    finally:
+        await conn.close()
+
+
+async def queue_depth(topic: str) -> int:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topic, passive=True)
+        count = queue.declaration_result.message_count
+        return int(count or 0)
+
+
+def spawn_relay(ob: Outbox, batch: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [
+        sys.executable, "-m", "oncely", "outbox", "relay", "--db", PG_URL,
+        "--table", ob.table, "--broker", AMQP_URL, "--batch", str(batch),
+        "--poll", "0.2", "--log-level", "WARNING",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE)
+
+
+def reap(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+        if p.stderr is not None:
+            p.stderr.close()
+
+
+def sigterm(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+
+
+def consumer(
+    topic: str, effects: Counter[Any], *, key: str, concurrency: int
+) -> tuple[oncely.App, list[tuple[str, int]]]:
+    """An app whose effectively-once handler counts effects (and records keyed arrivals)."""
+    app = oncely.App("outbox-consumer")
+    order: list[tuple[str, int]] = []
+
+    @app.handler(topic, idempotent=True, key=key, concurrency=concurrency)
+    async def effect(payload: dict[str, Any]) -> None:
+        effects[payload["n"] if "n" in payload else (payload["key"], payload["seq"])] += 1
+        if "seq" in payload:
+            order.append((payload["key"], payload["seq"]))
+
+    return app, order
+
+
+async def test_two_relay_processes_one_sigkilled_mid_batch_every_row_once_at_the_consumer(
+    outbox: Outbox, topic: str, unique: str, report: Callable[[str], None]
+) -> None:
+    rows = 4000
+    await add_rows(outbox, [(topic, {"n": n}, None) for n in range(rows)])
+    effects: Counter[Any] = Counter()
+    app, _ = consumer(topic, effects, key="auto", concurrency=16)
+    procs: list[subprocess.Popen[bytes]] = []
+    sent = f"SELECT count(*) FROM {outbox.table} WHERE sent_at IS NOT NULL"
+    async with oncely.Worker(app, broker=AMQP_URL, store=f"memory://{unique}") as worker:
+        try:
+            procs = [spawn_relay(outbox, batch=50) for _ in range(2)]
+            victim = procs[0]
+            mid_batch = (
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+                " AND state = 'idle in transaction'"
+            )
+            name = f"oncely-outbox-relay:{victim.pid}"
+
+            async def victim_holds_a_batch_after_a_tenth() -> bool:
+                # Idle in its claim transaction: publishing the batch it holds.
+                return await scalar(sent) >= rows // 10 and await scalar(mid_batch, name) > 0
+
+            await until(victim_holds_a_batch_after_a_tenth, 120, "the victim mid-batch")
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+            sent_at_kill = await scalar(sent)
+
+            async def all_sent() -> bool:
+                return await scalar(sent) == rows
+
+            await until(all_sent, 120, "every row sent by the survivor")
+            sigterm(procs[1])
+
+            async def consumer_drained() -> bool:
+                s = worker.stats
+                settled = s.processed + s.duplicates + s.dead_lettered
+                return (
+                    len(effects) == rows
+                    and s.received == settled
+                    and (await queue_depth(topic) == 0)
+                )
+
+            await until(consumer_drained, 120, "the consumer to drain")
+        finally:
+            reap(procs)
+    stats = worker.stats
+    report(
+        f"[outbox kill] {rows} rows, 2 relays, one SIGKILLed mid-batch after "
+        f"{sent_at_kill} were marked sent: {stats.received} deliveries, {stats.processed} "
+        f"effects, duplicates delivered and absorbed {stats.duplicates}"
+    )
+    assert victim.returncode == -signal.SIGKILL
+    assert sorted(effects) == list(range(rows))
+    assert set(effects.values()) == {1}
+    assert stats.processed == rows and stats.dead_lettered == 0
+    assert stats.received == rows + stats.duplicates
+
+
+async def test_per_key_order_at_the_consumer_with_two_relay_processes(
+    outbox: Outbox, topic: str, unique: str, report: Callable[[str], None]
+) -> None:
+    # Few keys, so every batch holds several rows of each and the relays' claims collide.
+    keys, per_key = 8, 100
+    rows: list[tuple[str, dict[str, Any], str | None]] = [
+        (topic, {"key": f"k{i % keys}", "seq": i // keys}, f"k{i % keys}")
+        for i in range(keys * per_key)
+    ]
+    effects: Counter[Any] = Counter()
+    # Several messages per key: dedupe on the message id, not on the (shared) key.
+    app, order = consumer(topic, effects, key="message_id", concurrency=1)
+    procs: list[subprocess.Popen[bytes]] = []
+    async with oncely.Worker(app, broker=AMQP_URL, store=f"memory://{unique}") as worker:
+        try:
+            # A backlog, then more added while both relays run, in small transactions.
+            await add_rows(outbox, rows[: len(rows) // 2])
+            procs = [spawn_relay(outbox, batch=20) for _ in range(2)]
+            await add_rows(outbox, rows[len(rows) // 2 :])
+
+            async def all_consumed() -> bool:
+                return len(effects) == len(rows)
+
+            await until(all_consumed, 120, "every row at the consumer")
+            for p in procs:
+                sigterm(p)
+        finally:
+            reap(procs)
+    by_key: dict[str, list[int]] = {}
+    for key, seq in order:
+        by_key.setdefault(key, []).append(seq)
+    withheld = await scalar(f"SELECT count(*) FROM {outbox.table} WHERE attempts > 1")
+    report(
+        f"[outbox order] {len(rows)} rows over {keys} keys, 2 relay processes: "
+        f"{worker.stats.processed} effects, {worker.stats.duplicates} duplicates absorbed, "
+        f"{withheld} rows took more than one attempt"
+    )
+    assert by_key == {f"k{k}": list(range(per_key)) for k in range(keys)}
+    assert set(effects.values()) == {1}
+
+
+async def test_a_relay_pauses_through_a_broker_outage_and_resumes(
+    outbox: Outbox, topic: str, unique: str, report: Callable[[str], None]
+) -> None:
+    target = urlsplit(AMQP_URL)
+    proxy = FaultProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    via_proxy = AMQP_URL.replace(
+        f"{target.hostname}:{target.port or 5672}", f"127.0.0.1:{proxy.listen_port}"
+    )
+    via_proxy += "&" if "?" in via_proxy else "?"
+    via_proxy += "publish_timeout=2"
+    rows = 1500
+    await add_rows(outbox, [(topic, {"n": n}, f"k{n % 7}") for n in range(rows)])
+    effects: Counter[Any] = Counter()
+    app, _ = consumer(topic, effects, key="message_id", concurrency=16)
+    relay = OutboxRelay(
+        Outbox.from_url(PG_URL, table=outbox.table),
+        via_proxy,
+        batch=50,
+        poll=0.2,
+        publish_timeout=2.0,
+        retry_base=0.1,
+        retry_cap=1.0,
+    )
+    sent = f"SELECT count(*) FROM {outbox.table} WHERE sent_at IS NOT NULL"
+    try:
+        async with oncely.Worker(app, broker=AMQP_URL, store=f"memory://{unique}") as worker:
+            async with relay:
+
+                async def a_quarter_sent() -> bool:
+                    return relay.stats.published >= rows // 4
+
+                await until(a_quarter_sent, 120, "a quarter of the rows")
+                proxy.cut()
+                cut_at = relay.stats.published
+
+                async def relay_failing() -> bool:
+                    return relay.stats.failed + relay.stats.errors >= 3
+
+                await until(relay_failing, 60, "the relay to notice the outage")
+                during = await scalar(sent)
+                proxy.restore()
+
+                async def all_sent() -> bool:
+                    return await scalar(sent) == rows
+
+                await until(all_sent, 120, "every row after the outage")
+
+            async def consumed() -> bool:
+                return len(effects) == rows and await queue_depth(topic) == 0
+
+            await until(consumed, 120, "the consumer to drain")
+    finally:
+        await proxy.aclose()
+    report(
+        f"[outbox outage] {rows} rows; broker cut after {cut_at} published, "
+        f"{during} marked sent while cut; {relay.stats.failed} failed publishes retried; "
+        f"{worker.stats.duplicates} duplicates absorbed; all {rows} delivered"
+    )
+    assert sorted(effects) == list(range(rows)) and set(effects.values()) == {1}
+    assert relay.stats.published >= rows and relay.stats.failed > 0
