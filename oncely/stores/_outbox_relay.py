@@ -287,16 +287,18 @@ class OutboxRelay:
                 await self._sleep(delay)
                 continue
             failures = 0
-            if claimed >= self.batch:
-                continue
+            if claimed >= self.batch and sent:
+                continue  # a backlog: the next batch at once
             if withheld:
+                # Rows wait for another relay to finish their key's older rows: look again
+                # soon, but do not spin on the database meanwhile.
                 await self._sleep(min(self.poll, WITHHELD_PAUSE))
-            else:
-                self.idle = True
-                try:
-                    await self._sleep(self.poll, wake=True)
-                finally:
-                    self.idle = False
+                continue
+            self.idle = True
+            try:
+                await self._sleep(self.poll, wake=True)
+            finally:
+                self.idle = False
 
     async def relay_once(self) -> tuple[int, int, int, int]:
         """Claim one batch, publish it, mark it; return (claimed, sent, failed, withheld).

@@ -7,6 +7,9 @@ crash and outage tests against RabbitMQ are in ``test_outbox_relays.py``.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,14 @@ from oncely.errors import ConfigError, UnknownScheme
 from oncely.runtime._cli_outbox import parse_duration
 from oncely.stores.outbox import Outbox, OutboxRelay
 from tests._wait import eventually
-from tests.stores._outbox_support import RefusingBroker, UserDb, db_url, drop, table_name
+from tests.stores._outbox_support import (
+    PG_URL,
+    RefusingBroker,
+    UserDb,
+    db_url,
+    drop,
+    table_name,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -262,3 +272,78 @@ async def test_per_key_order_with_several_relays(db: UserDb, relays: int) -> Non
         by_key.setdefault(message["key"], []).append(message["seq"])
     assert by_key == {f"k{k}": list(range(per_key)) for k in range(keys)}
     assert sum(r.stats.published for r in started) == len(sequence)
+
+
+async def test_the_relay_listens_again_after_its_listen_connection_is_killed(
+    tmp_path: Path, anyio_backend: object
+) -> None:
+    ob = Outbox.from_url(PG_URL, table=table_name())
+    await ob.migrate()
+    user = UserDb(ob, PG_URL)
+    await user.open()
+    broker = MemoryBroker()
+    try:
+        async with broker, OutboxRelay(ob, broker, poll=30.0) as relay:
+            backend: Any = ob.backend
+            await eventually(lambda: backend.listening)
+            killed = await user.conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+                f"oncely-outbox-relay:{os.getpid()}",
+            )
+            assert killed == 1
+            await eventually(lambda: not backend.listening)
+            await eventually(lambda: backend.listening and relay.idle)
+            async with broker.consume("t", prefetch=10, visibility=30) as sub:
+                async with user.transaction() as conn:
+                    await ob.add(conn, "t", {"n": 1})
+                (d,) = await take(sub, 1, within=5.0)
+            assert msgspec.json.decode(d.body) == {"n": 1}
+    finally:
+        await user.close()
+        await drop(ob)
+
+
+async def test_sqlite_rows_of_a_relay_that_died_are_taken_over_when_its_lease_ends(
+    tmp_path: Path, anyio_backend: object
+) -> None:
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    ob = Outbox.from_url(url, table=table_name())
+    await ob.migrate()
+    user = UserDb(ob, url)
+    await user.open()
+    async with user.transaction() as conn:
+        for n in range(3):
+            await ob.add(conn, "t", {"n": n}, key="k")
+    await user.close()
+    # A relay that claimed everything with a short lease, then died without a word.
+    dead = Outbox.from_url(url, table=ob.table)
+    await dead.connect()
+    claim = await dead.backend.claim(10, 0.5)
+    assert [r.id for r in claim.rows] == [1, 2, 3]
+    await dead.aclose()
+    broker = MemoryBroker()
+    async with broker, OutboxRelay(ob, broker, poll=0.05) as relay:
+        async with broker.consume("t", prefetch=10, visibility=30) as sub:
+            got = [msgspec.json.decode(d.body)["n"] for d in await take(sub, 3)]
+        await eventually(lambda: relay.stats.published == 3)
+    assert got == [0, 1, 2]
+
+
+def test_cli_exit_codes() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
+    base = [sys.executable, "-m", "oncely", "outbox", "relay", "--broker", "memory://"]
+    bad = subprocess.run(
+        [*base, "--db", "sqlite:///x.db", "--retention", "soon"], capture_output=True, env=env
+    )
+    assert bad.returncode == 2 and b"bad duration 'soon'" in bad.stderr
+    assert b"Traceback" not in bad.stderr
+    scheme = subprocess.run([*base, "--db", "mysql://db/x"], capture_output=True, env=env)
+    assert scheme.returncode == 2 and b"unknown outbox URL" in scheme.stderr
+    down = subprocess.run(
+        [*base, "--db", "postgresql://oncely:oncely@127.0.0.1:1/oncely"],
+        capture_output=True,
+        env=env,
+    )
+    assert down.returncode == 1 and b"StoreUnavailable" in down.stderr
+    assert b"Traceback" not in down.stderr
