@@ -106,11 +106,15 @@ _PENDING = "SELECT count(*) FROM {t} WHERE sent_at IS NULL"
 
 
 def mask(url: str) -> str:
+    """The URL with its password replaced by ``***``."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}{port}"))
 
 
 @contextlib.contextmanager
