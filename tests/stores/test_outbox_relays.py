@@ -104,13 +104,25 @@ def spawn_relay(ob: Outbox, batch: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE)
 
 
+def spawn_victim(ob: Outbox, batch: int, confirm: int) -> subprocess.Popen[bytes]:
+    """``tests/stores/outbox_victim.py``: a relay that stalls after ``confirm`` publishes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [
+        sys.executable, "-m", "tests.stores.outbox_victim", PG_URL, ob.table, AMQP_URL,
+        str(batch), str(confirm),
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE)
+
+
 def reap(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:
             p.kill()
         p.wait(timeout=30)
-        if p.stderr is not None:
-            p.stderr.close()
+        for pipe in (p.stdout, p.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def sigterm(proc: subprocess.Popen[bytes]) -> None:
@@ -191,7 +203,54 @@ async def test_two_relay_processes_one_sigkilled_mid_batch_every_row_once_at_the
     assert sorted(effects) == list(range(rows))
     assert set(effects.values()) == {1}
     assert stats.processed == rows and stats.dead_lettered == 0
-    assert stats.received == rows + stats.duplicates
+    assert stats.received == rows + stats.duplicates + stats.deferred
+
+
+async def test_a_relay_killed_between_confirm_and_mark_publishes_again_with_the_same_ids(
+    outbox: Outbox, topic: str, unique: str, report: Callable[[str], None]
+) -> None:
+    """Deterministic: the victim's second batch of 50 has exactly 25 rows confirmed by
+    RabbitMQ and none marked when it is killed, so exactly 25 duplicates reach the consumer,
+    which absorbs them."""
+    rows, batch, confirm = 1000, 50, 75
+    await add_rows(outbox, [(topic, {"n": n}, None) for n in range(rows)])
+    effects: Counter[Any] = Counter()
+    app, _ = consumer(topic, effects, key="auto", concurrency=16)
+    procs: list[subprocess.Popen[bytes]] = []
+    async with oncely.Worker(app, broker=AMQP_URL, store=f"memory://{unique}") as worker:
+        try:
+            victim = spawn_victim(outbox, batch, confirm)
+            procs.append(victim)
+            assert victim.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(victim.stdout.readline), 60)
+            assert line.strip() == b"CONFIRMED"
+            procs.append(spawn_relay(outbox, batch=batch))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+
+            async def all_effects() -> bool:
+                s = worker.stats
+                settled = s.processed + s.duplicates + s.dead_lettered
+                return (
+                    len(effects) == rows
+                    and s.duplicates >= confirm - batch
+                    and s.received == settled + s.deferred
+                    and await queue_depth(topic) == 0
+                )
+
+            await until(all_effects, 60, "every row and every duplicate at the consumer")
+            sigterm(procs[1])
+        finally:
+            reap(procs)
+    stats = worker.stats
+    report(
+        f"[outbox confirm-then-kill] {rows} rows; a relay killed with {confirm - batch} rows "
+        f"confirmed but unmarked: {stats.processed} effects, {stats.duplicates} duplicates "
+        "absorbed"
+    )
+    assert sorted(effects) == list(range(rows)) and set(effects.values()) == {1}
+    assert stats.duplicates == confirm - batch
+    assert stats.processed == rows and stats.dead_lettered == 0
 
 
 async def test_per_key_order_at_the_consumer_with_two_relay_processes(
