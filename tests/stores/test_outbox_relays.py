@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
+import aiosqlite
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
@@ -355,3 +356,57 @@ async def test_a_relay_pauses_through_a_broker_outage_and_resumes(
     )
     assert sorted(effects) == list(range(rows)) and set(effects.values()) == {1}
     assert relay.stats.published >= rows and relay.stats.failed > 0
+
+
+async def test_sqlite_two_relay_processes_one_file_for_everything(
+    tmp_path: Path, unique: str, report: Callable[[str], None]
+) -> None:
+    """The embedded default: business rows, outbox and queue in one SQLite file, two relay
+    processes, a worker with concurrency 1. Every row arrives once, each key in order."""
+    db = f"sqlite:///{tmp_path / 'app.db'}"
+    ob = Outbox.from_url(db, table=table_name())
+    await ob.migrate()
+    keys, per_key = 4, 60
+    effects: Counter[Any] = Counter()
+    app, order = consumer("events", effects, key="message_id", concurrency=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
+    cmd = [
+        sys.executable, "-m", "oncely", "outbox", "relay", "--db", db, "--table", ob.table,
+        "--broker", db, "--batch", "10", "--poll", "0.05", "--log-level", "WARNING",
+    ]  # fmt: skip
+    procs: list[subprocess.Popen[bytes]] = []
+    async with oncely.Worker(app, broker=db, store=f"memory://{unique}") as worker:
+        try:
+            procs = [start_process(cmd, env) for _ in range(2)]
+            conn = await aiosqlite.connect(tmp_path / "app.db", isolation_level=None, timeout=30)
+            try:
+                for i in range(0, keys * per_key, 8):
+                    await conn.execute("BEGIN IMMEDIATE")
+                    for n in range(i, i + 8):
+                        key = f"k{n % keys}"
+                        await ob.add(conn, "events", {"key": key, "seq": n // keys}, key=key)
+                    await conn.execute("COMMIT")
+            finally:
+                await conn.close()
+
+            async def all_consumed() -> bool:
+                return len(effects) == keys * per_key
+
+            await until(all_consumed, 120, "every row at the consumer")
+            for p in procs:
+                sigterm(p)
+        finally:
+            reap(procs)
+    by_key: dict[str, list[int]] = {}
+    for key, seq in order:
+        by_key.setdefault(key, []).append(seq)
+    report(
+        f"[outbox sqlite] {keys * per_key} rows over {keys} keys, 2 relay processes on one "
+        f"file: {worker.stats.processed} effects, {worker.stats.duplicates} duplicates"
+    )
+    assert by_key == {f"k{k}": list(range(per_key)) for k in range(keys)}
+    assert set(effects.values()) == {1}
+
+
+def start_process(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE)
