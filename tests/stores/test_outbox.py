@@ -10,9 +10,10 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import pytest
@@ -26,6 +27,7 @@ from oncely.stores.outbox import Outbox, OutboxRelay
 from tests._wait import eventually
 from tests.stores._outbox_support import (
     PG_URL,
+    FaultProxy,
     RefusingBroker,
     UserDb,
     db_url,
@@ -347,3 +349,66 @@ def test_cli_exit_codes() -> None:
     )
     assert down.returncode == 1 and b"StoreUnavailable" in down.stderr
     assert b"Traceback" not in down.stderr
+
+
+async def test_the_relay_rides_out_a_database_outage(
+    tmp_path: Path, anyio_backend: object, report: Callable[[str], None]
+) -> None:
+    """PostgreSQL behind a TCP fault proxy, cut mid-run (the shared server keeps running):
+    the relay counts errors, backs off, reconnects, and every row arrives with its id."""
+    target = urlsplit(PG_URL)
+    proxy = FaultProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    via_proxy = PG_URL.replace(
+        f"{target.hostname}:{target.port or 5432}", f"127.0.0.1:{proxy.listen_port}"
+    )
+    ob = Outbox.from_url(PG_URL, table=table_name())
+    await ob.migrate()
+    user = UserDb(ob, PG_URL)
+    await user.open()
+    rows = 600
+    ids: dict[int, str] = {}
+    for i in range(0, rows, 50):
+        async with user.transaction() as conn:
+            for n in range(i, i + 50):
+                ids[n] = await ob.add(conn, "t", {"n": n}, key=f"k{n % 5}")
+    broker = RefusingBroker(MemoryBroker(), slow=0.01)
+    relay = OutboxRelay(
+        Outbox.from_url(via_proxy, table=ob.table), broker, batch=20, poll=0.05, retry_cap=0.5
+    )
+    got: dict[int, set[str]] = {}
+    try:
+        async with broker, relay:
+            async with broker.consume("t", prefetch=100, visibility=30) as sub:
+
+                async def drain() -> None:
+                    async for d in sub:
+                        got.setdefault(msgspec.json.decode(d.body)["n"], set()).add(d.id)
+                        await d.ack()
+
+                consumer = asyncio.create_task(drain())
+                await eventually(lambda: relay.stats.published >= rows // 4, within=60)
+                proxy.cut()
+                await eventually(lambda: relay.stats.errors >= 2, within=60)
+                published_at_cut = relay.stats.published
+                proxy.restore()
+
+                async def none_pending() -> bool:
+                    (row,) = await user.fetch(
+                        f"SELECT count(*) FROM {ob.table} WHERE sent_at IS NULL"
+                    )
+                    return bool(row[0] == 0)
+
+                await eventually_async(none_pending, within=60)
+                await eventually(lambda: len(got) == rows, within=30)
+                consumer.cancel()
+    finally:
+        await proxy.aclose()
+        await user.close()
+        await drop(ob)
+    report(
+        f"[outbox db outage] {rows} rows; PostgreSQL cut after {published_at_cut} "
+        f"published: {relay.stats.errors} relay errors, all {rows} delivered"
+    )
+    assert sorted(got) == list(range(rows))
+    assert all(got[n] == {ids[n]} for n in got)  # every copy of a row carried its one id
