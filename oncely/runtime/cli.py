@@ -38,6 +38,7 @@ from oncely.runtime._cli_help import (
     RUN_EPILOG,
     RUN_HELP,
 )
+from oncely.runtime._cli_outbox import add_outbox_parser
 from oncely.runtime.app import App
 from oncely.runtime.config import Settings, load_settings
 from oncely.runtime.publisher import Publisher
@@ -159,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
         "--id", action="append", dest="ids", metavar="ID", help="only this message (repeatable)"
     )
     rep.set_defaults(func=_cmd_dlq_replay)
+
+    add_outbox_parser(sub, common)
     return parser
 
 
