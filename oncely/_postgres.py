@@ -166,11 +166,13 @@ def identifier(value: str, what: str) -> str:
     """Check a table or schema name: a plain SQL identifier, so it can be quoted safely.
 
     Raises:
-        ConfigError: empty, too long (PostgreSQL's limit is 63 bytes) or not ``[A-Za-z_][A-Za-z0-9_]*``.
+        ConfigError: empty, longer than PostgreSQL's 63 bytes, or not
+            ``[A-Za-z_][A-Za-z0-9_]*``.
     """
     if not _IDENT.fullmatch(value):
         raise ConfigError(
-            f"{what} {value!r} must be 1-63 letters, digits or underscores, not starting with a digit"
+            f"{what} {value!r} must be 1-63 letters, digits or underscores, "
+            "not starting with a digit"
         )
     return value
 

@@ -27,6 +27,7 @@ def tables() -> Iterator[tuple[str, str]]:
     """A store table and an effects table no other run uses; dropped afterwards."""
     suffix = uuid.uuid4().hex[:12]
     names = (f"oncely_conf_{suffix}", f"effects_conf_{suffix}")
+
     async def setup() -> None:
         conn = await asyncpg.connect(POSTGRES_URL)
         try:
