@@ -215,8 +215,9 @@ def unavailable(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.ConnectionDoesNotExistError):
         return True
     if isinstance(exc, asyncpg.InterfaceError):
-        # The pool or connection was closed under us (e.g. the server went away).
-        return "closed" in str(exc) or "closing" in str(exc)
+        # The pool or connection was closed under us (the server went away, or the
+        # connection was terminated, which detaches it from its pool).
+        return any(word in str(exc) for word in ("closed", "closing", "released"))
     if isinstance(exc, asyncpg.PostgresError):
         state = str(getattr(exc, "sqlstate", "") or "")
         return state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_STATES

@@ -440,7 +440,8 @@ async def _rollback(conn: Any, tr: Any) -> None:
     try:
         await tr.rollback()
     except Exception:
-        conn.terminate()
+        with contextlib.suppress(Exception):
+            conn.terminate()
 
 
 async def _give_back_connection(pool: asyncpg.Pool, conn: Any) -> None:
@@ -448,4 +449,5 @@ async def _give_back_connection(pool: asyncpg.Pool, conn: Any) -> None:
         await pool.release(conn)
     except Exception:
         # A broken connection (server gone) may fail its reset; it is discarded either way.
-        conn.terminate()
+        with contextlib.suppress(Exception):
+            conn.terminate()
