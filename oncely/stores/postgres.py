@@ -235,6 +235,9 @@ class PostgresStore(TransactionalStore):
                     min_size=self.pool_min,
                     max_size=self.pool_max,
                     connect_timeout=self.command_timeout,
+                    # The store's own statements change no session state; a transaction
+                    # resets its connection itself (see ``transaction``).
+                    reset=_keep_session,
                 )
             try:
                 await self._prepare(pool)
@@ -348,6 +351,10 @@ class PostgresStore(TransactionalStore):
                     raise
                 finally:
                     self._finishing.discard((key, token))
+                    if pool is not self._external:
+                        # The handler may have changed the session (SET, LISTEN, advisory
+                        # locks); our pool skips asyncpg's reset, so reset here.
+                        await asyncio.shield(_reset_session(conn))
             finally:
                 await asyncio.shield(_give_back_connection(pool, conn))
 
@@ -440,6 +447,20 @@ async def _rollback(conn: Any, tr: Any) -> None:
     try:
         await tr.rollback()
     except Exception:
+        with contextlib.suppress(Exception):
+            conn.terminate()
+
+
+async def _keep_session(conn: Any) -> None:
+    """The store pool's reset: nothing (see ``connect``)."""
+
+
+async def _reset_session(conn: Any) -> None:
+    try:
+        if not conn.is_closed():
+            await conn.execute(conn.get_reset_query())
+    except Exception:
+        # A connection whose session cannot be reset must not be reused.
         with contextlib.suppress(Exception):
             conn.terminate()
 

@@ -386,6 +386,18 @@ async def test_a_connection_lost_mid_transaction_commits_nothing(
     await own(other, "k")  # the lease ran out; the key is free for another worker
 
 
+@pytest.mark.anyio
+async def test_a_handler_session_change_does_not_leak_into_the_next_transaction(
+    table: str,
+) -> None:
+    async with PostgresStore.from_url(f"{URL}?table={table}&pool_max=2") as store:
+        for i in range(4):  # one transaction slot: the pool hands the same connection back
+            token = await own(store, f"k{i}")
+            async with store.transaction(f"k{i}", token, LONG) as tx:
+                assert await tx.connection.fetchval("SHOW statement_timeout") == "0"
+                await tx.connection.execute("SET statement_timeout = '1234ms'")
+
+
 # -- batching ---------------------------------------------------------------------------------
 
 
