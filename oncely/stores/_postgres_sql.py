@@ -147,6 +147,15 @@ def statements(table: str, index: str) -> Sql:
     )
 
 
+def db_key(key: str) -> str:
+    """The key as stored: PostgreSQL ``text`` cannot hold NUL, so NUL becomes ``\\0`` and a
+    backslash is doubled (only when either occurs, so ordinary keys are stored as they are).
+    The mapping is one-to-one: in an escaped key every backslash starts an escape."""
+    if "\x00" in key or "\\" in key:
+        return key.replace("\\", "\\\\").replace("\x00", "\\0")
+    return key
+
+
 class BeginCall(NamedTuple):
     key: str
     fingerprint: str

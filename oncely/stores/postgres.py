@@ -95,10 +95,12 @@ from oncely.stores._postgres_sql import (
     BATCH,
     BeginCall,
     CompleteCall,
+    db_key,
     statements,
     write_begins,
     write_completes,
 )
+from oncely.stores._postgres_tx import acquired, completing_transaction, keep_session
 from oncely.stores.base import Begin, StoreTransaction, TransactionalStore
 
 if TYPE_CHECKING:
@@ -237,7 +239,7 @@ class PostgresStore(TransactionalStore):
                     connect_timeout=self.command_timeout,
                     # The store's own statements change no session state; a transaction
                     # resets its connection itself (see ``transaction``).
-                    reset=_keep_session,
+                    reset=keep_session,
                 )
             try:
                 await self._prepare(pool)
@@ -266,13 +268,14 @@ class PostgresStore(TransactionalStore):
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
         self._connected()  # fail before queueing
-        return await self._begins.submit(BeginCall(key, fingerprint, lease))
+        return await self._begins.submit(BeginCall(db_key(key), fingerprint, lease))
 
     async def renew(self, key: str, token: str, lease: float) -> None:
-        status = await self._execute(self.sql.renew, key, token, lease, STALE_LEASE_GRACE)
+        stored = db_key(key)
+        status = await self._execute(self.sql.renew, stored, token, lease, STALE_LEASE_GRACE)
         if status == "UPDATE 1":
             return
-        if (key, token) in self._finishing:
+        if (stored, token) in self._finishing:
             # A transaction of ours is recording this key's completion right now: the row
             # changed under this renew, and the lease ends with that commit anyway.
             return
@@ -280,10 +283,10 @@ class PostgresStore(TransactionalStore):
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
         self._connected()
-        await self._completes.submit(CompleteCall(key, token, result, ttl))
+        await self._completes.submit(CompleteCall(db_key(key), token, result, ttl))
 
     async def release(self, key: str, token: str) -> None:
-        await self._execute(self.sql.release, key, token)
+        await self._execute(self.sql.release, db_key(key), token)
 
     async def sweep(self) -> int:
         """Delete expired results and long-dead leases now, in batches of ``sweep_batch``.
@@ -322,41 +325,20 @@ class PostgresStore(TransactionalStore):
         pool = self._connected()
         slots = self._tx_slots
         assert slots is not None
-        async with slots:
-            with map_errors():
-                conn = await pool.acquire(timeout=self.command_timeout)
-            try:
-                with map_errors():
-                    tr = conn.transaction()
-                    await tr.start()
-                try:
-                    tx = StoreTransaction(conn)
-                    yield tx
-                    self._finishing.add((key, token))
-                    with map_errors():
-                        status = await conn.execute(
-                            self.sql.complete_one,
-                            key,
-                            token,
-                            tx.result,
-                            ttl,
-                            timeout=self.command_timeout,
-                        )
-                    if status != "UPDATE 1":
-                        raise LeaseLost(f"lease on key {key!r} was lost during the transaction")
-                    with map_errors():
-                        await asyncio.shield(tr.commit())
-                except BaseException:
-                    await asyncio.shield(_rollback(conn, tr))
-                    raise
-                finally:
-                    self._finishing.discard((key, token))
-                    if pool is not self._external:
-                        # The handler may have changed the session (SET, LISTEN, advisory
-                        # locks); our pool skips asyncpg's reset, so reset here.
-                        await asyncio.shield(_reset_session(conn))
-            finally:
-                await asyncio.shield(_give_back_connection(pool, conn))
+        async with (
+            slots,
+            completing_transaction(
+                pool,
+                self.sql.complete_one,
+                db_key(key),
+                token,
+                ttl,
+                limit=self.command_timeout,
+                finishing=self._finishing,
+                reset=pool is not self._external,
+            ) as tx,
+        ):
+            yield tx
 
     # -- internals ------------------------------------------------------------------------
 
@@ -366,7 +348,7 @@ class PostgresStore(TransactionalStore):
         return self._pool
 
     async def _prepare(self, pool: asyncpg.Pool) -> None:
-        async with self._acquire(pool) as conn:
+        async with acquired(pool, self.command_timeout) as conn:
             with map_errors():
                 if self.create_table:
                     # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog;
@@ -388,24 +370,14 @@ class PostgresStore(TransactionalStore):
                             "create_table=false; run the migration in oncely.stores.postgres"
                         ) from exc
 
-    @contextlib.asynccontextmanager
-    async def _acquire(self, pool: asyncpg.Pool | None = None) -> AsyncIterator[Any]:
-        pool = pool or self._connected()
-        with map_errors():
-            conn = await pool.acquire(timeout=self.command_timeout)
-        try:
-            yield conn
-        finally:
-            await asyncio.shield(_give_back_connection(pool, conn))
-
     async def _execute(self, sql: str, *args: Any) -> str:
-        async with self._acquire() as conn:
+        async with acquired(self._connected(), self.command_timeout) as conn:
             with map_errors():
                 status: str = await conn.execute(sql, *args, timeout=self.command_timeout)
         return status
 
     async def _fetch(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
-        async with self._acquire() as conn:
+        async with acquired(self._connected(), self.command_timeout) as conn:
             with map_errors():
                 rows: list[Any] = await conn.fetch(sql, *args, timeout=self.command_timeout)
         return rows
@@ -438,37 +410,3 @@ class PostgresStore(TransactionalStore):
             except Exception:
                 log.exception("sweep of %s failed, will retry", self.table)
             await asyncio.sleep(self.sweep_interval)
-
-
-async def _rollback(conn: Any, tr: Any) -> None:
-    """Roll back on a cleanup path whose own exception must win. A connection that cannot
-    roll back (lost, or busy with a cancelled statement) is terminated: the server then
-    rolls the transaction back itself."""
-    try:
-        await tr.rollback()
-    except Exception:
-        with contextlib.suppress(Exception):
-            conn.terminate()
-
-
-async def _keep_session(conn: Any) -> None:
-    """The store pool's reset: nothing (see ``connect``)."""
-
-
-async def _reset_session(conn: Any) -> None:
-    try:
-        if not conn.is_closed():
-            await conn.execute(conn.get_reset_query())
-    except Exception:
-        # A connection whose session cannot be reset must not be reused.
-        with contextlib.suppress(Exception):
-            conn.terminate()
-
-
-async def _give_back_connection(pool: asyncpg.Pool, conn: Any) -> None:
-    try:
-        await pool.release(conn)
-    except Exception:
-        # A broken connection (server gone) may fail its reset; it is discarded either way.
-        with contextlib.suppress(Exception):
-            conn.terminate()

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 from unittest import mock
 
@@ -16,7 +16,6 @@ import anyio
 import asyncpg
 import pytest
 
-import oncely
 import oncely.stores.postgres as postgres_module
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._postgres_sql import RETRY_SOON
@@ -24,7 +23,7 @@ from oncely.stores.base import Begin, Outcome
 from oncely.stores.postgres import PostgresStore
 from oncely.stores.registry import store_from_url
 from tests._wait import eventually
-from tests.stores._pg_server import PrivatePostgres, _free_port
+from tests.stores._pg_server import _free_port
 
 URL = os.environ.get("ONCELY_TEST_POSTGRES_URL", "postgresql://oncely:oncely@127.0.0.1:5432/oncely")
 LONG = 30.0
@@ -398,6 +397,17 @@ async def test_a_handler_session_change_does_not_leak_into_the_next_transaction(
                 await tx.connection.execute("SET statement_timeout = '1234ms'")
 
 
+@pytest.mark.anyio
+async def test_keys_with_nul_and_backslashes_are_kept_apart(store: PostgresStore) -> None:
+    keys = ["a\x00b", "a\\0b", "a\\\x00b", "a\\\\0b", "a0b", "\x00"]
+    tokens = [await own(store, key) for key in keys]  # all distinct keys: all NEW
+    for key, token in zip(keys, tokens, strict=True):
+        await store.renew(key, token, LONG)
+        await store.complete(key, token, key.encode(), LONG)
+    for key in keys:
+        assert await store.begin(key, "fp", LONG) == Begin(Outcome.COMPLETED, result=key.encode())
+
+
 # -- batching ---------------------------------------------------------------------------------
 
 
@@ -430,85 +440,3 @@ async def test_one_key_many_times_in_one_batch(store: PostgresStore) -> None:
         return_exceptions=True,
     )
     assert sorted(type(d).__name__ for d in done) == ["LeaseLost", "NoneType"]
-
-
-# -- a real outage ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
-
-
-KEYS = 150
-FIRST = 40
-"""Keys that run before the outage; the handlers of the others wait for the gate."""
-
-
-@pytest.mark.slow
-@pytest.mark.anyio
-@pytest.mark.parametrize("transactional", [True, False], ids=["transactional", "plain"])
-async def test_store_outage_fails_closed_and_loses_or_duplicates_nothing(
-    private_pg: PrivatePostgres, unique: str, transactional: bool
-) -> None:
-    """PostgreSQL is stopped mid-run, with handlers in flight, and started again: nothing runs
-    while it is down (fail closed, deliveries deferred), and in the end every key has exactly
-    one effect. Deferrals do not spend the failure budget: each message that waited out the
-    outage fails once more afterwards, and with ``max_attempts=3`` none is dead-lettered."""
-    await sql("CREATE TABLE effects (key text NOT NULL)", url=private_pg.url)
-    plain_effects: Counter[str] = Counter()
-    gate = asyncio.Event()
-    failed_once: set[str] = set()
-    app = oncely.App(idempotent=True)
-
-    @app.handler(
-        "outage",
-        key="payload:key",
-        concurrency=8,
-        visibility=3.0,
-        transactional=transactional,
-        retry=oncely.RetryPolicy(max_attempts=3, base=0.05, cap=0.2),
-    )
-    async def effect(payload: dict[str, str], ctx: oncely.Context) -> None:
-        n = int(payload["key"][1:])
-        if n >= FIRST:
-            await gate.wait()
-        if n >= FIRST + 8 and payload["key"] not in failed_once:
-            failed_once.add(payload["key"])  # deferred through the outage, now one failure
-            raise RuntimeError("transient failure after the outage")
-        if transactional:
-            await ctx.connection.execute("INSERT INTO effects VALUES ($1)", payload["key"])
-        else:
-            plain_effects[payload["key"]] += 1
-
-    store_url = f"{private_pg.url}?table=oncely_keys&command_timeout=2&pool_max=10"
-    async with oncely.Worker(app, broker=f"memory://{unique}", store=store_url) as worker:
-        for n in range(KEYS):
-            await app.publish("outage", {"key": f"k{n}"})
-        stats = worker.stats
-        await eventually(lambda: stats.processed == FIRST and worker.in_flight == 8, within=60)
-        await anyio.to_thread.run_sync(private_pg.stop)
-        deferred = stats.deferred
-        gate.set()  # the handlers in flight meet the outage
-        # Fail closed: while the store is down, messages are deferred, and none runs.
-        # Each waiting message is deferred three times on average: more than max_attempts.
-        await eventually(lambda: stats.deferred >= deferred + 3 * (KEYS - FIRST), within=60)
-        processed = stats.processed
-        await anyio.to_thread.run_sync(private_pg.start)
-        await eventually(
-            lambda: stats.processed + stats.duplicates + stats.dead_lettered >= KEYS, within=120
-        )
-        assert processed <= FIRST + 8  # only handlers already past begin could finish
-        assert stats.dead_lettered == 0
-        assert len(failed_once) == KEYS - FIRST - 8
-    if transactional:
-        rows = await sql("SELECT key, count(*) FROM effects GROUP BY key", url=private_pg.url)
-        assert len(rows) == KEYS and all(row[1] == 1 for row in rows)
-    else:
-        assert set(plain_effects) == {f"k{n}" for n in range(KEYS)}
-        assert set(plain_effects.values()) == {1}
