@@ -77,7 +77,9 @@ def statements(table: str, index: str) -> Sql:
         #   a duplicate costs a read, not a row lock (ON CONFLICT DO UPDATE locks the row
         #   even when its WHERE is false).
         # - the INSERT claims keys absent at the start (racing only other single-statement
-        #   claims, which end at once) and the expired rows we hold.
+        #   claims, which end at once) and the expired rows we hold. It inserts in key order:
+        #   two batches inserting the same new keys wait for each other key by key, and in
+        #   different orders they would deadlock.
         # - the final SELECT reads the snapshot (not the INSERT's own writes): the state the
         #   unclaimed keys were in at the statement's start.
         claim=f"""
@@ -99,6 +101,7 @@ def statements(table: str, index: str) -> Sql:
                 FROM req r
                 WHERE r.key IN (SELECT key FROM free)
                     OR NOT EXISTS (SELECT 1 FROM {table} x WHERE x.key = r.key)
+                ORDER BY r.key
                 ON CONFLICT (key) DO UPDATE SET
                     fingerprint = excluded.fingerprint, state = 'running',
                     token = excluded.token, lease_until = excluded.lease_until,

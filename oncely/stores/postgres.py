@@ -165,8 +165,11 @@ class PostgresStore(TransactionalStore):
     ) -> None:
         if (dsn is None) == (pool is None):
             raise ConfigError("PostgresStore needs exactly one of dsn= and pool=")
-        if not 1 <= pool_min <= pool_max:
-            raise ConfigError(f"need 1 <= pool_min <= pool_max, got {pool_min} and {pool_max}")
+        if not 1 <= pool_min <= pool_max or pool_max < 2:
+            raise ConfigError(
+                f"need 1 <= pool_min <= pool_max and pool_max >= 2 (one connection stays for "
+                f"renewals), got pool_min={pool_min} and pool_max={pool_max}"
+            )
         if pool is not None and pool.get_max_size() < 2:
             raise ConfigError("the pool needs max_size >= 2: one connection stays for renewals")
         for name, value in (
