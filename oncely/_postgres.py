@@ -99,6 +99,10 @@ def parse_postgres_url(url: str, accepted: Collection[str]) -> PostgresUrl:
     parts = urlsplit(url)
     if parts.scheme.lower() not in SCHEMES:
         raise ConfigError(f"not a PostgreSQL URL: {url!r} (write postgresql://host/dbname)")
+    try:
+        parts.port  # noqa: B018 - urllib checks the port only when asked
+    except ValueError as exc:
+        raise ConfigError(f"{_safe(url)}: {exc}") from None
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     options: dict[str, str] = {}
     passed: list[tuple[str, str]] = []
@@ -204,8 +208,8 @@ async def create_pool(
     costs a round trip); asyncpg still rolls back an open transaction first.
 
     Raises:
-        StoreUnavailable: the server could not be reached or refused the login.
-        StoreError: any other failure (e.g. a bad ``sslmode`` value).
+        StoreUnavailable: the server could not be reached, or cannot take connections now.
+        StoreError: any other failure (a wrong password, a bad ``sslmode`` value, ...).
     """
     with map_errors():
         pool = await asyncpg.create_pool(

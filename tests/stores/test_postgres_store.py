@@ -133,6 +133,8 @@ def test_registry_builds_the_store_for_both_schemes() -> None:
     assert isinstance(store_from_url("postgresql://h/db?table=t"), PostgresStore)
     with pytest.raises(ConfigError, match="not a PostgreSQL URL"):
         PostgresStore.from_url("mysql://h/db")
+    with pytest.raises(ConfigError, match="Port could not be cast"):
+        PostgresStore.from_url("postgresql://u:secret@h:port/db")
 
 
 def test_constructor_checks_its_arguments() -> None:
