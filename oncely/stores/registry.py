@@ -10,6 +10,12 @@ __all__ = ["register_store", "store_from_url"]
 _stores: Registry[IdempotencyStore] = Registry("store", IdempotencyStore)
 _stores.register("memory", "oncely.stores.memory:MemoryStore")
 _stores.register("sqlite", "oncely.stores.sqlite:SqliteStore", extra="sqlite", driver="aiosqlite")
+_stores.register(
+    "postgresql", "oncely.stores.postgres:PostgresStore", extra="postgres", driver="asyncpg"
+)
+_stores.register(
+    "postgres", "oncely.stores.postgres:PostgresStore", extra="postgres", driver="asyncpg"
+)
 
 
 def store_from_url(url: str | IdempotencyStore) -> IdempotencyStore:

@@ -1,0 +1,258 @@
+"""PostgreSQL plumbing shared by oncely's PostgreSQL code (the store, and the outbox).
+
+URLs are libpq's, ``postgresql://user:password@host:port/dbname`` (``postgres://`` too), with
+oncely's own options added to the query string, e.g. ``?table=jobs_keys&pool_max=20``. Each
+caller names the options it accepts; the libpq parameters asyncpg understands (``sslmode``,
+``sslrootcert``, ``target_session_attrs``, ``application_name``, ...) pass through to asyncpg.
+Anything else is a ``ConfigError`` when the URL is parsed, rather than a failure at connect
+(asyncpg would send an unknown parameter to the server as a setting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Awaitable, Callable, Collection, Iterator
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from oncely.errors import ConfigError, StoreError, StoreUnavailable
+
+__all__ = [
+    "LIBPQ_OPTIONS",
+    "PostgresUrl",
+    "create_pool",
+    "flag",
+    "identifier",
+    "map_errors",
+    "number",
+    "parse_postgres_url",
+    "quote_ident",
+    "reject_unknown",
+]
+
+SCHEMES = ("postgresql", "postgres")
+
+LIBPQ_OPTIONS = frozenset(
+    {
+        "host",
+        "port",
+        "dbname",
+        "database",
+        "user",
+        "password",
+        "passfile",
+        "service",
+        "sslmode",
+        "sslcert",
+        "sslkey",
+        "sslrootcert",
+        "sslnegotiation",
+        "sslcrl",
+        "sslpassword",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+        "application_name",
+    }
+)
+"""Query parameters passed through to asyncpg (``application_name`` as a server setting)."""
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+# SQLSTATEs that mean "the server is not serving us right now": retry later, fail closed.
+# Class 08 (connection exception), 53 (insufficient resources), 57 (operator intervention:
+# shutdown, cannot connect now, query cancelled), 40 (serialization/deadlock: try again),
+# 55P03 (lock not available).
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "40")
+_UNAVAILABLE_STATES = frozenset({"55P03", "58030"})
+
+
+class PostgresUrl:
+    """A parsed URL: the DSN for asyncpg (oncely's options removed) and those options.
+
+    Attributes:
+        dsn: the URL asyncpg connects with.
+        options: oncely's options, still as strings; callers pop what they read and then
+            call ``reject_unknown``.
+    """
+
+    __slots__ = ("dsn", "options", "url")
+
+    def __init__(self, url: str, dsn: str, options: dict[str, str]) -> None:
+        self.url = url
+        self.dsn = dsn
+        self.options = options
+
+
+def parse_postgres_url(url: str, accepted: Collection[str]) -> PostgresUrl:
+    """Split ``url`` into asyncpg's DSN and the oncely options named in ``accepted``.
+
+    Raises:
+        ConfigError: not a ``postgresql://``/``postgres://`` URL, or a query parameter that is
+            neither in ``accepted`` nor a libpq parameter asyncpg understands (or is repeated).
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in SCHEMES:
+        raise ConfigError(f"not a PostgreSQL URL: {url!r} (write postgresql://host/dbname)")
+    try:
+        parts.port  # noqa: B018 - urllib checks the port only when asked
+    except ValueError as exc:
+        raise ConfigError(f"{_safe(url)}: {exc}") from None
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    options: dict[str, str] = {}
+    passed: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for name, value in pairs:
+        if name in seen:
+            raise ConfigError(f"{_safe(url)}: option {name!r} is given twice")
+        seen.add(name)
+        if name in accepted:
+            options[name] = value
+        elif name in LIBPQ_OPTIONS:
+            passed.append((name, value))
+        else:
+            known = ", ".join(sorted(accepted))
+            raise ConfigError(
+                f"{_safe(url)}: unknown option {name!r}; oncely options here: {known}; "
+                "libpq parameters such as sslmode pass through to asyncpg"
+            )
+    dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passed), ""))
+    return PostgresUrl(url, dsn, options)
+
+
+def number(
+    options: dict[str, str],
+    name: str,
+    default: float,
+    url: str,
+    *,
+    integer: bool = False,
+    minimum: float = 0.0,
+    inclusive: bool = False,
+) -> float:
+    """Pop a number option, checked against ``minimum`` (exclusive unless ``inclusive``).
+
+    Raises:
+        ConfigError: not a number (or not a whole number when ``integer``), or out of range.
+    """
+    raw = options.pop(name, None)
+    if raw is None:
+        return default
+    try:
+        value = float(int(raw)) if integer else float(raw)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise ConfigError(f"{_safe(url)}: option {name}={raw!r} is not {kind}") from None
+    if value < minimum or (value == minimum and not inclusive):
+        bound = ">=" if inclusive else ">"
+        raise ConfigError(f"{_safe(url)}: option {name} must be {bound} {minimum:g}, got {raw}")
+    return value
+
+
+def flag(options: dict[str, str], name: str, default: bool, url: str) -> bool:
+    """Pop a boolean option (``true``/``false``, ``1``/``0``, ``yes``/``no``)."""
+    raw = options.pop(name, None)
+    if raw is None:
+        return default
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{_safe(url)}: option {name}={raw!r} must be true or false")
+
+
+def identifier(value: str, what: str) -> str:
+    """Check a table or schema name: a plain SQL identifier, so it can be quoted safely.
+
+    Raises:
+        ConfigError: empty, longer than PostgreSQL's 63 bytes, or not
+            ``[A-Za-z_][A-Za-z0-9_]*``.
+    """
+    if not _IDENT.fullmatch(value):
+        raise ConfigError(
+            f"{what} {value!r} must be 1-63 letters, digits or underscores, "
+            "not starting with a digit"
+        )
+    return value
+
+
+def quote_ident(*names: str) -> str:
+    """``"schema"."table"`` from names already checked by ``identifier``."""
+    return ".".join(f'"{name}"' for name in names)
+
+
+def reject_unknown(options: dict[str, str], url: str) -> None:
+    if options:
+        raise ConfigError(f"{_safe(url)}: unsupported option(s) {', '.join(sorted(options))}")
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    connect_timeout: float,
+    reset: Callable[[Any], Awaitable[None]] | None = None,
+) -> asyncpg.Pool:
+    """Open an asyncpg pool with ``min_size`` connections ready.
+
+    No ``command_timeout`` is set on the pool: a transactional handler runs its own
+    statements on these connections, and oncely must not bound them. oncely's own statements
+    pass a timeout of their own. ``reset`` replaces asyncpg's session reset on release (which
+    costs a round trip); asyncpg still rolls back an open transaction first.
+
+    Raises:
+        StoreUnavailable: the server could not be reached, or cannot take connections now.
+        StoreError: any other failure (a wrong password, a bad ``sslmode`` value, ...).
+    """
+    with map_errors():
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout, reset=reset
+        )
+    assert pool is not None
+    return pool
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the server cannot be reached or cannot serve us now."""
+    if isinstance(exc, OSError | TimeoutError):
+        return True
+    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.ConnectionDoesNotExistError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        # The pool or connection was closed under us (the server went away, or the
+        # connection was terminated, which detaches it from its pool).
+        return any(word in str(exc) for word in ("closed", "closing", "released"))
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        return state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_STATES
+    return False
+
+
+@contextlib.contextmanager
+def map_errors(what: str = "postgresql") -> Iterator[None]:
+    """Translate asyncpg and socket errors: ``StoreUnavailable`` for connectivity (refused,
+    reset, timed out, server shutting down, too many connections), ``StoreError`` for the
+    rest. The original is chained (``raise ... from exc``)."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        message = f"{what}: {type(exc).__name__}: {exc}"
+        if unavailable(exc):
+            raise StoreUnavailable(message) from exc
+        raise StoreError(message) from exc
+
+
+def _safe(url: str) -> str:
+    """``url`` with its password masked, for error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return repr(url)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return repr(urlunsplit(parts._replace(netloc=netloc)))

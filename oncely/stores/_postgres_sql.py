@@ -1,0 +1,284 @@
+"""SQL and batched writes of the PostgreSQL idempotency store (``oncely.stores.postgres``).
+
+Every transition is one statement and reads the database clock (``statement_timestamp()``, the
+same instant for every row of a statement, and current even inside a long transaction), so
+workers whose clocks disagree still agree on who holds a lease.
+
+``begin`` calls that arrive together are one statement over arrays (``write_begins``); so are
+``complete`` calls (``write_completes``). A batch carries each key once: PostgreSQL refuses an
+``INSERT ... ON CONFLICT DO UPDATE`` that touches one row twice, so a key repeated in a batch
+waits for the next round, and the first claim orders it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from oncely.errors import LeaseLost, StoreError
+from oncely.stores.base import Begin, Outcome
+
+BATCH = 256
+"""Most calls one batched statement carries."""
+
+CLAIM_ROUNDS = 3
+"""How often ``write_begins`` tries a key it found expired or absent but could not claim."""
+
+RETRY_SOON = 0.05
+"""``retry_after`` for a key that was neither claimable nor classifiable ``CLAIM_ROUNDS`` times
+(e.g. an expired row another session keeps locked)."""
+
+# A row's ``expires_at`` is when it may be deleted: a completed row's result ttl, or a running
+# row's lease plus the stale grace. One indexed column keeps the sweep a range scan.
+_EXPIRED = (
+    "CASE {a}.state WHEN 'completed' THEN {a}.expires_at ELSE {a}.lease_until END "
+    "<= statement_timestamp()"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sql:
+    """Every statement of the store, for one table."""
+
+    schema: tuple[str, ...]
+    exists: str
+    claim: str
+    complete_many: str
+    complete_one: str
+    renew: str
+    release: str
+    sweep: str
+
+
+def statements(table: str, index: str) -> Sql:
+    """The statements for ``table`` (already quoted), with ``index`` the expiry index name."""
+    expired_t = _EXPIRED.format(a="t")
+    return Sql(
+        schema=(
+            f"""CREATE TABLE IF NOT EXISTS {table} (
+                key text PRIMARY KEY,
+                fingerprint text NOT NULL,
+                state text NOT NULL CHECK (state IN ('running', 'completed')),
+                token text,
+                lease_until timestamptz,
+                result bytea,
+                expires_at timestamptz NOT NULL
+            )""",
+            f"CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at)",
+        ),
+        exists=f"SELECT 1 FROM {table} LIMIT 0",
+        # One statement claims every free or expired key of the batch and reports, for the
+        # others, the row as it was when the statement started.
+        # - ``free`` locks the expired rows nobody else has locked (SKIP LOCKED): a begin
+        #   never waits for a lock another session holds, e.g. a transaction recording its
+        #   completion. Rows that are live when the statement starts are never touched, so
+        #   a duplicate costs a read, not a row lock (ON CONFLICT DO UPDATE locks the row
+        #   even when its WHERE is false).
+        # - the INSERT claims keys absent at the start (racing only other single-statement
+        #   claims, which end at once) and the expired rows we hold. It inserts in key order:
+        #   two batches inserting the same new keys wait for each other key by key, and in
+        #   different orders they would deadlock.
+        # - the final SELECT reads the snapshot (not the INSERT's own writes): the state the
+        #   unclaimed keys were in at the statement's start.
+        claim=f"""
+            WITH req AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[])
+                    AS r(key, fingerprint, token, lease)
+            ),
+            free AS (
+                SELECT t.key FROM {table} t
+                WHERE t.key = ANY($1::text[]) AND {expired_t}
+                FOR UPDATE OF t SKIP LOCKED
+            ),
+            claimed AS (
+                INSERT INTO {table} AS t
+                    (key, fingerprint, state, token, lease_until, result, expires_at)
+                SELECT r.key, r.fingerprint, 'running', r.token,
+                    statement_timestamp() + make_interval(secs => r.lease), NULL,
+                    statement_timestamp() + make_interval(secs => r.lease + $5::float8)
+                FROM req r
+                WHERE r.key IN (SELECT key FROM free)
+                    OR NOT EXISTS (SELECT 1 FROM {table} x WHERE x.key = r.key)
+                ORDER BY r.key
+                ON CONFLICT (key) DO UPDATE SET
+                    fingerprint = excluded.fingerprint, state = 'running',
+                    token = excluded.token, lease_until = excluded.lease_until,
+                    result = NULL, expires_at = excluded.expires_at
+                WHERE {expired_t}
+                RETURNING t.key
+            )
+            SELECT r.key, c.key IS NOT NULL, x.fingerprint, x.state, x.result,
+                extract(epoch FROM
+                    CASE x.state WHEN 'completed' THEN x.expires_at ELSE x.lease_until END
+                    - statement_timestamp())::float8
+            FROM req r
+            LEFT JOIN claimed c ON c.key = r.key
+            LEFT JOIN {table} x ON x.key = r.key
+        """,
+        complete_many=f"""
+            UPDATE {table} AS t SET state = 'completed', token = NULL, lease_until = NULL,
+                result = d.result,
+                expires_at = statement_timestamp() + make_interval(secs => d.ttl)
+            FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[])
+                AS d(key, token, result, ttl)
+            WHERE t.key = d.key AND t.token = d.token AND t.state = 'running'
+            RETURNING t.key
+        """,
+        complete_one=f"""
+            UPDATE {table} SET state = 'completed', token = NULL, lease_until = NULL,
+                result = $3::bytea,
+                expires_at = statement_timestamp() + make_interval(secs => $4::float8)
+            WHERE key = $1 AND token = $2 AND state = 'running'
+        """,
+        renew=f"""
+            UPDATE {table} SET
+                lease_until = statement_timestamp() + make_interval(secs => $3::float8),
+                expires_at = statement_timestamp() + make_interval(secs => $3::float8 + $4)
+            WHERE key = $1 AND token = $2 AND state = 'running'
+        """,
+        release=f"DELETE FROM {table} WHERE key = $1 AND token = $2 AND state = 'running'",
+        # ctid is stable here: the rows are locked by the same statement that deletes them.
+        # SKIP LOCKED: never wait for a worker's claim, and let several sweepers share work.
+        sweep=f"""
+            DELETE FROM {table} WHERE ctid IN (
+                SELECT ctid FROM {table} WHERE expires_at <= statement_timestamp()
+                LIMIT $1 FOR UPDATE SKIP LOCKED
+            )
+        """,
+    )
+
+
+def db_key(key: str) -> str:
+    """The key as stored: PostgreSQL ``text`` cannot hold NUL, so NUL becomes ``\\0`` and a
+    backslash is doubled (only when either occurs, so ordinary keys are stored as they are).
+    The mapping is one-to-one: in an escaped key every backslash starts an escape."""
+    if "\x00" in key or "\\" in key:
+        return key.replace("\\", "\\\\").replace("\x00", "\\0")
+    return key
+
+
+class BeginCall(NamedTuple):
+    key: str
+    fingerprint: str
+    lease: float
+
+
+class CompleteCall(NamedTuple):
+    key: str
+    token: str
+    result: bytes | None
+    ttl: float
+
+
+Fetch = Callable[[str, tuple[Any, ...]], Awaitable[list[Any]]]
+"""Runs one statement on a pooled connection and returns its rows; raises StoreError."""
+
+
+async def write_begins(
+    fetch: Fetch, sql: Sql, calls: list[BeginCall], grace: float
+) -> list[Begin | Exception]:
+    """``begin`` for each call, in one statement in the common case.
+
+    A key the claim did not take is classified from the row as the statement saw it. A row
+    that was absent or expired then, yet not claimed (another session inserted it first, or
+    holds it locked), tells nothing, so that call goes into another round; after
+    ``CLAIM_ROUNDS`` it answers ``IN_PROGRESS`` with ``RETRY_SOON``: the key was busy every
+    time we tried.
+
+    A failed statement committed nothing, so its error goes to exactly the calls not yet
+    answered; calls granted by an earlier round keep their ``NEW``.
+    """
+    outcomes: list[Begin | Exception | None] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    try:
+        for _ in range(CLAIM_ROUNDS):
+            now_round, later = _distinct(calls, todo)
+            tokens = [uuid.uuid4().hex for _ in now_round]
+            args = (
+                [calls[i].key for i in now_round],
+                [calls[i].fingerprint for i in now_round],
+                tokens,
+                [calls[i].lease for i in now_round],
+                grace,
+            )
+            rows = {row[0]: row for row in await fetch(sql.claim, args)}
+            todo = later
+            for i, token in zip(now_round, tokens, strict=True):
+                outcome = _outcome(rows[calls[i].key], calls[i].fingerprint, token)
+                if outcome is None:
+                    todo.append(i)
+                else:
+                    outcomes[i] = outcome
+            if not todo:
+                break
+            todo.sort()
+    except StoreError as exc:
+        return [_each(exc) if o is None else o for o in outcomes]
+    busy = Begin(Outcome.IN_PROGRESS, retry_after=RETRY_SOON)
+    return [busy if o is None else o for o in outcomes]
+
+
+async def write_completes(
+    fetch: Fetch, sql: Sql, calls: list[CompleteCall]
+) -> list[Exception | None]:
+    """``complete`` for each call: ``None``, or ``LeaseLost`` where the token no longer holds
+    the key. A key repeated in a batch waits for the next round, which orders it after the
+    first (so a repeated completion gets ``LeaseLost``)."""
+    outcomes: list[Exception | None] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    try:
+        while todo:
+            now_round, later = _distinct(calls, todo)
+            args = (
+                [calls[i].key for i in now_round],
+                [calls[i].token for i in now_round],
+                [calls[i].result for i in now_round],
+                [calls[i].ttl for i in now_round],
+            )
+            done = {row[0] for row in await fetch(sql.complete_many, args)}
+            for i in now_round:
+                if calls[i].key not in done:
+                    outcomes[i] = LeaseLost(
+                        f"lease on key {calls[i].key!r} is no longer held by this token"
+                    )
+            todo = later
+    except StoreError as exc:
+        # ``todo`` still holds the failed round and the rounds after it.
+        for i in todo:
+            outcomes[i] = _each(exc)
+    return outcomes
+
+
+def _distinct(calls: list[Any], todo: list[int]) -> tuple[list[int], list[int]]:
+    """Split ``todo`` into the first call of each key and the repeats, order kept."""
+    keys: set[str] = set()
+    first: list[int] = []
+    later: list[int] = []
+    for i in todo:
+        key = calls[i].key
+        (later if key in keys else first).append(i)
+        keys.add(key)
+    return first, later
+
+
+def _outcome(row: Any, fingerprint: str, token: str) -> Begin | None:
+    """The outcome of one call from its claim row, or ``None`` to try again."""
+    _, granted, found_fingerprint, state, result, remaining = row
+    if granted:
+        return Begin(Outcome.NEW, token=token)
+    if state is None or remaining is None or remaining <= 0:
+        return None  # absent or expired at the start, and not ours: ask again
+    if found_fingerprint != fingerprint:
+        return Begin(Outcome.MISMATCH)
+    if state == "completed":
+        return Begin(Outcome.COMPLETED, result=None if result is None else bytes(result))
+    return Begin(Outcome.IN_PROGRESS, retry_after=float(remaining))
+
+
+def _each(exc: StoreError) -> StoreError:
+    """A copy of a batch's error for one caller (each raise extends its own traceback)."""
+    err = type(exc)(str(exc))
+    err.__cause__ = exc.__cause__
+    return err

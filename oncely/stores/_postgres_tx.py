@@ -1,0 +1,108 @@
+"""Connections and transactions of the PostgreSQL store (``oncely.stores.postgres``).
+
+The design of transactional mode (why one committed effect per key) is in that module's
+docstring; this is its mechanics: a managed asyncpg transaction, so a handler may nest
+``conn.transaction()`` (a savepoint), the token-guarded completion as its last statement, and
+cleanup that leaves no connection inside a transaction or with a handler's session state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from oncely._postgres import map_errors
+from oncely.errors import LeaseLost
+from oncely.stores.base import StoreTransaction
+
+
+@contextlib.asynccontextmanager
+async def acquired(pool: Any, limit: float) -> AsyncIterator[Any]:
+    """A pooled connection, waited for at most ``limit`` seconds, always given back."""
+    with map_errors():
+        conn = await pool.acquire(timeout=limit)
+    try:
+        yield conn
+    finally:
+        await asyncio.shield(_give_back(pool, conn))
+
+
+@contextlib.asynccontextmanager
+async def completing_transaction(
+    pool: Any,
+    complete_sql: str,
+    key: str,
+    token: str,
+    ttl: float,
+    *,
+    limit: float,
+    finishing: set[tuple[str, str]],
+    reset: bool,
+) -> AsyncIterator[StoreTransaction]:
+    """Yield a transaction; on a clean exit record the completion in it and commit.
+
+    ``limit`` bounds the wait for a connection and each of the store's own statements.
+    ``(key, token)`` sits in ``finishing`` while the completion is being recorded, so a renew
+    that meets the completed row meanwhile is not mistaken for a lost lease. ``reset``: run
+    asyncpg's session reset before giving the connection back (the store's own pool skips it
+    on release).
+    """
+    async with acquired(pool, limit) as conn:
+        with map_errors():
+            tr = conn.transaction()
+            await tr.start()
+        try:
+            tx = StoreTransaction(conn)
+            yield tx
+            finishing.add((key, token))
+            with map_errors():
+                status = await conn.execute(complete_sql, key, token, tx.result, ttl, timeout=limit)
+            if status != "UPDATE 1":
+                raise LeaseLost(f"lease on key {key!r} was lost during the transaction")
+            with map_errors():
+                await asyncio.shield(tr.commit())
+        except BaseException:
+            await asyncio.shield(_rollback(conn, tr))
+            raise
+        finally:
+            finishing.discard((key, token))
+            if reset:
+                # The handler may have changed the session (SET, LISTEN, advisory locks).
+                await asyncio.shield(_reset_session(conn))
+
+
+async def keep_session(conn: Any) -> None:
+    """A pool ``reset`` that does nothing: the store's own statements change no session
+    state, and transactions reset their connection themselves."""
+
+
+async def _rollback(conn: Any, tr: Any) -> None:
+    """Roll back on a cleanup path whose own exception must win. A connection that cannot
+    roll back (lost, or busy with a cancelled statement) is terminated: the server then
+    rolls the transaction back itself."""
+    try:
+        await tr.rollback()
+    except Exception:
+        with contextlib.suppress(Exception):
+            conn.terminate()
+
+
+async def _reset_session(conn: Any) -> None:
+    try:
+        if not conn.is_closed():
+            await conn.execute(conn.get_reset_query())
+    except Exception:
+        # A connection whose session cannot be reset must not be reused.
+        with contextlib.suppress(Exception):
+            conn.terminate()
+
+
+async def _give_back(pool: Any, conn: Any) -> None:
+    try:
+        await pool.release(conn)
+    except Exception:
+        # A broken connection (server gone) may fail its reset; it is discarded either way.
+        with contextlib.suppress(Exception):
+            conn.terminate()
