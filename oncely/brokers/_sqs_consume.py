@@ -44,6 +44,7 @@ class SqsDelivery(Delivery):
         "_done",
         "_holding",
         "_sub",
+        "batch",
         "group",
         "queue_url",
         "raw",
@@ -69,6 +70,7 @@ class SqsDelivery(Delivery):
         self.receipt = message["ReceiptHandle"]
         self.received = received
         self.group: str | None = message.get("Attributes", {}).get("MessageGroupId")
+        self.batch = 0  # which receive brought it (FIFO group bookkeeping)
         self._done = False
         self._holding = True  # counts against the subscription's prefetch
         self._capped = False
@@ -196,9 +198,9 @@ class SqsSubscription(Subscription):
         self._free = prefetch
         self._ready: collections.deque[SqsDelivery] = collections.deque()
         self._held: dict[str, collections.deque[SqsDelivery]] = {}
-        self._busy: set[str] = set()
+        self._busy: dict[str, int] = {}
+        self._batches = 0
         self._pollers: list[asyncio.Task[None]] = []
-        self._receiving: set[asyncio.Future[tuple[str, list[MessageTypeDef]]]] = set()
         self._changed: asyncio.Event | None = None
         self._slots: asyncio.Event | None = None
         self._error: BaseException | None = None
@@ -254,8 +256,6 @@ class SqsSubscription(Subscription):
             n = min(10, self._free)
             self._free -= n
             receive = asyncio.ensure_future(self.broker._receive(self.topic, n, self.visibility))
-            self._receiving.add(receive)
-            receive.add_done_callback(self._receiving.discard)
             try:
                 # Shielded: a long poll cut off at the client may still claim messages on the
                 # server; aclose lets it finish and hands back what it got.
@@ -271,14 +271,22 @@ class SqsSubscription(Subscription):
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
                 continue
+            except asyncio.CancelledError:
+                self._free += n
+                # Closing: the receive finishes in the background and hands back its catch.
+                self.broker._spawn(self._return_late(receive))
+                raise
             except BaseException:
                 self._free += n
                 raise
             pause = 0.1
             self._free += n - len(messages)
             now = time.monotonic()
+            self._batches += 1
             for message in messages:
-                self._accept(SqsDelivery(self, url, message, now))
+                delivery = SqsDelivery(self, url, message, now)
+                delivery.batch = self._batches
+                self._accept(delivery)
             if messages:
                 self._changed.set()
 
@@ -286,28 +294,37 @@ class SqsSubscription(Subscription):
         group = delivery.group
         if group is None:
             self._ready.append(delivery)
-        elif group in self._busy:
+            return
+        busy = self._busy.get(group)
+        if busy == delivery.batch:
             self._held.setdefault(group, collections.deque()).append(delivery)
-        else:
-            self._busy.add(group)
-            self._ready.append(delivery)
+            return
+        if busy is not None:
+            # SQS handed out this group again, so what this subscription still holds of it
+            # from an earlier receive has expired: those receipt handles are stale.
+            stale = self._held.pop(group, ())
+            for d in stale:
+                d._holding = False
+            self._release(len(stale))
+        self._busy[group] = delivery.batch
+        self._ready.append(delivery)
 
     def _settled(self, delivery: SqsDelivery, *, returned: bool) -> None:
         """A yielded delivery was settled: free its slot; on FIFO, release its group."""
         self._release(1)
         group = delivery.group
-        if group is None:
+        if group is None or self._busy.get(group) != delivery.batch:
             return
         held = self._held.get(group)
         if not held:
             self._held.pop(group, None)
-            self._busy.discard(group)
+            del self._busy[group]
             return
         if returned:
             # SQS would redeliver the nacked message only after these; give them back too,
             # so the group's order holds on the next receive.
             del self._held[group]
-            self._busy.discard(group)
+            del self._busy[group]
             self._give_back(list(held))
             return
         nxt = held.popleft()
@@ -373,8 +390,6 @@ class SqsSubscription(Subscription):
         for task in pollers:
             task.cancel()
         await asyncio.gather(*pollers, return_exceptions=True)
-        for receive in list(self._receiving):
-            self.broker._spawn(self._return_late(receive))
         buffered = list(self._ready)
         for held in self._held.values():
             buffered.extend(held)
