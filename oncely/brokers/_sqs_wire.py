@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 
 MAX_ATTRIBUTES = 10
 """SQS accepts at most 10 message attributes per message."""
-RESERVED_ATTRIBUTES = 4
-"""Kept free for oncely: ``oncely-message-id``, and the three a dead letter gains
-(``oncely-dead-letter-reason``, ``oncely-attempt``, ``oncely-dead-lettered-at``)."""
+RESERVED_ATTRIBUTES = 3
+"""Kept free for the three attributes a dead letter gains (``oncely-dead-letter-reason``,
+``oncely-attempt``, ``oncely-dead-lettered-at``); ``oncely-message-id`` is always sent."""
 MAX_VISIBILITY = 43_200
 """12 hours: the longest a message may stay invisible, counted from its receive."""
 MAX_PUBLISH_DELAY = 900

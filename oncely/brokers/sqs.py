@@ -337,9 +337,17 @@ class SqsBroker(Broker, DeadLetterAdmin):
             raise NotSupported("SQS FIFO queues have no per-message delay")
         mid = message_id or uuid.uuid4().hex
         out = encode(mid, body, checked, max_size=self.options.max_message_size)
+        group = checked.get(Headers.KEY) or mid if fifo else None
         url, _ = await self.queue_urls(topic)
-        group = checked.get(Headers.KEY) or mid
-        await self._send(url, out, delay=delay, group=group if fifo else None, dedupe=mid)
+        try:
+            await self._send(url, out, delay=delay, group=group, dedupe=mid)
+        except BrokerError as exc:
+            if not is_missing_queue(exc):
+                raise
+            # The queue vanished (deleted, or an in-memory server restarted): resolve again.
+            self._forget(topic)
+            url, _ = await self.queue_urls(topic)
+            await self._send(url, out, delay=delay, group=group, dedupe=mid)
         return mid
 
     async def _send(

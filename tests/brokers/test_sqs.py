@@ -3,14 +3,20 @@ skipped: a missing server fails these tests). The URL comes from ``ONCELY_TEST_S
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiobotocore.session import AioSession
 
+import oncely
 from oncely.brokers._sqs_wire import dlq_name, parse_url, queue_name
+from oncely.brokers.sqs import SqsBroker
+from oncely.errors import PublishFailed
+from tests._wait import eventually
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -47,3 +53,180 @@ async def delete_queues(topics: list[str], url: str = SQS_URL) -> None:
                 with contextlib.suppress(Exception):
                     got = await client.get_queue_url(QueueName=name)
                     await client.delete_queue(QueueUrl=got["QueueUrl"])
+
+
+@pytest.fixture
+async def topics() -> AsyncIterator[list[str]]:
+    """Topics a test uses; their queues are deleted afterwards."""
+    made: list[str] = []
+    yield made
+    await delete_queues(made)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[SqsBroker]:
+    async with SqsBroker.from_url(SQS_URL) as b:
+        yield b
+
+
+# ------------------------------------------------------------------------------ the broker
+
+
+@pytest.mark.anyio
+async def test_too_many_headers_fail_naming_the_limit_and_send_nothing(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    topics.append(unique)
+    headers = {f"x-h{i}": "v" for i in range(7)}
+    with pytest.raises(PublishFailed, match=r"at most 10 message attributes.*x-h0, x-h1"):
+        await broker.publish(unique, b"{}", headers=headers)
+    # A binary body needs one attribute more, so six headers no longer fit either.
+    with pytest.raises(PublishFailed, match="oncely-body-encoding"):
+        await broker.publish(unique, b"\xff", headers={f"x-h{i}": "v" for i in range(6)})
+    six = {f"x-h{i}": "v" for i in range(6)}
+    mid = await broker.publish(unique, b"{}", headers=six)
+    async with broker.consume(unique, prefetch=10, visibility=30) as sub:
+        d = await anext(sub)
+        assert d.id == mid and {k: d.headers[k] for k in six} == six
+        await d.ack()
+    assert broker.api_calls["send"] == 1, "a refused publish must not reach SQS"
+
+
+@pytest.mark.anyio
+async def test_oversized_payload_fails_naming_size_and_limit(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    topics.append(unique)
+    limit = broker.options.max_message_size
+    with pytest.raises(PublishFailed, match=rf"is \d+ bytes.*limit is {limit} bytes"):
+        await broker.publish(unique, b"x" * limit)
+    with pytest.raises(PublishFailed, match="base64-encoded"):
+        await broker.publish(unique, b"\xff" * (limit * 3 // 4))
+    assert broker.api_calls["send"] == 0
+
+
+@pytest.mark.anyio
+async def test_plain_sender_is_consumed_and_plain_reader_reads_oncely(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    topics.append(unique)
+    url, _ = await broker.queue_urls(unique)
+    async with plain_client() as client:
+        sent = await client.send_message(
+            QueueUrl=url,
+            MessageBody='{"from": "plain"}',
+            MessageAttributes={"origin": {"DataType": "String", "StringValue": "boto"}},
+        )
+        async with broker.consume(unique, prefetch=1, visibility=30) as sub:
+            d = await anext(sub)
+            assert (d.id, d.body, d.attempt) == (sent["MessageId"], b'{"from": "plain"}', 1)
+            assert d.headers == {"origin": "boto"} and d.key == d.id
+            await d.ack()
+
+        mid = await broker.publish(unique, b'{"from": "oncely"}', headers={"oncely-key": "k1"})
+        got = await client.receive_message(
+            QueueUrl=url, WaitTimeSeconds=5, MessageAttributeNames=["All"]
+        )
+        (m,) = got["Messages"]
+        assert m["Body"] == '{"from": "oncely"}'
+        attrs = {k: v["StringValue"] for k, v in m["MessageAttributes"].items()}
+        assert attrs == {"oncely-key": "k1", "oncely-message-id": mid}
+        await client.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+
+
+@pytest.mark.anyio
+async def test_partial_delete_batch_failure_is_surfaced_per_entry(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    """Three stale receipt handles and three fresh ones go out in one DeleteMessageBatch:
+    SQS answers 200 with three entries Failed; exactly those acks raise, the rest delete."""
+    topics.append(unique)
+    ids = {await broker.publish(unique, f"m{i}".encode()) for i in range(3)}
+    first = broker.consume(unique, prefetch=3, visibility=1)
+    stale = [await anext(first) for _ in range(3)]
+    second = broker.consume(unique, prefetch=3, visibility=60)
+    fresh = [await anext(second) for _ in range(3)]  # after the first visibility ran out
+    assert {d.id for d in fresh} == ids and {d.attempt for d in fresh} == {2}
+    deletes = broker.api_calls["delete"]
+    results = await asyncio.gather(*(d.ack() for d in stale + fresh), return_exceptions=True)
+    assert broker.api_calls["delete"] == deletes + 1, "one batch call for the six acks"
+    assert [type(r).__name__ for r in results] == ["DeliveryExpired"] * 3 + ["NoneType"] * 3
+    assert not any(d.settled for d in stale) and all(d.settled for d in fresh)
+    await first.aclose()
+    await second.aclose()
+    async with plain_client() as client:
+        url, _ = await broker.queue_urls(unique)
+        got = await client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
+    counts = got["Attributes"]
+    assert counts["ApproximateNumberOfMessages"] == "0"
+    assert counts["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+@pytest.mark.anyio
+async def test_heartbeat_extensions_are_batched(unique: str, topics: list[str]) -> None:
+    """30 handlers outlive their 3 s visibility; each beat extends all 30 in about 3
+    ChangeMessageVisibilityBatch calls, and no message is delivered twice."""
+    topics.append(unique)
+    app = oncely.App()
+    runs: collections.Counter[str] = collections.Counter()
+    release = asyncio.Event()
+
+    @app.handler(unique, concurrency=30, visibility=3.0, timeout=60)
+    async def slow(p: dict[str, Any]) -> None:
+        runs[p["n"]] += 1
+        await release.wait()
+
+    async with oncely.Worker(app, broker=SQS_URL) as worker:
+        for n in range(30):
+            await app.publish(unique, {"n": n})
+        await eventually(lambda: len(runs) == 30)
+        assert isinstance(worker.broker, SqsBroker)
+        calls = worker.broker.api_calls
+        base = calls["change_visibility"]
+        # Four beats (every visibility / 3 = 1 s), i.e. 120 extensions.
+        await eventually(lambda: calls["change_visibility"] - base >= 12, within=20)
+        release.set()
+        await eventually(lambda: worker.stats.processed == 30)
+        assert max(runs.values()) == 1
+    beats = (calls["change_visibility"] - base) / 3
+    assert beats <= 5, f"{calls['change_visibility'] - base} calls: extensions not batched"
+
+
+@pytest.mark.anyio
+async def test_long_handler_is_never_redelivered_while_heartbeat_runs(
+    unique: str, topics: list[str]
+) -> None:
+    """A handler runs three times its 2 s visibility; another consumer polls all along and
+    must see nothing; the message is handled once and acked."""
+    topics.append(unique)
+    app = oncely.App()
+    started, done = asyncio.Event(), asyncio.Event()
+    runs = 0
+
+    @app.handler(unique, concurrency=1, visibility=2.0, timeout=60)
+    async def slow(p: dict[str, Any]) -> None:
+        nonlocal runs
+        runs += 1
+        started.set()
+        await asyncio.sleep(6.0)  # the visibility that must be extended is the subject
+        done.set()
+
+    seen: list[tuple[str, int]] = []
+    async with SqsBroker.from_url(SQS_URL) as other:
+
+        async def poll() -> None:
+            async for d in other.consume(unique, prefetch=1, visibility=2):
+                seen.append((d.id, d.attempt))
+
+        async with oncely.Worker(app, broker=SQS_URL) as worker:
+            await app.publish(unique, {"job": 1})
+            await started.wait()
+            poller = asyncio.create_task(poll())
+            await asyncio.wait_for(done.wait(), 30)
+            await eventually(lambda: worker.stats.processed == 1)
+            # Long enough for a lapsed visibility to show at the other consumer.
+            await asyncio.sleep(2.5)
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+    assert runs == 1
+    assert seen == []
