@@ -1,0 +1,193 @@
+"""SQS throughput and API calls: the Worker against a careful raw aiobotocore loop.
+
+Against a real SQS-compatible server (ElasticMQ from ``scripts/services.sh up``; override
+with ``ONCELY_TEST_SQS_ENDPOINT``), on uvloop, in this one process run, over a backlog of
+``--messages`` queued before each measurement:
+
+- ``raw``: plain aiobotocore, ``ceil(concurrency / 10)`` pollers, each a loop of
+  ``ReceiveMessage`` (10, long poll) then one ``DeleteMessageBatch`` of what it got: what a
+  careful user writes, and the floor of 200 API calls per 1,000 messages;
+- ``oncely``: a Worker running a no-op at-least-once handler at ``--concurrency``;
+- ``oncely+idem``: the same handler effectively-once, through a SQLite store;
+- ``heartbeat``: ``--long`` handlers that outlive their visibility at once; the
+  ``ChangeMessageVisibility(Batch)`` calls each heartbeat beat costs.
+
+It prints msgs/s, API calls per 1,000 messages and ratios measured in the same run. Nothing is
+asserted.
+
+    python benchmarks/sqs_throughput.py [--messages 5000] [--concurrency 80] [--long 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from aiobotocore.session import AioSession
+
+import oncely
+from oncely.brokers.sqs import SqsBroker
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+ENDPOINT = os.environ.get("ONCELY_TEST_SQS_ENDPOINT", "http://127.0.0.1:9324")
+URL = f"sqs://?region=us-east-1&endpoint={ENDPOINT}&wait=1"
+
+
+def client() -> Any:
+    return AioSession().create_client("sqs", region_name="us-east-1", endpoint_url=ENDPOINT)
+
+
+async def fill(topic: str, n: int) -> str:
+    """Create the queue (as oncely would) and queue ``n`` small JSON messages."""
+    async with SqsBroker.from_url(URL) as broker:
+        url, _ = await broker.queue_urls(topic)
+    async with client() as sqs:
+        slots = asyncio.Semaphore(16)
+
+        async def batch(start: int) -> None:
+            async with slots:
+                entries = [
+                    {"Id": str(i), "MessageBody": f'{{"n": {start + i}}}'}
+                    for i in range(min(10, n - start))
+                ]
+                await sqs.send_message_batch(QueueUrl=url, Entries=entries)
+
+        await asyncio.gather(*(batch(s) for s in range(0, n, 10)))
+    return url
+
+
+async def drop(topic: str) -> None:
+    async with client() as sqs:
+        for name in (topic, topic + "-dlq"):
+            got = await sqs.get_queue_url(QueueName=name)
+            await sqs.delete_queue(QueueUrl=got["QueueUrl"])
+
+
+async def raw(url: str, n: int, pollers: int) -> tuple[float, int]:
+    """Returns (msgs/s, API calls)."""
+    done = 0
+    calls = 0
+    async with client() as sqs:
+
+        async def poll() -> None:
+            nonlocal done, calls
+            while done < n:
+                calls += 1
+                got = await sqs.receive_message(
+                    QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1, VisibilityTimeout=30
+                )
+                messages = got.get("Messages", [])
+                if not messages:
+                    continue
+                calls += 1
+                result = await sqs.delete_message_batch(
+                    QueueUrl=url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                        for i, m in enumerate(messages)
+                    ],
+                )
+                assert not result.get("Failed"), result
+                done += len(messages)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(poll() for _ in range(pollers)))
+        return n / (time.perf_counter() - started), calls
+
+
+async def worker(topic: str, n: int, concurrency: int, store: str | None) -> tuple[float, int]:
+    app = oncely.App("bench")
+    finished = asyncio.Event()
+    count = 0
+
+    @app.handler(topic, concurrency=concurrency, idempotent=store is not None)
+    async def noop(_: dict[str, int]) -> None:
+        nonlocal count
+        count += 1
+        if count == n:
+            finished.set()
+
+    w = oncely.Worker(app, broker=URL, store=store)
+    started = time.perf_counter()
+    await w.start()
+    await finished.wait()
+    broker = w.broker
+    assert isinstance(broker, SqsBroker)
+    await w.stop()  # the last acks are part of the work
+    elapsed = time.perf_counter() - started
+    assert w.stats.processed == n, w.stats
+    calls = sum(v for k, v in broker.api_calls.items() if k != "admin")
+    return n / elapsed, calls
+
+
+async def heartbeat(topic: str, long: int) -> tuple[int, int]:
+    """Run ``long`` handlers that outlive their 3 s visibility through three beats; returns
+    (extensions made, ChangeMessageVisibility calls)."""
+    app = oncely.App("bench")
+    release, all_running = asyncio.Event(), asyncio.Event()
+    running = 0
+
+    @app.handler(topic, concurrency=long, visibility=3.0, timeout=120)
+    async def slow(_: dict[str, int]) -> None:
+        nonlocal running
+        running += 1
+        if running == long:
+            all_running.set()
+        await release.wait()
+
+    async with oncely.Worker(app, broker=URL) as w:
+        await all_running.wait()
+        broker = w.broker
+        assert isinstance(broker, SqsBroker)
+        before = broker.api_calls["change_visibility"]
+        await asyncio.sleep(3.2)  # three beats, one per visibility / 3
+        calls = broker.api_calls["change_visibility"] - before
+        release.set()
+    return 3 * long, calls
+
+
+async def main(n: int, concurrency: int, long: int) -> None:
+    pollers = math.ceil(concurrency / 10)
+    print(f"{n} messages backlog, concurrency/prefetch {concurrency}, {pollers} pollers, uvloop")
+    results: dict[str, tuple[float, int]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("raw", "oncely", "oncely+idem"):
+            topic = f"bench-{uuid.uuid4().hex[:8]}"
+            url = await fill(topic, n)
+            if name == "raw":
+                results[name] = await raw(url, n, pollers)
+            else:
+                store = f"sqlite:///{Path(tmp) / topic}.db" if name == "oncely+idem" else None
+                results[name] = await worker(topic, n, concurrency, store)
+            await drop(topic)
+    base = results["raw"][0]
+    print(f"{'run':<12} {'msgs/s':>9} {'x raw':>6} {'calls/1000 msgs':>16}")
+    for name, (rate, calls) in results.items():
+        print(f"{name:<12} {rate:>9.0f} {rate / base:>6.2f} {calls * 1000 / n:>16.0f}")
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    await fill(topic, long)
+    extensions, calls = await heartbeat(topic, long)
+    await drop(topic)
+    print(
+        f"heartbeat: {long} running handlers, 3 beats: {extensions} extensions in {calls} "
+        f"ChangeMessageVisibilityBatch calls ({calls / 3:.1f} per beat, "
+        f"{calls / extensions:.2f} per extension)"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=80)
+    parser.add_argument("--long", type=int, default=200)
+    args = parser.parse_args()
+    uvloop.run(main(args.messages, args.concurrency, args.long))
