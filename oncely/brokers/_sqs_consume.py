@@ -405,9 +405,7 @@ class SqsSubscription(Subscription):
         if self._changed is not None:
             self._changed.set()
 
-    async def _return_late(
-        self, receive: asyncio.Future[tuple[str, list[MessageTypeDef]]]
-    ) -> None:
+    async def _return_late(self, receive: asyncio.Future[tuple[str, list[MessageTypeDef]]]) -> None:
         try:
             url, messages = await receive
         except BrokerError:
