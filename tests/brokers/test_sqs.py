@@ -13,9 +13,10 @@ import pytest
 from aiobotocore.session import AioSession
 
 import oncely
-from oncely.brokers._sqs_wire import dlq_name, parse_url, queue_name
+from oncely.brokers._sqs_consume import SqsDelivery
+from oncely.brokers._sqs_wire import MAX_VISIBILITY, dlq_name, parse_url, queue_name
 from oncely.brokers.sqs import SqsBroker
-from oncely.errors import PublishFailed
+from oncely.errors import NotSupported, PublishFailed
 from tests._wait import eventually
 
 if TYPE_CHECKING:
@@ -230,3 +231,31 @@ async def test_long_handler_is_never_redelivered_while_heartbeat_runs(
             await asyncio.gather(poller, return_exceptions=True)
     assert runs == 1
     assert seen == []
+
+
+@pytest.mark.anyio
+async def test_extension_stops_at_the_12_hour_cap(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    """The cap counts from the receive; the delivery's receive time is moved 12 hours back
+    rather than waiting for it."""
+    topics.append(unique)
+    await broker.publish(unique, b"{}")
+    async with broker.consume(unique, prefetch=1, visibility=30) as sub:
+        d = await anext(sub)
+        assert isinstance(d, SqsDelivery)
+        await d.extend(60)
+        calls = broker.api_calls["change_visibility"]
+        assert calls == 1
+        d.received -= MAX_VISIBILITY - 30  # 30 s of the 12 hours left (less a 5 s margin)
+        await d.extend(60)  # extends to what is left, and counts the cap
+        assert broker.visibility_capped == 1
+        assert broker.api_calls["change_visibility"] == calls + 1
+        d.received -= 30
+        await d.extend(60)  # nothing left: no call at all
+        await d.extend(60)
+        assert broker.visibility_capped == 1, "counted once per delivery"
+        assert broker.api_calls["change_visibility"] == calls + 1
+        with pytest.raises(NotSupported, match="12 hours"):
+            await d.nack(60)
+        await d.ack()
