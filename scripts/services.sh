@@ -298,15 +298,25 @@ elasticmq_pid() { [[ -f $ELASTICMQ_DIR/elasticmq.pid ]] && cat "$ELASTICMQ_DIR/e
 elasticmq_ours() { local pid; pid=$(elasticmq_pid) && [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; }
 # A real SQS call over HTTP (the query protocol), not just an open port.
 elasticmq_ping() {
-    curl -sf --max-time 5 "$(elasticmq_url)/?Action=ListQueues&Version=2012-11-05" |
+    curl -sf --max-time 10 --retry 2 "$(elasticmq_url)/?Action=ListQueues&Version=2012-11-05&QueueNamePrefix=oncely-ping" |
         grep -q ListQueuesResponse
+}
+
+elasticmq_install_tools() { # Java 17 and Maven, from Debian, when missing
+    local pkgs=()
+    command -v java >/dev/null || pkgs+=(openjdk-17-jre-headless)
+    command -v mvn >/dev/null || pkgs+=(maven)
+    ((${#pkgs[@]})) || return 0
+    log "elasticmq: installing ${pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } >&2 ||
+        die "apt-get install ${pkgs[*]} failed"
 }
 
 elasticmq_resolve() {
     local lib=$ELASTICMQ_DIR/lib stamp=$ELASTICMQ_DIR/lib/.resolved-$ELASTICMQ_VERSION
     [[ -f $stamp ]] && return 0
-    command -v mvn >/dev/null || die "elasticmq: mvn is not installed (apt-get install maven)"
-    command -v java >/dev/null || die "elasticmq: java is not installed (apt-get install openjdk-17-jre-headless)"
+    elasticmq_install_tools
     log "elasticmq: resolving org.elasticmq:elasticmq-server_2.13:$ELASTICMQ_VERSION from Maven Central"
     rm -rf "$lib"
     install -d -m 755 "$lib"
@@ -337,7 +347,11 @@ elasticmq_up() {
         elasticmq_ours || log "elasticmq: a server on $HOST:$ELASTICMQ_PORT was not started by this script; left alone"
         return 0
     fi
-    port_open "$ELASTICMQ_PORT" && die "elasticmq: port $ELASTICMQ_PORT is open but does not answer ListQueues"
+    if port_open "$ELASTICMQ_PORT"; then
+        wait_until "$TIMEOUT" "ElasticMQ ListQueues" elasticmq_ping ||
+            die "elasticmq: port $ELASTICMQ_PORT is open but does not answer ListQueues"
+        return 0
+    fi
     elasticmq_resolve
     elasticmq_configure
     log "elasticmq: starting"

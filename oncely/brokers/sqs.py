@@ -77,20 +77,18 @@ from typing import TYPE_CHECKING, Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
-from oncely.brokers import _sqs_admin
+from oncely.brokers import _sqs_admin, _sqs_queues
 from oncely.brokers._sqs_batch import Batcher
 from oncely.brokers._sqs_consume import SqsSubscription
+from oncely.brokers._sqs_options import SqsOptions, parse_url
 from oncely.brokers._sqs_wire import (
     MAX_PUBLISH_DELAY,
-    SqsOptions,
-    dlq_name,
     encode,
     entry_error,
     fifo_id,
     is_fifo,
     is_missing_queue,
     map_errors,
-    parse_url,
     queue_name,
 )
 from oncely.brokers.base import (
@@ -101,14 +99,13 @@ from oncely.brokers.base import (
     Headers,
     check_headers,
 )
-from oncely.errors import BrokerError, ConfigError, ConnectionLost, NotSupported
+from oncely.errors import BrokerError, ConnectionLost, NotSupported
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Mapping
     from typing import Self
 
     from types_aiobotocore_sqs import SQSClient
-    from types_aiobotocore_sqs.literals import QueueAttributeNameType
     from types_aiobotocore_sqs.type_defs import (
         ChangeMessageVisibilityBatchRequestEntryTypeDef as VisEntry,
     )
@@ -127,8 +124,6 @@ if TYPE_CHECKING:
 __all__ = ["SqsBroker", "SqsOptions"]
 
 log = logging.getLogger("oncely.brokers.sqs")
-
-_RETENTION = "1209600"  # 14 days, the SQS maximum, for dead letters
 
 
 class SqsBroker(Broker, DeadLetterAdmin):
@@ -261,52 +256,7 @@ class SqsBroker(Broker, DeadLetterAdmin):
         self._urls.pop(topic, None)
 
     async def _resolve(self, topic: str) -> tuple[str, str]:
-        client = await self._connected()
-        o = self.options
-        name, dlq = queue_name(topic, o), dlq_name(topic, o)
-        fifo: dict[QueueAttributeNameType, str] = {"FifoQueue": "true"} if is_fifo(topic, o) else {}
-        if not o.create:
-            return await self._existing(client, name), await self._existing(client, dlq)
-        dlq_attributes = dict(fifo)
-        dlq_attributes["MessageRetentionPeriod"] = _RETENTION
-        dlq_url = await self._create(client, dlq, dlq_attributes)
-        attributes = dict(fifo)
-        if o.max_receive_count:
-            self.api_calls["admin"] += 1
-            with map_errors("admin"):
-                got = await client.get_queue_attributes(
-                    QueueUrl=dlq_url, AttributeNames=["QueueArn"]
-                )
-            arn = got["Attributes"]["QueueArn"]
-            attributes["RedrivePolicy"] = (
-                f'{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"{o.max_receive_count}"}}'
-            )
-        return await self._create(client, name, attributes), dlq_url
-
-    async def _create(
-        self, client: SQSClient, name: str, attributes: dict[QueueAttributeNameType, str]
-    ) -> str:
-        self.api_calls["admin"] += 1
-        try:
-            with map_errors("admin"):
-                return (await client.create_queue(QueueName=name, Attributes=attributes))[
-                    "QueueUrl"
-                ]
-        except BrokerError as exc:
-            if "QueueAlreadyExists" not in str(exc) and "QueueNameExists" not in str(exc):
-                raise
-            log.warning("SQS queue %s exists with other attributes; using it as it is", name)
-            return await self._existing(client, name)
-
-    async def _existing(self, client: SQSClient, name: str) -> str:
-        self.api_calls["admin"] += 1
-        try:
-            with map_errors("admin"):
-                return (await client.get_queue_url(QueueName=name))["QueueUrl"]
-        except BrokerError as exc:
-            if is_missing_queue(exc):
-                raise ConfigError(f"SQS queue {name!r} does not exist (create=0)") from exc
-            raise
+        return await _sqs_queues.resolve(self, topic)
 
     # ---------------------------------------------------------------------------- publish
 
@@ -438,7 +388,7 @@ class SqsBroker(Broker, DeadLetterAdmin):
             # Publishes go at once (coalescing only what is queued meanwhile); settles wait
             # ``ack_window`` for company, since their latency matters less than their count.
             window=0.0 if kind == "send" else self.options.ack_window,
-            max_inflight=8 if kind == "send" else 4,
+            max_inflight=16,
             max_bytes=self.options.max_message_size if kind == "send" else None,
         )
 

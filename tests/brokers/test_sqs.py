@@ -13,8 +13,9 @@ import pytest
 from aiobotocore.session import AioSession
 
 import oncely
-from oncely.brokers._sqs_consume import SqsDelivery
-from oncely.brokers._sqs_wire import MAX_VISIBILITY, dlq_name, parse_url, queue_name
+from oncely.brokers._sqs_delivery import SqsDelivery
+from oncely.brokers._sqs_options import parse_url
+from oncely.brokers._sqs_wire import MAX_VISIBILITY, dlq_name, queue_name
 from oncely.brokers.sqs import SqsBroker
 from oncely.errors import NotSupported, PublishFailed
 from tests._wait import eventually

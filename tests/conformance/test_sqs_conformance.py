@@ -36,6 +36,7 @@ _FEATURES = {
 
 class TestSqsStandard(BrokerConformance):
     features = BrokerFeatures(**_FEATURES)  # type: ignore[arg-type]
+    suffix = ""
 
     @pytest.fixture
     def broker_factory(self) -> BrokerFactory:
@@ -47,7 +48,7 @@ class TestSqsStandard(BrokerConformance):
         return make
 
     def make_topic(self) -> str:
-        topic = super().make_topic()
+        topic = super().make_topic() + self.suffix
         self.__dict__.setdefault("_topics", []).append(topic)
         return topic
 
@@ -59,6 +60,4 @@ class TestSqsStandard(BrokerConformance):
 
 class TestSqsFifo(TestSqsStandard):
     features = BrokerFeatures(**{**_FEATURES, "delay": False})  # type: ignore[arg-type]
-
-    def make_topic(self) -> str:
-        return super().make_topic() + ".fifo"
+    suffix = ".fifo"
