@@ -90,7 +90,8 @@ class Batcher(Generic[E]):
         """
         future: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
         self._add(_Item(entry, size, future))
-        return await asyncio.shield(future)
+        # Not shielded: a cancelled caller cancels only its future; the entry still goes out.
+        return await future
 
     def _add(self, item: _Item[E]) -> None:
         state = self._state

@@ -145,6 +145,9 @@ class SqsBroker(Broker, DeadLetterAdmin):
         )
         self.api_calls: collections.Counter[str] = collections.Counter()
         """SQS API calls made, by kind: receive, delete, change_visibility, send, admin."""
+        self.api_entries: collections.Counter[str] = collections.Counter()
+        """Entries sent in batch calls, by kind: ``api_entries[k] / api_calls[k]`` is how full
+        the batches of kind ``k`` were (10 at most)."""
         self.visibility_capped = 0
         """Deliveries that reached the 12-hour visibility cap while a handler still ran."""
         self._stack: contextlib.AsyncExitStack | None = None
@@ -369,6 +372,7 @@ class SqsBroker(Broker, DeadLetterAdmin):
         async def call(entries: list[Any]) -> Mapping[str, Any]:
             client = await self._connected()
             self.api_calls[kind] += 1
+            self.api_entries[kind] += len(entries)
             if kind == "send":
                 with map_errors("publish"):
                     return await client.send_message_batch(QueueUrl=url, Entries=entries)
