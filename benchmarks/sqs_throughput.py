@@ -5,8 +5,9 @@ with ``ONCELY_TEST_SQS_ENDPOINT``), on uvloop, in this one process run, over a b
 ``--messages`` queued before each measurement:
 
 - ``raw``: plain aiobotocore, ``ceil(concurrency / 10)`` pollers, each a loop of
-  ``ReceiveMessage`` (10, long poll) then one ``DeleteMessageBatch`` of what it got: what a
-  careful user writes, and the floor of 200 API calls per 1,000 messages;
+  ``ReceiveMessage`` (10, long poll, asking for the same attributes as oncely) then one
+  ``DeleteMessageBatch`` of what it got: what a careful user writes, and the floor of 200 API
+  calls per 1,000 messages;
 - ``oncely``: a Worker running a no-op at-least-once handler at ``--concurrency``;
 - ``oncely+idem``: the same handler effectively-once, through a SQLite store;
 - ``heartbeat``: ``--long`` handlers that outlive their visibility at once; the
@@ -15,7 +16,9 @@ with ``ONCELY_TEST_SQS_ENDPOINT``), on uvloop, in this one process run, over a b
 Each run is timed from start to the moment the last message's delete returned (the Worker's
 start, which connects and resolves the queue, included). It prints msgs/s (the median of
 ``--rounds`` interleaved rounds), API calls per 1,000 messages (the most of any round; for the
-Worker, every call but queue creation) and ratios measured in the same run. Nothing is asserted.
+Worker, every call but queue creation), this process's CPU time per message (the backlog fill
+excluded; a steadier figure than msgs/s on a busy machine) and ratios measured in the same run.
+Nothing is asserted.
 
     python benchmarks/sqs_throughput.py [--messages 5000] [--concurrency 80] [--long 200]
 """
@@ -86,8 +89,19 @@ async def raw(url: str, n: int, pollers: int) -> tuple[float, int]:
             nonlocal done, calls, finished
             while done < n:
                 calls += 1
+                # The same attributes oncely asks for: without them a consumer has no attempt
+                # count, no publish time and no headers.
                 got = await sqs.receive_message(
-                    QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1, VisibilityTimeout=30
+                    QueueUrl=url,
+                    MaxNumberOfMessages=10,
+                    WaitTimeSeconds=1,
+                    VisibilityTimeout=30,
+                    MessageAttributeNames=["All"],
+                    MessageSystemAttributeNames=[
+                        "ApproximateReceiveCount",
+                        "SentTimestamp",
+                        "MessageGroupId",
+                    ],
                 )
                 messages = got.get("Messages", [])
                 if not messages:
@@ -172,26 +186,42 @@ async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
         f"{n} messages backlog, concurrency/prefetch {concurrency}, {pollers} pollers, uvloop, "
         f"median of {rounds} interleaved rounds"
     )
-    runs: dict[str, list[tuple[float, int]]] = {"raw": [], "oncely": [], "oncely+idem": []}
+    runs: dict[str, list[tuple[float, int, float]]] = {
+        "raw": [],
+        "oncely": [],
+        "oncely+idem": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(rounds):
             for name, got in runs.items():
                 topic = f"bench-{uuid.uuid4().hex[:8]}"
                 url = await fill(topic, n)
+                cpu = time.process_time()
                 if name == "raw":
-                    got.append(await raw(url, n, pollers))
+                    rate, calls = await raw(url, n, pollers)
                 else:
                     store = f"sqlite:///{Path(tmp) / topic}.db" if name == "oncely+idem" else None
-                    got.append(await worker(topic, n, concurrency, store))
+                    rate, calls = await worker(topic, n, concurrency, store)
+                got.append((rate, calls, (time.process_time() - cpu) / n * 1e6))
                 await drop(topic)
     results = {
-        name: (statistics.median(r for r, _ in got), max(c for _, c in got))
+        name: (
+            statistics.median(r for r, _, _ in got),
+            max(c for _, c, _ in got),
+            statistics.median(u for _, _, u in got),
+        )
         for name, got in runs.items()
     }
-    base = results["raw"][0]
-    print(f"{'run':<12} {'msgs/s':>9} {'x raw':>6} {'calls/1000 msgs':>16}")
-    for name, (rate, calls) in results.items():
-        print(f"{name:<12} {rate:>9.0f} {rate / base:>6.2f} {calls * 1000 / n:>16.0f}")
+    base, base_cpu = results["raw"][0], results["raw"][2]
+    print(
+        f"{'run':<12} {'msgs/s':>9} {'x raw':>6} {'calls/1000 msgs':>16} "
+        f"{'CPU us/msg':>11} {'x raw':>6}"
+    )
+    for name, (rate, calls, cpu) in results.items():
+        print(
+            f"{name:<12} {rate:>9.0f} {rate / base:>6.2f} {calls * 1000 / n:>16.0f} "
+            f"{cpu:>11.0f} {cpu / base_cpu:>6.2f}"
+        )
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     await fill(topic, long)
     extensions, calls = await heartbeat(topic, long)

@@ -125,6 +125,8 @@ __all__ = ["SqsBroker", "SqsOptions"]
 
 log = logging.getLogger("oncely.brokers.sqs")
 
+_CLOSE_GRACE = 2.0
+
 
 class SqsBroker(Broker, DeadLetterAdmin):
     """Amazon SQS (or a compatible server) through aiobotocore. See the module docstring."""
@@ -211,22 +213,34 @@ class SqsBroker(Broker, DeadLetterAdmin):
 
     async def aclose(self) -> None:
         """Flush pending acks and visibility changes, then close. Idempotent. Unsettled
-        deliveries come back once their visibility runs out."""
+        deliveries come back once their visibility runs out.
+
+        Long polls still in flight get ``_CLOSE_GRACE`` seconds to finish and hand back what
+        they caught; after that they are cut off, and whatever the server had already handed
+        them comes back once its visibility runs out (so a shutdown never waits out a 20 s
+        poll)."""
         if self._closed:
             return
         for sub in self._subscriptions:
             sub.shutdown()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.options.wait + 10):
-                for batcher in list(self._batchers.values()):
-                    await batcher.flush()
-                while self._tasks:
-                    await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._flush(10.0)
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=_CLOSE_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await self._flush(5.0)
         self._closed = True
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             with contextlib.suppress(Exception):
                 await stack.aclose()
+
+    async def _flush(self, within: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                for batcher in list(self._batchers.values()):
+                    await batcher.flush()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -66,7 +66,9 @@ async def topics() -> AsyncIterator[list[str]]:
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[SqsBroker]:
+async def broker(topics: list[str]) -> AsyncIterator[SqsBroker]:
+    # Closed before ``topics`` deletes the queues: ElasticMQ does not answer a long poll on a
+    # queue deleted under it.
     async with SqsBroker.from_url(SQS_URL) as b:
         yield b
 
@@ -264,3 +266,21 @@ async def test_extension_stops_at_the_12_hour_cap(
         with pytest.raises(NotSupported, match="12 hours"):
             await d.nack(60)
         await d.ack()
+
+
+@pytest.mark.anyio
+async def test_concurrent_publishes_share_send_batches(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    topics.append(unique)
+    await broker.queue_urls(unique)
+    ids = await asyncio.gather(*(broker.publish(unique, f"{i}".encode()) for i in range(25)))
+    assert broker.api_entries["send"] == 25
+    assert broker.api_calls["send"] == 3, "25 publishes at once go as batches of 10, 10 and 5"
+    got: list[str] = []
+    async with broker.consume(unique, prefetch=25, visibility=30) as sub:
+        while len(got) < 25:
+            d = await asyncio.wait_for(anext(sub), 10)
+            got.append(d.id)
+            await d.ack()
+    assert sorted(got) == sorted(ids)
