@@ -342,6 +342,16 @@ pekko.loglevel = "INFO"
 EOF
 }
 
+# Wait (bounded) for the log's "started" line; give up at once if the process is gone.
+elasticmq_wait_started() {
+    local deadline=$((SECONDS + TIMEOUT))
+    until grep -q 'ElasticMQ server .* started' "$1"; do
+        elasticmq_ours || { log "elasticmq: the java process exited"; return 1; }
+        ((SECONDS < deadline)) || { log "elasticmq: no 'started' line within ${TIMEOUT}s"; return 1; }
+        sleep 0.5
+    done
+}
+
 elasticmq_up() {
     if elasticmq_ping; then
         elasticmq_ours || log "elasticmq: a server on $HOST:$ELASTICMQ_PORT was not started by this script; left alone"
@@ -360,11 +370,11 @@ elasticmq_up() {
     setsid java -Xmx256m -Dconfig.file="$ELASTICMQ_DIR/elasticmq.conf" -cp "$ELASTICMQ_DIR/lib/*" \
         org.elasticmq.server.Main >>"$logf" 2>&1 </dev/null &
     echo $! >"$ELASTICMQ_DIR/elasticmq.pid"
-    if ! wait_until "$TIMEOUT" "the ElasticMQ 'started' log line" grep -q 'ElasticMQ server .* started' "$logf" ||
+    if ! elasticmq_wait_started "$logf" ||
         ! wait_until "$TIMEOUT" "ElasticMQ ListQueues" elasticmq_ping; then
         tail -n 30 "$logf" >&2 || true
         elasticmq_ours && kill "$(elasticmq_pid)" 2>/dev/null
-        die "elasticmq did not come up within ${TIMEOUT}s (log: $logf)"
+        die "elasticmq did not come up (log: $logf)"
     fi
 }
 
