@@ -9,6 +9,7 @@
 #   RabbitMQ    amqp://guest:guest@127.0.0.1:5672/          (rabbitmq-server, 3.10.x)
 #   PostgreSQL  postgresql://oncely:oncely@127.0.0.1:5432/oncely  (own cluster in $STATE_DIR)
 #   Redis       redis://127.0.0.1:6379/0                    (redis-server)
+#   ElasticMQ   http://127.0.0.1:9324 (SQS API)               (Maven Central, Java 17; jars cached in $STATE_DIR)
 #
 # `up` is idempotent: a service that already answers is left alone, so a second `up` only
 # probes. Every wait is bounded (ONCELY_SERVICES_TIMEOUT, default 90 s) and a service that does
@@ -283,6 +284,125 @@ redis_status() {
     fi
 }
 
+# -------------------------------------------------------------------------------- ElasticMQ
+# An SQS-compatible server (in memory) for the sqs:// broker's tests. The jars are resolved
+# once from Maven Central with scripts/elasticmq/pom.xml into $ELASTICMQ_DIR/lib; a later `up`
+# reuses them. It runs as a plain background java process with a pid file and a log file.
+ELASTICMQ_VERSION=1.7.1
+ELASTICMQ_PORT=${ONCELY_ELASTICMQ_PORT:-9324}
+ELASTICMQ_DIR=$STATE_DIR/elasticmq
+ELASTICMQ_POM=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/elasticmq/pom.xml
+
+elasticmq_url() { printf 'http://%s:%s' "$HOST" "$ELASTICMQ_PORT"; }
+elasticmq_pid() { [[ -f $ELASTICMQ_DIR/elasticmq.pid ]] && cat "$ELASTICMQ_DIR/elasticmq.pid"; }
+elasticmq_ours() { local pid; pid=$(elasticmq_pid) && [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; }
+# A real SQS call over HTTP (the query protocol), not just an open port.
+elasticmq_ping() {
+    curl -sf --max-time 10 --retry 2 "$(elasticmq_url)/?Action=ListQueues&Version=2012-11-05&QueueNamePrefix=oncely-ping" |
+        grep -q ListQueuesResponse
+}
+
+elasticmq_install_tools() { # Java 17 and Maven, from Debian, when missing
+    local pkgs=()
+    command -v java >/dev/null || pkgs+=(openjdk-17-jre-headless)
+    command -v mvn >/dev/null || pkgs+=(maven)
+    ((${#pkgs[@]})) || return 0
+    log "elasticmq: installing ${pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } >&2 ||
+        die "apt-get install ${pkgs[*]} failed"
+}
+
+elasticmq_resolve() {
+    local lib=$ELASTICMQ_DIR/lib stamp=$ELASTICMQ_DIR/lib/.resolved-$ELASTICMQ_VERSION
+    [[ -f $stamp ]] && return 0
+    elasticmq_install_tools
+    log "elasticmq: resolving org.elasticmq:elasticmq-server_2.13:$ELASTICMQ_VERSION from Maven Central"
+    rm -rf "$lib"
+    install -d -m 755 "$lib"
+    timeout "$((TIMEOUT * 4))" mvn -q -B -f "$ELASTICMQ_POM" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$lib" >&2 ||
+        die "elasticmq: mvn dependency:copy-dependencies failed"
+    compgen -G "$lib/elasticmq-server_2.13-*.jar" >/dev/null || die "elasticmq: no server jar in $lib"
+    touch "$stamp"
+}
+
+elasticmq_configure() {
+    # Loopback only; no stats UI (it would listen on 9325); INFO logs (the bundled config
+    # logs DEBUG); strict SQS limits so tests meet the same limits as AWS.
+    cat >"$ELASTICMQ_DIR/elasticmq.conf" <<EOF
+$MARKER
+include classpath("application.conf")
+node-address { protocol = http, host = "$HOST", port = $ELASTICMQ_PORT, context-path = "" }
+generate-node-address = false
+rest-sqs { enabled = true, bind-hostname = "$HOST", bind-port = $ELASTICMQ_PORT, sqs-limits = strict }
+rest-stats { enabled = false }
+aws { region = "us-east-1", accountId = "000000000000" }
+pekko.loglevel = "INFO"
+EOF
+}
+
+# Wait (bounded) for the log's "started" line; give up at once if the process is gone.
+elasticmq_wait_started() {
+    local deadline=$((SECONDS + TIMEOUT))
+    until grep -q 'ElasticMQ server .* started' "$1"; do
+        elasticmq_ours || { log "elasticmq: the java process exited"; return 1; }
+        ((SECONDS < deadline)) || { log "elasticmq: no 'started' line within ${TIMEOUT}s"; return 1; }
+        sleep 0.5
+    done
+}
+
+elasticmq_up() {
+    if elasticmq_ping; then
+        elasticmq_ours || log "elasticmq: a server on $HOST:$ELASTICMQ_PORT was not started by this script; left alone"
+        return 0
+    fi
+    if port_open "$ELASTICMQ_PORT"; then
+        wait_until "$TIMEOUT" "ElasticMQ ListQueues" elasticmq_ping ||
+            die "elasticmq: port $ELASTICMQ_PORT is open but does not answer ListQueues"
+        return 0
+    fi
+    elasticmq_resolve
+    elasticmq_configure
+    log "elasticmq: starting"
+    local logf=$ELASTICMQ_DIR/elasticmq.log
+    : >"$logf"
+    setsid java -Xmx256m -Dconfig.file="$ELASTICMQ_DIR/elasticmq.conf" -cp "$ELASTICMQ_DIR/lib/*" \
+        org.elasticmq.server.Main >>"$logf" 2>&1 </dev/null &
+    echo $! >"$ELASTICMQ_DIR/elasticmq.pid"
+    if ! elasticmq_wait_started "$logf" ||
+        ! wait_until "$TIMEOUT" "ElasticMQ ListQueues" elasticmq_ping; then
+        tail -n 30 "$logf" >&2 || true
+        elasticmq_ours && kill "$(elasticmq_pid)" 2>/dev/null
+        die "elasticmq did not come up (log: $logf)"
+    fi
+}
+
+elasticmq_down() {
+    if elasticmq_ours; then
+        log "elasticmq: stopping"
+        local pid
+        pid=$(elasticmq_pid)
+        kill "$pid"
+        wait_until "$TIMEOUT" "elasticmq to exit" bash -c "! kill -0 $pid" ||
+            die "elasticmq: pid $pid still running"
+        rm -f "$ELASTICMQ_DIR/elasticmq.pid"
+    elif elasticmq_ping; then
+        log "elasticmq: a server on $HOST:$ELASTICMQ_PORT was not started by this script; left alone"
+    else
+        log "elasticmq: not running"
+    fi
+}
+
+elasticmq_status() {
+    if elasticmq_ping; then
+        echo "elasticmq   running   $(elasticmq_url)  (SQS API, ElasticMQ $ELASTICMQ_VERSION, log: $ELASTICMQ_DIR/elasticmq.log)"
+    else
+        echo "elasticmq   stopped"
+        return 1
+    fi
+}
+
 # ------------------------------------------------------------------------------------- main
 status() {
     local rc=0
@@ -292,6 +412,7 @@ status() {
         echo "postgres    not installed"; rc=1; fi
     if command -v redis-server >/dev/null; then redis_status || rc=1; else
         echo "redis       not installed"; rc=1; fi
+    elasticmq_status || rc=1
     return $rc
 }
 
@@ -303,6 +424,8 @@ up)
     rabbit_up
     pg_up
     redis_up
+    install -d -m 755 "$ELASTICMQ_DIR"
+    elasticmq_up
     status
     ;;
 down)
@@ -310,6 +433,7 @@ down)
     rabbit_down
     [[ -n $(pg_bindir) ]] && pg_down
     command -v redis-cli >/dev/null && redis_down
+    elasticmq_down
     status || true
     ;;
 status)

@@ -1,0 +1,244 @@
+"""SQS throughput and API calls: the Worker against a careful raw aiobotocore loop.
+
+Against a real SQS-compatible server (ElasticMQ from ``scripts/services.sh up``; override
+with ``ONCELY_TEST_SQS_ENDPOINT``), on uvloop, in this one process run, over a backlog of
+``--messages`` queued before each measurement:
+
+- ``raw``: plain aiobotocore, ``ceil(concurrency / 10)`` pollers, each a loop of
+  ``ReceiveMessage`` (10, long poll, asking for the same attributes as oncely) then one
+  ``DeleteMessageBatch`` of what it got: what a careful user writes, and the floor of 200 API
+  calls per 1,000 messages;
+- ``oncely``: a Worker running a no-op at-least-once handler at ``--concurrency``;
+- ``oncely+idem``: the same handler effectively-once, through a SQLite store;
+- ``heartbeat``: ``--long`` handlers that outlive their visibility at once; the
+  ``ChangeMessageVisibility(Batch)`` calls each heartbeat beat costs.
+
+Each run is timed from start to the moment the last message's delete returned (the Worker's
+start, which connects and resolves the queue, included). It prints msgs/s (the median of
+``--rounds`` interleaved rounds), API calls per 1,000 messages (the most of any round; for the
+Worker, every call but queue creation), this process's CPU time per message (the backlog fill
+excluded; a steadier figure than msgs/s on a busy machine) and ratios measured in the same run.
+Nothing is asserted.
+
+    python benchmarks/sqs_throughput.py [--messages 5000] [--concurrency 80] [--long 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from aiobotocore.session import AioSession
+
+import oncely
+from oncely.brokers.sqs import SqsBroker
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+ENDPOINT = os.environ.get("ONCELY_TEST_SQS_ENDPOINT", "http://127.0.0.1:9324")
+URL = f"sqs://?region=us-east-1&endpoint={ENDPOINT}&wait=1"
+
+
+def client() -> Any:
+    return AioSession().create_client("sqs", region_name="us-east-1", endpoint_url=ENDPOINT)
+
+
+async def fill(topic: str, n: int) -> str:
+    """Create the queue (as oncely would) and queue ``n`` small JSON messages."""
+    async with SqsBroker.from_url(URL) as broker:
+        url, _ = await broker.queue_urls(topic)
+    async with client() as sqs:
+        slots = asyncio.Semaphore(16)
+
+        async def batch(start: int) -> None:
+            async with slots:
+                entries = [
+                    {"Id": str(i), "MessageBody": f'{{"n": {start + i}}}'}
+                    for i in range(min(10, n - start))
+                ]
+                await sqs.send_message_batch(QueueUrl=url, Entries=entries)
+
+        await asyncio.gather(*(batch(s) for s in range(0, n, 10)))
+    return url
+
+
+async def drop(topic: str) -> None:
+    async with client() as sqs:
+        for name in (topic, topic + "-dlq"):
+            got = await sqs.get_queue_url(QueueName=name)
+            await sqs.delete_queue(QueueUrl=got["QueueUrl"])
+
+
+async def raw(url: str, n: int, pollers: int) -> tuple[float, int]:
+    """Returns (msgs/s until the n-th delete returned, API calls)."""
+    done = 0
+    calls = 0
+    finished = 0.0
+    async with client() as sqs:
+
+        async def poll() -> None:
+            nonlocal done, calls, finished
+            while done < n:
+                calls += 1
+                # The same attributes oncely asks for: without them a consumer has no attempt
+                # count, no publish time and no headers.
+                got = await sqs.receive_message(
+                    QueueUrl=url,
+                    MaxNumberOfMessages=10,
+                    WaitTimeSeconds=1,
+                    VisibilityTimeout=30,
+                    MessageAttributeNames=["All"],
+                    MessageSystemAttributeNames=[
+                        "ApproximateReceiveCount",
+                        "SentTimestamp",
+                        "MessageGroupId",
+                    ],
+                )
+                messages = got.get("Messages", [])
+                if not messages:
+                    continue
+                calls += 1
+                result = await sqs.delete_message_batch(
+                    QueueUrl=url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                        for i, m in enumerate(messages)
+                    ],
+                )
+                assert not result.get("Failed"), result
+                done += len(messages)
+                if done >= n and not finished:
+                    finished = time.perf_counter()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(poll() for _ in range(pollers)))
+        return n / (finished - started), calls
+
+
+async def worker(topic: str, n: int, concurrency: int, store: str | None) -> tuple[float, int]:
+    app = oncely.App("bench")
+    finished = asyncio.Event()
+    count = 0
+
+    @app.handler(topic, concurrency=concurrency, idempotent=store is not None)
+    async def noop(_: dict[str, int]) -> None:
+        nonlocal count
+        count += 1
+        if count == n:
+            finished.set()
+
+    w = oncely.Worker(app, broker=URL, store=store)
+    started = time.perf_counter()
+    await w.start()  # connect and resolve the queue: counted against oncely
+    await finished.wait()
+    # The last acks are part of the work: timed until the n-th delete returned, like raw.
+    # (Not through stop(): both loops then wait out their last empty long poll.)
+    while w.stats.processed < n:  # noqa: ASYNC110 - no event to wait on
+        await asyncio.sleep(0.001)
+    elapsed = time.perf_counter() - started
+    broker = w.broker
+    assert isinstance(broker, SqsBroker)
+    await w.stop()
+    calls = sum(v for k, v in broker.api_calls.items() if k != "admin")
+    return n / elapsed, calls
+
+
+async def heartbeat(topic: str, long: int) -> tuple[int, int]:
+    """Run ``long`` handlers that outlive their 3 s visibility for a few beats; returns
+    (extensions made, ChangeMessageVisibilityBatch calls)."""
+    app = oncely.App("bench")
+    release, all_running = asyncio.Event(), asyncio.Event()
+    running = 0
+
+    @app.handler(topic, concurrency=long, visibility=3.0, timeout=120)
+    async def slow(_: dict[str, int]) -> None:
+        nonlocal running
+        running += 1
+        if running == long:
+            all_running.set()
+        await release.wait()
+
+    async with oncely.Worker(app, broker=URL) as w:
+        await all_running.wait()
+        broker = w.broker
+        assert isinstance(broker, SqsBroker)
+        calls = broker.api_calls["change_visibility"]
+        entries = broker.api_entries["change_visibility"]
+        await asyncio.sleep(3.5)  # about three beats, one per visibility / 3
+        calls = broker.api_calls["change_visibility"] - calls
+        entries = broker.api_entries["change_visibility"] - entries
+        release.set()
+    return entries, calls
+
+
+async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
+    pollers = math.ceil(concurrency / 10)
+    print(
+        f"{n} messages backlog, concurrency/prefetch {concurrency}, {pollers} pollers, uvloop, "
+        f"median of {rounds} interleaved rounds"
+    )
+    runs: dict[str, list[tuple[float, int, float]]] = {
+        "raw": [],
+        "oncely": [],
+        "oncely+idem": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for name, got in runs.items():
+                topic = f"bench-{uuid.uuid4().hex[:8]}"
+                url = await fill(topic, n)
+                cpu = time.process_time()
+                if name == "raw":
+                    rate, calls = await raw(url, n, pollers)
+                else:
+                    store = f"sqlite:///{Path(tmp) / topic}.db" if name == "oncely+idem" else None
+                    rate, calls = await worker(topic, n, concurrency, store)
+                got.append((rate, calls, (time.process_time() - cpu) / n * 1e6))
+                await drop(topic)
+    results = {
+        name: (
+            statistics.median(r for r, _, _ in got),
+            max(c for _, c, _ in got),
+            statistics.median(u for _, _, u in got),
+        )
+        for name, got in runs.items()
+    }
+    base, base_cpu = results["raw"][0], results["raw"][2]
+    print(
+        f"{'run':<12} {'msgs/s':>9} {'x raw':>6} {'calls/1000 msgs':>16} "
+        f"{'CPU us/msg':>11} {'x raw':>6}"
+    )
+    for name, (rate, calls, cpu) in results.items():
+        print(
+            f"{name:<12} {rate:>9.0f} {rate / base:>6.2f} {calls * 1000 / n:>16.0f} "
+            f"{cpu:>11.0f} {cpu / base_cpu:>6.2f}"
+        )
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    await fill(topic, long)
+    extensions, calls = await heartbeat(topic, long)
+    await drop(topic)
+    beats = extensions / long
+    print(
+        f"heartbeat: {long} running handlers, {beats:.0f} beats: {extensions} extensions in "
+        f"{calls} ChangeMessageVisibilityBatch calls ({calls / beats:.1f} calls per beat, "
+        f"{extensions / calls:.1f} extensions per call)"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=80)
+    parser.add_argument("--long", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    uvloop.run(main(args.messages, args.concurrency, args.long, args.rounds))

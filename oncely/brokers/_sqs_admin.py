@@ -1,0 +1,183 @@
+"""Dead letters on SQS: ``reject``, and the ``DeadLetterAdmin`` listing and replay.
+
+SQS cannot read a queue without receiving from it. Listing therefore receives every message
+of ``<topic>-dlq`` with a short visibility, keeps none, and makes them visible again at once
+(``ChangeMessageVisibility`` 0): while a listing or replay runs, another reader of the DLQ
+does not see those messages, and each listing adds one to their ``ApproximateReceiveCount``
+(the DLQ has no redrive policy, so nothing moves because of it). A DLQ holding more than
+``_SCAN_LIMIT`` messages is listed and replayed in part.
+
+Replay re-sends each chosen dead letter to the topic's queue without the dead-letter headers
+(so its attempt starts again at 1), then deletes it from the DLQ: a crash in between leaves a
+duplicate, never a loss. ``StartMessageMoveTask`` would move *every* message and cannot pick
+ids, so it is not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from oncely.brokers._sqs_wire import (
+    MAX_ATTRIBUTES,
+    PACKED,
+    Outgoing,
+    copy_attributes,
+    decode,
+    is_fifo,
+    map_errors,
+    message_size,
+    text_value,
+)
+from oncely.brokers.base import DeadLetter, Headers
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs.type_defs import MessageAttributeValueTypeDef, MessageTypeDef
+
+    from oncely.brokers._sqs_consume import SqsDelivery
+    from oncely.brokers.sqs import SqsBroker
+
+_HOLD = 30  # seconds a listing keeps dead letters invisible at most
+_SCAN_LIMIT = 10_000
+_DEAD = (Headers.REASON, Headers.ATTEMPT, Headers.FAILED_AT)
+
+Attributes = dict[str, "MessageAttributeValueTypeDef"]
+
+
+def _string(value: str) -> MessageAttributeValueTypeDef:
+    return {"DataType": "String", "StringValue": value}
+
+
+def _fit(attributes: Attributes, extra: Attributes) -> Attributes:
+    """``attributes`` plus ``extra``; if that is over SQS's 10, the message's other headers
+    are packed into one JSON attribute (``oncely-headers``) rather than dropped."""
+    out = {**attributes, **extra}
+    if len(out) <= MAX_ATTRIBUTES:
+        return out
+    keep = {k: v for k, v in out.items() if k.startswith("oncely-")}
+    packed = {k: v.get("StringValue", "") for k, v in out.items() if not k.startswith("oncely-")}
+    keep[PACKED] = _string(json.dumps(packed))
+    return keep
+
+
+async def dead_letter(broker: SqsBroker, delivery: SqsDelivery, reason: str) -> None:
+    """Check the receipt handle, send to the DLQ with the reason, then delete the original."""
+    _, dlq = await broker.queue_urls(delivery.topic)
+    # Proves the handle is still ours (DeliveryExpired otherwise) before a dead letter exists.
+    await broker._change_visibility(delivery.queue_url, delivery.receipt, _HOLD)
+    raw: MessageTypeDef = delivery.raw
+    attributes = _fit(
+        copy_attributes(raw.get("MessageAttributes", {})),
+        {
+            Headers.MESSAGE_ID: _string(delivery.id),
+            Headers.REASON: _string(text_value(reason) or "(no reason given)"),
+            Headers.ATTEMPT: _string(str(delivery.attempt)),
+            Headers.FAILED_AT: _string(repr(time.time())),
+        },
+    )
+    body = raw.get("Body", "")
+    out = Outgoing(delivery.id, body, attributes, message_size(body, attributes))
+    fifo = is_fifo(delivery.topic, broker.options)
+    group = delivery.group or delivery.key
+    await broker._send(dlq, out, group=group if fifo else None, dedupe=uuid.uuid4().hex)
+    await broker._delete(delivery.queue_url, delivery.receipt)
+
+
+async def _scan(broker: SqsBroker, dlq: str) -> list[MessageTypeDef]:
+    """Receive every dead letter (each held invisible for ``_HOLD`` seconds)."""
+    client = await broker._connected()
+    found: list[MessageTypeDef] = []
+    seen: set[str] = set()
+    wait = 0
+    while len(found) < _SCAN_LIMIT:
+        broker.api_calls["admin"] += 1
+        with map_errors("admin"):
+            got = await client.receive_message(
+                QueueUrl=dlq,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=wait,
+                VisibilityTimeout=_HOLD,
+                MessageAttributeNames=["All"],
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+            )
+        messages = [m for m in got.get("Messages", []) if m.get("MessageId") not in seen]
+        if not messages:
+            # A short poll samples only some of SQS's servers; confirm the end with a wait.
+            if wait or not broker.options.wait:
+                break
+            wait = 1
+            continue
+        wait = 0
+        seen.update(m.get("MessageId", "") for m in messages)
+        found.extend(messages)
+    return found
+
+
+async def _unhold(broker: SqsBroker, dlq: str, messages: list[MessageTypeDef]) -> None:
+    await asyncio.gather(*(broker._change_visibility(dlq, m["ReceiptHandle"], 0) for m in messages))
+
+
+def _letter(topic: str, message: MessageTypeDef) -> DeadLetter:
+    data = decode(message)
+    h = data.headers
+    try:
+        failed_at = float(h[Headers.FAILED_AT])
+    except (KeyError, ValueError):
+        failed_at = data.sent_at
+    try:
+        attempt = int(h[Headers.ATTEMPT])
+    except (KeyError, ValueError):
+        attempt = data.attempt
+    reason = h.get(Headers.REASON) or "moved by the SQS redrive policy (maxReceiveCount)"
+    return DeadLetter(
+        id=data.id,
+        topic=topic,
+        body=data.body,
+        headers=h,
+        reason=reason,
+        attempt=attempt,
+        failed_at=failed_at,
+    )
+
+
+async def dead_letters(broker: SqsBroker, topic: str, *, limit: int) -> list[DeadLetter]:
+    """Up to ``limit`` dead letters, oldest first (by ``oncely-dead-lettered-at``), left in
+    the DLQ."""
+    _, dlq = await broker.queue_urls(topic)
+    messages = await _scan(broker, dlq)
+    try:
+        letters = sorted((_letter(topic, m) for m in messages), key=lambda x: x.failed_at)
+    finally:
+        await _unhold(broker, dlq, messages)
+    return letters[:limit]
+
+
+async def replay(broker: SqsBroker, topic: str, *, ids: list[str] | None) -> int:
+    """Re-send the chosen dead letters to ``topic`` with a fresh attempt, then delete them."""
+    url, dlq = await broker.queue_urls(topic)
+    wanted = None if ids is None else set(ids)
+    messages = await _scan(broker, dlq)
+    fifo = is_fifo(topic, broker.options)
+    chosen = [m for m in messages if wanted is None or decode(m).id in wanted]
+    others = [m for m in messages if m not in chosen]
+    moved = 0
+    try:
+        for m in sorted(chosen, key=lambda m: _letter(topic, m).failed_at):
+            attributes = {
+                k: v
+                for k, v in copy_attributes(m.get("MessageAttributes", {})).items()
+                if k not in _DEAD
+            }
+            body = m.get("Body", "")
+            data = decode(m)
+            out = Outgoing(data.id, body, attributes, message_size(body, attributes))
+            group = data.headers.get(Headers.KEY) or data.id
+            await broker._send(url, out, group=group if fifo else None, dedupe=uuid.uuid4().hex)
+            await broker._delete(dlq, m["ReceiptHandle"])
+            moved += 1
+    finally:
+        await _unhold(broker, dlq, others + chosen[moved:])
+    return moved

@@ -1,0 +1,204 @@
+"""Coalescing single requests into SQS batch calls (10 entries per call).
+
+``DeleteMessageBatch``, ``ChangeMessageVisibilityBatch`` and ``SendMessageBatch`` each go
+through a ``Batcher`` per queue. A caller submits one entry and awaits its own outcome; the
+batcher sends a call as soon as 10 entries (or the size limit) are waiting, or ``window``
+seconds after the first one arrived, with at most ``max_inflight`` calls at a time (while they
+are all busy, entries keep accumulating into fuller batches).
+
+A batch call returns HTTP 200 even when entries fail, so every response's ``Failed`` list is
+read: an entry with ``SenderFault`` false (the server's fault) is retried a few times with a
+short backoff; any other failed entry fails its caller with the error ``on_failed`` builds.
+A call that fails as a whole (after botocore's own retries) fails every entry in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from oncely.errors import BrokerError
+
+__all__ = ["Batcher"]
+
+log = logging.getLogger("oncely.brokers.sqs")
+
+E = TypeVar("E")
+
+MAX_ENTRIES = 10
+RETRIES = 4
+
+
+@dataclass(slots=True)
+class _Item(Generic[E]):
+    entry: E
+    size: int
+    future: asyncio.Future[Mapping[str, Any]]
+    tries: int = 0
+
+
+@dataclass(slots=True)
+class _State(Generic[E]):
+    pending: list[_Item[E]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+    inflight: int = 0
+
+
+class Batcher(Generic[E]):
+    """Batches entries of one kind for one queue.
+
+    Args:
+        call: sends one batch: ``call(entries with "Id" set)`` returns the response dict
+            (``Successful``/``Failed``); it raises oncely errors for a failed call.
+        on_failed: builds the error for a non-retryable failed entry from (code, message).
+        window: seconds to wait for more entries after the first (0: the next loop turn).
+        max_inflight: calls in flight at once for this queue.
+        max_bytes: the most bytes one call may carry (sends), or ``None``.
+        with_id: puts the batch-local ``Id`` into an entry (entries are typed dicts).
+    """
+
+    def __init__(
+        self,
+        call: Callable[[list[E]], Awaitable[Mapping[str, Any]]],
+        *,
+        on_failed: Callable[[str, str], BrokerError],
+        with_id: Callable[[E, str], E],
+        window: float,
+        max_inflight: int = 4,
+        max_bytes: int | None = None,
+    ) -> None:
+        self._call = call
+        self._on_failed = on_failed
+        self._with_id = with_id
+        self._window = window
+        self._max_inflight = max_inflight
+        self._max_bytes = max_bytes
+        self._state: _State[E] = _State()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: asyncio.Event | None = None
+
+    async def submit(self, entry: E, size: int = 0) -> Mapping[str, Any]:
+        """Queue ``entry`` and wait for its outcome: the ``Successful`` entry of the response.
+
+        Cancelling the caller does not withdraw the entry: it is sent anyway.
+
+        Raises:
+            BrokerError: the entry failed (``on_failed``), or the whole call did.
+        """
+        future: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
+        self._add(_Item(entry, size, future))
+        # Not shielded: a cancelled caller cancels only its future; the entry still goes out.
+        return await future
+
+    def _add(self, item: _Item[E]) -> None:
+        state = self._state
+        state.pending.append(item)
+        if self._full():
+            self._kick()
+        elif state.timer is None:
+            loop = asyncio.get_running_loop()
+            state.timer = loop.call_later(self._window, self._kick)
+
+    def _full(self) -> bool:
+        pending = self._state.pending
+        if len(pending) >= MAX_ENTRIES:
+            return True
+        return self._max_bytes is not None and sum(i.size for i in pending) >= self._max_bytes
+
+    def _take(self) -> list[_Item[E]]:
+        pending = self._state.pending
+        n, total = 0, 0
+        while n < min(len(pending), MAX_ENTRIES):
+            total += pending[n].size
+            if self._max_bytes is not None and n and total > self._max_bytes:
+                break
+            n += 1
+        chunk, self._state.pending = pending[:n], pending[n:]
+        return chunk
+
+    def _kick(self) -> None:
+        state = self._state
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        while state.pending and state.inflight < self._max_inflight:
+            chunk = self._take()
+            state.inflight += 1
+            task = asyncio.get_running_loop().create_task(self._send(chunk))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if state.pending and state.inflight < self._max_inflight and state.timer is None:
+            state.timer = asyncio.get_running_loop().call_later(self._window, self._kick)
+
+    async def _send(self, chunk: list[_Item[E]]) -> None:
+        retry: list[_Item[E]] = []
+        try:
+            live = chunk
+            entries = [self._with_id(item.entry, str(n)) for n, item in enumerate(live)]
+            response = await self._call(entries)
+            for ok in response.get("Successful", ()):
+                _resolve(live[int(ok["Id"])].future, ok)
+            for failed in response.get("Failed", ()):
+                item = live[int(failed["Id"])]
+                code, message = failed.get("Code", "?"), failed.get("Message", "")
+                if not failed.get("SenderFault", False) and item.tries < RETRIES:
+                    item.tries += 1
+                    retry.append(item)
+                else:
+                    _fail(item.future, self._on_failed(code, message))
+            for item in live:
+                if not item.future.done() and item not in retry:
+                    _fail(item.future, BrokerError("SQS returned no outcome for a batch entry"))
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else BrokerError("batch call cancelled")
+            if not isinstance(exc, BrokerError):
+                log.error("SQS batch call failed unexpectedly", exc_info=exc)
+            for item in chunk:
+                _fail(item.future, error)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            try:
+                if retry:
+                    # Back off with the call slot held, then queue them again.
+                    await asyncio.sleep(0.05 * 2 ** max(i.tries for i in retry))
+            finally:
+                self._state.inflight -= 1
+                for item in retry:
+                    self._add(item)
+                if self._state.pending and self._state.timer is None:
+                    self._kick()
+                idle = self._idle
+                if idle is not None and not self._state.pending and not self._state.inflight:
+                    idle.set()
+
+    async def flush(self) -> None:
+        """Send everything waiting now, and wait until no call is in flight."""
+        while self._state.pending or self._state.inflight:
+            self._idle = asyncio.Event()
+            self._kick()
+            await self._idle.wait()
+        self._idle = None
+
+    def __len__(self) -> int:
+        return len(self._state.pending) + self._state.inflight
+
+
+def _resolve(future: asyncio.Future[Mapping[str, Any]], value: Mapping[str, Any]) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Mapping[str, Any]], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+        # The caller may have gone (cancelled); do not let the loop log "never retrieved".
+        future.add_done_callback(_consume)
+
+
+def _consume(future: asyncio.Future[Mapping[str, Any]]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,171 @@
+"""One received SQS message, for ``SqsBroker``; see ``oncely.brokers.sqs``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+from oncely.brokers._sqs_wire import MAX_VISIBILITY, decode
+from oncely.brokers.base import Delivery
+from oncely.errors import AlreadySettled, DeliveryExpired, NotSupported
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from types_aiobotocore_sqs.type_defs import MessageTypeDef
+
+    from oncely.brokers._sqs_consume import SqsSubscription
+
+__all__ = ["SqsDelivery"]
+
+log = logging.getLogger("oncely.brokers.sqs")
+
+_MARGIN = 5.0
+"""Seconds kept clear of the 12-hour visibility cap, for clock and request latency."""
+
+
+class SqsDelivery(Delivery):
+    """One received SQS message. See ``oncely.brokers.sqs`` for the guarantees."""
+
+    __slots__ = (
+        "_capped",
+        "_done",
+        "_holding",
+        "_sub",
+        "batch",
+        "group",
+        "queue_url",
+        "raw",
+        "receipt",
+        "received",
+    )
+
+    def __init__(
+        self, sub: SqsSubscription, queue_url: str, message: MessageTypeDef, received: float
+    ) -> None:
+        data = decode(message)
+        super().__init__(
+            id=data.id,
+            topic=sub.topic,
+            body=data.body,
+            headers=data.headers,
+            attempt=data.attempt,
+            enqueued_at=data.sent_at,
+        )
+        self._sub = sub
+        self.queue_url = queue_url
+        self.raw = message
+        self.receipt = message["ReceiptHandle"]
+        self.received = received
+        self.group: str | None = message.get("Attributes", {}).get("MessageGroupId")
+        self.batch = 0  # which receive brought it (FIFO group bookkeeping)
+        self._done = False
+        self._holding = True  # counts against the subscription's prefetch
+        self._capped = False
+
+    @property
+    def settled(self) -> bool:
+        return self._done
+
+    def _check(self) -> None:
+        if self._done:
+            raise AlreadySettled(f"delivery {self.id} was already settled")
+
+    def visibility_left(self) -> float:
+        """Seconds of the 12-hour visibility budget this receive has left."""
+        return MAX_VISIBILITY - _MARGIN - (time.monotonic() - self.received)
+
+    async def ack(self) -> None:
+        """Delete the message, batched with other acks of its queue (``DeleteMessageBatch``).
+
+        Raises:
+            DeliveryExpired: SQS refused the receipt handle (the message was received again).
+            ConnectionLost: SQS could not be reached; the message may come back.
+        """
+        self._check()
+        with self._lease():
+            await self._sub.broker._delete(self.queue_url, self.receipt)
+        self._finish(returned=False)
+
+    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
+        """Make the message visible again after ``delay`` seconds (rounded up to whole
+        seconds) with ``ChangeMessageVisibility``. ``defer`` cannot keep the attempt: SQS
+        counts every receive (``Capabilities.defer_keeps_attempt`` is false).
+
+        Raises:
+            NotSupported: ``delay`` is past the 12 hours this receive may stay invisible.
+            DeliveryExpired, ConnectionLost: as for ``ack``.
+        """
+        self._check()
+        seconds = math.ceil(max(delay, 0.0))
+        if seconds > self.visibility_left():
+            raise NotSupported(
+                f"SQS keeps a message invisible at most 12 hours from its receive; a "
+                f"{delay:.0f}s delay is past that for {self.id}"
+            )
+        with self._lease():
+            await self._sub.broker._change_visibility(self.queue_url, self.receipt, seconds)
+        self._finish(returned=True)
+
+    async def reject(self, reason: str) -> None:
+        """Send the message to ``<topic>-dlq`` with the reason, then delete it.
+
+        The receipt handle is checked first (a visibility change), so a stale delivery raises
+        ``DeliveryExpired`` without writing a dead letter.
+
+        Raises:
+            DeliveryExpired, ConnectionLost: as for ``ack``.
+        """
+        self._check()
+        with self._lease():
+            await self._sub.broker._dead_letter(self, reason)
+        self._finish(returned=False)
+
+    async def extend(self, seconds: float) -> None:
+        """Set the visibility to ``seconds`` from now, batched across deliveries
+        (``ChangeMessageVisibilityBatch``). Past the 12-hour cap it stops extending, logs and
+        counts it (``SqsBroker.visibility_capped``), and leaves the handler's timeout to decide.
+
+        Raises:
+            DeliveryExpired: SQS refused the receipt handle.
+        """
+        if self._done:
+            return
+        left = math.floor(self.visibility_left())
+        wanted = math.ceil(seconds)
+        if left < wanted:
+            if not self._capped:
+                self._capped = True
+                self._sub.broker.visibility_capped += 1
+                log.warning(
+                    "%s: message %s reached the 12-hour SQS visibility cap; not extended "
+                    "further (the handler's timeout decides)",
+                    self.topic,
+                    self.id,
+                )
+            if left <= 0:
+                return
+            wanted = left
+        with self._lease():
+            await self._sub.broker._change_visibility(self.queue_url, self.receipt, wanted)
+
+    @contextlib.contextmanager
+    def _lease(self) -> Iterator[None]:
+        """A refused receipt handle means another consumer holds the message now: this
+        delivery stays unsettled but stops counting against the prefetch."""
+        try:
+            yield
+        except DeliveryExpired:
+            if self._holding:
+                self._holding = False
+                self._sub._settled(self, returned=True)
+            raise
+
+    def _finish(self, *, returned: bool) -> None:
+        self._done = True
+        if self._holding:
+            self._holding = False
+            self._sub._settled(self, returned=returned)

@@ -1,0 +1,73 @@
+"""Queues of ``SqsBroker``: found or created, idempotently, on a topic's first use.
+
+Per topic: the DLQ first (14 days' retention, the SQS maximum), then the queue with a
+``RedrivePolicy`` pointing at it (``max_receive_count``), both FIFO for FIFO topics. A queue
+that exists with other attributes is used as it is, with a warning; with ``create=0`` a
+missing queue is a ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from oncely.brokers._sqs_wire import dlq_name, is_fifo, is_missing_queue, map_errors, queue_name
+from oncely.errors import BrokerError, ConfigError
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.literals import QueueAttributeNameType
+
+    from oncely.brokers.sqs import SqsBroker
+
+log = logging.getLogger("oncely.brokers.sqs")
+
+_RETENTION = "1209600"  # 14 days, the SQS maximum, for dead letters
+
+
+async def resolve(broker: SqsBroker, topic: str) -> tuple[str, str]:
+    """Find or create the queue and DLQ of ``topic``; returns their URLs."""
+    client = await broker._connected()
+    o = broker.options
+    name, dlq = queue_name(topic, o), dlq_name(topic, o)
+    fifo: dict[QueueAttributeNameType, str] = {"FifoQueue": "true"} if is_fifo(topic, o) else {}
+    if not o.create:
+        return await _existing(broker, client, name), await _existing(broker, client, dlq)
+    dlq_attributes = dict(fifo)
+    dlq_attributes["MessageRetentionPeriod"] = _RETENTION
+    dlq_url = await _create(broker, client, dlq, dlq_attributes)
+    attributes = dict(fifo)
+    if o.max_receive_count:
+        broker.api_calls["admin"] += 1
+        with map_errors("admin"):
+            got = await client.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])
+        arn = got["Attributes"]["QueueArn"]
+        attributes["RedrivePolicy"] = (
+            f'{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"{o.max_receive_count}"}}'
+        )
+    return await _create(broker, client, name, attributes), dlq_url
+
+
+async def _create(
+    broker: SqsBroker, client: SQSClient, name: str, attributes: dict[QueueAttributeNameType, str]
+) -> str:
+    broker.api_calls["admin"] += 1
+    try:
+        with map_errors("admin"):
+            return (await client.create_queue(QueueName=name, Attributes=attributes))["QueueUrl"]
+    except BrokerError as exc:
+        if "QueueAlreadyExists" not in str(exc) and "QueueNameExists" not in str(exc):
+            raise
+        log.warning("SQS queue %s exists with other attributes; using it as it is", name)
+        return await _existing(broker, client, name)
+
+
+async def _existing(broker: SqsBroker, client: SQSClient, name: str) -> str:
+    broker.api_calls["admin"] += 1
+    try:
+        with map_errors("admin"):
+            return (await client.get_queue_url(QueueName=name))["QueueUrl"]
+    except BrokerError as exc:
+        if is_missing_queue(exc):
+            raise ConfigError(f"SQS queue {name!r} does not exist (create=0)") from exc
+        raise

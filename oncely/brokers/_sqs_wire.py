@@ -1,0 +1,318 @@
+"""SQS wire details for ``SqsBroker``: URL options, queue names, message encoding, errors."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import aiohttp
+import botocore.exceptions
+
+from oncely.brokers._sqs_options import SqsOptions
+from oncely.brokers.base import Headers
+from oncely.errors import (
+    BrokerError,
+    ConfigError,
+    ConnectionLost,
+    DeliveryExpired,
+    PublishFailed,
+)
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs.type_defs import (
+        MessageAttributeValueOutputTypeDef,
+        MessageAttributeValueTypeDef,
+        MessageTypeDef,
+    )
+
+MAX_ATTRIBUTES = 10
+"""SQS accepts at most 10 message attributes per message."""
+RESERVED_ATTRIBUTES = 3
+"""Kept free for the three attributes a dead letter gains (``oncely-dead-letter-reason``,
+``oncely-attempt``, ``oncely-dead-lettered-at``); ``oncely-message-id`` is always sent."""
+MAX_VISIBILITY = 43_200
+"""12 hours: the longest a message may stay invisible, counted from its receive."""
+MAX_PUBLISH_DELAY = 900
+"""``DelaySeconds`` is at most 15 minutes."""
+ENCODING = "oncely-body-encoding"
+"""``base64`` when the body is not valid SQS text (binary, control characters), ``empty`` for
+an empty body (SQS refuses one; ``-`` is sent)."""
+PACKED = "oncely-headers"
+"""Headers packed into one JSON attribute when a dead letter would exceed 10 attributes."""
+DLQ_SUFFIX = "-dlq"
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+_ATTRIBUTE_NAME = re.compile(r"^(?!\.)(?!.*\.\.)(?!.*\.$)[A-Za-z0-9_.-]{1,256}$")
+# Characters SQS accepts in a body or a String attribute (XML 1.0 minus the surrogates).
+_INVALID_TEXT = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_ID_CHARS = re.compile(r"^[!-~]{1,128}$")
+_EXPIRED_CODES = frozenset(
+    {
+        "ReceiptHandleIsInvalid",
+        "InvalidParameterValue",
+        "MessageNotInflight",
+        "InvalidReceiptHandle",
+    }
+)
+Op = Literal["connect", "receive", "settle", "publish", "admin"]
+
+
+# ------------------------------------------------------------------------------ queue names
+
+
+def is_fifo(topic: str, options: SqsOptions) -> bool:
+    return options.fifo or topic.endswith(".fifo")
+
+
+def queue_name(topic: str, options: SqsOptions) -> str:
+    """``<prefix><topic>``, with ``.fifo`` appended for FIFO topics that lack it."""
+    base = topic.removesuffix(".fifo")
+    name = options.prefix + base
+    if not _NAME.match(name) or len(name) > 80 - len(DLQ_SUFFIX) - 5:
+        raise ConfigError(
+            f"SQS queue name {name!r} (from topic {topic!r}) must be 1-{74 - len(DLQ_SUFFIX)} "
+            "letters, digits, - or _ (plus an optional .fifo suffix)"
+        )
+    return name + ".fifo" if is_fifo(topic, options) else name
+
+
+def dlq_name(topic: str, options: SqsOptions) -> str:
+    """The dead-letter queue: ``<prefix><topic>-dlq`` (``-dlq.fifo`` for FIFO topics)."""
+    name = queue_name(topic, options)
+    if name.endswith(".fifo"):
+        return name.removesuffix(".fifo") + DLQ_SUFFIX + ".fifo"
+    return name + DLQ_SUFFIX
+
+
+def fifo_id(value: str) -> str:
+    """A valid ``MessageGroupId``/``MessageDeduplicationId``: the value itself when SQS takes
+    it (1-128 printable ASCII), else its SHA-256."""
+    if _ID_CHARS.match(value):
+        return value
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------- message encoding
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message ready for ``SendMessage(Batch)``: its text body and attributes."""
+
+    id: str
+    body: str
+    attributes: dict[str, MessageAttributeValueTypeDef]
+    size: int
+
+
+def encode(
+    message_id: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    max_size: int,
+    reserve: int = RESERVED_ATTRIBUTES,
+) -> Outgoing:
+    """Turn body and headers into an SQS message, or fail without sending anything.
+
+    The body travels as UTF-8 text when SQS accepts it as is (a JSON payload stays readable
+    by any consumer); otherwise base64 with ``oncely-body-encoding=base64``.
+
+    Raises:
+        PublishFailed: more headers than fit in SQS's 10 attributes (after ``reserve``), a
+            header name or value SQS refuses, or a message over ``max_size`` bytes.
+    """
+    attributes: dict[str, MessageAttributeValueTypeDef] = {}
+    for name, value in headers.items():
+        if not _ATTRIBUTE_NAME.match(name) or name.lower().startswith(("aws.", "amazon.")):
+            raise PublishFailed(
+                f"header name {name!r} is not a valid SQS message attribute name "
+                "(1-256 of A-Z a-z 0-9 _ - ., no leading/trailing/double dot, no AWS./Amazon.)"
+            )
+        if value == "" or _INVALID_TEXT.search(value):
+            raise PublishFailed(
+                f"header {name!r} has a value SQS cannot carry (empty, or control characters)"
+            )
+        attributes[name] = {"DataType": "String", "StringValue": value}
+    attributes[Headers.MESSAGE_ID] = {"DataType": "String", "StringValue": message_id}
+    try:
+        text = body.decode("utf-8")
+        ok = not _INVALID_TEXT.search(text)
+    except UnicodeDecodeError:
+        ok = False
+    if not body:
+        # SQS refuses an empty body.
+        text = "-"
+        attributes[ENCODING] = {"DataType": "String", "StringValue": "empty"}
+    elif not ok:
+        text = base64.b64encode(body).decode("ascii")
+        attributes[ENCODING] = {"DataType": "String", "StringValue": "base64"}
+    limit = MAX_ATTRIBUTES - reserve
+    if len(attributes) > limit:
+        own = sorted(k for k in attributes if k not in (Headers.MESSAGE_ID, ENCODING))
+        raise PublishFailed(
+            f"too many headers for SQS: a message carries at most {MAX_ATTRIBUTES} message "
+            f"attributes and oncely needs {len(attributes) - len(own) + reserve} of them "
+            f"({Headers.MESSAGE_ID}{', ' + ENCODING if ENCODING in attributes else ''}"
+            f"{' and ' + str(reserve) + ' reserved for dead-lettering' if reserve else ''}), "
+            f"so at most {limit - (len(attributes) - len(own))} headers fit; got {len(own)}: "
+            f"{', '.join(own)}"
+        )
+    size = message_size(text, attributes)
+    if size > max_size:
+        raise PublishFailed(
+            f"message {message_id} is {size} bytes as SQS counts them (body "
+            f"{'base64-encoded ' if ENCODING in attributes else ''}plus attributes); the limit "
+            f"is {max_size} bytes (max_message_size); it was not sent"
+        )
+    return Outgoing(message_id, text, attributes, size)
+
+
+def copy_attributes(
+    attributes: Mapping[str, MessageAttributeValueOutputTypeDef],
+) -> dict[str, MessageAttributeValueTypeDef]:
+    """Received message attributes, in the shape a send takes."""
+    out: dict[str, MessageAttributeValueTypeDef] = {}
+    for name, value in attributes.items():
+        if "BinaryValue" in value:
+            out[name] = {"DataType": value["DataType"], "BinaryValue": value["BinaryValue"]}
+        else:
+            out[name] = {"DataType": value["DataType"], "StringValue": value.get("StringValue", "")}
+    return out
+
+
+def text_value(value: str) -> str:
+    """``value`` with the characters SQS refuses in an attribute replaced by ``?``."""
+    return _INVALID_TEXT.sub("?", value)
+
+
+def message_size(body: str, attributes: Mapping[str, MessageAttributeValueTypeDef]) -> int:
+    """The size SQS counts: the body plus each attribute's name, type and value, in bytes."""
+    size = len(body.encode("utf-8"))
+    for name, value in attributes.items():
+        size += len(name.encode()) + len(value["DataType"].encode())
+        size += len(value.get("StringValue", "").encode())
+        binary = value.get("BinaryValue")
+        if isinstance(binary, bytes):
+            size += len(binary)
+    return size
+
+
+@dataclass(slots=True)
+class Incoming:
+    """What ``decode`` takes from a received SQS message."""
+
+    id: str
+    body: bytes
+    headers: dict[str, str]
+    attempt: int
+    sent_at: float
+
+
+def decode(message: MessageTypeDef) -> Incoming:
+    """Read a received message, oncely's or a plain client's.
+
+    The id is ``oncely-message-id``, else the SQS ``MessageId``; the attempt is
+    ``ApproximateReceiveCount``. String and Number attributes become headers; a Binary one
+    becomes its base64 text.
+    """
+    headers: dict[str, str] = {}
+    for name, value in message.get("MessageAttributes", {}).items():
+        if "StringValue" in value:
+            headers[name] = value["StringValue"]
+        elif "BinaryValue" in value:
+            headers[name] = base64.b64encode(value["BinaryValue"]).decode("ascii")
+    packed = headers.pop(PACKED, None)
+    if packed is not None:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            headers.update({str(k): str(v) for k, v in json.loads(packed).items()})
+    encoding = headers.pop(ENCODING, None)
+    text = message.get("Body", "")
+    if encoding == "base64":
+        body = base64.b64decode(text)
+    elif encoding == "empty":
+        body = b""
+    else:
+        body = text.encode("utf-8")
+    system = message.get("Attributes", {})
+    return Incoming(
+        id=headers.get(Headers.MESSAGE_ID) or message.get("MessageId", ""),
+        body=body,
+        headers=headers,
+        attempt=int(system.get("ApproximateReceiveCount", "1")),
+        sent_at=int(system.get("SentTimestamp", "0")) / 1000,
+    )
+
+
+# ----------------------------------------------------------------------------------- errors
+
+_TRANSPORT = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.HTTPClientError,
+    aiohttp.ClientError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code: Any = exc.response.get("Error", {}).get("Code", "")
+        return str(code)
+    return ""
+
+
+def is_missing_queue(exc: BaseException) -> bool:
+    """True for ``QueueDoesNotExist`` however the server spells it (a ``__cause__`` too)."""
+    cause = exc.__cause__ if isinstance(exc, BrokerError) else exc
+    code = error_code(cause) if cause is not None else ""
+    return code.endswith(("QueueDoesNotExist", "NonExistentQueue"))
+
+
+def entry_error(op: Op, code: str, message: str) -> BrokerError:
+    """The error for one failed entry of a batch response (``SenderFault`` true)."""
+    what = f"SQS refused the entry: {code}: {message}"
+    if op == "settle" and code in _EXPIRED_CODES:
+        return DeliveryExpired(f"the receipt handle is stale or invalid ({what})")
+    if op == "publish":
+        return PublishFailed(what)
+    return BrokerError(what)
+
+
+@contextlib.contextmanager
+def map_errors(op: Op) -> Iterator[None]:
+    """Translate botocore/aiohttp errors into oncely's, by operation.
+
+    A server that cannot be reached (after botocore's own retries) is ``ConnectionLost``.
+    A stale or invalid receipt handle on a settle is ``DeliveryExpired``; a refused publish is
+    ``PublishFailed``; missing credentials or region are ``ConfigError``. Anything else the
+    service returned is a ``BrokerError`` naming its code.
+    """
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        code = error_code(exc)
+        message = str(exc)
+        if op == "settle" and code in _EXPIRED_CODES:
+            raise DeliveryExpired(f"the receipt handle is stale or invalid: {message}") from exc
+        if code in ("AccessDenied", "InvalidClientTokenId", "SignatureDoesNotMatch"):
+            raise ConfigError(f"SQS refused the credentials: {message}") from exc
+        if op == "publish":
+            raise PublishFailed(message) from exc
+        raise BrokerError(message) from exc
+    except (botocore.exceptions.NoCredentialsError, botocore.exceptions.NoRegionError) as exc:
+        raise ConfigError(
+            f"SQS needs credentials and a region (env, profile or ?region=): {exc}"
+        ) from exc
+    except _TRANSPORT as exc:
+        raise ConnectionLost(f"SQS is unreachable ({op}): {type(exc).__name__}: {exc}") from exc

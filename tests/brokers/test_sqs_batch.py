@@ -1,0 +1,121 @@
+"""The batching logic of the SQS adapter, on its own: how entries are grouped into calls and
+how a response's ``Failed`` entries are retried or surfaced.
+
+The ``call`` here is a plain function standing for one batch request, so that a server-side
+(``SenderFault`` false) failure can be produced on demand; the same code runs against
+ElasticMQ in ``test_sqs.py`` (a partial delete batch with stale receipt handles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from oncely.brokers._sqs_batch import RETRIES, Batcher
+from oncely.brokers._sqs_wire import entry_error
+from oncely.errors import ConnectionLost, DeliveryExpired, PublishFailed
+
+pytestmark = pytest.mark.anyio
+
+Entry = dict[str, Any]
+
+
+class Server:
+    """Answers batch calls: entries named in ``fail`` fail with (code, sender_fault), once
+    each unless ``sticky``."""
+
+    def __init__(self, fail: Mapping[str, tuple[str, bool]] | None = None, sticky: bool = False):
+        self.fail = dict(fail or {})
+        self.sticky = sticky
+        self.calls: list[list[str]] = []
+
+    async def __call__(self, entries: list[Entry]) -> Mapping[str, Any]:
+        self.calls.append([e["name"] for e in entries])
+        await asyncio.sleep(0)
+        ok, failed = [], []
+        for e in entries:
+            if e["name"] in self.fail:
+                code, sender = self.fail[e["name"]] if self.sticky else self.fail.pop(e["name"])
+                failed.append({"Id": e["Id"], "Code": code, "SenderFault": sender, "Message": "x"})
+            else:
+                ok.append({"Id": e["Id"], "Name": e["name"]})
+        return {"Successful": ok, "Failed": failed}
+
+
+def batcher(server: Server, **kw: Any) -> Batcher[Entry]:
+    kw.setdefault("window", 0.005)
+    return Batcher(
+        server,
+        on_failed=lambda code, msg: entry_error("settle", code, msg),
+        with_id=lambda e, i: {**e, "Id": i},
+        **kw,
+    )
+
+
+async def test_entries_share_calls_of_at_most_ten() -> None:
+    server = Server()
+    b = batcher(server)
+    results = await asyncio.gather(*(b.submit({"name": f"e{i}"}) for i in range(25)))
+    assert [r["Name"] for r in results] == [f"e{i}" for i in range(25)]
+    assert sorted(len(c) for c in server.calls) == [5, 10, 10]
+
+
+async def test_server_fault_is_retried_sender_fault_is_surfaced() -> None:
+    server = Server(
+        {"retry-me": ("InternalError", False), "stale": ("ReceiptHandleIsInvalid", True)}
+    )
+    b = batcher(server)
+    results: list[Any] = await asyncio.gather(
+        b.submit({"name": "ok"}),
+        b.submit({"name": "retry-me"}),
+        b.submit({"name": "stale"}),
+        return_exceptions=True,
+    )
+    ok, retried, stale = results
+    assert ok == {"Id": "0", "Name": "ok"}
+    assert isinstance(retried, Mapping) and retried["Name"] == "retry-me"
+    assert isinstance(stale, DeliveryExpired)
+    assert server.calls == [["ok", "retry-me", "stale"], ["retry-me"]]
+
+
+async def test_a_fault_that_persists_fails_after_the_retries() -> None:
+    server = Server({"bad": ("InternalError", False)}, sticky=True)
+    b = Batcher(
+        server,
+        on_failed=lambda code, msg: entry_error("publish", code, msg),
+        with_id=lambda e, i: {**e, "Id": i},
+        window=0.0,
+    )
+    with pytest.raises(PublishFailed, match="InternalError"):
+        await b.submit({"name": "bad"})
+    assert len(server.calls) == RETRIES + 1
+
+
+async def test_a_failed_call_fails_every_entry_in_it() -> None:
+    async def down(entries: list[Entry]) -> Mapping[str, Any]:
+        raise ConnectionLost("SQS is unreachable")
+
+    b = Batcher(
+        down,
+        on_failed=lambda code, msg: entry_error("settle", code, msg),
+        with_id=lambda e, i: {**e, "Id": i},
+        window=0.001,
+    )
+    results = await asyncio.gather(
+        *(b.submit({"name": str(i)}) for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, ConnectionLost) for r in results)
+
+
+async def test_size_limit_splits_a_batch_and_flush_sends_what_waits() -> None:
+    server = Server()
+    b = batcher(server, window=60.0, max_bytes=100)
+    waiting = [asyncio.ensure_future(b.submit({"name": f"e{i}"}, size=40)) for i in range(5)]
+    await asyncio.sleep(0)
+    await b.flush()  # without it the 60 s window would hold the rest
+    await asyncio.wait_for(asyncio.gather(*waiting), 1)
+    assert all(sum(40 for _ in c) <= 100 for c in server.calls)
+    assert sorted(n for c in server.calls for n in c) == [f"e{i}" for i in range(5)]
