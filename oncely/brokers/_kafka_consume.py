@@ -86,6 +86,14 @@ class KafkaSubscription(Subscription):
         self._closed = False
         self._generation = -10
         self._last_commit = 0.0
+        # aiokafka's sticky assignor keeps its state (the previous assignment) on the class
+        # and never records the generation: a class per subscription keeps two consumers in
+        # one process from claiming each other's partitions, and on_assigned records it.
+        self._assignor: type[StickyPartitionAssignor] = type(
+            "OncelyStickyAssignor",
+            (StickyPartitionAssignor,),
+            {"member_assignment": None, "generation": -1, "_latest_partition_movements": None},
+        )
 
     # -- start and poll ----------------------------------------------------------------------------
 
@@ -100,7 +108,7 @@ class KafkaSubscription(Subscription):
             enable_auto_commit=False,
             auto_offset_reset=opts.auto_offset_reset,
             isolation_level=opts.isolation,
-            partition_assignment_strategy=(StickyPartitionAssignor,),
+            partition_assignment_strategy=(self._assignor,),
             session_timeout_ms=opts.session_timeout_ms,
             heartbeat_interval_ms=opts.heartbeat_interval_ms,
             max_poll_interval_ms=opts.max_poll_interval_ms,
@@ -322,6 +330,7 @@ class KafkaSubscription(Subscription):
         # then nobody else can have owned the partition meanwhile.
         contiguous = generation == self._generation + 1
         self._generation = generation
+        self._assignor.generation = generation
         for tp, track in list(self.tracks.items()):
             if tp not in assigned or not (contiguous and track.live and track.suspended):
                 self.kill(track)
