@@ -149,7 +149,15 @@ class KafkaSubscription(Subscription):
         if track is None or not track.live or track.suspended:
             return  # not ours (yet): the owner reads it from the committed offset
         is_retry = tp.topic in self._retry_topics
+        window = self._opts.window
         for record in records:
+            if track.window >= window:
+                # A hard bound: the rest of the batch is fetched again once the partition
+                # resumes.
+                assert self.consumer is not None
+                self.consumer.seek(tp, record.offset)
+                track.position = record.offset
+                break
             if is_retry:
                 due = _due(record)
                 if due > now:
