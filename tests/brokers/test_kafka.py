@@ -157,7 +157,7 @@ def oncely_json(k: int, seq: int) -> bytes:
 def _partition_of(key: bytes, partitions: int) -> int:
     from aiokafka.partitioner import murmur2
 
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 @contextmanager
