@@ -1,8 +1,9 @@
 """Handlers the Kafka tests run in worker processes (``oncely run tests.brokers.kafka_app:app``).
 
 Environment: ``KAFKA_APP_TOPIC`` (input topic), ``KAFKA_APP_OUT`` (output topic of the
-exactly-once copy), ``KAFKA_APP_LOG`` (file each handled message id is appended to, one line
-per run of the handler), ``KAFKA_APP_SLEEP`` (seconds each ``record`` run lingers).
+exactly-once copy), ``KAFKA_APP_LOG`` (file each handled message id and the worker's pid
+are appended to, one line per run of the handler), ``KAFKA_APP_SLEEP`` (seconds each
+``record`` run lingers).
 A message whose body is ``hold`` never completes.
 """
 
@@ -38,7 +39,7 @@ async def record(body: bytes, ctx: oncely.Context) -> None:
         await asyncio.Event().wait()
     if SLEEP:
         await asyncio.sleep(SLEEP)
-    _log(ctx.delivery.id)
+    _log(f"{ctx.delivery.id} {os.getpid()}")
 
 
 @app.handler(TOPIC, name="copy", concurrency=32, timeout=600)

@@ -194,7 +194,12 @@ async def committed_offsets(group: str, topic: str) -> dict[int, int]:
 
 
 def read_lines(path: Path) -> list[str]:
-    return path.read_text().split() if path.exists() else []
+    """The message ids in a ``kafka_app`` log, one per handler run."""
+    return [line.split()[0] for line in read_log(path)]
+
+
+def read_log(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
 
 
 async def test_a_slow_message_holds_the_commit_and_a_sigkill_redelivers_from_it(
