@@ -149,15 +149,7 @@ class KafkaSubscription(Subscription):
         if track is None or not track.live or track.suspended:
             return  # not ours (yet): the owner reads it from the committed offset
         is_retry = tp.topic in self._retry_topics
-        window = self._opts.window
         for record in records:
-            if track.window >= window:
-                # A hard bound: the rest of the batch is fetched again once the partition
-                # resumes.
-                assert self.consumer is not None
-                self.consumer.seek(tp, record.offset)
-                track.position = record.offset
-                break
             if is_retry:
                 due = _due(record)
                 if due > now:
@@ -168,10 +160,9 @@ class KafkaSubscription(Subscription):
                     track.hold_until = due
                     asyncio.get_running_loop().call_later(due - now, self._unhold, track)
                     break
-            if not track.accept(record):
-                continue
-            if track.schedule(record):
-                self._ready.append((track, record))
+            track.take(record)
+        for ready in track.admit(self._opts.window):
+            self._ready.append((track, ready))
         self.update_pause(track)
 
     def _unhold(self, track: PartitionTrack) -> None:
@@ -183,7 +174,11 @@ class KafkaSubscription(Subscription):
         neither holds. Polling goes on either way, so the member stays in the group."""
         if not track.live or track.suspended or self.consumer is None:
             return
-        want = track.window >= self._opts.window or track.hold_until > time.time()
+        want = (
+            bool(track.backlog)
+            or track.window >= self._opts.window
+            or track.hold_until > time.time()
+        )
         if want == track.paused:
             return
         with contextlib.suppress(Exception):  # not assigned any more: nothing to pause
@@ -200,7 +195,9 @@ class KafkaSubscription(Subscription):
             raise StopAsyncIteration
         if self._starting is None:
             self._starting = asyncio.create_task(self._start())
-        await asyncio.shield(self._starting)
+        if not self._starting.done():
+            await asyncio.shield(self._starting)  # a cancelled __anext__ must not cancel it
+        self._starting.result()
         while True:
             self._changed.clear()
             if self._closed:
@@ -238,6 +235,9 @@ class KafkaSubscription(Subscription):
         following = track.complete(delivery.record)
         if following is not None:
             self._ready.append((track, following))
+        if track.backlog:
+            for ready in track.admit(self._opts.window):
+                self._ready.append((track, ready))
         self.update_pause(track)
         self._changed.set()
         self._settle_event.set()

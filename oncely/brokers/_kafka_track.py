@@ -39,6 +39,8 @@ class PartitionTrack:
             settling a delivery of a dead track raises ``DeliveryExpired``.
         suspended: revoked, waiting to learn whether the next assignment gives it back.
         position: the next offset expected from the fetcher, or ``None`` before the first.
+        backlog: fetched records not admitted yet (the window was full): the partition stays
+            paused until they are in, so nothing fetched is thrown away and fetched again.
         committed: the offset this member last committed (or found committed).
         hold_until: wall-clock time until which a retry partition is paused (a record not
             yet due is at its head).
@@ -47,6 +49,7 @@ class PartitionTrack:
 
     __slots__ = (
         "_busy",
+        "backlog",
         "_done",
         "_outstanding",
         "committed",
@@ -84,6 +87,7 @@ class PartitionTrack:
         self.eos = eos
         self.pending: dict[int, Settlement] = pending if pending is not None else {}
         self.parked: list[ConsumerRecord[bytes, bytes]] = []
+        self.backlog: deque[ConsumerRecord[bytes, bytes]] = deque()
         self._outstanding: deque[int] = deque()
         self._done: set[int] = set()
         self._busy: dict[bytes, deque[ConsumerRecord[bytes, bytes]]] = {}
@@ -94,15 +98,26 @@ class PartitionTrack:
         key: bytes | None = record.key
         return key
 
-    def accept(self, record: ConsumerRecord[bytes, bytes]) -> bool:
-        """Take a fetched record into the window; ``False`` for one already seen (a fetch
-        that raced a seek returns records below the position)."""
+    def take(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """Buffer a fetched record; one already seen (a fetch that raced a seek returns
+        records below the position) is dropped."""
         offset: int = record.offset
         if self.position is not None and offset < self.position:
-            return False
+            return
         self.position = offset + 1
-        self._outstanding.append(offset)
-        return True
+        self.backlog.append(record)
+
+    def admit(self, limit: int) -> list[ConsumerRecord[bytes, bytes]]:
+        """Move buffered records into the window while it has room; return those that may
+        run now (the others wait behind their key)."""
+        ready = []
+        backlog, outstanding = self.backlog, self._outstanding
+        while backlog and len(outstanding) - len(self._done) < limit:
+            record = backlog.popleft()
+            outstanding.append(record.offset)
+            if self.schedule(record):
+                ready.append(record)
+        return ready
 
     def schedule(self, record: ConsumerRecord[bytes, bytes]) -> bool:
         """Whether ``record`` may run now; otherwise it waits behind its key."""
@@ -136,9 +151,13 @@ class PartitionTrack:
             done.discard(outstanding.popleft())
         if outstanding:
             return outstanding[0]
+        if self.backlog:
+            first: int = self.backlog[0].offset
+            return first
         return self.position if self.position is not None else self.committed
 
     @property
     def window(self) -> int:
-        """Records received and not yet done (running, waiting behind a key, or buffered)."""
+        """Records admitted and not yet done (running or waiting behind a key); the backlog
+        of fetched records waits outside it."""
         return len(self._outstanding) - len(self._done)

@@ -105,6 +105,7 @@ async def _start_group_at_end(group: str, topic: str) -> None:
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]
         if tps:
+            consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
             await consumer.commit(dict(ends.items()))
     finally:
