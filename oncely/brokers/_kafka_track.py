@@ -49,9 +49,9 @@ class PartitionTrack:
 
     __slots__ = (
         "_busy",
-        "backlog",
         "_done",
         "_outstanding",
+        "backlog",
         "committed",
         "eos",
         "hold_until",
