@@ -109,7 +109,7 @@ class KafkaDelivery(Delivery):
         self.track = track
         self.record = record
         self._settled = False
-        self.produced = False
+        self.produced = 0
 
     @property
     def settled(self) -> bool:
@@ -193,10 +193,11 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
         message_id: str | None = None,
     ) -> str:
         merged = check_headers(headers)
-        if message_id is not None:
-            merged[Headers.MESSAGE_ID] = message_id
+        # Deterministic by default: a replay after an abort gives its outputs the same ids,
+        # so consumers outside the transaction can deduplicate them too.
+        merged[Headers.MESSAGE_ID] = message_id or f"{self.id}/{self.produced}"
         self._check()
-        self.produced = True
+        self.produced += 1
         return await self._settler.eos_produce(self, topic, body, merged)
 
 

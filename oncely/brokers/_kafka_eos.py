@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 from oncely.brokers._kafka_delivery import dead_letter_headers, retry_headers
@@ -169,9 +168,9 @@ class ExactlyOnce:
         self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
     ) -> str:
         txn = self._txn_of(delivery)
-        await self._broker.ensure_topics([topic])
-        mid = headers.get(Headers.MESSAGE_ID) or uuid.uuid4().hex
-        headers[Headers.MESSAGE_ID] = mid
+        if topic not in self._broker.known_topics:
+            await self._broker.ensure_topics([topic])
+        mid = headers[Headers.MESSAGE_ID]
         key = headers.get(Headers.KEY)
         async with txn.lock:
             self._check(txn, delivery)

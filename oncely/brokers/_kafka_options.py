@@ -57,7 +57,7 @@ class KafkaOptions:
     client_id: str = "oncely"
     exactly_once: frozenset[str] = field(default_factory=frozenset)
     txn_messages: int = 500
-    txn_interval: float = 0.1
+    txn_interval: float = 0.5
     revoke_grace: float = 1.0
     linger_ms: int = 5
     session_timeout_ms: int = 10_000

@@ -21,7 +21,7 @@ URL options (anything else is a ``ConfigError``):
   ``revoke_grace=1s`` (how long a revoked partition's handlers may finish before the commit).
 * ``exactly_once=topic1,topic2`` (or ``*``): consume these topics in exactly-once mode (see
   ``_kafka_eos``): ``ctx.produce`` sends in a per-partition transaction that also commits the
-  consumed offsets; ``txn_messages=500`` and ``txn_interval=0.1s`` close a transaction.
+  consumed offsets; ``txn_messages=500`` and ``txn_interval=0.5s`` close a transaction.
 
 **Offsets, not acks.** ``ack`` marks a record done; the subscription commits per partition the
 lowest offset not yet done, so a running or failed record holds the commit and a crash
@@ -168,6 +168,11 @@ class KafkaBroker(Broker, DeadLetterAdmin):
             linger_ms=opts.linger_ms,
             request_timeout_ms=int(opts.request_timeout * 1000),
         )
+
+    @property
+    def known_topics(self) -> set[str]:
+        """Topics this broker created or found (read-only use)."""
+        return self._topics
 
     async def ensure_topics(self, topics: list[str], *, partitions: int | None = None) -> None:
         """Create the topics that do not exist yet (idempotent, cached per broker)."""

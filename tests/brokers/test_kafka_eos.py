@@ -156,3 +156,22 @@ async def eventually_offsets_within(
         if time.monotonic() > deadline:
             raise AssertionError(f"committed {got} != {expected} after {within}s")
         await asyncio.sleep(0.2)
+
+
+async def test_produce_outside_exactly_once_is_a_plain_publish(unique: str) -> None:
+    """Without a transactional delivery, ``ctx.produce`` publishes at once (and the output
+    stays even though the handler then fails)."""
+    app = oncely.App()
+
+    @app.handler(unique, retry=oncely.RetryPolicy(max_attempts=1))
+    async def fan_out(body: bytes, ctx: oncely.Context) -> None:
+        await ctx.produce(f"{unique}-out", body, key="k")
+        raise ValueError("after producing")
+
+    url = kafka_url()
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.publish(unique, b"one")
+        async with oncely.Worker(app, broker=broker) as worker:
+            await eventually(lambda: worker.stats.dead_lettered == 1, 60)
+    outputs = await read_topic(f"{unique}-out")
+    assert [(r.value, r.key) for r in outputs] == [(b"one", b"k")]
