@@ -324,11 +324,7 @@ class KafkaSubscription(Subscription):
             for track in tracks:
                 self.kill(track)
         else:
-            for track in tracks:
-                track.suspended = False  # commit() skips nothing live
             await self.commit(tracks)
-            for track in tracks:
-                track.suspended = True
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         assert self.consumer is not None

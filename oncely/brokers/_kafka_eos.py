@@ -258,7 +258,11 @@ class ExactlyOnce:
                 and now - txn.started >= self._opts.txn_interval
             ):
                 async with txn.lock:
-                    await self._maybe_commit(txn)
+                    try:
+                        await self._maybe_commit(txn)
+                    except BrokerError as exc:
+                        # Already handled (rewound or given up); the poll loop goes on.
+                        log.warning("kafka: %s", exc)
 
     async def _maybe_commit(self, txn: _Txn) -> None:
         track = txn.track
@@ -277,6 +281,17 @@ class ExactlyOnce:
             log.warning("kafka: transaction on %s failed, starting over: %s", txn.tp, exc)
             await self._reinit(txn)
             raise DeliveryExpired(f"the transaction on {txn.tp} failed: {exc}") from exc
+
+    async def _reinit(self, txn: _Txn, pending: Pending | None = None) -> None:
+        try:
+            await self._restart(txn, pending)
+        except BrokerError as exc:
+            # Neither the old nor a new producer works: stop the subscription so the worker
+            # resubscribes, and the group reassigns the partition.
+            log.error("kafka: could not restart the producer of %s: %s", txn.tp, exc)
+            if txn.track is not None:
+                self._sub.kill(txn.track)
+            self._sub.fail(exc)
 
     async def _commit(self, txn: _Txn, track: PartitionTrack) -> None:
         point = track.commit_point()
@@ -303,7 +318,7 @@ class ExactlyOnce:
         txn.open = False
         self._install(txn, track.committed, pending)
 
-    async def _reinit(self, txn: _Txn, pending: Pending | None = None) -> None:
+    async def _restart(self, txn: _Txn, pending: Pending | None) -> None:
         """After an unclear transaction outcome: a new producer (same id) resolves it, and the
         committed offset read after that says where to start."""
         await self._stop(txn)

@@ -15,11 +15,13 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 import oncely
+from oncely.brokers._kafka_delivery import ExactlyOnceDelivery
 from oncely.brokers.kafka import KafkaBroker
 from tests._wait import eventually
-from tests.brokers.kafka_support import kafka_url, read_topic
+from tests.brokers.kafka_support import BOOTSTRAP, kafka_url, read_topic
 from tests.brokers.test_kafka import committed_offsets, spawn_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
@@ -175,3 +177,35 @@ async def test_produce_outside_exactly_once_is_a_plain_publish(unique: str) -> N
             await eventually(lambda: worker.stats.dead_lettered == 1, 60)
     outputs = await read_topic(f"{unique}-out")
     assert [(r.value, r.key) for r in outputs] == [(b"one", b"k")]
+
+
+async def test_a_fenced_producer_gives_the_partition_up(unique: str) -> None:
+    """Another producer with the partition's transactional id (a new owner) fences this one:
+    its open transaction is aborted, the partition is given up, the outputs never show, and
+    the message is read again from the committed offset."""
+    group = f"g-{unique}"
+    out = f"{unique}-out"
+    url = kafka_url(group, exactly_once=unique)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([out])
+        await broker.publish(unique, b"a")
+        sub = broker.consume(unique, prefetch=1, visibility=30)
+        d = await asyncio.wait_for(sub.__anext__(), 15)
+        assert isinstance(d, ExactlyOnceDelivery)
+        await d.produce(out, b"from the zombie")
+        usurper = AIOKafkaProducer(
+            bootstrap_servers=BOOTSTRAP, transactional_id=f"oncely-{group}-{unique}-0"
+        )
+        await usurper.start()  # InitProducerId: fences the subscription's producer
+        try:
+            await d.ack()  # marks it done; the commit that follows is refused
+            await eventually(lambda: not d.track.live, 15)
+        finally:
+            await usurper.stop()
+        await sub.aclose()
+    assert await read_topic(out) == []
+    async with KafkaBroker.from_url(url) as broker:
+        async with broker.consume(unique, prefetch=1, visibility=30) as sub:
+            again = await asyncio.wait_for(sub.__anext__(), 30)
+            assert (again.id, again.body) == (d.id, b"a")
+            await again.ack()
