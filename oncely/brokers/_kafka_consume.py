@@ -73,7 +73,7 @@ class KafkaSubscription(Subscription):
         self.max_delay = opts.buckets[-1]
         self._retry_topics = {retry_topic(topic, b) for b in opts.buckets}
         self._eos = ExactlyOnce(self, broker) if opts.is_exactly_once(topic) else None
-        self._ordering = "partition" if self._eos is not None else opts.ordering
+        self._ordering = opts.ordering
         self.consumer: AIOKafkaConsumer | None = None
         self.tracks: dict[TopicPartition, PartitionTrack] = {}
         self._ready: deque[tuple[PartitionTrack, Any]] = deque()
@@ -214,13 +214,8 @@ class KafkaSubscription(Subscription):
                 delivery = self._make(track, record)
                 track.in_flight += 1
                 self._yielded += 1
-                if self._eos is not None and record.offset in track.pending:
-                    # Settled before an exactly-once rewind: apply it, don't run it again.
-                    await asyncio.shield(self._eos.apply_pending(delivery))
-                    break
                 return delivery
-            else:
-                await self._changed.wait()
+            await self._changed.wait()
 
     def _make(self, track: PartitionTrack, record: Any) -> KafkaDelivery:
         cls = ExactlyOnceDelivery if track.eos is not None else KafkaDelivery
@@ -371,14 +366,12 @@ class KafkaSubscription(Subscription):
             self._changed.set()
             self._settle_event.set()
 
-    def new_track(self, tp: TopicPartition, start: int, eos: Any, pending: Any = None) -> None:
+    def new_track(self, tp: TopicPartition, start: int, eos: Any) -> None:
         """Install a track starting at ``start`` (exactly-once acquire and rewind)."""
         old = self.tracks.get(tp)
         if old is not None:
             self.kill(old)
-        self.tracks[tp] = PartitionTrack(
-            tp, ordering=self._ordering, start=start, eos=eos, pending=pending
-        )
+        self.tracks[tp] = PartitionTrack(tp, ordering=self._ordering, start=start, eos=eos)
         assert self.consumer is not None
         self.consumer.seek(tp, start)
         self._changed.set()

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ExactlyOnceDelivery",
     "KafkaDelivery",
+    "Output",
     "Settler",
     "dead_letter_headers",
     "record_identity",
@@ -29,6 +30,8 @@ ORIGIN_TOPIC = "oncely-original-topic"
 ORIGIN_PARTITION = "oncely-original-partition"
 ORIGIN_OFFSET = "oncely-original-offset"
 TRANSPORT = frozenset({DUE})
+Output = tuple[str, bytes, "bytes | None", list[tuple[str, bytes]]]
+"""An exactly-once output waiting for its offset: topic, value, key, encoded headers."""
 """Headers of the retry machinery, dropped before a record is handed to a handler."""
 
 
@@ -83,7 +86,7 @@ class KafkaDelivery(Delivery):
     member stays in the group), and raises ``DeliveryExpired`` once it is not.
     """
 
-    __slots__ = ("_settled", "_settler", "produced", "record", "track")
+    __slots__ = ("_settled", "_settler", "outputs", "record", "track")
 
     def __init__(
         self,
@@ -109,7 +112,7 @@ class KafkaDelivery(Delivery):
         self.track = track
         self.record = record
         self._settled = False
-        self.produced = 0
+        self.outputs: list[Output] = []
 
     @property
     def settled(self) -> bool:
@@ -130,10 +133,17 @@ class KafkaDelivery(Delivery):
 
     async def ack(self) -> None:
         self._check()
-        # Marked done first: the transaction this ack may commit must include its offset.
-        self.mark_settled()
         if self.exactly_once:
-            await self._settler.eos_ack(self)
+            await self._settle_exactly_once()
+        else:
+            self.mark_settled()
+
+    async def _settle_exactly_once(self) -> None:
+        # Marked done first: the transaction this may commit must include its offset. Its
+        # outputs (or its retry or dead-letter record) go out once every lower offset is done.
+        self._check()
+        self.mark_settled()
+        await self._settler.eos_ack(self)
 
     async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
         self._check()
@@ -144,18 +154,20 @@ class KafkaDelivery(Delivery):
         attempt = self.attempt if defer else self.attempt + 1
         if self.exactly_once:
             await self._settler.eos_fail(self, "nack", max(delay, 0.0), "", attempt)
-        else:
-            await self._settler.resend(self, max(delay, 0.0), attempt)
-            self._check_live_after_send()
+            await self._settle_exactly_once()
+            return
+        await self._settler.resend(self, max(delay, 0.0), attempt)
+        self._check_live_after_send()
         self.mark_settled()
 
     async def reject(self, reason: str) -> None:
         self._check()
         if self.exactly_once:
             await self._settler.eos_fail(self, "reject", 0.0, reason, self.attempt)
-        else:
-            await self._settler.dead_letter(self, reason)
-            self._check_live_after_send()
+            await self._settle_exactly_once()
+            return
+        await self._settler.dead_letter(self, reason)
+        self._check_live_after_send()
         self.mark_settled()
 
     def _check_live_after_send(self) -> None:
@@ -195,9 +207,8 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
         merged = check_headers(headers)
         # Deterministic by default: a replay after an abort gives its outputs the same ids,
         # so consumers outside the transaction can deduplicate them too.
-        merged[Headers.MESSAGE_ID] = message_id or f"{self.id}/{self.produced}"
+        merged[Headers.MESSAGE_ID] = message_id or f"{self.id}/{len(self.outputs)}"
         self._check()
-        self.produced += 1
         return await self._settler.eos_produce(self, topic, body, merged)
 
 

@@ -236,6 +236,10 @@ def map_errors(what: str, *, publishing: bool = False) -> Iterator[None]:
         raise
     except _EXPIRED as exc:
         raise DeliveryExpired(f"{what}: this member lost the partition ({exc!r})") from exc
+    except kerr.IllegalOperation as exc:
+        # A transactional producer's state machine refuses: after a fatal error, which for
+        # a per-partition producer means another owner's InitProducerId fenced it.
+        raise DeliveryExpired(f"{what}: the transactional producer is fenced ({exc})") from exc
     except _CONNECTION as exc:
         raise ConnectionLost(f"{what}: {exc!r}") from exc
     except (kerr.KafkaError, kerr.KafkaConfigurationError) as exc:

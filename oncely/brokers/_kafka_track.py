@@ -19,13 +19,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aiokafka.structs import ConsumerRecord, TopicPartition
 
-__all__ = ["PartitionTrack", "Settlement"]
+__all__ = ["PartitionTrack"]
 
 _PARTITION_KEY = b"\x00oncely-partition"
-
-Settlement = tuple[str, float, str, int]
-"""A settlement decided before an exactly-once rewind, applied when the record comes back:
-(``"nack"`` or ``"reject"``, delay, reason, attempt of the redelivery)."""
 
 
 class PartitionTrack:
@@ -44,7 +40,6 @@ class PartitionTrack:
         committed: the offset this member last committed (or found committed).
         hold_until: wall-clock time until which a retry partition is paused (a record not
             yet due is at its head).
-        pending: exactly-once settlements to apply when their offsets come back.
     """
 
     __slots__ = (
@@ -60,7 +55,6 @@ class PartitionTrack:
         "ordering",
         "parked",
         "paused",
-        "pending",
         "position",
         "suspended",
         "tp",
@@ -73,7 +67,6 @@ class PartitionTrack:
         ordering: str,
         start: int | None = None,
         eos: Any = None,
-        pending: dict[int, Settlement] | None = None,
     ) -> None:
         self.tp = tp
         self.ordering = ordering
@@ -85,7 +78,6 @@ class PartitionTrack:
         self.hold_until = 0.0
         self.in_flight = 0
         self.eos = eos
-        self.pending: dict[int, Settlement] = pending if pending is not None else {}
         self.parked: list[ConsumerRecord[bytes, bytes]] = []
         self.backlog: deque[ConsumerRecord[bytes, bytes]] = deque()
         self._outstanding: deque[int] = deque()
@@ -142,6 +134,17 @@ class PartitionTrack:
             return waiting.popleft()
         self._busy.pop(key, None)
         return None
+
+    def advance(self) -> list[int]:
+        """Drop the done offsets at the front of the window and return them, in order: the
+        records the commit point has just passed."""
+        passed = []
+        outstanding, done = self._outstanding, self._done
+        while outstanding and outstanding[0] in done:
+            offset = outstanding.popleft()
+            done.discard(offset)
+            passed.append(offset)
+        return passed
 
     def commit_point(self) -> int:
         """The offset to commit: the lowest outstanding one, or the next to fetch when all
