@@ -216,10 +216,10 @@ class ExactlyOnce:
             passed = track.advance()
             if passed:
                 await self._open(txn)
-                send = txn.producer.send
-                for offset in passed:
-                    for topic, body, key, headers in txn.finished.pop(offset, ()):
-                        with map_errors(f"producing to {topic} in a transaction", publishing=True):
+                send, finished = txn.producer.send, txn.finished
+                with map_errors(f"producing in the transaction of {txn.tp}", publishing=True):
+                    for offset in passed:
+                        for topic, body, key, headers in finished.pop(offset, ()):
                             await send(topic, body, key=key, headers=headers)
                 txn.count += len(passed)
             if txn.open and (

@@ -20,8 +20,9 @@ URL options (anything else is a ``ConfigError``):
   ``heartbeat_interval_ms=500``, ``max_poll_interval_ms``, ``auto_offset_reset=earliest``,
   ``revoke_grace=1s`` (how long a revoked partition's handlers may finish before the commit).
 * ``exactly_once=topic1,topic2`` (or ``*``): consume these topics in exactly-once mode (see
-  ``_kafka_eos``): ``ctx.produce`` sends in a per-partition transaction that also commits the
-  consumed offsets; ``txn_messages=500`` and ``txn_interval=0.5s`` close a transaction.
+  ``_kafka_eos``): ``ctx.produce`` outputs go into a per-partition transaction, in offset
+  order, that also commits the consumed offsets; ``txn_messages=500`` and
+  ``txn_interval=0.5s`` close a transaction.
 
 **Offsets, not acks.** ``ack`` marks a record done; the subscription commits per partition the
 lowest offset not yet done, so a running or failed record holds the commit and a crash
