@@ -18,17 +18,15 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer
-from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 
 from oncely.brokers._kafka_delivery import (
-    DUE,
     ExactlyOnceDelivery,
     KafkaDelivery,
     dead_letter_headers,
     retry_headers,
 )
 from oncely.brokers._kafka_eos import ExactlyOnce
+from oncely.brokers._kafka_group import RebalanceListener, due_time, sticky_assignor
 from oncely.brokers._kafka_options import (
     bucket_for,
     decode_headers,
@@ -48,17 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["KafkaSubscription"]
 
 log = logging.getLogger("oncely.brokers.kafka")
-
-
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, sub: KafkaSubscription) -> None:
-        self._sub = sub
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._sub.on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._sub.on_assigned(assigned)
 
 
 class KafkaSubscription(Subscription):
@@ -86,14 +73,7 @@ class KafkaSubscription(Subscription):
         self._closed = False
         self._generation = -10
         self._last_commit = 0.0
-        # aiokafka's sticky assignor keeps its state (the previous assignment) on the class
-        # and never records the generation: a class per subscription keeps two consumers in
-        # one process from claiming each other's partitions, and on_assigned records it.
-        self._assignor: type[StickyPartitionAssignor] = type(
-            "OncelyStickyAssignor",
-            (StickyPartitionAssignor,),
-            {"member_assignment": None, "generation": -1, "_latest_partition_movements": None},
-        )
+        self._assignor = sticky_assignor()
 
     # -- start and poll ----------------------------------------------------------------------------
 
@@ -114,7 +94,7 @@ class KafkaSubscription(Subscription):
             max_poll_interval_ms=opts.max_poll_interval_ms,
             fetch_max_wait_ms=200,
         )
-        self.consumer.subscribe(topics=topics, listener=_Listener(self))
+        self.consumer.subscribe(topics=topics, listener=RebalanceListener(self))
         with map_errors(f"subscribing to {self.topic}"):
             await self.consumer.start()
         self._last_commit = time.monotonic()
@@ -151,7 +131,7 @@ class KafkaSubscription(Subscription):
         is_retry = tp.topic in self._retry_topics
         for record in records:
             if is_retry:
-                due = _due(record)
+                due = due_time(record)
                 if due > now:
                     # Not due: hold this partition (only this one) at the record.
                     assert self.consumer is not None
@@ -415,13 +395,3 @@ class KafkaSubscription(Subscription):
                     await self.consumer.stop()
             except BrokerError as exc:
                 log.warning("kafka: %s", exc)
-
-
-def _due(record: Any) -> float:
-    for name, value in record.headers or ():
-        if name == DUE:
-            try:
-                return float(value)
-            except ValueError:
-                return 0.0
-    return 0.0
