@@ -10,6 +10,8 @@
 #   PostgreSQL  postgresql://oncely:oncely@127.0.0.1:5432/oncely  (own cluster in $STATE_DIR)
 #   Redis       redis://127.0.0.1:6379/0                    (redis-server)
 #   ElasticMQ   http://127.0.0.1:9324 (SQS API)               (Maven Central, Java 17; jars cached in $STATE_DIR)
+#   Kafka       kafka://127.0.0.1:9092                      (Apache Kafka 4.1.1, KRaft, from
+#               Maven Central into $STATE_DIR/kafka/lib; needs java 17 and mvn)
 #
 # `up` is idempotent: a service that already answers is left alone, so a second `up` only
 # probes. Every wait is bounded (ONCELY_SERVICES_TIMEOUT, default 90 s) and a service that does
@@ -302,12 +304,12 @@ elasticmq_ping() {
         grep -q ListQueuesResponse
 }
 
-elasticmq_install_tools() { # Java 17 and Maven, from Debian, when missing
+java_install_tools() { # Java 17 and Maven, from Debian, when missing (ElasticMQ and Kafka)
     local pkgs=()
     command -v java >/dev/null || pkgs+=(openjdk-17-jre-headless)
     command -v mvn >/dev/null || pkgs+=(maven)
     ((${#pkgs[@]})) || return 0
-    log "elasticmq: installing ${pkgs[*]}"
+    log "installing: ${pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
     { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } >&2 ||
         die "apt-get install ${pkgs[*]} failed"
@@ -316,7 +318,7 @@ elasticmq_install_tools() { # Java 17 and Maven, from Debian, when missing
 elasticmq_resolve() {
     local lib=$ELASTICMQ_DIR/lib stamp=$ELASTICMQ_DIR/lib/.resolved-$ELASTICMQ_VERSION
     [[ -f $stamp ]] && return 0
-    elasticmq_install_tools
+    java_install_tools
     log "elasticmq: resolving org.elasticmq:elasticmq-server_2.13:$ELASTICMQ_VERSION from Maven Central"
     rm -rf "$lib"
     install -d -m 755 "$lib"
@@ -403,6 +405,86 @@ elasticmq_status() {
     fi
 }
 
+# ------------------------------------------------------------------------------------ Kafka
+# Apache Kafka in KRaft mode: one combined broker+controller, jars resolved by Maven from
+# scripts/kafka/pom.xml into a cache outside git, data under $STATE_DIR/kafka/data.
+KAFKA_DIR=$STATE_DIR/kafka
+KAFKA_PORT=9092
+KAFKA_CONTROLLER_PORT=9093
+KAFKA_CLUSTER_ID=b25jZWx5LXRlc3RzLTAwMQ # fixed: `format --ignore-formatted` stays idempotent
+KAFKA_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/kafka" && pwd)
+KAFKA_LOG=$KAFKA_DIR/server.log
+KAFKA_READY_TIMEOUT=${ONCELY_KAFKA_TIMEOUT:-60}
+
+kafka_ping() { python3 "$KAFKA_SRC/probe.py" "$HOST" "$KAFKA_PORT"; }
+
+kafka_jars() { # resolve once; a marker file says the copy finished
+    [[ -f $KAFKA_DIR/lib/.complete && $KAFKA_DIR/lib/.complete -nt $KAFKA_SRC/pom.xml ]] && return 0
+    log "kafka: resolving jars with maven into $KAFKA_DIR/lib"
+    rm -rf "$KAFKA_DIR/lib"
+    mvn -q -B -Dstyle.color=never -f "$KAFKA_SRC/pom.xml" dependency:copy-dependencies \
+        -DoutputDirectory="$KAFKA_DIR/lib" -DincludeScope=runtime >&2 ||
+        die "kafka: mvn dependency:copy-dependencies failed"
+    touch "$KAFKA_DIR/lib/.complete"
+}
+
+# kafka_config PROPERTIES DATA PORT CONTROLLER_PORT: write a server.properties from the template.
+kafka_config() {
+    sed -e "s|@DATA@|$2|" -e "s|@PORT@|$3|g" -e "s|@CONTROLLER_PORT@|$4|g" \
+        "$KAFKA_SRC/server.properties.in" >"$1"
+}
+
+kafka_up() {
+    java_install_tools
+    install -d -m 755 "$KAFKA_DIR" "$KAFKA_DIR/data"
+    kafka_jars
+    if kafka_ping >/dev/null 2>&1; then return 0; fi
+    if port_open "$KAFKA_PORT"; then
+        wait_until "$KAFKA_READY_TIMEOUT" "kafka metadata on $KAFKA_PORT" kafka_ping ||
+            die "kafka: port $KAFKA_PORT is open but no metadata answer (log: $KAFKA_LOG)"
+        return 0
+    fi
+    kafka_config "$KAFKA_DIR/server.properties" "$KAFKA_DIR/data" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
+    java -cp "$KAFKA_DIR/lib/*" kafka.tools.StorageTool format \
+        --config "$KAFKA_DIR/server.properties" --cluster-id "$KAFKA_CLUSTER_ID" \
+        --ignore-formatted >>"$KAFKA_LOG" 2>&1 ||
+        { tail -n 20 "$KAFKA_LOG" >&2; die "kafka: storage format failed"; }
+    log "kafka: starting"
+    nohup java -Xmx512m -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
+        -Dlog4j2.formatMsgNoLookups=true -cp "$KAFKA_DIR/lib/*" \
+        kafka.Kafka "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 </dev/null &
+    echo $! >"$KAFKA_DIR/kafka.pid"
+    if ! wait_until "$KAFKA_READY_TIMEOUT" "kafka metadata on $KAFKA_PORT" kafka_ping; then
+        tail -n 30 "$KAFKA_LOG" >&2 || true
+        die "kafka did not answer a metadata request within ${KAFKA_READY_TIMEOUT}s (log: $KAFKA_LOG)"
+    fi
+}
+
+kafka_down() {
+    local pid
+    pid=$(cat "$KAFKA_DIR/kafka.pid" 2>/dev/null || true)
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+        log "kafka: stopping"
+        kill "$pid"
+        wait_until "$TIMEOUT" "kafka shutdown" bash -c "! kill -0 $pid" ||
+            { kill -9 "$pid" 2>/dev/null || true; }
+        rm -f "$KAFKA_DIR/kafka.pid"
+    elif port_open "$KAFKA_PORT"; then
+        log "kafka: a server on $HOST:$KAFKA_PORT was not started by this script; left alone"
+    else
+        log "kafka: not running"
+    fi
+}
+
+kafka_status() {
+    if kafka_ping >/dev/null 2>&1; then
+        echo "kafka       running   kafka://$HOST:$KAFKA_PORT  (Apache Kafka 4.1.1 KRaft, data: $KAFKA_DIR/data)"
+    else
+        echo "kafka       stopped"
+        return 1
+    fi
+}
+
 # ------------------------------------------------------------------------------------- main
 status() {
     local rc=0
@@ -413,6 +495,7 @@ status() {
     if command -v redis-server >/dev/null; then redis_status || rc=1; else
         echo "redis       not installed"; rc=1; fi
     elasticmq_status || rc=1
+    kafka_status || rc=1
     return $rc
 }
 
@@ -426,6 +509,7 @@ up)
     redis_up
     install -d -m 755 "$ELASTICMQ_DIR"
     elasticmq_up
+    kafka_up
     status
     ;;
 down)
@@ -434,6 +518,7 @@ down)
     [[ -n $(pg_bindir) ]] && pg_down
     command -v redis-cli >/dev/null && redis_down
     elasticmq_down
+    kafka_down
     status || true
     ;;
 status)

@@ -37,6 +37,7 @@ __all__ = [
     "Delivery",
     "Headers",
     "Subscription",
+    "TransactionalDelivery",
     "check_headers",
 ]
 
@@ -211,6 +212,41 @@ class Delivery(abc.ABC):
         Raises:
             NotSupported: the broker cannot extend a single message (``Capabilities.extend``).
             DeliveryExpired: the deadline already passed and the message was claimed again.
+        """
+
+
+class TransactionalDelivery(Delivery):
+    """A delivery that can publish atomically with its own consumption (Kafka exactly-once).
+
+    Records sent with ``produce`` become visible to ``read_committed`` consumers if and only
+    if this delivery's ``ack`` takes effect: the outputs and the consumed offset commit in one
+    broker transaction. A failure (``nack``, ``reject``, a crash, a lost partition) discards
+    them, and the message is delivered again. The guarantee covers records written to the
+    same broker only; effects elsewhere still need an idempotency store.
+    """
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    async def produce(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        message_id: str | None = None,
+    ) -> str:
+        """Send a record in this delivery's transaction; return its message id.
+
+        Returns once the record is handed to the transaction, before the broker has it: the
+        commit (on ``ack``) flushes and confirms. Call it from the task that runs the handler,
+        before settling. Headers must be ``str`` to ``str``; ``oncely-key`` also picks the
+        record's partition key.
+
+        Raises:
+            AlreadySettled: the delivery was settled.
+            DeliveryExpired: the partition was lost or the producer fenced.
+            ConnectionLost, PublishFailed: from the broker.
         """
 
 

@@ -15,6 +15,7 @@ _brokers.register(
 _brokers.register("amqp", "oncely.brokers.amqp:AmqpBroker", extra="amqp", driver="aio_pika")
 _brokers.register("amqps", "oncely.brokers.amqp:AmqpBroker", extra="amqp", driver="aio_pika")
 _brokers.register("sqs", "oncely.brokers.sqs:SqsBroker", extra="sqs", driver="aiobotocore")
+_brokers.register("kafka", "oncely.brokers.kafka:KafkaBroker", extra="kafka", driver="aiokafka")
 
 
 def broker_from_url(url: str | Broker) -> Broker:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from oncely.brokers.base import Headers, TransactionalDelivery
 from oncely.errors import ConfigError
+from oncely.runtime.codec import encode
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Delivery
@@ -64,3 +67,26 @@ class Context:
     ) -> str:
         """Publish through the worker's broker (see ``Publisher.publish``)."""
         return await self._publisher.publish(topic, payload, key=key, headers=headers, delay=delay)
+
+    async def produce(
+        self,
+        topic: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Publish as part of this delivery's broker transaction where it has one.
+
+        On a Kafka subscription in exactly-once mode the record commits atomically with the
+        consumed offset (visible to ``read_committed`` consumers only once the handler's
+        message is acked). Everywhere else this is ``publish``: confirmed at once, and kept
+        even if the handler then fails.
+        """
+        if not isinstance(self.delivery, TransactionalDelivery):
+            return await self.publish(topic, payload, key=key, headers=headers)
+        merged = dict(headers or {})
+        if key is not None:
+            merged[Headers.KEY] = key
+        merged.setdefault(Headers.PUBLISHED_AT, repr(time.time()))
+        return await self.delivery.produce(topic, encode(payload), headers=merged)

@@ -1,0 +1,397 @@
+"""The Kafka subscription: a group member that polls, orders, pauses and commits.
+
+One ``AIOKafkaConsumer`` per subscription, subscribed to ``<topic>`` and its retry topics, in
+the URL's consumer group. A background task calls ``getmany`` in a loop for as long as the
+subscription is open, whatever the handlers do: pausing a partition (its in-flight window is
+full, or the record at the head of a retry topic is not due yet) stops its fetches without
+leaving the group, which is how Kafka keeps a slow message's partition owned. That is what
+``extend`` means here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaConsumer
+
+from oncely.brokers._kafka_delivery import (
+    ExactlyOnceDelivery,
+    KafkaDelivery,
+    dead_letter_headers,
+    retry_headers,
+)
+from oncely.brokers._kafka_eos import ExactlyOnce
+from oncely.brokers._kafka_group import RebalanceListener, due_time, sticky_assignor
+from oncely.brokers._kafka_options import (
+    bucket_for,
+    decode_headers,
+    dlq_topic,
+    map_errors,
+    retry_topic,
+)
+from oncely.brokers._kafka_track import PartitionTrack
+from oncely.brokers.base import Subscription
+from oncely.errors import BrokerError, ConnectionLost, OncelyError
+
+if TYPE_CHECKING:
+    from aiokafka.structs import TopicPartition
+
+    from oncely.brokers.kafka import KafkaBroker
+
+__all__ = ["KafkaSubscription"]
+
+log = logging.getLogger("oncely.brokers.kafka")
+
+
+class KafkaSubscription(Subscription):
+    """See the module docstring and ``oncely.brokers.kafka``."""
+
+    def __init__(self, broker: KafkaBroker, topic: str, *, prefetch: int, visibility: float):
+        self._broker = broker
+        opts = self._opts = broker.options
+        self.topic = topic
+        self._prefetch = max(1, prefetch)
+        self._visibility = visibility
+        self.max_delay = opts.buckets[-1]
+        self._retry_topics = {retry_topic(topic, b) for b in opts.buckets}
+        self._eos = ExactlyOnce(self, broker) if opts.is_exactly_once(topic) else None
+        self._ordering = opts.ordering
+        self.consumer: AIOKafkaConsumer | None = None
+        self.tracks: dict[TopicPartition, PartitionTrack] = {}
+        self._ready: deque[tuple[PartitionTrack, Any]] = deque()
+        self._yielded = 0
+        self._changed = asyncio.Event()
+        self._settle_event = asyncio.Event()
+        self._starting: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._error: OncelyError | None = None
+        self._closed = False
+        self._generation = -10
+        self._last_commit = 0.0
+        self._assignor = sticky_assignor()
+
+    # -- start and poll ----------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        opts = self._opts
+        topics = [self.topic, *sorted(self._retry_topics)]
+        await self._broker.ensure_topics(topics)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=opts.bootstrap,
+            group_id=opts.group,
+            client_id=opts.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=opts.auto_offset_reset,
+            isolation_level=opts.isolation,
+            partition_assignment_strategy=(self._assignor,),
+            session_timeout_ms=opts.session_timeout_ms,
+            heartbeat_interval_ms=opts.heartbeat_interval_ms,
+            max_poll_interval_ms=opts.max_poll_interval_ms,
+            fetch_max_wait_ms=200,
+        )
+        self.consumer.subscribe(topics=topics, listener=RebalanceListener(self))
+        with map_errors(f"subscribing to {self.topic}"):
+            await self.consumer.start()
+        self._last_commit = time.monotonic()
+        self._poller = asyncio.create_task(self._poll(), name=f"oncely-kafka-poll-{self.topic}")
+
+    async def _poll(self) -> None:
+        assert self.consumer is not None
+        consumer, opts = self.consumer, self._opts
+        try:
+            while not self._closed:
+                with map_errors(f"polling {self.topic}"):
+                    batch = await consumer.getmany(timeout_ms=100)
+                if batch:
+                    now = time.time()
+                    for tp, records in batch.items():
+                        self._ingest(tp, records, now)
+                    self._changed.set()
+                if self._eos is not None:
+                    await self._eos.flush_due()
+                elif time.monotonic() - self._last_commit >= opts.commit_interval:
+                    await self.commit()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Supervised: the error reaches the iterating task, which resubscribes.
+            log.error("kafka: polling %s failed", self.topic, exc_info=True)
+            self._error = exc if isinstance(exc, OncelyError) else ConnectionLost(repr(exc))
+            self._changed.set()
+
+    def _ingest(self, tp: TopicPartition, records: list[Any], now: float) -> None:
+        track = self.tracks.get(tp)
+        if track is None or not track.live or track.suspended:
+            return  # not ours (yet): the owner reads it from the committed offset
+        is_retry = tp.topic in self._retry_topics
+        for record in records:
+            if is_retry:
+                due = due_time(record)
+                if due > now:
+                    # Not due: hold this partition (only this one) at the record.
+                    assert self.consumer is not None
+                    self.consumer.seek(tp, record.offset)
+                    track.position = record.offset
+                    track.hold_until = due
+                    asyncio.get_running_loop().call_later(due - now, self._unhold, track)
+                    break
+            track.take(record)
+        for ready in track.admit(self._opts.window):
+            self._ready.append((track, ready))
+        self.update_pause(track)
+
+    def _unhold(self, track: PartitionTrack) -> None:
+        track.hold_until = 0.0
+        self.update_pause(track)
+
+    def update_pause(self, track: PartitionTrack) -> None:
+        """Pause a partition whose window is full or whose head is not due; resume it when
+        neither holds. Polling goes on either way, so the member stays in the group."""
+        if not track.live or track.suspended or self.consumer is None:
+            return
+        want = (
+            bool(track.backlog)
+            or track.window >= self._opts.window
+            or track.hold_until > time.time()
+        )
+        if want == track.paused:
+            return
+        with contextlib.suppress(Exception):  # not assigned any more: nothing to pause
+            if want:
+                self.consumer.pause(track.tp)
+            else:
+                self.consumer.resume(track.tp)
+        track.paused = want
+
+    # -- iteration ---------------------------------------------------------------------------------
+
+    async def __anext__(self) -> KafkaDelivery:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._starting is None:
+            self._starting = asyncio.create_task(self._start())
+        if not self._starting.done():
+            await asyncio.shield(self._starting)  # a cancelled __anext__ must not cancel it
+        self._starting.result()
+        while True:
+            self._changed.clear()
+            if self._closed:
+                raise StopAsyncIteration
+            if self._error is not None:
+                raise self._error
+            while self._yielded < self._prefetch and self._ready:
+                track, record = self._ready.popleft()
+                if not track.live:
+                    continue
+                if track.suspended:
+                    track.parked.append(record)
+                    continue
+                delivery = self._make(track, record)
+                track.in_flight += 1
+                self._yielded += 1
+                return delivery
+            await self._changed.wait()
+
+    def _make(self, track: PartitionTrack, record: Any) -> KafkaDelivery:
+        cls = ExactlyOnceDelivery if track.eos is not None else KafkaDelivery
+        return cls(self, track, record, topic=self.topic, headers=decode_headers(record.headers))
+
+    # -- settling (the Settler protocol of KafkaDelivery) ------------------------------------------
+
+    def settled(self, delivery: KafkaDelivery) -> None:
+        track = delivery.track
+        self._yielded -= 1
+        track.in_flight -= 1
+        following = track.complete(delivery.record)
+        if following is not None:
+            self._ready.append((track, following))
+        if track.backlog:
+            for ready in track.admit(self._opts.window):
+                self._ready.append((track, ready))
+        self.update_pause(track)
+        self._changed.set()
+        self._settle_event.set()
+
+    async def resend(self, delivery: KafkaDelivery, delay: float, attempt: int) -> None:
+        if delay > 0:
+            bucket = bucket_for(delay, self._opts.buckets)
+            assert bucket is not None
+            topic = retry_topic(self.topic, bucket)
+            headers = retry_headers(delivery, attempt, time.time() + delay)
+        else:
+            topic, headers = self.topic, retry_headers(delivery, attempt, None)
+        await self._broker.send(topic, delivery.body, key=delivery.record.key, headers=headers)
+
+    async def dead_letter(self, delivery: KafkaDelivery, reason: str) -> None:
+        dlq = dlq_topic(self.topic)
+        await self._broker.ensure_topics([dlq], partitions=1)
+        headers = dead_letter_headers(delivery, reason, time.time())
+        await self._broker.send(dlq, delivery.body, key=delivery.record.key, headers=headers)
+
+    async def eos_ack(self, delivery: KafkaDelivery) -> None:
+        assert self._eos is not None
+        await self._eos.ack(delivery)
+
+    async def eos_fail(
+        self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
+    ) -> None:
+        assert self._eos is not None
+        await self._eos.fail(delivery, how, delay, reason, attempt)
+
+    async def eos_produce(
+        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
+    ) -> str:
+        assert self._eos is not None
+        return await self._eos.produce(delivery, topic, body, headers)
+
+    # -- commits and rebalances --------------------------------------------------------------------
+
+    async def commit(self, tracks: list[PartitionTrack] | None = None) -> None:
+        """Commit the lowest contiguous done offset of each partition (at-least-once mode).
+        A refused commit (a rebalance is under way) is logged: the revoke commits again."""
+        self._last_commit = time.monotonic()
+        if self.consumer is None:
+            return
+        offsets: dict[TopicPartition, int] = {}
+        for track in tracks if tracks is not None else list(self.tracks.values()):
+            if track.live and track.eos is None:
+                point = track.commit_point()
+                if point > track.committed:
+                    offsets[track.tp] = point
+        if not offsets:
+            return
+        try:
+            with map_errors(f"committing offsets of {self.topic}"):
+                await self.consumer.commit(offsets)
+        except BrokerError as exc:
+            log.warning("kafka: commit on %s failed (retried later): %s", self.topic, exc)
+            return
+        for tp, point in offsets.items():
+            if (current := self.tracks.get(tp)) is not None:
+                current.committed = max(current.committed, point)
+
+    async def wait_settled(self, tracks: list[PartitionTrack], seconds: float) -> None:
+        """Wait up to ``seconds`` until no delivery of ``tracks`` is in flight."""
+        deadline = time.monotonic() + seconds
+        while any(t.in_flight for t in tracks if t.live):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._settle_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settle_event.wait(), left)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        tracks = [t for tp in revoked if (t := self.tracks.get(tp)) is not None and t.live]
+        for track in tracks:
+            track.suspended = True
+            track.paused = False
+        # A short grace lets nearly finished handlers land in this commit; the rest are
+        # abandoned uncommitted (unless the next assignment gives the partition back).
+        await self.wait_settled(tracks, self._opts.revoke_grace)
+        if self._eos is not None:
+            await self._eos.release(tracks)
+            for track in tracks:
+                self.kill(track)
+        else:
+            await self.commit(tracks)
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        assert self.consumer is not None
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        generation = int(getattr(coordinator, "generation", -1))
+        # Kept across the rebalance only if this member was in every generation in between:
+        # then nobody else can have owned the partition meanwhile.
+        contiguous = generation == self._generation + 1
+        self._generation = generation
+        self._assignor.generation = generation
+        for tp, track in list(self.tracks.items()):
+            if tp not in assigned or not (contiguous and track.live and track.suspended):
+                self.kill(track)
+                del self.tracks[tp]
+        fresh = [tp for tp in assigned if tp not in self.tracks]
+        for tp in assigned:
+            if (kept := self.tracks.get(tp)) is None:
+                continue
+            kept.suspended = False
+            if kept.position is not None:
+                self.consumer.seek(tp, kept.position)
+            for record in kept.parked:
+                self._ready.append((kept, record))
+            kept.parked.clear()
+            self.update_pause(kept)
+        if self._eos is not None:
+            await self._eos.acquire(fresh)
+        else:
+            for tp in fresh:
+                self.tracks[tp] = PartitionTrack(tp, ordering=self._ordering)
+        self._changed.set()
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop the subscription with ``exc``: the iterating task gets it and resubscribes."""
+        self._error = exc if isinstance(exc, OncelyError) else ConnectionLost(repr(exc))
+        self._changed.set()
+
+    def kill(self, track: PartitionTrack) -> None:
+        """End this ownership: its deliveries raise ``DeliveryExpired`` from now on."""
+        if track.live:
+            track.live = False
+            self._yielded -= track.in_flight
+            track.in_flight = 0
+            self._changed.set()
+            self._settle_event.set()
+
+    def new_track(self, tp: TopicPartition, start: int, eos: Any) -> None:
+        """Install a track starting at ``start`` (exactly-once acquire and rewind)."""
+        old = self.tracks.get(tp)
+        if old is not None:
+            self.kill(old)
+        self.tracks[tp] = PartitionTrack(tp, ordering=self._ordering, start=start, eos=eos)
+        assert self.consumer is not None
+        self.consumer.seek(tp, start)
+        self._changed.set()
+
+    # -- closing -----------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await self._close(self._visibility)
+
+    async def shutdown(self) -> None:
+        """Close at once (the broker is closing): unsettled deliveries are abandoned."""
+        await self._close(0.0)
+
+    async def _close(self, wait: float) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._changed.set()
+        if self._starting is None:
+            return
+        try:
+            await self._starting
+        except (Exception, asyncio.CancelledError):
+            pass  # the failure was raised to the iterating task already
+        live = [t for t in self.tracks.values() if t.live]
+        # Yielded deliveries stay valid: a worker drains them after it stops fetching.
+        await self.wait_settled(live, wait)
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._poller
+        if self._eos is not None:
+            await self._eos.release(live)
+        else:
+            await self.commit(live)
+        for track in live:
+            self.kill(track)
+        if self.consumer is not None:
+            try:
+                with map_errors(f"closing the consumer of {self.topic}"):
+                    await self.consumer.stop()
+            except BrokerError as exc:
+                log.warning("kafka: %s", exc)

@@ -1,0 +1,244 @@
+"""Kafka deliveries: one consumed record, settled against its partition's track."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from oncely.brokers.base import Delivery, Headers, TransactionalDelivery, check_headers
+from oncely.errors import AlreadySettled, DeliveryExpired, NotSupported
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from aiokafka.structs import ConsumerRecord
+
+    from oncely.brokers._kafka_track import PartitionTrack
+
+__all__ = [
+    "ExactlyOnceDelivery",
+    "KafkaDelivery",
+    "Output",
+    "Settler",
+    "dead_letter_headers",
+    "record_identity",
+    "retry_headers",
+]
+
+DUE = "oncely-due"
+"""Wall-clock time before which a record in a retry topic must not run."""
+ORIGIN_TOPIC = "oncely-original-topic"
+ORIGIN_PARTITION = "oncely-original-partition"
+ORIGIN_OFFSET = "oncely-original-offset"
+TRANSPORT = frozenset({DUE})
+Output = tuple[str, bytes, "bytes | None", list[tuple[str, bytes]]]
+"""An exactly-once output waiting for its offset: topic, value, key, encoded headers."""
+"""Headers of the retry machinery, dropped before a record is handed to a handler."""
+
+
+class Settler(Protocol):
+    """What a delivery needs from its subscription (``KafkaSubscription`` implements it)."""
+
+    max_delay: float
+
+    def settled(self, delivery: KafkaDelivery) -> None: ...
+
+    async def resend(self, delivery: KafkaDelivery, delay: float, attempt: int) -> None: ...
+
+    async def dead_letter(self, delivery: KafkaDelivery, reason: str) -> None: ...
+
+    async def eos_ack(self, delivery: KafkaDelivery) -> None: ...
+
+    async def eos_fail(
+        self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
+    ) -> None: ...
+
+    async def eos_produce(
+        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
+    ) -> str: ...
+
+
+def record_identity(
+    record: ConsumerRecord[bytes, bytes], headers: Mapping[str, str]
+) -> tuple[str, int, float]:
+    """(id, attempt, enqueued_at) of a record: oncely's headers where present, else the
+    record's coordinates and timestamp, so a plain producer's messages are consumed too."""
+    mid = headers.get(Headers.MESSAGE_ID) or f"{record.topic}/{record.partition}/{record.offset}"
+    try:
+        attempt = max(1, int(headers.get(Headers.ATTEMPT, "1")))
+    except ValueError:
+        attempt = 1
+    try:
+        enqueued = float(headers[Headers.PUBLISHED_AT])
+    except (KeyError, ValueError):
+        enqueued = record.timestamp / 1000.0
+    return mid, attempt, enqueued
+
+
+class KafkaDelivery(Delivery):
+    """A record of a partition this member owns.
+
+    ``ack`` marks the offset done; the subscription commits the lowest contiguous done offset
+    (at least once) or commits it in the partition's transaction (exactly once). ``nack``
+    re-produces the record to a retry topic (or, for no delay, the topic itself) and then marks
+    it done; ``reject`` does the same towards ``<topic>.dlq``. After the partition is revoked,
+    settling raises ``DeliveryExpired``: the new owner reads it again from the committed offset.
+    ``extend`` is a no-op while the partition is owned (the subscription keeps polling, so the
+    member stays in the group), and raises ``DeliveryExpired`` once it is not.
+    """
+
+    __slots__ = ("_settled", "_settler", "outputs", "record", "track")
+
+    def __init__(
+        self,
+        settler: Settler,
+        track: PartitionTrack,
+        record: ConsumerRecord[bytes, bytes],
+        *,
+        topic: str,
+        headers: dict[str, str],
+    ) -> None:
+        mid, attempt, enqueued = record_identity(record, headers)
+        for name in TRANSPORT:
+            headers.pop(name, None)
+        super().__init__(
+            id=mid,
+            topic=topic,
+            body=record.value if record.value is not None else b"",
+            headers=headers,
+            attempt=attempt,
+            enqueued_at=enqueued,
+        )
+        self._settler = settler
+        self.track = track
+        self.record = record
+        self._settled = False
+        self.outputs: list[Output] = []
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.track.eos is not None
+
+    def _check(self) -> None:
+        if self._settled:
+            raise AlreadySettled(f"delivery {self.id} was already settled")
+        if not self.track.live:
+            raise DeliveryExpired(
+                f"partition {self.record.topic}[{self.record.partition}] of {self.id} was "
+                "revoked; the new owner redelivers it"
+            )
+
+    async def ack(self) -> None:
+        self._check()
+        if self.exactly_once:
+            await self._settle_exactly_once()
+        else:
+            self.mark_settled()
+
+    async def _settle_exactly_once(self) -> None:
+        # Marked done first: the transaction this may commit must include its offset. Its
+        # outputs (or its retry or dead-letter record) go out once every lower offset is done.
+        self._check()
+        self.mark_settled()
+        await self._settler.eos_ack(self)
+
+    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
+        self._check()
+        if delay > self._settler.max_delay:
+            raise NotSupported(
+                f"delay {delay}s exceeds the largest retry bucket ({self._settler.max_delay}s)"
+            )
+        attempt = self.attempt if defer else self.attempt + 1
+        if self.exactly_once:
+            await self._settler.eos_fail(self, "nack", max(delay, 0.0), "", attempt)
+            await self._settle_exactly_once()
+            return
+        await self._settler.resend(self, max(delay, 0.0), attempt)
+        self._check_live_after_send()
+        self.mark_settled()
+
+    async def reject(self, reason: str) -> None:
+        self._check()
+        if self.exactly_once:
+            await self._settler.eos_fail(self, "reject", 0.0, reason, self.attempt)
+            await self._settle_exactly_once()
+            return
+        await self._settler.dead_letter(self, reason)
+        self._check_live_after_send()
+        self.mark_settled()
+
+    def _check_live_after_send(self) -> None:
+        # The copy is stored; if the partition moved meanwhile the new owner also redelivers
+        # the original (a duplicate, never a loss), and this offset is no longer ours.
+        if not self.track.live:
+            raise DeliveryExpired(f"partition of {self.id} was revoked while settling")
+
+    def mark_settled(self) -> None:
+        """Record the outcome; the partition's bookkeeping only if this ownership lasts (an
+        exactly-once rewind settles a record by replaying it instead)."""
+        self._settled = True
+        if self.track.live:
+            self._settler.settled(self)
+
+    async def extend(self, seconds: float) -> None:
+        if self._settled:
+            return
+        if not self.track.live:
+            raise DeliveryExpired(f"partition of {self.id} was revoked")
+
+
+class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
+    """A record of a partition consumed in exactly-once mode: ``produce`` sends in the
+    partition's transaction, which also commits the consumed offsets (see ``_kafka_eos``)."""
+
+    __slots__ = ()
+
+    async def produce(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        message_id: str | None = None,
+    ) -> str:
+        merged = check_headers(headers)
+        # Deterministic by default: a replay after an abort gives its outputs the same ids,
+        # so consumers outside the transaction can deduplicate them too.
+        merged[Headers.MESSAGE_ID] = message_id or f"{self.id}/{len(self.outputs)}"
+        self._check()
+        return await self._settler.eos_produce(self, topic, body, merged)
+
+
+def retry_headers(delivery: KafkaDelivery, attempt: int, due: float | None) -> dict[str, str]:
+    """Headers for the re-produced copy of a nacked record: its id, key and first publish
+    time are kept, ``oncely-attempt`` is the next delivery's attempt."""
+    headers = dict(delivery.headers)
+    headers[Headers.MESSAGE_ID] = delivery.id
+    headers[Headers.ATTEMPT] = str(attempt)
+    headers.setdefault(Headers.PUBLISHED_AT, repr(delivery.enqueued_at))
+    if due is not None:
+        headers[DUE] = repr(due)
+    return headers
+
+
+def dead_letter_headers(delivery: KafkaDelivery, reason: str, now: float) -> dict[str, str]:
+    """Headers of a dead letter: the reason (which carries the handler's error), the attempt,
+    the time, and where the record was consumed from."""
+    headers = dict(delivery.headers)
+    rec = delivery.record
+    headers.update(
+        {
+            Headers.MESSAGE_ID: delivery.id,
+            Headers.REASON: reason,
+            Headers.ATTEMPT: str(delivery.attempt),
+            Headers.FAILED_AT: repr(now),
+            ORIGIN_TOPIC: rec.topic,
+            ORIGIN_PARTITION: str(rec.partition),
+            ORIGIN_OFFSET: str(rec.offset),
+        }
+    )
+    headers.setdefault(Headers.PUBLISHED_AT, repr(delivery.enqueued_at))
+    return headers

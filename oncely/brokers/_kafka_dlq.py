@@ -1,0 +1,149 @@
+"""Listing and replaying ``<topic>.dlq``.
+
+A Kafka topic cannot delete one record, so a replay appends a *marker* record to the DLQ
+(empty body, ``oncely-replayed`` = the dead letter's ``partition:offset``) in the same
+transaction that re-produces the message to ``<topic>``. A dead letter is listed while it has
+no marker. Reads are ``read_committed`` and bounded by the end offsets taken at the start, so a
+replay that is interrupted leaves either both records or neither, and running it again
+replays exactly what is left.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from oncely.brokers._kafka_delivery import ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC
+from oncely.brokers._kafka_options import decode_headers, dlq_topic, encode_headers, map_errors
+from oncely.brokers.base import DeadLetter, Headers
+
+if TYPE_CHECKING:
+    from oncely.brokers.kafka import KafkaBroker
+
+__all__ = ["list_dead_letters", "replay_dead_letters"]
+
+REPLAYED = "oncely-replayed"
+_BATCH = 500
+_DROP_ON_REPLAY = frozenset(
+    {
+        Headers.REASON,
+        Headers.FAILED_AT,
+        Headers.ATTEMPT,
+        ORIGIN_TOPIC,
+        ORIGIN_PARTITION,
+        ORIGIN_OFFSET,
+    }
+)
+
+
+async def _read_all(broker: KafkaBroker, topic: str) -> list[Any]:
+    """Every committed record of ``topic`` up to its end offsets at the start of the call."""
+    opts = broker.options
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=opts.bootstrap,
+        client_id=f"{opts.client_id}-dlq",
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    records: list[Any] = []
+    with map_errors(f"reading {topic}"):
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(topic) or set()
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            if not tps:
+                return []
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            deadline = time.monotonic() + opts.request_timeout
+            while True:
+                behind = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
+                if not behind:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading {topic} took over {opts.request_timeout}s")
+                batch = await consumer.getmany(*behind, timeout_ms=200)
+                for tp, recs in batch.items():
+                    records.extend(r for r in recs if r.offset < ends[tp])
+        finally:
+            await consumer.stop()
+    return records
+
+
+async def list_dead_letters(broker: KafkaBroker, topic: str) -> list[tuple[DeadLetter, Any]]:
+    """The dead letters of ``topic`` without a replay marker, oldest first, with their
+    records."""
+    dlq = dlq_topic(topic)
+    await broker.ensure_topics([dlq], partitions=1)
+    records = await _read_all(broker, dlq)
+    replayed: set[str] = set()
+    letters: list[tuple[DeadLetter, Any]] = []
+    for record in records:
+        headers = decode_headers(record.headers)
+        if REPLAYED in headers:
+            replayed.add(headers[REPLAYED])
+            continue
+        try:
+            attempt = int(headers.get(Headers.ATTEMPT, "1"))
+        except ValueError:
+            attempt = 1
+        try:
+            failed_at = float(headers.get(Headers.FAILED_AT, ""))
+        except ValueError:
+            failed_at = record.timestamp / 1000.0
+        letter = DeadLetter(
+            id=headers.get(Headers.MESSAGE_ID) or f"{dlq}/{record.partition}/{record.offset}",
+            topic=topic,
+            body=record.value or b"",
+            headers=headers,
+            reason=headers.get(Headers.REASON, ""),
+            attempt=attempt,
+            failed_at=failed_at,
+        )
+        letters.append((letter, record))
+    live = [(ltr, r) for ltr, r in letters if f"{r.partition}:{r.offset}" not in replayed]
+    live.sort(key=lambda item: (item[0].failed_at, item[1].offset))
+    return live
+
+
+async def replay_dead_letters(broker: KafkaBroker, topic: str, ids: list[str] | None) -> int:
+    """Re-produce dead letters (all, or those in ``ids``) to ``topic`` with a fresh attempt,
+    each together with its marker in one transaction. Returns how many moved."""
+    wanted = set(ids) if ids is not None else None
+    chosen = [
+        (ltr, r)
+        for ltr, r in await list_dead_letters(broker, topic)
+        if wanted is None or ltr.id in wanted
+    ]
+    if not chosen:
+        return 0
+    dlq = dlq_topic(topic)
+    await broker.ensure_topics([topic])
+    producer = broker.transactional_producer(f"oncely-dlq-replay-{broker.options.group}-{topic}")
+    with map_errors(f"replaying {dlq}", publishing=True):
+        await producer.start()
+        try:
+            for i in range(0, len(chosen), _BATCH):
+                async with producer.transaction():
+                    for letter, record in chosen[i : i + _BATCH]:
+                        headers = {
+                            k: v for k, v in letter.headers.items() if k not in _DROP_ON_REPLAY
+                        }
+                        await producer.send(
+                            topic, letter.body, key=record.key, headers=encode_headers(headers)
+                        )
+                        marker = {REPLAYED: f"{record.partition}:{record.offset}"}
+                        await producer.send(
+                            dlq, b"", key=record.key, headers=encode_headers(marker)
+                        )
+        finally:
+            await producer.stop()
+    return len(chosen)

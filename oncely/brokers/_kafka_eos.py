@@ -1,0 +1,290 @@
+"""Exactly-once consume-transform-produce: one transactional producer per input partition.
+
+aiokafka commits offsets in a transaction with the pre-KIP-447 protocol, which has no
+consumer-generation fencing. The pattern that stays correct without it, and the one Kafka's
+own transactional copier test uses, is a producer per input partition whose
+``transactional_id`` is derived from the group, topic and partition. Whoever owns the
+partition owns that id: a new owner's ``InitProducerId`` fences the previous producer and
+completes or aborts its open transaction, and only *then* does the new owner read the
+committed offset, so it starts exactly where the last committed transaction ended.
+
+A transaction may only hold outputs of records below the offset it commits, or a crash after
+the commit would run a record again whose outputs are already visible. So a handler's
+``produce`` only buffers the record in its delivery. When a delivery is settled its outputs
+wait by offset, and as the partition's lowest unfinished offset moves forward, the outputs of
+the records it passed are sent into the open transaction in offset order. Handlers therefore
+run concurrently (per key, like at-least-once) while each partition's outputs keep the input
+order. A transaction commits the offset it reached when ``txn_messages`` records went in or
+``txn_interval`` passed.
+
+A failed handler's outputs are never sent: ``nack`` and ``reject`` replace them with the
+retry-topic or dead-letter record, which commits with the offset like any output. A
+transaction that fails to commit is resolved by a new producer (same id), and the partition
+rewinds to the committed offset read after that. A fenced producer means another member owns
+the partition: this member drops it and its deliveries expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from oncely.brokers._kafka_delivery import dead_letter_headers, retry_headers
+from oncely.brokers._kafka_options import (
+    bucket_for,
+    dlq_topic,
+    encode_headers,
+    map_errors,
+    retry_topic,
+)
+from oncely.brokers.base import Headers
+from oncely.errors import BrokerError, DeliveryExpired
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.structs import TopicPartition
+
+    from oncely.brokers._kafka_consume import KafkaSubscription
+    from oncely.brokers._kafka_delivery import KafkaDelivery, Output
+    from oncely.brokers._kafka_track import PartitionTrack
+    from oncely.brokers.kafka import KafkaBroker
+
+__all__ = ["ExactlyOnce"]
+
+log = logging.getLogger("oncely.brokers.kafka")
+
+
+class _Txn:
+    """The transactional producer of one input partition and its open transaction."""
+
+    __slots__ = ("count", "finished", "lock", "open", "producer", "started", "tp", "track")
+
+    def __init__(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
+        self.tp = tp
+        self.producer = producer
+        self.lock = asyncio.Lock()
+        self.open = False
+        self.count = 0
+        self.started = 0.0
+        self.finished: dict[int, list[Output]] = {}
+        self.track: PartitionTrack | None = None
+
+
+class ExactlyOnce:
+    """The exactly-once side of one ``KafkaSubscription``."""
+
+    def __init__(self, sub: KafkaSubscription, broker: KafkaBroker) -> None:
+        self._sub = sub
+        self._broker = broker
+        self._opts = broker.options
+        self._txns: dict[TopicPartition, _Txn] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    def transactional_id(self, tp: TopicPartition) -> str:
+        return f"oncely-{self._opts.group}-{tp.topic}-{tp.partition}"
+
+    # -- ownership -----------------------------------------------------------------------------
+
+    async def acquire(self, tps: list[TopicPartition]) -> None:
+        """Take newly assigned partitions: init each producer, then read the committed offset."""
+        results = await asyncio.gather(*(self._acquire(tp) for tp in tps), return_exceptions=True)
+        for tp, result in zip(tps, results, strict=True):
+            if isinstance(result, BaseException):
+                # Without its producer the partition cannot run: fail the subscription so
+                # the worker resubscribes (and the group reassigns it).
+                log.error("kafka: could not take %s exactly-once: %r", tp, result)
+                self._sub.fail(result)
+
+    async def _acquire(self, tp: TopicPartition) -> None:
+        producer = self._broker.transactional_producer(self.transactional_id(tp))
+        with map_errors(f"initialising the transactional producer of {tp}"):
+            # InitProducerId: fences the previous owner and resolves its open transaction.
+            await producer.start()
+        txn = _Txn(tp, producer)
+        self._txns[tp] = txn
+        await self._rewind_to_committed(txn)
+
+    async def _rewind_to_committed(self, txn: _Txn) -> None:
+        consumer = self._sub.consumer
+        assert consumer is not None
+        with map_errors(f"reading the committed offset of {txn.tp}"):
+            committed = await consumer.committed(txn.tp)
+            if committed is None:
+                ends = await (
+                    consumer.beginning_offsets([txn.tp])
+                    if self._opts.auto_offset_reset == "earliest"
+                    else consumer.end_offsets([txn.tp])
+                )
+                committed = ends[txn.tp]
+        self._sub.new_track(txn.tp, int(committed), txn)
+        txn.track = self._sub.tracks[txn.tp]
+        txn.finished.clear()
+
+    async def release(self, tracks: list[PartitionTrack]) -> None:
+        """Revoke or close: send and commit what is contiguous and settled (records still
+        running are left to the next owner), then stop the producers."""
+        for track in tracks:
+            txn = self._txns.pop(track.tp, None)
+            if txn is None:
+                continue
+            async with txn.lock:
+                try:
+                    if not (track.live and txn.track is track):
+                        raise DeliveryExpired(f"{track.tp} was already given up")
+                    await self._flush(txn, force=True, recover=False)
+                except BrokerError as exc:
+                    log.info("kafka: releasing %s without a final commit: %s", track.tp, exc)
+                    if txn.open:
+                        with contextlib.suppress(Exception):
+                            await txn.producer.abort_transaction()
+                await self._stop(txn)
+
+    async def _stop(self, txn: _Txn) -> None:
+        with contextlib.suppress(Exception):
+            await txn.producer.stop()
+
+    # -- the Settler side ----------------------------------------------------------------------
+
+    def _txn_of(self, delivery: KafkaDelivery) -> _Txn:
+        txn = delivery.track.eos
+        assert isinstance(txn, _Txn)
+        return txn
+
+    async def produce(
+        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
+    ) -> str:
+        """Buffer an output in its delivery; it is sent when its offset is reached."""
+        if topic not in self._broker.known_topics:
+            await self._broker.ensure_topics([topic])
+        key = headers.get(Headers.KEY)
+        delivery.outputs.append(
+            (topic, body, key.encode() if key is not None else None, encode_headers(headers))
+        )
+        return headers[Headers.MESSAGE_ID]
+
+    async def fail(
+        self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
+    ) -> None:
+        """Replace the delivery's outputs with its retry or dead-letter record."""
+        if how == "reject":
+            topic = dlq_topic(self._sub.topic)
+            await self._broker.ensure_topics([topic], partitions=1)
+            headers = dead_letter_headers(delivery, reason, time.time())
+        elif delay > 0:
+            bucket = bucket_for(delay, self._opts.buckets)
+            assert bucket is not None
+            topic = retry_topic(self._sub.topic, bucket)
+            headers = retry_headers(delivery, attempt, time.time() + delay)
+        else:
+            topic, headers = self._sub.topic, retry_headers(delivery, attempt, None)
+        delivery.outputs = [(topic, delivery.body, delivery.record.key, encode_headers(headers))]
+
+    async def ack(self, delivery: KafkaDelivery) -> None:
+        """Called once the delivery's offset was marked done: its outputs join the partition's
+        queue, and whatever became contiguous is sent (and maybe committed)."""
+        txn = self._txn_of(delivery)
+        if not delivery.track.live or txn.track is not delivery.track:
+            raise DeliveryExpired(f"partition of {delivery.id} was revoked or rewound")
+        if delivery.outputs:
+            txn.finished[delivery.record.offset] = delivery.outputs
+        async with txn.lock:
+            await self._flush(txn)
+
+    # -- sending and committing ----------------------------------------------------------------
+
+    async def flush_due(self) -> None:
+        """Commit transactions whose time budget is spent (from the poll loop)."""
+        now = time.monotonic()
+        for txn in list(self._txns.values()):
+            if txn.open and not txn.lock.locked() and now - txn.started >= self._opts.txn_interval:
+                async with txn.lock:
+                    with contextlib.suppress(BrokerError):  # handled: rewound or given up
+                        await self._flush(txn)
+
+    async def _flush(self, txn: _Txn, *, force: bool = False, recover: bool = True) -> None:
+        """Send the outputs of records the lowest unfinished offset has passed, in offset
+        order, and commit when the budget is spent. Call with ``txn.lock`` held. A failure
+        gives the partition up (fenced) or starts it over from the committed offset, unless
+        ``recover`` is false (the partition is being released anyway)."""
+        track = txn.track
+        if track is None or not track.live:
+            return
+        try:
+            passed = track.advance()
+            if passed:
+                await self._open(txn)
+                send, finished = txn.producer.send, txn.finished
+                with map_errors(f"producing in the transaction of {txn.tp}", publishing=True):
+                    for offset in passed:
+                        for topic, body, key, headers in finished.pop(offset, ()):
+                            await send(topic, body, key=key, headers=headers)
+                txn.count += len(passed)
+            if txn.open and (
+                force
+                or txn.count >= self._opts.txn_messages
+                or time.monotonic() - txn.started >= self._opts.txn_interval
+            ):
+                await self._commit(txn, track)
+        except DeliveryExpired:
+            if recover:
+                self._lose(txn)
+            raise
+        except BrokerError as exc:
+            if not recover:
+                raise
+            log.warning("kafka: transaction on %s failed, starting over: %s", txn.tp, exc)
+            await self._reinit(txn)
+            raise DeliveryExpired(f"the transaction on {txn.tp} failed: {exc}") from exc
+
+    async def _open(self, txn: _Txn) -> None:
+        if not txn.open:
+            with map_errors(f"beginning a transaction on {txn.tp}"):
+                await txn.producer.begin_transaction()
+            txn.open = True
+            txn.started = time.monotonic()
+            txn.count = 0
+
+    async def _commit(self, txn: _Txn, track: PartitionTrack) -> None:
+        point = track.commit_point()
+        with map_errors(f"committing the transaction on {txn.tp}"):
+            if point > track.committed:
+                await txn.producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
+            await txn.producer.commit_transaction()
+        txn.open = False
+        track.committed = max(track.committed, point)
+
+    async def _reinit(self, txn: _Txn) -> None:
+        """After an unclear transaction outcome: a new producer (same id) resolves it, and the
+        committed offset read after that says where to start."""
+        try:
+            await self._stop(txn)
+            txn.open = False
+            txn.producer = self._broker.transactional_producer(self.transactional_id(txn.tp))
+            with map_errors(f"initialising the transactional producer of {txn.tp}"):
+                await txn.producer.start()
+            await self._rewind_to_committed(txn)
+        except BrokerError as exc:
+            # Neither the old nor a new producer works: stop the subscription so the worker
+            # resubscribes, and the group reassigns the partition.
+            log.error("kafka: could not restart the producer of %s: %s", txn.tp, exc)
+            if txn.track is not None:
+                self._sub.kill(txn.track)
+            self._sub.fail(exc)
+
+    def _lose(self, txn: _Txn) -> None:
+        """Fenced: another member owns the partition now. Give it up until a rebalance."""
+        log.warning("kafka: producer for %s was fenced; giving the partition up", txn.tp)
+        if txn.track is not None:
+            self._sub.kill(txn.track)
+            if self._sub.consumer is not None:
+                with contextlib.suppress(Exception):
+                    self._sub.consumer.pause(txn.tp)
+        self._txns.pop(txn.tp, None)
+        txn.open = False
+        txn.finished.clear()
+        task = asyncio.get_running_loop().create_task(self._stop(txn))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)

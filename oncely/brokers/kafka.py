@@ -1,0 +1,277 @@
+"""Apache Kafka broker over aiokafka: ``kafka://host:port[,host:port]/?group=...``.
+
+URL options (anything else is a ``ConfigError``):
+
+* ``group=oncely``: the consumer group of every subscription (and of the transactional offset
+  commits).
+* ``partitions=1``, ``replication=1``: for the topics oncely creates (a topic on first publish
+  or subscribe, its retry topics, its ``.dlq``). Existing topics are left as they are. Set
+  ``replication=3`` on a real cluster.
+* ``ordering=key|partition`` (default ``key``): records with the same Kafka key run one after
+  another and different keys in parallel, even within one partition; records without a key
+  have no order. ``partition`` runs each partition strictly in offset order.
+* ``window=500``: the most records per partition received and not yet done; a full window
+  pauses the partition (the subscription keeps polling, so the member stays in the group).
+* ``commit_interval=0.5s``: how often completed offsets are committed (also on revoke and
+  close).
+* ``retry_buckets=1s,5s,30s,2m,10m,1h``: retry-topic delays; ``max_delay`` is the largest.
+* ``isolation=read_committed|read_uncommitted`` (default ``read_committed``).
+* ``client_id=oncely``, ``linger_ms=5``, ``request_timeout=30s``, ``session_timeout_ms``,
+  ``heartbeat_interval_ms=500``, ``max_poll_interval_ms``, ``auto_offset_reset=earliest``,
+  ``revoke_grace=1s`` (how long a revoked partition's handlers may finish before the commit).
+* ``exactly_once=topic1,topic2`` (or ``*``): consume these topics in exactly-once mode (see
+  ``_kafka_eos``): ``ctx.produce`` outputs go into a per-partition transaction, in offset
+  order, that also commits the consumed offsets; ``txn_messages=500`` and
+  ``txn_interval=0.5s`` close a transaction.
+
+**Offsets, not acks.** ``ack`` marks a record done; the subscription commits per partition the
+lowest offset not yet done, so a running or failed record holds the commit and a crash
+redelivers it and everything after it (never anything before).
+
+**Retries.** Kafka has no per-message delay. ``nack(delay)`` and ``publish(delay=)`` produce
+the record to ``<topic>.retry.<bucket>``, the smallest bucket at least ``delay`` long, with an
+``oncely-due`` time; the subscription reads the retry topics too and pauses a retry partition
+whose head is not due yet, so waiting holds up nothing else. ``nack(0)`` re-produces to
+``<topic>`` itself (same key, so the same partition). ``oncely-attempt`` travels in a header;
+``nack(defer=True)`` keeps it. The copy is confirmed before the original's offset is marked
+done: a crash in between duplicates, never loses. ``attempt`` does not count redeliveries after
+a crash or a rebalance (Kafka keeps no delivery count).
+
+**Dead letters** go to ``<topic>.dlq`` (one partition) with the reason (which carries the
+handler's error), the attempt, the time, and the original topic, partition and offset in
+headers. ``replay`` re-produces them to ``<topic>`` and appends a marker record for each to
+the DLQ *in one transaction*, so an interrupted replay neither loses nor duplicates;
+``dead_letters`` lists the records without a marker, read ``read_committed``.
+
+**extend** keeps the partition owned: the poll loop never stops, a full partition is paused
+rather than left unpolled, so ``max_poll_interval_ms`` never expires because a handler is
+slow. ``Delivery.extend`` is therefore a no-op that succeeds while the partition is owned and
+raises ``DeliveryExpired`` after it was revoked. There is no per-message visibility timeout.
+
+**Rebalances.** On revoke, the subscription stops dispatching the revoked partitions, gives
+their handlers ``revoke_grace``, commits what completed, and abandons the rest uncommitted;
+their deliveries raise ``DeliveryExpired`` and the new owner reprocesses them. The sticky
+assignor usually gives a member its partitions back, and when the next generation directly
+follows the last, they continue where they were, deliveries included.
+
+**Interop.** Records of a plain producer are consumed: the id is ``oncely-message-id`` or
+``topic/partition/offset``. oncely writes plain bytes with UTF-8 ``str`` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from oncely.brokers._kafka_consume import KafkaSubscription
+from oncely.brokers._kafka_delivery import DUE
+from oncely.brokers._kafka_dlq import list_dead_letters, replay_dead_letters
+from oncely.brokers._kafka_options import (
+    DEFAULT_BUCKETS,
+    KafkaOptions,
+    bucket_for,
+    encode_headers,
+    map_errors,
+    parse_url,
+    retry_topic,
+)
+from oncely.brokers.base import (
+    Broker,
+    Capabilities,
+    DeadLetter,
+    DeadLetterAdmin,
+    Headers,
+    check_headers,
+)
+from oncely.errors import BrokerError, ConfigError, NotSupported
+
+if TYPE_CHECKING:
+    from typing import Self
+
+__all__ = ["DEFAULT_BUCKETS", "KafkaBroker", "KafkaOptions"]
+
+_TOPIC_EXISTS = 36
+
+
+class KafkaBroker(Broker, DeadLetterAdmin):
+    """Kafka behind the broker contract; see the module docstring."""
+
+    def __init__(self, options: KafkaOptions) -> None:
+        self.options = options
+        self.url = f"kafka://{options.bootstrap}/?group={options.group}"
+        self.capabilities = Capabilities(
+            native_delay=False,
+            max_delay=options.buckets[-1],
+            native_dlq=False,
+            extend=True,
+            ordering="partition",
+            ack_model="offset",
+            transactions=True,
+            durable=True,
+            defer_keeps_attempt=True,
+        )
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._connected = False
+        self._topics: set[str] = set()
+        self._topic_lock = asyncio.Lock()
+        self._subs: weakref.WeakSet[KafkaSubscription] = weakref.WeakSet()
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """Build from a ``kafka://`` URL (no I/O). Raises ``ConfigError`` on a bad option."""
+        return cls(parse_url(url))
+
+    async def connect(self) -> None:
+        if self._connected:
+            return
+        opts = self.options
+        producer = AIOKafkaProducer(
+            bootstrap_servers=opts.bootstrap,
+            client_id=opts.client_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=opts.linger_ms,
+            request_timeout_ms=int(opts.request_timeout * 1000),
+        )
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=opts.bootstrap,
+            client_id=f"{opts.client_id}-admin",
+            request_timeout_ms=int(opts.request_timeout * 1000),
+        )
+        try:
+            with map_errors(f"connecting to kafka at {opts.bootstrap}"):
+                await producer.start()
+                await admin.start()
+        except BaseException:
+            await producer.stop()
+            await admin.close()
+            raise
+        self._producer, self._admin = producer, admin
+        self._connected = True
+
+    def transactional_producer(self, transactional_id: str) -> AIOKafkaProducer:
+        """A new (not started) transactional producer; ``start()`` runs InitProducerId."""
+        opts = self.options
+        return AIOKafkaProducer(
+            bootstrap_servers=opts.bootstrap,
+            client_id=opts.client_id,
+            transactional_id=transactional_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=opts.linger_ms,
+            request_timeout_ms=int(opts.request_timeout * 1000),
+        )
+
+    @property
+    def known_topics(self) -> set[str]:
+        """Topics this broker created or found (read-only use)."""
+        return self._topics
+
+    async def ensure_topics(self, topics: list[str], *, partitions: int | None = None) -> None:
+        """Create the topics that do not exist yet (idempotent, cached per broker)."""
+        missing = [t for t in topics if t not in self._topics]
+        if not missing:
+            return
+        if not self._connected:
+            await self.connect()
+        assert self._admin is not None
+        async with self._topic_lock:
+            missing = [t for t in missing if t not in self._topics]
+            if not missing:
+                return
+            new = [
+                NewTopic(t, partitions or self.options.partitions, self.options.replication)
+                for t in missing
+            ]
+            with map_errors(f"creating topics {', '.join(missing)}"):
+                response = await self._admin.create_topics(new)
+            errors: list[tuple[Any, ...]] = getattr(response, "topic_errors", [])
+            for name, code, *rest in errors:
+                if code not in (0, _TOPIC_EXISTS):
+                    raise ConfigError(f"kafka refused to create topic {name!r}: {code} {rest}")
+            self._topics.update(missing)
+
+    async def send(
+        self, topic: str, body: bytes, *, key: bytes | None, headers: Mapping[str, str]
+    ) -> None:
+        """Produce one record with the idempotent producer and wait for its acknowledgement
+        (``acks=all``). Many sends may be in flight at once; linger batches them."""
+        if not self._connected:
+            await self.connect()
+        assert self._producer is not None
+        with map_errors(f"publishing to {topic}", publishing=True):
+            future = await self._producer.send(
+                topic, body, key=key, headers=encode_headers(headers)
+            )
+            await future
+
+    async def publish(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        message_id: str | None = None,
+        delay: float = 0.0,
+    ) -> str:
+        merged = check_headers(headers)
+        if delay > self.options.buckets[-1]:
+            raise NotSupported(
+                f"delay {delay}s exceeds the largest retry bucket ({self.options.buckets[-1]}s)"
+            )
+        await self.ensure_topics([topic, *(retry_topic(topic, b) for b in self.options.buckets)])
+        mid = message_id or uuid.uuid4().hex
+        merged[Headers.MESSAGE_ID] = mid
+        merged.setdefault(Headers.PUBLISHED_AT, repr(time.time()))
+        target = topic
+        if delay > 0:
+            bucket = bucket_for(delay, self.options.buckets)
+            assert bucket is not None
+            target = retry_topic(topic, bucket)
+            merged[DUE] = repr(time.time() + delay)
+        key = merged.get(Headers.KEY)
+        await self.send(target, body, key=key.encode() if key is not None else None, headers=merged)
+        return mid
+
+    def consume(self, topic: str, *, prefetch: int, visibility: float) -> KafkaSubscription:
+        sub = KafkaSubscription(self, topic, prefetch=prefetch, visibility=visibility)
+        self._subs.add(sub)
+        return sub
+
+    async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
+        await self.connect()
+        letters = await list_dead_letters(self, topic)
+        return [letter for letter, _ in letters[:limit]]
+
+    async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
+        await self.connect()
+        return await replay_dead_letters(self, topic, ids)
+
+    async def aclose(self) -> None:
+        subs = list(self._subs)
+        self._subs = weakref.WeakSet()
+        for sub in subs:
+            await sub.shutdown()
+        producer, admin = self._producer, self._admin
+        self._producer = self._admin = None
+        self._connected = False
+        self._topics.clear()
+        try:
+            if producer is not None:
+                with map_errors("closing the kafka producer"):
+                    await producer.stop()
+        finally:
+            if admin is not None:
+                try:
+                    with map_errors("closing the kafka admin client"):
+                        await admin.close()
+                except BrokerError:
+                    pass

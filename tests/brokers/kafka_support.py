@@ -1,0 +1,53 @@
+"""Shared helpers of the Kafka tests: the server URL, unique groups, raw reads of a topic."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+KAFKA_URL = os.environ.get("ONCELY_TEST_KAFKA_URL", "kafka://127.0.0.1:9092")
+BOOTSTRAP = KAFKA_URL.removeprefix("kafka://").split("/")[0]
+
+
+def kafka_url(group: str | None = None, **options: object) -> str:
+    """The test server's URL with a unique (or the given) group and extra options."""
+    query = {"group": group or f"g-{uuid.uuid4().hex[:12]}", **options}
+    return f"kafka://{BOOTSTRAP}/?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+async def read_topic(
+    topic: str, *, bootstrap: str = BOOTSTRAP, committed_only: bool = True, within: float = 60.0
+) -> list[Any]:
+    """Every record of ``topic`` up to its current end, in partition then offset order."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if committed_only else "read_uncommitted",
+    )
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: dict[int, list[Any]] = {tp.partition: [] for tp in tps}
+        deadline = time.monotonic() + within
+        while True:
+            behind = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
+            if not behind:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"reading {topic} took over {within}s")
+            batch = await consumer.getmany(*behind, timeout_ms=200)
+            for tp, records in batch.items():
+                out[tp.partition].extend(r for r in records if r.offset < ends[tp])
+        return [r for p in sorted(out) for r in out[p]]
+    finally:
+        await consumer.stop()

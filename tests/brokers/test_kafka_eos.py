@@ -1,0 +1,211 @@
+"""Exactly-once consume-transform-produce on a real Kafka.
+
+The copy test is modelled on Kafka's own transactional copier system test: worker processes
+copy a multi-partition input topic to an output topic through an exactly-once handler while
+one of them is SIGKILLed and restarted, again and again; a ``read_committed`` consumer of the
+output must then see every input exactly once, in order per partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+import oncely
+from oncely.brokers._kafka_delivery import ExactlyOnceDelivery
+from oncely.brokers.kafka import KafkaBroker
+from tests._wait import eventually
+from tests.brokers.kafka_support import BOOTSTRAP, kafka_url, read_topic
+from tests.brokers.test_kafka import committed_offsets, spawn_worker
+
+pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def publish_numbers(broker: KafkaBroker, topic: str, n: int, keys: int) -> None:
+    for start in range(0, n, 2000):
+        await asyncio.gather(*(
+            broker.publish(topic, str(i).encode(), headers={"oncely-key": f"k{i % keys}"})
+            for i in range(start, min(n, start + 2000))
+        ))  # fmt: skip
+
+
+async def test_a_failed_handlers_outputs_are_never_sent_and_it_retries(unique: str) -> None:
+    src, out = f"{unique}-in", f"{unique}-out"
+    app = oncely.App()
+    runs: Counter[str] = Counter()
+
+    @app.handler(src, concurrency=8, retry=oncely.RetryPolicy(max_attempts=3, base=0.01, cap=0.01))
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        runs[body.decode()] += 1
+        await ctx.produce(out, body, key=ctx.headers.get("oncely-key"))
+        if body == b"7" and ctx.attempt == 1:
+            raise ConnectionError("after producing")  # the output must not be seen
+
+    url = kafka_url(partitions=2, exactly_once=src)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([out])
+        await publish_numbers(broker, src, 40, keys=5)
+        async with oncely.Worker(app, broker=broker) as worker:
+            await eventually(lambda: worker.stats.retried == 1 and runs["7"] == 2, 60)
+            group, expected = broker.options.group, {0: 0, 1: 0}
+            for record in await read_topic(src):
+                expected[record.partition] = record.offset + 1
+            await eventually_offsets(group, src, expected)
+    committed = Counter(r.value.decode() for r in await read_topic(out))
+    assert committed == Counter(str(i) for i in range(40)), "read_committed: each exactly once"
+    everything = await read_topic(out, committed_only=False)
+    assert len(everything) == 40, "the failed attempt's output never reached the log"
+    assert runs["7"] == 2
+
+
+async def eventually_offsets(group: str, topic: str, expected: dict[int, int]) -> None:
+    deadline = time.monotonic() + 60
+    while (got := await committed_offsets(group, topic)) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"committed {got} != {expected}")
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_exactly_once_copy_survives_repeated_sigkills(unique: str, report: Any) -> None:
+    n, partitions, keys, kills = 50_000, 4, 64, 3
+    src, out = f"{unique}-in", f"{unique}-out"
+    group = f"g-{unique}"
+    # A killed member is noticed after its session timeout: the smallest Kafka allows.
+    url = kafka_url(group, partitions=partitions, exactly_once=src, session_timeout_ms=6000)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([src, out])
+        await publish_numbers(broker, src, n, keys)
+    inputs = await read_topic(src)
+    assert len(inputs) == n
+    ends = {p: 0 for p in range(partitions)}
+    for r in inputs:
+        ends[r.partition] = r.offset + 1
+    env = {"KAFKA_APP_TOPIC": src, "KAFKA_APP_OUT": out}
+    procs = [spawn_worker(url, "copy", env) for _ in range(2)]
+    started = time.monotonic()
+    killed = 0
+    try:
+        for step in range(kills):
+            # Kill at about 20%, 40%, 60% of the copy: a worker mid-transaction.
+            target = n * (step + 1) // (kills + 2)
+            await eventually_progress(group, src, target)
+            victim = procs[step % 2]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+            killed += 1
+            procs[step % 2] = spawn_worker(url, "copy", env)
+        await eventually_offsets_within(group, src, ends, 240)
+        elapsed = time.monotonic() - started
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except Exception:
+                p.kill()
+                p.wait(timeout=30)
+    outputs = await read_topic(out)
+    source = {r.value: (r.partition, r.offset) for r in inputs}
+    seen = Counter(r.value for r in outputs)
+    duplicates = sum(c - 1 for c in seen.values() if c > 1)
+    missing = n - len(set(seen) & set(source))
+    out_of_order = 0
+    last: dict[int, int] = {}
+    for r in outputs:
+        part, offset = source[r.value]
+        assert part == r.partition, "same key, same partition count: same partition"
+        if offset <= last.get(part, -1):
+            out_of_order += 1
+        last[part] = offset
+    uncommitted = len(await read_topic(out, committed_only=False)) - len(outputs)
+    report(
+        f"kafka exactly-once copy: {n} messages, {partitions} partitions, 2 workers, "
+        f"{killed} SIGKILLs: {len(outputs)} committed outputs, {duplicates} duplicates, "
+        f"{missing} missing, {out_of_order} out of order; {uncommitted} aborted records in "
+        f"the log; {elapsed:.1f}s ({n / elapsed:.0f} msgs/s)"
+    )
+    assert (duplicates, missing, out_of_order, len(outputs)) == (0, 0, 0, n)
+    assert killed == kills and uncommitted > 0, "the kills must have aborted transactions"
+
+
+async def eventually_progress(group: str, topic: str, target: int) -> None:
+    deadline = time.monotonic() + 180
+    while sum((await committed_offsets(group, topic)).values()) < target:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the copy did not reach {target} within 180s")
+        await asyncio.sleep(0.1)
+
+
+async def eventually_offsets_within(
+    group: str, topic: str, expected: dict[int, int], within: float
+) -> None:
+    deadline = time.monotonic() + within
+    while (got := await committed_offsets(group, topic)) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"committed {got} != {expected} after {within}s")
+        await asyncio.sleep(0.2)
+
+
+async def test_produce_outside_exactly_once_is_a_plain_publish(unique: str) -> None:
+    """Without a transactional delivery, ``ctx.produce`` publishes at once (and the output
+    stays even though the handler then fails)."""
+    app = oncely.App()
+
+    @app.handler(unique, retry=oncely.RetryPolicy(max_attempts=1))
+    async def fan_out(body: bytes, ctx: oncely.Context) -> None:
+        await ctx.produce(f"{unique}-out", body, key="k")
+        raise ValueError("after producing")
+
+    url = kafka_url()
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.publish(unique, b"one")
+        async with oncely.Worker(app, broker=broker) as worker:
+            await eventually(lambda: worker.stats.dead_lettered == 1, 60)
+    outputs = await read_topic(f"{unique}-out")
+    assert [(r.value, r.key) for r in outputs] == [(b"one", b"k")]
+
+
+async def test_a_fenced_producer_gives_the_partition_up(unique: str) -> None:
+    """Another producer with the partition's transactional id (a new owner) fences this one:
+    its open transaction is aborted, the partition is given up, the outputs never show, and
+    the message is read again from the committed offset."""
+    group = f"g-{unique}"
+    out = f"{unique}-out"
+    url = kafka_url(group, exactly_once=unique)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([out])
+        await broker.publish(unique, b"a")
+        sub = broker.consume(unique, prefetch=1, visibility=30)
+        d = await asyncio.wait_for(sub.__anext__(), 15)
+        assert isinstance(d, ExactlyOnceDelivery)
+        await d.produce(out, b"from the zombie")
+        usurper = AIOKafkaProducer(
+            bootstrap_servers=BOOTSTRAP, transactional_id=f"oncely-{group}-{unique}-0"
+        )
+        await usurper.start()  # InitProducerId: fences the subscription's producer
+        try:
+            await d.ack()  # marks it done; the commit that follows is refused
+            await eventually(lambda: not d.track.live, 15)
+        finally:
+            await usurper.stop()
+        await sub.aclose()
+    assert await read_topic(out) == []
+    async with KafkaBroker.from_url(url) as broker:
+        async with broker.consume(unique, prefetch=1, visibility=30) as sub:
+            again = await asyncio.wait_for(sub.__anext__(), 30)
+            assert (again.id, again.body) == (d.id, b"a")
+            await again.ack()
