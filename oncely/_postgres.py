@@ -27,6 +27,7 @@ __all__ = [
     "flag",
     "identifier",
     "map_errors",
+    "mask",
     "number",
     "parse_postgres_url",
     "quote_ident",
@@ -98,7 +99,7 @@ def parse_postgres_url(url: str, accepted: Collection[str]) -> PostgresUrl:
     """
     parts = urlsplit(url)
     if parts.scheme.lower() not in SCHEMES:
-        raise ConfigError(f"not a PostgreSQL URL: {url!r} (write postgresql://host/dbname)")
+        raise ConfigError(f"not a PostgreSQL URL: {_safe(url)} (write postgresql://host/dbname)")
     try:
         parts.port  # noqa: B018 - urllib checks the port only when asked
     except ValueError as exc:
@@ -116,7 +117,7 @@ def parse_postgres_url(url: str, accepted: Collection[str]) -> PostgresUrl:
         elif name in LIBPQ_OPTIONS:
             passed.append((name, value))
         else:
-            known = ", ".join(sorted(accepted))
+            known = ", ".join(sorted(accepted)) or "none"
             raise ConfigError(
                 f"{_safe(url)}: unknown option {name!r}; oncely options here: {known}; "
                 "libpq parameters such as sslmode pass through to asyncpg"
@@ -199,6 +200,9 @@ async def create_pool(
     max_size: int,
     connect_timeout: float,
     reset: Callable[[Any], Awaitable[None]] | None = None,
+    server_settings: dict[str, str] | None = None,
+    what: str = "postgresql",
+    refused: type[Exception] = StoreError,
 ) -> asyncpg.Pool:
     """Open an asyncpg pool with ``min_size`` connections ready.
 
@@ -206,14 +210,22 @@ async def create_pool(
     statements on these connections, and oncely must not bound them. oncely's own statements
     pass a timeout of their own. ``reset`` replaces asyncpg's session reset on release (which
     costs a round trip); asyncpg still rolls back an open transaction first.
+    ``server_settings`` are sent on every connection; ``what`` and ``refused`` are as for
+    ``map_errors``.
 
     Raises:
         StoreUnavailable: the server could not be reached, or cannot take connections now.
-        StoreError: any other failure (a wrong password, a bad ``sslmode`` value, ...).
+        StoreError: any other failure (a bad ``sslmode`` value, ...), and a wrong password
+            or unknown database unless ``refused`` says otherwise.
     """
-    with map_errors():
+    with map_errors(what, refused=refused):
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout, reset=reset
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=connect_timeout,
+            reset=reset,
+            server_settings=server_settings,
         )
     assert pool is not None
     return pool
@@ -235,24 +247,50 @@ def unavailable(exc: BaseException) -> bool:
     return False
 
 
+_REFUSED = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)
+"""The server refused our credentials (28000, and 28P01 below it) or database name (3D000)."""
+
+
 @contextlib.contextmanager
-def map_errors(what: str = "postgresql") -> Iterator[None]:
+def map_errors(
+    what: str = "postgresql",
+    *,
+    refused: type[Exception] = StoreError,
+    missing_table: str | None = None,
+) -> Iterator[None]:
     """Translate asyncpg and socket errors: ``StoreUnavailable`` for connectivity (refused,
     reset, timed out, server shutting down, too many connections), ``StoreError`` for the
-    rest. The original is chained (``raise ... from exc``)."""
+    rest. The original is chained (``raise ... from exc``).
+
+    Args:
+        what: the prefix of the message.
+        refused: raised instead when the server refuses the credentials or the database
+            name (the outbox calls that a ``ConfigError``: retrying cannot help).
+        missing_table: given, an undefined table is a ``ConfigError`` with this hint added
+            (e.g. how to create the table).
+    """
     try:
         yield
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         message = f"{what}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, _REFUSED):
+            raise refused(message) from exc
+        if missing_table is not None and isinstance(exc, asyncpg.UndefinedTableError):
+            raise ConfigError(f"{message}; {missing_table}") from exc
         if unavailable(exc):
             raise StoreUnavailable(message) from exc
         raise StoreError(message) from exc
 
 
-def _safe(url: str) -> str:
-    """``url`` with its password masked, for error messages."""
+def mask(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and ``repr``."""
     parts = urlsplit(url)
     if parts.password is None:
-        return repr(url)
+        return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return repr(urlunsplit(parts._replace(netloc=netloc)))
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _safe(url: str) -> str:
+    """``url`` quoted, with its password masked, for error messages."""
+    return repr(mask(url))

@@ -1,4 +1,4 @@
-"""What the outbox's two backends (PostgreSQL, SQLite) share: rows, claims, names, encoding.
+"""What the outbox's two backends (PostgreSQL, SQLite) share: rows, claims, names, headers.
 
 A backend stores rows in the user's transaction (``add``), and hands the relay batches of rows
 it may publish (``claim``), each of which the relay settles once (``Claim.finish``).
@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from oncely._codec import json_encoder
 from oncely.brokers.base import check_headers
 from oncely.errors import ConfigError
 
@@ -27,7 +28,6 @@ __all__ = [
     "check_table",
     "decode_headers",
     "encode_headers",
-    "encode_payload",
 ]
 
 DEFAULT_TABLE = "oncely_outbox"
@@ -37,7 +37,6 @@ DEFAULT_TABLE = "oncely_outbox"
 _TABLE = re.compile(r"^(?:[a-z_][a-z0-9_]*\.)?[a-z_][a-z0-9_]*$")
 _MAX_TABLE = 50  # leaves room for the index-name suffixes within 63 bytes
 
-_encoder = msgspec.json.Encoder()
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
 
 
@@ -51,26 +50,9 @@ def check_table(name: str) -> str:
     return name
 
 
-def encode_payload(payload: object) -> bytes:
-    """Encode a payload as ``Publisher`` does: bytes travel as-is, anything else as JSON.
-
-    (The same rule as ``oncely.runtime.codec.encode``; the outbox sits below the runtime, so it
-    keeps its own three lines.)
-
-    Raises:
-        TypeError: msgspec cannot encode the payload's type.
-    """
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return bytes(payload)
-    try:
-        return _encoder.encode(payload)
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise TypeError(f"cannot encode payload of type {type(payload).__name__}: {exc}") from exc
-
-
 def encode_headers(headers: Mapping[str, str] | None) -> str:
     """Check (``str`` to ``str``) and encode headers as a JSON object."""
-    return _encoder.encode(check_headers(headers)).decode()
+    return json_encoder.encode(check_headers(headers)).decode()
 
 
 def decode_headers(text: str | bytes) -> dict[str, str]:

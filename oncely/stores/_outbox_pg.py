@@ -27,13 +27,14 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import asyncpg.pool  # type: ignore[import-untyped, unused-ignore]
 
+from oncely._postgres import create_pool, mask, parse_postgres_url
+from oncely._postgres import map_errors as _map_errors
 from oncely.errors import ConfigError, StoreError, StoreUnavailable
 from oncely.stores._outbox_base import Backend, Claim, Failure, Row, check_table, decode_headers
 
@@ -105,53 +106,22 @@ _PURGE = """WITH doomed AS (
 _PENDING = "SELECT count(*) FROM {t} WHERE sent_at IS NULL"
 
 
-def mask(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}{port}"))
-
-
-@contextlib.contextmanager
-def map_errors(what: str) -> Iterator[None]:
-    """Translate asyncpg's and the socket's errors, chaining the original."""
-    try:
-        yield
-    except (
-        asyncpg.InvalidAuthorizationSpecificationError,
-        asyncpg.InvalidCatalogNameError,
-        asyncpg.InvalidPasswordError,
-    ) as exc:
-        raise ConfigError(f"postgresql {what}: {exc}") from exc
-    except asyncpg.UndefinedTableError as exc:
-        raise ConfigError(
-            f"postgresql {what}: {exc}; create the outbox table first (await outbox.migrate())"
-        ) from exc
-    except (
-        OSError,
-        TimeoutError,
-        asyncpg.InterfaceError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.AdminShutdownError,
-    ) as exc:
-        raise StoreUnavailable(f"postgresql {what}: {exc}") from exc
-    except asyncpg.PostgresError as exc:
-        raise StoreError(f"postgresql {what}: {type(exc).__name__}: {exc}") from exc
+def map_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    """``oncely._postgres.map_errors`` with the outbox's precision: refused credentials and a
+    missing table are ``ConfigError`` (retrying cannot help)."""
+    return _map_errors(
+        f"postgresql {what}",
+        refused=ConfigError,
+        missing_table="create the outbox table first (await outbox.migrate())",
+    )
 
 
 class PgBackend(Backend):
     dialect = "postgresql"
 
     def __init__(self, url: str, table: str) -> None:
-        if urlsplit(url).scheme not in ("postgresql", "postgres"):
-            raise ConfigError(f"not a postgresql URL: {mask(url)!r}")
-        self._dsn = url
+        # No options of its own: only libpq's parameters pass (anything else is refused).
+        self._dsn = parse_postgres_url(url, ()).dsn
         self.url = mask(url)
         self.table = check_table(table)
         self._channel = self.table
@@ -193,15 +163,16 @@ class PgBackend(Backend):
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._pool is None:
-                with map_errors("connect"):
-                    # Two connections: the claim loop and the retention sweep.
-                    self._pool = await asyncpg.create_pool(
-                        self._dsn,
-                        min_size=1,
-                        max_size=2,
-                        timeout=CONNECT_TIMEOUT,
-                        server_settings=_settings(),
-                    )
+                # Two connections: the claim loop and the retention sweep.
+                self._pool = await create_pool(
+                    self._dsn,
+                    min_size=1,
+                    max_size=2,
+                    connect_timeout=CONNECT_TIMEOUT,
+                    server_settings=_settings(),
+                    what="postgresql connect",
+                    refused=ConfigError,
+                )
         await self.migrate()
 
     async def migrate(self) -> None:

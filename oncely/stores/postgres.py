@@ -79,6 +79,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from oncely._batch import GroupCommit
 from oncely._postgres import (
     create_pool,
     flag,
@@ -89,7 +90,6 @@ from oncely._postgres import (
     quote_ident,
     reject_unknown,
 )
-from oncely._sqlite import GroupCommit
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._postgres_sql import (
     BATCH,

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
+from oncely._batch import GroupCommit
 from oncely._sqlite import (
-    GroupCommit,
     begin_immediate,
     immediate,
     map_sqlite_errors,
