@@ -97,13 +97,30 @@ def _join_worker(connection: aiosqlite.Connection) -> None:
 
 
 @contextlib.contextmanager
-def map_sqlite_errors(error: type[Exception]) -> Iterator[None]:
-    """Translate sqlite3's operational errors into ``error``, chaining the original."""
+def map_sqlite_errors(
+    error: type[Exception],
+    *,
+    other: type[Exception] | None = None,
+    what: str = "sqlite",
+    missing_table: str | None = None,
+) -> Iterator[None]:
+    """Translate sqlite3's errors into ``error``, chaining the original.
+
+    Args:
+        error: for operational errors (locked, I/O, closed connection).
+        other: for the rest (a constraint, a corrupt file, ...); ``error`` unless given.
+        what: the prefix of the message.
+        missing_table: given, "no such table" is a ``ConfigError`` with this hint added.
+    """
     try:
         yield
-    except (sqlite3.OperationalError, sqlite3.DatabaseError, ValueError) as exc:
+    except sqlite3.OperationalError as exc:
+        if missing_table is not None and "no such table" in str(exc):
+            raise ConfigError(f"{what}: {exc}; {missing_table}") from exc
+        raise error(f"{what}: {exc}") from exc
+    except (sqlite3.Error, ValueError) as exc:
         # aiosqlite raises ValueError("no active connection") once closed.
-        raise error(f"sqlite: {exc}") from exc
+        raise (other or error)(f"{what}: {exc}") from exc
 
 
 @contextlib.asynccontextmanager

@@ -20,6 +20,7 @@ from oncely.errors import ConfigError
 
 __all__ = [
     "DEFAULT_TABLE",
+    "MISSING_TABLE",
     "Backend",
     "Claim",
     "Failure",
@@ -28,9 +29,12 @@ __all__ = [
     "check_table",
     "decode_headers",
     "encode_headers",
+    "to_row",
 ]
 
 DEFAULT_TABLE = "oncely_outbox"
+MISSING_TABLE = "create the outbox table first (await outbox.migrate())"
+"""The hint both backends add to the ``ConfigError`` for a missing table."""
 
 # Lower-case identifiers only: they need no quoting, fold the same in every tool, and the
 # whole name doubles as the LISTEN channel (at most 63 bytes in PostgreSQL).
@@ -71,6 +75,21 @@ class Row:
     body: bytes
     attempts: int
     created_at: float
+
+
+def to_row(r: Any) -> Row:
+    """A ``Row`` from a record of the claim's columns, in ``Row``'s field order (headers as
+    JSON text)."""
+    return Row(
+        id=r[0],
+        message_id=r[1],
+        topic=r[2],
+        key=r[3],
+        headers=decode_headers(r[4]),
+        body=r[5],
+        attempts=r[6],
+        created_at=r[7],
+    )
 
 
 @dataclass(frozen=True, slots=True)

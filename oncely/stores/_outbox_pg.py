@@ -36,7 +36,15 @@ import asyncpg.pool  # type: ignore[import-untyped, unused-ignore]
 from oncely._postgres import create_pool, mask, parse_postgres_url
 from oncely._postgres import map_errors as _map_errors
 from oncely.errors import ConfigError, StoreError, StoreUnavailable
-from oncely.stores._outbox_base import Backend, Claim, Failure, Row, check_table, decode_headers
+from oncely.stores._outbox_base import (
+    MISSING_TABLE,
+    Backend,
+    Claim,
+    Failure,
+    Row,
+    check_table,
+    to_row,
+)
 
 __all__ = ["PgBackend"]
 
@@ -112,7 +120,7 @@ def map_errors(what: str) -> contextlib.AbstractContextManager[None]:
     return _map_errors(
         f"postgresql {what}",
         refused=ConfigError,
-        missing_table="create the outbox table first (await outbox.migrate())",
+        missing_table=MISSING_TABLE,
     )
 
 
@@ -221,7 +229,7 @@ class PgBackend(Backend):
             with map_errors("claim"):
                 await tx.start()
                 records = await conn.fetch(self._sql["scan"], limit)
-                rows = [_row(r) for r in records]
+                rows = [to_row(r) for r in records]
                 keys = sorted({r.key for r in rows if r.key is not None})
                 oldest: dict[str, int] = {}
                 if keys:
@@ -332,19 +340,6 @@ def _settings() -> dict[str, str]:
         "application_name": f"oncely-outbox-relay:{os.getpid()}",
         "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION,
     }
-
-
-def _row(r: Any) -> Row:
-    return Row(
-        id=r[0],
-        message_id=r[1],
-        topic=r[2],
-        key=r[3],
-        headers=decode_headers(r[4]),
-        body=r[5],
-        attempts=r[6],
-        created_at=r[7],
-    )
 
 
 async def _end(
