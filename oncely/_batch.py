@@ -8,10 +8,11 @@ import copy
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-__all__ = ["GroupCommit"]
+__all__ = ["GroupCommit", "copy_error"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+E = TypeVar("E", bound=BaseException)
 
 
 class GroupCommit(Generic[T, R]):
@@ -103,13 +104,16 @@ class GroupCommit(Generic[T, R]):
 
 
 def _fail(fut: asyncio.Future[R], exc: Exception) -> None:
-    """Fail one waiter of a batch with its own copy of the batch's error: each raise appends
-    its frames to the traceback of the instance it raises."""
-    if fut.done():
-        return
+    if not fut.done():
+        fut.set_exception(copy_error(exc))
+
+
+def copy_error(exc: E) -> E:
+    """One waiter's own copy of a batch's error, cause kept: each raise appends its frames to
+    the traceback of the instance it raises, so waiters must not share one."""
     try:
         err = copy.copy(exc)
     except Exception:
-        err = exc
+        return exc
     err.__cause__ = exc.__cause__
-    fut.set_exception(err)
+    return err

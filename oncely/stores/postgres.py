@@ -91,10 +91,9 @@ from oncely._postgres import (
     reject_unknown,
 )
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
+from oncely.stores._key_batch import BeginCall, CompleteCall
 from oncely.stores._postgres_sql import (
     BATCH,
-    BeginCall,
-    CompleteCall,
     db_key,
     statements,
     write_begins,

@@ -44,6 +44,7 @@ from oncely._sqlite import (
     rollback_quietly,
 )
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
+from oncely.stores._key_batch import BeginCall, CompleteCall
 from oncely.stores._sqlite_keys import (
     BATCH,
     COMPLETE,
@@ -53,8 +54,6 @@ from oncely.stores._sqlite_keys import (
     RELEASE,
     RENEW,
     SCHEMA,
-    BeginCall,
-    CompleteCall,
     write_begins,
     write_completes,
 )
