@@ -10,6 +10,7 @@ Anything else is a ``ConfigError`` when the URL is parsed, rather than a failure
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable, Collection, Iterator
@@ -23,6 +24,7 @@ from oncely.errors import ConfigError, StoreError, StoreUnavailable
 __all__ = [
     "LIBPQ_OPTIONS",
     "PostgresUrl",
+    "close_quietly",
     "create_pool",
     "flag",
     "identifier",
@@ -32,6 +34,8 @@ __all__ = [
     "parse_postgres_url",
     "quote_ident",
     "reject_unknown",
+    "release_quietly",
+    "rollback_quietly",
 ]
 
 SCHEMES = ("postgresql", "postgres")
@@ -229,6 +233,36 @@ async def create_pool(
         )
     assert pool is not None
     return pool
+
+
+async def close_quietly(closable: Any, within: float) -> None:
+    """Close a connection or a pool within ``within`` seconds; terminate it if that fails (a lost
+    server, a connection still busy). Never raises but ``CancelledError``."""
+    try:
+        await asyncio.wait_for(closable.close(), within)
+    except Exception:
+        closable.terminate()
+
+
+async def rollback_quietly(conn: Any, tr: Any) -> None:
+    """Roll back on a cleanup path whose own exception must win. A connection that cannot
+    roll back (lost, or busy with a cancelled statement) is terminated: the server then
+    rolls the transaction back itself."""
+    try:
+        await tr.rollback()
+    except Exception:
+        with contextlib.suppress(Exception):
+            conn.terminate()
+
+
+async def release_quietly(pool: Any, conn: Any) -> None:
+    """Give ``conn`` back to ``pool``; never raises but ``CancelledError``."""
+    try:
+        await pool.release(conn)
+    except Exception:
+        # A broken connection (server gone) may fail its reset; it is discarded either way.
+        with contextlib.suppress(Exception):
+            conn.terminate()
 
 
 def unavailable(exc: BaseException) -> bool:

@@ -33,7 +33,14 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import asyncpg.pool  # type: ignore[import-untyped, unused-ignore]
 
-from oncely._postgres import create_pool, mask, parse_postgres_url
+from oncely._postgres import (
+    close_quietly,
+    create_pool,
+    mask,
+    parse_postgres_url,
+    release_quietly,
+    rollback_quietly,
+)
 from oncely._postgres import map_errors as _map_errors
 from oncely.errors import ConfigError, StoreError, StoreUnavailable
 from oncely.stores._outbox_base import (
@@ -51,6 +58,8 @@ __all__ = ["PgBackend"]
 log = logging.getLogger("oncely.outbox")
 
 CONNECT_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0
+POOL_CLOSE_TIMEOUT = 10.0
 LISTEN_RETRY = (0.5, 10.0)
 """First and largest pause before the listener reconnects."""
 IDLE_IN_TRANSACTION = "15min"
@@ -193,7 +202,7 @@ class PgBackend(Backend):
                     for statement in self._schema:
                         await conn.execute(statement)
         finally:
-            await _close(conn)
+            await close_quietly(conn, CLOSE_TIMEOUT)
 
     async def add(
         self,
@@ -275,16 +284,14 @@ class PgBackend(Backend):
             finally:
                 self.listening = False
                 if conn is not None:
-                    await asyncio.shield(_close(conn))
+                    await asyncio.shield(close_quietly(conn, CLOSE_TIMEOUT))
             await asyncio.sleep(pause)
             pause = min(pause * 2, LISTEN_RETRY[1])
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pool.close(), 10)
-            pool.terminate()
+            await close_quietly(pool, POOL_CLOSE_TIMEOUT)
 
 
 class PgClaim(Claim):
@@ -347,22 +354,6 @@ async def _end(
 ) -> None:
     """Roll back (unless already done) and give the connection back; never raises. A
     connection whose rollback failed is closed rather than reused."""
-    healthy = True
     if not done:
-        try:
-            await tx.rollback()
-        except Exception:
-            healthy = False
-    try:
-        if not healthy:
-            conn.terminate()
-        await pool.release(conn)
-    except Exception:
-        log.debug("releasing an outbox connection failed", exc_info=True)
-
-
-async def _close(conn: asyncpg.Connection) -> None:
-    try:
-        await asyncio.wait_for(conn.close(), 5)
-    except Exception:
-        conn.terminate()
+        await rollback_quietly(conn, tx)
+    await release_quietly(pool, conn)

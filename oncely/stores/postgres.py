@@ -81,6 +81,7 @@ import asyncpg
 
 from oncely._batch import GroupCommit
 from oncely._postgres import (
+    close_quietly,
     create_pool,
     flag,
     identifier,
@@ -263,10 +264,7 @@ class PostgresStore(TransactionalStore):
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
         if pool is not None and pool is not self._external:
-            try:
-                await asyncio.wait_for(pool.close(), self.command_timeout)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
-                pool.terminate()
+            await close_quietly(pool, self.command_timeout)
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
         self._connected()  # fail before queueing
