@@ -19,6 +19,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from oncely._options import flag, mask, number
+from oncely._options import safe as _safe
 from oncely.errors import ConfigError, StoreError, StoreUnavailable
 
 __all__ = [
@@ -128,48 +130,6 @@ def parse_postgres_url(url: str, accepted: Collection[str]) -> PostgresUrl:
             )
     dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passed), ""))
     return PostgresUrl(url, dsn, options)
-
-
-def number(
-    options: dict[str, str],
-    name: str,
-    default: float,
-    url: str,
-    *,
-    integer: bool = False,
-    minimum: float = 0.0,
-    inclusive: bool = False,
-) -> float:
-    """Pop a number option, checked against ``minimum`` (exclusive unless ``inclusive``).
-
-    Raises:
-        ConfigError: not a number (or not a whole number when ``integer``), or out of range.
-    """
-    raw = options.pop(name, None)
-    if raw is None:
-        return default
-    try:
-        value = float(int(raw)) if integer else float(raw)
-    except ValueError:
-        kind = "a whole number" if integer else "a number"
-        raise ConfigError(f"{_safe(url)}: option {name}={raw!r} is not {kind}") from None
-    if value < minimum or (value == minimum and not inclusive):
-        bound = ">=" if inclusive else ">"
-        raise ConfigError(f"{_safe(url)}: option {name} must be {bound} {minimum:g}, got {raw}")
-    return value
-
-
-def flag(options: dict[str, str], name: str, default: bool, url: str) -> bool:
-    """Pop a boolean option (``true``/``false``, ``1``/``0``, ``yes``/``no``)."""
-    raw = options.pop(name, None)
-    if raw is None:
-        return default
-    value = raw.lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{_safe(url)}: option {name}={raw!r} must be true or false")
 
 
 def identifier(value: str, what: str) -> str:
@@ -314,17 +274,3 @@ def map_errors(
         if unavailable(exc):
             raise StoreUnavailable(message) from exc
         raise StoreError(message) from exc
-
-
-def mask(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and ``repr``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _safe(url: str) -> str:
-    """``url`` quoted, with its password masked, for error messages."""
-    return repr(mask(url))

@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiosqlite
 
+from oncely._options import number
 from oncely.errors import ConfigError, StoreUnavailable
 
 BUSY_TIMEOUT_MS = 30_000
@@ -39,16 +40,7 @@ def parse_sqlite_url(url: str) -> tuple[Path, dict[str, str]]:
 
 def option(options: dict[str, str], name: str, default: float, url: str) -> float:
     """Read a positive number option from a URL's query, with a precise error."""
-    raw = options.pop(name, None)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{url!r}: option {name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ConfigError(f"{url!r}: option {name} must be > 0, got {raw}")
-    return value
+    return number(options, name, default, url)
 
 
 def reject_unknown(options: dict[str, str], url: str) -> None:
