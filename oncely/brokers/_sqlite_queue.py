@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from oncely._sqlite import GroupCommit
+from oncely._batch import GroupCommit
 from oncely.brokers.base import DeadLetter, Headers
 
 SCHEMA = (

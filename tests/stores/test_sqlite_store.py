@@ -16,15 +16,8 @@ import pytest
 
 from oncely.errors import ConfigError, LeaseLost, StoreUnavailable
 from oncely.stores import sqlite as sqlite_module
-from oncely.stores._sqlite_keys import (
-    CLAIM_ROUNDS,
-    RETRY_SOON,
-    BeginCall,
-    CompleteCall,
-    Fetch,
-    write_begins,
-    write_completes,
-)
+from oncely.stores._key_batch import BeginCall, CompleteCall, Fetch
+from oncely.stores._sqlite_keys import CLAIM_ROUNDS, RETRY_SOON, write_begins, write_completes
 from oncely.stores.base import Begin, Outcome
 from oncely.stores.registry import store_from_url
 from oncely.stores.sqlite import SqliteStore
