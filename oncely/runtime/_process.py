@@ -207,10 +207,19 @@ class Runner:
     async def _duplicate(self, delivery: Delivery, key: str, begin: Begin) -> None:
         hook = self.spec.on_duplicate
         if hook is not None:
+            # The hook is user code like the handler, so the handler's timeout and heartbeat
+            # apply: a hook that never returns would otherwise hold its slot for good, and
+            # its redeliveries the others.
+            active = Active(delivery, asyncio.current_task())
+            self.heartbeat.track(active)
+            deadline = asyncio.timeout(self.spec.timeout)
             try:
                 result = None if begin.result is None else self._results.decode(begin.result)
-                await hook(result, Context(delivery, key, self.publisher))
+                async with deadline:
+                    await hook(result, Context(delivery, key, self.publisher))
             except Exception as exc:
+                if deadline.expired():
+                    exc = HandlerTimeout(f"ran past its {self.spec.timeout}s timeout")
                 log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, exc)
                 await self._failed(
                     delivery,
@@ -218,6 +227,8 @@ class Runner:
                     self.spec.retry.delay(delivery.attempt),
                 )
                 return
+            finally:
+                self.heartbeat.untrack(active)
         self.stats.duplicates += 1
         await self.settle.ack(delivery)
 
