@@ -218,12 +218,13 @@ class Runner:
                 async with deadline:
                     await hook(result, Context(delivery, key, self.publisher))
             except Exception as exc:
+                error = exc
                 if deadline.expired():
-                    exc = HandlerTimeout(f"ran past its {self.spec.timeout}s timeout")
-                log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, exc)
+                    error = HandlerTimeout(f"ran past its {self.spec.timeout}s timeout")
+                log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, error)
                 await self._failed(
                     delivery,
-                    f"on_duplicate: {type(exc).__name__}: {exc}",
+                    f"on_duplicate: {type(error).__name__}: {error}",
                     self.spec.retry.delay(delivery.attempt),
                 )
                 return

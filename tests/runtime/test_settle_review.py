@@ -8,6 +8,9 @@ import msgspec
 import pytest
 
 import oncely
+from oncely.brokers.memory import MemoryBroker
+from oncely.stores.memory import MemoryStore
+from oncely.stores.registry import register_store
 from tests._wait import eventually
 
 pytestmark = pytest.mark.anyio
@@ -50,3 +53,38 @@ async def test_a_hanging_on_duplicate_hook_times_out_and_the_handler_goes_on(
         await eventually(lambda: seen == ["a", "b"] and worker.stats.duplicates == 1)
     assert hooks == 2
     assert worker.stats.retried == 1
+
+
+class CloseFailsStore(MemoryStore):
+    """A third-party store whose ``aclose`` raises something other than an ``OncelyError``."""
+
+    @classmethod
+    def from_url(cls, url: str) -> CloseFailsStore:
+        return cls()
+
+    async def aclose(self) -> None:
+        raise RuntimeError("driver blew up on close")
+
+
+register_store("closefails-review", f"{__name__}:CloseFailsStore")
+
+
+async def test_a_store_that_fails_to_close_still_lets_the_worker_stop(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = oncely.App()
+
+    @app.handler("t", idempotent=True)
+    async def handle(_: object) -> None:
+        pass
+
+    worker = oncely.Worker(app, broker=f"memory://{unique}", store="closefails-review://")
+    await worker.start()
+    broker = worker.broker
+    assert isinstance(broker, MemoryBroker)
+    await worker.stop()
+    # Stopped for good: wait_stopped() returns (the CLI exits) and the broker was closed too.
+    await asyncio.wait_for(worker.wait_stopped(), 5)
+    with pytest.raises(oncely.ConnectionLost):
+        await broker.publish("t", b"{}")
+    assert "driver blew up on close" in caplog.text
