@@ -111,7 +111,9 @@ class Keys:
         self._deferrals[key] = n + 1
         if len(self._deferrals) > _REMEMBERED:
             self._deferrals.popitem(last=False)
-        return min(FIRST_RECHECK * 2.0**n, max(retry_after, FIRST_RECHECK))
+        # Bounded exponent: a key held for hours is deferred past n = 1024, where 2.0**n
+        # overflows; 2**32 rechecks already dwarf any lease.
+        return min(FIRST_RECHECK * 2.0 ** min(n, 32), max(retry_after, FIRST_RECHECK))
 
     def deferrals(self, key: str) -> int:
         """How many times ``key`` was deferred (store down) in a row; counts this one."""

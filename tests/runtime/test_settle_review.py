@@ -9,6 +9,8 @@ import pytest
 
 import oncely
 from oncely.brokers.memory import MemoryBroker
+from oncely.runtime._keys import FIRST_RECHECK, Keys
+from oncely.runtime.stats import Stats
 from oncely.stores.memory import MemoryStore
 from oncely.stores.registry import register_store
 from tests._wait import eventually
@@ -88,3 +90,14 @@ async def test_a_store_that_fails_to_close_still_lets_the_worker_stop(
     with pytest.raises(oncely.ConnectionLost):
         await broker.publish("t", b"{}")
     assert "driver blew up on close" in caplog.text
+
+
+def test_backoff_never_overflows_however_many_attempts_or_deferrals() -> None:
+    # A store down for hours defers one key thousands of times, and the count feeds the
+    # policy: 2.0**n overflows at n = 1024, which would fail every later deferral.
+    policy = oncely.RetryPolicy(base=0.5, cap=60.0, jitter=False)
+    assert policy.delay(5000) == 60.0
+    keys = Keys("h", MemoryStore(), Stats(), visibility=30.0)
+    delays = [keys.recheck_delay("k", retry_after=20.0) for _ in range(2000)]
+    assert delays[0] == FIRST_RECHECK
+    assert delays[-1] == 20.0
