@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +64,7 @@ class Runner:
         self.stats = stats
         self.fail_open = fail_open
         self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
-        self._finishing: dict[asyncio.Future[None], Delivery] = {}
+        self._finishing: dict[asyncio.Future[object], Delivery] = {}
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.keys = (
             Keys(spec.name, store, stats, visibility=spec.visibility)
@@ -79,7 +80,7 @@ class Runner:
         )
 
     async def aclose(self) -> None:
-        """Finish recording successes cut short by a cancel, then stop the heartbeat; call
+        """Finish the successes and give-backs a cancel cut short, then stop the heartbeat; call
         once no delivery of this handler runs any more."""
         if self._finishing:
             await asyncio.gather(*self._finishing, return_exceptions=True)
@@ -93,7 +94,7 @@ class Runner:
         except asyncio.CancelledError:
             if not is_settled(delivery) and delivery not in self._finishing.values():
                 # Cancelled before the handler ran (shutdown): give it straight back.
-                await asyncio.shield(self.settle.nack(delivery, 0.0, defer=True))
+                await self._finish(self.settle.nack(delivery, 0.0, defer=True), delivery)
             raise
         except Exception:
             self.stats.internal_errors += 1
@@ -239,7 +240,7 @@ class Runner:
         try:
             result = await self._call(delivery, payload, key, lease)
         except asyncio.CancelledError:
-            await asyncio.shield(self._give_back(delivery, lease))
+            await self._finish(self._give_back(delivery, lease), delivery)
             raise
         except Reject as exc:
             await self._release(lease)
@@ -266,14 +267,20 @@ class Runner:
                     self.stats.processed += 1
                 return
             # The effect happened: recording it and acking are not cut short by a shutdown
-            # cancel (a give-back now would run the effect again). aclose() waits for it.
-            finish = asyncio.ensure_future(self._succeeded(delivery, lease, result))
-            try:
-                await asyncio.shield(finish)
-            except asyncio.CancelledError:
-                self._finishing[finish] = delivery
-                finish.add_done_callback(self._finishing.pop)
-                raise
+            # cancel (a give-back now would run the effect again).
+            await self._finish(self._succeeded(delivery, lease, result), delivery)
+
+    async def _finish(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> None:
+        """Await ``settling`` shielded from cancellation; if cancelled meanwhile, let it run on
+        where ``run()`` sees it (so it does not settle the delivery a second time, ahead of
+        a lease release) and ``aclose()`` waits for it."""
+        task = asyncio.ensure_future(settling)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._finishing[task] = delivery
+            task.add_done_callback(self._finishing.pop)
+            raise
 
     async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
         keys = self.keys

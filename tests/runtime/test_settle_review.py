@@ -14,6 +14,7 @@ from oncely.runtime.stats import Stats
 from oncely.stores.memory import MemoryStore
 from oncely.stores.registry import register_store
 from tests._wait import eventually
+from tests.runtime._faulty import WrappedBroker
 
 pytestmark = pytest.mark.anyio
 
@@ -101,3 +102,46 @@ def test_backoff_never_overflows_however_many_attempts_or_deferrals() -> None:
     delays = [keys.recheck_delay("k", retry_after=20.0) for _ in range(2000)]
     assert delays[0] == FIRST_RECHECK
     assert delays[-1] == 20.0
+
+
+class SlowReleaseStore(MemoryStore):
+    """Releases only once ``gate`` is set, so a give-back can be caught half-way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.releasing = False
+
+    async def release(self, key: str, token: str) -> None:
+        self.releasing = True
+        await self.gate.wait()
+        await super().release(key, token)
+
+
+async def test_a_second_cancel_during_the_give_back_neither_nacks_early_nor_twice(
+    unique: str,
+) -> None:
+    app = oncely.App()
+    running = asyncio.Event()
+
+    @app.handler("t", idempotent=True, key="payload:id")
+    async def handle(_: Order) -> None:
+        running.set()
+        await asyncio.Event().wait()
+
+    broker = WrappedBroker(MemoryBroker(unique))
+    store = SlowReleaseStore()
+    worker = oncely.Worker(app, broker=broker, store=store)
+    await worker.start()
+    message_id = await app.publish("t", Order(id="a"))
+    await running.wait()
+    stopping = asyncio.create_task(worker.stop(grace=0))
+    await eventually(lambda: store.releasing)
+    (task,) = worker._inflight
+    task.cancel()  # a second cancel, as asyncio.run() gives every task left at exit
+    await eventually(task.done)
+    assert broker.nacks == []  # the lease is released before the nack, whatever the cancels
+    store.gate.set()
+    await stopping
+    assert broker.nacks == [(message_id, 0.0, True)]
+    assert worker.stats.settle_errors == 0
