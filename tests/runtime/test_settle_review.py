@@ -10,6 +10,7 @@ import pytest
 import oncely
 from oncely.brokers.memory import MemoryBroker
 from oncely.runtime._keys import FIRST_RECHECK, Keys
+from oncely.runtime.codec import fingerprint
 from oncely.runtime.stats import Stats
 from oncely.stores.memory import MemoryStore
 from oncely.stores.registry import register_store
@@ -145,3 +146,19 @@ async def test_a_second_cancel_during_the_give_back_neither_nacks_early_nor_twic
     await stopping
     assert broker.nacks == [(message_id, 0.0, True)]
     assert worker.stats.settle_errors == 0
+
+
+async def test_a_duplicate_still_waiting_after_one_in_process_wait_is_deferred_at_once() -> None:
+    # The in-process wait holds a concurrency slot. Were every redelivery of a duplicate of a
+    # long-running holder to wait again (up to LOCAL_WAIT_CAP each time), duplicates would
+    # keep the handler's slots from every other message for as long as the holder runs.
+    store = MemoryStore()
+    await store.connect()
+    keys = Keys("h", store, Stats(), visibility=30.0)
+    fp = fingerprint(b"{}")
+    holder = await keys.begin("h:k", fp)
+    assert holder.outcome is oncely.Outcome.NEW
+    keys.recheck_delay("h:k", retry_after=30.0)  # a duplicate already waited, then deferred
+    again = asyncio.create_task(keys.begin("h:k", fp))
+    await eventually(again.done, within=2)  # the local wait would last LOCAL_WAIT_CAP (5 s)
+    assert again.result().outcome is oncely.Outcome.IN_PROGRESS
