@@ -9,7 +9,8 @@ Order matters everywhere here:
 
 Every delivery is settled one way or another: a poison payload (anything decoding, key
 extraction or fingerprinting raises) is dead-lettered with its reason, and a bug in the
-runtime's own code is logged with its traceback and the delivery nacked with a short delay.
+runtime's own code is logged with its traceback and the delivery nacked with a short delay,
+until its attempts run out: then it is dead-lettered too.
 Deferrals (the store was down, another worker held the key, shutdown) nack with
 ``defer=True``, so they do not spend the handler's failure budget where the broker can keep
 the attempt.
@@ -96,10 +97,19 @@ class Runner:
                 # Cancelled before the handler ran (shutdown): give it straight back.
                 await self._finish(self.settle.nack(delivery, 0.0, defer=True), delivery)
             raise
-        except Exception:
+        except Exception as exc:
             self.stats.internal_errors += 1
             log.exception("%s: internal error on %s; nacking it", self.spec.name, delivery.id)
-            if not is_settled(delivery):
+            if is_settled(delivery):
+                return
+            if self.spec.retry.exhausted(delivery.attempt):
+                # A runtime bug (or a third-party store's) that this message triggers every
+                # time must not loop it for ever: the attempts run out as for a failure.
+                await self.settle.dead_letter(
+                    delivery,
+                    f"internal error: {_describe(exc)} (gave up after {delivery.attempt} attempts)",
+                )
+            else:
                 await self.settle.nack(delivery, INTERNAL_ERROR_DELAY)
 
     async def _run(self, delivery: Delivery) -> None:
@@ -225,7 +235,7 @@ class Runner:
                 log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, error)
                 await self._failed(
                     delivery,
-                    f"on_duplicate: {type(error).__name__}: {error}",
+                    f"on_duplicate: {_describe(error)}",
                     self.spec.retry.delay(delivery.attempt),
                 )
                 return
@@ -258,7 +268,7 @@ class Runner:
                 delivery.attempt,
                 exc,
             )
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = _describe(exc)
             await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
         else:
             if lease is None:
@@ -361,6 +371,13 @@ class Runner:
 
 
 def _describe(exc: Exception) -> str:
+    """``"Type: message"`` for a dead-letter reason. Never raises: a user exception whose
+    ``__str__`` fails would otherwise turn every failure of its handler into an internal error
+    (nacked, never dead-lettered), and the handler would run again and again."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<unprintable>"
     if isinstance(exc, DecodeError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return text
+    return f"{type(exc).__name__}: {text}"

@@ -162,3 +162,54 @@ async def test_a_duplicate_still_waiting_after_one_in_process_wait_is_deferred_a
     again = asyncio.create_task(keys.begin("h:k", fp))
     await eventually(again.done, within=2)  # the local wait would last LOCAL_WAIT_CAP (5 s)
     assert again.result().outcome is oncely.Outcome.IN_PROGRESS
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ is broken too")
+
+
+async def test_a_failure_that_cannot_be_printed_still_spends_attempts_then_dead_letters(
+    unique: str,
+) -> None:
+    app = oncely.App()
+    runs = 0
+
+    @app.handler("t", retry=oncely.RetryPolicy(max_attempts=2, base=0.01, jitter=False))
+    async def handle(_: object) -> None:
+        nonlocal runs
+        runs += 1
+        raise Unprintable
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        await app.publish("t", {})
+        await eventually(lambda: worker.stats.dead_lettered == 1)
+        (letter,) = await worker.broker.dead_letters("t")  # type: ignore[union-attr]
+    assert runs == 2 and worker.stats.retried == 1
+    assert letter.reason == "Unprintable: <unprintable> (gave up after 2 attempts)"
+    assert worker.stats.internal_errors == 0
+
+
+async def test_a_runtime_error_on_every_attempt_ends_in_the_dead_letter_queue(
+    unique: str,
+) -> None:
+    class BrokenStore(MemoryStore):
+        """A third-party store that says NEW without a token: the runtime's own check fails."""
+
+        async def begin(self, key: str, fingerprint: str, lease: float) -> oncely.Begin:
+            return oncely.Begin(oncely.Outcome.NEW)
+
+    app = oncely.App()
+
+    @app.handler("t", idempotent=True, retry=oncely.RetryPolicy(max_attempts=2))
+    async def handle(_: object) -> None:
+        pass
+
+    async with oncely.Worker(app, broker=f"memory://{unique}", store=BrokenStore()) as worker:
+        await app.publish("t", {})
+        # Each internal error is nacked for another try, but not for ever.
+        await eventually(lambda: worker.stats.dead_lettered == 1)
+        (letter,) = await worker.broker.dead_letters("t")  # type: ignore[union-attr]
+    assert worker.stats.internal_errors == 2
+    assert letter.reason.startswith("internal error: AssertionError")
+    assert letter.reason.endswith("(gave up after 2 attempts)")
