@@ -5,7 +5,9 @@ Order matters everywhere here:
   a redelivery that finds ``COMPLETED`` and is acked without running;
 - a lease is released *before* the nack, so the redelivery can take the key at once;
 - a cancelled handler (shutdown) is released and nacked with no delay, shielded from the
-  cancellation itself, so nothing is acked that did not finish.
+  cancellation itself, so nothing is acked that did not finish;
+- the outcome of a run that is over (recorded and acked, or released and nacked as a
+  failure) is settled whole, whatever cancel arrives meanwhile (``Runner._finish``).
 
 Every delivery is settled one way or another: a poison payload (anything decoding, key
 extraction or fingerprinting raises) is dead-lettered with its reason, and a bug in the
@@ -252,24 +254,10 @@ class Runner:
         except asyncio.CancelledError:
             await self._finish(self._give_back(delivery, lease), delivery)
             raise
-        except Reject as exc:
-            await self._release(lease)
-            await self.settle.dead_letter(delivery, exc.reason)
-        except Retry as exc:
-            await self._release(lease)
-            delay = exc.delay if exc.delay is not None else self.spec.retry.delay(delivery.attempt)
-            await self._failed(delivery, f"Retry: {exc.reason}", delay)
         except Exception as exc:
-            await self._release(lease)
-            log.info(
-                "%s: %s failed on attempt %d: %r",
-                self.spec.name,
-                delivery.id,
-                delivery.attempt,
-                exc,
-            )
-            reason = _describe(exc)
-            await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
+            # The run is over: a shutdown cancel must not turn its failure into a give-back
+            # (a deferral, which would not spend the attempt).
+            await self._finish(self._ran_and_failed(delivery, lease, exc), delivery)
         else:
             if lease is None:
                 # Just the ack: no task on the hot path of handlers without a store.
@@ -280,10 +268,30 @@ class Runner:
             # cancel (a give-back now would run the effect again).
             await self._finish(self._succeeded(delivery, lease, result), delivery)
 
+    async def _ran_and_failed(
+        self, delivery: Delivery, lease: Lease | None, exc: Exception
+    ) -> None:
+        await self._release(lease)
+        if isinstance(exc, Reject):
+            await self.settle.dead_letter(delivery, exc.reason)
+        elif isinstance(exc, Retry):
+            delay = exc.delay if exc.delay is not None else self.spec.retry.delay(delivery.attempt)
+            await self._failed(delivery, f"Retry: {exc.reason}", delay)
+        else:
+            log.info(
+                "%s: %s failed on attempt %d: %r",
+                self.spec.name,
+                delivery.id,
+                delivery.attempt,
+                exc,
+            )
+            reason = _describe(exc)
+            await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
+
     async def _finish(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> None:
-        """Await ``settling`` shielded from cancellation; if cancelled meanwhile, let it run on
-        where ``run()`` sees it (so it does not settle the delivery a second time, ahead of
-        a lease release) and ``aclose()`` waits for it."""
+        """Await ``settling`` (the outcome of a run that is over) shielded from cancellation;
+        if cancelled meanwhile, let it run on where ``run()`` sees it (so it does not settle
+        the delivery a second time, ahead of a lease release) and ``aclose()`` waits for it."""
         task = asyncio.ensure_future(settling)
         try:
             await asyncio.shield(task)

@@ -213,3 +213,33 @@ async def test_a_runtime_error_on_every_attempt_ends_in_the_dead_letter_queue(
     assert worker.stats.internal_errors == 2
     assert letter.reason.startswith("internal error: AssertionError")
     assert letter.reason.endswith("(gave up after 2 attempts)")
+
+
+async def test_a_failure_cut_short_by_shutdown_is_still_settled_as_a_failure(
+    unique: str,
+) -> None:
+    app = oncely.App()
+
+    @app.handler(
+        "t",
+        idempotent=True,
+        key="payload:id",
+        retry=oncely.RetryPolicy(base=0.01, jitter=False),
+    )
+    async def handle(_: Order) -> None:
+        raise RuntimeError("a real failure")
+
+    broker = WrappedBroker(MemoryBroker(unique))
+    store = SlowReleaseStore()
+    worker = oncely.Worker(app, broker=broker, store=store)
+    await worker.start()
+    message_id = await app.publish("t", Order(id="a"))
+    await eventually(lambda: store.releasing)  # the run failed; its lease is being released
+    stopping = asyncio.create_task(worker.stop(grace=0))
+    await eventually(lambda: worker.in_flight == 0)
+    store.gate.set()
+    await stopping
+    # Nacked as the failure it was (its backoff, the attempt spent), not given back as a
+    # deferral that the handler never ran.
+    assert broker.nacks == [(message_id, 0.01, False)]
+    assert worker.stats.retried == 1 and worker.stats.cancelled == 0
