@@ -10,6 +10,8 @@ __all__ = ["register_store", "store_from_url"]
 _stores: Registry[IdempotencyStore] = Registry("store", IdempotencyStore)
 _stores.register("memory", "oncely.stores.memory:MemoryStore")
 _stores.register("sqlite", "oncely.stores.sqlite:SqliteStore", extra="sqlite", driver="aiosqlite")
+_stores.register("redis", "oncely.stores.redis:RedisStore", extra="redis", driver="redis")
+_stores.register("rediss", "oncely.stores.redis:RedisStore", extra="redis", driver="redis")
 
 
 def store_from_url(url: str | IdempotencyStore) -> IdempotencyStore:
