@@ -164,7 +164,7 @@ def build_client(options: RedisOptions) -> Redis | RedisCluster:
         timeout=options.connect_timeout,
         **common,
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
 
 
 def _plain_connection() -> type[Any]:

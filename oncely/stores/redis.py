@@ -227,7 +227,10 @@ class RedisStore(IdempotencyStore):
                     pipe = client.pipeline(transaction=False)
                     for i in todo:
                         call = calls[i]
-                        pipe.evalsha(call.script.sha, 1, call.key, *call.args)
+                        # Not pipe.evalsha(): redis-py's cluster pipeline refuses that
+                        # method, since a script may touch keys of several slots. Ours take
+                        # one key, by which the pipeline routes each call to its node.
+                        pipe.execute_command("EVALSHA", call.script.sha, 1, call.key, *call.args)
                     replies = await pipe.execute(raise_on_error=False)
             except StoreError as exc:
                 if round_ == 0:
@@ -289,7 +292,8 @@ def map_errors(what: str) -> Iterator[None]:
     server cannot be reached or cannot serve now, else ``StoreError``."""
     try:
         yield
-    except (rx.RedisError, OSError) as exc:  # OSError includes TimeoutError
+    # OSError includes TimeoutError; RedisClusterException is not a RedisError.
+    except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
         raise translate(exc, what) from exc
 
 
