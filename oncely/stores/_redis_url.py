@@ -115,7 +115,7 @@ def parse_redis_url(url: str) -> RedisOptions:
         password=password,
         tls=tls,
         cluster=cluster,
-        prefix=check_prefix(options.pop("prefix", DEFAULT_PREFIX), url),
+        prefix=check_prefix(options.pop("prefix", DEFAULT_PREFIX), repr(url)),
         pool_size=int(_number(options, "pool_size", DEFAULT_POOL_SIZE, url, whole=True)),
         socket_timeout=_number(options, "socket_timeout", DEFAULT_TIMEOUT, url),
         connect_timeout=_number(options, "connect_timeout", DEFAULT_TIMEOUT, url),
