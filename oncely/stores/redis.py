@@ -13,9 +13,10 @@ Redis forget it: a result after ``result_ttl``, a running key an hour after its 
 (``STALE_LEASE_GRACE_MS``: a crashed worker's lease still ends on time, since ``begin`` checks
 the lease's end itself, but a slow owner nobody took over may still complete its key).
 
-Calls issued together are pipelined: every call joins the next batch, and a batch is written
-as soon as the one before it is answered, so a lone call is not delayed and many concurrent
-ones share one round trip (one per node on a Cluster). Each caller still gets its own outcome.
+Calls issued together are pipelined (``oncely.stores._redis_batch``): the calls of one
+event-loop tick share one pipeline, sent at the end of that tick while fewer than
+``IN_FLIGHT`` are out, so a lone call is not delayed and many concurrent ones share one round
+trip (one per node on a Cluster). Each caller still gets its own outcome.
 
 Failure: a server that is down, refuses, times out, is loading or failing over raises
 ``StoreUnavailable``, and the worker fails closed (the message is retried later, the handler
@@ -36,8 +37,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from redis import exceptions as rx
 
-from oncely._sqlite import GroupCommit
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
+from oncely.stores._redis_batch import Pipeliner
 from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS, Script
 from oncely.stores._redis_url import (
     DEFAULT_PREFIX,
@@ -56,6 +57,9 @@ __all__ = ["RedisStore"]
 
 BATCH = 256
 """Most calls one pipeline carries."""
+
+IN_FLIGHT = 4
+"""Most pipelines out at once; calls that arrive meanwhile wait for the next."""
 
 _BEGIN, _RENEW, _COMPLETE, _RELEASE = (
     SCRIPTS[n] for n in ("begin", "renew", "complete", "release")
@@ -115,8 +119,8 @@ class RedisStore(IdempotencyStore):
             self.prefix = check_prefix(DEFAULT_PREFIX if prefix is None else prefix, "RedisStore")
         self._client: Redis | RedisCluster | None = None
         self._connecting: asyncio.Lock | None = None
-        self._batch: GroupCommit[_Call, Any] = GroupCommit(
-            self._write, limit=BATCH, abandoned=self._give_back
+        self._batch: Pipeliner[_Call, Any] = Pipeliner(
+            self._write, limit=BATCH, in_flight=IN_FLIGHT, abandoned=self._give_back
         )
 
     @classmethod
