@@ -37,6 +37,7 @@ test: $(STAMP) services lint typecheck
 bench: $(STAMP) services
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/amqp_throughput.py
+	$(BIN)/python benchmarks/store_overhead.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache
