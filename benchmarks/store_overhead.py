@@ -158,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="runs per figure; medians shown")
+    parser.add_argument("--rounds", type=int, default=5, help="runs per figure; medians shown")
     parser.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both")
     args = parser.parse_args()
     loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
