@@ -71,14 +71,21 @@ async def raw_concurrent(url: str, topic: str, n: int, concurrency: int) -> floa
 
 
 async def with_worker(
-    url: str, topic: str, n: int, concurrency: int, idem: bool, store: str | None = None
+    url: str,
+    topic: str,
+    n: int,
+    concurrency: int,
+    idem: bool,
+    store: str | None = None,
+    *,
+    transactional: bool = False,
 ) -> float:
     """Time a Worker running a no-op handler over ``n`` queued messages of ``topic``."""
     app = oncely.App("bench")
     done = asyncio.Event()
     count = 0
 
-    @app.handler(topic, concurrency=concurrency, idempotent=idem)
+    @app.handler(topic, concurrency=concurrency, idempotent=idem, transactional=transactional)
     async def noop(_: dict[str, int]) -> None:
         nonlocal count
         count += 1
