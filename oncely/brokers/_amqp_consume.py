@@ -1,15 +1,20 @@
-"""The consuming half of ``AmqpBroker``: subscription, delivery and batched acks."""
+"""The consuming half of ``AmqpBroker``: subscription, delivery and batched acks.
+
+It reaches the broker through ``BrokerLink``, a protocol ``AmqpBroker`` satisfies, so this
+module never imports ``oncely.brokers.amqp`` (which imports it).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import aiormq.exceptions
 
 from oncely.brokers._amqp_topology import (
+    AmqpOptions,
     bucket_for,
     bucket_name,
     dlq_name,
@@ -25,14 +30,42 @@ from oncely.errors import (
     BrokerError,
     DeliveryExpired,
     NotSupported,
+    PublishFailed,
 )
 
 if TYPE_CHECKING:
     import aiormq.abc
-    from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+    from aio_pika.abc import (
+        AbstractIncomingMessage,
+        AbstractQueue,
+        AbstractRobustChannel,
+        AbstractRobustConnection,
+    )
+    from pamqp.commands import Basic
     from pamqp.common import FieldTable
 
-    from oncely.brokers.amqp import AmqpBroker
+
+class BrokerLink(Protocol):
+    """What a subscription and its deliveries need from the broker (``AmqpBroker``)."""
+
+    options: AmqpOptions
+
+    async def _connected(self) -> AbstractRobustConnection:
+        """The open robust connection (opened on first use)."""
+        ...
+
+    async def _ensure_topology(self, topic: str) -> None:
+        """Declare ``topic``'s queues unless already done."""
+        ...
+
+    def _forget_topology(self, topic: str) -> None:
+        """Declare ``topic``'s queues again before its next publish."""
+        ...
+
+    async def _send(self, queue: str, body: bytes, props: Basic.Properties) -> None:
+        """Publish to ``queue`` and await the confirm (``PublishFailed`` otherwise)."""
+        ...
+
 
 _OPEN: Final = 0
 _SETTLING: Final = 1  # an ack frame is committed to; never send another for this tag
@@ -175,22 +208,68 @@ class AmqpDelivery(Delivery):
 
     async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
         await self._begin()
-        bucket = bucket_for(delay)
-        target = self.topic if bucket is None else bucket_name(self.topic, bucket[1])
-        headers = self._headers()
-        # The next delivery's attempt is this header plus one; a deferral keeps this one's.
-        headers[Headers.ATTEMPT] = str(self.attempt - 1 if defer else self.attempt)
-        await self._republish(target, headers)
+        try:
+            bucket = bucket_for(delay)
+            target = self.topic if bucket is None else bucket_name(self.topic, bucket[1])
+            headers = self._headers()
+            # The next delivery's attempt is this header plus one; a deferral keeps this one's.
+            headers[Headers.ATTEMPT] = str(self.attempt - 1 if defer else self.attempt)
+            await self._republish(target, headers)
+        except BaseException as exc:
+            await self._requeue_instead(exc)
+            raise
         await self._finish()
 
     async def reject(self, reason: str) -> None:
         await self._begin()
-        headers = self._headers()
-        headers[Headers.REASON] = reason
-        headers[Headers.ATTEMPT] = str(self.attempt)
-        headers[Headers.FAILED_AT] = repr(time.time())
-        await self._republish(dlq_name(self.topic), headers)
+        try:
+            headers = self._headers()
+            headers[Headers.REASON] = reason
+            headers[Headers.ATTEMPT] = str(self.attempt)
+            headers[Headers.FAILED_AT] = repr(time.time())
+            await self._republish(dlq_name(self.topic), headers)
+        except BaseException as exc:
+            await self._requeue_instead(exc)
+            raise
         await self._finish()
+
+    async def _requeue_instead(self, exc: BaseException) -> None:
+        """Settle with ``basic.nack(requeue=True)`` a delivery whose nack or reject failed
+        before it was acked (the republish failed or was cancelled, or the delay was too long).
+
+        Why requeue, and not the alternatives:
+
+        * Holding it unsettled keeps a prefetch slot until ``consumer_timeout`` fires, and
+          that closes the channel and requeues every unacked delivery on it, other handlers'
+          included, whose settles then fail.
+        * ``requeue=False`` dead-letters through the work queue's own dead-letter exchange:
+          for a nack that throws the retry away, and when the republish failed because the
+          DLQ is unroutable, RabbitMQ drops an unroutable dead letter: a loss.
+        * ``requeue=True`` never loses the message. It comes back at once, flagged
+          redelivered, so its next attempt counts one more (the delay is not honoured). The
+          risk is a tight loop while republishing keeps failing; a failed republish makes the
+          broker declare the topology again before the next one, which heals the usual cause
+          (a deleted delay-bucket or DLQ queue). A republish that landed before it failed to
+          confirm leaves a duplicate, never a loss, as the nack path always has.
+
+        The caller's error is still raised (with a note), so the runtime logs it.
+        """
+        if isinstance(exc, PublishFailed):
+            self._sub.broker._forget_topology(self.topic)
+        if self._state != _OPEN:
+            return  # expired meanwhile: the broker requeues it with the channel
+        if self._window.closed:
+            await self._expire()
+            return
+        self._state = _SETTLING
+        try:
+            # Shielded: a cancelled nack must still hand the message back now.
+            await asyncio.shield(self._window.requeue(self._tag))
+        finally:
+            self._state = _SETTLED
+            await self._sub.release()
+        if isinstance(exc, Exception):
+            exc.add_note("oncely: the delivery was requeued instead (basic.nack requeue=True)")
 
     async def extend(self, seconds: float) -> None:
         raise NotSupported(
@@ -206,7 +285,9 @@ class AmqpDelivery(Delivery):
     async def _republish(self, queue: str, headers: FieldTable) -> None:
         # Confirmed before the original is acked: a crash in between leaves a duplicate.
         props = properties(self.id, headers, self.enqueued_at, self._message)
-        await self._sub.broker._send(queue, self.body, props)
+        broker = self._sub.broker
+        await broker._ensure_topology(self.topic)  # again, if a failed republish forgot it
+        await broker._send(queue, self.body, props)
         if self._window.closed:
             await self._expire()
             raise DeliveryExpired(
@@ -234,7 +315,7 @@ def consumer_timeout_ms(visibility: float) -> int:
 class AmqpSubscription(Subscription):
     """One channel, one consumer, ``basic.qos(prefetch)``; resumes after a reconnect."""
 
-    def __init__(self, broker: AmqpBroker, topic: str, prefetch: int, visibility: float) -> None:
+    def __init__(self, broker: BrokerLink, topic: str, prefetch: int, visibility: float) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.broker = broker

@@ -202,6 +202,11 @@ class AmqpBroker(Broker, DeadLetterAdmin):
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    def _forget_topology(self, topic: str) -> None:
+        """Declare ``topic``'s queues again before its next publish: a republish failed,
+        maybe because someone deleted one of them."""
+        self._declared.discard(topic)
+
     async def _ensure_topology(self, topic: str) -> None:
         if topic in self._declared:
             return
@@ -249,7 +254,11 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         table[Headers.MESSAGE_ID] = mid
         table[Headers.PUBLISHED_AT] = repr(now)
         target = topic if bucket is None else bucket_name(topic, bucket[1])
-        await self._send(target, body, properties(mid, table, now))
+        try:
+            await self._send(target, body, properties(mid, table, now))
+        except PublishFailed:
+            self._forget_topology(topic)  # a returned publish may mean a deleted queue
+            raise
         return mid
 
     async def _send(self, queue: str, body: bytes, props: Basic.Properties) -> None:

@@ -255,10 +255,54 @@ async def test_delays_round_up_to_buckets(broker: AmqpBroker, topic: str) -> Non
         (again,) = await take(sub, 1, within=15)
         assert time.monotonic() - t1 >= 4.9
         assert (again.id, again.attempt) == (d.id, 2)
-        with pytest.raises(NotSupported):
-            await again.nack(delay=3601)
-        assert not again.settled  # still ours to settle
         await again.ack()
+
+
+@pytest.mark.anyio
+async def test_a_nack_or_reject_that_cannot_republish_requeues_the_delivery(
+    broker: AmqpBroker, plain: AbstractRobustConnection, topic: str
+) -> None:
+    """A failed republish (returned: its queue was deleted) or a delay no bucket holds still
+    settles the delivery, with ``basic.nack(requeue=True)``: with prefetch 1 the message
+    comes straight back, and a failed republish declares the topology again for the next."""
+    ids = [await broker.publish(topic, b"%d" % i) for i in range(3)]
+    channel = await plain.channel()
+    async with broker.consume(topic, prefetch=1, visibility=30) as sub:
+        (d,) = await take(sub, 1)
+        assert d.id == ids[0]
+        await channel.queue_delete(bucket_name(topic, "1s"))
+        with pytest.raises(PublishFailed) as failed:
+            await d.nack(delay=0.5)
+        assert "requeued" in "".join(getattr(failed.value, "__notes__", []))
+        assert d.settled
+        with pytest.raises(AlreadySettled):
+            await d.ack()
+        (again,) = await take(sub, 1)  # the only prefetch slot is free: it was settled
+        assert (again.id, again.attempt) == (ids[0], 2)  # redelivered, counted
+        await again.nack(delay=0.5)  # the bucket was declared again
+
+        (d,) = await take(sub, 1)
+        assert d.id == ids[1]
+        await channel.queue_delete(dlq_name(topic))
+        with pytest.raises(PublishFailed):
+            await d.reject("poison")
+        (again,) = await take(sub, 1)
+        assert (again.id, again.attempt) == (ids[1], 2)
+        await again.reject("poison")
+
+        (d,) = await take(sub, 1)
+        assert d.id == ids[2]
+        with pytest.raises(NotSupported):
+            await d.nack(delay=3601)
+        (again,) = await take(sub, 1)
+        assert (again.id, again.attempt) == (ids[2], 2)
+        await again.ack()
+
+        (late,) = await take(sub, 1, within=15)  # the one nacked through the 1 s bucket
+        assert (late.id, late.attempt) == (ids[0], 3)
+        await late.ack()
+    (dead,) = await broker.dead_letters(topic)
+    assert (dead.id, dead.reason) == (ids[1], "poison")
 
 
 @pytest.mark.anyio
