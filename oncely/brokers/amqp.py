@@ -331,6 +331,10 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         Each is republished with a confirm and then acked from the DLQ, so a crash between the
         two leaves it in both places (a duplicate), never in neither. Letters not selected are
         handed back in place.
+
+        It reads at most as many letters as the DLQ held when it started: a running consumer
+        that dead-letters replayed messages again appends them behind those, and they wait
+        for the next replay instead of cycling for ever.
         """
         await self._ensure_topology(topic)
         connection = await self._connected()
@@ -338,8 +342,12 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         moved = 0
         with map_errors("admin"):
             async with connection.channel(publisher_confirms=False) as channel:
+                raw = await channel.get_underlay_channel()
+                declared = await raw.queue_declare(dlq_name(topic), passive=True)
+                remaining = declared.message_count or 0
                 queue = await channel.get_queue(dlq_name(topic), ensure=False)
-                while wanted is None or wanted:
+                while remaining > 0 and (wanted is None or wanted):
+                    remaining -= 1
                     message = await queue.get(no_ack=False, fail=False, timeout=10)
                     if message is None:
                         break

@@ -7,6 +7,7 @@ never skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import time
@@ -40,6 +41,7 @@ from oncely.errors import (
     NotSupported,
     PublishFailed,
 )
+from tests._wait import eventually
 
 AMQP_URL = os.environ.get("ONCELY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -346,6 +348,41 @@ async def test_reject_dead_letters_with_reason_and_attempt(broker: AmqpBroker, t
         await d.ack()
     assert await broker.replay(topic) == 2
     assert await broker.dead_letters(topic) == []
+
+
+@pytest.mark.anyio
+async def test_replay_is_bounded_by_what_the_dlq_held_at_the_start(
+    broker: AmqpBroker, topic: str
+) -> None:
+    """A consumer that dead-letters every message again while ``replay`` runs: the replay
+    moves exactly the letters that were there when it started, each once, and ends."""
+    n = 20
+    ids = set(await asyncio.gather(*(broker.publish(topic, b"%d" % i) for i in range(n))))
+    async with broker.consume(topic, prefetch=n, visibility=30) as sub:
+        for d in await take(sub, n):
+            await d.reject("first")
+    rejected: list[str] = []
+
+    async def reject_everything() -> None:
+        async with AmqpBroker(AMQP_URL) as other:
+            async with other.consume(topic, prefetch=4, visibility=30) as again:
+                async for d in again:
+                    await d.reject("again")
+                    rejected.append(d.id)
+
+    consumer = asyncio.create_task(reject_everything())
+    try:
+        moved = await asyncio.wait_for(broker.replay(topic), 60)
+        assert moved == n
+        await eventually(lambda: len(rejected) >= n, within=30)
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+    assert set(rejected) == ids  # the replayed ones ran, and went back to the DLQ
+    letters = await broker.dead_letters(topic, limit=2 * n)
+    assert sorted(dl.id for dl in letters) == sorted(ids)  # each once: none lost, none doubled
+    assert {dl.reason for dl in letters} == {"again"}
 
 
 @pytest.mark.anyio
