@@ -22,6 +22,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from oncely.brokers._amqp_consume import AmqpDelivery, consumer_timeout_ms
 from oncely.brokers._amqp_topology import (
     BUCKETS,
     bucket_for,
@@ -455,7 +456,7 @@ async def test_aclose_returns_buffered_and_keeps_yielded_valid(
     await asyncio.gather(*(broker.publish(topic, b"%d" % i) for i in range(5)))
     sub = broker.consume(topic, prefetch=5, visibility=30)
     (first,) = await take(sub, 1)
-    await asyncio.sleep(0.2)  # let the other four arrive in the buffer
+    await eventually(lambda: sub._buffer.qsize() == 4)  # the other four wait in the buffer
     await sub.aclose()
     with pytest.raises(StopAsyncIteration):
         await anext(sub)
@@ -512,8 +513,9 @@ async def test_connection_loss_expires_deliveries_and_resumes(topic: str) -> Non
         async with b.consume(topic, prefetch=5, visibility=30) as sub:
             (d,) = await take(sub, 1)
             assert d.attempt == 1
+            assert isinstance(d, AmqpDelivery)
             assert await asyncio.to_thread(close_connections_named, name) == 1
-            await asyncio.sleep(0.5)
+            await eventually(lambda: d._window.closed)  # the client has seen the close
             with pytest.raises(DeliveryExpired):
                 await d.ack()
             with pytest.raises(DeliveryExpired):
@@ -578,8 +580,6 @@ def test_topology_names() -> None:
 
 
 def test_consumer_timeout_follows_visibility_but_never_shortens_the_default() -> None:
-    from oncely.brokers._amqp_consume import consumer_timeout_ms
-
     assert consumer_timeout_ms(30) == 1_800_000
     assert consumer_timeout_ms(2 * 3600) == 4 * 3600 * 1000
 
