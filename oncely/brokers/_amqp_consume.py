@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -20,8 +21,9 @@ from oncely.brokers._amqp_topology import (
     dlq_name,
     map_errors,
     own_headers,
-    parse,
+    parse_props,
     properties,
+    props_of,
     topology,
 )
 from oncely.brokers.base import Delivery, Headers, Subscription
@@ -66,6 +68,8 @@ class BrokerLink(Protocol):
         """Publish to ``queue`` and await the confirm (``PublishFailed`` otherwise)."""
         ...
 
+
+log = logging.getLogger("oncely.brokers.amqp")
 
 _OPEN: Final = 0
 _SETTLING: Final = 1  # an ack frame is committed to; never send another for this tag
@@ -151,24 +155,30 @@ class AckWindow:
 class AmqpDelivery(Delivery):
     """A delivery from an AMQP queue. See ``oncely.brokers.amqp`` for the guarantees."""
 
-    __slots__ = ("_message", "_state", "_sub", "_tag", "_window")
+    __slots__ = ("_props", "_state", "_sub", "_tag", "_window")
 
     def __init__(
-        self, sub: AmqpSubscription, message: AbstractIncomingMessage, window: AckWindow
+        self,
+        sub: AmqpSubscription,
+        window: AckWindow,
+        tag: int,
+        body: bytes,
+        props: Basic.Properties,
+        redelivered: bool,
     ) -> None:
-        p = parse(message)
+        p = parse_props(props, body, redelivered)
         super().__init__(
             id=p.id,
             topic=sub.topic,
-            body=message.body,
+            body=body,
             headers=p.headers,
             attempt=p.attempt,
             enqueued_at=p.enqueued_at,
         )
         self._sub = sub
-        self._message = message
+        self._props = props
         self._window = window
-        self._tag: int = message.delivery_tag or 0
+        self._tag = tag
         self._state = _OPEN
 
     @property
@@ -277,14 +287,14 @@ class AmqpDelivery(Delivery):
         )
 
     def _headers(self) -> FieldTable:
-        headers = own_headers(self._message.headers)
+        headers = own_headers(self._props.headers)
         headers[Headers.MESSAGE_ID] = self.id
         headers.setdefault(Headers.PUBLISHED_AT, repr(self.enqueued_at))
         return headers
 
     async def _republish(self, queue: str, headers: FieldTable) -> None:
         # Confirmed before the original is acked: a crash in between leaves a duplicate.
-        props = properties(self.id, headers, self.enqueued_at, self._message)
+        props = properties(self.id, headers, self.enqueued_at, self._props)
         broker = self._sub.broker
         await broker._ensure_topology(self.topic)  # again, if a failed republish forgot it
         await broker._send(queue, self.body, props)
@@ -295,6 +305,8 @@ class AmqpDelivery(Delivery):
                 "redelivers the original too (a duplicate, not a loss)"
             )
 
+
+_Received = tuple["AckWindow", int, bytes, "Basic.Properties", bool]
 
 MIN_CONSUMER_TIMEOUT = 1800.0
 """RabbitMQ's own default ``consumer_timeout``; the per-consumer value never goes below it."""
@@ -322,9 +334,8 @@ class AmqpSubscription(Subscription):
         self.topic = topic
         self.prefetch = prefetch
         self.visibility = visibility
-        self._buffer: asyncio.Queue[tuple[AbstractIncomingMessage, AckWindow] | None] = (
-            asyncio.Queue()
-        )  # None: closed
+        # (window, tag, body, properties, redelivered); None: closed
+        self._buffer: asyncio.Queue[_Received | None] = asyncio.Queue()
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
         self._ctag: str | None = None
@@ -352,26 +363,76 @@ class AmqpSubscription(Subscription):
                         no_ack=False,
                         arguments={"x-consumer-timeout": consumer_timeout_ms(self.visibility)},
                     )
+                    self._take_over(await channel.get_underlay_channel())
             except BaseException:
                 with contextlib.suppress(Exception):
                     await channel.close()
                 raise
+            # The robust channel consumes again after a reconnect, through aio-pika's path.
+            channel.reopen_callbacks.add(self._on_reopen)
             self._channel, self._queue = channel, queue
+
+    # Two ways in. aio-pika's consumer path costs two tasks and an IncomingMessage (whose
+    # attribute checks alone cost more than oncely's whole header parsing) per message; the
+    # fast path is aiormq's single task per message straight into the buffer. aio-pika keeps
+    # registering, and after a reconnect re-registering, the consumer (so its recovery logic
+    # stays in charge); right after each registration this subscription swaps its own
+    # callback in for aio-pika's on that aiormq channel. Messages that arrive before the swap,
+    # or if it ever cannot happen, take aio-pika's path, which ends in the same buffer.
+
+    def _take_over(self, raw: aiormq.abc.AbstractChannel) -> None:
+        consumers = getattr(raw, "consumers", None)
+        if isinstance(consumers, dict) and self._ctag in consumers:
+            consumers[self._ctag] = self._on_delivered
+
+    async def _on_reopen(self, channel: AbstractRobustChannel | None, /) -> None:
+        channel = channel or self._channel
+        if channel is None:
+            return
+        try:
+            self._take_over(await channel.get_underlay_channel())
+        except Exception:
+            # Not fatal: deliveries keep arriving through aio-pika's own callback.
+            log.warning("AMQP consumer on %r stays on the slow path", self.topic, exc_info=True)
+
+    async def _on_delivered(self, message: aiormq.abc.DeliveredMessage) -> None:
+        channel = message.channel
+        if channel.is_closed:
+            return  # the broker requeues it with the channel
+        props = message.header.properties
+        tag = message.delivery_tag or 0
+        window = self._accept(channel, tag, message.body, props, bool(message.redelivered))
+        if window is not None:
+            await window.requeue(tag)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             raw = message.channel
         except aiormq.exceptions.ChannelInvalidStateError:
             return  # its channel died: the broker requeues it
+        tag = message.delivery_tag or 0
+        props = props_of(message)
+        window = self._accept(raw, tag, message.body, props, bool(message.redelivered))
+        if window is not None:
+            await window.requeue(tag)
+
+    def _accept(
+        self,
+        raw: aiormq.abc.AbstractChannel,
+        tag: int,
+        body: bytes,
+        props: Basic.Properties,
+        redelivered: bool,
+    ) -> AckWindow | None:
+        """Buffer one message; return its window if it must be handed back instead."""
         window = self._window
         if window is None or window.channel is not raw:
             window = self._window = AckWindow(raw, batch=self.broker.options.batch_acks)
-        tag = message.delivery_tag or 0
         window.unsettled.add(tag)
         if self._closed:  # arrived between basic.cancel and cancel-ok
-            await window.requeue(tag)
-            return
-        self._buffer.put_nowait((message, window))
+            return window
+        self._buffer.put_nowait((window, tag, body, props, redelivered))
+        return None
 
     async def __anext__(self) -> AmqpDelivery:
         if self._channel is None and not self._closed:
@@ -382,11 +443,11 @@ class AmqpSubscription(Subscription):
             item = await self._buffer.get()
             if item is None:
                 raise StopAsyncIteration
-            message, window = item
+            window = item[0]
             if window.closed:
                 continue  # stale tag: the broker already requeued this message
             self._in_flight += 1
-            return AmqpDelivery(self, message, window)
+            return AmqpDelivery(self, *item)
 
     def shutdown(self) -> None:
         """The broker closed: stop iterating. Its deliveries expire with the connection."""
@@ -409,8 +470,7 @@ class AmqpSubscription(Subscription):
         while not self._buffer.empty():
             item = self._buffer.get_nowait()
             if item is not None:
-                message, window = item
-                await window.requeue(message.delivery_tag or 0)
+                await item[0].requeue(item[1])
         self._buffer.put_nowait(None)
         if self._in_flight == 0:
             await self._close_channel()

@@ -87,6 +87,7 @@ from oncely.brokers._amqp_topology import (
     parse,
     parse_url,
     properties,
+    props_of,
     text,
 )
 from oncely.brokers.base import (
@@ -360,7 +361,9 @@ class AmqpBroker(Broker, DeadLetterAdmin):
                     table[Headers.MESSAGE_ID] = p.id
                     table.setdefault(Headers.PUBLISHED_AT, repr(p.enqueued_at))
                     await self._send(
-                        topic, message.body, properties(p.id, table, p.enqueued_at, message)
+                        topic,
+                        message.body,
+                        properties(p.id, table, p.enqueued_at, props_of(message)),
                     )
                     await message.ack()
                     moved += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import subprocess
 import time
@@ -18,11 +19,12 @@ import aio_pika
 import aiormq.exceptions
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.queue import consumer as aio_pika_consumer
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from oncely.brokers._amqp_consume import AmqpDelivery, consumer_timeout_ms
+from oncely.brokers._amqp_consume import AmqpDelivery, AmqpSubscription, consumer_timeout_ms
 from oncely.brokers._amqp_topology import (
     BUCKETS,
     bucket_for,
@@ -189,6 +191,37 @@ async def test_publish_consume_ack(broker: AmqpBroker, topic: str) -> None:
             await d.extend(10)
     async with AmqpBroker(AMQP_URL) as other, other.consume(topic, prefetch=5, visibility=30) as s:
         await nothing_within(s, 0.5)
+
+
+async def on_the_fast_path(sub: Subscription) -> bool:
+    """Whether aiormq hands this subscription's deliveries straight to it (not through
+    aio-pika's IncomingMessage path)."""
+    assert isinstance(sub, AmqpSubscription) and sub._channel is not None
+    raw: Any = await sub._channel.get_underlay_channel()
+    return bool(raw.consumers.get(sub._ctag) == sub._on_delivered)
+
+
+@pytest.mark.anyio
+async def test_both_consumer_paths_yield_the_same_delivery(broker: AmqpBroker, topic: str) -> None:
+    await broker.publish(topic, b"one", headers={"k": "v"}, message_id="m1")
+    await broker.publish(topic, b"two", headers={"k": "v"}, message_id="m2")
+    async with broker.consume(topic, prefetch=1, visibility=30) as sub:
+        (fast,) = await take(sub, 1)
+        assert await on_the_fast_path(sub)
+        assert isinstance(sub, AmqpSubscription) and sub._channel is not None
+        raw: Any = await sub._channel.get_underlay_channel()
+        # Put aio-pika's own callback back, as before a take-over.
+        raw.consumers[sub._ctag] = functools.partial(
+            aio_pika_consumer, sub._on_message, no_ack=False
+        )
+        await fast.ack()
+        (slow,) = await take(sub, 1)
+        for d, (mid, body) in ((fast, ("m1", b"one")), (slow, ("m2", b"two"))):
+            assert (d.id, d.body, d.attempt, d.headers["k"]) == (mid, body, 1, "v")
+        await slow.nack()  # the republish copies the same properties on both paths
+        (again,) = await take(sub, 1)
+        assert (again.id, again.body, again.attempt, again.headers["k"]) == ("m2", b"two", 2, "v")
+        await again.ack()
 
 
 @pytest.mark.anyio
@@ -522,6 +555,7 @@ async def test_connection_loss_expires_deliveries_and_resumes(topic: str) -> Non
                 await d.nack()
             (again,) = await take(sub, 1, within=30)  # same subscription, new channel
             assert (again.id, again.attempt) == (mid, 2)
+            assert await on_the_fast_path(sub)  # taken over again after the reconnect
             await again.ack()
             # The publish side recovered too.
             await b.publish(topic, b"after")
