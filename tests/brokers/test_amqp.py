@@ -203,21 +203,24 @@ async def on_the_fast_path(sub: Subscription) -> bool:
 
 @pytest.mark.anyio
 async def test_both_consumer_paths_yield_the_same_delivery(broker: AmqpBroker, topic: str) -> None:
-    await broker.publish(topic, b"one", headers={"k": "v"}, message_id="m1")
-    await broker.publish(topic, b"two", headers={"k": "v"}, message_id="m2")
+    await broker.publish(topic, b"zero")  # may arrive with consume-ok, before the take-over
     async with broker.consume(topic, prefetch=1, visibility=30) as sub:
-        (fast,) = await take(sub, 1)
+        (first,) = await take(sub, 1)
+        await first.ack()
         assert await on_the_fast_path(sub)
+        await broker.publish(topic, b"one", headers={"k": "v"}, message_id="m1")
+        (fast,) = await take(sub, 1)
         assert isinstance(sub, AmqpSubscription) and sub._channel is not None
         raw: Any = await sub._channel.get_underlay_channel()
-        # Put aio-pika's own callback back, as before a take-over.
-        raw.consumers[sub._ctag] = functools.partial(
-            aio_pika_consumer, sub._on_message, no_ack=False
-        )
+        # Put aio-pika's own callback back, as it is before a take-over.
+        slow_path = functools.partial(aio_pika_consumer, sub._on_message, no_ack=False)
+        raw.consumers[sub._ctag] = slow_path
         await fast.ack()
+        await broker.publish(topic, b"two", headers={"k": "v"}, message_id="m2")
         (slow,) = await take(sub, 1)
         for d, (mid, body) in ((fast, ("m1", b"one")), (slow, ("m2", b"two"))):
             assert (d.id, d.body, d.attempt, d.headers["k"]) == (mid, body, 1, "v")
+        assert fast.headers.keys() == slow.headers.keys()
         await slow.nack()  # the republish copies the same properties on both paths
         (again,) = await take(sub, 1)
         assert (again.id, again.body, again.attempt, again.headers["k"]) == ("m2", b"two", 2, "v")
