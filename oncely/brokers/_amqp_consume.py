@@ -91,14 +91,14 @@ class AckWindow:
     consumer did not finish. Flushes are serialised so frames leave in the order computed.
     """
 
-    __slots__ = ("_batch", "_flush", "_lock", "_ready", "_task", "channel", "unsettled")
+    __slots__ = ("_batch", "_lock", "_ready", "_task", "_waiters", "channel", "unsettled")
 
     def __init__(self, channel: aiormq.abc.AbstractChannel, *, batch: bool) -> None:
         self.channel = channel
         self.unsettled: set[int] = set()
         self._batch = batch
         self._ready: list[int] = []
-        self._flush: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -115,17 +115,21 @@ class AckWindow:
             self.unsettled.discard(tag)
             return
         self._ready.append(tag)
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().create_future()
-            self._task = asyncio.create_task(self._run(self._flush))
-        # Shielded: the flush acks this tag whether or not the caller is cancelled meanwhile.
-        await asyncio.shield(self._flush)
+        # One future per caller, not one shared: a cancelled caller cancels only its own, and
+        # the flush acks this tag all the same. (Cheaper than shielding a shared one.)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        await waiter
 
-    async def _run(self, done: asyncio.Future[None]) -> None:
+    async def _run(self) -> None:
+        waiters: list[asyncio.Future[None]] = []
         try:
             async with self._lock:
-                self._flush = None
+                self._task = None
                 tags, self._ready = self._ready, []
+                waiters, self._waiters = self._waiters, []
                 self.unsettled.difference_update(tags)
                 low = min(self.unsettled, default=None)
                 prefix = [t for t in tags if low is None or t < low]
@@ -137,12 +141,15 @@ class AckWindow:
                         last = i == len(frames) - 1
                         await self.channel.basic_ack(tag, multiple=multiple, wait=last)
         except BaseException as exc:
-            if not done.done():
-                done.set_exception(exc)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
         else:
-            done.set_result(None)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def requeue(self, tag: int) -> None:
         """Hand an unyielded message back; the tag stays unsettled until the frame is out."""
