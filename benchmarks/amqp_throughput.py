@@ -15,9 +15,11 @@ Against a real RabbitMQ (``ONCELY_TEST_AMQP_URL``, default the local one from
 - ``oncely+idem``: the handler effectively-once, through an in-process ``memory://`` store.
 
 Every consumer is timed from before it connects until it has closed, so set-up and shutdown
-count alike for all of them. Rounds are interleaved (each round runs every consumer on each
-loop in turn) so that drift on a shared machine hits all figures alike; the script prints the
-median msgs/s of each figure and the median of the per-round ratios. Nothing is asserted.
+count alike for all of them; the client's CPU time per message (``time.process_time``, this
+process only, RabbitMQ excluded) is printed too, a figure that other load on a shared machine
+disturbs less than wall-clock throughput. Rounds are interleaved (each round runs every
+consumer on each loop in turn) so that drift on a shared machine hits all figures alike; the
+script prints the median of each figure and of the per-round ratios. Nothing is asserted.
 
     python benchmarks/amqp_throughput.py [--messages 10000] [--concurrency 32] [--rounds 5]
 """
@@ -167,6 +169,7 @@ async def one_round(args: argparse.Namespace, first: bool) -> dict[str, float]:
     ]
     results: dict[str, float] = {}
     pipelined: list[float] = []
+    cpu: dict[str, float] = {}
     if first:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         try:
@@ -177,10 +180,13 @@ async def one_round(args: argparse.Namespace, first: bool) -> dict[str, float]:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         try:
             pipelined.append(await publish_rate(url, topic, n, args.in_flight))
+            before = time.process_time()
             results[name] = await run(topic)
+            cpu[f"cpu {name}"] = (time.process_time() - before) / n * 1e6
         finally:
             await delete_topology(topic)
     results["publish pipelined"] = statistics.median(pipelined)
+    results.update(cpu)
     return results
 
 
@@ -197,6 +203,7 @@ RATIOS = (
     ("oncely+idem / raw careful", "oncely+idem", "raw careful"),
     ("batched / 1-by-1 acks", "oncely", "oncely, acks 1-by-1"),
     ("raw careful / raw simple", "raw careful", "raw simple"),
+    ("CPU: raw careful / oncely", "cpu raw careful", "cpu oncely"),
 )
 
 
@@ -219,11 +226,15 @@ def main() -> None:
         for loop in LOOPS:
             for name, rate in run_on(loop, one_round(args, first=i == 0)).items():
                 samples[loop].setdefault(name, []).append(rate)
-    names = list(samples["asyncio"])
+    names = [name for name in samples["asyncio"] if not name.startswith("cpu ")]
     print(f"{'msgs/s':<26}" + "".join(f"{loop:>12}" for loop in LOOPS))
     for name in names:
         cells = "".join(f"{statistics.median(samples[loop][name]):>12,.0f}" for loop in LOOPS)
         print(f"{name:<26}{cells}")
+    print(f"\n{'client CPU, us per message':<26}" + "".join(f"{loop:>12}" for loop in LOOPS))
+    for name in (n for n in samples["asyncio"] if n.startswith("cpu ")):
+        cells = "".join(f"{statistics.median(samples[loop][name]):>12.1f}" for loop in LOOPS)
+        print(f"{name[4:]:<26}{cells}")
     print(f"\n{'median of per-round ratios':<26}" + "".join(f"{loop:>12}" for loop in LOOPS))
     for label, top, bottom in RATIOS:
         cells = ""

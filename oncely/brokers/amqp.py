@@ -29,6 +29,14 @@ same towards ``<topic>.dlq`` and adds ``oncely-dead-letter-reason``, ``oncely-at
 ``oncely-dead-lettered-at``. ``attempt`` is ``oncely-attempt + 1``, plus one for a broker
 redelivery (``redelivered`` flag, or the quorum queue's ``x-delivery-count``).
 
+**A nack or reject always settles.** When the republish fails (``PublishFailed``,
+``ConnectionLost``, cancellation) or the delay exceeds the largest bucket (``NotSupported``),
+the original is handed back with ``basic.nack(requeue=True)`` and the error is raised with a
+note saying so: the message comes straight back (counted as a redelivery), its prefetch slot is
+free, and the channel is never left to ``consumer_timeout``. A failed republish also makes the
+adapter declare the topic's queues again before the next one. ``replay`` of a whole DLQ moves
+at most what the DLQ held when it started.
+
 **Ids.** ``Delivery.id`` is ``oncely-message-id``, else the AMQP ``message_id``, else
 ``sha256:<hex of the body>``; the last is stable across redeliveries but shared by identical
 bodies, so plain publishers that send identical payloads as distinct messages must set a
