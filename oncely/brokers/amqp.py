@@ -75,6 +75,7 @@ import contextlib
 import time
 import uuid
 import weakref
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -341,25 +342,28 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         two leaves it in both places (a duplicate), never in neither. Letters not selected are
         handed back in place.
 
-        It reads at most as many letters as the DLQ held when it started: a running consumer
-        that dead-letters replayed messages again appends them behind those, and they wait
-        for the next replay instead of cycling for ever.
+        It stops at the first letter dead-lettered after it started (by
+        ``oncely-dead-lettered-at``, or the broker's ``x-death`` time for letters RabbitMQ
+        dead-lettered itself) and hands that one back in place: the DLQ is FIFO, so the ones
+        behind it are newer still. A running consumer that dead-letters replayed messages again
+        thus appends them behind the old ones, and they wait for the next replay instead of
+        cycling for ever. (A count taken at the start would not do: a quorum queue counts a
+        letter that was just handed back by a reader only some time later.)
         """
         await self._ensure_topology(topic)
         connection = await self._connected()
         wanted = None if ids is None else set(ids)
         moved = 0
+        started = time.time()
         with map_errors("admin"):
             async with connection.channel(publisher_confirms=False) as channel:
-                raw = await channel.get_underlay_channel()
-                declared = await raw.queue_declare(dlq_name(topic), passive=True)
-                remaining = declared.message_count or 0
                 queue = await channel.get_queue(dlq_name(topic), ensure=False)
-                while remaining > 0 and (wanted is None or wanted):
-                    remaining -= 1
+                while wanted is None or wanted:
                     message = await queue.get(no_ack=False, fail=False, timeout=10)
                     if message is None:
                         break
+                    if _failed_at(message) >= started:
+                        break  # new since this replay began; requeued in place on close
                     p = parse(message)
                     if wanted is not None and p.id not in wanted:
                         continue  # stays unacked; requeued in place when the channel closes
@@ -384,10 +388,7 @@ def _dead_letter(topic: str, message: AbstractIncomingMessage) -> DeadLetter:
     p = parse(message)
     raw = message.headers or {}
     reason = p.headers.get(Headers.REASON) or text(raw.get("x-first-death-reason", ""))
-    try:
-        failed_at = float(p.headers[Headers.FAILED_AT])
-    except (KeyError, ValueError):
-        failed_at = p.enqueued_at
+    failed_at = _failed_at(message, p.enqueued_at)
     try:
         attempt = int(p.headers.get(Headers.ATTEMPT, "0"))
     except ValueError:
@@ -401,3 +402,19 @@ def _dead_letter(topic: str, message: AbstractIncomingMessage) -> DeadLetter:
         attempt=attempt,
         failed_at=failed_at,
     )
+
+
+def _failed_at(message: AbstractIncomingMessage, default: float = 0.0) -> float:
+    """When the letter was dead-lettered: oncely's header, else the latest ``x-death`` time
+    (RabbitMQ's own dead-lettering, newest entry first), else ``default``."""
+    raw = message.headers or {}
+    try:
+        return float(text(raw[Headers.FAILED_AT]))
+    except (KeyError, ValueError):
+        pass
+    deaths = raw.get("x-death")
+    if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], dict):
+        stamp = deaths[0].get("time")
+        if isinstance(stamp, datetime):
+            return stamp.timestamp()
+    return default
