@@ -34,8 +34,8 @@ redelivery (``redelivered`` flag, or the quorum queue's ``x-delivery-count``).
 the original is handed back with ``basic.nack(requeue=True)`` and the error is raised with a
 note saying so: the message comes straight back (counted as a redelivery), its prefetch slot is
 free, and the channel is never left to ``consumer_timeout``. A failed republish also makes the
-adapter declare the topic's queues again before the next one. ``replay`` of a whole DLQ moves
-at most what the DLQ held when it started.
+adapter declare the topic's queues again before the next one. ``replay`` stops at the first
+letter dead-lettered after it began, so a consumer that dead-letters again cannot make it cycle.
 
 **Ids.** ``Delivery.id`` is ``oncely-message-id``, else the AMQP ``message_id``, else
 ``sha256:<hex of the body>``; the last is stable across redeliveries but shared by identical
