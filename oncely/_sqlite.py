@@ -20,7 +20,8 @@ from oncely._options import number
 from oncely.errors import ConfigError, StoreUnavailable
 
 BUSY_TIMEOUT_MS = 30_000
-"""How long a writer waits for another process's write lock before SQLITE_BUSY."""
+"""How long a writer waits for another process's write lock before SQLITE_BUSY, unless the
+caller of ``open_db`` chooses another timeout."""
 
 
 def parse_sqlite_url(url: str) -> tuple[Path, dict[str, str]]:
@@ -48,17 +49,15 @@ def reject_unknown(options: dict[str, str], url: str) -> None:
         raise ConfigError(f"{url!r}: unknown option(s) {', '.join(sorted(options))}")
 
 
-async def open_db(path: Path) -> aiosqlite.Connection:
-    """Open ``path`` in WAL mode with a busy timeout, creating its directory.
+async def open_db(path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> aiosqlite.Connection:
+    """Open ``path`` in WAL mode with a busy timeout (seconds), creating its directory.
 
     Transactions are explicit (``isolation_level=None``): a read-modify-write is either one
     statement or runs under ``BEGIN IMMEDIATE``, so that claims stay atomic across processes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with map_sqlite_errors(StoreUnavailable):
-        connecting = aiosqlite.connect(
-            str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
-        )
+        connecting = aiosqlite.connect(str(path), isolation_level=None, timeout=busy_timeout)
         try:
             db = await connecting
         except BaseException:
@@ -67,7 +66,7 @@ async def open_db(path: Path) -> aiosqlite.Connection:
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            await db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         except BaseException:
             # e.g. "file is not a database": without this the connection's worker thread
             # outlives the error and keeps the process from exiting.

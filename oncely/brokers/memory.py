@@ -347,34 +347,42 @@ class _MemoryDelivery(LocalDelivery):
 
     def _own(self) -> _Hub | None:
         """The hub if this claim still holds the message, else ``None``."""
-        self._check()
         assert isinstance(self._sub, _MemorySubscription)
         hub = self._sub._broker._require()
         return hub if self._record.token == self._token else None
 
     async def ack(self) -> None:
+        await self._settle(self._ack)
+
+    async def _ack(self) -> bool:
         hub = self._own()
         if hub is not None:
             hub.remove(self._t, self._record)
-        self._finish(hub is not None)
+        return hub is not None
 
     async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
-        check_delay(delay)
-        hub = self._own()
-        if hub is not None:
-            self._record.token = None
-            if defer:
-                self._record.attempts -= 1
-            hub.schedule(self._t, self._record, time.monotonic() + delay)
-            wake_all(self._t.waiters)
-        self._finish(hub is not None)
+        async def attempt() -> bool:
+            check_delay(delay)
+            hub = self._own()
+            if hub is not None:
+                self._record.token = None
+                if defer:
+                    self._record.attempts -= 1
+                hub.schedule(self._t, self._record, time.monotonic() + delay)
+                wake_all(self._t.waiters)
+            return hub is not None
+
+        await self._settle(attempt)
 
     async def reject(self, reason: str) -> None:
-        hub = self._own()
-        if hub is not None:
-            hub.remove(self._t, self._record)
-            self._t.dead.append(_Dead(self._record, reason, time.time()))
-        self._finish(hub is not None)
+        async def attempt() -> bool:
+            hub = self._own()
+            if hub is not None:
+                hub.remove(self._t, self._record)
+                self._t.dead.append(_Dead(self._record, reason, time.time()))
+            return hub is not None
+
+        await self._settle(attempt)
 
     async def extend(self, seconds: float) -> None:
         check_delay(seconds, "seconds")
@@ -382,7 +390,7 @@ class _MemoryDelivery(LocalDelivery):
             return
         hub = self._own()
         if hub is None:
-            self._finish(False)
+            self._expired()
             return
         rec = self._record
         visible_at = time.monotonic() + seconds
