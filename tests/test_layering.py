@@ -1,7 +1,7 @@
 """The package is layered and every import points down (the house style):
 
     oncely.errors, the contracts (brokers/base.py, stores/base.py)
-      < backends (oncely/brokers/*, oncely/stores/*, oncely/_sqlite.py, oncely/_registry.py)
+      < backends (oncely/brokers/*, oncely/stores/*, and the private oncely/_*.py they share)
       < the runtime (oncely/runtime/*)
       < the CLI and oncely.testing
 
@@ -76,10 +76,11 @@ def layer_of(module: str) -> str:
         return "testing"
     if module.startswith("oncely.runtime."):
         return "runtime"
-    if module.startswith(("oncely.brokers.", "oncely.stores.")) or module in {
-        "oncely._sqlite",
-        "oncely._registry",
-    }:
+    if module.startswith(("oncely.brokers.", "oncely.stores.")):
+        return "backend"
+    if module.startswith("oncely._") and module != "oncely._version":
+        # Private plumbing the backends share (_sqlite, _postgres, _registry, _batch, _codec,
+        # _options): the backends' layer.
         return "backend"
     return "top"  # oncely/__init__.py, _version.py
 
