@@ -21,7 +21,7 @@ from oncely.brokers._kafka_options import decode_headers, dlq_topic, encode_head
 from oncely.brokers.base import DeadLetter, Headers
 
 if TYPE_CHECKING:
-    from oncely.brokers.kafka import KafkaBroker
+    from oncely.brokers._kafka_link import BrokerLink
 
 __all__ = ["list_dead_letters", "replay_dead_letters"]
 
@@ -39,7 +39,7 @@ _DROP_ON_REPLAY = frozenset(
 )
 
 
-async def _read_all(broker: KafkaBroker, topic: str) -> list[Any]:
+async def _read_all(broker: BrokerLink, topic: str) -> list[Any]:
     """Every committed record of ``topic`` up to its end offsets at the start of the call."""
     opts = broker.options
     consumer = AIOKafkaConsumer(
@@ -78,7 +78,7 @@ async def _read_all(broker: KafkaBroker, topic: str) -> list[Any]:
     return records
 
 
-async def list_dead_letters(broker: KafkaBroker, topic: str) -> list[tuple[DeadLetter, Any]]:
+async def list_dead_letters(broker: BrokerLink, topic: str) -> list[tuple[DeadLetter, Any]]:
     """The dead letters of ``topic`` without a replay marker, oldest first, with their
     records."""
     dlq = dlq_topic(topic)
@@ -114,7 +114,7 @@ async def list_dead_letters(broker: KafkaBroker, topic: str) -> list[tuple[DeadL
     return live
 
 
-async def replay_dead_letters(broker: KafkaBroker, topic: str, ids: list[str] | None) -> int:
+async def replay_dead_letters(broker: BrokerLink, topic: str, ids: list[str] | None) -> int:
     """Re-produce dead letters (all, or those in ``ids``) to ``topic`` with a fresh attempt,
     each together with its marker in one transaction. Returns how many moved."""
     wanted = set(ids) if ids is not None else None

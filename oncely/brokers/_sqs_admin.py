@@ -37,8 +37,8 @@ from oncely.brokers.base import DeadLetter, Headers
 if TYPE_CHECKING:
     from types_aiobotocore_sqs.type_defs import MessageAttributeValueTypeDef, MessageTypeDef
 
-    from oncely.brokers._sqs_consume import SqsDelivery
-    from oncely.brokers.sqs import SqsBroker
+    from oncely.brokers._sqs_delivery import SqsDelivery
+    from oncely.brokers._sqs_link import BrokerLink
 
 _HOLD = 30  # seconds a listing keeps dead letters invisible at most
 _SCAN_LIMIT = 10_000
@@ -63,7 +63,7 @@ def _fit(attributes: Attributes, extra: Attributes) -> Attributes:
     return keep
 
 
-async def dead_letter(broker: SqsBroker, delivery: SqsDelivery, reason: str) -> None:
+async def dead_letter(broker: BrokerLink, delivery: SqsDelivery, reason: str) -> None:
     """Check the receipt handle, send to the DLQ with the reason, then delete the original."""
     _, dlq = await broker.queue_urls(delivery.topic)
     # Proves the handle is still ours (DeliveryExpired otherwise) before a dead letter exists.
@@ -86,7 +86,7 @@ async def dead_letter(broker: SqsBroker, delivery: SqsDelivery, reason: str) -> 
     await broker._delete(delivery.queue_url, delivery.receipt)
 
 
-async def _scan(broker: SqsBroker, dlq: str) -> list[MessageTypeDef]:
+async def _scan(broker: BrokerLink, dlq: str) -> list[MessageTypeDef]:
     """Receive every dead letter (each held invisible for ``_HOLD`` seconds)."""
     client = await broker._connected()
     found: list[MessageTypeDef] = []
@@ -116,7 +116,7 @@ async def _scan(broker: SqsBroker, dlq: str) -> list[MessageTypeDef]:
     return found
 
 
-async def _unhold(broker: SqsBroker, dlq: str, messages: list[MessageTypeDef]) -> None:
+async def _unhold(broker: BrokerLink, dlq: str, messages: list[MessageTypeDef]) -> None:
     await asyncio.gather(*(broker._change_visibility(dlq, m["ReceiptHandle"], 0) for m in messages))
 
 
@@ -143,7 +143,7 @@ def _letter(topic: str, message: MessageTypeDef) -> DeadLetter:
     )
 
 
-async def dead_letters(broker: SqsBroker, topic: str, *, limit: int) -> list[DeadLetter]:
+async def dead_letters(broker: BrokerLink, topic: str, *, limit: int) -> list[DeadLetter]:
     """Up to ``limit`` dead letters, oldest first (by ``oncely-dead-lettered-at``), left in
     the DLQ."""
     _, dlq = await broker.queue_urls(topic)
@@ -155,7 +155,7 @@ async def dead_letters(broker: SqsBroker, topic: str, *, limit: int) -> list[Dea
     return letters[:limit]
 
 
-async def replay(broker: SqsBroker, topic: str, *, ids: list[str] | None) -> int:
+async def replay(broker: BrokerLink, topic: str, *, ids: list[str] | None) -> int:
     """Re-send the chosen dead letters to ``topic`` with a fresh attempt, then delete them."""
     url, dlq = await broker.queue_urls(topic)
     wanted = None if ids is None else set(ids)
