@@ -193,9 +193,9 @@ async def replay(broker: SqsBroker, topic: str, *, ids: list[str] | None) -> int
 async def purge(broker: SqsBroker, topic: str, *, older_than: float | None) -> int:
     """Delete the dead letters dead-lettered more than ``older_than`` seconds ago (all with
     ``None``); the others are made visible again."""
+    cutoff = None if older_than is None else time.time() - older_than
     _, dlq = await broker.queue_urls(topic)
     messages = await _scan(broker, dlq)
-    cutoff = None if older_than is None else time.time() - older_than
     doomed = [m for m in messages if cutoff is None or _letter(topic, m).failed_at < cutoff]
     kept = [m for m in messages if m not in doomed]
     purged = 0

@@ -127,8 +127,10 @@ async def test_list_show_purge_replay_on_every_broker(admin: tuple[Broker, str])
     assert shown.headers["x-app"] == "test"
     assert await broker.get(topic, "no-such-id") is None
 
-    # purge --older-than: only the letters before the boundary go
-    purged = await broker.purge(topic, older_than=time.time() - boundary - 0.5)
+    # purge --older-than: only the letters before the boundary go (the cutoff is midway
+    # between the batches, >= 0.5 s from each)
+    middle = (letters[2].failed_at + letters[3].failed_at) / 2
+    purged = await broker.purge(topic, older_than=time.time() - middle)
     assert purged == 3
     assert sorted(x.id for x in await broker.dead_letters(topic, limit=ALL)) == sorted(new)
 
