@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import sqlite3
 import subprocess
 import sys
@@ -316,3 +317,46 @@ def test_table_is_aligned_and_json_has_stable_keys() -> None:
         "headers",
     }
     assert letter_json(letters[0], now)["first_error"] is None
+
+
+def on_a_tty(*args: str, broker: str) -> str:
+    """Run ``oncely`` with stdout and stderr on a pseudo-terminal; return what it showed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "oncely.runtime.cli", *args, "--broker", broker],
+            stdout=follower,
+            stderr=follower,
+            env=env,
+            cwd=ROOT,
+        )
+    finally:
+        os.close(follower)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(leader)
+    assert proc.wait(timeout=60) == 0
+    return b"".join(chunks).decode()
+
+
+async def test_cli_on_a_tty_shows_a_table_and_progress(tmp_path: Path, unique: str) -> None:
+    url = f"sqlite:///{tmp_path / 'tty.db'}"
+    async with broker_from_url(url) as broker:
+        await dead_letter(broker, unique, {f"m{i}": b"{}" for i in range(3)}, "ValueError: x")
+    lines = on_a_tty("dlq", "list", unique, broker=url).splitlines()
+    assert lines[0].split()[:3] == ["ID", "ATTEMPT", "AGE"]
+    assert [line.split()[0] for line in lines[1:4]] == ["m0", "m1", "m2"]
+    shown = on_a_tty("dlq", "replay", unique, "--all", "--rate", "2/s", broker=url)
+    # chunks of 2 at 2/s: progress after each chunk, then the result
+    assert "replayed 2/3" in shown and "replayed 3/3" in shown
+    assert "replayed 3 message(s)" in shown
