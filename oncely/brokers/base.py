@@ -455,13 +455,16 @@ class DeadLetterAdmin(abc.ABC):
         *,
         rate: float | None = None,
         progress: Callable[[int, int], None] | None = None,
-        chunk: int = 100,
+        chunk: int = 500,
     ) -> int:
-        """``replay`` the given ids in chunks, at most ``rate`` messages a second.
+        """``replay`` the given ids in chunks (of ``chunk``, or ``rate`` when smaller), at most
+        ``rate`` messages a second on average. Returns how many moved.
 
         ``progress(done, total)`` is called after each chunk. An interruption (an error, a
         cancel) between chunks leaves the earlier chunks replayed and the rest dead letters,
-        so running it again with the ids still listed finishes the job.
+        so running it again with the ids still listed finishes the job. Each chunk is one
+        ``replay`` call: on brokers that must read the whole dead-letter queue to find ids
+        (SQS, Kafka, RabbitMQ) each chunk costs one such read.
         """
         size = max(1, min(chunk, int(rate))) if rate else max(1, chunk)
         loop = asyncio.get_running_loop()
