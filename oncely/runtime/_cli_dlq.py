@@ -277,9 +277,14 @@ async def _cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("purge --all deletes every dead letter of the topic; add --yes")
     older_than = None
     if args.older_than is not None:
-        older_than = parse_duration(args.older_than)
+        try:
+            older_than = parse_duration(args.older_than)
+        except ConfigError:
+            older_than = None
         if older_than is None:
-            raise ConfigError("--older-than needs a duration such as 7d")
+            raise ConfigError(
+                f"--older-than expects an age like 30s, 15m, 12h or 7d, got {args.older_than!r}"
+            )
     broker = _admin(settings)
     tty = sys.stderr.isatty()
     async with broker:

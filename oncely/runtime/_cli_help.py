@@ -45,9 +45,9 @@ DLQ_HELP = """\
 Inspect and act on the messages a topic's handlers dead-lettered (poison payloads, exhausted
 retries, oncely.Reject): list them, show one, replay them to the topic, purge old ones.
 
-On a TTY, list prints a table and long replays and purges show progress on stderr; otherwise
-list and show print JSON (one object per line) with stable keys, and nothing else goes to
-stdout but the result line of replay and purge."""
+On a TTY, list prints a table, replays show progress and purges a status line on stderr;
+otherwise list and show print JSON (one object per line) with stable keys, and nothing else
+goes to stdout but the result line of replay and purge."""
 
 DLQ_EPILOG = """\
 examples:

@@ -232,6 +232,9 @@ async def test_cli_commands_on_sqlite(tmp_path: Path, unique: str) -> None:
     assert out.returncode == 0 and "purged 2 " in out.stdout, out.stderr
     refused = oncely("dlq", "purge", topic, "--all", broker=url)
     assert refused.returncode == 2 and "--yes" in refused.stderr
+    for bad in ("forever", "soon"):
+        refused = oncely("dlq", "purge", topic, "--older-than", bad, broker=url)
+        assert refused.returncode == 2 and "like 30s, 15m, 12h or 7d" in refused.stderr
 
     # replay needs --id or --all
     bare = oncely("dlq", "replay", topic, broker=url)
