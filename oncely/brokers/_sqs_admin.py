@@ -196,8 +196,10 @@ async def purge(broker: SqsBroker, topic: str, *, older_than: float | None) -> i
     cutoff = None if older_than is None else time.time() - older_than
     _, dlq = await broker.queue_urls(topic)
     messages = await _scan(broker, dlq)
-    doomed = [m for m in messages if cutoff is None or _letter(topic, m).failed_at < cutoff]
-    kept = [m for m in messages if m not in doomed]
+    doomed: list[MessageTypeDef] = []
+    kept: list[MessageTypeDef] = []
+    for m in messages:
+        (doomed if cutoff is None or _letter(topic, m).failed_at < cutoff else kept).append(m)
     purged = 0
     try:
         for m in doomed:
