@@ -100,6 +100,8 @@ READ_DEAD_FOR_REPLAY = (
 
 DELETE_DEAD = "DELETE FROM oncely_dead_letters WHERE id = ?"
 
+PURGE_DEAD = "DELETE FROM oncely_dead_letters WHERE topic = ? AND failed_at < ?"
+
 ACK_BATCH = 400
 """Most acks deleted by one statement (two parameters each, well under SQLite's limit)."""
 

@@ -7,6 +7,9 @@ does not see those messages, and each listing adds one to their ``ApproximateRec
 (the DLQ has no redrive policy, so nothing moves because of it). A DLQ holding more than
 ``_SCAN_LIMIT`` messages is listed and replayed in part.
 
+Purge receives the same way and deletes each dead letter old enough, one by one (an
+interrupted purge has deleted some); the others are made visible again.
+
 Replay re-sends each chosen dead letter to the topic's queue without the dead-letter headers
 (so its attempt starts again at 1), then deletes it from the DLQ: a crash in between leaves a
 duplicate, never a loss. ``StartMessageMoveTask`` would move *every* message and cannot pick
@@ -32,7 +35,7 @@ from oncely.brokers._sqs_wire import (
     message_size,
     text_value,
 )
-from oncely.brokers.base import DeadLetter, Headers
+from oncely.brokers.base import DeadLetter, Headers, replayed_headers
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs.type_defs import MessageAttributeValueTypeDef, MessageTypeDef
@@ -166,13 +169,17 @@ async def replay(broker: BrokerLink, topic: str, *, ids: list[str] | None) -> in
     moved = 0
     try:
         for m in sorted(chosen, key=lambda m: _letter(topic, m).failed_at):
+            data = decode(m)
             attributes = {
                 k: v
                 for k, v in copy_attributes(m.get("MessageAttributes", {})).items()
                 if k not in _DEAD
             }
+            replay_marks = replayed_headers(
+                {Headers.REPLAY_COUNT: data.headers.get(Headers.REPLAY_COUNT, "0")}, time.time()
+            )
+            attributes = _fit(attributes, {k: _string(v) for k, v in replay_marks.items()})
             body = m.get("Body", "")
-            data = decode(m)
             out = Outgoing(data.id, body, attributes, message_size(body, attributes))
             group = data.headers.get(Headers.KEY) or data.id
             await broker._send(url, out, group=group if fifo else None, dedupe=uuid.uuid4().hex)
@@ -181,3 +188,23 @@ async def replay(broker: BrokerLink, topic: str, *, ids: list[str] | None) -> in
     finally:
         await _unhold(broker, dlq, others + chosen[moved:])
     return moved
+
+
+async def purge(broker: SqsBroker, topic: str, *, older_than: float | None) -> int:
+    """Delete the dead letters dead-lettered more than ``older_than`` seconds ago (all with
+    ``None``); the others are made visible again."""
+    cutoff = None if older_than is None else time.time() - older_than
+    _, dlq = await broker.queue_urls(topic)
+    messages = await _scan(broker, dlq)
+    doomed: list[MessageTypeDef] = []
+    kept: list[MessageTypeDef] = []
+    for m in messages:
+        (doomed if cutoff is None or _letter(topic, m).failed_at < cutoff else kept).append(m)
+    purged = 0
+    try:
+        for m in doomed:
+            await broker._delete(dlq, m["ReceiptHandle"])
+            purged += 1
+    finally:
+        await _unhold(broker, dlq, kept + doomed[purged:])
+    return purged

@@ -106,6 +106,7 @@ from oncely.brokers.base import (
     DeadLetterAdmin,
     Headers,
     check_headers,
+    replayed_headers,
 )
 from oncely.errors import ConnectionLost, PublishFailed
 
@@ -370,6 +371,7 @@ class AmqpBroker(Broker, DeadLetterAdmin):
                     table = own_headers(message.headers)
                     for name in _FRESH:
                         table.pop(name, None)
+                    table.update(replayed_headers(p.headers, time.time()))
                     table[Headers.MESSAGE_ID] = p.id
                     table.setdefault(Headers.PUBLISHED_AT, repr(p.enqueued_at))
                     await self._send(
@@ -382,6 +384,30 @@ class AmqpBroker(Broker, DeadLetterAdmin):
                     if wanted is not None:
                         wanted.discard(p.id)
         return moved
+
+    async def purge(self, topic: str, *, older_than: float | None = None) -> int:
+        """Delete dead letters older than ``older_than`` seconds (all with ``None``).
+
+        Each is fetched with ``basic.get`` and acked if old enough; the others stay unacked
+        and go back in place when the short-lived channel closes. Each delete is on its own,
+        so an interrupted purge has deleted some and left the rest.
+        """
+        await self._ensure_topology(topic)
+        connection = await self._connected()
+        cutoff = None if older_than is None else time.time() - older_than
+        purged = 0
+        with map_errors("admin"):
+            async with connection.channel(publisher_confirms=False) as channel:
+                queue = await channel.get_queue(dlq_name(topic), ensure=False)
+                while True:
+                    message = await queue.get(no_ack=False, fail=False, timeout=10)
+                    if message is None:
+                        break
+                    if cutoff is not None and _dead_letter(topic, message).failed_at >= cutoff:
+                        continue  # stays unacked; requeued in place when the channel closes
+                    await message.ack()
+                    purged += 1
+        return purged
 
 
 def _dead_letter(topic: str, message: AbstractIncomingMessage) -> DeadLetter:

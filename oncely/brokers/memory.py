@@ -45,6 +45,7 @@ from oncely.brokers.base import (
     Headers,
     Subscription,
     check_headers,
+    replayed_headers,
 )
 from oncely.errors import ConfigError, ConnectionLost
 
@@ -272,7 +273,8 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         ]
 
     async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
-        """Move dead letters back with attempt count 0; see ``DeadLetterAdmin``.
+        """Move dead letters back with attempt count 0, each atomically (nothing else runs on
+        the hub meanwhile); see ``DeadLetterAdmin``.
 
         A dead letter whose id is queued on the topic again stays where it is.
         """
@@ -284,9 +286,11 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         kept: list[_Dead] = []
         now = time.monotonic()
         moved = 0
+        wall = time.time()
         for d in t.dead:
             if (wanted is None or d.id in wanted) and d.id not in t.live:
-                rec = _Record(d.id, d.body, d.headers, d.enqueued_at, now)
+                headers = replayed_headers(d.headers, wall)
+                rec = _Record(d.id, d.body, headers, d.enqueued_at, now)
                 t.live[rec.id] = rec
                 hub.schedule(t, rec, now)
                 moved += 1
@@ -296,6 +300,18 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         if moved:
             wake_all(t.waiters)
         return moved
+
+    async def purge(self, topic: str, *, older_than: float | None = None) -> int:
+        """Delete dead letters older than ``older_than`` seconds (all with ``None``); see
+        ``DeadLetterAdmin``. Atomic: nothing else runs on the hub meanwhile."""
+        hub = self._require()
+        t = hub.topics.get(topic)
+        if t is None:
+            return 0
+        cutoff = None if older_than is None else time.time() - older_than
+        before = len(t.dead)
+        t.dead = [d for d in t.dead if cutoff is not None and d.failed_at >= cutoff]
+        return before - len(t.dead)
 
 
 class _MemorySubscription(LocalSubscription):

@@ -68,6 +68,7 @@ from oncely.brokers._sqlite_queue import (
     NACK_DEFER,
     NEXT_VISIBLE,
     PUBLISH,
+    PURGE_DEAD,
     READ_DEAD,
     READ_DEAD_FOR_REPLAY,
     RELEASE,
@@ -86,6 +87,7 @@ from oncely.brokers.base import (
     Delivery,
     Subscription,
     check_headers,
+    replayed_headers,
 )
 from oncely.errors import BrokerError, ConfigError, ConnectionLost, StoreUnavailable
 
@@ -300,7 +302,8 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         return [dead_letter(topic, row) for row in rows]
 
     async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
-        """Move dead letters back to ``topic`` with attempt count 0, in one transaction.
+        """Move dead letters back to ``topic`` with attempt count 0, in one transaction (all
+        or none of them move).
 
         A dead letter whose id is queued on the topic again stays in the dead-letter table.
         """
@@ -315,15 +318,20 @@ class SqliteBroker(Broker, DeadLetterAdmin):
             async with immediate(db, self._lock):
                 rows = await db.execute_fetchall(READ_DEAD_FOR_REPLAY.format(where=where), params)
                 for dead_id, mid, body, headers, enqueued_at in rows:
-                    cursor = await db.execute(
-                        PUBLISH, (mid, topic, body, headers, enqueued_at, now)
-                    )
+                    fresh = to_json(replayed_headers(decode_headers(headers), now))
+                    cursor = await db.execute(PUBLISH, (mid, topic, body, fresh, enqueued_at, now))
                     if cursor.rowcount:
                         await db.execute(DELETE_DEAD, (dead_id,))
                         moved += 1
         if moved:
             self._wake(topic)
         return moved
+
+    async def purge(self, topic: str, *, older_than: float | None = None) -> int:
+        """Delete dead letters older than ``older_than`` seconds (all with ``None``) in one
+        transaction; see ``DeadLetterAdmin``."""
+        cutoff = float("inf") if older_than is None else time.time() - older_than
+        return await self._exec(PURGE_DEAD, (topic, cutoff))
 
 
 class _SqliteSubscription(LocalSubscription):

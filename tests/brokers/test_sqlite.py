@@ -242,8 +242,12 @@ async def test_dead_letters_and_replay_survive_a_reopen(tmp_path: Path) -> None:
         assert await broker.dead_letters("t") == []
         async with broker.consume("t", prefetch=1, visibility=LONG) as sub:
             d = await next_within(sub)
-            # Replay restores the original headers, not the dead-letter annotations.
-            assert (d.id, d.body, dict(d.headers), d.attempt) == ("p", b"poison", {"h": "v"}, 1)
+            # Replay restores the original headers, not the dead-letter annotations, and
+            # marks the replay.
+            headers = dict(d.headers)
+            assert headers.pop("oncely-replay-count") == "1"
+            assert float(headers.pop("oncely-replayed-at")) > 0
+            assert (d.id, d.body, headers, d.attempt) == ("p", b"poison", {"h": "v"}, 1)
             await d.ack()
 
 
