@@ -151,7 +151,7 @@ async def replay_dead_letters(broker: BrokerLink, topic: str, ids: list[str] | N
     return len(chosen)
 
 
-async def purge_dead_letters(broker: KafkaBroker, topic: str, older_than: float | None) -> int:
+async def purge_dead_letters(broker: BrokerLink, topic: str, older_than: float | None) -> int:
     """Hide the dead letters of ``topic`` older than ``older_than`` seconds (all with
     ``None``) behind purge markers, in transactions. Returns how many were purged."""
     cutoff = None if older_than is None else time.time() - older_than

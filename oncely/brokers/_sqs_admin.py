@@ -190,7 +190,7 @@ async def replay(broker: BrokerLink, topic: str, *, ids: list[str] | None) -> in
     return moved
 
 
-async def purge(broker: SqsBroker, topic: str, *, older_than: float | None) -> int:
+async def purge(broker: BrokerLink, topic: str, *, older_than: float | None) -> int:
     """Delete the dead letters dead-lettered more than ``older_than`` seconds ago (all with
     ``None``); the others are made visible again."""
     cutoff = None if older_than is None else time.time() - older_than
