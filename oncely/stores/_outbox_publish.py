@@ -37,6 +37,7 @@ async def publish_rows(
     publish_timeout: float,
     retry_base: float,
     retry_cap: float,
+    deadline: float | None = None,
 ) -> tuple[list[int], list[Failure]]:
     """Publish ``rows`` (a claim, in id order) and return the ids sent and the failures.
 
@@ -45,7 +46,11 @@ async def publish_rows(
     strictly one after the other, each only after the broker confirmed the previous one; the
     first failure ends its key's run, so no later row of that key overtakes it. Every error
     (a broker error, a timeout, a bad header) is a failure to retry, never a reason to drop.
+
+    No row is started once the event loop's clock passes ``deadline``: the rows left are in
+    neither list, and the claim releases them for the next batch.
     """
+    loop = asyncio.get_running_loop()
     chains: dict[object, list[Row]] = {}
     for row in rows:
         chains.setdefault(row.key if row.key is not None else row.id, []).append(row)
@@ -54,6 +59,8 @@ async def publish_rows(
 
     async def run(chain: list[Row]) -> None:
         for row in chain:
+            if deadline is not None and loop.time() >= deadline:
+                return
             try:
                 async with asyncio.timeout(publish_timeout):
                     await broker.publish(

@@ -116,12 +116,17 @@ class OutboxRelay:
         self.publish_timeout = publish_timeout
         self.retry_base = retry_base
         self.retry_cap = retry_cap
-        # SQLite claims are leases: long enough for a batch whose keys all time out once.
+        # SQLite claims are leases that nobody renews, and a PostgreSQL claim is a transaction
+        # held open while publishing: a batch starts no publish after half the lease, so its
+        # last one ends (or times out) well within it. Otherwise a slow batch's rows would be
+        # claimed again by another relay while still being published (SQLite), or the claim
+        # would sit idle in its transaction for as long as one key's rows take.
         self.lease = max(60.0, 4 * publish_timeout)
         self.stats = RelayStats()
         self.idle = False
         """True while the relay waits for new rows (a notification or the next poll)."""
         self._tasks: list[asyncio.Task[None]] = []
+        self._cut_short = False
         self._loop_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
@@ -287,7 +292,7 @@ class OutboxRelay:
                 await self._sleep(delay)
                 continue
             failures = 0
-            if claimed >= self.batch and sent:
+            if (claimed >= self.batch or self._cut_short) and sent:
                 continue  # a backlog: the next batch at once
             if withheld:
                 # Rows wait for another relay to finish their key's older rows: look again
@@ -307,7 +312,9 @@ class OutboxRelay:
             StoreUnavailable, StoreError: the database failed; nothing was marked, so every
                 row of the batch is published again later.
         """
-        claim = await self.outbox.backend.claim(self.batch, self.lease)
+        lease = self.lease
+        deadline = asyncio.get_running_loop().time() + lease / 2
+        claim = await self.outbox.backend.claim(self.batch, lease)
         claimed = len(claim.rows) + claim.withheld
         try:
             sent, failed = await publish_rows(
@@ -316,10 +323,13 @@ class OutboxRelay:
                 publish_timeout=self.publish_timeout,
                 retry_base=self.retry_base,
                 retry_cap=self.retry_cap,
+                deadline=deadline,
             )
         except BaseException:
             await claim.abandon()
             raise
+        # Rows the deadline left unpublished are released by finish: take them next.
+        self._cut_short = len(sent) + len(failed) < len(claim.rows)
         await claim.finish(sent, failed)
         for failure in failed:
             log.warning("outbox row %d not published (%s)", failure.id, failure.error)

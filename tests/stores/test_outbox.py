@@ -412,3 +412,57 @@ async def test_the_relay_rides_out_a_database_outage(
     )
     assert sorted(got) == list(range(rows))
     assert all(got[n] == {ids[n]} for n in got)  # every copy of a row carried its one id
+
+
+async def test_sqlite_a_batch_slower_than_its_lease_stops_in_time_no_takeover(
+    tmp_path: Path, anyio_backend: object
+) -> None:
+    """A SQLite claim is a lease that nobody renews. A batch whose publishes outlast it would
+    be claimed again by a second relay while the first still publishes: every row of the key
+    twice, out of order. The relay stops starting publishes halfway through its lease and
+    releases the rest, so each row reaches the broker once, in order."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    ob = Outbox.from_url(url, table=table_name())
+    await ob.migrate()
+    user = UserDb(ob, url)
+    await user.open()
+    async with user.transaction() as conn:
+        for n in range(30):
+            await ob.add(conn, "t", {"n": n}, key="k")
+    await user.close()
+    published: list[int] = []
+
+    class Recording(RefusingBroker):
+        async def publish(
+            self,
+            topic: str,
+            body: bytes,
+            *,
+            headers: Any = None,
+            message_id: str | None = None,
+            delay: float = 0.0,
+        ) -> str:
+            mid = await super().publish(topic, body, headers=headers, message_id=message_id)
+            published.append(msgspec.json.decode(body)["n"])
+            return mid
+
+    # About 1.5 s of publishing for the key, against a 0.6 s lease.
+    broker = Recording(MemoryBroker(), slow=0.1)
+    relays = [
+        OutboxRelay(Outbox.from_url(url, table=ob.table), broker, batch=100, poll=0.02)
+        for _ in range(2)
+    ]
+    async with broker:
+        for relay in relays:
+            relay.lease = 0.6
+            await relay.start()
+        try:
+
+            async def all_sent_and_idle() -> bool:
+                return await relays[0].outbox.pending() == 0 and all(r.idle for r in relays)
+
+            await eventually_async(all_sent_and_idle, within=30)
+        finally:
+            for relay in relays:
+                await relay.stop()
+    assert published == list(range(30))
