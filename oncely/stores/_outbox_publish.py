@@ -18,12 +18,16 @@ MAX_ERROR = 1000
 
 
 def headers_for(row: Row) -> dict[str, str]:
-    """The headers a row is published with: the user's, plus ``oncely-key`` (the row's key,
-    else its stable message id, so a consumer's default key dedupes re-publishes) and
-    ``oncely-published-at`` (when the row was added)."""
+    """The headers a row is published with: the user's, plus ``oncely-published-at`` (when
+    the row was added) and the keys. A keyed row carries its key in ``oncely-key`` (brokers
+    that order by key group by it) and its stable message id in ``oncely-dedupe-key`` (a
+    consumer's default key source dedupes re-publishes of the row on it, and never takes two
+    rows of one key for one message). A row without a key carries its message id in
+    ``oncely-key``, which serves both (one header fewer, for SQS's small budget)."""
     headers = dict(row.headers)
     if row.key is not None:
         headers[Headers.KEY] = row.key
+        headers.setdefault(Headers.DEDUPE_KEY, row.message_id)
     else:
         headers.setdefault(Headers.KEY, row.message_id)
     headers.setdefault(Headers.PUBLISHED_AT, repr(row.created_at))

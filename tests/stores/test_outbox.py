@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import msgspec
 import pytest
 
+import oncely
 from oncely.brokers.base import Broker, Delivery, Headers, Subscription
 from oncely.brokers.memory import MemoryBroker
 from oncely.brokers.sqlite import SqliteBroker
@@ -466,3 +467,40 @@ async def test_sqlite_a_batch_slower_than_its_lease_stops_in_time_no_takeover(
             for relay in relays:
                 await relay.stop()
     assert published == list(range(30))
+
+
+async def test_distinct_messages_under_one_key_each_run_once_at_a_default_consumer(
+    db: UserDb,
+) -> None:
+    """``key`` orders several distinct messages ("placed", then "shipped" for one order); a
+    consumer with the default key source runs each once, and absorbs a re-publish of either
+    (the relay's crash window: published, not marked)."""
+    ob = db.outbox
+    ids = []
+    for event in ("placed", "shipped"):
+        async with db.transaction() as conn:
+            ids.append(await ob.add(conn, "orders", {"event": event}, key="order-1"))
+    effects: list[str] = []
+    keys: list[str | None] = []
+    app = oncely.App("orders-consumer")
+
+    @app.handler("orders", idempotent=True, concurrency=1)
+    async def on_order(payload: dict[str, str], ctx: oncely.Context) -> None:
+        effects.append(payload["event"])
+        keys.append(ctx.delivery.headers.get(Headers.KEY))
+
+    broker = MemoryBroker()
+    async with broker, oncely.Worker(app, broker=broker, store=f"memory://{ob.table}") as worker:
+
+        def settled() -> int:
+            s = worker.stats
+            return s.processed + s.duplicates + s.dead_lettered
+
+        async with OutboxRelay(ob, broker, poll=0.05):
+            await eventually(lambda: settled() == 2)
+            # Both rows again, with the same ids: as after a relay died before its mark.
+            await db.conn.execute(f"UPDATE {ob.table} SET sent_at = NULL")
+            await eventually(lambda: settled() == 4)
+    assert effects == ["placed", "shipped"]
+    assert keys == ["order-1", "order-1"]  # still the key brokers group and order by
+    assert worker.stats.duplicates == 2 and worker.stats.dead_lettered == 0
