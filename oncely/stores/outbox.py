@@ -31,7 +31,8 @@ however many relays run. That is order *at the broker*; a consumer sees it only 
 consumes in order (one consumer per queue on RabbitMQ, or handler concurrency 1). Rows without
 a key are not ordered. One key spans several distinct messages ("placed", then "shipped"), so
 the consumer's default key source dedupes on each row's ``oncely-dedupe-key``, not on the key;
-``key="header:oncely-key"`` at the consumer dedupes on the key instead. See ``_outbox_pg`` and ``_outbox_sqlite`` for how claims keep the order.
+``key="header:oncely-key"`` at the consumer dedupes on the key instead. See ``_outbox_pg``
+and ``_outbox_sqlite`` for how claims keep the order.
 
 **The relay** claims batches (PostgreSQL: ``FOR UPDATE SKIP LOCKED`` in a transaction; SQLite:
 a lease stamped by one ``UPDATE ... RETURNING``), publishes them through the broker waiting for
