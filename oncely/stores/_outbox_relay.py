@@ -189,12 +189,12 @@ class OutboxRelay:
             if task is not self._loop_task:
                 task.cancel()
         if self._loop_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._loop_task), grace)
-            except TimeoutError:
+            # asyncio.wait, not wait_for(shield(...)): a stop(0) meanwhile cancels the loop
+            # task, and that must end this wait, not raise CancelledError out of this stop()
+            # before it closed anything (the caller and stop(0) would then wait forever).
+            done, _ = await asyncio.wait({self._loop_task}, timeout=grace)
+            if not done:
                 log.warning("outbox relay: batch still in flight after %ss; cancelling", grace)
-            except Exception:
-                pass  # logged by the supervisor
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

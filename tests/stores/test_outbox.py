@@ -504,3 +504,43 @@ async def test_distinct_messages_under_one_key_each_run_once_at_a_default_consum
     assert effects == ["placed", "shipped"]
     assert keys == ["order-1", "order-1"]  # still the key brokers group and order by
     assert worker.stats.duplicates == 2 and worker.stats.dead_lettered == 0
+
+
+async def test_a_second_stop_with_no_grace_stops_a_relay_stuck_in_a_batch(
+    tmp_path: Path, anyio_backend: object
+) -> None:
+    """The CLI's second signal: ``stop(0)`` while a ``stop(grace)`` waits for a batch whose
+    publish hangs. Both return, the relay is stopped, and the batch is released unsent."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    ob = Outbox.from_url(url, table=table_name())
+    await ob.migrate()
+    user = UserDb(ob, url)
+    await user.open()
+    async with user.transaction() as conn:
+        await ob.add(conn, "t", {"n": 1}, key="k")
+    await user.close()
+    hung = asyncio.Event()
+
+    class Hanging(RefusingBroker):
+        async def publish(self, topic: str, body: bytes, **kwargs: Any) -> str:
+            hung.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+    broker = Hanging(MemoryBroker())
+    relay = OutboxRelay(ob, broker, poll=0.05, publish_timeout=3600)
+    async with broker:
+        await relay.start()
+        async with asyncio.timeout(10):
+            await hung.wait()
+        first = asyncio.ensure_future(relay.stop(grace=3600))
+        await eventually(lambda: relay._stopping is not None and relay._stopping.is_set())
+        async with asyncio.timeout(10):
+            await relay.stop(0)
+            await first
+            await relay.wait_stopped()
+    assert relay.stats.published == 0
+    async with Outbox.from_url(url, table=ob.table) as check:
+        assert await check.pending() == 1
+        (row,) = (await check.backend.claim(10, 60)).rows  # released: claimable at once
+        assert row.key == "k"
