@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -544,3 +545,44 @@ async def test_a_second_stop_with_no_grace_stops_a_relay_stuck_in_a_batch(
         assert await check.pending() == 1
         (row,) = (await check.backend.claim(10, 60)).rows  # released: claimable at once
         assert row.key == "k"
+
+
+async def test_cli_sigterm_while_the_relay_is_still_connecting_exits_0(
+    anyio_backend: object,
+) -> None:
+    """A pod stopped while its relay starts: the database accepts the connection but never
+    answers (the relay is inside ``start()``). SIGTERM gives up the start and exits 0,
+    instead of killing the process with the default action."""
+    accepted = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def black_hole(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        accepted.set()
+
+    server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
+    cmd = [
+        sys.executable, "-m", "oncely", "outbox", "relay", "--broker", "memory://",
+        "--db", f"postgresql://oncely:oncely@127.0.0.1:{port}/oncely",
+    ]  # fmt: skip
+    proc = spawn(cmd, env)
+    try:
+        async with asyncio.timeout(60):
+            await accepted.wait()
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for writer in held:
+            writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+def spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
