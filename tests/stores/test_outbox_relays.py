@@ -100,7 +100,7 @@ def spawn_relay(ob: Outbox, batch: int) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "oncely", "outbox", "relay", "--db", PG_URL,
         "--table", ob.table, "--broker", AMQP_URL, "--batch", str(batch),
-        "--poll", "0.2", "--log-level", "WARNING",
+        "--poll", "0.2", "--log-level", "INFO",
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE)
 
@@ -273,6 +273,8 @@ async def test_per_key_order_at_the_consumer_with_two_relay_processes(
             # A backlog, then more added while both relays run, in small transactions.
             await add_rows(outbox, rows[: len(rows) // 2])
             procs = [spawn_relay(outbox, batch=20) for _ in range(2)]
+            for p in procs:  # both claim, and both can take the SIGTERM at the end
+                await until_started(p)
             await add_rows(outbox, rows[len(rows) // 2 :])
 
             async def all_consumed() -> bool:
