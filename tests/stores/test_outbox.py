@@ -586,3 +586,41 @@ async def test_cli_sigterm_while_the_relay_is_still_connecting_exits_0(
 
 def spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+
+
+async def test_postgresql_a_failed_row_backs_off_from_when_it_failed_not_from_the_claim(
+    anyio_backend: object,
+) -> None:
+    """The claim transaction stays open while its batch publishes; a failure's backoff (and
+    a mark) must count from the moment it is recorded, not from the claim's ``now()``."""
+    ob = Outbox.from_url(PG_URL, table=table_name())
+    await ob.migrate()
+    user = UserDb(ob, PG_URL)
+    await user.open()
+    release = asyncio.Event()
+
+    class Gated(RefusingBroker):
+        async def publish(self, topic: str, body: bytes, **kwargs: Any) -> str:
+            if topic == "slow":
+                await release.wait()
+            return await super().publish(topic, body, **kwargs)
+
+    try:
+        async with user.transaction() as conn:
+            await ob.add(conn, "slow", {"n": 1}, key="a")
+            await ob.add(conn, "bad", {"n": 2}, key="b")
+        broker = Gated(MemoryBroker(), refuse={"bad"})
+        relay = OutboxRelay(ob, broker, poll=0.05, retry_base=3600, retry_cap=3600)
+        async with broker, relay:
+            await eventually(lambda: broker.refused == 1)
+            # The failure happened after this instant, inside the claim still held open.
+            after_failure = await user.conn.fetchval("SELECT clock_timestamp()")
+            release.set()
+            await eventually(lambda: relay.stats.published == 1)
+        available_at = await user.conn.fetchval(
+            f"SELECT available_at FROM {ob.table} WHERE topic = 'bad'"
+        )
+        assert (available_at - after_failure).total_seconds() >= 3600
+    finally:
+        await user.close()
+        await drop(ob)
