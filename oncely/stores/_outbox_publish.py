@@ -55,6 +55,7 @@ async def publish_rows(
     neither list, and the claim releases them for the next batch.
     """
     loop = asyncio.get_running_loop()
+    retry = (retry_base, retry_cap)
     chains: dict[object, list[Row]] = {}
     for row in rows:
         chains.setdefault(row.key if row.key is not None else row.id, []).append(row)
@@ -64,6 +65,9 @@ async def publish_rows(
     async def run(chain: list[Row]) -> None:
         for row in chain:
             if deadline is not None and loop.time() >= deadline:
+                return
+            if row.error is not None:
+                failed.append(Failure(row.id, row.error, backoff(row.attempts + 1, *retry)))
                 return
             try:
                 async with asyncio.timeout(publish_timeout):
@@ -75,9 +79,7 @@ async def publish_rows(
                     )
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
-                failed.append(
-                    Failure(row.id, error, backoff(row.attempts + 1, retry_base, retry_cap))
-                )
+                failed.append(Failure(row.id, error, backoff(row.attempts + 1, *retry)))
                 return
             sent.append(row.id)
 

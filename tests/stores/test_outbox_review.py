@@ -257,3 +257,42 @@ async def test_postgresql_a_failed_row_backs_off_from_when_it_failed_not_from_th
     finally:
         await user.close()
         await drop(ob)
+
+
+async def test_a_row_with_undecodable_headers_fails_alone_and_does_not_stop_the_outbox(
+    db: UserDb,
+) -> None:
+    """A row written around ``add`` (a migration, hand-written SQL) with headers that are not
+    a JSON object of strings: it is recorded as failed, holding back its own key only, and
+    the rows after it are published."""
+    ob = db.outbox
+    bad = '{"x-count": 1}'
+    async with db.transaction() as conn:
+        if ob.dialect == "postgresql":
+            await conn.execute(
+                f"INSERT INTO {ob.table} (message_id, topic, key, headers, body)"
+                " VALUES ('bad', 't', 'k1', $1::jsonb, '\\x7b7d')",
+                bad,
+            )
+        else:
+            await conn.execute(
+                f"INSERT INTO {ob.table} (message_id, topic, key, headers, body, created_at)"
+                " VALUES ('bad', 't', 'k1', ?, x'7b7d', 0)",
+                (bad,),
+            )
+        await ob.add(conn, "t", {"n": 1}, key="k2")
+        await ob.add(conn, "t", {"n": 2})
+    broker = MemoryBroker()
+    async with broker, OutboxRelay(ob, broker, poll=0.05, retry_base=3600, retry_cap=3600):
+        async with broker.consume("t", prefetch=10, visibility=30) as sub:
+            got = []
+            async with asyncio.timeout(10):
+                for _ in range(2):
+                    d = await sub.__anext__()
+                    await d.ack()
+                    got.append(msgspec.json.decode(d.body)["n"])
+    assert sorted(got) == [1, 2]
+    rows = await db.fetch(f"SELECT sent_at IS NULL, attempts, last_error FROM {ob.table}")
+    unsent = [r for r in rows if r[0]]
+    assert len(unsent) == 1 and unsent[0][1] == 1
+    assert "undecodable headers" in unsent[0][2]
