@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from oncely.brokers.registry import broker_from_url
-from oncely.errors import ConfigError
+from oncely.errors import ConfigError, OncelyError
 from oncely.stores._outbox_base import DEFAULT_TABLE, backoff
 from oncely.stores._outbox_publish import publish_rows
 from oncely.stores._outbox_table import Outbox
@@ -280,7 +280,14 @@ class OutboxRelay:
                 failures += 1
                 self.stats.errors += 1
                 delay = backoff(failures, self.retry_base, self.retry_cap)
-                log.warning("outbox relay: %s; retrying in %.1fs", exc, delay)
+                # A database or broker error is expected here; anything else is a bug, and
+                # this loop is the only place that sees it: keep its traceback.
+                log.warning(
+                    "outbox relay: %s; retrying in %.1fs",
+                    exc,
+                    delay,
+                    exc_info=not isinstance(exc, OncelyError),
+                )
                 await self._sleep(delay)
                 continue
             if failed and not sent:
@@ -353,4 +360,8 @@ class OutboxRelay:
                         break
                     await asyncio.sleep(0)
             except Exception as exc:
-                log.warning("outbox retention sweep failed (%s); trying again later", exc)
+                log.warning(
+                    "outbox retention sweep failed (%s); trying again later",
+                    exc,
+                    exc_info=not isinstance(exc, OncelyError),
+                )

@@ -296,3 +296,30 @@ async def test_a_row_with_undecodable_headers_fails_alone_and_does_not_stop_the_
     unsent = [r for r in rows if r[0]]
     assert len(unsent) == 1 and unsent[0][1] == 1
     assert "undecodable headers" in unsent[0][2]
+
+
+async def test_an_unexpected_error_in_the_relay_loop_is_logged_with_its_traceback(
+    tmp_path: Path, anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The relay loop retries every failure itself, so the supervisor never sees it: a bug
+    (not a database or broker error) must still reach the log with its traceback."""
+    ob = Outbox.from_url(f"sqlite:///{tmp_path / 'app.db'}", table=table_name())
+    broker = MemoryBroker()
+    relay = OutboxRelay(ob, broker, poll=0.05, retry_base=0.05)
+    async with broker, relay:
+        backend: Any = ob.backend
+        real = backend.claim
+        calls = 0
+
+        async def claim_with_a_bug(limit: int, lease: float) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ZeroDivisionError("a bug")
+            return await real(limit, lease)
+
+        backend.claim = claim_with_a_bug
+        relay._wake.set()  # type: ignore[union-attr]
+        await eventually(lambda: calls >= 2)
+    bugs = [r for r in caplog.records if r.exc_info and r.exc_info[0] is ZeroDivisionError]
+    assert len(bugs) == 1 and relay.stats.errors == 1
