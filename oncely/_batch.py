@@ -84,6 +84,7 @@ class GroupCommit(Generic[T, R]):
                     for _, fut in batch:
                         _fail(fut, exc)
                     continue
+                abandoned: list[tuple[T, R]] = []
                 for (item, fut), outcome in zip(batch, outcomes, strict=True):
                     if isinstance(outcome, Exception):
                         if not fut.done():
@@ -91,8 +92,13 @@ class GroupCommit(Generic[T, R]):
                     elif not fut.done():
                         fut.set_result(outcome)
                     elif self._abandoned is not None:
-                        await self._abandoned(item, outcome)
+                        abandoned.append((item, outcome))
                 batch = []
+                # Only after every waiter has its answer: a give-back is a statement of its
+                # own (and may wait for a pooled connection).
+                give_back = self._abandoned
+                for item, outcome in abandoned if give_back is not None else ():
+                    await give_back(item, outcome)
         except BaseException:
             # This task was cancelled (the loop is shutting down): nobody writes these now.
             for _, fut in (*batch, *self._queue):

@@ -108,6 +108,7 @@ class Pipeliner(Generic[T, R]):
                 for _, fut in batch:
                     _fail(fut, exc)
                 return
+            abandoned: list[tuple[T, R]] = []
             for (item, fut), outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, Exception):
                     if not fut.done():
@@ -115,7 +116,11 @@ class Pipeliner(Generic[T, R]):
                 elif not fut.done():
                     fut.set_result(outcome)
                 elif self._abandoned is not None:
-                    await self._abandoned(item, outcome)
+                    abandoned.append((item, outcome))
+            # Only after every waiter has its answer: a give-back is a round trip of its own.
+            give_back = self._abandoned
+            for item, outcome in abandoned if give_back is not None else ():
+                await give_back(item, outcome)
         except BaseException:
             # Cancelled (the loop is shutting down): nobody writes these now.
             for _, fut in batch:
