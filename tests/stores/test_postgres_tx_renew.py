@@ -1,0 +1,64 @@
+"""A heartbeat renewal that meets the end of a PostgreSQL transaction is not a lost lease.
+
+The runtime renews a transactional handler's lease until the handler's ``async with
+store.transaction(...)`` has exited. Once the transaction committed, the row is completed and a
+renewal changes nothing; it must not raise ``LeaseLost`` (the heartbeat would cancel the handler
+and report a committed message as taken over) at any point before the context has exited.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+import oncely.stores._postgres_tx as postgres_tx
+from oncely.stores.base import Begin, Outcome
+from oncely.stores.postgres import PostgresStore
+
+URL = os.environ.get("ONCELY_TEST_POSTGRES_URL", "postgresql://oncely:oncely@127.0.0.1:5432/oncely")
+
+
+@pytest.fixture
+async def store(unique: str, anyio_backend: object) -> AsyncIterator[PostgresStore]:
+    table = f"oncely_{unique.replace('-', '_')}"
+    async with PostgresStore.from_url(f"{URL}?table={table}&pool_max=3") as store:
+        yield store
+    conn = await asyncpg.connect(URL)
+    try:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.anyio
+async def test_a_renewal_after_commit_but_before_the_context_exits_is_not_lease_lost(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    begun = await store.begin("k", "fp", 30.0)
+    assert begun.outcome is Outcome.NEW and begun.token
+    token = begun.token
+    renewals: list[BaseException | None] = []
+    real_release = postgres_tx.release_quietly
+
+    async def release_after_a_renewal(pool: Any, conn: Any) -> None:
+        # The transaction has committed; its connection goes back to the pool next. A
+        # heartbeat that renews now is what the runtime does until the context has exited.
+        # (Once: the renewal's own connection comes back through here too.)
+        if not renewals:
+            renewals.append(None)
+            try:
+                await store.renew("k", token, 30.0)
+            except BaseException as exc:
+                renewals[0] = exc
+        await real_release(pool, conn)
+
+    monkeypatch.setattr(postgres_tx, "release_quietly", release_after_a_renewal)
+    async with store.transaction("k", token, 60.0) as tx:
+        tx.result = b"done"
+    monkeypatch.undo()
+    assert renewals == [None]
+    assert await store.begin("k", "fp", 30.0) == Begin(Outcome.COMPLETED, result=b"done")
