@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 import oncely.stores._postgres_tx as postgres_tx
+from oncely._postgres import release_quietly
 from oncely.stores.base import Begin, Outcome
 from oncely.stores.postgres import PostgresStore
 
@@ -42,7 +43,7 @@ async def test_a_renewal_after_commit_but_before_the_context_exits_is_not_lease_
     assert begun.outcome is Outcome.NEW and begun.token
     token = begun.token
     renewals: list[BaseException | None] = []
-    real_release = postgres_tx.release_quietly
+    real_release = release_quietly
 
     async def release_after_a_renewal(pool: Any, conn: Any) -> None:
         # The transaction has committed; its connection goes back to the pool next. A
