@@ -1,4 +1,9 @@
-"""A heartbeat renewal that meets the end of a PostgreSQL transaction is not a lost lease.
+"""Edges of PostgreSQL's transactional mode: when the lease ends, and when a renewal meets the
+end of a transaction.
+
+A transaction whose lease ran out, but which no other worker took over, still commits: no one
+else ran the handler, so its effect is the only one (the completion checks the token, not the
+clock).
 
 The runtime renews a transactional handler's lease until the handler's ``async with
 store.transaction(...)`` has exited. Once the transaction committed, the row is completed and a
@@ -9,9 +14,11 @@ and report a committed message as taken over) at any point before the context ha
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 
@@ -23,16 +30,50 @@ from oncely.stores.postgres import PostgresStore
 URL = os.environ.get("ONCELY_TEST_POSTGRES_URL", "postgresql://oncely:oncely@127.0.0.1:5432/oncely")
 
 
-@pytest.fixture
-async def store(unique: str, anyio_backend: object) -> AsyncIterator[PostgresStore]:
-    table = f"oncely_{unique.replace('-', '_')}"
-    async with PostgresStore.from_url(f"{URL}?table={table}&pool_max=3") as store:
-        yield store
+async def sql(query: str, *args: Any) -> list[Any]:
     conn = await asyncpg.connect(URL)
     try:
-        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        rows: list[Any] = await conn.fetch(query, *args)
+        return rows
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def table(unique: str) -> str:
+    return f"oncely_{unique.replace('-', '_')}"
+
+
+@pytest.fixture
+async def store(table: str, anyio_backend: object) -> AsyncIterator[PostgresStore]:
+    async with PostgresStore.from_url(f"{URL}?table={table}&pool_max=3") as store:
+        yield store
+    await sql(f"DROP TABLE IF EXISTS {table}")
+    await sql(f"DROP TABLE IF EXISTS {table}_effects")
+
+
+@pytest.mark.anyio
+async def test_a_lease_that_ran_out_unclaimed_still_commits_its_transaction(
+    store: PostgresStore, table: str
+) -> None:
+    effects = f"{table}_effects"
+    await sql(f"CREATE TABLE {effects} (key text NOT NULL)")
+    begun = await store.begin("k", "fp", 0.2)
+    assert begun.outcome is Outcome.NEW and begun.token
+    async with store.transaction("k", begun.token, 60.0) as tx:
+        await tx.connection.execute(f"INSERT INTO {effects} VALUES ('k')")
+
+        async def lease_over() -> bool:
+            [row] = await sql(f"SELECT lease_until <= statement_timestamp() FROM {table}")
+            return bool(row[0])
+
+        deadline = time.monotonic() + 10
+        while not await lease_over():
+            assert time.monotonic() < deadline, "the lease did not run out"
+            await anyio.sleep(0.05)
+        tx.result = b"late"
+    assert await store.begin("k", "fp", 30.0) == Begin(Outcome.COMPLETED, result=b"late")
+    assert [tuple(r) for r in await sql(f"SELECT key FROM {effects}")] == [("k",)]
 
 
 @pytest.mark.anyio
