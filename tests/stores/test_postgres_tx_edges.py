@@ -104,3 +104,34 @@ async def test_a_renewal_after_commit_but_before_the_context_exits_is_not_lease_
     monkeypatch.undo()
     assert renewals == [None]
     assert await store.begin("k", "fp", 30.0) == Begin(Outcome.COMPLETED, result=b"done")
+
+
+@pytest.mark.anyio
+async def test_more_transactions_than_pooled_connections_queue_and_all_commit(
+    table: str, anyio_backend: object
+) -> None:
+    # pool_max=2: one connection for transactions, one held back. Each transaction renews
+    # its lease and begins another key from inside (what the heartbeat and other messages
+    # do meanwhile): none of that may wait for a connection a transaction holds.
+    effects = f"{table}_effects"
+    await sql(f"CREATE TABLE {effects} (key text NOT NULL)")
+    async with PostgresStore.from_url(f"{URL}?table={table}&pool_max=2&command_timeout=5") as store:
+
+        async def handle(n: int) -> None:
+            begun = await store.begin(f"k{n}", "fp", 30.0)
+            assert begun.outcome is Outcome.NEW and begun.token
+            async with store.transaction(f"k{n}", begun.token, 60.0) as tx:
+                await tx.connection.execute(f"INSERT INTO {effects} VALUES ($1)", f"k{n}")
+                await store.renew(f"k{n}", begun.token, 30.0)
+                assert (await store.begin(f"k{n}", "fp", 30.0)).outcome is Outcome.IN_PROGRESS
+                tx.result = str(n).encode()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for n in range(6):
+                    tg.start_soon(handle, n)
+        for n in range(6):
+            assert await store.begin(f"k{n}", "fp", 30.0) == Begin(
+                Outcome.COMPLETED, result=str(n).encode()
+            )
+    assert len(await sql(f"SELECT key FROM {effects}")) == 6
