@@ -8,7 +8,7 @@ import copy
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-__all__ = ["GroupCommit", "copy_error"]
+__all__ = ["GroupCommit", "answer", "copy_error", "fail_all"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -81,18 +81,16 @@ class GroupCommit(Generic[T, R]):
                 try:
                     outcomes = await self._write([item for item, _ in batch])
                 except Exception as exc:
-                    for _, fut in batch:
-                        _fail(fut, exc)
+                    fail_all(batch, exc)
                     continue
-                for (item, fut), outcome in zip(batch, outcomes, strict=True):
-                    if isinstance(outcome, Exception):
-                        if not fut.done():
-                            fut.set_exception(outcome)
-                    elif not fut.done():
-                        fut.set_result(outcome)
-                    elif self._abandoned is not None:
-                        await self._abandoned(item, outcome)
+                answered = answer(batch, outcomes)
                 batch = []
+                # Only after every waiter has its answer: a give-back is a statement of its
+                # own (and may wait for a pooled connection).
+                give_back = self._abandoned
+                if give_back is not None:
+                    for item, value in answered:
+                        await give_back(item, value)
         except BaseException:
             # This task was cancelled (the loop is shutting down): nobody writes these now.
             for _, fut in (*batch, *self._queue):
@@ -103,9 +101,32 @@ class GroupCommit(Generic[T, R]):
             self._task = None
 
 
-def _fail(fut: asyncio.Future[R], exc: Exception) -> None:
-    if not fut.done():
-        fut.set_exception(copy_error(exc))
+def answer(
+    batch: list[tuple[T, asyncio.Future[R]]], outcomes: list[R | Exception]
+) -> list[tuple[T, R]]:
+    """Give each waiter of ``batch`` its outcome (a value, or an exception for it alone).
+
+    Returns:
+        The items, with their values, whose waiter stopped waiting (was cancelled) first:
+        what nobody will use, for the caller to give back.
+    """
+    abandoned: list[tuple[T, R]] = []
+    for (item, fut), outcome in zip(batch, outcomes, strict=True):
+        if fut.done():
+            if not isinstance(outcome, Exception):
+                abandoned.append((item, outcome))
+        elif isinstance(outcome, Exception):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)
+    return abandoned
+
+
+def fail_all(batch: list[tuple[T, asyncio.Future[R]]], exc: Exception) -> None:
+    """Fail every waiter of ``batch`` still waiting, each with its own copy of ``exc``."""
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(copy_error(exc))
 
 
 def copy_error(exc: E) -> E:

@@ -229,6 +229,9 @@ def unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means the server cannot be reached or cannot serve us now."""
     if isinstance(exc, OSError | TimeoutError):
         return True
+    if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        # target_session_attrs=read-write found only a standby: a failover in progress.
+        return True
     if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.ConnectionDoesNotExistError):
         return True
     if isinstance(exc, asyncpg.InterfaceError):
@@ -265,7 +268,13 @@ def map_errors(
     """
     try:
         yield
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+    except (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        OSError,
+        TimeoutError,
+    ) as exc:
         message = f"{what}: {type(exc).__name__}: {exc}"
         if isinstance(exc, _REFUSED):
             raise refused(message) from exc

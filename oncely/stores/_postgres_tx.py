@@ -49,28 +49,35 @@ async def completing_transaction(
     asyncpg's session reset before giving the connection back (the store's own pool skips it
     on release).
     """
-    async with acquired(pool, limit) as conn:
-        with map_errors():
-            tr = conn.transaction()
-            await tr.start()
-        try:
-            tx = StoreTransaction(conn)
-            yield tx
-            finishing.add((key, token))
+    entry = (key, token)
+    try:
+        async with acquired(pool, limit) as conn:
             with map_errors():
-                status = await conn.execute(complete_sql, key, token, tx.result, ttl, timeout=limit)
-            if status != "UPDATE 1":
-                raise LeaseLost(f"lease on key {key!r} was lost during the transaction")
-            with map_errors():
-                await asyncio.shield(tr.commit())
-        except BaseException:
-            await asyncio.shield(rollback_quietly(conn, tr))
-            raise
-        finally:
-            finishing.discard((key, token))
-            if reset:
-                # The handler may have changed the session (SET, LISTEN, advisory locks).
-                await asyncio.shield(_reset_session(conn))
+                tr = conn.transaction()
+                await tr.start()
+            try:
+                tx = StoreTransaction(conn)
+                yield tx
+                finishing.add(entry)
+                with map_errors():
+                    status = await conn.execute(
+                        complete_sql, key, token, tx.result, ttl, timeout=limit
+                    )
+                if status != "UPDATE 1":
+                    raise LeaseLost(f"lease on key {key!r} was lost during the transaction")
+                with map_errors():
+                    await asyncio.shield(tr.commit())
+            except BaseException:
+                await asyncio.shield(rollback_quietly(conn, tr))
+                raise
+            finally:
+                if reset:
+                    # The handler may have changed the session (SET, LISTEN, advisory locks).
+                    await asyncio.shield(_reset_session(conn))
+    finally:
+        # Last, with no await after it: the runtime renews the lease until this context has
+        # exited, and a renewal that finds the row completed must not read as a lost lease.
+        finishing.discard(entry)
 
 
 async def keep_session(conn: Any) -> None:

@@ -14,10 +14,11 @@ to keep.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from oncely._batch import answer, fail_all
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -105,32 +106,16 @@ class Pipeliner(Generic[T, R]):
             try:
                 outcomes = await self._write([item for item, _ in batch])
             except Exception as exc:
-                for _, fut in batch:
-                    _fail(fut, exc)
+                fail_all(batch, exc)
                 return
-            for (item, fut), outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    if not fut.done():
-                        fut.set_exception(outcome)
-                elif not fut.done():
-                    fut.set_result(outcome)
-                elif self._abandoned is not None:
-                    await self._abandoned(item, outcome)
+            answered = answer(batch, outcomes)
+            # Only after every waiter has its answer: a give-back is a round trip of its own.
+            give_back = self._abandoned
+            if give_back is not None:
+                for item, value in answered:
+                    await give_back(item, value)
         except BaseException:
             # Cancelled (the loop is shutting down): nobody writes these now.
             for _, fut in batch:
                 fut.cancel()
             raise
-
-
-def _fail(fut: asyncio.Future[R], exc: Exception) -> None:
-    """Fail one waiter with its own copy of the batch's error (each raise appends its frames
-    to the traceback of the instance it raises)."""
-    if fut.done():
-        return
-    try:
-        err = copy.copy(exc)
-    except Exception:
-        err = exc
-    err.__cause__ = exc.__cause__
-    fut.set_exception(err)

@@ -49,10 +49,12 @@ no more:
   key. The guard is checked, and the row locked, by that ``UPDATE``; the lock is held until
   ``COMMIT``. A worker that took the key over (the lease ran out) changed the token first, so
   the old transaction's ``UPDATE`` matches nothing: ``LeaseLost``, and it rolls back, its
-  effect with it. If the old transaction got there first, the takeover's ``INSERT ... ON
-  CONFLICT`` waits for that ``COMMIT`` and then finds the key completed. Only one
-  ``running -> completed`` step can succeed per claim, and a completed key is never claimed
-  again until its ``result_ttl`` has run out.
+  effect with it. If the old transaction got there first, a claim skips the row it keeps
+  locked until ``COMMIT`` (``SKIP LOCKED``) and answers ``IN_PROGRESS``; the retry finds the
+  key completed. Only one ``running -> completed`` step can succeed per claim, and a
+  completed key is never claimed again until its ``result_ttl`` has run out. A transaction
+  whose lease ran out but which nobody took over still commits (the ``UPDATE`` checks the
+  token, not the clock): no other worker ran the handler, so its effect is the only one.
 - A worker that dies anywhere before ``COMMIT`` leaves nothing: PostgreSQL rolls the
   transaction back when the connection goes. Its lease then runs out and another worker runs
   the handler. A connection lost *during* ``COMMIT`` leaves an unknown outcome, reported as
