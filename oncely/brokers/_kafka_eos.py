@@ -248,7 +248,9 @@ class ExactlyOnce:
             txn.count = 0
 
     async def _commit(self, txn: _Txn, track: PartitionTrack) -> None:
-        point = track.commit_point()
+        # Not commit_point(): a record settled while this flush awaited is done, but its
+        # outputs wait for the next advance; committing past it would drop them.
+        point = track.head()
         with map_errors(f"committing the transaction on {txn.tp}"):
             if point > track.committed:
                 await txn.producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)

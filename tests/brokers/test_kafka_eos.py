@@ -209,3 +209,24 @@ async def test_a_fenced_producer_gives_the_partition_up(unique: str) -> None:
             again = await asyncio.wait_for(sub.__anext__(), 30)
             assert (again.id, again.body) == (d.id, b"a")
             await again.ack()
+
+
+async def test_an_ack_landing_while_a_transaction_opens_keeps_its_outputs(unique: str) -> None:
+    """Two records of one partition settle together: the second lands while the first's
+    flush is opening the transaction. The commit must not pass the second's offset unless
+    its outputs went into that transaction, or they would never be sent."""
+    group, out = f"g-{unique}", f"{unique}-out"
+    url = kafka_url(group, exactly_once=unique, txn_messages=1)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([out])
+        for body in (b"a", b"b"):
+            await broker.publish(unique, body)  # no key: both may run at once
+        async with broker.consume(unique, prefetch=2, visibility=30) as sub:
+            first, second = [await asyncio.wait_for(sub.__anext__(), 15) for _ in range(2)]
+            assert isinstance(first, ExactlyOnceDelivery)
+            assert isinstance(second, ExactlyOnceDelivery)
+            await first.produce(out, b"out-a")
+            await second.produce(out, b"out-b")
+            await asyncio.gather(first.ack(), second.ack())
+            await eventually_offsets(group, unique, {0: 2})
+    assert sorted(r.value for r in await read_topic(out)) == [b"out-a", b"out-b"]
