@@ -389,9 +389,13 @@ class KafkaSubscription(Subscription):
             await self.commit(live)
         for track in live:
             self.kill(track)
-        if self.consumer is not None:
-            try:
-                with map_errors(f"closing the consumer of {self.topic}"):
-                    await self.consumer.stop()
-            except BrokerError as exc:
-                log.warning("kafka: %s", exc)
+        try:
+            if self.consumer is not None:
+                try:
+                    with map_errors(f"closing the consumer of {self.topic}"):
+                        await self.consumer.stop()
+                except BrokerError as exc:
+                    log.warning("kafka: %s", exc)
+        finally:
+            if self._eos is not None:
+                await self._eos.close()

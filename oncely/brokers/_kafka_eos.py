@@ -100,9 +100,15 @@ class ExactlyOnce:
 
     async def _acquire(self, tp: TopicPartition) -> None:
         producer = self._broker.transactional_producer(self.transactional_id(tp))
-        with map_errors(f"initialising the transactional producer of {tp}"):
-            # InitProducerId: fences the previous owner and resolves its open transaction.
-            await producer.start()
+        try:
+            with map_errors(f"initialising the transactional producer of {tp}"):
+                # InitProducerId: fences the previous owner and resolves its open transaction.
+                await producer.start()
+        except BaseException:
+            await _stop_producer(producer)
+            raise
+        if (old := self._txns.pop(tp, None)) is not None:
+            await self._stop(old)  # a producer of an earlier ownership nobody released
         txn = _Txn(tp, producer)
         self._txns[tp] = txn
         await self._rewind_to_committed(txn)
@@ -142,9 +148,23 @@ class ExactlyOnce:
                             await txn.producer.abort_transaction()
                 await self._stop(txn)
 
+    async def close(self) -> None:
+        """The subscription's consumer has stopped, so no rebalance callback runs any more:
+        stop every producer still held. ``release`` only saw the partitions live when the
+        close began; this also covers ones given up earlier and ones a rebalance under way
+        took during the close (left running, they would leak with their connections)."""
+        txns, self._txns = list(self._txns.values()), {}
+        for txn in txns:
+            async with txn.lock:
+                if txn.open:  # nothing in it may commit: its partition is not ours now
+                    with contextlib.suppress(Exception):
+                        await txn.producer.abort_transaction()
+                await self._stop(txn)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+
     async def _stop(self, txn: _Txn) -> None:
-        with contextlib.suppress(Exception):
-            await txn.producer.stop()
+        await _stop_producer(txn.producer)
 
     # -- the Settler side ----------------------------------------------------------------------
 
@@ -290,3 +310,8 @@ class ExactlyOnce:
         task = asyncio.get_running_loop().create_task(self._stop(txn))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
+
+
+async def _stop_producer(producer: AIOKafkaProducer) -> None:
+    with contextlib.suppress(Exception):
+        await producer.stop()
