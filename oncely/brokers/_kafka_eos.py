@@ -297,8 +297,13 @@ class ExactlyOnce:
             self._sub.fail(exc)
 
     def _lose(self, txn: _Txn) -> None:
-        """Fenced: another member owns the partition now. Give it up until a rebalance."""
+        """Fenced: give the partition up, and the subscription too. Usually another member
+        owns the partition now, but a fence can also come from no member at all (a tool with
+        the same transactional id, a transaction the coordinator timed out): then no
+        rebalance would ever come and the partition would stay paused here for good. The
+        worker resubscribes, which takes the partitions again with fresh producers."""
         log.warning("kafka: producer for %s was fenced; giving the partition up", txn.tp)
+        self._sub.fail(DeliveryExpired(f"the transactional producer of {txn.tp} was fenced"))
         if txn.track is not None:
             self._sub.kill(txn.track)
             if self._sub.consumer is not None:

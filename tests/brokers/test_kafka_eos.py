@@ -317,3 +317,32 @@ async def test_closing_while_the_assignment_is_taken_stops_its_producers(unique:
             await asyncio.wait_for(pending, 15)
         held = sub._eos._txns  # type: ignore[union-attr]
         assert held == {}, f"producers left running after close: {sorted(map(str, held))}"
+
+
+async def test_a_fenced_member_takes_its_partition_again(unique: str) -> None:
+    """A producer of the partition's transactional id that is not another member (an
+    operator's tool, a transaction timed out by the coordinator) fences this member's
+    producer. No rebalance follows, so the member must not wait for one: it resubscribes,
+    takes the partition again and goes on, the fenced attempt's output never shown."""
+    group, out = f"g-{unique}", f"{unique}-out"
+    url = kafka_url(group, exactly_once=unique)
+    app = oncely.App()
+
+    @app.handler(unique)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        await ctx.produce(out, body)
+
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([out])
+        await broker.publish(unique, b"1")
+        async with oncely.Worker(app, broker=url) as worker:
+            await eventually(lambda: worker.stats.processed == 1, 60)
+            usurper = AIOKafkaProducer(
+                bootstrap_servers=BOOTSTRAP, transactional_id=f"oncely-{group}-{unique}-0"
+            )
+            await usurper.start()  # InitProducerId: fences the worker's producer
+            await usurper.stop()
+            await broker.publish(unique, b"2")
+            await eventually(lambda: worker.stats.processed == 2, 60)
+            await eventually_offsets(group, unique, {0: 2})
+    assert [r.value for r in await read_topic(out)] == [b"1", b"2"]
