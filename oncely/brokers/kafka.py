@@ -109,7 +109,7 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         self.capabilities = Capabilities(
             native_delay=False,
             max_delay=options.buckets[-1],
-            native_dlq=False,
+            native_dlq=True,  # reject stores it in <topic>.dlq, which list/replay read
             extend=True,
             ordering="partition",
             ack_model="offset",
