@@ -296,3 +296,23 @@ async def test_a_nack_that_cannot_store_its_copy_runs_the_record_again(unique: s
             await eventually(lambda: worker.stats.processed == 2, 60)
             await eventually_async(lambda: committed_offsets(group, unique), {0: 2}, 30)
     assert runs == ["first", "first", "second"]
+
+
+async def test_a_failing_rebalance_callback_fails_the_subscription(
+    unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka logs a listener's exception and goes on; the subscription must not go on
+    with a partition it never set up (its records would be dropped until the next
+    rebalance): the iterating task gets the error and resubscribes."""
+    from oncely.brokers._kafka_consume import KafkaSubscription
+    from oncely.errors import BrokerError
+
+    async def broken(self: KafkaSubscription, assigned: set[TopicPartition]) -> None:
+        raise RuntimeError("bookkeeping bug")
+
+    monkeypatch.setattr(KafkaSubscription, "on_assigned", broken)
+    async with KafkaBroker.from_url(kafka_url()) as broker:
+        await broker.publish(unique, b"x")
+        async with broker.consume(unique, prefetch=1, visibility=30) as sub:
+            with pytest.raises(BrokerError, match="bookkeeping bug"):
+                await asyncio.wait_for(sub.__anext__(), 30)
