@@ -271,7 +271,8 @@ async def test_exactly_once_across_rebalances_that_reread_fresh_commits(
     seen = Counter(r.value for r in outputs)
     duplicates = sum(c - 1 for c in seen.values() if c > 1)
     missing = n - len(set(seen) & set(source))
-    out_of_order, last = 0, {}
+    out_of_order = 0
+    last: dict[int, int] = {}
     for r in outputs:
         part, offset = source[r.value]
         out_of_order += offset <= last.get(part, -1)
