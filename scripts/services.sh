@@ -518,14 +518,39 @@ KAFKA_READY_TIMEOUT=${ONCELY_TEST_KAFKA_TIMEOUT:-60}
 
 kafka_ping() { python3 "$KAFKA_SRC/probe.py" "$HOST" "$KAFKA_PORT"; }
 
-kafka_jars() { # resolve once; a marker file says the copy finished
-    [[ -f $KAFKA_DIR/lib/.complete && $KAFKA_DIR/lib/.complete -nt $KAFKA_SRC/pom.xml ]] && return 0
+# Resolve once per pom content: the marker holds the pom's hash (not its mtime, which every
+# fresh checkout renews). A new set is resolved beside the old one and swapped in, so a
+# running server or a test's private instance never finds the directory empty.
+kafka_jars() {
+    local marker=$KAFKA_DIR/lib/.complete want
+    want=$(sha256sum "$KAFKA_SRC/pom.xml" | cut -d' ' -f1)
+    if [[ -f $marker && ! -s $marker ]]; then echo "$want" >"$marker"; fi # an older, hashless marker
+    [[ -f $marker && $(<"$marker") == "$want" ]] && return 0
     log "kafka: resolving jars with maven into $KAFKA_DIR/lib"
-    rm -rf "$KAFKA_DIR/lib"
+    rm -rf "$KAFKA_DIR/lib.new" "$KAFKA_DIR/lib.old"
     mvn -q -B -Dstyle.color=never -f "$KAFKA_SRC/pom.xml" dependency:copy-dependencies \
-        -DoutputDirectory="$KAFKA_DIR/lib" -DincludeScope=runtime >&2 ||
+        -DoutputDirectory="$KAFKA_DIR/lib.new" -DincludeScope=runtime >&2 ||
         die "kafka: mvn dependency:copy-dependencies failed"
-    touch "$KAFKA_DIR/lib/.complete"
+    echo "$want" >"$KAFKA_DIR/lib.new/.complete"
+    if [[ -d $KAFKA_DIR/lib ]]; then mv "$KAFKA_DIR/lib" "$KAFKA_DIR/lib.old"; fi
+    mv "$KAFKA_DIR/lib.new" "$KAFKA_DIR/lib"
+    rm -rf "$KAFKA_DIR/lib.old"
+}
+
+# kafka_wait PID: until a metadata answer (0), or the process exited or the bound passed (1).
+kafka_wait() {
+    local deadline=$((SECONDS + KAFKA_READY_TIMEOUT))
+    until kafka_ping >/dev/null 2>&1; do
+        if ! kill -0 "$1" 2>/dev/null; then
+            log "kafka exited during start-up"
+            return 1
+        fi
+        if ((SECONDS >= deadline)); then
+            log "kafka did not answer a metadata request within ${KAFKA_READY_TIMEOUT}s"
+            return 1
+        fi
+        sleep 0.5
+    done
 }
 
 # kafka_config PROPERTIES DATA PORT CONTROLLER_PORT: write a server.properties from the template.
@@ -540,8 +565,10 @@ kafka_up() {
     kafka_jars
     if kafka_ping >/dev/null 2>&1; then return 0; fi
     if port_open "$KAFKA_PORT"; then
-        wait_until "$KAFKA_READY_TIMEOUT" "kafka metadata on $KAFKA_PORT" kafka_ping ||
+        wait_until "$KAFKA_READY_TIMEOUT" "kafka metadata on $KAFKA_PORT" kafka_ping || {
+            tail -n 30 "$KAFKA_LOG" >&2 || true
             die "kafka: port $KAFKA_PORT is open but no metadata answer (log: $KAFKA_LOG)"
+        }
         return 0
     fi
     kafka_config "$KAFKA_DIR/server.properties" "$KAFKA_DIR/data" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
@@ -554,9 +581,9 @@ kafka_up() {
         -Dlog4j2.formatMsgNoLookups=true -cp "$KAFKA_DIR/lib/*" \
         kafka.Kafka "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 </dev/null &
     echo $! >"$KAFKA_DIR/kafka.pid"
-    if ! wait_until "$KAFKA_READY_TIMEOUT" "kafka metadata on $KAFKA_PORT" kafka_ping; then
+    if ! kafka_wait $!; then
         tail -n 30 "$KAFKA_LOG" >&2 || true
-        die "kafka did not answer a metadata request within ${KAFKA_READY_TIMEOUT}s (log: $KAFKA_LOG)"
+        die "kafka did not start (log: $KAFKA_LOG)"
     fi
 }
 

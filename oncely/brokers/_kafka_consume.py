@@ -47,6 +47,9 @@ __all__ = ["KafkaSubscription"]
 
 log = logging.getLogger("oncely.brokers.kafka")
 
+_RUN_AGAIN = 1.0
+"""Seconds before a record whose nack or reject failed runs again."""
+
 
 class KafkaSubscription(Subscription):
     """See the module docstring and ``oncely.brokers.kafka``."""
@@ -216,6 +219,20 @@ class KafkaSubscription(Subscription):
         self.update_pause(track)
         self._changed.set()
         self._settle_event.set()
+
+    def run_again(self, delivery: KafkaDelivery) -> None:
+        """A nack or reject could not store its copy: the record runs again after a pause,
+        keeping its key's turn and holding the commit meanwhile."""
+        track = delivery.track
+        self._yielded -= 1
+        track.in_flight -= 1
+        self._settle_event.set()
+        asyncio.get_running_loop().call_later(_RUN_AGAIN, self._requeue, track, delivery.record)
+
+    def _requeue(self, track: PartitionTrack, record: Any) -> None:
+        if track.live:
+            self._ready.append((track, record))
+            self._changed.set()
 
     async def resend(self, delivery: KafkaDelivery, delay: float, attempt: int) -> None:
         if delay > 0:
@@ -389,9 +406,13 @@ class KafkaSubscription(Subscription):
             await self.commit(live)
         for track in live:
             self.kill(track)
-        if self.consumer is not None:
-            try:
-                with map_errors(f"closing the consumer of {self.topic}"):
-                    await self.consumer.stop()
-            except BrokerError as exc:
-                log.warning("kafka: %s", exc)
+        try:
+            if self.consumer is not None:
+                try:
+                    with map_errors(f"closing the consumer of {self.topic}"):
+                        await self.consumer.stop()
+                except BrokerError as exc:
+                    log.warning("kafka: %s", exc)
+        finally:
+            if self._eos is not None:
+                await self._eos.close()

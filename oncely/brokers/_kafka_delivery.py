@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from oncely.brokers.base import Delivery, Headers, TransactionalDelivery, check_headers
-from oncely.errors import AlreadySettled, DeliveryExpired, NotSupported
+from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired, NotSupported
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -41,6 +41,8 @@ class Settler(Protocol):
     max_delay: float
 
     def settled(self, delivery: KafkaDelivery) -> None: ...
+
+    def run_again(self, delivery: KafkaDelivery) -> None: ...
 
     async def resend(self, delivery: KafkaDelivery, delay: float, attempt: int) -> None: ...
 
@@ -156,7 +158,11 @@ class KafkaDelivery(Delivery):
             await self._settler.eos_fail(self, "nack", max(delay, 0.0), "", attempt)
             await self._settle_exactly_once()
             return
-        await self._settler.resend(self, max(delay, 0.0), attempt)
+        try:
+            await self._settler.resend(self, max(delay, 0.0), attempt)
+        except BrokerError:
+            self._run_again()
+            raise
         self._check_live_after_send()
         self.mark_settled()
 
@@ -166,9 +172,22 @@ class KafkaDelivery(Delivery):
             await self._settler.eos_fail(self, "reject", 0.0, reason, self.attempt)
             await self._settle_exactly_once()
             return
-        await self._settler.dead_letter(self, reason)
+        try:
+            await self._settler.dead_letter(self, reason)
+        except BrokerError:
+            self._run_again()
+            raise
         self._check_live_after_send()
         self.mark_settled()
+
+    def _run_again(self) -> None:
+        # The copy was not stored, so the offset cannot be marked done. Left unsettled, the
+        # record would hold its partition's commit and its key for as long as this member
+        # owns the partition (nothing times a Kafka delivery out): run it again shortly
+        # instead, as a visibility timeout would elsewhere. This delivery is finished.
+        if not self._settled and self.track.live:
+            self._settled = True
+            self._settler.run_again(self)
 
     def _check_live_after_send(self) -> None:
         # The copy is stored; if the partition moved meanwhile the new owner also redelivers

@@ -99,9 +99,15 @@ class ExactlyOnce:
 
     async def _acquire(self, tp: TopicPartition) -> None:
         producer = self._broker.transactional_producer(self.transactional_id(tp))
-        with map_errors(f"initialising the transactional producer of {tp}"):
-            # InitProducerId: fences the previous owner and resolves its open transaction.
-            await producer.start()
+        try:
+            with map_errors(f"initialising the transactional producer of {tp}"):
+                # InitProducerId: fences the previous owner and resolves its open transaction.
+                await producer.start()
+        except BaseException:
+            await _stop_producer(producer)
+            raise
+        if (old := self._txns.pop(tp, None)) is not None:
+            await self._stop(old)  # a producer of an earlier ownership nobody released
         txn = _Txn(tp, producer)
         self._txns[tp] = txn
         await self._rewind_to_committed(txn)
@@ -141,9 +147,23 @@ class ExactlyOnce:
                             await txn.producer.abort_transaction()
                 await self._stop(txn)
 
+    async def close(self) -> None:
+        """The subscription's consumer has stopped, so no rebalance callback runs any more:
+        stop every producer still held. ``release`` only saw the partitions live when the
+        close began; this also covers ones given up earlier and ones a rebalance under way
+        took during the close (left running, they would leak with their connections)."""
+        txns, self._txns = list(self._txns.values()), {}
+        for txn in txns:
+            async with txn.lock:
+                if txn.open:  # nothing in it may commit: its partition is not ours now
+                    with contextlib.suppress(Exception):
+                        await txn.producer.abort_transaction()
+                await self._stop(txn)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+
     async def _stop(self, txn: _Txn) -> None:
-        with contextlib.suppress(Exception):
-            await txn.producer.stop()
+        await _stop_producer(txn.producer)
 
     # -- the Settler side ----------------------------------------------------------------------
 
@@ -247,7 +267,9 @@ class ExactlyOnce:
             txn.count = 0
 
     async def _commit(self, txn: _Txn, track: PartitionTrack) -> None:
-        point = track.commit_point()
+        # Not commit_point(): a record settled while this flush awaited is done, but its
+        # outputs wait for the next advance; committing past it would drop them.
+        point = track.head()
         with map_errors(f"committing the transaction on {txn.tp}"):
             if point > track.committed:
                 await txn.producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
@@ -274,8 +296,13 @@ class ExactlyOnce:
             self._sub.fail(exc)
 
     def _lose(self, txn: _Txn) -> None:
-        """Fenced: another member owns the partition now. Give it up until a rebalance."""
+        """Fenced: give the partition up, and the subscription too. Usually another member
+        owns the partition now, but a fence can also come from no member at all (a tool with
+        the same transactional id, a transaction the coordinator timed out): then no
+        rebalance would ever come and the partition would stay paused here for good. The
+        worker resubscribes, which takes the partitions again with fresh producers."""
         log.warning("kafka: producer for %s was fenced; giving the partition up", txn.tp)
+        self._sub.fail(DeliveryExpired(f"the transactional producer of {txn.tp} was fenced"))
         if txn.track is not None:
             self._sub.kill(txn.track)
             if self._sub.consumer is not None:
@@ -287,3 +314,8 @@ class ExactlyOnce:
         task = asyncio.get_running_loop().create_task(self._stop(txn))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
+
+
+async def _stop_producer(producer: AIOKafkaProducer) -> None:
+    with contextlib.suppress(Exception):
+        await producer.stop()

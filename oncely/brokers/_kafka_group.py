@@ -3,6 +3,7 @@ the due time of a retry record."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from aiokafka.abc import ConsumerRebalanceListener
@@ -17,18 +18,32 @@ if TYPE_CHECKING:
 
 __all__ = ["RebalanceListener", "due_time", "sticky_assignor"]
 
+log = logging.getLogger("oncely.brokers.kafka")
+
 
 class RebalanceListener(ConsumerRebalanceListener):
-    """Hands aiokafka's rebalance callbacks to the subscription."""
+    """Hands aiokafka's rebalance callbacks to the subscription.
+
+    aiokafka logs a callback's exception and carries on, which would leave the subscription's
+    bookkeeping half updated (a partition assigned without a track is never read). A failed
+    callback therefore fails the subscription, and the worker resubscribes."""
 
     def __init__(self, sub: SubscriptionLink) -> None:
         self._sub = sub
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._sub.on_revoked(revoked)
+        try:
+            await self._sub.on_revoked(revoked)
+        except Exception as exc:
+            log.error("kafka: handling revoked partitions %s failed", revoked, exc_info=True)
+            self._sub.fail(exc)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._sub.on_assigned(assigned)
+        try:
+            await self._sub.on_assigned(assigned)
+        except Exception as exc:
+            log.error("kafka: handling assigned partitions %s failed", assigned, exc_info=True)
+            self._sub.fail(exc)
 
 
 def sticky_assignor() -> type[StickyPartitionAssignor]:

@@ -152,6 +152,13 @@ class PartitionTrack:
         outstanding, done = self._outstanding, self._done
         while outstanding and outstanding[0] in done:
             done.discard(outstanding.popleft())
+        return self.head()
+
+    def head(self) -> int:
+        """The lowest offset ``advance`` (or ``commit_point``) has not passed yet, without
+        moving: exactly-once commits here, since a record done after the last ``advance``
+        has outputs not sent yet."""
+        outstanding = self._outstanding
         if outstanding:
             return outstanding[0]
         if self.backlog:

@@ -34,7 +34,9 @@ the record to ``<topic>.retry.<bucket>``, the smallest bucket at least ``delay``
 whose head is not due yet, so waiting holds up nothing else. ``nack(0)`` re-produces to
 ``<topic>`` itself (same key, so the same partition). ``oncely-attempt`` travels in a header;
 ``nack(defer=True)`` keeps it. The copy is confirmed before the original's offset is marked
-done: a crash in between duplicates, never loses. ``attempt`` does not count redeliveries after
+done: a crash in between duplicates, never loses. A copy that cannot be stored fails the
+``nack`` (or ``reject``) and the record runs again a second later, since nothing else would
+time a Kafka delivery out. ``attempt`` does not count redeliveries after
 a crash or a rebalance (Kafka keeps no delivery count).
 
 **Dead letters** go to ``<topic>.dlq`` (one partition) with the reason (which carries the
@@ -114,7 +116,7 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         self.capabilities = Capabilities(
             native_delay=False,
             max_delay=options.buckets[-1],
-            native_dlq=True,  # the `<topic>.dlq` topic, as RabbitMQ has its `.dlq` queue
+            native_dlq=True,  # reject stores it in <topic>.dlq, which list/replay read
             extend=True,
             ordering="partition",
             ack_model="offset",

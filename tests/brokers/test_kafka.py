@@ -264,3 +264,55 @@ async def test_a_full_window_pauses_the_partition_and_the_member_stays(unique: s
             for d in more[1:]:
                 await d.ack()
     assert [d.id for d in held + more] == [f"w{i}" for i in range(8)]
+
+
+async def test_a_nack_that_cannot_store_its_copy_runs_the_record_again(unique: str) -> None:
+    """The retry topic refuses the copy (its records may be 64 bytes at most): the nack
+    fails, and the record must not be left unsettled, holding its partition's commit and its
+    key for as long as this member lives. It runs again and completes."""
+    from aiokafka.admin import NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        tiny = {"max.message.bytes": "64"}
+        await admin.create_topics([NewTopic(f"{unique}.retry.1s", 1, 1, topic_configs=tiny)])
+    finally:
+        await admin.close()
+    app = oncely.App()
+    runs: list[str] = []
+
+    @app.handler(unique, retry=oncely.RetryPolicy(max_attempts=3, base=0.01, cap=0.01))
+    async def handle(body: bytes, ctx: oncely.Context) -> None:
+        runs.append(body.decode())
+        if runs.count(body.decode()) == 1 and body == b"first":
+            raise ConnectionError("once")
+
+    group = f"g-{unique}"
+    async with KafkaBroker.from_url(kafka_url(group)) as broker:
+        for body in (b"first", b"second"):
+            await broker.publish(unique, body, headers={"oncely-key": "same"})
+        async with oncely.Worker(app, broker=broker) as worker:
+            await eventually(lambda: worker.stats.processed == 2, 60)
+            await eventually_async(lambda: committed_offsets(group, unique), {0: 2}, 30)
+    assert runs == ["first", "first", "second"]
+
+
+async def test_a_failing_rebalance_callback_fails_the_subscription(
+    unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka logs a listener's exception and goes on; the subscription must not go on
+    with a partition it never set up (its records would be dropped until the next
+    rebalance): the iterating task gets the error and resubscribes."""
+    from oncely.brokers._kafka_consume import KafkaSubscription
+    from oncely.errors import BrokerError
+
+    async def broken(self: KafkaSubscription, assigned: set[TopicPartition]) -> None:
+        raise RuntimeError("bookkeeping bug")
+
+    monkeypatch.setattr(KafkaSubscription, "on_assigned", broken)
+    async with KafkaBroker.from_url(kafka_url()) as broker:
+        await broker.publish(unique, b"x")
+        async with broker.consume(unique, prefetch=1, visibility=30) as sub:
+            with pytest.raises(BrokerError, match="bookkeeping bug"):
+                await asyncio.wait_for(sub.__anext__(), 30)

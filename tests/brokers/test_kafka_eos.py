@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 import oncely
 from oncely.brokers._kafka_delivery import ExactlyOnceDelivery
@@ -209,3 +210,140 @@ async def test_a_fenced_producer_gives_the_partition_up(unique: str) -> None:
             again = await asyncio.wait_for(sub.__anext__(), 30)
             assert (again.id, again.body) == (d.id, b"a")
             await again.ack()
+
+
+async def test_an_ack_landing_while_a_transaction_opens_keeps_its_outputs(unique: str) -> None:
+    """Two records of one partition settle together: the second lands while the first's
+    flush is opening the transaction. The commit must not pass the second's offset unless
+    its outputs went into that transaction, or they would never be sent."""
+    group, out = f"g-{unique}", f"{unique}-out"
+    url = kafka_url(group, exactly_once=unique, txn_messages=1)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([out])
+        for body in (b"a", b"b"):
+            await broker.publish(unique, body)  # no key: both may run at once
+        async with broker.consume(unique, prefetch=2, visibility=30) as sub:
+            first, second = [await asyncio.wait_for(sub.__anext__(), 15) for _ in range(2)]
+            assert isinstance(first, ExactlyOnceDelivery)
+            assert isinstance(second, ExactlyOnceDelivery)
+            await first.produce(out, b"out-a")
+            await second.produce(out, b"out-b")
+            await asyncio.gather(first.ack(), second.ack())
+            await eventually_offsets(group, unique, {0: 2})
+    assert sorted(r.value for r in await read_topic(out)) == [b"out-a", b"out-b"]
+
+
+@pytest.mark.slow
+async def test_exactly_once_across_rebalances_that_reread_fresh_commits(
+    unique: str, report: Any
+) -> None:
+    """A member joins and leaves three times mid-copy. Each rebalance makes every member
+    commit its partitions' transactions on revoke and, moments later, init the producers
+    again and read the committed offsets it has just written (the read that, without
+    KIP-447's stable offsets, could come back short and replay a batch). The output must
+    still hold every input exactly once, in order per partition."""
+    n, partitions, cycles = 6000, 4, 3
+    src, out = f"{unique}-in", f"{unique}-out"
+    group = f"g-{unique}"
+    url = kafka_url(group, partitions=partitions, exactly_once=src, txn_messages=50)
+    app = oncely.App()
+
+    @app.handler(src, concurrency=16)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        await ctx.produce(out, body, key=ctx.headers.get("oncely-key"))
+
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([src, out])
+        await publish_numbers(broker, src, n, keys=32)
+    inputs = await read_topic(src)
+    ends = {p: 0 for p in range(partitions)}
+    for r in inputs:
+        ends[r.partition] = r.offset + 1
+    async with oncely.Worker(app, broker=url):
+        for step in range(cycles):
+            await eventually_progress(group, src, n * (2 * step + 1) // (2 * cycles + 2))
+            async with oncely.Worker(app, broker=url):
+                await eventually_stable_members(group, 2)
+                await eventually_progress(group, src, n * (2 * step + 2) // (2 * cycles + 2))
+        await eventually_offsets_within(group, src, ends, 120)
+    outputs = await read_topic(out)
+    source = {r.value: (r.partition, r.offset) for r in inputs}
+    seen = Counter(r.value for r in outputs)
+    duplicates = sum(c - 1 for c in seen.values() if c > 1)
+    missing = n - len(set(seen) & set(source))
+    out_of_order = 0
+    last: dict[int, int] = {}
+    for r in outputs:
+        part, offset = source[r.value]
+        out_of_order += offset <= last.get(part, -1)
+        last[part] = offset
+    report(
+        f"kafka exactly-once across {2 * cycles} rebalances: {n} messages, {len(outputs)} "
+        f"committed outputs, {duplicates} duplicates, {missing} missing, "
+        f"{out_of_order} out of order"
+    )
+    assert (duplicates, missing, out_of_order, len(outputs)) == (0, 0, 0, n)
+
+
+async def eventually_stable_members(group: str, members: int) -> None:
+    """Wait until the group is stable with ``members`` members (a rebalance completed)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            (response,) = await admin.describe_consumer_groups([group])
+            (described,) = response.to_object()["groups"]
+            if described["state"] == "Stable" and len(described["members"]) == members:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"group {group} not stable with {members}: {described}")
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
+async def test_closing_while_the_assignment_is_taken_stops_its_producers(unique: str) -> None:
+    """The subscription closes just as the group assigns it partitions: the producers the
+    assignment starts (one per partition) while the consumer stops must be stopped too,
+    not left running with their connections."""
+    url = kafka_url(exactly_once=unique)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([unique])
+        sub = broker.consume(unique, prefetch=1, visibility=30)
+        pending = asyncio.ensure_future(sub.__anext__())
+        await eventually(lambda: sub.consumer is not None and bool(sub.consumer.assignment()), 30)
+        await sub.aclose()  # the assignment callback is starting the producers now
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(pending, 15)
+        held = sub._eos._txns  # type: ignore[union-attr]
+        assert held == {}, f"producers left running after close: {sorted(map(str, held))}"
+
+
+async def test_a_fenced_member_takes_its_partition_again(unique: str) -> None:
+    """A producer of the partition's transactional id that is not another member (an
+    operator's tool, a transaction timed out by the coordinator) fences this member's
+    producer. No rebalance follows, so the member must not wait for one: it resubscribes,
+    takes the partition again and goes on, the fenced attempt's output never shown."""
+    group, out = f"g-{unique}", f"{unique}-out"
+    url = kafka_url(group, exactly_once=unique)
+    app = oncely.App()
+
+    @app.handler(unique)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        await ctx.produce(out, body)
+
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([out])
+        await broker.publish(unique, b"1")
+        async with oncely.Worker(app, broker=url) as worker:
+            await eventually(lambda: worker.stats.processed == 1, 60)
+            usurper = AIOKafkaProducer(
+                bootstrap_servers=BOOTSTRAP, transactional_id=f"oncely-{group}-{unique}-0"
+            )
+            await usurper.start()  # InitProducerId: fences the worker's producer
+            await usurper.stop()
+            await broker.publish(unique, b"2")
+            await eventually(lambda: worker.stats.processed == 2, 60)
+            await eventually_offsets(group, unique, {0: 2})
+    assert [r.value for r in await read_topic(out)] == [b"1", b"2"]

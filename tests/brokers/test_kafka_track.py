@@ -72,3 +72,16 @@ def test_a_record_below_the_position_is_dropped() -> None:
     track.take(rec(5))
     assert [r.offset for r in track.admit(10)] == [5]
     assert track.advance() == []
+
+
+def test_head_does_not_pass_a_done_record_advance_has_not_returned() -> None:
+    track = PartitionTrack(TP, ordering="key")
+    records = [rec(o) for o in range(3)]
+    for r in records:
+        track.take(r)
+    track.admit(10)
+    track.complete(records[0])
+    assert track.advance() == [0]
+    track.complete(records[1])  # done after the advance: its outputs are not sent yet
+    assert track.head() == 1, "exactly-once must not commit past offset 1 yet"
+    assert track.advance() == [1] and track.head() == 2
