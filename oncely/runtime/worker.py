@@ -8,6 +8,11 @@ embeds in any running asyncio application::
 
 Only the CLI maps SIGTERM/SIGINT to ``stop()``.
 
+Each handler's deliveries run on a pool of at most ``concurrency`` long-lived tasks
+(``oncely.runtime._consume.Pool``) rather than a task per message: each task runs one delivery
+at a time, so a timeout, a lost lease or the end of the shutdown grace still cancels just that
+handler, and no context variable a handler sets reaches another delivery.
+
 Consume loops are supervised. What ends one decides what happens next:
 
 - a ``BrokerError`` (connection lost, channel closed, a fetch failed): transient, so the loop
