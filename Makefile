@@ -38,6 +38,7 @@ bench: $(STAMP) services
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/amqp_throughput.py
 	$(BIN)/python benchmarks/kafka_throughput.py
+	$(BIN)/python benchmarks/store_overhead.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -8,16 +8,20 @@ then times, in this one process run:
 - ``oncely``: a Worker running a no-op at-least-once handler (heartbeat and retry policy on);
 - ``oncely+idem``: the same handler effectively-once, through the broker's own store.
 
-It prints msgs/s and the oncely figures as ratios of ``raw`` and ``raw-n``. Nothing is
-asserted: these are measurements, quoted in benchmarks/README.md.
+Rounds are interleaved (each round runs every broker, loop and consumer once, on fresh
+topics) so that drift on a shared machine hits all figures alike. It prints the median msgs/s
+of each figure and the median of the per-round ratios of the oncely figures to ``raw`` and
+``raw-n``. Nothing is asserted: these are measurements, quoted in benchmarks/README.md.
+Absolute figures vary between machines (and with their load); the ratios travel better.
 
-    python benchmarks/throughput.py [--messages 5000] [--concurrency 32]
+    python benchmarks/throughput.py [--messages 5000] [--concurrency 32] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import tempfile
 import time
 import uuid
@@ -71,14 +75,21 @@ async def raw_concurrent(url: str, topic: str, n: int, concurrency: int) -> floa
 
 
 async def with_worker(
-    url: str, topic: str, n: int, concurrency: int, idem: bool, store: str | None = None
+    url: str,
+    topic: str,
+    n: int,
+    concurrency: int,
+    idem: bool,
+    store: str | None = None,
+    *,
+    transactional: bool = False,
 ) -> float:
     """Time a Worker running a no-op handler over ``n`` queued messages of ``topic``."""
     app = oncely.App("bench")
     done = asyncio.Event()
     count = 0
 
-    @app.handler(topic, concurrency=concurrency, idempotent=idem)
+    @app.handler(topic, concurrency=concurrency, idempotent=idem, transactional=transactional)
     async def noop(_: dict[str, int]) -> None:
         nonlocal count
         count += 1
@@ -116,31 +127,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved; medians shown")
     args = parser.parse_args()
-    print(f"{args.messages} messages, concurrency/prefetch {args.concurrency}\n")
     print(
-        f"{'broker':<8} {'loop':<8} {'raw':>9} {'raw-n':>9} {'oncely':>9} {'/raw':>6} "
-        f"{'/raw-n':>7} {'+idem':>9} {'/raw-n':>7}"
+        f"{args.messages} messages, concurrency/prefetch {args.concurrency}, "
+        f"median of {args.rounds} interleaved rounds\n"
     )
+    combos = [(b, loop) for b in ("memory", "sqlite") for loop in ("asyncio", "uvloop")]
+    samples: dict[tuple[str, str], list[dict[str, float]]] = {c: [] for c in combos}
     with tempfile.TemporaryDirectory() as tmp:
-        for broker in ("memory", "sqlite"):
-            for loop in ("asyncio", "uvloop"):
+        for _ in range(args.rounds):
+            for broker, loop in combos:
                 url = (
                     f"memory://bench-{uuid.uuid4().hex[:6]}"
                     if broker == "memory"
                     else f"sqlite:///{Path(tmp) / uuid.uuid4().hex[:6]}.db"
                 )
                 coro = measure(url, args.messages, args.concurrency)
-                r = uvloop.run(coro) if loop == "uvloop" else asyncio.run(coro)
-                print(
-                    f"{broker:<8} {loop:<8} {r['raw']:>9,.0f} {r['raw-n']:>9,.0f} "
-                    f"{r['oncely']:>9,.0f} {r['oncely'] / r['raw']:>5.2f}x "
-                    f"{r['oncely'] / r['raw-n']:>6.2f}x {r['oncely+idem']:>9,.0f} "
-                    f"{r['oncely+idem'] / r['raw-n']:>6.2f}x"
+                samples[broker, loop].append(
+                    uvloop.run(coro) if loop == "uvloop" else asyncio.run(coro)
                 )
     print(
+        f"{'broker':<8} {'loop':<8} {'raw':>9} {'raw-n':>9} {'oncely':>9} {'/raw':>6} "
+        f"{'/raw-n':>7} {'+idem':>9} {'/raw-n':>7}"
+    )
+    for (broker, loop), rounds in samples.items():
+
+        def med(name: str, rounds: list[dict[str, float]] = rounds) -> float:
+            return statistics.median(r[name] for r in rounds)
+
+        def ratio(top: str, bottom: str, rounds: list[dict[str, float]] = rounds) -> float:
+            return statistics.median(r[top] / r[bottom] for r in rounds)
+
+        print(
+            f"{broker:<8} {loop:<8} {med('raw'):>9,.0f} {med('raw-n'):>9,.0f} "
+            f"{med('oncely'):>9,.0f} {ratio('oncely', 'raw'):>5.2f}x "
+            f"{ratio('oncely', 'raw-n'):>6.2f}x {med('oncely+idem'):>9,.0f} "
+            f"{ratio('oncely+idem', 'raw-n'):>6.2f}x"
+        )
+    print(
         "\nmsgs/s. raw: ack each delivery before the next; raw-n: acks in flight up to the "
-        "prefetch.\nRatios are oncely / raw on the same broker and loop, measured in this run."
+        "prefetch.\nRatios are oncely / raw on the same broker and loop, in the same round of "
+        "this run (median over rounds);\nabsolute figures vary between machines."
     )
 
 

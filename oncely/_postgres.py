@@ -10,6 +10,7 @@ Anything else is a ``ConfigError`` when the URL is parsed, rather than a failure
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable, Collection, Iterator
@@ -18,19 +19,25 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from oncely._options import flag, mask, number
+from oncely._options import safe as _safe
 from oncely.errors import ConfigError, StoreError, StoreUnavailable
 
 __all__ = [
     "LIBPQ_OPTIONS",
     "PostgresUrl",
+    "close_quietly",
     "create_pool",
     "flag",
     "identifier",
     "map_errors",
+    "mask",
     "number",
     "parse_postgres_url",
     "quote_ident",
     "reject_unknown",
+    "release_quietly",
+    "rollback_quietly",
 ]
 
 SCHEMES = ("postgresql", "postgres")
@@ -98,7 +105,7 @@ def parse_postgres_url(url: str, accepted: Collection[str]) -> PostgresUrl:
     """
     parts = urlsplit(url)
     if parts.scheme.lower() not in SCHEMES:
-        raise ConfigError(f"not a PostgreSQL URL: {url!r} (write postgresql://host/dbname)")
+        raise ConfigError(f"not a PostgreSQL URL: {_safe(url)} (write postgresql://host/dbname)")
     try:
         parts.port  # noqa: B018 - urllib checks the port only when asked
     except ValueError as exc:
@@ -116,55 +123,13 @@ def parse_postgres_url(url: str, accepted: Collection[str]) -> PostgresUrl:
         elif name in LIBPQ_OPTIONS:
             passed.append((name, value))
         else:
-            known = ", ".join(sorted(accepted))
+            known = ", ".join(sorted(accepted)) or "none"
             raise ConfigError(
                 f"{_safe(url)}: unknown option {name!r}; oncely options here: {known}; "
                 "libpq parameters such as sslmode pass through to asyncpg"
             )
     dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passed), ""))
     return PostgresUrl(url, dsn, options)
-
-
-def number(
-    options: dict[str, str],
-    name: str,
-    default: float,
-    url: str,
-    *,
-    integer: bool = False,
-    minimum: float = 0.0,
-    inclusive: bool = False,
-) -> float:
-    """Pop a number option, checked against ``minimum`` (exclusive unless ``inclusive``).
-
-    Raises:
-        ConfigError: not a number (or not a whole number when ``integer``), or out of range.
-    """
-    raw = options.pop(name, None)
-    if raw is None:
-        return default
-    try:
-        value = float(int(raw)) if integer else float(raw)
-    except ValueError:
-        kind = "a whole number" if integer else "a number"
-        raise ConfigError(f"{_safe(url)}: option {name}={raw!r} is not {kind}") from None
-    if value < minimum or (value == minimum and not inclusive):
-        bound = ">=" if inclusive else ">"
-        raise ConfigError(f"{_safe(url)}: option {name} must be {bound} {minimum:g}, got {raw}")
-    return value
-
-
-def flag(options: dict[str, str], name: str, default: bool, url: str) -> bool:
-    """Pop a boolean option (``true``/``false``, ``1``/``0``, ``yes``/``no``)."""
-    raw = options.pop(name, None)
-    if raw is None:
-        return default
-    value = raw.lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{_safe(url)}: option {name}={raw!r} must be true or false")
 
 
 def identifier(value: str, what: str) -> str:
@@ -199,6 +164,9 @@ async def create_pool(
     max_size: int,
     connect_timeout: float,
     reset: Callable[[Any], Awaitable[None]] | None = None,
+    server_settings: dict[str, str] | None = None,
+    what: str = "postgresql",
+    refused: type[Exception] = StoreError,
 ) -> asyncpg.Pool:
     """Open an asyncpg pool with ``min_size`` connections ready.
 
@@ -206,17 +174,55 @@ async def create_pool(
     statements on these connections, and oncely must not bound them. oncely's own statements
     pass a timeout of their own. ``reset`` replaces asyncpg's session reset on release (which
     costs a round trip); asyncpg still rolls back an open transaction first.
+    ``server_settings`` are sent on every connection; ``what`` and ``refused`` are as for
+    ``map_errors``.
 
     Raises:
         StoreUnavailable: the server could not be reached, or cannot take connections now.
-        StoreError: any other failure (a wrong password, a bad ``sslmode`` value, ...).
+        StoreError: any other failure (a bad ``sslmode`` value, ...), and a wrong password
+            or unknown database unless ``refused`` says otherwise.
     """
-    with map_errors():
+    with map_errors(what, refused=refused):
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout, reset=reset
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=connect_timeout,
+            reset=reset,
+            server_settings=server_settings,
         )
     assert pool is not None
     return pool
+
+
+async def close_quietly(closable: Any, within: float) -> None:
+    """Close a connection or a pool within ``within`` seconds; terminate it if that fails (a lost
+    server, a connection still busy). Never raises but ``CancelledError``."""
+    try:
+        await asyncio.wait_for(closable.close(), within)
+    except Exception:
+        closable.terminate()
+
+
+async def rollback_quietly(conn: Any, tr: Any) -> None:
+    """Roll back on a cleanup path whose own exception must win. A connection that cannot
+    roll back (lost, or busy with a cancelled statement) is terminated: the server then
+    rolls the transaction back itself."""
+    try:
+        await tr.rollback()
+    except Exception:
+        with contextlib.suppress(Exception):
+            conn.terminate()
+
+
+async def release_quietly(pool: Any, conn: Any) -> None:
+    """Give ``conn`` back to ``pool``; never raises but ``CancelledError``."""
+    try:
+        await pool.release(conn)
+    except Exception:
+        # A broken connection (server gone) may fail its reset; it is discarded either way.
+        with contextlib.suppress(Exception):
+            conn.terminate()
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -235,24 +241,36 @@ def unavailable(exc: BaseException) -> bool:
     return False
 
 
+_REFUSED = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)
+"""The server refused our credentials (28000, and 28P01 below it) or database name (3D000)."""
+
+
 @contextlib.contextmanager
-def map_errors(what: str = "postgresql") -> Iterator[None]:
+def map_errors(
+    what: str = "postgresql",
+    *,
+    refused: type[Exception] = StoreError,
+    missing_table: str | None = None,
+) -> Iterator[None]:
     """Translate asyncpg and socket errors: ``StoreUnavailable`` for connectivity (refused,
     reset, timed out, server shutting down, too many connections), ``StoreError`` for the
-    rest. The original is chained (``raise ... from exc``)."""
+    rest. The original is chained (``raise ... from exc``).
+
+    Args:
+        what: the prefix of the message.
+        refused: raised instead when the server refuses the credentials or the database
+            name (the outbox calls that a ``ConfigError``: retrying cannot help).
+        missing_table: given, an undefined table is a ``ConfigError`` with this hint added
+            (e.g. how to create the table).
+    """
     try:
         yield
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         message = f"{what}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, _REFUSED):
+            raise refused(message) from exc
+        if missing_table is not None and isinstance(exc, asyncpg.UndefinedTableError):
+            raise ConfigError(f"{message}; {missing_table}") from exc
         if unavailable(exc):
             raise StoreUnavailable(message) from exc
         raise StoreError(message) from exc
-
-
-def _safe(url: str) -> str:
-    """``url`` with its password masked, for error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return repr(url)
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return repr(urlunsplit(parts._replace(netloc=netloc)))

@@ -1,4 +1,4 @@
-"""SQLite plumbing shared by the SQLite broker and store.
+"""SQLite plumbing shared by the SQLite broker, store and outbox.
 
 URLs follow SQLAlchemy's rule: ``sqlite:///jobs.db`` is relative to the working directory,
 ``sqlite:////var/lib/jobs.db`` is absolute. Query parameters carry backend options.
@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import aiosqlite
 
+from oncely._options import number
 from oncely.errors import ConfigError, StoreUnavailable
 
-T = TypeVar("T")
-R = TypeVar("R")
-
 BUSY_TIMEOUT_MS = 30_000
-"""How long a writer waits for another process's write lock before SQLITE_BUSY."""
+"""How long a writer waits for another process's write lock before SQLITE_BUSY, unless the
+caller of ``open_db`` chooses another timeout."""
 
 
 def parse_sqlite_url(url: str) -> tuple[Path, dict[str, str]]:
@@ -44,16 +41,7 @@ def parse_sqlite_url(url: str) -> tuple[Path, dict[str, str]]:
 
 def option(options: dict[str, str], name: str, default: float, url: str) -> float:
     """Read a positive number option from a URL's query, with a precise error."""
-    raw = options.pop(name, None)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{url!r}: option {name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ConfigError(f"{url!r}: option {name} must be > 0, got {raw}")
-    return value
+    return number(options, name, default, url)
 
 
 def reject_unknown(options: dict[str, str], url: str) -> None:
@@ -61,17 +49,15 @@ def reject_unknown(options: dict[str, str], url: str) -> None:
         raise ConfigError(f"{url!r}: unknown option(s) {', '.join(sorted(options))}")
 
 
-async def open_db(path: Path) -> aiosqlite.Connection:
-    """Open ``path`` in WAL mode with a busy timeout, creating its directory.
+async def open_db(path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> aiosqlite.Connection:
+    """Open ``path`` in WAL mode with a busy timeout (seconds), creating its directory.
 
     Transactions are explicit (``isolation_level=None``): a read-modify-write is either one
     statement or runs under ``BEGIN IMMEDIATE``, so that claims stay atomic across processes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with map_sqlite_errors(StoreUnavailable):
-        connecting = aiosqlite.connect(
-            str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
-        )
+        connecting = aiosqlite.connect(str(path), isolation_level=None, timeout=busy_timeout)
         try:
             db = await connecting
         except BaseException:
@@ -80,114 +66,13 @@ async def open_db(path: Path) -> aiosqlite.Connection:
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            await db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         except BaseException:
             # e.g. "file is not a database": without this the connection's worker thread
             # outlives the error and keeps the process from exiting.
             await db.close()
             raise
     return db
-
-
-class GroupCommit(Generic[T, R]):
-    """Group commit: calls that arrive while a batch is being written share the next write,
-    so many concurrent callers cost one statement (one thread hop, one commit) instead of one
-    each, while every caller still waits for, and gets, its own outcome.
-
-    A write runs as soon as the previous one is done, so a lone call is not delayed.
-
-    Args:
-        write: writes one batch and returns one outcome per item, in order: a value, or an
-            exception that fails that item alone. An exception it raises fails every item of
-            the batch with a copy of it, so it must not raise once part of the batch is
-            committed and reportable: a caller may be told "unknown", never "done" for
-            something that was not.
-        limit: the most items one write gets.
-        abandoned: awaited with an item and its value when the caller stopped waiting
-            (was cancelled) before it got that value, e.g. to give back a lease nobody will
-            use. It must not raise.
-    """
-
-    __slots__ = ("_abandoned", "_limit", "_queue", "_task", "_write")
-
-    def __init__(
-        self,
-        write: Callable[[list[T]], Awaitable[list[R | Exception]]],
-        *,
-        limit: int,
-        abandoned: Callable[[T, R], Awaitable[None]] | None = None,
-    ) -> None:
-        self._write = write
-        self._limit = limit
-        self._abandoned = abandoned
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, item: T) -> R:
-        """Queue ``item`` for the next write and return its outcome; raises its error."""
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, fut))
-        if self._task is None:
-            self._task = asyncio.create_task(self._flush())
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            # Cancelled after the outcome arrived but before this task resumed: the value
-            # is lost to the caller, so it counts as abandoned. (Cancelled earlier, the
-            # future is cancelled too, and _flush sees to it.)
-            abandoned = self._abandoned
-            if abandoned is not None and fut.done() and not fut.cancelled():
-                if fut.exception() is None:
-                    await asyncio.shield(abandoned(item, fut.result()))
-            raise
-
-    async def drain(self) -> None:
-        """Wait until every queued item has been written (or failed)."""
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _flush(self) -> None:
-        batch: list[tuple[T, asyncio.Future[R]]] = []
-        try:
-            while self._queue:
-                batch = self._queue[: self._limit]
-                del self._queue[: self._limit]
-                try:
-                    outcomes = await self._write([item for item, _ in batch])
-                except Exception as exc:
-                    for _, fut in batch:
-                        _fail(fut, exc)
-                    continue
-                for (item, fut), outcome in zip(batch, outcomes, strict=True):
-                    if isinstance(outcome, Exception):
-                        if not fut.done():
-                            fut.set_exception(outcome)
-                    elif not fut.done():
-                        fut.set_result(outcome)
-                    elif self._abandoned is not None:
-                        await self._abandoned(item, outcome)
-                batch = []
-        except BaseException:
-            # This task was cancelled (the loop is shutting down): nobody writes these now.
-            for _, fut in (*batch, *self._queue):
-                fut.cancel()
-            self._queue.clear()
-            raise
-        finally:
-            self._task = None
-
-
-def _fail(fut: asyncio.Future[R], exc: Exception) -> None:
-    """Fail one waiter of a batch with its own copy of the batch's error: each raise appends
-    its frames to the traceback of the instance it raises."""
-    if fut.done():
-        return
-    try:
-        err = copy.copy(exc)
-    except Exception:
-        err = exc
-    err.__cause__ = exc.__cause__
-    fut.set_exception(err)
 
 
 def _join_worker(connection: aiosqlite.Connection) -> None:
@@ -203,13 +88,30 @@ def _join_worker(connection: aiosqlite.Connection) -> None:
 
 
 @contextlib.contextmanager
-def map_sqlite_errors(error: type[Exception]) -> Iterator[None]:
-    """Translate sqlite3's operational errors into ``error``, chaining the original."""
+def map_sqlite_errors(
+    error: type[Exception],
+    *,
+    other: type[Exception] | None = None,
+    what: str = "sqlite",
+    missing_table: str | None = None,
+) -> Iterator[None]:
+    """Translate sqlite3's errors into ``error``, chaining the original.
+
+    Args:
+        error: for operational errors (locked, I/O, closed connection).
+        other: for the rest (a constraint, a corrupt file, ...); ``error`` unless given.
+        what: the prefix of the message.
+        missing_table: given, "no such table" is a ``ConfigError`` with this hint added.
+    """
     try:
         yield
-    except (sqlite3.OperationalError, sqlite3.DatabaseError, ValueError) as exc:
+    except sqlite3.OperationalError as exc:
+        if missing_table is not None and "no such table" in str(exc):
+            raise ConfigError(f"{what}: {exc}; {missing_table}") from exc
+        raise error(f"{what}: {exc}") from exc
+    except (sqlite3.Error, ValueError) as exc:
         # aiosqlite raises ValueError("no active connection") once closed.
-        raise error(f"sqlite: {exc}") from exc
+        raise (other or error)(f"{what}: {exc}") from exc
 
 
 @contextlib.asynccontextmanager

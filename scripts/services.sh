@@ -9,6 +9,8 @@
 #   RabbitMQ    amqp://guest:guest@127.0.0.1:5672/          (rabbitmq-server, 3.10.x)
 #   PostgreSQL  postgresql://oncely:oncely@127.0.0.1:5432/oncely  (own cluster in $STATE_DIR)
 #   Redis       redis://127.0.0.1:6379/0                    (redis-server)
+#   Redis Cluster redis://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002/0?cluster=1
+#               (three redis-server nodes, no replicas, data in $STATE_DIR/redis-cluster)
 #   ElasticMQ   http://127.0.0.1:9324 (SQS API)               (Maven Central, Java 17; jars cached in $STATE_DIR)
 #   Kafka       kafka://127.0.0.1:9092                      (Apache Kafka 4.1.1, KRaft, from
 #               Maven Central into $STATE_DIR/kafka/lib; needs java 17 and mvn)
@@ -286,6 +288,104 @@ redis_status() {
     fi
 }
 
+# ---------------------------------------------------------------------------- Redis Cluster
+# Three primaries, no replicas, no persistence: enough to test hash tags, slot routing and
+# per-node pipelines. Each node keeps its cluster config (nodes.conf) in its own directory.
+REDIS_CLUSTER_PORTS=(7000 7001 7002)
+REDIS_CLUSTER_DIR=$STATE_DIR/redis-cluster
+
+rc_cli() { timeout 5 redis-cli -h "$HOST" -p "$1" "${@:2}" 2>/dev/null; }
+rc_ping() { [[ $(rc_cli "$1" ping) == PONG ]]; }
+rc_info() { rc_cli "$1" cluster info | tr -d '\r'; }
+rc_ok_on() { rc_info "$1" | grep -qx 'cluster_state:ok'; }
+rc_unjoined() { rc_info "$1" | grep -qx 'cluster_slots_assigned:0'; }
+rc_stopped() { ! rc_ping "$1"; }
+rc_port_free() { ! port_open "$1"; }
+rc_all() { local p; for p in "${REDIS_CLUSTER_PORTS[@]}"; do "$@" "$p" || return 1; done; }
+rc_healthy() { rc_all rc_ok_on; }
+
+rc_tail_logs() {
+    local p
+    for p in "${REDIS_CLUSTER_PORTS[@]}"; do
+        tail -n 10 "$REDIS_CLUSTER_DIR/$p/redis.log" >&2 2>/dev/null || true
+    done
+}
+
+rc_start_fresh() {
+    local p
+    for p in "${REDIS_CLUSTER_PORTS[@]}"; do
+        rc_ping "$p" && { rc_cli "$p" shutdown nosave >/dev/null || true; }
+    done
+    for p in "${REDIS_CLUSTER_PORTS[@]}"; do
+        wait_until 10 "redis cluster node $p to stop" rc_port_free "$p" ||
+            die "redis cluster: port $p is still in use (not ours?)"
+        rm -rf "${REDIS_CLUSTER_DIR:?}/$p"
+        install -d -o redis -g redis -m 750 "$REDIS_CLUSTER_DIR/$p"
+        runuser -u redis -- redis-server --daemonize yes --bind "$HOST" --port "$p" \
+            --protected-mode yes --dir "$REDIS_CLUSTER_DIR/$p" \
+            --pidfile "$REDIS_CLUSTER_DIR/$p/redis.pid" --logfile "$REDIS_CLUSTER_DIR/$p/redis.log" \
+            --save "" --appendonly no --cluster-enabled yes --cluster-config-file nodes.conf \
+            --cluster-node-timeout 5000
+    done
+    wait_until "$TIMEOUT" "redis cluster nodes to answer ping" rc_all rc_ping ||
+        { rc_tail_logs; die "redis cluster: nodes did not start within ${TIMEOUT}s"; }
+}
+
+rc_create() {
+    log "redis cluster: joining ${REDIS_CLUSTER_PORTS[*]}"
+    local nodes=() p
+    for p in "${REDIS_CLUSTER_PORTS[@]}"; do nodes+=("$HOST:$p"); done
+    timeout "$TIMEOUT" redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+        >"$REDIS_CLUSTER_DIR/create.log" 2>&1 ||
+        { tail -n 20 "$REDIS_CLUSTER_DIR/create.log" >&2 || true; rc_tail_logs; die "redis cluster: create failed"; }
+}
+
+redis_cluster_up() {
+    rc_healthy && return 0
+    install -d -m 755 "$REDIS_CLUSTER_DIR"
+    if ! rc_all rc_ping; then
+        log "redis cluster: starting nodes ${REDIS_CLUSTER_PORTS[*]}"
+        rc_start_fresh
+        rc_create
+    elif rc_all rc_unjoined; then
+        rc_create # running but never joined
+    elif ! wait_until 15 "redis cluster state ok" rc_healthy; then
+        log "redis cluster: state not ok; rebuilding it (its data is test data)"
+        rc_start_fresh
+        rc_create
+    fi
+    wait_until "$TIMEOUT" "redis cluster state ok on every node" rc_healthy ||
+        { rc_tail_logs; die "redis cluster did not reach cluster_state:ok within ${TIMEOUT}s"; }
+}
+
+redis_cluster_down() {
+    local p any=0
+    for p in "${REDIS_CLUSTER_PORTS[@]}"; do
+        if rc_ping "$p"; then
+            any=1
+            rc_cli "$p" shutdown nosave >/dev/null || true
+        fi
+    done
+    if ((any)); then
+        log "redis cluster: stopped"
+        wait_until 10 "redis cluster nodes to stop" rc_all rc_stopped ||
+            die "redis cluster: a node is still running after shutdown"
+    else
+        log "redis cluster: not running"
+    fi
+}
+
+redis_cluster_status() {
+    local urls="" p
+    for p in "${REDIS_CLUSTER_PORTS[@]}"; do urls+="${urls:+,}$HOST:$p"; done
+    if command -v redis-cli >/dev/null && rc_healthy; then
+        echo "redis-cluster running redis://$urls/0?cluster=1"
+    else
+        echo "redis-cluster stopped"
+        return 1
+    fi
+}
+
 # -------------------------------------------------------------------------------- ElasticMQ
 # An SQS-compatible server (in memory) for the sqs:// broker's tests. The jars are resolved
 # once from Maven Central with scripts/elasticmq/pom.xml into $ELASTICMQ_DIR/lib; a later `up`
@@ -494,6 +594,8 @@ status() {
         echo "postgres    not installed"; rc=1; fi
     if command -v redis-server >/dev/null; then redis_status || rc=1; else
         echo "redis       not installed"; rc=1; fi
+    if command -v redis-server >/dev/null; then redis_cluster_status || rc=1; else
+        echo "redis-cluster not installed"; rc=1; fi
     elasticmq_status || rc=1
     kafka_status || rc=1
     return $rc
@@ -507,6 +609,7 @@ up)
     rabbit_up
     pg_up
     redis_up
+    redis_cluster_up
     install -d -m 755 "$ELASTICMQ_DIR"
     elasticmq_up
     kafka_up
@@ -517,6 +620,7 @@ down)
     rabbit_down
     [[ -n $(pg_bindir) ]] && pg_down
     command -v redis-cli >/dev/null && redis_down
+    command -v redis-cli >/dev/null && redis_cluster_down
     elasticmq_down
     kafka_down
     status || true

@@ -1,22 +1,30 @@
-"""The consuming half of ``AmqpBroker``: subscription, delivery and batched acks."""
+"""The consuming half of ``AmqpBroker``: subscription, delivery and batched acks.
+
+It reaches the broker through ``BrokerLink``, a protocol ``AmqpBroker`` satisfies, so this
+module never imports ``oncely.brokers.amqp`` (which imports it).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import aiormq.exceptions
 
+from oncely.brokers._amqp_acks import AckWindow
 from oncely.brokers._amqp_topology import (
+    AmqpOptions,
     bucket_for,
     bucket_name,
     dlq_name,
     map_errors,
     own_headers,
-    parse,
+    parse_props,
     properties,
+    props_of,
     topology,
 )
 from oncely.brokers.base import Delivery, Headers, Subscription
@@ -25,14 +33,44 @@ from oncely.errors import (
     BrokerError,
     DeliveryExpired,
     NotSupported,
+    PublishFailed,
 )
 
 if TYPE_CHECKING:
     import aiormq.abc
-    from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+    from aio_pika.abc import (
+        AbstractIncomingMessage,
+        AbstractQueue,
+        AbstractRobustChannel,
+        AbstractRobustConnection,
+    )
+    from pamqp.commands import Basic
     from pamqp.common import FieldTable
 
-    from oncely.brokers.amqp import AmqpBroker
+
+class BrokerLink(Protocol):
+    """What a subscription and its deliveries need from the broker (``AmqpBroker``)."""
+
+    options: AmqpOptions
+
+    async def _connected(self) -> AbstractRobustConnection:
+        """The open robust connection (opened on first use)."""
+        ...
+
+    async def _ensure_topology(self, topic: str) -> None:
+        """Declare ``topic``'s queues unless already done."""
+        ...
+
+    def _forget_topology(self, topic: str) -> None:
+        """Declare ``topic``'s queues again before its next publish."""
+        ...
+
+    async def _send(self, queue: str, body: bytes, props: Basic.Properties) -> None:
+        """Publish to ``queue`` and await the confirm (``PublishFailed`` otherwise)."""
+        ...
+
+
+log = logging.getLogger("oncely.brokers.amqp")
 
 _OPEN: Final = 0
 _SETTLING: Final = 1  # an ack frame is committed to; never send another for this tag
@@ -40,102 +78,33 @@ _SETTLED: Final = 2
 _EXPIRED: Final = 3
 
 
-class AckWindow:
-    """The delivery tags of one AMQP channel instance and how they are acked.
-
-    Delivery tags are per channel, so a reconnect starts a new window; acks for an old window
-    fail with ``DeliveryExpired`` (its tags are void and the broker redelivers the messages).
-
-    With batching, acks requested in the same event-loop turn are flushed together by one task:
-    every requested tag below the lowest still-unsettled tag is covered by a single
-    ``basic.ack(multiple=True)``; tags above it are acked one by one. ``multiple=True`` is only
-    used when no lower tag on the channel is still unsettled (held by a handler, buffered, or
-    about to be handed back with ``basic.nack(requeue=True)``), so it never acks a message this
-    consumer did not finish. Flushes are serialised so frames leave in the order computed.
-    """
-
-    __slots__ = ("_batch", "_flush", "_lock", "_ready", "_task", "channel", "unsettled")
-
-    def __init__(self, channel: aiormq.abc.AbstractChannel, *, batch: bool) -> None:
-        self.channel = channel
-        self.unsettled: set[int] = set()
-        self._batch = batch
-        self._ready: list[int] = []
-        self._flush: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-
-    @property
-    def closed(self) -> bool:
-        return self.channel.is_closed
-
-    async def ack(self, tag: int) -> None:
-        if self.closed:
-            raise DeliveryExpired("the delivery's AMQP channel closed; it will be redelivered")
-        if not self._batch:
-            with map_errors("settle"):
-                await self.channel.basic_ack(tag)
-            self.unsettled.discard(tag)
-            return
-        self._ready.append(tag)
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().create_future()
-            self._task = asyncio.create_task(self._run(self._flush))
-        # Shielded: the flush acks this tag whether or not the caller is cancelled meanwhile.
-        await asyncio.shield(self._flush)
-
-    async def _run(self, done: asyncio.Future[None]) -> None:
-        try:
-            async with self._lock:
-                self._flush = None
-                tags, self._ready = self._ready, []
-                self.unsettled.difference_update(tags)
-                low = min(self.unsettled, default=None)
-                prefix = [t for t in tags if low is None or t < low]
-                frames = [(t, False) for t in tags if low is not None and t > low]
-                if prefix:
-                    frames.insert(0, (max(prefix), len(prefix) > 1))
-                with map_errors("settle"):
-                    for i, (tag, multiple) in enumerate(frames):
-                        last = i == len(frames) - 1
-                        await self.channel.basic_ack(tag, multiple=multiple, wait=last)
-        except BaseException as exc:
-            if not done.done():
-                done.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            done.set_result(None)
-
-    async def requeue(self, tag: int) -> None:
-        """Hand an unyielded message back; the tag stays unsettled until the frame is out."""
-        with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError, BrokerError):
-            with map_errors("settle"):
-                await self.channel.basic_nack(tag, requeue=True)
-        self.unsettled.discard(tag)
-
-
 class AmqpDelivery(Delivery):
     """A delivery from an AMQP queue. See ``oncely.brokers.amqp`` for the guarantees."""
 
-    __slots__ = ("_message", "_state", "_sub", "_tag", "_window")
+    __slots__ = ("_props", "_state", "_sub", "_tag", "_window")
 
     def __init__(
-        self, sub: AmqpSubscription, message: AbstractIncomingMessage, window: AckWindow
+        self,
+        sub: AmqpSubscription,
+        window: AckWindow,
+        tag: int,
+        body: bytes,
+        props: Basic.Properties,
+        redelivered: bool,
     ) -> None:
-        p = parse(message)
+        p = parse_props(props, body, redelivered)
         super().__init__(
             id=p.id,
             topic=sub.topic,
-            body=message.body,
+            body=body,
             headers=p.headers,
             attempt=p.attempt,
             enqueued_at=p.enqueued_at,
         )
         self._sub = sub
-        self._message = message
+        self._props = props
         self._window = window
-        self._tag: int = message.delivery_tag or 0
+        self._tag = tag
         self._state = _OPEN
 
     @property
@@ -175,22 +144,68 @@ class AmqpDelivery(Delivery):
 
     async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
         await self._begin()
-        bucket = bucket_for(delay)
-        target = self.topic if bucket is None else bucket_name(self.topic, bucket[1])
-        headers = self._headers()
-        # The next delivery's attempt is this header plus one; a deferral keeps this one's.
-        headers[Headers.ATTEMPT] = str(self.attempt - 1 if defer else self.attempt)
-        await self._republish(target, headers)
+        try:
+            bucket = bucket_for(delay)
+            target = self.topic if bucket is None else bucket_name(self.topic, bucket[1])
+            headers = self._headers()
+            # The next delivery's attempt is this header plus one; a deferral keeps this one's.
+            headers[Headers.ATTEMPT] = str(self.attempt - 1 if defer else self.attempt)
+            await self._republish(target, headers)
+        except BaseException as exc:
+            await self._requeue_instead(exc)
+            raise
         await self._finish()
 
     async def reject(self, reason: str) -> None:
         await self._begin()
-        headers = self._headers()
-        headers[Headers.REASON] = reason
-        headers[Headers.ATTEMPT] = str(self.attempt)
-        headers[Headers.FAILED_AT] = repr(time.time())
-        await self._republish(dlq_name(self.topic), headers)
+        try:
+            headers = self._headers()
+            headers[Headers.REASON] = reason
+            headers[Headers.ATTEMPT] = str(self.attempt)
+            headers[Headers.FAILED_AT] = repr(time.time())
+            await self._republish(dlq_name(self.topic), headers)
+        except BaseException as exc:
+            await self._requeue_instead(exc)
+            raise
         await self._finish()
+
+    async def _requeue_instead(self, exc: BaseException) -> None:
+        """Settle with ``basic.nack(requeue=True)`` a delivery whose nack or reject failed
+        before it was acked (the republish failed or was cancelled, or the delay was too long).
+
+        Why requeue, and not the alternatives:
+
+        * Holding it unsettled keeps a prefetch slot until ``consumer_timeout`` fires, and
+          that closes the channel and requeues every unacked delivery on it, other handlers'
+          included, whose settles then fail.
+        * ``requeue=False`` dead-letters through the work queue's own dead-letter exchange:
+          for a nack that throws the retry away, and when the republish failed because the
+          DLQ is unroutable, RabbitMQ drops an unroutable dead letter: a loss.
+        * ``requeue=True`` never loses the message. It comes back at once, flagged
+          redelivered, so its next attempt counts one more (the delay is not honoured). The
+          risk is a tight loop while republishing keeps failing; a failed republish makes the
+          broker declare the topology again before the next one, which heals the usual cause
+          (a deleted delay-bucket or DLQ queue). A republish that landed before it failed to
+          confirm leaves a duplicate, never a loss, as the nack path always has.
+
+        The caller's error is still raised (with a note), so the runtime logs it.
+        """
+        if isinstance(exc, PublishFailed):
+            self._sub.broker._forget_topology(self.topic)
+        if self._state != _OPEN:
+            return  # expired meanwhile: the broker requeues it with the channel
+        if self._window.closed:
+            await self._expire()
+            return
+        self._state = _SETTLING
+        try:
+            # Shielded: a cancelled nack must still hand the message back now.
+            await asyncio.shield(self._window.requeue(self._tag))
+        finally:
+            self._state = _SETTLED
+            await self._sub.release()
+        if isinstance(exc, Exception):
+            exc.add_note("oncely: the delivery was requeued instead (basic.nack requeue=True)")
 
     async def extend(self, seconds: float) -> None:
         raise NotSupported(
@@ -198,15 +213,17 @@ class AmqpDelivery(Delivery):
         )
 
     def _headers(self) -> FieldTable:
-        headers = own_headers(self._message.headers)
+        headers = own_headers(self._props.headers)
         headers[Headers.MESSAGE_ID] = self.id
         headers.setdefault(Headers.PUBLISHED_AT, repr(self.enqueued_at))
         return headers
 
     async def _republish(self, queue: str, headers: FieldTable) -> None:
         # Confirmed before the original is acked: a crash in between leaves a duplicate.
-        props = properties(self.id, headers, self.enqueued_at, self._message)
-        await self._sub.broker._send(queue, self.body, props)
+        props = properties(self.id, headers, self.enqueued_at, self._props)
+        broker = self._sub.broker
+        await broker._ensure_topology(self.topic)  # again, if a failed republish forgot it
+        await broker._send(queue, self.body, props)
         if self._window.closed:
             await self._expire()
             raise DeliveryExpired(
@@ -214,6 +231,8 @@ class AmqpDelivery(Delivery):
                 "redelivers the original too (a duplicate, not a loss)"
             )
 
+
+_Received = tuple["AckWindow", int, bytes, "Basic.Properties", bool]
 
 MIN_CONSUMER_TIMEOUT = 1800.0
 """RabbitMQ's own default ``consumer_timeout``; the per-consumer value never goes below it."""
@@ -234,16 +253,15 @@ def consumer_timeout_ms(visibility: float) -> int:
 class AmqpSubscription(Subscription):
     """One channel, one consumer, ``basic.qos(prefetch)``; resumes after a reconnect."""
 
-    def __init__(self, broker: AmqpBroker, topic: str, prefetch: int, visibility: float) -> None:
+    def __init__(self, broker: BrokerLink, topic: str, prefetch: int, visibility: float) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.broker = broker
         self.topic = topic
         self.prefetch = prefetch
         self.visibility = visibility
-        self._buffer: asyncio.Queue[tuple[AbstractIncomingMessage, AckWindow] | None] = (
-            asyncio.Queue()
-        )  # None: closed
+        # (window, tag, body, properties, redelivered); None: closed
+        self._buffer: asyncio.Queue[_Received | None] = asyncio.Queue()
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
         self._ctag: str | None = None
@@ -271,26 +289,76 @@ class AmqpSubscription(Subscription):
                         no_ack=False,
                         arguments={"x-consumer-timeout": consumer_timeout_ms(self.visibility)},
                     )
+                    self._take_over(await channel.get_underlay_channel())
             except BaseException:
                 with contextlib.suppress(Exception):
                     await channel.close()
                 raise
+            # The robust channel consumes again after a reconnect, through aio-pika's path.
+            channel.reopen_callbacks.add(self._on_reopen)
             self._channel, self._queue = channel, queue
+
+    # Two ways in. aio-pika's consumer path costs two tasks and an IncomingMessage (whose
+    # attribute checks alone cost more than oncely's whole header parsing) per message; the
+    # fast path is aiormq's single task per message straight into the buffer. aio-pika keeps
+    # registering, and after a reconnect re-registering, the consumer (so its recovery logic
+    # stays in charge); right after each registration this subscription swaps its own
+    # callback in for aio-pika's on that aiormq channel. Messages that arrive before the swap,
+    # or if it ever cannot happen, take aio-pika's path, which ends in the same buffer.
+
+    def _take_over(self, raw: aiormq.abc.AbstractChannel) -> None:
+        consumers = getattr(raw, "consumers", None)
+        if isinstance(consumers, dict) and self._ctag in consumers:
+            consumers[self._ctag] = self._on_delivered
+
+    async def _on_reopen(self, channel: AbstractRobustChannel | None, /) -> None:
+        channel = channel or self._channel
+        if channel is None:
+            return
+        try:
+            self._take_over(await channel.get_underlay_channel())
+        except Exception:
+            # Not fatal: deliveries keep arriving through aio-pika's own callback.
+            log.warning("AMQP consumer on %r stays on the slow path", self.topic, exc_info=True)
+
+    async def _on_delivered(self, message: aiormq.abc.DeliveredMessage) -> None:
+        channel = message.channel
+        if channel.is_closed:
+            return  # the broker requeues it with the channel
+        props = message.header.properties
+        tag = message.delivery_tag or 0
+        window = self._accept(channel, tag, message.body, props, bool(message.redelivered))
+        if window is not None:
+            await window.requeue(tag)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             raw = message.channel
         except aiormq.exceptions.ChannelInvalidStateError:
             return  # its channel died: the broker requeues it
+        tag = message.delivery_tag or 0
+        props = props_of(message)
+        window = self._accept(raw, tag, message.body, props, bool(message.redelivered))
+        if window is not None:
+            await window.requeue(tag)
+
+    def _accept(
+        self,
+        raw: aiormq.abc.AbstractChannel,
+        tag: int,
+        body: bytes,
+        props: Basic.Properties,
+        redelivered: bool,
+    ) -> AckWindow | None:
+        """Buffer one message; return its window if it must be handed back instead."""
         window = self._window
         if window is None or window.channel is not raw:
             window = self._window = AckWindow(raw, batch=self.broker.options.batch_acks)
-        tag = message.delivery_tag or 0
         window.unsettled.add(tag)
         if self._closed:  # arrived between basic.cancel and cancel-ok
-            await window.requeue(tag)
-            return
-        self._buffer.put_nowait((message, window))
+            return window
+        self._buffer.put_nowait((window, tag, body, props, redelivered))
+        return None
 
     async def __anext__(self) -> AmqpDelivery:
         if self._channel is None and not self._closed:
@@ -301,11 +369,11 @@ class AmqpSubscription(Subscription):
             item = await self._buffer.get()
             if item is None:
                 raise StopAsyncIteration
-            message, window = item
+            window = item[0]
             if window.closed:
                 continue  # stale tag: the broker already requeued this message
             self._in_flight += 1
-            return AmqpDelivery(self, message, window)
+            return AmqpDelivery(self, *item)
 
     def shutdown(self) -> None:
         """The broker closed: stop iterating. Its deliveries expire with the connection."""
@@ -328,8 +396,7 @@ class AmqpSubscription(Subscription):
         while not self._buffer.empty():
             item = self._buffer.get_nowait()
             if item is not None:
-                message, window = item
-                await window.requeue(message.delivery_tag or 0)
+                await item[0].requeue(item[1])
         self._buffer.put_nowait(None)
         if self._in_flight == 0:
             await self._close_channel()

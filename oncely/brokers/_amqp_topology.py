@@ -221,7 +221,7 @@ def properties(
     message_id: str,
     headers: FieldTable,
     published_at: float,
-    template: AbstractIncomingMessage | None = None,
+    template: Basic.Properties | None = None,
 ) -> Basic.Properties:
     """Persistent properties for a (re)publish, keeping the template's descriptive fields."""
     t = template
@@ -236,8 +236,24 @@ def properties(
         reply_to=t.reply_to if t else None,
         message_id=message_id,
         timestamp=stamp or datetime.fromtimestamp(int(published_at), tz=UTC),
-        message_type=t.type if t else None,
+        message_type=t.message_type if t else None,
         app_id=t.app_id if t else None,
+    )
+
+
+def props_of(message: AbstractIncomingMessage) -> Basic.Properties:
+    """The AMQP properties of an aio-pika message (``basic.get``, or a consumer callback)."""
+    return Basic.Properties(
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        headers=message.headers,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        message_type=message.type,
+        app_id=message.app_id,
     )
 
 
@@ -263,6 +279,11 @@ class Parsed:
 
 
 def parse(message: AbstractIncomingMessage) -> Parsed:
+    """``parse_props`` of an aio-pika message."""
+    return parse_props(props_of(message), message.body, bool(message.redelivered))
+
+
+def parse_props(props: Basic.Properties, body: bytes, redelivered: bool) -> Parsed:
     """Read oncely's view of an AMQP message: id, ``str`` headers, attempt, enqueued_at.
 
     ``id``: ``oncely-message-id``, else the AMQP ``message_id``, else ``sha256:`` + the body's
@@ -271,21 +292,30 @@ def parse(message: AbstractIncomingMessage) -> Parsed:
     ``attempt``: ``oncely-attempt`` (deliveries before the last republish) + 1, plus the quorum
     queue's ``x-delivery-count`` when present, else + 1 when ``redelivered`` is set.
     ``enqueued_at``: ``oncely-published-at``, else the AMQP ``timestamp``, else now.
+
+    On the consume path for every message: oncely's own headers are ``str`` already, so the
+    common case costs one pass over the headers and no conversion.
     """
-    raw = message.headers or {}
-    headers = {k: text(v) for k, v in raw.items() if not k.startswith(_DEATH_HEADERS)}
-    mid = headers.get(Headers.MESSAGE_ID) or message.message_id
+    raw = props.headers or {}
+    headers: dict[str, str] = {}
+    count: object = None
+    for k, v in raw.items():
+        if k.startswith(_DEATH_HEADERS):
+            continue
+        if k == "x-delivery-count":
+            count = v
+        headers[k] = v if type(v) is str else text(v)
+    mid = headers.get(Headers.MESSAGE_ID) or props.message_id
     if not mid:
-        mid = "sha256:" + hashlib.sha256(message.body).hexdigest()
+        mid = "sha256:" + hashlib.sha256(body).hexdigest()
     attempt = _int(headers.get(Headers.ATTEMPT)) + 1
-    count = raw.get("x-delivery-count")
     if isinstance(count, int) and count > 0:
         attempt += count
-    elif message.redelivered:
+    elif redelivered:
         attempt += 1
     enqueued_at = _float(headers.get(Headers.PUBLISHED_AT))
     if enqueued_at is None:
-        stamp = message.timestamp
+        stamp = props.timestamp
         enqueued_at = stamp.timestamp() if stamp is not None else time.time()
     return Parsed(mid, headers, attempt, enqueued_at)
 

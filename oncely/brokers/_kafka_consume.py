@@ -41,7 +41,7 @@ from oncely.errors import BrokerError, ConnectionLost, OncelyError
 if TYPE_CHECKING:
     from aiokafka.structs import TopicPartition
 
-    from oncely.brokers.kafka import KafkaBroker
+    from oncely.brokers._kafka_link import BrokerLink
 
 __all__ = ["KafkaSubscription"]
 
@@ -51,7 +51,7 @@ log = logging.getLogger("oncely.brokers.kafka")
 class KafkaSubscription(Subscription):
     """See the module docstring and ``oncely.brokers.kafka``."""
 
-    def __init__(self, broker: KafkaBroker, topic: str, *, prefetch: int, visibility: float):
+    def __init__(self, broker: BrokerLink, topic: str, *, prefetch: int, visibility: float):
         self._broker = broker
         opts = self._opts = broker.options
         self.topic = topic

@@ -18,14 +18,15 @@ from aiokafka.structs import TopicPartition
 
 from oncely.brokers._kafka_delivery import ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC
 from oncely.brokers._kafka_options import decode_headers, dlq_topic, encode_headers, map_errors
-from oncely.brokers.base import DeadLetter, Headers
+from oncely.brokers.base import DeadLetter, Headers, replayed_headers
 
 if TYPE_CHECKING:
-    from oncely.brokers.kafka import KafkaBroker
+    from oncely.brokers._kafka_link import BrokerLink
 
-__all__ = ["list_dead_letters", "replay_dead_letters"]
+__all__ = ["list_dead_letters", "purge_dead_letters", "replay_dead_letters"]
 
 REPLAYED = "oncely-replayed"
+PURGED = "oncely-purged"
 _BATCH = 500
 _DROP_ON_REPLAY = frozenset(
     {
@@ -39,7 +40,7 @@ _DROP_ON_REPLAY = frozenset(
 )
 
 
-async def _read_all(broker: KafkaBroker, topic: str) -> list[Any]:
+async def _read_all(broker: BrokerLink, topic: str) -> list[Any]:
     """Every committed record of ``topic`` up to its end offsets at the start of the call."""
     opts = broker.options
     consumer = AIOKafkaConsumer(
@@ -78,7 +79,7 @@ async def _read_all(broker: KafkaBroker, topic: str) -> list[Any]:
     return records
 
 
-async def list_dead_letters(broker: KafkaBroker, topic: str) -> list[tuple[DeadLetter, Any]]:
+async def list_dead_letters(broker: BrokerLink, topic: str) -> list[tuple[DeadLetter, Any]]:
     """The dead letters of ``topic`` without a replay marker, oldest first, with their
     records."""
     dlq = dlq_topic(topic)
@@ -88,8 +89,8 @@ async def list_dead_letters(broker: KafkaBroker, topic: str) -> list[tuple[DeadL
     letters: list[tuple[DeadLetter, Any]] = []
     for record in records:
         headers = decode_headers(record.headers)
-        if REPLAYED in headers:
-            replayed.add(headers[REPLAYED])
+        if REPLAYED in headers or PURGED in headers:
+            replayed.add(headers.get(REPLAYED) or headers[PURGED])
             continue
         try:
             attempt = int(headers.get(Headers.ATTEMPT, "1"))
@@ -114,7 +115,7 @@ async def list_dead_letters(broker: KafkaBroker, topic: str) -> list[tuple[DeadL
     return live
 
 
-async def replay_dead_letters(broker: KafkaBroker, topic: str, ids: list[str] | None) -> int:
+async def replay_dead_letters(broker: BrokerLink, topic: str, ids: list[str] | None) -> int:
     """Re-produce dead letters (all, or those in ``ids``) to ``topic`` with a fresh attempt,
     each together with its marker in one transaction. Returns how many moved."""
     wanted = set(ids) if ids is not None else None
@@ -134,13 +135,42 @@ async def replay_dead_letters(broker: KafkaBroker, topic: str, ids: list[str] | 
             for i in range(0, len(chosen), _BATCH):
                 async with producer.transaction():
                     for letter, record in chosen[i : i + _BATCH]:
-                        headers = {
-                            k: v for k, v in letter.headers.items() if k not in _DROP_ON_REPLAY
-                        }
+                        headers = replayed_headers(
+                            {k: v for k, v in letter.headers.items() if k not in _DROP_ON_REPLAY},
+                            time.time(),
+                        )
                         await producer.send(
                             topic, letter.body, key=record.key, headers=encode_headers(headers)
                         )
                         marker = {REPLAYED: f"{record.partition}:{record.offset}"}
+                        await producer.send(
+                            dlq, b"", key=record.key, headers=encode_headers(marker)
+                        )
+        finally:
+            await producer.stop()
+    return len(chosen)
+
+
+async def purge_dead_letters(broker: BrokerLink, topic: str, older_than: float | None) -> int:
+    """Hide the dead letters of ``topic`` older than ``older_than`` seconds (all with
+    ``None``) behind purge markers, in transactions. Returns how many were purged."""
+    cutoff = None if older_than is None else time.time() - older_than
+    chosen = [
+        record
+        for letter, record in await list_dead_letters(broker, topic)
+        if cutoff is None or letter.failed_at < cutoff
+    ]
+    if not chosen:
+        return 0
+    dlq = dlq_topic(topic)
+    producer = broker.transactional_producer(f"oncely-dlq-replay-{broker.options.group}-{topic}")
+    with map_errors(f"purging {dlq}", publishing=True):
+        await producer.start()
+        try:
+            for i in range(0, len(chosen), _BATCH):
+                async with producer.transaction():
+                    for record in chosen[i : i + _BATCH]:
+                        marker = {PURGED: f"{record.partition}:{record.offset}"}
                         await producer.send(
                             dlq, b"", key=record.key, headers=encode_headers(marker)
                         )

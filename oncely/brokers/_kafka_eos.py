@@ -47,10 +47,9 @@ if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
     from aiokafka.structs import TopicPartition
 
-    from oncely.brokers._kafka_consume import KafkaSubscription
     from oncely.brokers._kafka_delivery import KafkaDelivery, Output
+    from oncely.brokers._kafka_link import BrokerLink, SubscriptionLink
     from oncely.brokers._kafka_track import PartitionTrack
-    from oncely.brokers.kafka import KafkaBroker
 
 __all__ = ["ExactlyOnce"]
 
@@ -76,7 +75,7 @@ class _Txn:
 class ExactlyOnce:
     """The exactly-once side of one ``KafkaSubscription``."""
 
-    def __init__(self, sub: KafkaSubscription, broker: KafkaBroker) -> None:
+    def __init__(self, sub: SubscriptionLink, broker: BrokerLink) -> None:
         self._sub = sub
         self._broker = broker
         self._opts = broker.options

@@ -13,7 +13,7 @@ from oncely.brokers._kafka_delivery import DUE
 if TYPE_CHECKING:
     from aiokafka.structs import TopicPartition
 
-    from oncely.brokers._kafka_consume import KafkaSubscription
+    from oncely.brokers._kafka_link import SubscriptionLink
 
 __all__ = ["RebalanceListener", "due_time", "sticky_assignor"]
 
@@ -21,7 +21,7 @@ __all__ = ["RebalanceListener", "due_time", "sticky_assignor"]
 class RebalanceListener(ConsumerRebalanceListener):
     """Hands aiokafka's rebalance callbacks to the subscription."""
 
-    def __init__(self, sub: KafkaSubscription) -> None:
+    def __init__(self, sub: SubscriptionLink) -> None:
         self._sub = sub
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:

@@ -1,10 +1,15 @@
 """Waiting and settle bookkeeping shared by the brokers that run in this process (memory and
 SQLite): a subscription parks on a future that a publish, a settle or ``aclose`` resolves, and
-a delivery frees its prefetch slot exactly once, whether it settled or found its lease gone."""
+a delivery frees its prefetch slot exactly once, whatever its first settle attempt ended in:
+settled, lease gone, or an error (the file was locked past the busy timeout, the broker was
+closed). A message whose settle failed is still claimed by this delivery, so the broker hands
+it out again once its visibility runs out; the slot must not wait for that, or a subscription
+whose every slot met a failed settle would park for ever."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from oncely.brokers.base import Delivery, Subscription
@@ -31,7 +36,7 @@ def wake_all(waiters: set[asyncio.Future[bool]]) -> None:
 
 
 def check_delay(delay: float, name: str = "delay") -> None:
-    if delay < 0:
+    if not delay >= 0:  # also refuses NaN, which would corrupt a heap or a deadline
         raise ValueError(f"{name} must be >= 0, got {delay}")
 
 
@@ -98,11 +103,33 @@ class LocalDelivery(Delivery):
         if self._settled:
             raise AlreadySettled(f"message {self.id} was already settled")
 
-    def _finish(self, ok: bool) -> None:
-        """Record a settle attempt: ``ok`` if it took effect, else the lease was lost."""
-        if not self._done:
-            self._done = True
-            self._sub.release_slot()
+    async def _settle(self, attempt: Callable[[], Awaitable[bool]]) -> None:
+        """Run one settle attempt (True if it took effect, False if the lease was lost).
+
+        The prefetch slot is freed however the attempt ends, exceptions and cancellation
+        included; only success marks the delivery settled, so a caller may try again, and
+        otherwise the message is redelivered when its visibility runs out.
+
+        Raises:
+            AlreadySettled: a settle succeeded before.
+            DeliveryExpired: the lease was lost; the message was claimed again.
+            ConnectionLost: the broker failed; the message comes back after its visibility.
+        """
+        self._check()
+        try:
+            ok = await attempt()
+        finally:
+            self._release()
         if not ok:
             raise DeliveryExpired(f"message {self.id}: visibility ran out and it was re-claimed")
         self._settled = True
+
+    def _release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._sub.release_slot()
+
+    def _expired(self) -> None:
+        """``extend`` found the lease gone: free the slot and say so."""
+        self._release()
+        raise DeliveryExpired(f"message {self.id}: visibility ran out and it was re-claimed")

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from oncely._sqlite import GroupCommit
+from oncely._batch import GroupCommit
 from oncely.brokers.base import DeadLetter, Headers
 
 SCHEMA = (
@@ -99,6 +99,8 @@ READ_DEAD_FOR_REPLAY = (
 )
 
 DELETE_DEAD = "DELETE FROM oncely_dead_letters WHERE id = ?"
+
+PURGE_DEAD = "DELETE FROM oncely_dead_letters WHERE topic = ? AND failed_at < ?"
 
 ACK_BATCH = 400
 """Most acks deleted by one statement (two parameters each, well under SQLite's limit)."""

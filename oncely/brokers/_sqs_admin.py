@@ -7,6 +7,9 @@ does not see those messages, and each listing adds one to their ``ApproximateRec
 (the DLQ has no redrive policy, so nothing moves because of it). A DLQ holding more than
 ``_SCAN_LIMIT`` messages is listed and replayed in part.
 
+Purge receives the same way and deletes each dead letter old enough, one by one (an
+interrupted purge has deleted some); the others are made visible again.
+
 Replay re-sends each chosen dead letter to the topic's queue without the dead-letter headers
 (so its attempt starts again at 1), then deletes it from the DLQ: a crash in between leaves a
 duplicate, never a loss. ``StartMessageMoveTask`` would move *every* message and cannot pick
@@ -32,13 +35,13 @@ from oncely.brokers._sqs_wire import (
     message_size,
     text_value,
 )
-from oncely.brokers.base import DeadLetter, Headers
+from oncely.brokers.base import DeadLetter, Headers, replayed_headers
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs.type_defs import MessageAttributeValueTypeDef, MessageTypeDef
 
-    from oncely.brokers._sqs_consume import SqsDelivery
-    from oncely.brokers.sqs import SqsBroker
+    from oncely.brokers._sqs_delivery import SqsDelivery
+    from oncely.brokers._sqs_link import BrokerLink
 
 _HOLD = 30  # seconds a listing keeps dead letters invisible at most
 _SCAN_LIMIT = 10_000
@@ -63,7 +66,7 @@ def _fit(attributes: Attributes, extra: Attributes) -> Attributes:
     return keep
 
 
-async def dead_letter(broker: SqsBroker, delivery: SqsDelivery, reason: str) -> None:
+async def dead_letter(broker: BrokerLink, delivery: SqsDelivery, reason: str) -> None:
     """Check the receipt handle, send to the DLQ with the reason, then delete the original."""
     _, dlq = await broker.queue_urls(delivery.topic)
     # Proves the handle is still ours (DeliveryExpired otherwise) before a dead letter exists.
@@ -86,7 +89,7 @@ async def dead_letter(broker: SqsBroker, delivery: SqsDelivery, reason: str) -> 
     await broker._delete(delivery.queue_url, delivery.receipt)
 
 
-async def _scan(broker: SqsBroker, dlq: str) -> list[MessageTypeDef]:
+async def _scan(broker: BrokerLink, dlq: str) -> list[MessageTypeDef]:
     """Receive every dead letter (each held invisible for ``_HOLD`` seconds)."""
     client = await broker._connected()
     found: list[MessageTypeDef] = []
@@ -116,7 +119,7 @@ async def _scan(broker: SqsBroker, dlq: str) -> list[MessageTypeDef]:
     return found
 
 
-async def _unhold(broker: SqsBroker, dlq: str, messages: list[MessageTypeDef]) -> None:
+async def _unhold(broker: BrokerLink, dlq: str, messages: list[MessageTypeDef]) -> None:
     await asyncio.gather(*(broker._change_visibility(dlq, m["ReceiptHandle"], 0) for m in messages))
 
 
@@ -143,7 +146,7 @@ def _letter(topic: str, message: MessageTypeDef) -> DeadLetter:
     )
 
 
-async def dead_letters(broker: SqsBroker, topic: str, *, limit: int) -> list[DeadLetter]:
+async def dead_letters(broker: BrokerLink, topic: str, *, limit: int) -> list[DeadLetter]:
     """Up to ``limit`` dead letters, oldest first (by ``oncely-dead-lettered-at``), left in
     the DLQ."""
     _, dlq = await broker.queue_urls(topic)
@@ -155,7 +158,7 @@ async def dead_letters(broker: SqsBroker, topic: str, *, limit: int) -> list[Dea
     return letters[:limit]
 
 
-async def replay(broker: SqsBroker, topic: str, *, ids: list[str] | None) -> int:
+async def replay(broker: BrokerLink, topic: str, *, ids: list[str] | None) -> int:
     """Re-send the chosen dead letters to ``topic`` with a fresh attempt, then delete them."""
     url, dlq = await broker.queue_urls(topic)
     wanted = None if ids is None else set(ids)
@@ -166,13 +169,17 @@ async def replay(broker: SqsBroker, topic: str, *, ids: list[str] | None) -> int
     moved = 0
     try:
         for m in sorted(chosen, key=lambda m: _letter(topic, m).failed_at):
+            data = decode(m)
             attributes = {
                 k: v
                 for k, v in copy_attributes(m.get("MessageAttributes", {})).items()
                 if k not in _DEAD
             }
+            replay_marks = replayed_headers(
+                {Headers.REPLAY_COUNT: data.headers.get(Headers.REPLAY_COUNT, "0")}, time.time()
+            )
+            attributes = _fit(attributes, {k: _string(v) for k, v in replay_marks.items()})
             body = m.get("Body", "")
-            data = decode(m)
             out = Outgoing(data.id, body, attributes, message_size(body, attributes))
             group = data.headers.get(Headers.KEY) or data.id
             await broker._send(url, out, group=group if fifo else None, dedupe=uuid.uuid4().hex)
@@ -181,3 +188,23 @@ async def replay(broker: SqsBroker, topic: str, *, ids: list[str] | None) -> int
     finally:
         await _unhold(broker, dlq, others + chosen[moved:])
     return moved
+
+
+async def purge(broker: BrokerLink, topic: str, *, older_than: float | None) -> int:
+    """Delete the dead letters dead-lettered more than ``older_than`` seconds ago (all with
+    ``None``); the others are made visible again."""
+    cutoff = None if older_than is None else time.time() - older_than
+    _, dlq = await broker.queue_urls(topic)
+    messages = await _scan(broker, dlq)
+    doomed: list[MessageTypeDef] = []
+    kept: list[MessageTypeDef] = []
+    for m in messages:
+        (doomed if cutoff is None or _letter(topic, m).failed_at < cutoff else kept).append(m)
+    purged = 0
+    try:
+        for m in doomed:
+            await broker._delete(dlq, m["ReceiptHandle"])
+            purged += 1
+    finally:
+        await _unhold(broker, dlq, kept + doomed[purged:])
+    return purged

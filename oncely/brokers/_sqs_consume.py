@@ -21,7 +21,7 @@ from oncely.errors import (
 if TYPE_CHECKING:
     from types_aiobotocore_sqs.type_defs import MessageTypeDef
 
-    from oncely.brokers.sqs import SqsBroker
+    from oncely.brokers._sqs_link import BrokerLink
 
 __all__ = ["SqsDelivery", "SqsSubscription"]
 
@@ -36,7 +36,7 @@ class SqsSubscription(Subscription):
     yielded, the rest wait here until it is settled, so a group runs in order.
     """
 
-    def __init__(self, broker: SqsBroker, topic: str, prefetch: int, visibility: float) -> None:
+    def __init__(self, broker: BrokerLink, topic: str, prefetch: int, visibility: float) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.broker = broker

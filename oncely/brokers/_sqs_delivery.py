@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from oncely.brokers._sqs_wire import MAX_VISIBILITY, decode
 from oncely.brokers.base import Delivery
@@ -17,14 +17,30 @@ if TYPE_CHECKING:
 
     from types_aiobotocore_sqs.type_defs import MessageTypeDef
 
-    from oncely.brokers._sqs_consume import SqsSubscription
+    from oncely.brokers._sqs_link import BrokerLink
 
-__all__ = ["SqsDelivery"]
+__all__ = ["SqsDelivery", "SubscriptionLink"]
 
 log = logging.getLogger("oncely.brokers.sqs")
 
 _MARGIN = 5.0
 """Seconds kept clear of the 12-hour visibility cap, for clock and request latency."""
+
+
+class SubscriptionLink(Protocol):
+    """What a delivery needs from its subscription (``SqsSubscription`` satisfies it), so this
+    module never imports ``_sqs_consume`` (which imports it)."""
+
+    topic: str
+
+    @property
+    def broker(self) -> BrokerLink:
+        """The broker the subscription receives through."""
+        ...
+
+    def _settled(self, delivery: SqsDelivery, *, returned: bool) -> None:
+        """A yielded delivery was settled: free its slot; on FIFO, release its group."""
+        ...
 
 
 class SqsDelivery(Delivery):
@@ -44,7 +60,7 @@ class SqsDelivery(Delivery):
     )
 
     def __init__(
-        self, sub: SqsSubscription, queue_url: str, message: MessageTypeDef, received: float
+        self, sub: SubscriptionLink, queue_url: str, message: MessageTypeDef, received: float
     ) -> None:
         data = decode(message)
         super().__init__(

@@ -18,14 +18,14 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_sqs.literals import QueueAttributeNameType
 
-    from oncely.brokers.sqs import SqsBroker
+    from oncely.brokers._sqs_link import BrokerLink
 
 log = logging.getLogger("oncely.brokers.sqs")
 
 _RETENTION = "1209600"  # 14 days, the SQS maximum, for dead letters
 
 
-async def resolve(broker: SqsBroker, topic: str) -> tuple[str, str]:
+async def resolve(broker: BrokerLink, topic: str) -> tuple[str, str]:
     """Find or create the queue and DLQ of ``topic``; returns their URLs."""
     client = await broker._connected()
     o = broker.options
@@ -49,7 +49,7 @@ async def resolve(broker: SqsBroker, topic: str) -> tuple[str, str]:
 
 
 async def _create(
-    broker: SqsBroker, client: SQSClient, name: str, attributes: dict[QueueAttributeNameType, str]
+    broker: BrokerLink, client: SQSClient, name: str, attributes: dict[QueueAttributeNameType, str]
 ) -> str:
     broker.api_calls["admin"] += 1
     try:
@@ -62,7 +62,7 @@ async def _create(
         return await _existing(broker, client, name)
 
 
-async def _existing(broker: SqsBroker, client: SQSClient, name: str) -> str:
+async def _existing(broker: BrokerLink, client: SQSClient, name: str) -> str:
     broker.api_calls["admin"] += 1
     try:
         with map_errors("admin"):

@@ -29,6 +29,14 @@ same towards ``<topic>.dlq`` and adds ``oncely-dead-letter-reason``, ``oncely-at
 ``oncely-dead-lettered-at``. ``attempt`` is ``oncely-attempt + 1``, plus one for a broker
 redelivery (``redelivered`` flag, or the quorum queue's ``x-delivery-count``).
 
+**A nack or reject always settles.** When the republish fails (``PublishFailed``,
+``ConnectionLost``, cancellation) or the delay exceeds the largest bucket (``NotSupported``),
+the original is handed back with ``basic.nack(requeue=True)`` and the error is raised with a
+note saying so: the message comes straight back (counted as a redelivery), its prefetch slot is
+free, and the channel is never left to ``consumer_timeout``. A failed republish also makes the
+adapter declare the topic's queues again before the next one. ``replay`` stops at the first
+letter dead-lettered after it began, so a consumer that dead-letters again cannot make it cycle.
+
 **Ids.** ``Delivery.id`` is ``oncely-message-id``, else the AMQP ``message_id``, else
 ``sha256:<hex of the body>``; the last is stable across redeliveries but shared by identical
 bodies, so plain publishers that send identical payloads as distinct messages must set a
@@ -67,6 +75,7 @@ import contextlib
 import time
 import uuid
 import weakref
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -87,6 +96,7 @@ from oncely.brokers._amqp_topology import (
     parse,
     parse_url,
     properties,
+    props_of,
     text,
 )
 from oncely.brokers.base import (
@@ -96,6 +106,7 @@ from oncely.brokers.base import (
     DeadLetterAdmin,
     Headers,
     check_headers,
+    replayed_headers,
 )
 from oncely.errors import ConnectionLost, PublishFailed
 
@@ -202,6 +213,11 @@ class AmqpBroker(Broker, DeadLetterAdmin):
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    def _forget_topology(self, topic: str) -> None:
+        """Declare ``topic``'s queues again before its next publish: a republish failed,
+        maybe because someone deleted one of them."""
+        self._declared.discard(topic)
+
     async def _ensure_topology(self, topic: str) -> None:
         if topic in self._declared:
             return
@@ -249,7 +265,11 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         table[Headers.MESSAGE_ID] = mid
         table[Headers.PUBLISHED_AT] = repr(now)
         target = topic if bucket is None else bucket_name(topic, bucket[1])
-        await self._send(target, body, properties(mid, table, now))
+        try:
+            await self._send(target, body, properties(mid, table, now))
+        except PublishFailed:
+            self._forget_topology(topic)  # a returned publish may mean a deleted queue
+            raise
         return mid
 
     async def _send(self, queue: str, body: bytes, props: Basic.Properties) -> None:
@@ -322,11 +342,20 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         Each is republished with a confirm and then acked from the DLQ, so a crash between the
         two leaves it in both places (a duplicate), never in neither. Letters not selected are
         handed back in place.
+
+        It stops at the first letter dead-lettered after it started (by
+        ``oncely-dead-lettered-at``, or the broker's ``x-death`` time for letters RabbitMQ
+        dead-lettered itself) and hands that one back in place: the DLQ is FIFO, so the ones
+        behind it are newer still. A running consumer that dead-letters replayed messages again
+        thus appends them behind the old ones, and they wait for the next replay instead of
+        cycling for ever. (A count taken at the start would not do: a quorum queue counts a
+        letter that was just handed back by a reader only some time later.)
         """
         await self._ensure_topology(topic)
         connection = await self._connected()
         wanted = None if ids is None else set(ids)
         moved = 0
+        started = time.time()
         with map_errors("admin"):
             async with connection.channel(publisher_confirms=False) as channel:
                 queue = await channel.get_queue(dlq_name(topic), ensure=False)
@@ -334,16 +363,21 @@ class AmqpBroker(Broker, DeadLetterAdmin):
                     message = await queue.get(no_ack=False, fail=False, timeout=10)
                     if message is None:
                         break
+                    if _failed_at(message) >= started:
+                        break  # new since this replay began; requeued in place on close
                     p = parse(message)
                     if wanted is not None and p.id not in wanted:
                         continue  # stays unacked; requeued in place when the channel closes
                     table = own_headers(message.headers)
                     for name in _FRESH:
                         table.pop(name, None)
+                    table.update(replayed_headers(p.headers, time.time()))
                     table[Headers.MESSAGE_ID] = p.id
                     table.setdefault(Headers.PUBLISHED_AT, repr(p.enqueued_at))
                     await self._send(
-                        topic, message.body, properties(p.id, table, p.enqueued_at, message)
+                        topic,
+                        message.body,
+                        properties(p.id, table, p.enqueued_at, props_of(message)),
                     )
                     await message.ack()
                     moved += 1
@@ -351,15 +385,36 @@ class AmqpBroker(Broker, DeadLetterAdmin):
                         wanted.discard(p.id)
         return moved
 
+    async def purge(self, topic: str, *, older_than: float | None = None) -> int:
+        """Delete dead letters older than ``older_than`` seconds (all with ``None``).
+
+        Each is fetched with ``basic.get`` and acked if old enough; the others stay unacked
+        and go back in place when the short-lived channel closes. Each delete is on its own,
+        so an interrupted purge has deleted some and left the rest.
+        """
+        await self._ensure_topology(topic)
+        connection = await self._connected()
+        cutoff = None if older_than is None else time.time() - older_than
+        purged = 0
+        with map_errors("admin"):
+            async with connection.channel(publisher_confirms=False) as channel:
+                queue = await channel.get_queue(dlq_name(topic), ensure=False)
+                while True:
+                    message = await queue.get(no_ack=False, fail=False, timeout=10)
+                    if message is None:
+                        break
+                    if cutoff is not None and _dead_letter(topic, message).failed_at >= cutoff:
+                        continue  # stays unacked; requeued in place when the channel closes
+                    await message.ack()
+                    purged += 1
+        return purged
+
 
 def _dead_letter(topic: str, message: AbstractIncomingMessage) -> DeadLetter:
     p = parse(message)
     raw = message.headers or {}
     reason = p.headers.get(Headers.REASON) or text(raw.get("x-first-death-reason", ""))
-    try:
-        failed_at = float(p.headers[Headers.FAILED_AT])
-    except (KeyError, ValueError):
-        failed_at = p.enqueued_at
+    failed_at = _failed_at(message, p.enqueued_at)
     try:
         attempt = int(p.headers.get(Headers.ATTEMPT, "0"))
     except ValueError:
@@ -373,3 +428,19 @@ def _dead_letter(topic: str, message: AbstractIncomingMessage) -> DeadLetter:
         attempt=attempt,
         failed_at=failed_at,
     )
+
+
+def _failed_at(message: AbstractIncomingMessage, default: float = 0.0) -> float:
+    """When the letter was dead-lettered: oncely's header, else the latest ``x-death`` time
+    (RabbitMQ's own dead-lettering, newest entry first), else ``default``."""
+    raw = message.headers or {}
+    try:
+        return float(text(raw[Headers.FAILED_AT]))
+    except (KeyError, ValueError):
+        pass
+    deaths = raw.get("x-death")
+    if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], dict):
+        stamp = deaths[0].get("time")
+        if isinstance(stamp, datetime):
+            return stamp.timestamp()
+    return default

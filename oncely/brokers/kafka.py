@@ -41,7 +41,8 @@ a crash or a rebalance (Kafka keeps no delivery count).
 handler's error), the attempt, the time, and the original topic, partition and offset in
 headers. ``replay`` re-produces them to ``<topic>`` and appends a marker record for each to
 the DLQ *in one transaction*, so an interrupted replay neither loses nor duplicates;
-``dead_letters`` lists the records without a marker, read ``read_committed``.
+``dead_letters`` lists the records without a marker, read ``read_committed``; ``purge``
+appends purge markers the same way (the records stay until the DLQ's retention removes them).
 
 **extend** keeps the partition owned: the poll loop never stops, a full partition is paused
 rather than left unpolled, so ``max_poll_interval_ms`` never expires because a handler is
@@ -72,7 +73,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from oncely.brokers._kafka_consume import KafkaSubscription
 from oncely.brokers._kafka_delivery import DUE
-from oncely.brokers._kafka_dlq import list_dead_letters, replay_dead_letters
+from oncely.brokers._kafka_dlq import (
+    list_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+)
 from oncely.brokers._kafka_options import (
     DEFAULT_BUCKETS,
     KafkaOptions,
@@ -254,6 +259,11 @@ class KafkaBroker(Broker, DeadLetterAdmin):
     async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
         await self.connect()
         return await replay_dead_letters(self, topic, ids)
+
+    async def purge(self, topic: str, *, older_than: float | None = None) -> int:
+        """Hide old dead letters behind purge markers; see ``_kafka_dlq``."""
+        await self.connect()
+        return await purge_dead_letters(self, topic, older_than)
 
     async def aclose(self) -> None:
         subs = list(self._subs)

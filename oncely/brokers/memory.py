@@ -45,6 +45,7 @@ from oncely.brokers.base import (
     Headers,
     Subscription,
     check_headers,
+    replayed_headers,
 )
 from oncely.errors import ConfigError, ConnectionLost
 
@@ -272,7 +273,8 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         ]
 
     async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
-        """Move dead letters back with attempt count 0; see ``DeadLetterAdmin``.
+        """Move dead letters back with attempt count 0, each atomically (nothing else runs on
+        the hub meanwhile); see ``DeadLetterAdmin``.
 
         A dead letter whose id is queued on the topic again stays where it is.
         """
@@ -284,9 +286,11 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         kept: list[_Dead] = []
         now = time.monotonic()
         moved = 0
+        wall = time.time()
         for d in t.dead:
             if (wanted is None or d.id in wanted) and d.id not in t.live:
-                rec = _Record(d.id, d.body, d.headers, d.enqueued_at, now)
+                headers = replayed_headers(d.headers, wall)
+                rec = _Record(d.id, d.body, headers, d.enqueued_at, now)
                 t.live[rec.id] = rec
                 hub.schedule(t, rec, now)
                 moved += 1
@@ -296,6 +300,18 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         if moved:
             wake_all(t.waiters)
         return moved
+
+    async def purge(self, topic: str, *, older_than: float | None = None) -> int:
+        """Delete dead letters older than ``older_than`` seconds (all with ``None``); see
+        ``DeadLetterAdmin``. Atomic: nothing else runs on the hub meanwhile."""
+        hub = self._require()
+        t = hub.topics.get(topic)
+        if t is None:
+            return 0
+        cutoff = None if older_than is None else time.time() - older_than
+        before = len(t.dead)
+        t.dead = [d for d in t.dead if cutoff is not None and d.failed_at >= cutoff]
+        return before - len(t.dead)
 
 
 class _MemorySubscription(LocalSubscription):
@@ -347,34 +363,42 @@ class _MemoryDelivery(LocalDelivery):
 
     def _own(self) -> _Hub | None:
         """The hub if this claim still holds the message, else ``None``."""
-        self._check()
         assert isinstance(self._sub, _MemorySubscription)
         hub = self._sub._broker._require()
         return hub if self._record.token == self._token else None
 
     async def ack(self) -> None:
+        await self._settle(self._ack)
+
+    async def _ack(self) -> bool:
         hub = self._own()
         if hub is not None:
             hub.remove(self._t, self._record)
-        self._finish(hub is not None)
+        return hub is not None
 
     async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
-        check_delay(delay)
-        hub = self._own()
-        if hub is not None:
-            self._record.token = None
-            if defer:
-                self._record.attempts -= 1
-            hub.schedule(self._t, self._record, time.monotonic() + delay)
-            wake_all(self._t.waiters)
-        self._finish(hub is not None)
+        async def attempt() -> bool:
+            check_delay(delay)
+            hub = self._own()
+            if hub is not None:
+                self._record.token = None
+                if defer:
+                    self._record.attempts -= 1
+                hub.schedule(self._t, self._record, time.monotonic() + delay)
+                wake_all(self._t.waiters)
+            return hub is not None
+
+        await self._settle(attempt)
 
     async def reject(self, reason: str) -> None:
-        hub = self._own()
-        if hub is not None:
-            hub.remove(self._t, self._record)
-            self._t.dead.append(_Dead(self._record, reason, time.time()))
-        self._finish(hub is not None)
+        async def attempt() -> bool:
+            hub = self._own()
+            if hub is not None:
+                hub.remove(self._t, self._record)
+                self._t.dead.append(_Dead(self._record, reason, time.time()))
+            return hub is not None
+
+        await self._settle(attempt)
 
     async def extend(self, seconds: float) -> None:
         check_delay(seconds, "seconds")
@@ -382,7 +406,7 @@ class _MemoryDelivery(LocalDelivery):
             return
         hub = self._own()
         if hub is None:
-            self._finish(False)
+            self._expired()
             return
         rec = self._record
         visible_at = time.monotonic() + seconds

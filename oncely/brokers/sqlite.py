@@ -11,7 +11,12 @@ Options (URL query): ``poll_interval`` (seconds, default 0.05) is how often an i
 looks for work that another process published; it backs off to ``max_poll_interval`` (default
 0.25) while the topic stays empty. A publish through the same ``SqliteBroker`` wakes its
 consumers at once, and a consumer never sleeps past the earliest future ``visible_at`` it knows
-of. Unknown options are an error.
+of. ``busy_timeout`` (seconds, default 30) is how long a write waits for another process's
+write lock before it fails with ``ConnectionLost``. Unknown options are an error.
+
+Errors: every sqlite3/aiosqlite error is translated in ``map_errors()`` into ``ConnectionLost``
+(the outcome of the call is unknown; nothing is lost). A settle that fails frees its prefetch
+slot at once and leaves the message claimed, so it is redelivered when its visibility runs out.
 
 Publishing a ``message_id`` still queued on the topic is a no-op returning that id, so a relay
 that re-publishes after a lost confirmation does not enqueue a duplicate.
@@ -31,6 +36,7 @@ Limits:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
@@ -39,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oncely._sqlite import (
+    BUSY_TIMEOUT_MS,
     immediate,
     map_sqlite_errors,
     open_db,
@@ -61,6 +68,7 @@ from oncely.brokers._sqlite_queue import (
     NACK_DEFER,
     NEXT_VISIBLE,
     PUBLISH,
+    PURGE_DEAD,
     READ_DEAD,
     READ_DEAD_FOR_REPLAY,
     RELEASE,
@@ -79,15 +87,24 @@ from oncely.brokers.base import (
     Delivery,
     Subscription,
     check_headers,
+    replayed_headers,
 )
 from oncely.errors import BrokerError, ConfigError, ConnectionLost, StoreUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
     import aiosqlite
 
 __all__ = ["SqliteBroker"]
+
+
+@contextlib.contextmanager
+def map_errors() -> Iterator[None]:
+    """Translate sqlite3 and aiosqlite errors into ``ConnectionLost``, chaining the original:
+    the file is the broker, so an error reaching it is the broker being unreachable."""
+    with map_sqlite_errors(ConnectionLost):
+        yield
 
 
 class SqliteBroker(Broker, DeadLetterAdmin):
@@ -97,6 +114,7 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         path: the database file (created with its directory if missing).
         poll_interval: seconds between looks for work published by other processes.
         max_poll_interval: the longest an idle consumer sleeps between looks.
+        busy_timeout: seconds a write waits for another process's write lock.
     """
 
     capabilities = Capabilities(
@@ -109,10 +127,18 @@ class SqliteBroker(Broker, DeadLetterAdmin):
     )
 
     def __init__(
-        self, path: str | Path, *, poll_interval: float = 0.05, max_poll_interval: float = 0.25
+        self,
+        path: str | Path,
+        *,
+        poll_interval: float = 0.05,
+        max_poll_interval: float = 0.25,
+        busy_timeout: float = BUSY_TIMEOUT_MS / 1000,
     ) -> None:
         if poll_interval <= 0 or max_poll_interval < poll_interval:
             raise ValueError("need 0 < poll_interval <= max_poll_interval")
+        if not busy_timeout > 0:
+            raise ValueError(f"busy_timeout must be > 0, got {busy_timeout}")
+        self.busy_timeout = busy_timeout
         self.path = Path(path)
         self.url = f"sqlite:///{path}"
         self.poll_interval = poll_interval
@@ -136,10 +162,11 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         path, options = parse_sqlite_url(url)
         poll = option(options, "poll_interval", 0.05, url)
         max_poll = option(options, "max_poll_interval", max(0.25, poll), url)
+        busy = option(options, "busy_timeout", BUSY_TIMEOUT_MS / 1000, url)
         reject_unknown(options, url)
         if max_poll < poll:
             raise ConfigError(f"{url!r}: max_poll_interval must be >= poll_interval")
-        broker = cls(path, poll_interval=poll, max_poll_interval=max_poll)
+        broker = cls(path, poll_interval=poll, max_poll_interval=max_poll, busy_timeout=busy)
         broker.url = url
         return broker
 
@@ -152,11 +179,11 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         if self._db is not None:
             return
         try:
-            db = await open_db(self.path)
+            db = await open_db(self.path, self.busy_timeout)
         except StoreUnavailable as exc:
             raise ConnectionLost(str(exc)) from exc
         try:
-            with map_sqlite_errors(ConnectionLost):
+            with map_errors():
                 async with immediate(db, self._lock):
                     for statement in SCHEMA:
                         await db.execute(statement)
@@ -178,13 +205,13 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         hop instead of three.
         """
         db = self._require()
-        with map_sqlite_errors(ConnectionLost):
+        with map_errors():
             async with self._lock:
                 return list(await db.execute_fetchall(sql, params))
 
     async def _exec(self, sql: str, params: tuple[Any, ...]) -> int:
         db = self._require()
-        with map_sqlite_errors(ConnectionLost):
+        with map_errors():
             async with self._lock:
                 cursor = await db.execute(sql, params)
         return cursor.rowcount
@@ -254,14 +281,14 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         db = self._require()
         now = time.time()
         params = [(now, d._rowid, d._token) for d in deliveries]
-        with map_sqlite_errors(ConnectionLost):
+        with map_errors():
             async with immediate(db, self._lock):
                 await db.executemany(RELEASE, params)
         self._wake(deliveries[0].topic)
 
     async def _reject(self, d: _SqliteDelivery, reason: str) -> bool:
         db = self._require()
-        with map_sqlite_errors(ConnectionLost):
+        with map_errors():
             async with immediate(db, self._lock):
                 rows = list(await db.execute_fetchall(TAKE_FOR_DEAD, (d._rowid, d._token)))
                 if not rows:
@@ -275,7 +302,8 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         return [dead_letter(topic, row) for row in rows]
 
     async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
-        """Move dead letters back to ``topic`` with attempt count 0, in one transaction.
+        """Move dead letters back to ``topic`` with attempt count 0, in one transaction (all
+        or none of them move).
 
         A dead letter whose id is queued on the topic again stays in the dead-letter table.
         """
@@ -286,19 +314,24 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         )
         params: tuple[Any, ...] = (topic,) if ids is None else (topic, to_json(ids))
         moved = 0
-        with map_sqlite_errors(ConnectionLost):
+        with map_errors():
             async with immediate(db, self._lock):
                 rows = await db.execute_fetchall(READ_DEAD_FOR_REPLAY.format(where=where), params)
                 for dead_id, mid, body, headers, enqueued_at in rows:
-                    cursor = await db.execute(
-                        PUBLISH, (mid, topic, body, headers, enqueued_at, now)
-                    )
+                    fresh = to_json(replayed_headers(decode_headers(headers), now))
+                    cursor = await db.execute(PUBLISH, (mid, topic, body, fresh, enqueued_at, now))
                     if cursor.rowcount:
                         await db.execute(DELETE_DEAD, (dead_id,))
                         moved += 1
         if moved:
             self._wake(topic)
         return moved
+
+    async def purge(self, topic: str, *, older_than: float | None = None) -> int:
+        """Delete dead letters older than ``older_than`` seconds (all with ``None``) in one
+        transaction; see ``DeadLetterAdmin``."""
+        cutoff = float("inf") if older_than is None else time.time() - older_than
+        return await self._exec(PURGE_DEAD, (topic, cutoff))
 
 
 class _SqliteSubscription(LocalSubscription):
@@ -397,20 +430,23 @@ class _SqliteDelivery(LocalDelivery):
         self._token: str = token
 
     async def ack(self) -> None:
-        self._check()
+        await self._settle(self._ack)
+
+    async def _ack(self) -> bool:
         self._broker._require()
-        self._finish(await self._broker._acks.ack(self._rowid, self._token))
+        return await self._broker._acks.ack(self._rowid, self._token)
 
     async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
-        self._check()
-        check_delay(delay)
-        params = (time.time() + delay, self._rowid, self._token)
-        self._finish(bool(await self._broker._exec(NACK_DEFER if defer else NACK, params)))
+        async def attempt() -> bool:
+            check_delay(delay)
+            params = (time.time() + delay, self._rowid, self._token)
+            return bool(await self._broker._exec(NACK_DEFER if defer else NACK, params))
+
+        await self._settle(attempt)
         self._broker._wake(self.topic)
 
     async def reject(self, reason: str) -> None:
-        self._check()
-        self._finish(await self._broker._reject(self, reason))
+        await self._settle(lambda: self._broker._reject(self, reason))
 
     async def extend(self, seconds: float) -> None:
         check_delay(seconds, "seconds")
@@ -418,4 +454,4 @@ class _SqliteDelivery(LocalDelivery):
             return
         params = (time.time() + seconds, self._rowid, self._token)
         if not await self._broker._exec(EXTEND, params):
-            self._finish(False)
+            self._expired()

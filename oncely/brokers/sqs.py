@@ -422,3 +422,7 @@ class SqsBroker(Broker, DeadLetterAdmin):
     async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
         """Re-send dead letters to ``topic`` with a fresh attempt; see ``_sqs_admin``."""
         return await _sqs_admin.replay(self, topic, ids=ids)
+
+    async def purge(self, topic: str, *, older_than: float | None = None) -> int:
+        """Delete dead letters older than ``older_than`` seconds; see ``_sqs_admin``."""
+        return await _sqs_admin.purge(self, topic, older_than=older_than)

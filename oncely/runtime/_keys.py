@@ -3,7 +3,9 @@
 - A duplicate whose key is held **by this same handler in this process** waits on an
   in-process event for that key (at most ``LOCAL_WAIT_CAP``, and never past the holder's
   lease), then begins again: it is answered as soon as the holder completes or releases,
-  not after a fixed delay.
+  not after a fixed delay. Only until the key is first deferred: the wait holds a
+  concurrency slot, and were every redelivery to wait again, the duplicates of a
+  long-running holder would keep the slots from every other message while it runs.
 - A duplicate whose key another process holds is deferred (``nack(defer=True)``) with a
   delay that starts at ``FIRST_RECHECK`` and doubles per deferral of that key, bounded by the
   holder's remaining lease.
@@ -80,7 +82,7 @@ class Keys:
         while True:
             begun = await self.store.begin(key, fingerprint, self.visibility)
             held = self._held.get(key)
-            if begun.outcome is not Outcome.IN_PROGRESS or held is None:
+            if begun.outcome is not Outcome.IN_PROGRESS or held is None or key in self._deferrals:
                 break
             wait = min(max(begun.retry_after, FIRST_RECHECK), deadline - loop.time())
             if wait <= 0:
@@ -111,7 +113,9 @@ class Keys:
         self._deferrals[key] = n + 1
         if len(self._deferrals) > _REMEMBERED:
             self._deferrals.popitem(last=False)
-        return min(FIRST_RECHECK * 2.0**n, max(retry_after, FIRST_RECHECK))
+        # Bounded exponent: a key held for hours is deferred past n = 1024, where 2.0**n
+        # overflows; 2**32 rechecks already dwarf any lease.
+        return min(FIRST_RECHECK * 2.0 ** min(n, 32), max(retry_after, FIRST_RECHECK))
 
     def deferrals(self, key: str) -> int:
         """How many times ``key`` was deferred (store down) in a row; counts this one."""

@@ -5,11 +5,14 @@ Order matters everywhere here:
   a redelivery that finds ``COMPLETED`` and is acked without running;
 - a lease is released *before* the nack, so the redelivery can take the key at once;
 - a cancelled handler (shutdown) is released and nacked with no delay, shielded from the
-  cancellation itself, so nothing is acked that did not finish.
+  cancellation itself, so nothing is acked that did not finish;
+- the outcome of a run that is over (recorded and acked, or released and nacked as a
+  failure) is settled whole, whatever cancel arrives meanwhile (``Runner._finish``).
 
 Every delivery is settled one way or another: a poison payload (anything decoding, key
 extraction or fingerprinting raises) is dead-lettered with its reason, and a bug in the
-runtime's own code is logged with its traceback and the delivery nacked with a short delay.
+runtime's own code is logged with its traceback and the delivery nacked with a short delay,
+until its attempts run out: then it is dead-lettered too.
 Deferrals (the store was down, another worker held the key, shutdown) nack with
 ``defer=True``, so they do not spend the handler's failure budget where the broker can keep
 the attempt.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +67,7 @@ class Runner:
         self.stats = stats
         self.fail_open = fail_open
         self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
-        self._finishing: dict[asyncio.Future[None], Delivery] = {}
+        self._finishing: dict[asyncio.Future[object], Delivery] = {}
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.keys = (
             Keys(spec.name, store, stats, visibility=spec.visibility)
@@ -79,7 +83,7 @@ class Runner:
         )
 
     async def aclose(self) -> None:
-        """Finish recording successes cut short by a cancel, then stop the heartbeat; call
+        """Finish the successes and give-backs a cancel cut short, then stop the heartbeat; call
         once no delivery of this handler runs any more."""
         if self._finishing:
             await asyncio.gather(*self._finishing, return_exceptions=True)
@@ -93,12 +97,21 @@ class Runner:
         except asyncio.CancelledError:
             if not is_settled(delivery) and delivery not in self._finishing.values():
                 # Cancelled before the handler ran (shutdown): give it straight back.
-                await asyncio.shield(self.settle.nack(delivery, 0.0, defer=True))
+                await self._finish(self.settle.nack(delivery, 0.0, defer=True), delivery)
             raise
-        except Exception:
+        except Exception as exc:
             self.stats.internal_errors += 1
             log.exception("%s: internal error on %s; nacking it", self.spec.name, delivery.id)
-            if not is_settled(delivery):
+            if is_settled(delivery):
+                return
+            if self.spec.retry.exhausted(delivery.attempt):
+                # A runtime bug (or a third-party store's) that this message triggers every
+                # time must not loop it for ever: the attempts run out as for a failure.
+                await self.settle.dead_letter(
+                    delivery,
+                    f"internal error: {_describe(exc)} (gave up after {delivery.attempt} attempts)",
+                )
+            else:
                 await self.settle.nack(delivery, INTERNAL_ERROR_DELAY)
 
     async def _run(self, delivery: Delivery) -> None:
@@ -207,17 +220,29 @@ class Runner:
     async def _duplicate(self, delivery: Delivery, key: str, begin: Begin) -> None:
         hook = self.spec.on_duplicate
         if hook is not None:
+            # The hook is user code like the handler, so the handler's timeout and heartbeat
+            # apply: a hook that never returns would otherwise hold its slot for good, and
+            # its redeliveries the others.
+            active = Active(delivery, asyncio.current_task())
+            self.heartbeat.track(active)
+            deadline = asyncio.timeout(self.spec.timeout)
             try:
                 result = None if begin.result is None else self._results.decode(begin.result)
-                await hook(result, Context(delivery, key, self.publisher))
+                async with deadline:
+                    await hook(result, Context(delivery, key, self.publisher))
             except Exception as exc:
-                log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, exc)
+                error = exc
+                if deadline.expired():
+                    error = HandlerTimeout(f"ran past its {self.spec.timeout}s timeout")
+                log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, error)
                 await self._failed(
                     delivery,
-                    f"on_duplicate: {type(exc).__name__}: {exc}",
+                    f"on_duplicate: {_describe(error)}",
                     self.spec.retry.delay(delivery.attempt),
                 )
                 return
+            finally:
+                self.heartbeat.untrack(active)
         self.stats.duplicates += 1
         await self.settle.ack(delivery)
 
@@ -227,26 +252,12 @@ class Runner:
         try:
             result = await self._call(delivery, payload, key, lease)
         except asyncio.CancelledError:
-            await asyncio.shield(self._give_back(delivery, lease))
+            await self._finish(self._give_back(delivery, lease), delivery)
             raise
-        except Reject as exc:
-            await self._release(lease)
-            await self.settle.dead_letter(delivery, exc.reason)
-        except Retry as exc:
-            await self._release(lease)
-            delay = exc.delay if exc.delay is not None else self.spec.retry.delay(delivery.attempt)
-            await self._failed(delivery, f"Retry: {exc.reason}", delay)
         except Exception as exc:
-            await self._release(lease)
-            log.info(
-                "%s: %s failed on attempt %d: %r",
-                self.spec.name,
-                delivery.id,
-                delivery.attempt,
-                exc,
-            )
-            reason = f"{type(exc).__name__}: {exc}"
-            await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
+            # The run is over: a shutdown cancel must not turn its failure into a give-back
+            # (a deferral, which would not spend the attempt).
+            await self._finish(self._ran_and_failed(delivery, lease, exc), delivery)
         else:
             if lease is None:
                 # Just the ack: no task on the hot path of handlers without a store.
@@ -254,14 +265,40 @@ class Runner:
                     self.stats.processed += 1
                 return
             # The effect happened: recording it and acking are not cut short by a shutdown
-            # cancel (a give-back now would run the effect again). aclose() waits for it.
-            finish = asyncio.ensure_future(self._succeeded(delivery, lease, result))
-            try:
-                await asyncio.shield(finish)
-            except asyncio.CancelledError:
-                self._finishing[finish] = delivery
-                finish.add_done_callback(self._finishing.pop)
-                raise
+            # cancel (a give-back now would run the effect again).
+            await self._finish(self._succeeded(delivery, lease, result), delivery)
+
+    async def _ran_and_failed(
+        self, delivery: Delivery, lease: Lease | None, exc: Exception
+    ) -> None:
+        await self._release(lease)
+        if isinstance(exc, Reject):
+            await self.settle.dead_letter(delivery, exc.reason)
+        elif isinstance(exc, Retry):
+            delay = exc.delay if exc.delay is not None else self.spec.retry.delay(delivery.attempt)
+            await self._failed(delivery, f"Retry: {exc.reason}", delay)
+        else:
+            log.info(
+                "%s: %s failed on attempt %d: %r",
+                self.spec.name,
+                delivery.id,
+                delivery.attempt,
+                exc,
+            )
+            reason = _describe(exc)
+            await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
+
+    async def _finish(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> None:
+        """Await ``settling`` (the outcome of a run that is over) shielded from cancellation;
+        if cancelled meanwhile, let it run on where ``run()`` sees it (so it does not settle
+        the delivery a second time, ahead of a lease release) and ``aclose()`` waits for it."""
+        task = asyncio.ensure_future(settling)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._finishing[task] = delivery
+            task.add_done_callback(self._finishing.pop)
+            raise
 
     async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
         keys = self.keys
@@ -342,6 +379,13 @@ class Runner:
 
 
 def _describe(exc: Exception) -> str:
+    """``"Type: message"`` for a dead-letter reason. Never raises: a user exception whose
+    ``__str__`` fails would otherwise turn every failure of its handler into an internal error
+    (nacked, never dead-lettered), and the handler would run again and again."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<unprintable>"
     if isinstance(exc, DecodeError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return text
+    return f"{type(exc).__name__}: {text}"

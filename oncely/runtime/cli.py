@@ -21,17 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from oncely._version import __version__
-from oncely.brokers.base import DeadLetterAdmin
-from oncely.brokers.registry import broker_from_url
-from oncely.errors import ConfigError, NotSupported, OncelyError
+from oncely.errors import ConfigError, OncelyError
+from oncely.runtime._cli_dlq import add_dlq_parser
 from oncely.runtime._cli_help import (
     DESCRIPTION,
-    DLQ_EPILOG,
-    DLQ_HELP,
-    DLQ_LIST_EPILOG,
-    DLQ_LIST_HELP,
-    DLQ_REPLAY_EPILOG,
-    DLQ_REPLAY_HELP,
     EPILOG,
     PUBLISH_EPILOG,
     PUBLISH_HELP,
@@ -146,21 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
     pub.set_defaults(func=_cmd_publish)
 
-    dlq = command(
-        sub, "dlq", "list or replay dead letters", DLQ_HELP, DLQ_EPILOG, common_flags=False
-    )
-    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
-    lst = command(dlq_sub, "list", "list a topic's dead letters", DLQ_LIST_HELP, DLQ_LIST_EPILOG)
-    lst.add_argument("topic")
-    lst.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (>= 1)")
-    lst.set_defaults(func=_cmd_dlq_list)
-    rep = command(dlq_sub, "replay", "move dead letters back", DLQ_REPLAY_HELP, DLQ_REPLAY_EPILOG)
-    rep.add_argument("topic")
-    rep.add_argument(
-        "--id", action="append", dest="ids", metavar="ID", help="only this message (repeatable)"
-    )
-    rep.set_defaults(func=_cmd_dlq_replay)
-
+    add_dlq_parser(sub, common)
     add_outbox_parser(sub, common)
     return parser
 
@@ -292,53 +271,6 @@ async def _cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
             args.topic, payload, key=args.key, headers=headers, delay=args.delay
         )
     print(message_id)
-    return 0
-
-
-def _admin(settings: Settings) -> Any:
-    broker = broker_from_url(settings.broker)
-    if not isinstance(broker, DeadLetterAdmin):
-        raise NotSupported(f"{type(broker).__name__} does not support listing dead letters")
-    return broker
-
-
-async def _cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
-    if args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    broker = _admin(settings)
-    async with broker:
-        letters = await broker.dead_letters(args.topic, limit=args.limit)
-    for letter in letters:
-        print(
-            json.dumps(
-                {
-                    "id": letter.id,
-                    "attempt": letter.attempt,
-                    "failed_at": letter.failed_at,
-                    "reason": letter.reason,
-                    "body": letter.body.decode("utf-8", "backslashreplace"),
-                    "headers": dict(letter.headers),
-                }
-            )
-        )
-    print(f"{len(letters)} dead letter(s) in {args.topic!r}", file=sys.stderr)
-    return 0
-
-
-async def _cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    broker = _admin(settings)
-    async with broker:
-        moved = await broker.replay(args.topic, ids=args.ids)
-    print(f"replayed {moved} message(s) to {args.topic!r}")
-    asked = len(set(args.ids or ()))
-    if moved < asked:
-        # replay() counts what moved; the rest of the ids named nothing in the DLQ.
-        print(
-            f"oncely: error: {asked - moved} of the {asked} ids given are not dead letters of "
-            f"{args.topic!r} (misspelt, or already replayed)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     return 0
 
 

@@ -12,25 +12,10 @@ from typing import Any
 
 import msgspec
 
+from oncely._codec import encode
 from oncely.errors import DecodeError
 
 __all__ = ["Decoder", "encode", "fingerprint"]
-
-_encoder = msgspec.json.Encoder()
-
-
-def encode(payload: object) -> bytes:
-    """Encode a payload for the wire: bytes pass through, anything else becomes JSON.
-
-    Raises:
-        TypeError: the payload has a type msgspec cannot encode.
-    """
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return bytes(payload)
-    try:
-        return _encoder.encode(payload)
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise TypeError(f"cannot encode payload of type {type(payload).__name__}: {exc}") from exc
 
 
 def fingerprint(body: bytes) -> str:

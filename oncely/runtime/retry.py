@@ -44,7 +44,9 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed delivery number ``attempt`` (1-based)."""
-        ceiling: float = min(self.cap, self.base * 2.0 ** max(attempt - 1, 0))
+        # The exponent is bounded: 2.0**1024 overflows, and a count of deferrals (a store down
+        # for hours) can get there; past 2**64 any base has long reached any cap.
+        ceiling: float = min(self.cap, self.base * 2.0 ** min(max(attempt - 1, 0), 64))
         if not self.jitter:
             return ceiling
         return random.uniform(0.0, ceiling)

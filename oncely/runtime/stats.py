@@ -33,7 +33,8 @@ class Stats:
         unrecorded: completions given up (store down past the retries, or lease lost): the
             effect happened but a redelivery of the message would run it again.
         internal_errors: deliveries on which the runtime itself failed (a bug, logged with its
-            traceback); each was nacked for a later retry.
+            traceback); each was nacked for a later retry, or dead-lettered once the
+            message's attempts ran out.
         consume_errors: consume loops that failed and were restarted.
     """
 

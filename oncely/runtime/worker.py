@@ -316,11 +316,16 @@ class Worker:
         return pending
 
     async def _close_owned(self) -> None:
+        # A third-party driver may raise anything on close: were it to escape, the resources
+        # after it would stay open and stop() would never mark the worker stopped, so
+        # wait_stopped() (and `oncely run`) would hang.
         for resource in reversed(self._owned):
             try:
                 await resource.aclose()
             except OncelyError as exc:
                 log.warning("closing %s failed: %s", type(resource).__name__, exc)
+            except Exception:
+                log.exception("closing %s failed unexpectedly", type(resource).__name__)
         self._owned.clear()
 
     async def wait_stopped(self) -> None:

@@ -1,4 +1,4 @@
-"""What the outbox's two backends (PostgreSQL, SQLite) share: rows, claims, names, encoding.
+"""What the outbox's two backends (PostgreSQL, SQLite) share: rows, claims, names, headers.
 
 A backend stores rows in the user's transaction (``add``), and hands the relay batches of rows
 it may publish (``claim``), each of which the relay settles once (``Claim.finish``).
@@ -14,11 +14,13 @@ from typing import Any
 
 import msgspec
 
+from oncely._codec import json_encoder
 from oncely.brokers.base import check_headers
 from oncely.errors import ConfigError
 
 __all__ = [
     "DEFAULT_TABLE",
+    "MISSING_TABLE",
     "Backend",
     "Claim",
     "Failure",
@@ -27,17 +29,18 @@ __all__ = [
     "check_table",
     "decode_headers",
     "encode_headers",
-    "encode_payload",
+    "to_row",
 ]
 
 DEFAULT_TABLE = "oncely_outbox"
+MISSING_TABLE = "create the outbox table first (await outbox.migrate())"
+"""The hint both backends add to the ``ConfigError`` for a missing table."""
 
 # Lower-case identifiers only: they need no quoting, fold the same in every tool, and the
 # whole name doubles as the LISTEN channel (at most 63 bytes in PostgreSQL).
 _TABLE = re.compile(r"^(?:[a-z_][a-z0-9_]*\.)?[a-z_][a-z0-9_]*$")
 _MAX_TABLE = 50  # leaves room for the index-name suffixes within 63 bytes
 
-_encoder = msgspec.json.Encoder()
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
 
 
@@ -51,26 +54,9 @@ def check_table(name: str) -> str:
     return name
 
 
-def encode_payload(payload: object) -> bytes:
-    """Encode a payload as ``Publisher`` does: bytes travel as-is, anything else as JSON.
-
-    (The same rule as ``oncely.runtime.codec.encode``; the outbox sits below the runtime, so it
-    keeps its own three lines.)
-
-    Raises:
-        TypeError: msgspec cannot encode the payload's type.
-    """
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return bytes(payload)
-    try:
-        return _encoder.encode(payload)
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise TypeError(f"cannot encode payload of type {type(payload).__name__}: {exc}") from exc
-
-
 def encode_headers(headers: Mapping[str, str] | None) -> str:
     """Check (``str`` to ``str``) and encode headers as a JSON object."""
-    return _encoder.encode(check_headers(headers)).decode()
+    return json_encoder.encode(check_headers(headers)).decode()
 
 
 def decode_headers(text: str | bytes) -> dict[str, str]:
@@ -89,6 +75,21 @@ class Row:
     body: bytes
     attempts: int
     created_at: float
+
+
+def to_row(r: Any) -> Row:
+    """A ``Row`` from a record of the claim's columns, in ``Row``'s field order (headers as
+    JSON text)."""
+    return Row(
+        id=r[0],
+        message_id=r[1],
+        topic=r[2],
+        key=r[3],
+        headers=decode_headers(r[4]),
+        body=r[5],
+        attempts=r[6],
+        created_at=r[7],
+    )
 
 
 @dataclass(frozen=True, slots=True)

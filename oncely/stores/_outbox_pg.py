@@ -27,21 +27,39 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import asyncpg.pool  # type: ignore[import-untyped, unused-ignore]
 
+from oncely._postgres import (
+    close_quietly,
+    create_pool,
+    mask,
+    parse_postgres_url,
+    release_quietly,
+    rollback_quietly,
+)
+from oncely._postgres import map_errors as _map_errors
 from oncely.errors import ConfigError, StoreError, StoreUnavailable
-from oncely.stores._outbox_base import Backend, Claim, Failure, Row, check_table, decode_headers
+from oncely.stores._outbox_base import (
+    MISSING_TABLE,
+    Backend,
+    Claim,
+    Failure,
+    Row,
+    check_table,
+    to_row,
+)
 
 __all__ = ["PgBackend"]
 
 log = logging.getLogger("oncely.outbox")
 
 CONNECT_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0
+POOL_CLOSE_TIMEOUT = 10.0
 LISTEN_RETRY = (0.5, 10.0)
 """First and largest pause before the listener reconnects."""
 IDLE_IN_TRANSACTION = "15min"
@@ -105,53 +123,22 @@ _PURGE = """WITH doomed AS (
 _PENDING = "SELECT count(*) FROM {t} WHERE sent_at IS NULL"
 
 
-def mask(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}{port}"))
-
-
-@contextlib.contextmanager
-def map_errors(what: str) -> Iterator[None]:
-    """Translate asyncpg's and the socket's errors, chaining the original."""
-    try:
-        yield
-    except (
-        asyncpg.InvalidAuthorizationSpecificationError,
-        asyncpg.InvalidCatalogNameError,
-        asyncpg.InvalidPasswordError,
-    ) as exc:
-        raise ConfigError(f"postgresql {what}: {exc}") from exc
-    except asyncpg.UndefinedTableError as exc:
-        raise ConfigError(
-            f"postgresql {what}: {exc}; create the outbox table first (await outbox.migrate())"
-        ) from exc
-    except (
-        OSError,
-        TimeoutError,
-        asyncpg.InterfaceError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.AdminShutdownError,
-    ) as exc:
-        raise StoreUnavailable(f"postgresql {what}: {exc}") from exc
-    except asyncpg.PostgresError as exc:
-        raise StoreError(f"postgresql {what}: {type(exc).__name__}: {exc}") from exc
+def map_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    """``oncely._postgres.map_errors`` with the outbox's precision: refused credentials and a
+    missing table are ``ConfigError`` (retrying cannot help)."""
+    return _map_errors(
+        f"postgresql {what}",
+        refused=ConfigError,
+        missing_table=MISSING_TABLE,
+    )
 
 
 class PgBackend(Backend):
     dialect = "postgresql"
 
     def __init__(self, url: str, table: str) -> None:
-        if urlsplit(url).scheme not in ("postgresql", "postgres"):
-            raise ConfigError(f"not a postgresql URL: {mask(url)!r}")
-        self._dsn = url
+        # No options of its own: only libpq's parameters pass (anything else is refused).
+        self._dsn = parse_postgres_url(url, ()).dsn
         self.url = mask(url)
         self.table = check_table(table)
         self._channel = self.table
@@ -193,15 +180,16 @@ class PgBackend(Backend):
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._pool is None:
-                with map_errors("connect"):
-                    # Two connections: the claim loop and the retention sweep.
-                    self._pool = await asyncpg.create_pool(
-                        self._dsn,
-                        min_size=1,
-                        max_size=2,
-                        timeout=CONNECT_TIMEOUT,
-                        server_settings=_settings(),
-                    )
+                # Two connections: the claim loop and the retention sweep.
+                self._pool = await create_pool(
+                    self._dsn,
+                    min_size=1,
+                    max_size=2,
+                    connect_timeout=CONNECT_TIMEOUT,
+                    server_settings=_settings(),
+                    what="postgresql connect",
+                    refused=ConfigError,
+                )
         await self.migrate()
 
     async def migrate(self) -> None:
@@ -214,7 +202,7 @@ class PgBackend(Backend):
                     for statement in self._schema:
                         await conn.execute(statement)
         finally:
-            await _close(conn)
+            await close_quietly(conn, CLOSE_TIMEOUT)
 
     async def add(
         self,
@@ -250,7 +238,7 @@ class PgBackend(Backend):
             with map_errors("claim"):
                 await tx.start()
                 records = await conn.fetch(self._sql["scan"], limit)
-                rows = [_row(r) for r in records]
+                rows = [to_row(r) for r in records]
                 keys = sorted({r.key for r in rows if r.key is not None})
                 oldest: dict[str, int] = {}
                 if keys:
@@ -296,16 +284,14 @@ class PgBackend(Backend):
             finally:
                 self.listening = False
                 if conn is not None:
-                    await asyncio.shield(_close(conn))
+                    await asyncio.shield(close_quietly(conn, CLOSE_TIMEOUT))
             await asyncio.sleep(pause)
             pause = min(pause * 2, LISTEN_RETRY[1])
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pool.close(), 10)
-            pool.terminate()
+            await close_quietly(pool, POOL_CLOSE_TIMEOUT)
 
 
 class PgClaim(Claim):
@@ -363,40 +349,11 @@ def _settings() -> dict[str, str]:
     }
 
 
-def _row(r: Any) -> Row:
-    return Row(
-        id=r[0],
-        message_id=r[1],
-        topic=r[2],
-        key=r[3],
-        headers=decode_headers(r[4]),
-        body=r[5],
-        attempts=r[6],
-        created_at=r[7],
-    )
-
-
 async def _end(
     pool: asyncpg.Pool, conn: asyncpg.Connection, tx: Any, *, done: bool = False
 ) -> None:
     """Roll back (unless already done) and give the connection back; never raises. A
     connection whose rollback failed is closed rather than reused."""
-    healthy = True
     if not done:
-        try:
-            await tx.rollback()
-        except Exception:
-            healthy = False
-    try:
-        if not healthy:
-            conn.terminate()
-        await pool.release(conn)
-    except Exception:
-        log.debug("releasing an outbox connection failed", exc_info=True)
-
-
-async def _close(conn: asyncpg.Connection) -> None:
-    try:
-        await asyncio.wait_for(conn.close(), 5)
-    except Exception:
-        conn.terminate()
+        await rollback_quietly(conn, tx)
+    await release_quietly(pool, conn)

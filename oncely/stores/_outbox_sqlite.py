@@ -21,17 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiosqlite
 
 from oncely._sqlite import immediate, map_sqlite_errors, open_db, parse_sqlite_url, reject_unknown
 from oncely.errors import ConfigError, StoreError, StoreUnavailable
-from oncely.stores._outbox_base import Backend, Claim, Failure, Row, check_table, decode_headers
+from oncely.stores._outbox_base import (
+    MISSING_TABLE,
+    Backend,
+    Claim,
+    Failure,
+    Row,
+    check_table,
+    to_row,
+)
 
 __all__ = ["SqliteBackend"]
 
@@ -93,20 +100,6 @@ _MARK_CHUNK = 500
 # Relays in this process, by (database file, table), woken at once by an add: cross-process
 # relays poll.
 _local: dict[tuple[str, str], set[tuple[asyncio.AbstractEventLoop, Callable[[], None]]]] = {}
-
-
-@contextlib.contextmanager
-def _map_add_errors(table: str) -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            raise ConfigError(
-                f"sqlite outbox add: {exc}; create the outbox table first (await outbox.migrate())"
-            ) from exc
-        raise StoreUnavailable(f"sqlite outbox add: {exc}") from exc
-    except (sqlite3.Error, ValueError) as exc:
-        raise StoreError(f"sqlite outbox add: {exc}") from exc
 
 
 class SqliteBackend(Backend):
@@ -179,7 +172,12 @@ class SqliteBackend(Backend):
                 "a sqlite outbox adds through an aiosqlite connection (the one your "
                 f"transaction runs on), got {type(conn).__name__}"
             )
-        with _map_add_errors(self.table):
+        with map_sqlite_errors(
+            StoreUnavailable,
+            other=StoreError,
+            what="sqlite outbox add",
+            missing_table=MISSING_TABLE,
+        ):
             await conn.execute(
                 self._sql["add"], (message_id, topic, key, headers, body, time.time())
             )
@@ -205,7 +203,7 @@ class SqliteBackend(Backend):
                 records = await db.execute_fetchall(
                     self._sql["claim"], (token, now + lease, now, limit)
                 )
-        rows = sorted((_row(r) for r in records), key=lambda r: r.id)
+        rows = sorted((to_row(r) for r in records), key=lambda r: r.id)
         return SqliteClaim(self, token, rows)
 
     async def purge(self, older_than: float, limit: int) -> int:
@@ -274,16 +272,3 @@ class SqliteClaim(Claim):
             db, lock = self._backend._ready()
             async with lock:
                 await asyncio.shield(db.execute(self._backend._sql["release"], (self._token,)))
-
-
-def _row(r: Any) -> Row:
-    return Row(
-        id=r[0],
-        message_id=r[1],
-        topic=r[2],
-        key=r[3],
-        headers=decode_headers(r[4]),
-        body=r[5],
-        attempts=r[6],
-        created_at=r[7],
-    )

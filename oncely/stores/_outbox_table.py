@@ -7,13 +7,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from oncely._codec import encode
 from oncely.errors import ConfigError, MissingExtra, UnknownScheme
-from oncely.stores._outbox_base import (
-    DEFAULT_TABLE,
-    Backend,
-    encode_headers,
-    encode_payload,
-)
+from oncely.stores._outbox_base import DEFAULT_TABLE, Backend, encode_headers
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -153,7 +149,7 @@ class Outbox:
             raise ValueError(f"key must be a non-empty string or None, got {key!r}")
         if message_id is not None and (not isinstance(message_id, str) or not message_id):
             raise ValueError(f"message_id must be a non-empty string or None, got {message_id!r}")
-        body = encode_payload(payload)
+        body = encode(payload)
         encoded_headers = encode_headers(headers)
         mid = message_id or uuid.uuid4().hex
         await self.backend.add(

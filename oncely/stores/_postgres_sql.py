@@ -13,11 +13,18 @@ waits for the next round, and the first claim orders it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-from oncely.errors import LeaseLost, StoreError
+from oncely._batch import copy_error
+from oncely.errors import StoreError
+from oncely.stores._key_batch import (
+    BeginCall,
+    CompleteCall,
+    Fetch,
+    complete_rounds,
+    distinct,
+)
 from oncely.stores.base import Begin, Outcome
 
 BATCH = 256
@@ -159,23 +166,6 @@ def db_key(key: str) -> str:
     return key
 
 
-class BeginCall(NamedTuple):
-    key: str
-    fingerprint: str
-    lease: float
-
-
-class CompleteCall(NamedTuple):
-    key: str
-    token: str
-    result: bytes | None
-    ttl: float
-
-
-Fetch = Callable[[str, tuple[Any, ...]], Awaitable[list[Any]]]
-"""Runs one statement on a pooled connection and returns its rows; raises StoreError."""
-
-
 async def write_begins(
     fetch: Fetch, sql: Sql, calls: list[BeginCall], grace: float
 ) -> list[Begin | Exception]:
@@ -194,7 +184,7 @@ async def write_begins(
     todo = list(range(len(calls)))
     try:
         for _ in range(CLAIM_ROUNDS):
-            now_round, later = _distinct(calls, todo)
+            now_round, later = distinct(calls, todo)
             tokens = [uuid.uuid4().hex for _ in now_round]
             args = (
                 [calls[i].key for i in now_round],
@@ -215,7 +205,7 @@ async def write_begins(
                 break
             todo.sort()
     except StoreError as exc:
-        return [_each(exc) if o is None else o for o in outcomes]
+        return [copy_error(exc) if o is None else o for o in outcomes]
     busy = Begin(Outcome.IN_PROGRESS, retry_after=RETRY_SOON)
     return [busy if o is None else o for o in outcomes]
 
@@ -223,44 +213,19 @@ async def write_begins(
 async def write_completes(
     fetch: Fetch, sql: Sql, calls: list[CompleteCall]
 ) -> list[Exception | None]:
-    """``complete`` for each call: ``None``, or ``LeaseLost`` where the token no longer holds
-    the key. A key repeated in a batch waits for the next round, which orders it after the
-    first (so a repeated completion gets ``LeaseLost``)."""
-    outcomes: list[Exception | None] = [None] * len(calls)
-    todo = list(range(len(calls)))
-    try:
-        while todo:
-            now_round, later = _distinct(calls, todo)
-            args = (
-                [calls[i].key for i in now_round],
-                [calls[i].token for i in now_round],
-                [calls[i].result for i in now_round],
-                [calls[i].ttl for i in now_round],
-            )
-            done = {row[0] for row in await fetch(sql.complete_many, args)}
-            for i in now_round:
-                if calls[i].key not in done:
-                    outcomes[i] = LeaseLost(
-                        f"lease on key {calls[i].key!r} is no longer held by this token"
-                    )
-            todo = later
-    except StoreError as exc:
-        # ``todo`` still holds the failed round and the rounds after it.
-        for i in todo:
-            outcomes[i] = _each(exc)
-    return outcomes
+    """``complete`` for each call, one statement over arrays per round (see
+    ``complete_rounds``)."""
 
+    async def write_round(batch: list[CompleteCall]) -> set[str]:
+        args = (
+            [c.key for c in batch],
+            [c.token for c in batch],
+            [c.result for c in batch],
+            [c.ttl for c in batch],
+        )
+        return {row[0] for row in await fetch(sql.complete_many, args)}
 
-def _distinct(calls: list[Any], todo: list[int]) -> tuple[list[int], list[int]]:
-    """Split ``todo`` into the first call of each key and the repeats, order kept."""
-    keys: set[str] = set()
-    first: list[int] = []
-    later: list[int] = []
-    for i in todo:
-        key = calls[i].key
-        (later if key in keys else first).append(i)
-        keys.add(key)
-    return first, later
+    return await complete_rounds(calls, write_round)
 
 
 def _outcome(row: Any, fingerprint: str, token: str) -> Begin | None:
@@ -275,10 +240,3 @@ def _outcome(row: Any, fingerprint: str, token: str) -> Begin | None:
     if state == "completed":
         return Begin(Outcome.COMPLETED, result=None if result is None else bytes(result))
     return Begin(Outcome.IN_PROGRESS, retry_after=float(remaining))
-
-
-def _each(exc: StoreError) -> StoreError:
-    """A copy of a batch's error for one caller (each raise extends its own traceback)."""
-    err = type(exc)(str(exc))
-    err.__cause__ = exc.__cause__
-    return err

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from oncely._postgres import map_errors
+from oncely._postgres import map_errors, release_quietly, rollback_quietly
 from oncely.errors import LeaseLost
 from oncely.stores.base import StoreTransaction
 
@@ -26,7 +26,7 @@ async def acquired(pool: Any, limit: float) -> AsyncIterator[Any]:
     try:
         yield conn
     finally:
-        await asyncio.shield(_give_back(pool, conn))
+        await asyncio.shield(release_quietly(pool, conn))
 
 
 @contextlib.asynccontextmanager
@@ -64,7 +64,7 @@ async def completing_transaction(
             with map_errors():
                 await asyncio.shield(tr.commit())
         except BaseException:
-            await asyncio.shield(_rollback(conn, tr))
+            await asyncio.shield(rollback_quietly(conn, tr))
             raise
         finally:
             finishing.discard((key, token))
@@ -78,31 +78,11 @@ async def keep_session(conn: Any) -> None:
     state, and transactions reset their connection themselves."""
 
 
-async def _rollback(conn: Any, tr: Any) -> None:
-    """Roll back on a cleanup path whose own exception must win. A connection that cannot
-    roll back (lost, or busy with a cancelled statement) is terminated: the server then
-    rolls the transaction back itself."""
-    try:
-        await tr.rollback()
-    except Exception:
-        with contextlib.suppress(Exception):
-            conn.terminate()
-
-
 async def _reset_session(conn: Any) -> None:
     try:
         if not conn.is_closed():
             await conn.execute(conn.get_reset_query())
     except Exception:
         # A connection whose session cannot be reset must not be reused.
-        with contextlib.suppress(Exception):
-            conn.terminate()
-
-
-async def _give_back(pool: Any, conn: Any) -> None:
-    try:
-        await pool.release(conn)
-    except Exception:
-        # A broken connection (server gone) may fail its reset; it is discarded either way.
         with contextlib.suppress(Exception):
             conn.terminate()

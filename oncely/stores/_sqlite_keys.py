@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any
 
-from oncely.errors import LeaseLost, StoreUnavailable
+from oncely._batch import copy_error
+from oncely.errors import StoreUnavailable
+from oncely.stores._key_batch import BeginCall, CompleteCall, Fetch, complete_rounds
 from oncely.stores.base import Begin, Outcome
 
 # ``expires_at`` is when a row may be deleted: a completed row's result ttl, or a running row's
@@ -58,22 +59,6 @@ CLAIM_ROUNDS = 3
 
 RETRY_SOON = 0.05
 """``retry_after`` for a key found busy ``CLAIM_ROUNDS`` times that was free each time we looked."""
-
-Fetch = Callable[[str, tuple[Any, ...]], Awaitable[list[Any]]]
-"""Runs one statement under the connection lock and returns its rows; raises StoreUnavailable."""
-
-
-class BeginCall(NamedTuple):
-    key: str
-    fingerprint: str
-    lease: float
-
-
-class CompleteCall(NamedTuple):
-    key: str
-    token: str
-    result: bytes | None
-    ttl: float
 
 
 @functools.cache
@@ -175,41 +160,22 @@ async def write_begins(
             if not todo:
                 break
     except StoreUnavailable as exc:
-        return [_each(exc) if o is None else o for o in outcomes]
+        return [copy_error(exc) if o is None else o for o in outcomes]
     busy = Begin(Outcome.IN_PROGRESS, retry_after=RETRY_SOON)
     return [busy if o is None else o for o in outcomes]
 
 
 async def write_completes(fetch: Fetch, calls: list[CompleteCall]) -> list[Exception | None]:
-    """``complete`` for each call: ``None``, or ``LeaseLost`` where the token no longer holds
-    the key. One statement per round; a key met again in a batch waits for the next round,
-    which orders it after the first (so a repeated completion gets ``LeaseLost``)."""
-    outcomes: list[Exception | None] = [None] * len(calls)
-    todo = list(range(len(calls)))
-    try:
-        while todo:
-            keys: set[str] = set()
-            now_round: list[int] = []
-            later: list[int] = []
-            for i in todo:
-                (later if calls[i].key in keys else now_round).append(i)
-                keys.add(calls[i].key)
-            now = time.time()
-            params: list[Any] = []
-            for i in now_round:
-                key, token, result, ttl = calls[i]
-                params += (key, token, result, now + ttl)
-            done = {row[0] for row in await fetch(complete_sql(len(now_round)), tuple(params))}
-            for i in now_round:
-                if calls[i].key not in done:
-                    outcomes[i] = LeaseLost(
-                        f"lease on key {calls[i].key!r} is no longer held by this token"
-                    )
-            todo = later
-    except StoreUnavailable as exc:
-        for i in todo:
-            outcomes[i] = _each(exc)
-    return outcomes
+    """``complete`` for each call, one statement per round (see ``complete_rounds``)."""
+
+    async def write_round(batch: list[CompleteCall]) -> set[str]:
+        now = time.time()
+        params: list[Any] = []
+        for key, token, result, ttl in batch:
+            params += (key, token, result, now + ttl)
+        return {row[0] for row in await fetch(complete_sql(len(batch)), tuple(params))}
+
+    return await complete_rounds(calls, write_round)
 
 
 def classify(row: Any, fingerprint: str, now: float) -> Begin | None:
@@ -227,10 +193,3 @@ def classify(row: Any, fingerprint: str, now: float) -> Begin | None:
     if found_fingerprint != fingerprint:
         return Begin(Outcome.MISMATCH)
     return Begin(Outcome.IN_PROGRESS, retry_after=lease_until - now)
-
-
-def _each(exc: StoreUnavailable) -> StoreUnavailable:
-    """A copy of a batch's error for one caller (each raise extends its own traceback)."""
-    err = StoreUnavailable(str(exc))
-    err.__cause__ = exc.__cause__
-    return err

@@ -79,7 +79,9 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from oncely._batch import GroupCommit
 from oncely._postgres import (
+    close_quietly,
     create_pool,
     flag,
     identifier,
@@ -89,12 +91,10 @@ from oncely._postgres import (
     quote_ident,
     reject_unknown,
 )
-from oncely._sqlite import GroupCommit
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
+from oncely.stores._key_batch import BeginCall, CompleteCall
 from oncely.stores._postgres_sql import (
     BATCH,
-    BeginCall,
-    CompleteCall,
     db_key,
     statements,
     write_begins,
@@ -264,10 +264,7 @@ class PostgresStore(TransactionalStore):
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
         if pool is not None and pool is not self._external:
-            try:
-                await asyncio.wait_for(pool.close(), self.command_timeout)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
-                pool.terminate()
+            await close_quietly(pool, self.command_timeout)
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
         self._connected()  # fail before queueing

@@ -16,6 +16,8 @@ _stores.register(
 _stores.register(
     "postgres", "oncely.stores.postgres:PostgresStore", extra="postgres", driver="asyncpg"
 )
+_stores.register("redis", "oncely.stores.redis:RedisStore", extra="redis", driver="redis")
+_stores.register("rediss", "oncely.stores.redis:RedisStore", extra="redis", driver="redis")
 
 
 def store_from_url(url: str | IdempotencyStore) -> IdempotencyStore:

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
+from oncely._batch import GroupCommit
 from oncely._sqlite import (
-    GroupCommit,
     begin_immediate,
     immediate,
     map_sqlite_errors,
@@ -44,6 +44,7 @@ from oncely._sqlite import (
     rollback_quietly,
 )
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
+from oncely.stores._key_batch import BeginCall, CompleteCall
 from oncely.stores._sqlite_keys import (
     BATCH,
     COMPLETE,
@@ -53,8 +54,6 @@ from oncely.stores._sqlite_keys import (
     RELEASE,
     RENEW,
     SCHEMA,
-    BeginCall,
-    CompleteCall,
     write_begins,
     write_completes,
 )

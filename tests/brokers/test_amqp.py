@@ -7,6 +7,8 @@ never skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import subprocess
 import time
@@ -17,10 +19,12 @@ import aio_pika
 import aiormq.exceptions
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.queue import consumer as aio_pika_consumer
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from oncely.brokers._amqp_consume import AmqpDelivery, AmqpSubscription, consumer_timeout_ms
 from oncely.brokers._amqp_topology import (
     BUCKETS,
     bucket_for,
@@ -40,6 +44,7 @@ from oncely.errors import (
     NotSupported,
     PublishFailed,
 )
+from tests._wait import eventually
 
 AMQP_URL = os.environ.get("ONCELY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -188,6 +193,40 @@ async def test_publish_consume_ack(broker: AmqpBroker, topic: str) -> None:
         await nothing_within(s, 0.5)
 
 
+async def on_the_fast_path(sub: Subscription) -> bool:
+    """Whether aiormq hands this subscription's deliveries straight to it (not through
+    aio-pika's IncomingMessage path)."""
+    assert isinstance(sub, AmqpSubscription) and sub._channel is not None
+    raw: Any = await sub._channel.get_underlay_channel()
+    return bool(raw.consumers.get(sub._ctag) == sub._on_delivered)
+
+
+@pytest.mark.anyio
+async def test_both_consumer_paths_yield_the_same_delivery(broker: AmqpBroker, topic: str) -> None:
+    await broker.publish(topic, b"zero")  # may arrive with consume-ok, before the take-over
+    async with broker.consume(topic, prefetch=1, visibility=30) as sub:
+        (first,) = await take(sub, 1)
+        await first.ack()
+        assert await on_the_fast_path(sub)
+        await broker.publish(topic, b"one", headers={"k": "v"}, message_id="m1")
+        (fast,) = await take(sub, 1)
+        assert isinstance(sub, AmqpSubscription) and sub._channel is not None
+        raw: Any = await sub._channel.get_underlay_channel()
+        # Put aio-pika's own callback back, as it is before a take-over.
+        slow_path = functools.partial(aio_pika_consumer, sub._on_message, no_ack=False)
+        raw.consumers[sub._ctag] = slow_path
+        await fast.ack()
+        await broker.publish(topic, b"two", headers={"k": "v"}, message_id="m2")
+        (slow,) = await take(sub, 1)
+        for d, (mid, body) in ((fast, ("m1", b"one")), (slow, ("m2", b"two"))):
+            assert (d.id, d.body, d.attempt, d.headers["k"]) == (mid, body, 1, "v")
+        assert fast.headers.keys() == slow.headers.keys()
+        await slow.nack()  # the republish copies the same properties on both paths
+        (again,) = await take(sub, 1)
+        assert (again.id, again.body, again.attempt, again.headers["k"]) == ("m2", b"two", 2, "v")
+        await again.ack()
+
+
 @pytest.mark.anyio
 async def test_given_message_id_is_kept(broker: AmqpBroker, topic: str) -> None:
     assert await broker.publish(topic, b"x", message_id="order-42") == "order-42"
@@ -255,10 +294,54 @@ async def test_delays_round_up_to_buckets(broker: AmqpBroker, topic: str) -> Non
         (again,) = await take(sub, 1, within=15)
         assert time.monotonic() - t1 >= 4.9
         assert (again.id, again.attempt) == (d.id, 2)
-        with pytest.raises(NotSupported):
-            await again.nack(delay=3601)
-        assert not again.settled  # still ours to settle
         await again.ack()
+
+
+@pytest.mark.anyio
+async def test_a_nack_or_reject_that_cannot_republish_requeues_the_delivery(
+    broker: AmqpBroker, plain: AbstractRobustConnection, topic: str
+) -> None:
+    """A failed republish (returned: its queue was deleted) or a delay no bucket holds still
+    settles the delivery, with ``basic.nack(requeue=True)``: with prefetch 1 the message
+    comes straight back, and a failed republish declares the topology again for the next."""
+    ids = [await broker.publish(topic, b"%d" % i) for i in range(3)]
+    channel = await plain.channel()
+    async with broker.consume(topic, prefetch=1, visibility=30) as sub:
+        (d,) = await take(sub, 1)
+        assert d.id == ids[0]
+        await channel.queue_delete(bucket_name(topic, "1s"))
+        with pytest.raises(PublishFailed) as failed:
+            await d.nack(delay=0.5)
+        assert "requeued" in "".join(getattr(failed.value, "__notes__", []))
+        assert d.settled
+        with pytest.raises(AlreadySettled):
+            await d.ack()
+        (again,) = await take(sub, 1)  # the only prefetch slot is free: it was settled
+        assert (again.id, again.attempt) == (ids[0], 2)  # redelivered, counted
+        await again.nack(delay=0.5)  # the bucket was declared again
+
+        (d,) = await take(sub, 1)
+        assert d.id == ids[1]
+        await channel.queue_delete(dlq_name(topic))
+        with pytest.raises(PublishFailed):
+            await d.reject("poison")
+        (again,) = await take(sub, 1)
+        assert (again.id, again.attempt) == (ids[1], 2)
+        await again.reject("poison")
+
+        (d,) = await take(sub, 1)
+        assert d.id == ids[2]
+        with pytest.raises(NotSupported):
+            await d.nack(delay=3601)
+        (again,) = await take(sub, 1)
+        assert (again.id, again.attempt) == (ids[2], 2)
+        await again.ack()
+
+        (late,) = await take(sub, 1, within=15)  # the one nacked through the 1 s bucket
+        assert (late.id, late.attempt) == (ids[0], 3)
+        await late.ack()
+    (dead,) = await broker.dead_letters(topic)
+    assert (dead.id, dead.reason) == (ids[1], "poison")
 
 
 @pytest.mark.anyio
@@ -302,6 +385,41 @@ async def test_reject_dead_letters_with_reason_and_attempt(broker: AmqpBroker, t
         await d.ack()
     assert await broker.replay(topic) == 2
     assert await broker.dead_letters(topic) == []
+
+
+@pytest.mark.anyio
+async def test_replay_is_bounded_by_what_the_dlq_held_at_the_start(
+    broker: AmqpBroker, topic: str
+) -> None:
+    """A consumer that dead-letters every message again while ``replay`` runs: the replay
+    moves exactly the letters that were there when it started, each once, and ends."""
+    n = 20
+    ids = set(await asyncio.gather(*(broker.publish(topic, b"%d" % i) for i in range(n))))
+    async with broker.consume(topic, prefetch=n, visibility=30) as sub:
+        for d in await take(sub, n):
+            await d.reject("first")
+    rejected: list[str] = []
+
+    async def reject_everything() -> None:
+        async with AmqpBroker(AMQP_URL) as other:
+            async with other.consume(topic, prefetch=4, visibility=30) as again:
+                async for d in again:
+                    await d.reject("again")
+                    rejected.append(d.id)
+
+    consumer = asyncio.create_task(reject_everything())
+    try:
+        moved = await asyncio.wait_for(broker.replay(topic), 60)
+        assert moved == n
+        await eventually(lambda: len(rejected) >= n, within=30)
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+    assert set(rejected) == ids  # the replayed ones ran, and went back to the DLQ
+    letters = await broker.dead_letters(topic, limit=2 * n)
+    assert sorted(dl.id for dl in letters) == sorted(ids)  # each once: none lost, none doubled
+    assert {dl.reason for dl in letters} == {"again"}
 
 
 @pytest.mark.anyio
@@ -374,7 +492,7 @@ async def test_aclose_returns_buffered_and_keeps_yielded_valid(
     await asyncio.gather(*(broker.publish(topic, b"%d" % i) for i in range(5)))
     sub = broker.consume(topic, prefetch=5, visibility=30)
     (first,) = await take(sub, 1)
-    await asyncio.sleep(0.2)  # let the other four arrive in the buffer
+    await eventually(lambda: sub._buffer.qsize() == 4)  # the other four wait in the buffer
     await sub.aclose()
     with pytest.raises(StopAsyncIteration):
         await anext(sub)
@@ -431,14 +549,16 @@ async def test_connection_loss_expires_deliveries_and_resumes(topic: str) -> Non
         async with b.consume(topic, prefetch=5, visibility=30) as sub:
             (d,) = await take(sub, 1)
             assert d.attempt == 1
+            assert isinstance(d, AmqpDelivery)
             assert await asyncio.to_thread(close_connections_named, name) == 1
-            await asyncio.sleep(0.5)
+            await eventually(lambda: d._window.closed)  # the client has seen the close
             with pytest.raises(DeliveryExpired):
                 await d.ack()
             with pytest.raises(DeliveryExpired):
                 await d.nack()
             (again,) = await take(sub, 1, within=30)  # same subscription, new channel
             assert (again.id, again.attempt) == (mid, 2)
+            assert await on_the_fast_path(sub)  # taken over again after the reconnect
             await again.ack()
             # The publish side recovered too.
             await b.publish(topic, b"after")
@@ -497,8 +617,6 @@ def test_topology_names() -> None:
 
 
 def test_consumer_timeout_follows_visibility_but_never_shortens_the_default() -> None:
-    from oncely.brokers._amqp_consume import consumer_timeout_ms
-
     assert consumer_timeout_ms(30) == 1_800_000
     assert consumer_timeout_ms(2 * 3600) == 4 * 3600 * 1000
 

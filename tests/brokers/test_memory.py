@@ -214,3 +214,33 @@ async def test_many_extends_do_not_leak_heap_entries() -> None:
         assert isinstance(broker, MemoryBroker) and broker._hub is not None
         # The wait above looked at the heap top, which drops every stale entry.
         assert broker._hub.topics["t"].heap == []
+
+
+@pytest.mark.anyio
+async def test_a_failed_settle_frees_its_prefetch_slot() -> None:
+    """A settle that raises must not keep its slot: with prefetch 1, one such failure would
+    otherwise park the subscription for ever. The message itself comes back once its
+    visibility runs out."""
+    async with MemoryBroker() as broker:
+        first = await broker.publish("t", b"first")
+        second = await broker.publish("t", b"second")
+        async with broker.consume("t", prefetch=1, visibility=0.3) as sub:
+            d = await next_within(sub)
+            assert d.id == first
+            for bad in (-1.0, float("nan")):
+                with pytest.raises(ValueError, match="delay"):
+                    await d.nack(delay=bad)
+            assert not d.settled
+            other = await next_within(sub)  # the slot was given back
+            assert other.id == second
+            await other.ack()
+            again = await next_within(sub)  # after the visibility of the failed one
+            assert (again.id, again.attempt) == (first, 2)
+            await again.ack()
+            with pytest.raises(DeliveryExpired):
+                await d.ack()  # its lease is gone; the slot is not freed twice
+            await broker.publish("t", b"third")
+            third = await next_within(sub)
+            assert third.body == b"third"
+            await third.ack()
+            assert sub.unsettled == 0  # type: ignore[attr-defined]

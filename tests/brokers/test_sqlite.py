@@ -242,8 +242,12 @@ async def test_dead_letters_and_replay_survive_a_reopen(tmp_path: Path) -> None:
         assert await broker.dead_letters("t") == []
         async with broker.consume("t", prefetch=1, visibility=LONG) as sub:
             d = await next_within(sub)
-            # Replay restores the original headers, not the dead-letter annotations.
-            assert (d.id, d.body, dict(d.headers), d.attempt) == ("p", b"poison", {"h": "v"}, 1)
+            # Replay restores the original headers, not the dead-letter annotations, and
+            # marks the replay.
+            headers = dict(d.headers)
+            assert headers.pop("oncely-replay-count") == "1"
+            assert float(headers.pop("oncely-replayed-at")) > 0
+            assert (d.id, d.body, headers, d.attempt) == ("p", b"poison", {"h": "v"}, 1)
             await d.ack()
 
 
@@ -369,3 +373,43 @@ async def test_another_process_publishes_to_an_idle_consumer(tmp_path: Path) -> 
                     got[d.id] = (d.body, dict(d.headers))
                     await d.ack()
     assert got == {f"m{i}": (b"%d" % i, {"i": str(i)}) for i in range(5)} | {"late": (b"later", {})}
+
+
+# -- settling when the file is locked ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_settles_failing_on_a_locked_file_free_their_slots(tmp_path: Path) -> None:
+    """Another process holds the write lock longer than the busy timeout while every held
+    delivery is settled: each settle fails with ``ConnectionLost``, frees its prefetch slot and
+    leaves its message to come back after its visibility. Once the lock is released, every
+    queued message is processed."""
+    path = tmp_path / "q.db"
+    async with SqliteBroker.from_url(f"sqlite:///{path}?busy_timeout=0.05") as broker:
+        assert broker.busy_timeout == 0.05
+        ids = {await broker.publish("t", b"%d" % i) for i in range(12)}
+        acked: set[str] = set()
+        async with broker.consume("t", prefetch=4, visibility=0.5) as sub:
+            held = [await next_within(sub) for _ in range(4)]
+            with closing(sqlite3.connect(path, isolation_level=None)) as blocker:
+                blocker.execute("BEGIN IMMEDIATE")
+                settles = (held[0].ack(), held[1].nack(), held[2].reject("x"), held[3].ack())
+                for settle in settles:
+                    with pytest.raises(ConnectionLost, match="database is locked") as caught:
+                        await settle
+                    assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+                blocker.execute("ROLLBACK")
+            assert not any(d.settled for d in held)
+            while acked != ids:
+                d = await next_within(sub, 5.0)
+                await d.ack()
+                acked.add(d.id)
+            await assert_quiet(sub)
+    assert rows(path, "SELECT COUNT(*) FROM oncely_messages") == [(0,)]
+    assert rows(path, "SELECT COUNT(*) FROM oncely_dead_letters") == [(0,)]
+
+
+def test_busy_timeout_option_is_checked() -> None:
+    assert SqliteBroker.from_url("sqlite:///q.db").busy_timeout == 30.0
+    with pytest.raises(ConfigError, match="busy_timeout must be > 0"):
+        SqliteBroker.from_url("sqlite:///q.db?busy_timeout=0")

@@ -300,7 +300,7 @@ async def test_dlq_list_and_replay_through_the_cli(topic: str) -> None:
             await d.reject("bad input")
     listed = await _cli("dlq", "list", topic)
     assert mid in listed and "bad input" in listed
-    await _cli("dlq", "replay", topic)
+    await _cli("dlq", "replay", topic, "--all")
     async with SqsBroker.from_url(SQS_URL) as broker:
         assert await broker.dead_letters(topic) == []
         async with broker.consume(topic, prefetch=1, visibility=30) as sub:

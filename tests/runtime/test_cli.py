@@ -107,7 +107,7 @@ def test_publish_then_dead_letters_list_and_replay(tmp_path: Path) -> None:
     assert letter["reason"] == "poison: bad total"
     assert json.loads(letter["body"]) == {"n": 1}
 
-    replayed = oncely("dlq", "replay", "jobs", "--broker", url)
+    replayed = oncely("dlq", "replay", "jobs", "--all", "--broker", url)
     assert replayed.returncode == 0 and "replayed 1 message" in replayed.stdout
     assert oncely("dlq", "list", "jobs", "--broker", url).stdout.strip() == ""
 
@@ -190,5 +190,5 @@ def test_replay_of_ids_that_are_not_dead_letters_is_an_error(tmp_path: Path) -> 
         "oncely: error: 2 of the 2 ids given are not dead letters of 'jobs' "
         "(misspelt, or already replayed)"
     )
-    # Without --id there is nothing to have missed: an empty queue is not an error.
-    assert oncely("dlq", "replay", "jobs", "--broker", url).returncode == 0
+    # With --all there is nothing to have missed: an empty queue is not an error.
+    assert oncely("dlq", "replay", "jobs", "--all", "--broker", url).returncode == 0

@@ -146,6 +146,8 @@ async def test_a_duplicate_of_a_key_held_in_this_worker_is_answered_once_it_comp
         # A bounded wait, not a timing claim: the fixed 5 s recheck this replaces misses it.
         await eventually(lambda: worker.stats.duplicates == 1, within=2)
     assert order == ["start", "end"] and worker.stats.processed == 1
+    # Answered in-process, on the holder's completion: never deferred through the broker.
+    assert worker.stats.deferred == 0
 
 
 async def test_a_duplicate_of_a_key_held_elsewhere_is_rechecked_soon(unique: str) -> None:

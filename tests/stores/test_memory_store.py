@@ -85,7 +85,7 @@ async def test_expired_but_untaken_lease_still_completes() -> None:
     async with MemoryStore() as store:
         begun = await store.begin("k", "fp", 0.1)
         assert begun.token
-        await anyio.sleep(0.25)
+        await anyio.sleep(0.25)  # not synchronisation: the 0.1 s lease under test runs out
         await store.renew("k", begun.token, LONG)
         await store.complete("k", begun.token, b"late", LONG)
         assert await store.begin("k", "fp", LONG) == Begin(Outcome.COMPLETED, result=b"late")
@@ -102,7 +102,7 @@ async def test_purge_drops_expired_results_and_dead_leases(
         monkeypatch.setattr(memory_module, "STALE_LEASE_GRACE", 0.0)
         dead = await store.begin("dead-lease", "fp", 0.1)
         assert kept.token and dead.token
-        await anyio.sleep(0.25)
+        await anyio.sleep(0.25)  # not synchronisation: the 0.1 s deadlines under test pass
         assert await store.purge() == 2
         assert await store.purge() == 0
         await store.renew("expired-lease", kept.token, LONG)
@@ -115,6 +115,6 @@ async def test_purge_drops_expired_results_and_dead_leases(
 async def test_begin_sweeps_lazily(interval: float, left_for_purge: int) -> None:
     async with MemoryStore(purge_interval=interval) as store:
         await store.complete("old", await held_token(store, "old"), b"r", 0.05)
-        await anyio.sleep(0.2)
+        await anyio.sleep(0.2)  # not synchronisation: the 0.05 s TTL (and 0.1 s interval) pass
         await store.begin("new", "fp", LONG)  # sweeps "old" only if the interval passed
         assert await store.purge() == left_for_purge

@@ -16,15 +16,8 @@ import pytest
 
 from oncely.errors import ConfigError, LeaseLost, StoreUnavailable
 from oncely.stores import sqlite as sqlite_module
-from oncely.stores._sqlite_keys import (
-    CLAIM_ROUNDS,
-    RETRY_SOON,
-    BeginCall,
-    CompleteCall,
-    Fetch,
-    write_begins,
-    write_completes,
-)
+from oncely.stores._key_batch import BeginCall, CompleteCall, Fetch
+from oncely.stores._sqlite_keys import CLAIM_ROUNDS, RETRY_SOON, write_begins, write_completes
 from oncely.stores.base import Begin, Outcome
 from oncely.stores.registry import store_from_url
 from oncely.stores.sqlite import SqliteStore
@@ -203,7 +196,7 @@ async def test_leases_use_the_wall_clock(store: SqliteStore, db_path: Path) -> N
 async def test_expired_but_untaken_lease_still_completes(store: SqliteStore) -> None:
     begun = await store.begin("k", "fp", 0.1)
     assert begun.token
-    await anyio.sleep(0.25)
+    await anyio.sleep(0.25)  # not synchronisation: the 0.1 s lease under test runs out
     await store.renew("k", begun.token, LONG)
     await store.complete("k", begun.token, b"late", LONG)
     assert await store.begin("k", "fp", LONG) == Begin(Outcome.COMPLETED, result=b"late")
@@ -218,7 +211,7 @@ async def test_purge_deletes_expired_results_and_dead_leases(
     await store.begin("expired-lease", "fp", 0.1)  # within the stale grace: kept
     monkeypatch.setattr(sqlite_module, "STALE_LEASE_GRACE", 0.0)
     await store.begin("dead-lease", "fp", 0.1)
-    await anyio.sleep(0.25)
+    await anyio.sleep(0.25)  # not synchronisation: the 0.1 s deadlines under test pass
     assert await store.purge() == 2
     assert await store.purge() == 0
     left = await rows(db_path, "SELECT key FROM oncely_idempotency ORDER BY key")
@@ -232,7 +225,7 @@ async def test_begin_purges_opportunistically(
 ) -> None:
     async with SqliteStore(db_path, purge_interval=interval) as store:
         await store.complete("old", await held_token(store, "old"), b"r", 0.05)
-        await anyio.sleep(0.2)
+        await anyio.sleep(0.2)  # not synchronisation: the 0.05 s TTL (and 0.1 s interval) pass
         await store.begin("new", "fp", LONG)  # purges "old" only if the interval passed
         assert len(await rows(db_path, "SELECT key FROM oncely_idempotency")) == left
 
@@ -277,7 +270,7 @@ async def test_cancelled_transaction_rolls_back_and_its_connection_is_reused(
 async def test_lease_lost_before_the_transaction_skips_the_body(store: SqliteStore) -> None:
     begun = await store.begin("k", "fp", 0.1)
     assert begun.token
-    await anyio.sleep(0.25)
+    await anyio.sleep(0.25)  # not synchronisation: the 0.1 s lease under test runs out
     assert (await store.begin("k", "fp", LONG)).outcome is Outcome.NEW
     ran = False
     with pytest.raises(LeaseLost):
@@ -341,12 +334,18 @@ async def test_other_callers_wait_for_the_transaction_then_see_its_outcome(
     with anyio.fail_after(10):
         async with SqliteStore(db_path) as elsewhere, anyio.create_task_group() as tg:
             async with store.transaction("k", token, LONG) as tx:
-                await tx.connection.execute("INSERT INTO effects VALUES ('m')")
                 tg.start_soon(begin, elsewhere, "k")  # another process, the same key
                 tg.start_soon(begin, store, "k2")  # this process, another key
                 await anyio.wait_all_tasks_blocked()
-                assert not seen, "the transaction holds the write lock"
+                # Before its first write, the transaction already holds the file's write
+                # lock (BEGIN IMMEDIATE): a writer that will not wait is refused now.
+                async with aiosqlite.connect(db_path, isolation_level=None, timeout=0) as probe:
+                    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+                        await probe.execute("BEGIN IMMEDIATE")
+                await tx.connection.execute("INSERT INTO effects VALUES ('m')")
                 tx.result = b"r"
+    # The other process's begin answers COMPLETED with the result: it can only have read the
+    # key after the commit, so it waited for the lock rather than see the lease held.
     assert seen == {
         "k": Begin(Outcome.COMPLETED, result=b"r"),
         "k2": Begin(Outcome.NEW, token=seen["k2"].token),
@@ -456,7 +455,7 @@ async def test_concurrent_completes_share_a_statement_and_a_stale_token_fails_al
 ) -> None:
     stale = (await store.begin("taken", "fp", 0.1)).token
     assert stale
-    await anyio.sleep(0.25)
+    await anyio.sleep(0.25)  # not synchronisation: the 0.1 s lease under test runs out
     fresh = await held_token(store, "taken")  # taken over: ``stale`` lost it
     tokens = {f"k{i}": await held_token(store, f"k{i}") for i in range(10)}
     outcomes: dict[str, BaseException | None] = {}

@@ -1,0 +1,100 @@
+"""Acknowledgements of one AMQP channel for ``AmqpSubscription``: a window of delivery tags,
+acked one by one or coalesced into ``basic.ack(multiple=True)`` frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import aiormq.exceptions
+
+from oncely.brokers._amqp_topology import map_errors
+from oncely.errors import BrokerError, DeliveryExpired
+
+if TYPE_CHECKING:
+    import aiormq.abc
+
+__all__ = ["AckWindow"]
+
+
+class AckWindow:
+    """The delivery tags of one AMQP channel instance and how they are acked.
+
+    Delivery tags are per channel, so a reconnect starts a new window; acks for an old window
+    fail with ``DeliveryExpired`` (its tags are void and the broker redelivers the messages).
+
+    With batching, acks requested in the same event-loop turn are flushed together by one task:
+    every requested tag below the lowest still-unsettled tag is covered by a single
+    ``basic.ack(multiple=True)``; tags above it are acked one by one. ``multiple=True`` is only
+    used when no lower tag on the channel is still unsettled (held by a handler, buffered, or
+    about to be handed back with ``basic.nack(requeue=True)``), so it never acks a message this
+    consumer did not finish. Flushes are serialised so frames leave in the order computed.
+    """
+
+    __slots__ = ("_batch", "_lock", "_ready", "_task", "_waiters", "channel", "unsettled")
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, *, batch: bool) -> None:
+        self.channel = channel
+        self.unsettled: set[int] = set()
+        self._batch = batch
+        self._ready: list[int] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self.channel.is_closed
+
+    async def ack(self, tag: int) -> None:
+        if self.closed:
+            raise DeliveryExpired("the delivery's AMQP channel closed; it will be redelivered")
+        if not self._batch:
+            with map_errors("settle"):
+                await self.channel.basic_ack(tag)
+            self.unsettled.discard(tag)
+            return
+        self._ready.append(tag)
+        # One future per caller, not one shared: a cancelled caller cancels only its own, and
+        # the flush acks this tag all the same. (Cheaper than shielding a shared one.)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        await waiter
+
+    async def _run(self) -> None:
+        waiters: list[asyncio.Future[None]] = []
+        try:
+            async with self._lock:
+                self._task = None
+                tags, self._ready = self._ready, []
+                waiters, self._waiters = self._waiters, []
+                self.unsettled.difference_update(tags)
+                low = min(self.unsettled, default=None)
+                prefix = [t for t in tags if low is None or t < low]
+                frames = [(t, False) for t in tags if low is not None and t > low]
+                if prefix:
+                    frames.insert(0, (max(prefix), len(prefix) > 1))
+                with map_errors("settle"):
+                    for i, (tag, multiple) in enumerate(frames):
+                        last = i == len(frames) - 1
+                        await self.channel.basic_ack(tag, multiple=multiple, wait=last)
+        except BaseException as exc:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def requeue(self, tag: int) -> None:
+        """Hand an unyielded message back; the tag stays unsettled until the frame is out."""
+        with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError, BrokerError):
+            with map_errors("settle"):
+                await self.channel.basic_nack(tag, requeue=True)
+        self.unsettled.discard(tag)

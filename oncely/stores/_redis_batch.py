@@ -1,0 +1,136 @@
+"""Pipelining for the Redis store: calls issued in the same event-loop tick share one pipeline.
+
+Unlike SQLite's group commit (``oncely._sqlite.GroupCommit``), which must write one batch at a
+time because the file has one writer, Redis serves several connections at once. So a batch
+goes out at the end of the tick in which its first call arrived, without waiting for the batch
+before it, up to ``in_flight`` pipelines at a time; calls that arrive while that many are out
+wait for the next. A lone call costs one round trip, and many concurrent ones share it.
+
+Calls on one key are never reordered against what their callers can observe: a caller issues
+its next call only after the previous one answered, and calls that are concurrent had no order
+to keep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger("oncely.stores.redis")
+
+
+class Pipeliner(Generic[T, R]):
+    """Coalesces concurrent calls into batches written by ``write``.
+
+    Args:
+        write: writes one batch, returning one outcome per item in order: a value, or an
+            exception that fails that item alone. An exception it raises fails the whole batch
+            (each caller gets a copy), so it must not raise once part of the batch committed.
+        limit: the most items in one batch.
+        in_flight: the most batches written at once.
+        abandoned: awaited with an item and its value when its caller was cancelled before it
+            got the value (to give back a lease nobody will use). It must not raise.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[list[T]], Awaitable[list[R | Exception]]],
+        *,
+        limit: int,
+        in_flight: int,
+        abandoned: Callable[[T, R], Awaitable[None]] | None = None,
+    ) -> None:
+        self._write = write
+        self._limit = limit
+        self._in_flight = in_flight
+        self._abandoned = abandoned
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+
+    async def submit(self, item: T) -> R:
+        """Queue ``item`` for the next batch and return its outcome; raises its error."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[R] = loop.create_future()
+        self._queue.append((item, fut))
+        if not self._scheduled:
+            # At the end of this tick: every call issued in it joins the batch.
+            self._scheduled = True
+            loop.call_soon(self._kick)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Cancelled after the outcome arrived but before this task resumed: the value is
+            # lost to the caller, so it counts as abandoned (earlier, _run sees to it).
+            abandoned = self._abandoned
+            if abandoned is not None and fut.done() and not fut.cancelled():
+                if fut.exception() is None:
+                    await asyncio.shield(abandoned(item, fut.result()))
+            raise
+
+    async def drain(self) -> None:
+        """Wait until every queued item has been written (or failed)."""
+        while self._queue or self._tasks:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)
+
+    def _kick(self) -> None:
+        self._scheduled = False
+        while self._queue and len(self._tasks) < self._in_flight:
+            batch = self._queue[: self._limit]
+            del self._queue[: self._limit]
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # _run catches what write raises; anything else is a bug worth a traceback.
+            log.error("redis store batch failed", exc_info=task.exception())
+        if self._queue and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._kick)
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            try:
+                outcomes = await self._write([item for item, _ in batch])
+            except Exception as exc:
+                for _, fut in batch:
+                    _fail(fut, exc)
+                return
+            for (item, fut), outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    if not fut.done():
+                        fut.set_exception(outcome)
+                elif not fut.done():
+                    fut.set_result(outcome)
+                elif self._abandoned is not None:
+                    await self._abandoned(item, outcome)
+        except BaseException:
+            # Cancelled (the loop is shutting down): nobody writes these now.
+            for _, fut in batch:
+                fut.cancel()
+            raise
+
+
+def _fail(fut: asyncio.Future[R], exc: Exception) -> None:
+    """Fail one waiter with its own copy of the batch's error (each raise appends its frames
+    to the traceback of the instance it raises)."""
+    if fut.done():
+        return
+    try:
+        err = copy.copy(exc)
+    except Exception:
+        err = exc
+    err.__cause__ = exc.__cause__
+    fut.set_exception(err)
