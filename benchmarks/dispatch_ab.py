@@ -11,7 +11,7 @@ median of the per-round ratios to the raw loop. Nothing is asserted.
         [--rounds 5] [--loop asyncio|uvloop]
 
 Brokers: ``memory``, ``sqlite`` (raw: ``throughput.raw_concurrent``), ``amqp`` (raw: the
-careful raw loop, ``amqp_throughput.raw_careful``, else the plain one) and ``kafka`` (raw:
+careful raw loop, ``amqp_throughput.raw_careful``) and ``kafka`` (raw:
 ``getmany`` + ``commit``; the Worker with per-key and per-partition ordering).
 """
 
@@ -56,11 +56,7 @@ async def child(kind: str, contender: str, n: int, topic: str | None) -> tuple[f
         cpu = time.process_time()
         try:
             if contender == "raw":
-                careful = getattr(a, "raw_careful", None)
-                if careful is not None:
-                    rate = await careful(topic, n, 32)
-                else:
-                    rate = await a.raw(a.URL, topic, n, 32)
+                rate = await a.raw_careful(topic, n, 32)
             else:
                 rate = await a.with_worker(a.URL, topic, n, 32, False)
         finally:

@@ -137,9 +137,11 @@ class Pool:
             return
         delivery = waiter.result()
         assert delivery is not None
+        runner = self.runner
         try:
             if not is_settled(delivery):
-                await asyncio.shield(self.runner.settle.nack(delivery, 0.0, defer=True))
+                # As Runner.run gives back a delivery cancelled before its handler ran.
+                await runner._finish(runner.settle.nack(delivery, 0.0, defer=True), delivery)
         finally:
             self._finished()
 
