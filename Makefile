@@ -32,7 +32,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest
 
 test: $(STAMP) services lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=20
 
 bench: $(STAMP) services
 	$(BIN)/python benchmarks/throughput.py

@@ -16,13 +16,13 @@
 #               Maven Central into $STATE_DIR/kafka/lib; needs java 17 and mvn)
 #
 # `up` is idempotent: a service that already answers is left alone, so a second `up` only
-# probes. Every wait is bounded (ONCELY_SERVICES_TIMEOUT, default 90 s) and a service that does
+# probes. Every wait is bounded (ONCELY_TEST_SERVICES_TIMEOUT, default 90 s) and a service that does
 # not come up is a failure (non-zero exit), never a skip. RabbitMQ's config files under
 # /etc/rabbitmq are rewritten by `up`; a change takes effect after `down` and `up`.
 set -euo pipefail
 
-STATE_DIR=${ONCELY_SERVICES_DIR:-/var/lib/oncely}
-TIMEOUT=${ONCELY_SERVICES_TIMEOUT:-90}
+STATE_DIR=${ONCELY_TEST_SERVICES_DIR:-/var/lib/oncely}
+TIMEOUT=${ONCELY_TEST_SERVICES_TIMEOUT:-90}
 HOST=127.0.0.1
 AMQP_PORT=5672
 PG_PORT=5432
@@ -391,7 +391,7 @@ redis_cluster_status() {
 # once from Maven Central with scripts/elasticmq/pom.xml into $ELASTICMQ_DIR/lib; a later `up`
 # reuses them. It runs as a plain background java process with a pid file and a log file.
 ELASTICMQ_VERSION=1.7.1
-ELASTICMQ_PORT=${ONCELY_ELASTICMQ_PORT:-9324}
+ELASTICMQ_PORT=${ONCELY_TEST_ELASTICMQ_PORT:-9324}
 ELASTICMQ_DIR=$STATE_DIR/elasticmq
 ELASTICMQ_POM=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/elasticmq/pom.xml
 
@@ -514,7 +514,7 @@ KAFKA_CONTROLLER_PORT=9093
 KAFKA_CLUSTER_ID=b25jZWx5LXRlc3RzLTAwMQ # fixed: `format --ignore-formatted` stays idempotent
 KAFKA_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/kafka" && pwd)
 KAFKA_LOG=$KAFKA_DIR/server.log
-KAFKA_READY_TIMEOUT=${ONCELY_KAFKA_TIMEOUT:-60}
+KAFKA_READY_TIMEOUT=${ONCELY_TEST_KAFKA_TIMEOUT:-60}
 
 kafka_ping() { python3 "$KAFKA_SRC/probe.py" "$HOST" "$KAFKA_PORT"; }
 

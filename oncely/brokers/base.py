@@ -49,7 +49,12 @@ class Headers:
     """Names of the headers oncely reads and writes. Other headers pass through untouched."""
 
     KEY = "oncely-key"
-    """The idempotency key a publisher chose."""
+    """The idempotency key a publisher chose; brokers that order by key (Kafka's record key,
+    SQS FIFO's group) also group by it."""
+    DEDUPE_KEY = "oncely-dedupe-key"
+    """The idempotency key where it differs from ``oncely-key``: the outbox sets it to each
+    row's message id, because one ordering key spans many distinct messages. The default key
+    source (``auto``) reads it first."""
     MESSAGE_ID = "oncely-message-id"
     """The stable message id, for brokers whose own id changes on redelivery."""
     ATTEMPT = "oncely-attempt"

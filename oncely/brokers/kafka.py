@@ -114,7 +114,7 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         self.capabilities = Capabilities(
             native_delay=False,
             max_delay=options.buckets[-1],
-            native_dlq=False,
+            native_dlq=True,  # the `<topic>.dlq` topic, as RabbitMQ has its `.dlq` queue
             extend=True,
             ordering="partition",
             ack_model="offset",

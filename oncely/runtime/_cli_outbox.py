@@ -2,7 +2,8 @@
 
 SIGTERM or SIGINT finishes the batch in flight (up to --grace seconds) and exits 0; a
 second signal stops at once (the batch is released and its published rows go out again later,
-with the same ids). Bad input exits 2; a database or broker that cannot be reached at start
+with the same ids). A signal while the relay is still connecting gives up and exits 0. Bad
+input exits 2; a database or broker that cannot be reached at start
 exits 1. Once running, outages only pause the relay.
 """
 
@@ -90,17 +91,33 @@ async def _cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int
     )
     loop = asyncio.get_running_loop()
     stops: list[asyncio.Future[None]] = []
+    starting = asyncio.ensure_future(relay.start())
+    signalled = False
 
     def on_signal() -> None:
+        nonlocal signalled
+        signalled = True
+        if not starting.done():
+            # Stopped while connecting (a database that does not answer yet): give the start
+            # up; it closes what it opened.
+            starting.cancel()
+            return
         # The first signal drains the batch in flight; a second one stops at once.
         grace = args.grace if not stops else 0.0
         logging.getLogger("oncely").info("signal received, stopping the relay (grace=%s)", grace)
         stops.append(asyncio.ensure_future(relay.stop(grace)))
 
-    await relay.start()
+    # Before start(), which may wait up to a connect timeout: a signal meanwhile must not
+    # kill the process with the default action.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
+        try:
+            await starting
+        except asyncio.CancelledError:
+            if signalled and starting.cancelled():
+                return 0
+            raise
         await relay.wait_stopped()
         await asyncio.gather(*stops)
     finally:

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
+from oncely.brokers.base import Headers
 from oncely.errors import ConfigError
 from oncely.runtime._signature import default_name, handler_signature, is_async
 from oncely.runtime.codec import Decoder
@@ -54,7 +55,8 @@ class KeyFunction(Protocol):
 class KeySource:
     """Where a handler's idempotency key comes from.
 
-    ``auto`` reads the ``oncely-key`` header and falls back to the broker's message id.
+    ``auto`` reads the ``oncely-dedupe-key`` header (the outbox's per-row identity), then the
+    ``oncely-key`` header, then the broker's message id.
     """
 
     kind: Literal["auto", "header", "message_id", "payload", "function"]
@@ -81,7 +83,7 @@ class KeySource:
 
     def extract(self, payload: Any, delivery: Delivery) -> str | None:
         if self.kind == "auto":
-            return delivery.key
+            return delivery.headers.get(Headers.DEDUPE_KEY) or delivery.key
         if self.kind == "header":
             return delivery.headers.get(self.name)
         if self.kind == "message_id":
@@ -202,8 +204,9 @@ class App:
             guarantee: ``at_most_once`` (ack first), ``at_least_once`` (ack after) or
                 ``effectively_once`` (ack after, through the idempotency store).
             idempotent: ``True`` is shorthand for ``guarantee="effectively_once"``.
-            key: the idempotency key source: ``"auto"`` (``oncely-key`` header, then message
-                id), ``"header:NAME"``, ``"message_id"``, ``"payload:FIELD"`` or a function.
+            key: the idempotency key source: ``"auto"`` (``oncely-dedupe-key`` header, then
+                ``oncely-key``, then message id), ``"header:NAME"``, ``"message_id"``,
+                ``"payload:FIELD"`` or a function.
             on_missing_key: ``"process"`` runs a message without a key without dedupe;
                 ``"reject"`` dead-letters it. A transactional handler always dead-letters
                 one: without a key there is no lease, so no transaction to run in.

@@ -75,20 +75,29 @@ class Row:
     body: bytes
     attempts: int
     created_at: float
+    error: str | None = None
+    """Why the row cannot be published as stored (the relay records it as a failed try)."""
 
 
 def to_row(r: Any) -> Row:
     """A ``Row`` from a record of the claim's columns, in ``Row``'s field order (headers as
-    JSON text)."""
+    JSON text). Headers that do not decode (a row written around ``add``) make a row with an
+    ``error`` rather than an exception: one such row must not fail every claim after it."""
+    error = None
+    try:
+        headers = decode_headers(r[4])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        headers, error = {}, f"undecodable headers (a JSON object of strings is needed): {exc}"
     return Row(
         id=r[0],
         message_id=r[1],
         topic=r[2],
         key=r[3],
-        headers=decode_headers(r[4]),
+        headers=headers,
         body=r[5],
         attempts=r[6],
         created_at=r[7],
+        error=error,
     )
 
 

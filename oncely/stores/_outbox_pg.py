@@ -107,11 +107,14 @@ _OLDEST_NOT_MINE = """SELECT key, min(id) FROM {t}
 WHERE sent_at IS NULL AND key = ANY($1::text[]) AND id <> ALL($2::bigint[])
 GROUP BY key"""
 
-_MARK_SENT = """UPDATE {t} SET sent_at = now(), attempts = attempts + 1, last_error = NULL
+# clock_timestamp(), not now(): now() is when the claim's transaction began, and it stays open
+# while the batch publishes; a backoff counted from then would be cut short by that long.
+_MARK_SENT = """UPDATE {t}
+SET sent_at = clock_timestamp(), attempts = attempts + 1, last_error = NULL
 WHERE id = ANY($1::bigint[])"""
 
 _MARK_FAILED = """UPDATE {t} SET attempts = {t}.attempts + 1, last_error = f.error,
-    available_at = now() + f.delay * interval '1 second'
+    available_at = clock_timestamp() + f.delay * interval '1 second'
 FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS f(id, error, delay)
 WHERE {t}.id = f.id"""
 

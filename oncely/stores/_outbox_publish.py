@@ -18,12 +18,16 @@ MAX_ERROR = 1000
 
 
 def headers_for(row: Row) -> dict[str, str]:
-    """The headers a row is published with: the user's, plus ``oncely-key`` (the row's key,
-    else its stable message id, so a consumer's default key dedupes re-publishes) and
-    ``oncely-published-at`` (when the row was added)."""
+    """The headers a row is published with: the user's, plus ``oncely-published-at`` (when
+    the row was added) and the keys. A keyed row carries its key in ``oncely-key`` (brokers
+    that order by key group by it) and its stable message id in ``oncely-dedupe-key`` (a
+    consumer's default key source dedupes re-publishes of the row on it, and never takes two
+    rows of one key for one message). A row without a key carries its message id in
+    ``oncely-key``, which serves both (one header fewer, for SQS's small budget)."""
     headers = dict(row.headers)
     if row.key is not None:
         headers[Headers.KEY] = row.key
+        headers.setdefault(Headers.DEDUPE_KEY, row.message_id)
     else:
         headers.setdefault(Headers.KEY, row.message_id)
     headers.setdefault(Headers.PUBLISHED_AT, repr(row.created_at))
@@ -37,6 +41,7 @@ async def publish_rows(
     publish_timeout: float,
     retry_base: float,
     retry_cap: float,
+    deadline: float | None = None,
 ) -> tuple[list[int], list[Failure]]:
     """Publish ``rows`` (a claim, in id order) and return the ids sent and the failures.
 
@@ -45,7 +50,12 @@ async def publish_rows(
     strictly one after the other, each only after the broker confirmed the previous one; the
     first failure ends its key's run, so no later row of that key overtakes it. Every error
     (a broker error, a timeout, a bad header) is a failure to retry, never a reason to drop.
+
+    No row is started once the event loop's clock passes ``deadline``: the rows left are in
+    neither list, and the claim releases them for the next batch.
     """
+    loop = asyncio.get_running_loop()
+    retry = (retry_base, retry_cap)
     chains: dict[object, list[Row]] = {}
     for row in rows:
         chains.setdefault(row.key if row.key is not None else row.id, []).append(row)
@@ -54,6 +64,11 @@ async def publish_rows(
 
     async def run(chain: list[Row]) -> None:
         for row in chain:
+            if deadline is not None and loop.time() >= deadline:
+                return
+            if row.error is not None:
+                failed.append(Failure(row.id, row.error, backoff(row.attempts + 1, *retry)))
+                return
             try:
                 async with asyncio.timeout(publish_timeout):
                     await broker.publish(
@@ -64,9 +79,7 @@ async def publish_rows(
                     )
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
-                failed.append(
-                    Failure(row.id, error, backoff(row.attempts + 1, retry_base, retry_cap))
-                )
+                failed.append(Failure(row.id, error, backoff(row.attempts + 1, *retry)))
                 return
             sent.append(row.id)
 

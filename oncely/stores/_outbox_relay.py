@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from oncely.brokers.registry import broker_from_url
-from oncely.errors import ConfigError
+from oncely.errors import ConfigError, OncelyError
 from oncely.stores._outbox_base import DEFAULT_TABLE, backoff
 from oncely.stores._outbox_publish import publish_rows
 from oncely.stores._outbox_table import Outbox
@@ -116,12 +116,17 @@ class OutboxRelay:
         self.publish_timeout = publish_timeout
         self.retry_base = retry_base
         self.retry_cap = retry_cap
-        # SQLite claims are leases: long enough for a batch whose keys all time out once.
+        # SQLite claims are leases that nobody renews, and a PostgreSQL claim is a transaction
+        # held open while publishing: a batch starts no publish after half the lease, so its
+        # last one ends (or times out) well within it. Otherwise a slow batch's rows would be
+        # claimed again by another relay while still being published (SQLite), or the claim
+        # would sit idle in its transaction for as long as one key's rows take.
         self.lease = max(60.0, 4 * publish_timeout)
         self.stats = RelayStats()
         self.idle = False
         """True while the relay waits for new rows (a notification or the next poll)."""
         self._tasks: list[asyncio.Task[None]] = []
+        self._cut_short = False
         self._loop_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
@@ -184,12 +189,12 @@ class OutboxRelay:
             if task is not self._loop_task:
                 task.cancel()
         if self._loop_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._loop_task), grace)
-            except TimeoutError:
+            # asyncio.wait, not wait_for(shield(...)): a stop(0) meanwhile cancels the loop
+            # task, and that must end this wait, not raise CancelledError out of this stop()
+            # before it closed anything (the caller and stop(0) would then wait forever).
+            done, _ = await asyncio.wait({self._loop_task}, timeout=grace)
+            if not done:
                 log.warning("outbox relay: batch still in flight after %ss; cancelling", grace)
-            except Exception:
-                pass  # logged by the supervisor
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -275,7 +280,14 @@ class OutboxRelay:
                 failures += 1
                 self.stats.errors += 1
                 delay = backoff(failures, self.retry_base, self.retry_cap)
-                log.warning("outbox relay: %s; retrying in %.1fs", exc, delay)
+                # A database or broker error is expected here; anything else is a bug, and
+                # this loop is the only place that sees it: keep its traceback.
+                log.warning(
+                    "outbox relay: %s; retrying in %.1fs",
+                    exc,
+                    delay,
+                    exc_info=not isinstance(exc, OncelyError),
+                )
                 await self._sleep(delay)
                 continue
             if failed and not sent:
@@ -287,7 +299,7 @@ class OutboxRelay:
                 await self._sleep(delay)
                 continue
             failures = 0
-            if claimed >= self.batch and sent:
+            if (claimed >= self.batch or self._cut_short) and sent:
                 continue  # a backlog: the next batch at once
             if withheld:
                 # Rows wait for another relay to finish their key's older rows: look again
@@ -307,7 +319,9 @@ class OutboxRelay:
             StoreUnavailable, StoreError: the database failed; nothing was marked, so every
                 row of the batch is published again later.
         """
-        claim = await self.outbox.backend.claim(self.batch, self.lease)
+        lease = self.lease
+        deadline = asyncio.get_running_loop().time() + lease / 2
+        claim = await self.outbox.backend.claim(self.batch, lease)
         claimed = len(claim.rows) + claim.withheld
         try:
             sent, failed = await publish_rows(
@@ -316,10 +330,13 @@ class OutboxRelay:
                 publish_timeout=self.publish_timeout,
                 retry_base=self.retry_base,
                 retry_cap=self.retry_cap,
+                deadline=deadline,
             )
         except BaseException:
             await claim.abandon()
             raise
+        # Rows the deadline left unpublished are released by finish: take them next.
+        self._cut_short = len(sent) + len(failed) < len(claim.rows)
         await claim.finish(sent, failed)
         for failure in failed:
             log.warning("outbox row %d not published (%s)", failure.id, failure.error)
@@ -343,4 +360,8 @@ class OutboxRelay:
                         break
                     await asyncio.sleep(0)
             except Exception as exc:
-                log.warning("outbox retention sweep failed (%s); trying again later", exc)
+                log.warning(
+                    "outbox retention sweep failed (%s); trying again later",
+                    exc,
+                    exc_info=not isinstance(exc, OncelyError),
+                )

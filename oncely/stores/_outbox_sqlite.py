@@ -5,7 +5,10 @@ statement stamps up to ``limit`` rows with a claim token and a lease deadline. S
 one write lock before the statement reads, so two relays (tasks or processes) never claim one
 row. Marks are guarded by the token; a relay that dies leaves its rows leased until the
 deadline passes, then another relay takes them (and publishes them again: the same message
-ids, so the consumer's store absorbs the duplicates).
+ids, so the consumer's store absorbs the duplicates). Nobody renews a lease: instead the relay
+starts no publish after half of it (``OutboxRelay.lease``, at least 4 publish timeouts) and
+releases the rows it did not reach, so a slow batch is never claimed again while still being
+published.
 
 **Per-key order** is decided inside the claim statement: a row is claimable only if no older
 unsent row of its key is leased (held by a relay, or waiting out a failed publish's backoff).

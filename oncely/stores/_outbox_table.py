@@ -133,7 +133,9 @@ class Outbox:
             payload: ``bytes`` travel as-is; anything msgspec encodes becomes JSON (the same
                 rule as ``Publisher``).
             key: orders the message behind earlier ones with the same key, and becomes the
-                ``oncely-key`` header (else the message id does).
+                ``oncely-key`` header (else the message id does). The consumer's default key
+                source dedupes on the message id (``oncely-dedupe-key``), so several distinct
+                messages may share a key.
             headers: extra ``str`` headers.
             message_id: a stable id of your own; by default a new UUID.
 

@@ -17,20 +17,22 @@ afterwards::
 A rolled-back transaction leaves no message; a committed one is published, at least once.
 
 **Message ids.** ``add`` chooses the message id (a UUID, or yours) and stores it in the row.
-Every publish of the row uses it, as the broker message id and, unless you gave a ``key``, as
-the ``oncely-key`` header. A relay that dies after the broker confirmed a publish but before
+Every publish of the row uses it, as the broker message id and as the key a consumer's
+default key source (``key="auto"``) dedupes on (``oncely-dedupe-key`` for a row with a
+``key``, else ``oncely-key``). A relay that dies after the broker confirmed a publish but before
 it marked the row sent publishes the row again after a restart, with the same id, so a
 consumer running an effectively-once handler absorbs the duplicate: **at-least-once publish
 with stable ids, plus consumer dedupe, is effectively once.**
 
 **Keys and order.** ``key`` (like ``Publisher.publish(key=)``) becomes the ``oncely-key``
-header, and it orders: rows with the same key are published in the order they were added, each
-only after the broker confirmed the previous one, however many relays run. That is order *at
-the broker*; a consumer sees it only if it consumes in order (one consumer per queue on
-RabbitMQ, or handler concurrency 1). Rows without a key are not ordered. If you add several
-distinct messages under one key, dedupe them at the consumer by message id
-(``key="message_id"``): the default key source would take them for one message.
-See ``_outbox_pg`` and ``_outbox_sqlite`` for how claims keep the order.
+header (Kafka's record key, SQS FIFO's group), and it orders: rows with the same key are
+published in the order they were added, each only after the broker confirmed the previous one,
+however many relays run. That is order *at the broker*; a consumer sees it only if it
+consumes in order (one consumer per queue on RabbitMQ, or handler concurrency 1). Rows without
+a key are not ordered. One key spans several distinct messages ("placed", then "shipped"), so
+the consumer's default key source dedupes on each row's ``oncely-dedupe-key``, not on the key;
+``key="header:oncely-key"`` at the consumer dedupes on the key instead. See ``_outbox_pg``
+and ``_outbox_sqlite`` for how claims keep the order.
 
 **The relay** claims batches (PostgreSQL: ``FOR UPDATE SKIP LOCKED`` in a transaction; SQLite:
 a lease stamped by one ``UPDATE ... RETURNING``), publishes them through the broker waiting for

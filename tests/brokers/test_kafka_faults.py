@@ -29,7 +29,7 @@ from tests.brokers.test_kafka import read_log, spawn_worker
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-STATE_DIR = Path(os.environ.get("ONCELY_SERVICES_DIR", "/var/lib/oncely"))
+STATE_DIR = Path(os.environ.get("ONCELY_TEST_SERVICES_DIR", "/var/lib/oncely"))
 KAFKA_LIB = Path(os.environ.get("ONCELY_TEST_KAFKA_LIB", str(STATE_DIR / "kafka" / "lib")))
 
 

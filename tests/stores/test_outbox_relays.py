@@ -100,7 +100,7 @@ def spawn_relay(ob: Outbox, batch: int) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "oncely", "outbox", "relay", "--db", PG_URL,
         "--table", ob.table, "--broker", AMQP_URL, "--batch", str(batch),
-        "--poll", "0.2", "--log-level", "WARNING",
+        "--poll", "0.2", "--log-level", "INFO",
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE)
 
@@ -264,14 +264,17 @@ async def test_per_key_order_at_the_consumer_with_two_relay_processes(
         for i in range(keys * per_key)
     ]
     effects: Counter[Any] = Counter()
-    # Several messages per key: dedupe on the message id, not on the (shared) key.
-    app, order = consumer(topic, effects, key="message_id", concurrency=1)
+    # Several messages per key, and the default key source: it dedupes each row (its
+    # oncely-dedupe-key), not the key they share.
+    app, order = consumer(topic, effects, key="auto", concurrency=1)
     procs: list[subprocess.Popen[bytes]] = []
     async with oncely.Worker(app, broker=AMQP_URL, store=f"memory://{unique}") as worker:
         try:
             # A backlog, then more added while both relays run, in small transactions.
             await add_rows(outbox, rows[: len(rows) // 2])
             procs = [spawn_relay(outbox, batch=20) for _ in range(2)]
+            for p in procs:  # both claim, and both can take the SIGTERM at the end
+                await until_started(p)
             await add_rows(outbox, rows[len(rows) // 2 :])
 
             async def all_consumed() -> bool:
@@ -368,16 +371,20 @@ async def test_sqlite_two_relay_processes_one_file_for_everything(
     await ob.migrate()
     keys, per_key = 4, 60
     effects: Counter[Any] = Counter()
-    app, order = consumer("events", effects, key="message_id", concurrency=1)
+    app, order = consumer("events", effects, key="auto", concurrency=1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
     cmd = [
         sys.executable, "-m", "oncely", "outbox", "relay", "--db", db, "--table", ob.table,
-        "--broker", db, "--batch", "10", "--poll", "0.05", "--log-level", "WARNING",
+        "--broker", db, "--batch", "10", "--poll", "0.05", "--log-level", "INFO",
     ]  # fmt: skip
     procs: list[subprocess.Popen[bytes]] = []
     async with oncely.Worker(app, broker=db, store=f"memory://{unique}") as worker:
         try:
             procs = [start_process(cmd, env) for _ in range(2)]
+            # Both relays up before any row: one alone may publish everything while the
+            # other still imports, and the SIGTERM below would then find it unprepared.
+            for p in procs:
+                await until_started(p)
             conn = await aiosqlite.connect(tmp_path / "app.db", isolation_level=None, timeout=30)
             try:
                 for i in range(0, keys * per_key, 8):
@@ -406,6 +413,18 @@ async def test_sqlite_two_relay_processes_one_file_for_everything(
     )
     assert by_key == {f"k{k}": list(range(per_key)) for k in range(keys)}
     assert set(effects.values()) == {1}
+
+
+async def until_started(proc: subprocess.Popen[bytes], within: float = 60.0) -> None:
+    """Read the relay's stderr (``--log-level INFO``) up to its start line."""
+    assert proc.stderr is not None
+    async with asyncio.timeout(within):
+        while True:
+            line = await asyncio.to_thread(proc.stderr.readline)
+            if not line:
+                raise AssertionError(f"relay exited before it started: {proc.wait()}")
+            if b"outbox relay started" in line:
+                return
 
 
 def start_process(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
