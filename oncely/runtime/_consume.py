@@ -1,13 +1,18 @@
-"""One handler's consume loop, supervised; the policy is in ``oncely.runtime.worker``."""
+"""One handler's consume loop, supervised, and the pool of tasks that runs its deliveries.
+
+The policy is in ``oncely.runtime.worker``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from oncely.errors import BrokerError, ConfigError, NotSupported
+from oncely.runtime._settle import is_settled
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Broker, Delivery, Subscription
@@ -26,15 +31,134 @@ _FATAL = (ConfigError, NotSupported, ValueError, TypeError)
 """Consume errors no retry can fix: they stop the worker."""
 
 
+class Pool:
+    """Runs one handler's deliveries, at most ``size`` at a time, on long-lived tasks.
+
+    A task per delivery cost about as much as the rest of the runtime's per-message work on a
+    fast broker (cProfile: creating, scheduling and reaping it, its done callback, and a
+    semaphore). Here a task, once its delivery is settled, waits for the next one instead.
+
+    Each task runs one delivery at a time, so cancelling it still cancels just that handler:
+    the timeout and a lost lease do (the runner uncancels the task and settles the delivery),
+    and so does the worker once the shutdown grace is over. A delivery starts with the context
+    variables its task started with: a task after whose delivery a context variable changed,
+    or a cancel request is still pending, ends and a fresh task takes the next delivery, so
+    nothing leaks from one delivery into another.
+
+    Args:
+        runner: the handler's runner; ``Runner.run`` settles every delivery.
+        size: how many deliveries may be in flight (the handler's concurrency).
+    """
+
+    def __init__(self, runner: Runner, size: int) -> None:
+        self.runner = runner
+        self.size = size
+        self.in_flight = 0
+        """Deliveries handed to the pool and not yet finished."""
+        self._loop = asyncio.get_running_loop()
+        self._idle: list[asyncio.Future[Delivery | None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room: asyncio.Future[None] | None = None
+        self._closed = False
+        self._name = f"oncely:{runner.spec.name}"
+
+    @property
+    def tasks(self) -> set[asyncio.Task[None]]:
+        """The pool's tasks, idle or running a delivery."""
+        return set(self._tasks)
+
+    async def wait_room(self) -> None:
+        """Wait until fewer than ``size`` deliveries are in flight."""
+        while self.in_flight >= self.size:
+            self._room = self._loop.create_future()
+            await self._room
+
+    def put(self, delivery: Delivery) -> None:
+        """Run ``delivery`` on an idle task, or a new one. Call only when there is room."""
+        self.in_flight += 1
+        idle = self._idle
+        while idle:
+            waiter = idle.pop()
+            if not waiter.done():
+                waiter.set_result(delivery)
+                return
+        task = self._loop.create_task(self._work(delivery), name=self._name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def close(self) -> None:
+        """Take no more deliveries: idle tasks end now, the others after their delivery."""
+        self._closed = True
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._idle.clear()
+
+    def _finished(self) -> None:
+        self.in_flight -= 1
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    async def _work(self, delivery: Delivery) -> None:
+        runner = self.runner
+        task = asyncio.current_task()
+        assert task is not None
+        context = contextvars.copy_context()
+        try:
+            while True:
+                try:
+                    await runner.run(delivery)
+                except Exception:
+                    # Runner.run settles everything itself; this is the last line for a bug.
+                    log.exception("%s: unexpected error", runner.spec.name)
+                finally:
+                    self._finished()
+                if self._closed or task.cancelling() or contextvars.copy_context() != context:
+                    return
+                waiter: asyncio.Future[Delivery | None] = self._loop.create_future()
+                self._idle.append(waiter)
+                try:
+                    handed = await waiter
+                except asyncio.CancelledError:
+                    await self._give_back(waiter)
+                    raise
+                if handed is None:
+                    return
+                delivery = handed
+        finally:
+            self._tasks.discard(task)
+
+    async def _give_back(self, waiter: asyncio.Future[Delivery | None]) -> None:
+        """Cancelled while idle: a delivery handed over just before goes straight back."""
+        if waiter in self._idle:
+            self._idle.remove(waiter)
+        if waiter.cancelled() or waiter.result() is None:
+            return
+        delivery = waiter.result()
+        assert delivery is not None
+        runner = self.runner
+        try:
+            if not is_settled(delivery):
+                # As Runner.run gives back a delivery cancelled before its handler ran.
+                await runner._finish(runner.settle.nack(delivery, 0.0, defer=True), delivery)
+        finally:
+            self._finished()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: a handler task died", self.runner.spec.name, exc_info=task.exception())
+
+
 class ConsumeLoop:
-    """Fetches deliveries of one handler's topic while slots are free, and hands them on.
+    """Fetches deliveries of one handler's topic while the pool has room, and hands them on.
 
     Args:
         broker: the connected broker.
         runner: the handler's runner.
         stopping: set when the worker stops; the loop then ends.
         stats: the worker's counters.
-        spawn: starts a task running one delivery; it releases the slot when done.
+        pool: runs the deliveries; at most its ``size`` are in flight.
         fail: stops the worker loudly with a cause (the loop returns right after).
     """
 
@@ -45,14 +169,14 @@ class ConsumeLoop:
         stopping: asyncio.Event,
         stats: Stats,
         *,
-        spawn: Callable[[Runner, Delivery, asyncio.Semaphore], None],
+        pool: Pool,
         fail: Callable[[str, BaseException], None],
     ) -> None:
         self.broker = broker
         self.runner = runner
         self.stopping = stopping
         self.stats = stats
-        self.spawn = spawn
+        self.pool = pool
         self.fail = fail
 
     async def run(self) -> None:
@@ -63,7 +187,7 @@ class ConsumeLoop:
         visibility = spec.visibility
         if not self.broker.capabilities.extend:
             visibility = max(visibility, spec.timeout * 1.5 + 5)
-        slots = asyncio.Semaphore(spec.concurrency)
+        pool = self.pool
         pause = RESUBSCRIBE_DELAY[0]
         unexpected = 0
         while not self.stopping.is_set():
@@ -73,14 +197,11 @@ class ConsumeLoop:
                     spec.topic, prefetch=spec.concurrency, visibility=visibility
                 )
                 while True:
-                    await slots.acquire()
-                    try:
-                        delivery = await sub.__anext__()
-                    except BaseException:
-                        slots.release()
-                        raise
+                    if pool.in_flight >= pool.size:
+                        await pool.wait_room()
+                    delivery = await sub.__anext__()
                     pause, unexpected = RESUBSCRIBE_DELAY[0], 0
-                    self.spawn(runner, delivery, slots)
+                    pool.put(delivery)
             except StopAsyncIteration:
                 if self.stopping.is_set():
                     return

@@ -8,6 +8,11 @@ embeds in any running asyncio application::
 
 Only the CLI maps SIGTERM/SIGINT to ``stop()``.
 
+Each handler's deliveries run on a pool of at most ``concurrency`` long-lived tasks
+(``oncely.runtime._consume.Pool``) rather than a task per message: each task runs one delivery
+at a time, so a timeout, a lost lease or the end of the shutdown grace still cancels just that
+handler, and no context variable a handler sets reaches another delivery.
+
 Consume loops are supervised. What ends one decides what happens next:
 
 - a ``BrokerError`` (connection lost, channel closed, a fetch failed): transient, so the loop
@@ -33,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from oncely.brokers.registry import broker_from_url
 from oncely.errors import ConfigError, OncelyError, WorkerFailed
-from oncely.runtime._consume import ConsumeLoop
+from oncely.runtime._consume import ConsumeLoop, Pool
 from oncely.runtime._process import Runner
 from oncely.runtime.config import Settings
 from oncely.runtime.publisher import Publisher
@@ -46,7 +51,7 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Self
 
-    from oncely.brokers.base import Broker, Delivery
+    from oncely.brokers.base import Broker
     from oncely.runtime.app import App, HandlerSpec
 
 __all__ = ["Worker"]
@@ -90,7 +95,7 @@ class Worker:
         self._owned: list[Broker | IdempotencyStore] = []
         self._loops: list[asyncio.Task[None]] = []
         self._runners: list[Runner] = []
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._pools: list[Pool] = []
         self._stopping: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
@@ -184,7 +189,9 @@ class Worker:
                 fail_open=self.settings.fail_open,
             )
             self._runners.append(runner)
-            loop = asyncio.create_task(self._consume(runner), name=f"consume:{spec.name}")
+            pool = Pool(runner, spec.concurrency)
+            self._pools.append(pool)
+            loop = asyncio.create_task(self._consume(runner, pool), name=f"consume:{spec.name}")
             loop.add_done_callback(self._loop_done)
             self._loops.append(loop)
         log.info(
@@ -214,10 +221,10 @@ class Worker:
             await self.store.connect()
         await self.broker.connect()
 
-    async def _consume(self, runner: Runner) -> None:
+    async def _consume(self, runner: Runner, pool: Pool) -> None:
         assert self.broker is not None and self._stopping is not None
         loop = ConsumeLoop(
-            self.broker, runner, self._stopping, self.stats, spawn=self._spawn, fail=self._fail
+            self.broker, runner, self._stopping, self.stats, pool=pool, fail=self._fail
         )
         await loop.run()
 
@@ -238,18 +245,6 @@ class Worker:
                 self._fail(f"consume loop {task.get_name()} ended", RuntimeError("loop ended"))
             return
         self._fail(f"consume loop {task.get_name()} died", task.exception())  # type: ignore[arg-type]
-
-    def _spawn(self, runner: Runner, delivery: Delivery, slots: asyncio.Semaphore) -> None:
-        task = asyncio.create_task(runner.run(delivery))
-        self._inflight.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._inflight.discard(t)
-            slots.release()
-            if not t.cancelled() and t.exception() is not None:
-                log.error("%s: unexpected error", runner.spec.name, exc_info=t.exception())
-
-        task.add_done_callback(done)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop fetching, let in-flight handlers finish, then close.
@@ -278,12 +273,16 @@ class Worker:
             if task is not asyncio.current_task():
                 task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        if self._inflight:
-            log.info("draining %d in-flight handler(s), up to %.1fs", len(self._inflight), grace)
-            pending = await self._drain(set(self._inflight))
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        # Idle pool tasks end at once; busy ones after their delivery, or when cancelled here.
+        for pool in self._pools:
+            pool.close()
+        if self.in_flight:
+            log.info("draining %d in-flight handler(s), up to %.1fs", self.in_flight, grace)
+        tasks = {task for pool in self._pools for task in pool.tasks}
+        pending = await self._drain(tasks)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         for runner in self._runners:
             await runner.aclose()
         for hook in reversed(self.app.shutdown_hooks):
@@ -347,7 +346,7 @@ class Worker:
     @property
     def in_flight(self) -> int:
         """How many handlers are running now."""
-        return len(self._inflight)
+        return sum(pool.in_flight for pool in self._pools)
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -138,7 +138,7 @@ async def test_a_second_cancel_during_the_give_back_neither_nacks_early_nor_twic
     await running.wait()
     stopping = asyncio.create_task(worker.stop(grace=0))
     await eventually(lambda: store.releasing)
-    (task,) = worker._inflight
+    (task,) = {task for pool in worker._pools for task in pool.tasks}
     task.cancel()  # a second cancel, as asyncio.run() gives every task left at exit
     await eventually(task.done)
     assert broker.nacks == []  # the lease is released before the nack, whatever the cancels
