@@ -178,10 +178,12 @@ class Batcher(Generic[E]):
     async def flush(self) -> None:
         """Send everything waiting now, and wait until no call is in flight."""
         while self._state.pending or self._state.inflight:
-            self._idle = asyncio.Event()
+            # Shared by concurrent flushes: replacing it would strand the other's wait.
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
+            idle = self._idle
             self._kick()
-            await self._idle.wait()
-        self._idle = None
+            await idle.wait()
 
     def __len__(self) -> int:
         return len(self._state.pending) + self._state.inflight

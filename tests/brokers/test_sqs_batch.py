@@ -119,3 +119,29 @@ async def test_size_limit_splits_a_batch_and_flush_sends_what_waits() -> None:
     await asyncio.wait_for(asyncio.gather(*waiting), 1)
     assert all(sum(40 for _ in c) <= 100 for c in server.calls)
     assert sorted(n for c in server.calls for n in c) == [f"e{i}" for i in range(5)]
+
+
+async def test_concurrent_flushes_all_return() -> None:
+    """Two closers flushing at once: each must return once nothing is pending or in flight
+    (a flush used to replace the other's idle event, which then never fired)."""
+    gate = asyncio.Event()
+    server = Server()
+
+    async def slow(entries: list[Entry]) -> Mapping[str, Any]:
+        await gate.wait()
+        return await server(entries)
+
+    b = Batcher(
+        slow,
+        on_failed=lambda code, msg: entry_error("settle", code, msg),
+        with_id=lambda e, i: {**e, "Id": i},
+        window=60.0,
+    )
+    waiting = asyncio.ensure_future(b.submit({"name": "a"}))
+    first = asyncio.ensure_future(b.flush())
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(b.flush())
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second, waiting), 5)
+    assert server.calls == [["a"]]
