@@ -77,7 +77,7 @@ class Batcher(Generic[E]):
         self._max_inflight = max_inflight
         self._max_bytes = max_bytes
         self._state: _State[E] = _State()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], int] = {}  # call in flight -> its entries
         self._idle: asyncio.Event | None = None
 
     async def submit(self, entry: E, size: int = 0) -> Mapping[str, Any]:
@@ -128,8 +128,8 @@ class Batcher(Generic[E]):
             chunk = self._take()
             state.inflight += 1
             task = asyncio.get_running_loop().create_task(self._send(chunk))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[task] = len(chunk)
+            task.add_done_callback(self._forget)
         if state.pending and state.inflight < self._max_inflight and state.timer is None:
             state.timer = asyncio.get_running_loop().call_later(self._window, self._kick)
 
@@ -184,6 +184,23 @@ class Batcher(Generic[E]):
             idle = self._idle
             self._kick()
             await idle.wait()
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    def abandon(self, error: BaseException) -> int:
+        """Closing: fail every entry still waiting with ``error`` and cut off the calls in
+        flight (their entries fail too). Returns how many entries were left unconfirmed."""
+        state = self._state
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        pending, state.pending = state.pending, []
+        for item in pending:
+            _fail(item.future, error)
+        for task in self._tasks:
+            task.cancel()
+        return len(pending) + sum(self._tasks.values())
 
     def __len__(self) -> int:
         return len(self._state.pending) + self._state.inflight

@@ -218,7 +218,9 @@ class SqsBroker(Broker, DeadLetterAdmin):
         Long polls still in flight get ``_CLOSE_GRACE`` seconds to finish and hand back what
         they caught; after that they are cut off, and whatever the server had already handed
         them comes back once its visibility runs out (so a shutdown never waits out a 20 s
-        poll)."""
+        poll). Batched acks and visibility changes the flush could not get confirmed in time
+        fail their callers with ``ConnectionLost`` and are logged as an error (their messages
+        come back once their visibility runs out)."""
         if self._closed:
             return
         for sub in self._subscriptions:
@@ -231,6 +233,7 @@ class SqsBroker(Broker, DeadLetterAdmin):
             await asyncio.gather(*pending, return_exceptions=True)
             await self._flush(5.0)
         self._closed = True
+        self._abandon()
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             with contextlib.suppress(Exception):
@@ -241,6 +244,22 @@ class SqsBroker(Broker, DeadLetterAdmin):
             async with asyncio.timeout(within):
                 for batcher in list(self._batchers.values()):
                     await batcher.flush()
+
+    def _abandon(self) -> None:
+        """What the flush could not send in time fails its callers, and is logged: nobody may
+        be awaiting it any more (a cancelled handler), and an unsent ack or hand-back must
+        not vanish silently. Those messages come back when their visibility runs out."""
+        for (kind, url), batcher in self._batchers.items():
+            left = batcher.abandon(ConnectionLost("the SQS broker closed before this was sent"))
+            if left:
+                log.error(
+                    "SQS broker closed with %d %s entr%s for %s not confirmed (the server did "
+                    "not answer in time); unsent acks come back when their visibility runs out",
+                    left,
+                    kind,
+                    "y" if left == 1 else "ies",
+                    url,
+                )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

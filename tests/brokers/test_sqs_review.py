@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 import pytest
 
 from oncely.brokers.sqs import SqsBroker
 from oncely.errors import BrokerError, DeliveryExpired
+from tests._wait import eventually
 from tests.brokers.test_sqs import SQS_URL, delete_queues, plain_client
 
 if TYPE_CHECKING:
@@ -51,3 +53,33 @@ async def test_a_failed_ack_does_not_keep_its_prefetch_slot(
         d2 = await asyncio.wait_for(anext(sub), 20)
         assert d2.id == mid
         await d2.ack()
+
+
+async def test_settles_left_unsent_at_close_fail_their_callers_and_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server that accepts connections and never answers: the close's flush gives up on
+    the ack's batch call. Its caller must get an error at once (not hang on a call nobody
+    will finish), and since a cancelled handler no longer awaits it, the close logs it."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def mute(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    broker = SqsBroker.from_url(f"sqs://?region=us-east-1&endpoint={endpoint}&wait=0")
+    try:
+        waiter = asyncio.ensure_future(broker._delete(f"{endpoint}/000000000000/q", "r1"))
+        await eventually(lambda: bool(held))  # the batch call is on the wire
+        with caplog.at_level(logging.ERROR, logger="oncely.brokers.sqs"):
+            await broker.aclose()
+        with pytest.raises(BrokerError):
+            await asyncio.wait_for(waiter, 5)
+        assert any("1 delete entry" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
