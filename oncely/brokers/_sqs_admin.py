@@ -4,8 +4,12 @@ SQS cannot read a queue without receiving from it. Listing therefore receives ev
 of ``<topic>-dlq`` with a short visibility, keeps none, and makes them visible again at once
 (``ChangeMessageVisibility`` 0): while a listing or replay runs, another reader of the DLQ
 does not see those messages, and each listing adds one to their ``ApproximateReceiveCount``
-(the DLQ has no redrive policy, so nothing moves because of it). A DLQ holding more than
-``_SCAN_LIMIT`` messages is listed and replayed in part.
+(the DLQ has no redrive policy, so nothing moves because of it). A process that dies during
+a listing leaves those messages invisible for up to ``_HOLD`` seconds; nothing is lost. A DLQ
+holding more than ``_SCAN_LIMIT`` messages is listed and replayed in part. On a FIFO DLQ one
+scan reaches only the messages of a group that the first receive touching it returned (SQS
+hands out no more of a group while some of it is received): a listing logs how many it could
+not reach, and replay scans again while a pass moves anything.
 
 Replay re-sends each chosen dead letter to the topic's queue without the dead-letter headers
 (so its attempt starts again at 1), then deletes it from the DLQ: a crash in between leaves a
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -39,6 +44,8 @@ if TYPE_CHECKING:
 
     from oncely.brokers._sqs_consume import SqsDelivery
     from oncely.brokers.sqs import SqsBroker
+
+log = logging.getLogger("oncely.brokers.sqs")
 
 _HOLD = 30  # seconds a listing keeps dead letters invisible at most
 _SCAN_LIMIT = 10_000
@@ -101,7 +108,11 @@ async def _scan(broker: SqsBroker, dlq: str) -> list[MessageTypeDef]:
                 WaitTimeSeconds=wait,
                 VisibilityTimeout=_HOLD,
                 MessageAttributeNames=["All"],
-                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+                MessageSystemAttributeNames=[
+                    "ApproximateReceiveCount",
+                    "SentTimestamp",
+                    "MessageGroupId",
+                ],
             )
         messages = [m for m in got.get("Messages", []) if m.get("MessageId") not in seen]
         if not messages:
@@ -148,6 +159,24 @@ async def dead_letters(broker: SqsBroker, topic: str, *, limit: int) -> list[Dea
     the DLQ."""
     _, dlq = await broker.queue_urls(topic)
     messages = await _scan(broker, dlq)
+    if is_fifo(topic, broker.options) or len(messages) >= _SCAN_LIMIT:
+        broker.api_calls["admin"] += 1
+        with map_errors("admin"):
+            got = await broker._connected()
+            attrs = await got.get_queue_attributes(
+                QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+        # What is still visible now was out of the scan's reach (SQS hands out no more of a
+        # FIFO group while some of it is received).
+        left = int(attrs.get("Attributes", {}).get("ApproximateNumberOfMessages", "0"))
+        if left:
+            log.warning(
+                "%s: listed %d dead letters; about %d more were out of reach (SQS hands out "
+                "no more of a FIFO group while some of it is received); replay moves them all",
+                topic,
+                len(messages),
+                left,
+            )
     try:
         letters = sorted((_letter(topic, m) for m in messages), key=lambda x: x.failed_at)
     finally:
@@ -156,14 +185,32 @@ async def dead_letters(broker: SqsBroker, topic: str, *, limit: int) -> list[Dea
 
 
 async def replay(broker: SqsBroker, topic: str, *, ids: list[str] | None) -> int:
-    """Re-send the chosen dead letters to ``topic`` with a fresh attempt, then delete them."""
-    url, dlq = await broker.queue_urls(topic)
+    """Re-send the chosen dead letters to ``topic`` with a fresh attempt, then delete them.
+
+    On a FIFO DLQ one scan reaches at most 10 messages of each group (SQS hands out no more
+    of a group while some are in flight), so replay scans again while a pass moves some."""
     wanted = None if ids is None else set(ids)
+    moved = 0
+    for _ in range(_SCAN_LIMIT):
+        n, done = await _replay_pass(broker, topic, wanted)
+        moved += n
+        if wanted is not None:
+            wanted -= done
+        if not n or not is_fifo(topic, broker.options) or wanted == set():
+            break
+    return moved
+
+
+async def _replay_pass(
+    broker: SqsBroker, topic: str, wanted: set[str] | None
+) -> tuple[int, set[str]]:
+    url, dlq = await broker.queue_urls(topic)
     messages = await _scan(broker, dlq)
     fifo = is_fifo(topic, broker.options)
     chosen = [m for m in messages if wanted is None or decode(m).id in wanted]
     others = [m for m in messages if m not in chosen]
     moved = 0
+    done: set[str] = set()
     try:
         for m in sorted(chosen, key=lambda m: _letter(topic, m).failed_at):
             attributes = {
@@ -178,6 +225,7 @@ async def replay(broker: SqsBroker, topic: str, *, ids: list[str] | None) -> int
             await broker._send(url, out, group=group if fifo else None, dedupe=uuid.uuid4().hex)
             await broker._delete(dlq, m["ReceiptHandle"])
             moved += 1
+            done.add(data.id)
     finally:
         await _unhold(broker, dlq, others + chosen[moved:])
-    return moved
+    return moved, done

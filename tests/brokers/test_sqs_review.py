@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from oncely.brokers._sqs_wire import encode
 from oncely.brokers.sqs import SqsBroker
 from oncely.errors import BrokerError, DeliveryExpired
 from tests._wait import eventually
@@ -83,3 +84,31 @@ async def test_settles_left_unsent_at_close_fail_their_callers_and_are_logged(
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_fifo_dlq_replay_moves_every_dead_letter_of_a_group(
+    broker: SqsBroker, unique: str, topics: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQS hands out no more of a FIFO group while some of it is received, so one scan of a
+    FIFO DLQ reaches only the first 10 of a group: a listing says what it could not reach,
+    and a replay of everything scans again until it has moved them all."""
+    topic = unique + ".fifo"
+    topics.append(topic)
+    _, dlq = await broker.queue_urls(topic)
+    ids = [f"{unique}-{i}" for i in range(25)]
+    for mid in ids:  # dead letters of one group, as ``reject`` writes them
+        out = encode(mid, b"{}", {"oncely-key": "g"}, max_size=262_144)
+        await broker._send(dlq, out, group="g", dedupe=mid)
+    with caplog.at_level(logging.WARNING, logger="oncely.brokers.sqs"):
+        listed = await broker.dead_letters(topic, limit=100)
+    assert len(listed) == 10
+    assert any("more were out of reach" in r.getMessage() for r in caplog.records)
+    assert await broker.replay(topic) == 25
+    got: list[str] = []
+    async with broker.consume(topic, prefetch=10, visibility=30) as sub:
+        while len(got) < 25:
+            d = await asyncio.wait_for(anext(sub), 10)
+            got.append(d.id)
+            await d.ack()
+    assert got == ids, "replayed in their order"
+    assert await broker.dead_letters(topic) == []
