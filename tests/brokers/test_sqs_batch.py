@@ -1,5 +1,5 @@
 """The batching logic of the SQS adapter, on its own: how entries are grouped into calls and
-how a response's ``Failed`` entries are retried or surfaced.
+how a response's ``Failed`` entries are retried or surfaced; and the driver-error mapping.
 
 The ``call`` here is a plain function standing for one batch request, so that a server-side
 (``SenderFault`` false) failure can be produced on demand; the same code runs against
@@ -12,11 +12,12 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+import botocore.exceptions
 import pytest
 
 from oncely.brokers._sqs_batch import RETRIES, Batcher
-from oncely.brokers._sqs_wire import entry_error
-from oncely.errors import ConnectionLost, DeliveryExpired, PublishFailed
+from oncely.brokers._sqs_wire import entry_error, map_errors
+from oncely.errors import BrokerError, ConfigError, ConnectionLost, DeliveryExpired, PublishFailed
 
 pytestmark = pytest.mark.anyio
 
@@ -145,3 +146,20 @@ async def test_concurrent_flushes_all_return() -> None:
     gate.set()
     await asyncio.wait_for(asyncio.gather(first, second, waiting), 5)
     assert server.calls == [["a"]]
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (botocore.exceptions.ParamValidationError(report="bad"), BrokerError),
+        (botocore.exceptions.PartialCredentialsError(provider="env", cred_var="x"), ConfigError),
+        (botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), ConnectionLost),
+    ],
+)
+def test_every_botocore_error_becomes_an_oncely_error(
+    raised: Exception, expected: type[Exception]
+) -> None:
+    with pytest.raises(expected) as caught:
+        with map_errors("receive"):
+            raise raised
+    assert caught.value.__cause__ is raised
