@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from oncely.brokers._sqs_consume import SqsSubscription
 from oncely.brokers._sqs_wire import encode
 from oncely.brokers.sqs import SqsBroker
 from oncely.errors import BrokerError, DeliveryExpired
@@ -112,3 +113,36 @@ async def test_fifo_dlq_replay_moves_every_dead_letter_of_a_group(
             await d.ack()
     assert got == ids, "replayed in their order"
     assert await broker.dead_letters(topic) == []
+
+
+async def test_fifo_messages_held_past_their_visibility_keep_the_group_order(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    """One receive brings three messages of a group; the first runs (extended) well past the
+    2 s visibility the other two were received with. Once it is acked, the two still come
+    next, in order, each once: expired while held, they are renewed or received afresh."""
+    topic = unique + ".fifo"
+    topics.append(topic)
+    ids = [
+        await broker.publish(topic, f"{i}".encode(), headers={"oncely-key": "g"}) for i in range(3)
+    ]
+    async with broker.consume(topic, prefetch=10, visibility=2) as sub:
+        first = await asyncio.wait_for(anext(sub), 10)
+        assert first.id == ids[0]
+        assert isinstance(sub, SqsSubscription)
+        assert [d.id for d in sub._held["g"]] == ids[1:], "one receive brought all three"
+        for _ in range(5):  # the running handler's heartbeat; time passing is the subject
+            await first.extend(2)
+            await asyncio.sleep(1)
+        await first.ack()
+        rest = []
+        for _ in range(2):
+            d = await asyncio.wait_for(anext(sub), 15)
+            rest.append(d.id)
+            await d.ack()
+        assert rest == ids[1:]
+    async with plain_client() as client:
+        url, _ = await broker.queue_urls(topic)
+        got = await client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
+    assert got["Attributes"]["ApproximateNumberOfMessages"] == "0"
+    assert got["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "0"
