@@ -153,9 +153,16 @@ class Batcher(Generic[E]):
                 if not item.future.done() and item not in retry:
                     _fail(item.future, BrokerError("SQS returned no outcome for a batch entry"))
         except BaseException as exc:
-            error = exc if isinstance(exc, Exception) else BrokerError("batch call cancelled")
-            if not isinstance(exc, BrokerError):
+            error: BaseException = exc
+            if not isinstance(exc, Exception):
+                error = BrokerError("batch call cancelled")
+            elif not isinstance(exc, BrokerError):
+                # A response that names no entry of ours, or a bug: callers still get an
+                # oncely error, and the traceback is logged.
                 log.error("SQS batch call failed unexpectedly", exc_info=exc)
+                error = BrokerError(f"SQS batch call failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+            retry.clear()  # failed with the rest: not sent again
             for item in chunk:
                 _fail(item.future, error)
             if not isinstance(exc, Exception):

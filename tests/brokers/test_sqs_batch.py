@@ -163,3 +163,19 @@ def test_every_botocore_error_becomes_an_oncely_error(
         with map_errors("receive"):
             raise raised
     assert caught.value.__cause__ is raised
+
+
+async def test_a_response_naming_unknown_entries_fails_the_batch_with_an_oncely_error() -> None:
+    async def confused(entries: list[Entry]) -> Mapping[str, Any]:
+        return {"Successful": [{"Id": "7"}], "Failed": [{"Id": "x", "SenderFault": False}]}
+
+    b = Batcher(
+        confused,
+        on_failed=lambda code, msg: entry_error("settle", code, msg),
+        with_id=lambda e, i: {**e, "Id": i},
+        window=0.0,
+    )
+    results = await asyncio.gather(
+        *(b.submit({"name": str(i)}) for i in range(2)), return_exceptions=True
+    )
+    assert all(isinstance(r, BrokerError) for r in results), results
