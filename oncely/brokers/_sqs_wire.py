@@ -126,10 +126,17 @@ def encode(
 
     Raises:
         PublishFailed: more headers than fit in SQS's 10 attributes (after ``reserve``), a
-            header name or value SQS refuses, or a message over ``max_size`` bytes.
+            header name or value SQS refuses, a header named like the adapter's own
+            ``oncely-body-encoding`` or ``oncely-headers``, or a message over ``max_size``
+            bytes.
     """
     attributes: dict[str, MessageAttributeValueTypeDef] = {}
     for name, value in headers.items():
+        if name in (ENCODING, PACKED):
+            raise PublishFailed(
+                f"header {name!r} is reserved by the SQS adapter (it tells consumers how to "
+                "decode the message); rename it"
+            )
         if not _ATTRIBUTE_NAME.match(name) or name.lower().startswith(("aws.", "amazon.")):
             raise PublishFailed(
                 f"header name {name!r} is not a valid SQS message attribute name "

@@ -11,7 +11,7 @@ import pytest
 from oncely.brokers._sqs_consume import SqsSubscription
 from oncely.brokers._sqs_wire import encode
 from oncely.brokers.sqs import SqsBroker
-from oncely.errors import BrokerError, DeliveryExpired
+from oncely.errors import BrokerError, DeliveryExpired, PublishFailed
 from tests._wait import eventually
 from tests.brokers.test_sqs import SQS_URL, delete_queues, plain_client
 
@@ -146,3 +146,16 @@ async def test_fifo_messages_held_past_their_visibility_keep_the_group_order(
         got = await client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
     assert got["Attributes"]["ApproximateNumberOfMessages"] == "0"
     assert got["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+async def test_a_header_spelling_an_adapter_attribute_is_refused(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    """``oncely-body-encoding`` and ``oncely-headers`` are the adapter's own attributes: a
+    caller's header of that name would make every consumer decode the body (or headers)
+    wrongly, so the publish fails and nothing is sent."""
+    topics.append(unique)
+    for name in ("oncely-body-encoding", "oncely-headers"):
+        with pytest.raises(PublishFailed, match=name):
+            await broker.publish(unique, b"plain text", headers={name: "base64"})
+    assert broker.api_calls["send"] == 0
