@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from oncely.brokers._sqs_consume import SqsSubscription
-from oncely.brokers._sqs_wire import encode
+from oncely.brokers._sqs_wire import Outgoing, encode
 from oncely.brokers.sqs import SqsBroker
 from oncely.errors import BrokerError, DeliveryExpired, PublishFailed
 from tests._wait import eventually
@@ -159,3 +159,32 @@ async def test_a_header_spelling_an_adapter_attribute_is_refused(
         with pytest.raises(PublishFailed, match=name):
             await broker.publish(unique, b"plain text", headers={name: "base64"})
     assert broker.api_calls["send"] == 0
+
+
+async def test_a_refused_send_entry_fails_only_its_own_publish(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    """Three publishes share one SendMessageBatch; ElasticMQ refuses the middle entry (a
+    Number attribute that is no number: ``publish`` itself only writes String ones, so the
+    entry is built by hand) and answers 200. Only that publish fails; the others arrive."""
+    topics.append(unique)
+    url, _ = await broker.queue_urls(unique)
+    entries = [
+        encode("a", b"a", {}, max_size=262_144),
+        Outgoing("b", "b", {"n": {"DataType": "Number", "StringValue": "not a number"}}, 30),
+        encode("c", b"c", {}, max_size=262_144),
+    ]
+    results = await asyncio.gather(
+        *(broker._send(url, e, group=None, dedupe=e.id) for e in entries),
+        return_exceptions=True,
+    )
+    assert broker.api_calls["send"] == 1, "one batch call"
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], PublishFailed) and "InvalidAttributeValue" in str(results[1])
+    got = set()
+    async with broker.consume(unique, prefetch=10, visibility=30) as sub:
+        while len(got) < 2:
+            d = await asyncio.wait_for(anext(sub), 10)
+            got.add(d.id)
+            await d.ack()
+    assert got == {"a", "c"}
