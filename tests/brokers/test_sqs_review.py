@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from oncely.brokers._sqs_consume import SqsSubscription
 from oncely.brokers._sqs_wire import Outgoing, encode
 from oncely.brokers.sqs import SqsBroker
-from oncely.errors import BrokerError, DeliveryExpired, PublishFailed
+from oncely.errors import BrokerError, ConnectionLost, DeliveryExpired, PublishFailed
 from tests._wait import eventually
 from tests.brokers.test_sqs import SQS_URL, delete_queues, plain_client
 
@@ -188,3 +189,25 @@ async def test_a_refused_send_entry_fails_only_its_own_publish(
             got.add(d.id)
             await d.ack()
     assert got == {"a", "c"}
+
+
+async def test_an_unreachable_server_fails_every_ack_of_the_batch() -> None:
+    """The batch call cannot connect at all (nothing listens on the port): each of the
+    acks sharing it gets ``ConnectionLost``, none waits for ever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"  # closed again: connections are refused
+    broker = SqsBroker.from_url(f"sqs://?region=us-east-1&endpoint={endpoint}")
+    try:
+        url = f"{endpoint}/000000000000/q"
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(broker._delete(url, f"r{i}") for i in range(3)), return_exceptions=True
+            ),
+            60,
+        )
+        assert broker.api_calls["delete"] == 1
+    finally:
+        await broker.aclose()
+    assert all(isinstance(r, ConnectionLost) for r in results), results
