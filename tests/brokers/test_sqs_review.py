@@ -182,7 +182,7 @@ async def test_a_refused_send_entry_fails_only_its_own_publish(
     assert broker.api_calls["send"] == 1, "one batch call"
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], PublishFailed) and "InvalidAttributeValue" in str(results[1])
-    got = set()
+    got: set[str] = set()
     async with broker.consume(unique, prefetch=10, visibility=30) as sub:
         while len(got) < 2:
             d = await asyncio.wait_for(anext(sub), 10)
