@@ -18,11 +18,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from oncely.brokers._sqs_wire import entry_error, map_errors
 from oncely.errors import BrokerError
 
-__all__ = ["Batcher"]
+if TYPE_CHECKING:
+    from oncely.brokers._sqs_wire import Op
+    from oncely.brokers.sqs import SqsBroker
+
+__all__ = ["Batcher", "make_batcher"]
 
 log = logging.getLogger("oncely.brokers.sqs")
 
@@ -228,3 +233,34 @@ def _fail(future: asyncio.Future[Mapping[str, Any]], exc: BaseException) -> None
 def _consume(future: asyncio.Future[Mapping[str, Any]]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def make_batcher(broker: SqsBroker, kind: str, url: str) -> Batcher[Any]:
+    """The batcher of ``kind`` (``send``, ``delete``, ``change_visibility``) for one queue."""
+
+    async def call(entries: list[Any]) -> Mapping[str, Any]:
+        client = await broker._connected()
+        broker.api_calls[kind] += 1
+        broker.api_entries[kind] += len(entries)
+        if kind == "send":
+            with map_errors("publish"):
+                return await client.send_message_batch(QueueUrl=url, Entries=entries)
+        with map_errors("settle"):
+            if kind == "delete":
+                return await client.delete_message_batch(QueueUrl=url, Entries=entries)
+            return await client.change_message_visibility_batch(QueueUrl=url, Entries=entries)
+
+    def with_id(entry: Any, id_: str) -> Any:
+        return {**entry, "Id": id_}
+
+    op: Op = "publish" if kind == "send" else "settle"
+    return Batcher(
+        call,
+        on_failed=lambda code, message: entry_error(op, code, message),
+        with_id=with_id,
+        # Publishes go at once (coalescing only what is queued meanwhile); settles wait
+        # ``ack_window`` for company, since their latency matters less than their count.
+        window=0.0 if kind == "send" else broker.options.ack_window,
+        max_inflight=16,
+        max_bytes=broker.options.max_message_size if kind == "send" else None,
+    )

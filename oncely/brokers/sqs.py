@@ -78,13 +78,12 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
 from oncely.brokers import _sqs_admin, _sqs_queues
-from oncely.brokers._sqs_batch import Batcher
+from oncely.brokers._sqs_batch import Batcher, make_batcher
 from oncely.brokers._sqs_consume import SqsSubscription
 from oncely.brokers._sqs_options import SqsOptions, parse_url
 from oncely.brokers._sqs_wire import (
     MAX_PUBLISH_DELAY,
     encode,
-    entry_error,
     fifo_id,
     is_fifo,
     is_missing_queue,
@@ -119,7 +118,7 @@ if TYPE_CHECKING:
         SendMessageBatchRequestEntryTypeDef as SendEntry,
     )
 
-    from oncely.brokers._sqs_wire import Op, Outgoing
+    from oncely.brokers._sqs_wire import Outgoing
 
 __all__ = ["SqsBroker", "SqsOptions"]
 
@@ -397,37 +396,9 @@ class SqsBroker(Broker, DeadLetterAdmin):
     def _batcher(self, kind: str, url: str) -> Batcher[Any]:
         batcher = self._batchers.get((kind, url))
         if batcher is None:
-            batcher = self._make_batcher(kind, url)
+            batcher = make_batcher(self, kind, url)
             self._batchers[(kind, url)] = batcher
         return batcher
-
-    def _make_batcher(self, kind: str, url: str) -> Batcher[Any]:
-        async def call(entries: list[Any]) -> Mapping[str, Any]:
-            client = await self._connected()
-            self.api_calls[kind] += 1
-            self.api_entries[kind] += len(entries)
-            if kind == "send":
-                with map_errors("publish"):
-                    return await client.send_message_batch(QueueUrl=url, Entries=entries)
-            with map_errors("settle"):
-                if kind == "delete":
-                    return await client.delete_message_batch(QueueUrl=url, Entries=entries)
-                return await client.change_message_visibility_batch(QueueUrl=url, Entries=entries)
-
-        def with_id(entry: Any, id_: str) -> Any:
-            return {**entry, "Id": id_}
-
-        op: Op = "publish" if kind == "send" else "settle"
-        return Batcher(
-            call,
-            on_failed=lambda code, message: entry_error(op, code, message),
-            with_id=with_id,
-            # Publishes go at once (coalescing only what is queued meanwhile); settles wait
-            # ``ack_window`` for company, since their latency matters less than their count.
-            window=0.0 if kind == "send" else self.options.ack_window,
-            max_inflight=16,
-            max_bytes=self.options.max_message_size if kind == "send" else None,
-        )
 
     async def _dead_letter(self, delivery: Any, reason: str) -> None:
         await _sqs_admin.dead_letter(self, delivery, reason)
