@@ -211,3 +211,29 @@ async def test_an_unreachable_server_fails_every_ack_of_the_batch() -> None:
     finally:
         await broker.aclose()
     assert all(isinstance(r, ConnectionLost) for r in results), results
+
+
+async def test_a_long_poll_cut_off_at_close_hands_back_what_it_caught(
+    unique: str, topics: list[str]
+) -> None:
+    """A subscription closes while its 5 s long poll waits on the server; a message published
+    just then is caught by that poll. The closing broker lets the poll finish and hands the
+    message back at once (visibility 0), so another consumer gets it long before the 60 s
+    visibility it was received with would run out."""
+    topics.append(unique)
+    url = SQS_URL.replace("wait=1", "wait=5")
+    assert "wait=5" in url
+    async with SqsBroker.from_url(url) as closing:
+        await closing.queue_urls(unique)
+        sub = closing.consume(unique, prefetch=1, visibility=60)
+        waiting = asyncio.ensure_future(anext(sub))
+        await eventually(lambda: closing.api_calls["receive"] == 1)
+        await sub.aclose()
+        await asyncio.gather(waiting, return_exceptions=True)
+        mid = await closing.publish(unique, b"caught")
+    assert closing.api_calls["receive"] == 1, "no poll after the cut-off one"
+    async with SqsBroker.from_url(SQS_URL) as other:
+        async with other.consume(unique, prefetch=1, visibility=30) as sub2:
+            d = await asyncio.wait_for(anext(sub2), 20)
+            assert (d.id, d.attempt) == (mid, 2), "received once by the cut-off poll"
+            await d.ack()
