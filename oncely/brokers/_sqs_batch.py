@@ -210,9 +210,11 @@ class Batcher(Generic[E]):
         pending, state.pending = state.pending, []
         for item in pending:
             _fail(item.future, error)
-        for task in self._tasks:
+        # A finished call may still be listed (its done callback runs a loop turn later).
+        running = {task: n for task, n in self._tasks.items() if not task.done()}
+        for task in running:
             task.cancel()
-        return len(pending) + sum(self._tasks.values())
+        return len(pending) + sum(running.values())
 
     def __len__(self) -> int:
         return len(self._state.pending) + self._state.inflight

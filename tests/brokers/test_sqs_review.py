@@ -237,3 +237,33 @@ async def test_a_long_poll_cut_off_at_close_hands_back_what_it_caught(
             d = await asyncio.wait_for(anext(sub2), 20)
             assert (d.id, d.attempt) == (mid, 2), "received once by the cut-off poll"
             await d.ack()
+
+
+async def test_an_ack_waiting_for_its_batch_at_close_is_sent(
+    unique: str, topics: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Acks still waiting out ``ack_window`` when the broker closes are flushed, not dropped,
+    and a close that sent everything logs no error."""
+    topics.append(unique)
+    url = SQS_URL + "&ack_window=1"
+    broker = SqsBroker.from_url(url)
+    await broker.connect()
+    try:
+        q, _ = await broker.queue_urls(unique)
+        for i in range(3):
+            await broker.publish(unique, f"{i}".encode())
+        sub = broker.consume(unique, prefetch=3, visibility=60)
+        got = [await asyncio.wait_for(anext(sub), 10) for _ in range(3)]
+        acks = [asyncio.ensure_future(d.ack()) for d in got]
+        await asyncio.sleep(0)  # the acks are queued in the batcher, its 1 s window running
+        assert broker.api_calls["delete"] == 0
+    finally:
+        with caplog.at_level(logging.ERROR, logger="oncely.brokers.sqs"):
+            await broker.aclose()
+    await asyncio.gather(*acks)
+    assert broker.api_calls["delete"] == 1
+    assert not caplog.records, caplog.text
+    async with plain_client() as client:
+        attrs = await client.get_queue_attributes(QueueUrl=q, AttributeNames=["All"])
+    assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "0"
+    assert attrs["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "0"
