@@ -20,6 +20,7 @@ ids, so it is not used.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -65,9 +66,17 @@ def _fit(attributes: Attributes, extra: Attributes) -> Attributes:
     if len(out) <= MAX_ATTRIBUTES:
         return out
     keep = {k: v for k, v in out.items() if k.startswith("oncely-")}
-    packed = {k: v.get("StringValue", "") for k, v in out.items() if not k.startswith("oncely-")}
+    packed = {k: _text(v) for k, v in out.items() if not k.startswith("oncely-")}
     keep[PACKED] = _string(json.dumps(packed))
     return keep
+
+
+def _text(value: MessageAttributeValueTypeDef) -> str:
+    """An attribute's value as a header reads it (``decode``): a binary one as base64."""
+    binary = value.get("BinaryValue")
+    if isinstance(binary, bytes):
+        return base64.b64encode(binary).decode("ascii")
+    return value.get("StringValue", "")
 
 
 async def dead_letter(broker: SqsBroker, delivery: SqsDelivery, reason: str) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -267,3 +268,27 @@ async def test_an_ack_waiting_for_its_batch_at_close_is_sent(
         attrs = await client.get_queue_attributes(QueueUrl=q, AttributeNames=["All"])
     assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "0"
     assert attrs["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+async def test_a_foreign_message_with_many_attributes_is_dead_lettered_whole(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    """A plain client's message with 10 attributes, one of them Binary: its dead letter needs
+    4 more, so its own are packed into one; the binary one keeps its value (as base64, the
+    way ``Delivery.headers`` shows it), not an empty string."""
+    topics.append(unique)
+    url, _ = await broker.queue_urls(unique)
+    attributes: dict[str, Any] = {
+        f"a{i}": {"DataType": "String", "StringValue": f"v{i}"} for i in range(9)
+    }
+    attributes["blob"] = {"DataType": "Binary", "BinaryValue": b"\x00\x01bin"}
+    async with plain_client() as client:
+        await client.send_message(QueueUrl=url, MessageBody="x", MessageAttributes=attributes)
+    async with broker.consume(unique, prefetch=1, visibility=30) as sub:
+        d = await asyncio.wait_for(anext(sub), 10)
+        headers = dict(d.headers)
+        await d.reject("foreign")
+    (letter,) = await broker.dead_letters(unique)
+    assert letter.reason == "foreign"
+    assert {k: letter.headers.get(k) for k in headers} == headers
+    assert letter.headers["blob"] == base64.b64encode(b"\x00\x01bin").decode()
