@@ -31,6 +31,8 @@ _FEATURES = {
     "long_visibility_seconds": 120.0,
     "latency": 6.0,
     "quiet_seconds": 0.5,
+    # SQS counts every receive (ApproximateReceiveCount): a deferral is an attempt.
+    "defer_keeps_attempt": False,
 }
 
 
