@@ -1,4 +1,5 @@
-"""SQS adapter failure paths found in review, on ElasticMQ (``ONCELY_TEST_SQS_URL``)."""
+"""SQS adapter failure paths (settles, close, dead letters, FIFO holding, limits), on ElasticMQ
+(``ONCELY_TEST_SQS_URL``; never skipped)."""
 
 from __future__ import annotations
 
