@@ -105,8 +105,9 @@ async def dead_letter(broker: SqsBroker, delivery: SqsDelivery, reason: str) -> 
 async def _scan(broker: SqsBroker, dlq: str) -> list[MessageTypeDef]:
     """Receive every dead letter (each held invisible for ``_HOLD`` seconds)."""
     client = await broker._connected()
-    found: list[MessageTypeDef] = []
-    seen: set[str] = set()
+    # By message id, with the newest receipt handle: a letter whose hold ran out during a
+    # long scan is received again, and only that receive's handle still works.
+    found: dict[str, MessageTypeDef] = {}
     wait = 0
     while len(found) < _SCAN_LIMIT:
         broker.api_calls["admin"] += 1
@@ -123,21 +124,36 @@ async def _scan(broker: SqsBroker, dlq: str) -> list[MessageTypeDef]:
                     "MessageGroupId",
                 ],
             )
-        messages = [m for m in got.get("Messages", []) if m.get("MessageId") not in seen]
-        if not messages:
+        new = 0
+        for m in got.get("Messages", []):
+            key = m.get("MessageId", "")
+            new += key not in found
+            found[key] = m
+        if not new:
             # A short poll samples only some of SQS's servers; confirm the end with a wait.
             if wait or not broker.options.wait:
                 break
             wait = 1
             continue
         wait = 0
-        seen.update(m.get("MessageId", "") for m in messages)
-        found.extend(messages)
-    return found
+    return list(found.values())
 
 
 async def _unhold(broker: SqsBroker, dlq: str, messages: list[MessageTypeDef]) -> None:
-    await asyncio.gather(*(broker._change_visibility(dlq, m["ReceiptHandle"], 0) for m in messages))
+    """Make the scanned letters visible again; one that cannot be is visible within
+    ``_HOLD`` seconds anyway, so a failure is logged, not raised."""
+    results = await asyncio.gather(
+        *(broker._change_visibility(dlq, m["ReceiptHandle"], 0) for m in messages),
+        return_exceptions=True,
+    )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        log.warning(
+            "%d dead letters were not handed back at once (visible within %ds): %r",
+            len(failed),
+            _HOLD,
+            failed[0],
+        )
 
 
 def _letter(topic: str, message: MessageTypeDef) -> DeadLetter:

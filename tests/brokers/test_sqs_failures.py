@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from oncely.brokers import _sqs_admin
 from oncely.brokers._sqs_consume import SqsSubscription
 from oncely.brokers._sqs_wire import Outgoing, encode
 from oncely.brokers.sqs import SqsBroker
@@ -293,3 +294,21 @@ async def test_a_foreign_message_with_many_attributes_is_dead_lettered_whole(
     assert letter.reason == "foreign"
     assert {k: letter.headers.get(k) for k in headers} == headers
     assert letter.headers["blob"] == base64.b64encode(b"\x00\x01bin").decode()
+
+
+async def test_a_dlq_listing_outlasting_its_hold_still_lists_and_hands_back(
+    broker: SqsBroker, unique: str, topics: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing holds each dead letter invisible for a while (30 s; 1 s here, so that the
+    scan's closing 1 s wait outlasts it, as a scan of a large DLQ on AWS outlasts 30 s).
+    Dead letters received again meanwhile carry new receipt handles: the listing must not
+    fail on the stale ones, and must hand every letter back, visible at once."""
+    monkeypatch.setattr(_sqs_admin, "_HOLD", 1)
+    topics.append(unique)
+    _, dlq = await broker.queue_urls(unique)
+    for i in range(3):
+        await broker._send(dlq, encode(f"m{i}", b"{}", {}, max_size=262_144), group=None, dedupe="")
+    assert len(await broker.dead_letters(unique)) == 3
+    async with plain_client() as client:
+        got = await client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])
+    assert got["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "0"
