@@ -4,8 +4,12 @@ SQS cannot read a queue without receiving from it. Listing therefore receives ev
 of ``<topic>-dlq`` with a short visibility, keeps none, and makes them visible again at once
 (``ChangeMessageVisibility`` 0): while a listing or replay runs, another reader of the DLQ
 does not see those messages, and each listing adds one to their ``ApproximateReceiveCount``
-(the DLQ has no redrive policy, so nothing moves because of it). A DLQ holding more than
-``_SCAN_LIMIT`` messages is listed and replayed in part.
+(the DLQ has no redrive policy, so nothing moves because of it). A process that dies during
+a listing leaves those messages invisible for up to ``_HOLD`` seconds; nothing is lost. A DLQ
+holding more than ``_SCAN_LIMIT`` messages is listed and replayed in part. On a FIFO DLQ one
+scan reaches only the messages of a group that the first receive touching it returned (SQS
+hands out no more of a group while some of it is received): a listing logs how many it could
+not reach, and replay scans again while a pass moves anything.
 
 Purge receives the same way and deletes each dead letter old enough, one by one (an
 interrupted purge has deleted some); the others are made visible again.
@@ -19,7 +23,9 @@ ids, so it is not used.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import logging
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -43,6 +49,8 @@ if TYPE_CHECKING:
     from oncely.brokers._sqs_delivery import SqsDelivery
     from oncely.brokers._sqs_link import BrokerLink
 
+log = logging.getLogger("oncely.brokers.sqs")
+
 _HOLD = 30  # seconds a listing keeps dead letters invisible at most
 _SCAN_LIMIT = 10_000
 _DEAD = (Headers.REASON, Headers.ATTEMPT, Headers.FAILED_AT)
@@ -61,9 +69,17 @@ def _fit(attributes: Attributes, extra: Attributes) -> Attributes:
     if len(out) <= MAX_ATTRIBUTES:
         return out
     keep = {k: v for k, v in out.items() if k.startswith("oncely-")}
-    packed = {k: v.get("StringValue", "") for k, v in out.items() if not k.startswith("oncely-")}
+    packed = {k: _text(v) for k, v in out.items() if not k.startswith("oncely-")}
     keep[PACKED] = _string(json.dumps(packed))
     return keep
+
+
+def _text(value: MessageAttributeValueTypeDef) -> str:
+    """An attribute's value as a header reads it (``decode``): a binary one as base64."""
+    binary = value.get("BinaryValue")
+    if isinstance(binary, bytes):
+        return base64.b64encode(binary).decode("ascii")
+    return value.get("StringValue", "")
 
 
 async def dead_letter(broker: BrokerLink, delivery: SqsDelivery, reason: str) -> None:
@@ -92,8 +108,9 @@ async def dead_letter(broker: BrokerLink, delivery: SqsDelivery, reason: str) ->
 async def _scan(broker: BrokerLink, dlq: str) -> list[MessageTypeDef]:
     """Receive every dead letter (each held invisible for ``_HOLD`` seconds)."""
     client = await broker._connected()
-    found: list[MessageTypeDef] = []
-    seen: set[str] = set()
+    # By message id, with the newest receipt handle: a letter whose hold ran out during a
+    # long scan is received again, and only that receive's handle still works.
+    found: dict[str, MessageTypeDef] = {}
     wait = 0
     while len(found) < _SCAN_LIMIT:
         broker.api_calls["admin"] += 1
@@ -104,23 +121,42 @@ async def _scan(broker: BrokerLink, dlq: str) -> list[MessageTypeDef]:
                 WaitTimeSeconds=wait,
                 VisibilityTimeout=_HOLD,
                 MessageAttributeNames=["All"],
-                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+                MessageSystemAttributeNames=[
+                    "ApproximateReceiveCount",
+                    "SentTimestamp",
+                    "MessageGroupId",
+                ],
             )
-        messages = [m for m in got.get("Messages", []) if m.get("MessageId") not in seen]
-        if not messages:
+        new = 0
+        for m in got.get("Messages", []):
+            key = m.get("MessageId", "")
+            new += key not in found
+            found[key] = m
+        if not new:
             # A short poll samples only some of SQS's servers; confirm the end with a wait.
             if wait or not broker.options.wait:
                 break
             wait = 1
             continue
         wait = 0
-        seen.update(m.get("MessageId", "") for m in messages)
-        found.extend(messages)
-    return found
+    return list(found.values())
 
 
 async def _unhold(broker: BrokerLink, dlq: str, messages: list[MessageTypeDef]) -> None:
-    await asyncio.gather(*(broker._change_visibility(dlq, m["ReceiptHandle"], 0) for m in messages))
+    """Make the scanned letters visible again; one that cannot be is visible within
+    ``_HOLD`` seconds anyway, so a failure is logged, not raised."""
+    results = await asyncio.gather(
+        *(broker._change_visibility(dlq, m["ReceiptHandle"], 0) for m in messages),
+        return_exceptions=True,
+    )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        log.warning(
+            "%d dead letters were not handed back at once (visible within %ds): %r",
+            len(failed),
+            _HOLD,
+            failed[0],
+        )
 
 
 def _letter(topic: str, message: MessageTypeDef) -> DeadLetter:
@@ -151,6 +187,24 @@ async def dead_letters(broker: BrokerLink, topic: str, *, limit: int) -> list[De
     the DLQ."""
     _, dlq = await broker.queue_urls(topic)
     messages = await _scan(broker, dlq)
+    if is_fifo(topic, broker.options) or len(messages) >= _SCAN_LIMIT:
+        broker.api_calls["admin"] += 1
+        with map_errors("admin"):
+            got = await broker._connected()
+            attrs = await got.get_queue_attributes(
+                QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+        # What is still visible now was out of the scan's reach (SQS hands out no more of a
+        # FIFO group while some of it is received).
+        left = int(attrs.get("Attributes", {}).get("ApproximateNumberOfMessages", "0"))
+        if left:
+            log.warning(
+                "%s: listed %d dead letters; about %d more were out of reach (SQS hands out "
+                "no more of a FIFO group while some of it is received); replay moves them all",
+                topic,
+                len(messages),
+                left,
+            )
     try:
         letters = sorted((_letter(topic, m) for m in messages), key=lambda x: x.failed_at)
     finally:
@@ -159,14 +213,32 @@ async def dead_letters(broker: BrokerLink, topic: str, *, limit: int) -> list[De
 
 
 async def replay(broker: BrokerLink, topic: str, *, ids: list[str] | None) -> int:
-    """Re-send the chosen dead letters to ``topic`` with a fresh attempt, then delete them."""
-    url, dlq = await broker.queue_urls(topic)
+    """Re-send the chosen dead letters to ``topic`` with a fresh attempt, then delete them.
+
+    On a FIFO DLQ one scan reaches at most 10 messages of each group (SQS hands out no more
+    of a group while some are in flight), so replay scans again while a pass moves some."""
     wanted = None if ids is None else set(ids)
+    moved = 0
+    for _ in range(_SCAN_LIMIT):
+        n, done = await _replay_pass(broker, topic, wanted)
+        moved += n
+        if wanted is not None:
+            wanted -= done
+        if not n or not is_fifo(topic, broker.options) or wanted == set():
+            break
+    return moved
+
+
+async def _replay_pass(
+    broker: BrokerLink, topic: str, wanted: set[str] | None
+) -> tuple[int, set[str]]:
+    url, dlq = await broker.queue_urls(topic)
     messages = await _scan(broker, dlq)
     fifo = is_fifo(topic, broker.options)
     chosen = [m for m in messages if wanted is None or decode(m).id in wanted]
     others = [m for m in messages if m not in chosen]
     moved = 0
+    done: set[str] = set()
     try:
         for m in sorted(chosen, key=lambda m: _letter(topic, m).failed_at):
             data = decode(m)
@@ -185,9 +257,10 @@ async def replay(broker: BrokerLink, topic: str, *, ids: list[str] | None) -> in
             await broker._send(url, out, group=group if fifo else None, dedupe=uuid.uuid4().hex)
             await broker._delete(dlq, m["ReceiptHandle"])
             moved += 1
+            done.add(data.id)
     finally:
         await _unhold(broker, dlq, others + chosen[moved:])
-    return moved
+    return moved, done
 
 
 async def purge(broker: BrokerLink, topic: str, *, older_than: float | None) -> int:

@@ -18,11 +18,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from oncely.brokers._sqs_wire import entry_error, map_errors
 from oncely.errors import BrokerError
 
-__all__ = ["Batcher"]
+if TYPE_CHECKING:
+    from oncely.brokers._sqs_link import BrokerLink
+    from oncely.brokers._sqs_wire import Op
+
+__all__ = ["Batcher", "make_batcher"]
 
 log = logging.getLogger("oncely.brokers.sqs")
 
@@ -77,7 +82,7 @@ class Batcher(Generic[E]):
         self._max_inflight = max_inflight
         self._max_bytes = max_bytes
         self._state: _State[E] = _State()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], int] = {}  # call in flight -> its entries
         self._idle: asyncio.Event | None = None
 
     async def submit(self, entry: E, size: int = 0) -> Mapping[str, Any]:
@@ -128,8 +133,8 @@ class Batcher(Generic[E]):
             chunk = self._take()
             state.inflight += 1
             task = asyncio.get_running_loop().create_task(self._send(chunk))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[task] = len(chunk)
+            task.add_done_callback(self._forget)
         if state.pending and state.inflight < self._max_inflight and state.timer is None:
             state.timer = asyncio.get_running_loop().call_later(self._window, self._kick)
 
@@ -153,9 +158,16 @@ class Batcher(Generic[E]):
                 if not item.future.done() and item not in retry:
                     _fail(item.future, BrokerError("SQS returned no outcome for a batch entry"))
         except BaseException as exc:
-            error = exc if isinstance(exc, Exception) else BrokerError("batch call cancelled")
-            if not isinstance(exc, BrokerError):
+            error: BaseException = exc
+            if not isinstance(exc, Exception):
+                error = BrokerError("batch call cancelled")
+            elif not isinstance(exc, BrokerError):
+                # A response that names no entry of ours, or a bug: callers still get an
+                # oncely error, and the traceback is logged.
                 log.error("SQS batch call failed unexpectedly", exc_info=exc)
+                error = BrokerError(f"SQS batch call failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+            retry.clear()  # failed with the rest: not sent again
             for item in chunk:
                 _fail(item.future, error)
             if not isinstance(exc, Exception):
@@ -178,10 +190,31 @@ class Batcher(Generic[E]):
     async def flush(self) -> None:
         """Send everything waiting now, and wait until no call is in flight."""
         while self._state.pending or self._state.inflight:
-            self._idle = asyncio.Event()
+            # Shared by concurrent flushes: replacing it would strand the other's wait.
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
+            idle = self._idle
             self._kick()
-            await self._idle.wait()
-        self._idle = None
+            await idle.wait()
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    def abandon(self, error: BaseException) -> int:
+        """Closing: fail every entry still waiting with ``error`` and cut off the calls in
+        flight (their entries fail too). Returns how many entries were left unconfirmed."""
+        state = self._state
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        pending, state.pending = state.pending, []
+        for item in pending:
+            _fail(item.future, error)
+        # A finished call may still be listed (its done callback runs a loop turn later).
+        running = {task: n for task, n in self._tasks.items() if not task.done()}
+        for task in running:
+            task.cancel()
+        return len(pending) + sum(running.values())
 
     def __len__(self) -> int:
         return len(self._state.pending) + self._state.inflight
@@ -202,3 +235,34 @@ def _fail(future: asyncio.Future[Mapping[str, Any]], exc: BaseException) -> None
 def _consume(future: asyncio.Future[Mapping[str, Any]]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def make_batcher(broker: BrokerLink, kind: str, url: str) -> Batcher[Any]:
+    """The batcher of ``kind`` (``send``, ``delete``, ``change_visibility``) for one queue."""
+
+    async def call(entries: list[Any]) -> Mapping[str, Any]:
+        client = await broker._connected()
+        broker.api_calls[kind] += 1
+        broker.api_entries[kind] += len(entries)
+        if kind == "send":
+            with map_errors("publish"):
+                return await client.send_message_batch(QueueUrl=url, Entries=entries)
+        with map_errors("settle"):
+            if kind == "delete":
+                return await client.delete_message_batch(QueueUrl=url, Entries=entries)
+            return await client.change_message_visibility_batch(QueueUrl=url, Entries=entries)
+
+    def with_id(entry: Any, id_: str) -> Any:
+        return {**entry, "Id": id_}
+
+    op: Op = "publish" if kind == "send" else "settle"
+    return Batcher(
+        call,
+        on_failed=lambda code, message: entry_error(op, code, message),
+        with_id=with_id,
+        # Publishes go at once (coalescing only what is queued meanwhile); settles wait
+        # ``ack_window`` for company, since their latency matters less than their count.
+        window=0.0 if kind == "send" else broker.options.ack_window,
+        max_inflight=16,
+        max_bytes=broker.options.max_message_size if kind == "send" else None,
+    )

@@ -178,7 +178,8 @@ class SqsSubscription(Subscription):
         nxt = held.popleft()
         if not held:
             del self._held[group]
-        asyncio.get_running_loop().create_task(self._release_held(nxt))
+        # Through the broker: the task is kept referenced and a failure is logged.
+        self.broker._spawn(self._release_held(nxt))
 
     async def _release_held(self, delivery: SqsDelivery) -> None:
         """Hand on the next message of a group, renewing its visibility if it waited long."""

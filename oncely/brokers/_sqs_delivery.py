@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from oncely.brokers._sqs_wire import MAX_VISIBILITY, decode
 from oncely.brokers.base import Delivery
-from oncely.errors import AlreadySettled, DeliveryExpired, NotSupported
+from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired, NotSupported
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -102,7 +102,7 @@ class SqsDelivery(Delivery):
             ConnectionLost: SQS could not be reached; the message may come back.
         """
         self._check()
-        with self._lease():
+        with self._lease(BrokerError):
             await self._sub.broker._delete(self.queue_url, self.receipt)
         self._finish(returned=False)
 
@@ -122,7 +122,7 @@ class SqsDelivery(Delivery):
                 f"SQS keeps a message invisible at most 12 hours from its receive; a "
                 f"{delay:.0f}s delay is past that for {self.id}"
             )
-        with self._lease():
+        with self._lease(BrokerError):
             await self._sub.broker._change_visibility(self.queue_url, self.receipt, seconds)
         self._finish(returned=True)
 
@@ -136,7 +136,7 @@ class SqsDelivery(Delivery):
             DeliveryExpired, ConnectionLost: as for ``ack``.
         """
         self._check()
-        with self._lease():
+        with self._lease(BrokerError):
             await self._sub.broker._dead_letter(self, reason)
         self._finish(returned=False)
 
@@ -165,16 +165,19 @@ class SqsDelivery(Delivery):
             if left <= 0:
                 return
             wanted = left
-        with self._lease():
+        with self._lease(DeliveryExpired):
             await self._sub.broker._change_visibility(self.queue_url, self.receipt, wanted)
 
     @contextlib.contextmanager
-    def _lease(self) -> Iterator[None]:
-        """A refused receipt handle means another consumer holds the message now: this
-        delivery stays unsettled but stops counting against the prefetch."""
+    def _lease(self, letting_go: type[BrokerError]) -> Iterator[None]:
+        """On ``letting_go`` the delivery stays unsettled but stops counting against the
+        prefetch: a refused receipt handle means another consumer holds the message now, and
+        a settle that failed otherwise (the runtime does not retry it) leaves the message to
+        SQS, which hands it out again once its visibility runs out. A failed ``extend`` keeps
+        its slot unless the handle was refused: the handler still runs."""
         try:
             yield
-        except DeliveryExpired:
+        except letting_go:
             if self._holding:
                 self._holding = False
                 self._sub._settled(self, returned=True)

@@ -29,6 +29,7 @@ class BrokerLink(Protocol):
 
     options: SqsOptions
     api_calls: collections.Counter[str]
+    api_entries: collections.Counter[str]
     visibility_capped: int
 
     async def _connected(self) -> SQSClient:

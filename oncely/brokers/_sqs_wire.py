@@ -126,10 +126,17 @@ def encode(
 
     Raises:
         PublishFailed: more headers than fit in SQS's 10 attributes (after ``reserve``), a
-            header name or value SQS refuses, or a message over ``max_size`` bytes.
+            header name or value SQS refuses, a header named like the adapter's own
+            ``oncely-body-encoding`` or ``oncely-headers``, or a message over ``max_size``
+            bytes.
     """
     attributes: dict[str, MessageAttributeValueTypeDef] = {}
     for name, value in headers.items():
+        if name in (ENCODING, PACKED):
+            raise PublishFailed(
+                f"header {name!r} is reserved by the SQS adapter (it tells consumers how to "
+                "decode the message); rename it"
+            )
         if not _ATTRIBUTE_NAME.match(name) or name.lower().startswith(("aws.", "amazon.")):
             raise PublishFailed(
                 f"header name {name!r} is not a valid SQS message attribute name "
@@ -265,6 +272,12 @@ _TRANSPORT = (
 )
 
 
+_CREDENTIALS = (
+    botocore.exceptions.PartialCredentialsError,
+    botocore.exceptions.CredentialRetrievalError,
+)
+
+
 def error_code(exc: BaseException) -> str:
     if isinstance(exc, botocore.exceptions.ClientError):
         code: Any = exc.response.get("Error", {}).get("Code", "")
@@ -296,7 +309,7 @@ def map_errors(op: Op) -> Iterator[None]:
     A server that cannot be reached (after botocore's own retries) is ``ConnectionLost``.
     A stale or invalid receipt handle on a settle is ``DeliveryExpired``; a refused publish is
     ``PublishFailed``; missing credentials or region are ``ConfigError``. Anything else the
-    service returned is a ``BrokerError`` naming its code.
+    service returned is a ``BrokerError`` naming its code, and so is any other botocore error.
     """
     try:
         yield
@@ -316,3 +329,9 @@ def map_errors(op: Op) -> Iterator[None]:
         ) from exc
     except _TRANSPORT as exc:
         raise ConnectionLost(f"SQS is unreachable ({op}): {type(exc).__name__}: {exc}") from exc
+    except _CREDENTIALS as exc:
+        raise ConfigError(f"SQS credentials could not be resolved: {exc}") from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        # Anything else botocore raises (a response it cannot parse, a parameter it
+        # refuses): still an oncely error, so callers and the runtime handle it as one.
+        raise BrokerError(f"SQS {op} failed: {type(exc).__name__}: {exc}") from exc

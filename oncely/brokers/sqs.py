@@ -78,13 +78,12 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
 from oncely.brokers import _sqs_admin, _sqs_queues
-from oncely.brokers._sqs_batch import Batcher
+from oncely.brokers._sqs_batch import Batcher, make_batcher
 from oncely.brokers._sqs_consume import SqsSubscription
 from oncely.brokers._sqs_options import SqsOptions, parse_url
 from oncely.brokers._sqs_wire import (
     MAX_PUBLISH_DELAY,
     encode,
-    entry_error,
     fifo_id,
     is_fifo,
     is_missing_queue,
@@ -119,7 +118,7 @@ if TYPE_CHECKING:
         SendMessageBatchRequestEntryTypeDef as SendEntry,
     )
 
-    from oncely.brokers._sqs_wire import Op, Outgoing
+    from oncely.brokers._sqs_wire import Outgoing
 
 __all__ = ["SqsBroker", "SqsOptions"]
 
@@ -218,7 +217,9 @@ class SqsBroker(Broker, DeadLetterAdmin):
         Long polls still in flight get ``_CLOSE_GRACE`` seconds to finish and hand back what
         they caught; after that they are cut off, and whatever the server had already handed
         them comes back once its visibility runs out (so a shutdown never waits out a 20 s
-        poll)."""
+        poll). Batched acks and visibility changes the flush could not get confirmed in time
+        fail their callers with ``ConnectionLost`` and are logged as an error (their messages
+        come back once their visibility runs out)."""
         if self._closed:
             return
         for sub in self._subscriptions:
@@ -231,6 +232,7 @@ class SqsBroker(Broker, DeadLetterAdmin):
             await asyncio.gather(*pending, return_exceptions=True)
             await self._flush(5.0)
         self._closed = True
+        self._abandon()
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             with contextlib.suppress(Exception):
@@ -241,6 +243,22 @@ class SqsBroker(Broker, DeadLetterAdmin):
             async with asyncio.timeout(within):
                 for batcher in list(self._batchers.values()):
                     await batcher.flush()
+
+    def _abandon(self) -> None:
+        """What the flush could not send in time fails its callers, and is logged: nobody may
+        be awaiting it any more (a cancelled handler), and an unsent ack or hand-back must
+        not vanish silently. Those messages come back when their visibility runs out."""
+        for (kind, url), batcher in self._batchers.items():
+            left = batcher.abandon(ConnectionLost("the SQS broker closed before this was sent"))
+            if left:
+                log.error(
+                    "SQS broker closed with %d %s entr%s for %s not confirmed (the server did "
+                    "not answer in time); unsent acks come back when their visibility runs out",
+                    left,
+                    kind,
+                    "y" if left == 1 else "ies",
+                    url,
+                )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -378,37 +396,9 @@ class SqsBroker(Broker, DeadLetterAdmin):
     def _batcher(self, kind: str, url: str) -> Batcher[Any]:
         batcher = self._batchers.get((kind, url))
         if batcher is None:
-            batcher = self._make_batcher(kind, url)
+            batcher = make_batcher(self, kind, url)
             self._batchers[(kind, url)] = batcher
         return batcher
-
-    def _make_batcher(self, kind: str, url: str) -> Batcher[Any]:
-        async def call(entries: list[Any]) -> Mapping[str, Any]:
-            client = await self._connected()
-            self.api_calls[kind] += 1
-            self.api_entries[kind] += len(entries)
-            if kind == "send":
-                with map_errors("publish"):
-                    return await client.send_message_batch(QueueUrl=url, Entries=entries)
-            with map_errors("settle"):
-                if kind == "delete":
-                    return await client.delete_message_batch(QueueUrl=url, Entries=entries)
-                return await client.change_message_visibility_batch(QueueUrl=url, Entries=entries)
-
-        def with_id(entry: Any, id_: str) -> Any:
-            return {**entry, "Id": id_}
-
-        op: Op = "publish" if kind == "send" else "settle"
-        return Batcher(
-            call,
-            on_failed=lambda code, message: entry_error(op, code, message),
-            with_id=with_id,
-            # Publishes go at once (coalescing only what is queued meanwhile); settles wait
-            # ``ack_window`` for company, since their latency matters less than their count.
-            window=0.0 if kind == "send" else self.options.ack_window,
-            max_inflight=16,
-            max_bytes=self.options.max_message_size if kind == "send" else None,
-        )
 
     async def _dead_letter(self, delivery: Any, reason: str) -> None:
         await _sqs_admin.dead_letter(self, delivery, reason)

@@ -1,5 +1,5 @@
 """The batching logic of the SQS adapter, on its own: how entries are grouped into calls and
-how a response's ``Failed`` entries are retried or surfaced.
+how a response's ``Failed`` entries are retried or surfaced; and the driver-error mapping.
 
 The ``call`` here is a plain function standing for one batch request, so that a server-side
 (``SenderFault`` false) failure can be produced on demand; the same code runs against
@@ -12,11 +12,12 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+import botocore.exceptions
 import pytest
 
 from oncely.brokers._sqs_batch import RETRIES, Batcher
-from oncely.brokers._sqs_wire import entry_error
-from oncely.errors import ConnectionLost, DeliveryExpired, PublishFailed
+from oncely.brokers._sqs_wire import entry_error, map_errors
+from oncely.errors import BrokerError, ConfigError, ConnectionLost, DeliveryExpired, PublishFailed
 
 pytestmark = pytest.mark.anyio
 
@@ -119,3 +120,62 @@ async def test_size_limit_splits_a_batch_and_flush_sends_what_waits() -> None:
     await asyncio.wait_for(asyncio.gather(*waiting), 1)
     assert all(sum(40 for _ in c) <= 100 for c in server.calls)
     assert sorted(n for c in server.calls for n in c) == [f"e{i}" for i in range(5)]
+
+
+async def test_concurrent_flushes_all_return() -> None:
+    """Two closers flushing at once: each must return once nothing is pending or in flight
+    (a flush used to replace the other's idle event, which then never fired)."""
+    gate = asyncio.Event()
+    server = Server()
+
+    async def slow(entries: list[Entry]) -> Mapping[str, Any]:
+        await gate.wait()
+        return await server(entries)
+
+    b = Batcher(
+        slow,
+        on_failed=lambda code, msg: entry_error("settle", code, msg),
+        with_id=lambda e, i: {**e, "Id": i},
+        window=60.0,
+    )
+    waiting = asyncio.ensure_future(b.submit({"name": "a"}))
+    first = asyncio.ensure_future(b.flush())
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(b.flush())
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second, waiting), 5)
+    assert server.calls == [["a"]]
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (botocore.exceptions.ParamValidationError(report="bad"), BrokerError),
+        (botocore.exceptions.PartialCredentialsError(provider="env", cred_var="x"), ConfigError),
+        (botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), ConnectionLost),
+    ],
+)
+def test_every_botocore_error_becomes_an_oncely_error(
+    raised: Exception, expected: type[Exception]
+) -> None:
+    with pytest.raises(expected) as caught:
+        with map_errors("receive"):
+            raise raised
+    assert caught.value.__cause__ is raised
+
+
+async def test_a_response_naming_unknown_entries_fails_the_batch_with_an_oncely_error() -> None:
+    async def confused(entries: list[Entry]) -> Mapping[str, Any]:
+        return {"Successful": [{"Id": "7"}], "Failed": [{"Id": "x", "SenderFault": False}]}
+
+    b = Batcher(
+        confused,
+        on_failed=lambda code, msg: entry_error("settle", code, msg),
+        with_id=lambda e, i: {**e, "Id": i},
+        window=0.0,
+    )
+    results = await asyncio.gather(
+        *(b.submit({"name": str(i)}) for i in range(2)), return_exceptions=True
+    )
+    assert all(isinstance(r, BrokerError) for r in results), results
