@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import amqp_throughput  # the sibling script: topology clean-up
+import outbox_relay  # the sibling script: one relay run, timed from the database's stamps
 import throughput  # the sibling script: one Worker timing for every broker
 import uvloop
 
@@ -75,9 +76,18 @@ VARIANTS = [
     Variant("postgresql tx", lambda _: POSTGRES_URL, transactional=True),
 ]
 
-EXTRA_FIGURES: list[Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, str]]]] = []
-"""Hook: more figures for the same run, each ``{label: printed value}``. The outbox relay's
-rows/s published belongs here once the outbox exists; nothing is registered yet."""
+
+async def outbox_relay_rate(args: argparse.Namespace) -> dict[str, str]:
+    """One `oncely outbox relay` process publishing PostgreSQL outbox rows to RabbitMQ."""
+    rows = args.messages
+    _, rate = await outbox_relay.one_case(POSTGRES_URL, relays=1, rows=rows, batch=100)
+    return {f"outbox relay (postgresql, 1 relay, {rows} rows, batch 100)": f"{rate:,.0f} rows/s"}
+
+
+EXTRA_FIGURES: list[Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, str]]]] = [
+    outbox_relay_rate
+]
+"""More figures for the same run, each ``{label: printed value}``."""
 
 
 def availability(tmp: Path) -> dict[str, str]:
