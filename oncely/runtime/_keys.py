@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from oncely.errors import LeaseLost
@@ -79,8 +80,12 @@ class Keys:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOCAL_WAIT_CAP
+        timing = self.stats.store_seconds
         while True:
+            started = perf_counter() if timing is not None else 0.0
             begun = await self.store.begin(key, fingerprint, self.visibility)
+            if timing is not None:
+                timing.observe(perf_counter() - started)
             held = self._held.get(key)
             if begun.outcome is not Outcome.IN_PROGRESS or held is None or key in self._deferrals:
                 break
@@ -132,9 +137,13 @@ class Keys:
         deadline = loop.time() + self.visibility / 3
         pause = 0.05
         try:
+            timing = self.stats.store_seconds
             for tries in range(1, COMPLETE_TRIES + 1):
                 try:
+                    started = perf_counter() if timing is not None else 0.0
                     await self.store.complete(lease.key, lease.token, result, ttl)
+                    if timing is not None:
+                        timing.observe(perf_counter() - started)
                     return
                 except LeaseLost:
                     # Another worker owns the key now and may run it again.
@@ -147,6 +156,7 @@ class Keys:
                     )
                     return
                 except Exception as exc:
+                    self.stats.store_errors += 1
                     if tries == COMPLETE_TRIES or loop.time() + pause > deadline:
                         self.stats.unrecorded += 1
                         log.error(
@@ -178,6 +188,7 @@ class Keys:
         try:
             await self.store.release(lease.key, lease.token)
         except Exception as exc:
+            self.stats.store_errors += 1
             log.warning("%s: could not release %s (it will expire): %r", self.name, lease.key, exc)
         finally:
             self.finished(lease.key)

@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from contextlib import AbstractAsyncContextManager, nullcontext
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
@@ -187,9 +188,11 @@ class Runner:
             begin = await self.keys.begin(store_key, fp)
         except Exception as exc:
             # Any store failure, a third-party store's RuntimeError included, fails closed.
+            self.stats.store_errors += 1
             if not isinstance(exc, StoreError):
                 log.exception("%s: store.begin failed unexpectedly", self.spec.name)
             if self.fail_open and not self.spec.transactional:
+                self.stats.fail_open += 1
                 log.warning(
                     "%s: store unreachable, running %s WITHOUT dedupe (fail_open): %r",
                     self.spec.name,
@@ -209,6 +212,7 @@ class Runner:
             await self._duplicate(delivery, key, begin)
         elif begin.outcome is Outcome.IN_PROGRESS:
             self.stats.deferred += 1
+            self.stats.in_progress += 1
             delay = self.keys.recheck_delay(store_key, begin.retry_after)
             await self.settle.nack(delivery, delay, defer=True)
         else:
@@ -327,6 +331,8 @@ class Runner:
         self.heartbeat.track(active)
         # A bare timer rather than asyncio.timeout(): same effect, a fraction of the cost.
         timer = asyncio.get_running_loop().call_later(spec.timeout, active.expire)
+        timing = self.stats.handler_seconds
+        started = perf_counter() if timing is not None else 0.0
         try:
             async with tx_cm as tx:
                 if spec.wants_context:
@@ -347,6 +353,8 @@ class Runner:
         finally:
             timer.cancel()
             self.heartbeat.untrack(active)
+            if timing is not None:
+                timing.observe(perf_counter() - started)
 
     def _encode_result(self, value: object) -> bytes | None:
         if value is None:

@@ -39,7 +39,10 @@ class Settler:
         self.stats = stats
 
     async def ack(self, delivery: Delivery) -> bool:
-        return await self._settle(delivery.ack, delivery, "ack")
+        if await self._settle(delivery.ack, delivery, "ack"):
+            self.stats.acked += 1
+            return True
+        return False
 
     async def nack(self, delivery: Delivery, delay: float, *, defer: bool = False) -> bool:
         """Nack with ``delay`` clamped to the broker's ``max_delay``.
@@ -61,7 +64,10 @@ class Settler:
             self.stats.delays_clamped += 1
             delay = self.max_delay
         delay = max(delay, 0.0)
-        return await self._settle(lambda: delivery.nack(delay, defer=defer), delivery, "nack")
+        if await self._settle(lambda: delivery.nack(delay, defer=defer), delivery, "nack"):
+            self.stats.nacked += 1
+            return True
+        return False
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> bool:
         log.warning("%s: dead-lettering %s: %s", self.name, delivery.id, reason)

@@ -149,6 +149,8 @@ class Heartbeat:
                 await delivery.extend(self.visibility)
             except NotSupported:
                 self.extend = False
+            else:
+                self.stats.extensions += 1
 
     def _failed(self, active: Active, what: str, name: object) -> None:
         if active not in self._active:

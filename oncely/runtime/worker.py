@@ -33,21 +33,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from oncely.brokers.registry import broker_from_url
 from oncely.errors import ConfigError, OncelyError, WorkerFailed
 from oncely.runtime._consume import ConsumeLoop, Pool
 from oncely.runtime._process import Runner
+from oncely.runtime._status import snapshot
 from oncely.runtime.config import Settings
+from oncely.runtime.http import Endpoints, Response
 from oncely.runtime.publisher import Publisher
 from oncely.runtime.retry import RetryPolicy
-from oncely.runtime.stats import Stats
+from oncely.runtime.stats import Stats, Totals
 from oncely.stores.base import IdempotencyStore, TransactionalStore
 from oncely.stores.registry import store_from_url
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from types import TracebackType
     from typing import Self
 
@@ -88,8 +94,16 @@ class Worker:
         self._broker_arg = broker if broker is not None else self.settings.broker
         broker_url = self._broker_arg if isinstance(self._broker_arg, str) else self._broker_arg.url
         self._store_arg = store if store is not None else self.settings.store_url(broker_url)
-        self.stats = Stats()
         self.specs = self._select(handlers)
+        self.handler_stats: dict[str, Stats] = {spec.name: Stats() for spec in self.specs}
+        """Each handler's counters (and timings, once ``enable_timings()`` was called)."""
+        self.stats = Totals(list(self.handler_stats.values()))
+        """The counters summed over the handlers, live."""
+        self.endpoints = Endpoints()
+        """The HTTP routes (``/status.json``, and what ``oncely.runtime.observe`` adds);
+        serve them with ``serve_http()`` or mount ``endpoints.asgi``."""
+        self.endpoints.add("/status.json", self._status_route)
+        self._started_at: float | None = None
         self.broker: Broker | None = None
         self.store: IdempotencyStore | None = None
         self._owned: list[Broker | IdempotencyStore] = []
@@ -161,6 +175,7 @@ class Worker:
         if self._started:
             raise RuntimeError("worker already started")
         self._started = True
+        self._started_at = time.time()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -185,7 +200,7 @@ class Worker:
                 self.broker,
                 self.store,
                 publisher,
-                self.stats,
+                self.handler_stats[spec.name],
                 fail_open=self.settings.fail_open,
             )
             self._runners.append(runner)
@@ -224,7 +239,7 @@ class Worker:
     async def _consume(self, runner: Runner, pool: Pool) -> None:
         assert self.broker is not None and self._stopping is not None
         loop = ConsumeLoop(
-            self.broker, runner, self._stopping, self.stats, pool=pool, fail=self._fail
+            self.broker, runner, self._stopping, runner.stats, pool=pool, fail=self._fail
         )
         await loop.run()
 
@@ -293,6 +308,7 @@ class Worker:
         if self._publisher is not None:
             self.app.unbind(self._publisher)
         await self._close_owned()
+        await self.endpoints.aclose()
         self._stopped.set()
         log.info("worker stopped: %s", self.stats.as_dict())
 
@@ -347,6 +363,54 @@ class Worker:
     def in_flight(self) -> int:
         """How many handlers are running now."""
         return sum(pool.in_flight for pool in self._pools)
+
+    @property
+    def state(self) -> str:
+        """``created``, ``running``, ``draining`` (stopping), ``stopped`` or ``failed``."""
+        if not self._started or self._stopping is None or self._stopped is None:
+            return "created"
+        if self._stopped.is_set():
+            return "failed" if self.failure is not None else "stopped"
+        return "draining" if self._stopping.is_set() else "running"
+
+    def enable_timings(self) -> None:
+        """Start timing handler runs and store calls (``Stats.handler_seconds`` and
+        ``store_seconds``); off by default because each costs two clock reads per call. The
+        metrics server and the status page turn it on."""
+        for stats in self.handler_stats.values():
+            stats.enable_timings()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the worker is doing now, JSON-ready: its state, broker and store, and per
+        handler the counters, in-flight count and timings. ``/status.json`` serves it."""
+        broker = self.broker if self.broker is not None else self._broker_arg
+        store = self._store_arg
+        return snapshot(
+            self.specs,
+            self.handler_stats,
+            {pool.runner.spec.name: pool.in_flight for pool in self._pools},
+            state=self.state,
+            failure=self.failure,
+            started_at=self._started_at,
+            broker_url=(broker if isinstance(broker, str) else broker.url) or "",
+            store=store if store is None or isinstance(store, str) else type(store).__name__,
+        )
+
+    async def _status_route(self, query: Mapping[str, str]) -> Response:
+        body = msgspec.json.encode(self.snapshot())
+        return Response(200, body, "application/json")
+
+    async def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve ``endpoints`` on ``host:port`` until the worker stops, with timings on;
+        return the port (useful with ``port=0``).
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        self.enable_timings()
+        server = await self.endpoints.serve(host, port)
+        bound: int = server.sockets[0].getsockname()[1]
+        return bound
 
     async def __aenter__(self) -> Self:
         await self.start()
