@@ -242,6 +242,7 @@ class RuntimeConformance:
         if self.features.dlq_admin:
             assert len(letters) == invalid
             assert all(d.reason.startswith("undecodable payload: ") for d in letters)
+            assert all(d.attempt == 1 for d in letters), [d.attempt for d in letters]
 
     @pytest.mark.anyio
     async def test_retries_then_dead_letters_with_the_last_error(
@@ -265,6 +266,7 @@ class RuntimeConformance:
         if self.features.dlq_admin:
             (letter,) = letters
             assert letter.reason == "ValueError: never works (3) (gave up after 3 attempts)"
+            assert letter.attempt == 3
 
     @pytest.mark.anyio
     async def test_duplicates_are_absorbed(self, broker: Broker, topic: str) -> None:

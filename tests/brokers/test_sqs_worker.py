@@ -39,44 +39,6 @@ async def topic(unique: str) -> AsyncIterator[str]:
     await delete_queues([unique, unique + ".fifo"])
 
 
-async def test_retries_dead_letters_and_dedupe_on_sqs(topic: str, tmp_path: Path) -> None:
-    app = oncely.App()
-    runs: collections.Counter[str] = collections.Counter()
-
-    @app.handler(
-        topic,
-        idempotent=True,
-        key="payload:id",
-        retry=oncely.RetryPolicy(max_attempts=3, base=0.01, cap=0.01),
-    )
-    async def handle(p: dict[str, Any], ctx: oncely.Context) -> None:
-        runs[p["id"]] += 1
-        if p["id"] == "flaky" and ctx.attempt < 2:
-            raise ConnectionError("downstream hiccup")
-        if p["id"] == "doomed":
-            raise ValueError("never works")
-
-    store = f"sqlite:///{tmp_path / 'store.db'}"
-    async with oncely.Worker(app, broker=SQS_URL, store=store) as worker:
-        for pid in ("a", "a", "flaky", "doomed"):
-            await app.publish(topic, {"id": pid})
-        await app.publish(topic, b"\xff not json")
-        await eventually(
-            lambda: (
-                worker.stats.processed + worker.stats.duplicates == 3
-                and worker.stats.dead_lettered == 2
-            ),
-            within=30,
-        )
-        assert isinstance(worker.broker, SqsBroker)
-        letters = await worker.broker.dead_letters(topic)
-    assert runs == {"a": 1, "flaky": 2, "doomed": 3}
-    reasons = sorted(letter.reason for letter in letters)
-    assert reasons[0] == "ValueError: never works (gave up after 3 attempts)"
-    assert reasons[1].startswith("undecodable payload")
-    assert sorted(letter.attempt for letter in letters) == [1, 3]
-
-
 async def test_orders_module_runs_unchanged_on_sqs(unique: str) -> None:
     # A queue prefix keeps this run's "orders" queue apart from any other.
     url = SQS_URL.replace("sqs://", f"sqs://{unique}-", 1)
