@@ -82,6 +82,14 @@ def shows_snapshot(view: dict[str, Any], snap: dict[str, Any]) -> bool:
             return False
         if any(row[f] != str(handler["counters"][f]) for f in FIELDS):
             return False
+        for prefix, hist in (
+            ("store", handler["store_seconds"]),
+            ("handler", handler["handler_seconds"]),
+        ):
+            for q in ("p50", "p99"):
+                shown = row[f"{prefix}_{q}"]
+                if (float(shown) if shown else None) != (hist and hist[q]):
+                    return False
     return True
 
 
@@ -159,10 +167,8 @@ async def test_the_page_shows_the_workers_numbers_while_it_works(tmp_path: Path)
         assert rows[MARKUP]["processed"] == str(published)
         assert view["in_flight"] == "0"
         assert view["conn"] == broker_connection(snap)
-        # Timings: serving turned them on, and the page shows the snapshot's quantiles.
-        (orders_snap,) = (h for h in snap["handlers"] if h["name"] == "orders")
-        assert float(rows["orders"]["handler_p99"]) == orders_snap["handler_seconds"]["p99"]
-        assert float(rows["orders"]["store_p50"]) == orders_snap["store_seconds"]["p50"]
+        # Timings: serving turned them on, and the page showed the snapshot's quantiles.
+        assert float(rows["orders"]["handler_p99"]) > 0 and float(rows["orders"]["store_p50"]) > 0
         # The user's string shows as text: no element was made from it, no script ran.
         assert view["images"] == 0 and view["pwned"] is None
         # Idle now: the rates fall to zero once the window has passed.
