@@ -612,6 +612,27 @@ kafka_status() {
     fi
 }
 
+# ------------------------------------------------------------------------ browser and promtool
+# Headless Chromium for the status page's browser test, and promtool (Debian's prometheus
+# package; its server is not started) to check examples/prometheus/alerts.yaml. Both are tools,
+# not services: `up` installs them when missing and starts nothing.
+tools_up() {
+    local pkgs=() policy=/usr/sbin/policy-rc.d added_policy=0 rc=0
+    command -v chromium >/dev/null || pkgs+=(chromium)
+    command -v promtool >/dev/null || pkgs+=(prometheus)
+    ((${#pkgs[@]})) || return 0
+    log "installing: ${pkgs[*]}"
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        added_policy=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } >&2 || rc=$?
+    ((added_policy)) && rm -f "$policy"
+    ((rc == 0)) || die "apt-get install ${pkgs[*]} failed (exit $rc)"
+}
+
 # ------------------------------------------------------------------------------------- main
 status() {
     local rc=0
@@ -640,6 +661,7 @@ up)
     install -d -m 755 "$ELASTICMQ_DIR"
     elasticmq_up
     kafka_up
+    tools_up
     status
     ;;
 down)

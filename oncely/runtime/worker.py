@@ -42,6 +42,7 @@ import msgspec
 from oncely.brokers.registry import broker_from_url
 from oncely.errors import ConfigError, OncelyError, WorkerFailed
 from oncely.runtime._consume import ConsumeLoop, Pool
+from oncely.runtime._page import add_status_page
 from oncely.runtime._process import Runner
 from oncely.runtime._status import snapshot
 from oncely.runtime.config import Settings
@@ -100,9 +101,11 @@ class Worker:
         self.stats = Totals(list(self.handler_stats.values()))
         """The counters summed over the handlers, live."""
         self.endpoints = Endpoints()
-        """The HTTP routes (``/status.json``, and what ``oncely.runtime.observe`` adds);
-        serve them with ``serve_http()`` or mount ``endpoints.asgi``."""
+        """The HTTP routes (``/status.json``, the status page ``/``, and what
+        ``oncely.runtime.observe`` adds); serve them with ``serve_http()`` or mount
+        ``endpoints.asgi``."""
         self.endpoints.add("/status.json", self._status_route)
+        add_status_page(self.endpoints)
         self._started_at: float | None = None
         self.broker: Broker | None = None
         self.store: IdempotencyStore | None = None
