@@ -1,0 +1,182 @@
+"""Traces on every broker, exported by the SDK's in-memory exporter: one trace from a publish,
+through the handler's run and what it publishes, to the next handler's run; retries and
+dead-letter replays stay in the trace."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
+
+import oncely
+from oncely.brokers.base import DeadLetterAdmin
+from oncely.stores.memory import MemoryStore
+from tests._wait import eventually
+from tests.tracing.conftest import topics
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+pytestmark = pytest.mark.anyio
+
+FAST = oncely.RetryPolicy(max_attempts=5, base=0.05, cap=0.1)
+SYSTEMS = {
+    "memory": "memory",
+    "sqlite": "sqlite",
+    "amqp": "rabbitmq",
+    "sqs": "aws_sqs",
+    "kafka": "kafka",
+}
+
+
+def system_of(url: str) -> str:
+    return SYSTEMS[url.split(":", 1)[0]]
+
+
+def named(spans: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [s for s in spans.get_finished_spans() if s.name == name]
+
+
+def one(spans: InMemorySpanExporter, name: str) -> ReadableSpan:
+    (span,) = named(spans, name)
+    return span
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+def assert_child(child: ReadableSpan, parent: ReadableSpan) -> None:
+    assert child.context is not None and parent.context is not None
+    assert child.context.trace_id == parent.context.trace_id
+    assert parent_of(child) == parent.context.span_id, (child.name, parent.name)
+
+
+async def test_one_trace_across_publish_consume_and_republish(
+    spans: InMemorySpanExporter, broker_url: str, unique: str
+) -> None:
+    a, b, c = topics(unique)
+    app = oncely.App(idempotent=True)
+    done: list[str] = []
+
+    @app.handler(a, name="first", retry=FAST)
+    async def first(msg: dict[str, Any], ctx: oncely.Context) -> None:
+        await ctx.publish(b, {"n": msg["n"]}, key=b)
+
+    @app.handler(b, name="second", retry=FAST)
+    async def second(msg: dict[str, Any], ctx: oncely.Context) -> None:
+        await ctx.produce(c, {"n": msg["n"]}, key=c)
+
+    @app.handler(c, name="third", retry=FAST)
+    async def third(msg: dict[str, Any], ctx: oncely.Context) -> None:
+        done.append(ctx.delivery.id)
+
+    async with oncely.Worker(app, broker=broker_url, store=MemoryStore()):
+        published = await app.publish(a, {"n": 1}, key=a)
+        await eventually(lambda: len(done) == 1, within=60)
+        await eventually(lambda: len(named(spans, f"process {c}")) == 1)
+
+    send_a, process_a = one(spans, f"send {a}"), one(spans, f"process {a}")
+    send_b, process_b = one(spans, f"send {b}"), one(spans, f"process {b}")
+    send_c, process_c = one(spans, f"send {c}"), one(spans, f"process {c}")
+    assert send_a.parent is None
+    assert_child(process_a, send_a)
+    assert_child(send_b, process_a)
+    assert_child(process_b, send_b)
+    assert_child(send_c, process_b)
+    assert_child(process_c, send_c)
+
+    system = system_of(broker_url)
+    assert send_a.kind is SpanKind.PRODUCER and process_a.kind is SpanKind.CONSUMER
+    assert send_a.attributes is not None
+    assert send_a.attributes["messaging.system"] == system
+    assert send_a.attributes["messaging.message.id"] == published
+    for span, topic, handler in ((process_a, a, "first"), (process_b, b, "second")):
+        attributes = dict(span.attributes or {})
+        assert attributes["messaging.system"] == system
+        assert attributes["messaging.destination.name"] == topic
+        assert attributes["messaging.operation.type"] == "process"
+        assert attributes["oncely.handler"] == handler
+        assert attributes["oncely.idempotency_key"] == topic
+        assert attributes["oncely.attempt"] == 1
+        assert attributes["oncely.outcome"] == "acked"
+        assert isinstance(attributes["messaging.message.id"], str)
+        assert span.status.status_code is StatusCode.UNSET
+    assert dict(process_c.attributes or {})["messaging.message.id"] == done[0]
+
+
+async def test_a_retry_and_a_replayed_dead_letter_stay_in_the_trace(
+    spans: InMemorySpanExporter, broker_url: str, unique: str
+) -> None:
+    a = topics(unique)[0]
+    app = oncely.App(idempotent=True)
+    runs: list[int] = []
+
+    @app.handler(a, name="flaky", retry=FAST)
+    async def flaky(msg: dict[str, Any], ctx: oncely.Context) -> None:
+        runs.append(ctx.attempt)
+        if len(runs) == 1:
+            raise RuntimeError("boom")
+        if len(runs) == 2:
+            raise oncely.Reject("not now")
+
+    async with oncely.Worker(app, broker=broker_url, store=MemoryStore()) as worker:
+        await app.publish(a, {"n": 1})
+        await eventually(lambda: worker.stats.dead_lettered == 1, within=60)
+        assert isinstance(worker.broker, DeadLetterAdmin)
+        await eventually(lambda: len(named(spans, f"process {a}")) == 2)
+        assert await worker.broker.replay(a) == 1
+        await eventually(lambda: worker.stats.processed == 1, within=60)
+        await eventually(lambda: len(named(spans, f"process {a}")) == 3)
+
+    send = one(spans, f"send {a}")
+    failed, rejected, replayed = sorted(
+        named(spans, f"process {a}"), key=lambda s: s.start_time or 0
+    )
+    for span in (failed, rejected, replayed):
+        assert_child(span, send)
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.status.description == "RuntimeError: boom"
+    assert [e.name for e in failed.events] == ["exception"]
+    assert dict(failed.events[0].attributes or {})["exception.message"] == "boom"
+    assert dict(failed.attributes or {})["oncely.outcome"] == "retried"
+    assert dict(failed.attributes or {})["oncely.attempt"] == 1
+    assert rejected.status.status_code is StatusCode.ERROR
+    assert dict(rejected.attributes or {})["oncely.outcome"] == "dead-lettered"
+    assert dict(rejected.attributes or {})["oncely.dead_letter_reason"] == "not now"
+    assert dict(rejected.attributes or {})["oncely.attempt"] == 2
+    assert replayed.status.status_code is StatusCode.UNSET
+    assert dict(replayed.attributes or {})["oncely.outcome"] == "acked"
+    assert runs[:2] == [1, 2]
+
+
+async def test_a_duplicate_short_circuit_is_a_span_with_its_outcome_and_event(
+    spans: InMemorySpanExporter, unique: str
+) -> None:
+    app = oncely.App(idempotent=True)
+    runs: list[str] = []
+
+    @app.handler("orders", name="orders")
+    async def handle(msg: dict[str, Any], ctx: oncely.Context) -> None:
+        runs.append(ctx.delivery.id)
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        await app.publish("orders", {"n": 1}, key="k1")
+        await eventually(lambda: worker.stats.processed == 1)
+        await app.publish("orders", {"n": 1}, key="k1")
+        await eventually(lambda: worker.stats.duplicates == 1)
+        await eventually(lambda: len(named(spans, "process orders")) == 2)
+
+    ran, duplicate = sorted(named(spans, "process orders"), key=lambda s: s.start_time or 0)
+    first_send, second_send = sorted(named(spans, "send orders"), key=lambda s: s.start_time or 0)
+    assert_child(ran, first_send)
+    assert_child(duplicate, second_send)
+    assert dict(ran.attributes or {})["oncely.outcome"] == "acked"
+    assert [e.name for e in ran.events] == []
+    assert dict(duplicate.attributes or {})["oncely.outcome"] == "duplicate"
+    assert dict(duplicate.attributes or {})["oncely.idempotency_key"] == "k1"
+    assert [e.name for e in duplicate.events] == ["oncely.duplicate"]
+    assert duplicate.status.status_code is StatusCode.UNSET
+    assert len(runs) == 1
