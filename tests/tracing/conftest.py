@@ -43,7 +43,13 @@ def spans() -> Iterator[InMemorySpanExporter]:
         reset_trace_globals()
 
 
-BROKERS = ["memory", "sqlite", "amqp", "sqs", "kafka"]
+BROKERS = [
+    pytest.param("memory"),
+    pytest.param("sqlite"),
+    pytest.param("amqp", marks=pytest.mark.amqp),
+    pytest.param("sqs", marks=pytest.mark.sqs),
+    pytest.param("kafka", marks=pytest.mark.kafka),
+]
 
 
 @pytest.fixture(params=BROKERS)

@@ -10,9 +10,11 @@ import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
 import oncely
-from oncely.brokers.base import DeadLetterAdmin
+from oncely.brokers.base import DeadLetterAdmin, TransactionalDelivery
+from oncely.brokers.kafka import KafkaBroker
 from oncely.stores.memory import MemoryStore
 from tests._wait import eventually
+from tests.brokers.kafka_support import kafka_url
 from tests.tracing.conftest import topics
 
 if TYPE_CHECKING:
@@ -180,3 +182,38 @@ async def test_a_duplicate_short_circuit_is_a_span_with_its_outcome_and_event(
     assert [e.name for e in duplicate.events] == ["oncely.duplicate"]
     assert duplicate.status.status_code is StatusCode.UNSET
     assert len(runs) == 1
+
+
+@pytest.mark.kafka
+async def test_ctx_produce_in_a_kafka_transaction_joins_the_trace(
+    spans: InMemorySpanExporter, unique: str
+) -> None:
+    """On an exactly-once Kafka subscription ``ctx.produce`` goes through the delivery's
+    transaction (``TransactionalDelivery.produce``), not the publisher."""
+    a, b, _ = topics(unique)
+    app = oncely.App()
+    done: list[str] = []
+
+    @app.handler(a, name="copy")
+    async def copy(msg: dict[str, Any], ctx: oncely.Context) -> None:
+        assert isinstance(ctx.delivery, TransactionalDelivery)
+        await ctx.produce(b, msg, key="k")
+
+    @app.handler(b, name="sink")
+    async def sink(msg: dict[str, Any], ctx: oncely.Context) -> None:
+        done.append(ctx.delivery.id)
+
+    async with KafkaBroker.from_url(kafka_url(exactly_once=a)) as broker:
+        await broker.ensure_topics([a, b])
+        async with oncely.Worker(app, broker=broker):
+            await app.publish(a, {"n": 1}, key="k")
+            await eventually(lambda: len(done) == 1, within=60)
+            await eventually(lambda: len(named(spans, f"process {b}")) == 1)
+
+    send_a, process_a = one(spans, f"send {a}"), one(spans, f"process {a}")
+    send_b, process_b = one(spans, f"send {b}"), one(spans, f"process {b}")
+    assert_child(process_a, send_a)
+    assert_child(send_b, process_a)
+    assert_child(process_b, send_b)
+    assert dict(send_b.attributes or {})["messaging.system"] == "kafka"
+    assert dict(process_a.attributes or {})["oncely.outcome"] == "acked"
