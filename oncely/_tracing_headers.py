@@ -16,10 +16,9 @@ This module sits beneath the backends (the outbox's ``add`` uses it); the consum
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
-
-from oncely._version import __version__
 
 try:
     from opentelemetry import propagate, trace
@@ -52,8 +51,16 @@ def tracer() -> Tracer | None:
     if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
         return None
     if _cached is None or _cached[0] is not provider:
-        _cached = (provider, provider.get_tracer("oncely", __version__))
+        _cached = (provider, provider.get_tracer("oncely", _version()))
     return _cached[1]
+
+
+def _version() -> str | None:
+    # Not oncely._version: that module sits above the backends this one serves.
+    try:
+        return metadata.version("oncely")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def messaging_system(url: str) -> str:

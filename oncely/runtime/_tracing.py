@@ -13,6 +13,7 @@ publishes (``ctx.publish``, ``ctx.produce``, ``app.publish``) joins the same tra
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from oncely._tracing_headers import messaging_system, tracer
@@ -44,6 +45,8 @@ DEFERRED = "deferred"
 SETTLE_FAILED = "settle-failed"
 """The broker refused the ack, nack or reject: the message comes back after its visibility."""
 
+log = logging.getLogger("oncely.worker")
+
 OUTCOME = "oncely.outcome"
 KEY = "oncely.idempotency_key"
 
@@ -62,10 +65,27 @@ class _Run:
         self.failed = False
 
     def end(self) -> None:
-        """End the span; call in the task (and context) that ``Tracing.enter`` ran in."""
+        """End the span; call in the task (and context) that ``Tracing.enter`` ran in. Never
+        raises."""
         self.runs.pop(self.ident, None)
-        otel_context.detach(self.token)  # type: ignore[arg-type]
-        self.span.end()
+        try:
+            otel_context.detach(self.token)  # type: ignore[arg-type]
+            self.span.end()
+        except Exception:
+            _broken()
+
+
+def _broken() -> None:
+    """Tracing must never change what happens to a message: a failure in it (a span
+    processor's bug, an exception whose ``str()`` raises) is logged, and the run goes on."""
+    log.warning("tracing failed; the message is handled regardless", exc_info=True)
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return f"{type(exc).__name__}: <unprintable>"
 
 
 def for_handler(spec: HandlerSpec, broker: Broker, stats: Stats) -> Tracing | None:
@@ -92,9 +112,16 @@ class Tracing(Settler):
         # finishing later) finds nothing and records nothing on the ended span.
         self._runs: dict[int, _Run] = {}
 
-    def enter(self, delivery: Delivery) -> _Run:
+    def enter(self, delivery: Delivery) -> _Run | None:
         """Start the run's span, parented by the message's trace context, and make it current
-        in this task."""
+        in this task. Never raises (``None`` if tracing failed)."""
+        try:
+            return self._enter(delivery)
+        except Exception:
+            _broken()
+            return None
+
+    def _enter(self, delivery: Delivery) -> _Run:
         parent = propagate.extract(delivery.headers)
         attributes: dict[str, Any] = {
             "messaging.system": self.system,
@@ -116,40 +143,52 @@ class Tracing(Settler):
         return run
 
     def begun(self, delivery: Delivery, key: str, begin: Begin) -> None:
-        """The store answered for ``key``: record it, and mark a duplicate short-circuit."""
+        """The store answered for ``key``: record it, and mark a duplicate short-circuit.
+        Never raises."""
         run = self._runs.get(id(delivery))
         if run is None:
             return
-        run.span.set_attribute(KEY, key)
-        if begin.outcome is Outcome.COMPLETED:
-            run.duplicate = True
-            run.span.add_event("oncely.duplicate", {KEY: key})
+        try:
+            run.span.set_attribute(KEY, key)
+            if begin.outcome is Outcome.COMPLETED:
+                run.duplicate = True
+                run.span.add_event("oncely.duplicate", {KEY: key})
+        except Exception:
+            _broken()
 
     def failed(self, delivery: Delivery, exc: BaseException) -> None:
-        """The handler raised ``exc``: record it and mark the span ERROR."""
+        """The handler raised ``exc``: record it and mark the span ERROR. Never raises."""
         run = self._runs.get(id(delivery))
         if run is None:
             return
         run.failed = True
-        run.span.record_exception(exc)
-        run.span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        try:
+            run.span.set_status(Status(StatusCode.ERROR, _describe(exc)))
+            run.span.record_exception(exc)
+        except Exception:
+            _broken()
 
     def _outcome(self, delivery: Delivery, ok: bool, outcome: str, error: str | None) -> None:
         run = self._runs.get(id(delivery))
         if run is None:
             return
-        if not ok:
-            run.span.set_attribute(OUTCOME, SETTLE_FAILED)
-            return
-        run.span.set_attribute(OUTCOME, outcome)
-        if error is not None and not run.failed:
-            run.span.set_status(Status(StatusCode.ERROR, error))
+        try:
+            if not ok:
+                run.span.set_attribute(OUTCOME, SETTLE_FAILED)
+                return
+            duplicate = run.duplicate and outcome == ACKED
+            run.span.set_attribute(OUTCOME, DUPLICATE if duplicate else outcome)
+            if error is not None:
+                if outcome == DEAD_LETTERED:
+                    run.span.set_attribute("oncely.dead_letter_reason", error)
+                if not run.failed:
+                    run.span.set_status(Status(StatusCode.ERROR, error))
+        except Exception:
+            _broken()
 
     async def ack(self, delivery: Delivery) -> bool:
         ok = await super().ack(delivery)
-        run = self._runs.get(id(delivery))
-        duplicate = run is not None and run.duplicate
-        self._outcome(delivery, ok, DUPLICATE if duplicate else ACKED, None)
+        self._outcome(delivery, ok, ACKED, None)
         return ok
 
     async def nack(self, delivery: Delivery, delay: float, *, defer: bool = False) -> bool:
@@ -163,7 +202,4 @@ class Tracing(Settler):
     async def dead_letter(self, delivery: Delivery, reason: str) -> bool:
         ok = await super().dead_letter(delivery, reason)
         self._outcome(delivery, ok, DEAD_LETTERED, reason)
-        run = self._runs.get(id(delivery))
-        if ok and run is not None:
-            run.span.set_attribute("oncely.dead_letter_reason", reason)
         return ok

@@ -92,6 +92,8 @@ async def test_one_trace_across_publish_consume_and_republish(
 
     system = system_of(broker_url)
     assert send_a.kind is SpanKind.PRODUCER and process_a.kind is SpanKind.CONSUMER
+    assert process_a.instrumentation_scope is not None
+    assert process_a.instrumentation_scope.name == "oncely"
     assert send_a.attributes is not None
     assert send_a.attributes["messaging.system"] == system
     assert send_a.attributes["messaging.message.id"] == published
@@ -217,3 +219,33 @@ async def test_ctx_produce_in_a_kafka_transaction_joins_the_trace(
     assert_child(process_b, send_b)
     assert dict(send_b.attributes or {})["messaging.system"] == "kafka"
     assert dict(process_a.attributes or {})["oncely.outcome"] == "acked"
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
+async def test_an_exception_tracing_cannot_print_changes_nothing_about_the_message(
+    spans: InMemorySpanExporter, unique: str
+) -> None:
+    app = oncely.App()
+    runs: list[int] = []
+
+    @app.handler("jobs", name="jobs", retry=FAST)
+    async def handle(msg: dict[str, Any], ctx: oncely.Context) -> None:
+        runs.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise Unprintable
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        await app.publish("jobs", {"n": 1})
+        await eventually(lambda: worker.stats.processed == 1)
+        await eventually(lambda: len(named(spans, "process jobs")) == 2)
+    assert runs == [1, 2]
+    assert worker.stats.internal_errors == 0
+    failed, ok = sorted(named(spans, "process jobs"), key=lambda s: s.start_time or 0)
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.status.description == "Unprintable: <unprintable>"
+    assert dict(failed.attributes or {})["oncely.outcome"] == "retried"
+    assert dict(ok.attributes or {})["oncely.outcome"] == "acked"
