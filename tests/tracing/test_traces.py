@@ -4,6 +4,7 @@ dead-letter replays stay in the trace."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -249,3 +250,36 @@ async def test_an_exception_tracing_cannot_print_changes_nothing_about_the_messa
     assert failed.status.description == "Unprintable: <unprintable>"
     assert dict(failed.attributes or {})["oncely.outcome"] == "retried"
     assert dict(ok.attributes or {})["oncely.outcome"] == "acked"
+
+
+async def test_a_key_held_by_another_run_is_a_deferred_span(
+    spans: InMemorySpanExporter, unique: str
+) -> None:
+    app = oncely.App(idempotent=True)
+    release = asyncio.Event()
+    runs: list[int] = []
+
+    @app.handler("orders", name="orders", concurrency=2)
+    async def handle(msg: dict[str, Any]) -> None:
+        runs.append(msg["n"])
+        await release.wait()
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        await app.publish("orders", {"n": 1}, key="held")
+        await eventually(lambda: runs == [1])
+        # The same message again while the first run holds its key: deferred, not run.
+        await app.publish("orders", {"n": 1}, key="held")
+        await eventually(lambda: worker.stats.deferred >= 1)
+        release.set()
+        await eventually(lambda: worker.stats.processed + worker.stats.duplicates == 2)
+        await eventually(lambda: len(named(spans, "process orders")) == worker.stats.deferred + 2)
+    outcomes = [dict(s.attributes or {})["oncely.outcome"] for s in named(spans, "process orders")]
+    assert sorted(set(outcomes)) == ["acked", "deferred", "duplicate"]
+    deferred = [
+        s
+        for s in named(spans, "process orders")
+        if dict(s.attributes or {})["oncely.outcome"] == "deferred"
+    ]
+    assert all(s.status.status_code is StatusCode.UNSET for s in deferred)
+    assert all(dict(s.attributes or {})["oncely.idempotency_key"] == "held" for s in deferred)
+    assert runs == [1]
