@@ -92,10 +92,10 @@ class Context:
         merged.setdefault(Headers.PUBLISHED_AT, repr(time.time()))
         body = encode(payload)
         delivery = self.delivery
-        if self._publisher.tracer is not None:
+        if self._publisher._tracer is not None:
             return await send(
-                self._publisher.tracer,
-                self._publisher.system,
+                self._publisher._tracer,
+                self._publisher._system,
                 topic,
                 merged,
                 lambda: delivery.produce(topic, body, headers=merged),

@@ -34,8 +34,8 @@ class Publisher:
         self._connected = False
         # Resolved again on connect: an application may set its tracer provider after
         # building the publisher but before the first publish.
-        self.tracer: Tracer | None = tracer()
-        self.system = messaging_system(self.broker.url)
+        self._tracer: Tracer | None = tracer()
+        self._system = messaging_system(self.broker.url)
 
     async def publish(
         self,
@@ -71,17 +71,17 @@ class Publisher:
         if not self._connected:
             await self.broker.connect()
             self._connected = True
-            self.tracer = tracer()
+            self._tracer = tracer()
         # The broker validates headers (str to str) on publish; this is only a copy to extend.
         merged = dict(headers or {})
         if key is not None:
             merged[Headers.KEY] = key
         merged.setdefault(Headers.PUBLISHED_AT, repr(time.time()))
         body = encode(payload)
-        if self.tracer is not None:
+        if self._tracer is not None:
             return await send(
-                self.tracer,
-                self.system,
+                self._tracer,
+                self._system,
                 topic,
                 merged,
                 lambda: self.broker.publish(
