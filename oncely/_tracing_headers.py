@@ -29,10 +29,8 @@ except ImportError:  # the extra ``otel`` is not installed: tracing is off for g
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
-__all__ = ["TRACEPARENT", "TRACESTATE", "created", "messaging_system", "send", "tracer"]
+__all__ = ["created", "messaging_system", "send", "tracer"]
 
-TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
 
 T = TypeVar("T")
 
