@@ -29,7 +29,7 @@ except ImportError:  # the extra ``otel`` is not installed: tracing is off for g
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
-__all__ = ["created", "messaging_system", "send", "tracer"]
+__all__ = ["created", "describe", "messaging_system", "send", "tracer"]
 
 
 T = TypeVar("T")
@@ -61,6 +61,14 @@ def _version() -> str | None:
         return None
 
 
+def describe(exc: BaseException) -> str:
+    """``"Type: message"``, never raising (an exception's ``__str__`` may)."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return f"{type(exc).__name__}: <unprintable>"
+
+
 def messaging_system(url: str) -> str:
     """``messaging.system`` for a broker URL: ``rabbitmq``, ``aws_sqs``, ``kafka``, or the
     scheme itself (``memory``, ``sqlite``, a third-party broker's)."""
@@ -85,14 +93,27 @@ async def send(
     topic: str,
     headers: dict[str, str],
     publish: Callable[[], Awaitable[T]],
+    *,
+    message_id: str | None = None,
+    resume: bool = False,
 ) -> T:
     """Run ``publish`` in a producer span ``send <topic>`` whose context is injected into
-    ``headers`` first (``publish`` must send that same dict). A ``str`` result is recorded as
-    ``messaging.message.id``; an exception is recorded and re-raised."""
+    ``headers`` first (``publish`` must send that same dict). A ``str`` result (or
+    ``message_id``) is recorded as ``messaging.message.id``; an exception is recorded and
+    re-raised.
+
+    The span is a child of the current span, or with ``resume`` of the context already in
+    ``headers`` (the outbox relay: the row's ``create`` span, from the ``add`` that wrote it).
+    """
+    parent = propagate.extract(headers) if resume else None
+    attributes = _attributes(system, topic, "send")
+    if message_id is not None:
+        attributes["messaging.message.id"] = message_id
     with tracer.start_as_current_span(
         f"send {topic}",
+        context=parent,
         kind=SpanKind.PRODUCER,
-        attributes=_attributes(system, topic, "send"),
+        attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
@@ -101,7 +122,7 @@ async def send(
             result = await publish()
         except BaseException as exc:
             span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.set_status(Status(StatusCode.ERROR, describe(exc)))
             raise
         if isinstance(result, str):
             span.set_attribute("messaging.message.id", result)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from oncely._tracing_headers import messaging_system, tracer
+from oncely._tracing_headers import describe, messaging_system, tracer
 from oncely.runtime._settle import Settler
 from oncely.stores.base import Outcome
 
@@ -79,13 +79,6 @@ def _broken() -> None:
     """Tracing must never change what happens to a message: a failure in it (a span
     processor's bug, an exception whose ``str()`` raises) is logged, and the run goes on."""
     log.warning("tracing failed; the message is handled regardless", exc_info=True)
-
-
-def _describe(exc: BaseException) -> str:
-    try:
-        return f"{type(exc).__name__}: {exc}"
-    except Exception:
-        return f"{type(exc).__name__}: <unprintable>"
 
 
 def for_handler(spec: HandlerSpec, broker: Broker, stats: Stats) -> Tracing | None:
@@ -163,7 +156,7 @@ class Tracing(Settler):
             return
         run.failed = True
         try:
-            run.span.set_status(Status(StatusCode.ERROR, _describe(exc)))
+            run.span.set_status(Status(StatusCode.ERROR, describe(exc)))
             run.span.record_exception(exc)
         except Exception:
             _broken()

@@ -1,6 +1,6 @@
 """Traces through the transactional outbox, on a real PostgreSQL and on SQLite: the row
-carries the trace context of its ``add``, the relay publishes it, and the consumer's span joins
-the trace the application's transaction ran in."""
+carries the trace context of its ``add``, the relay's publish is a span in that trace, and the
+consumer's span joins the trace the application's transaction ran in."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 import oncely
+from oncely.brokers.memory import MemoryBroker
 from oncely.stores.memory import MemoryStore
 from oncely.stores.outbox import Outbox, OutboxRelay
 from tests._wait import eventually
-from tests.stores._outbox_support import UserDb, db_url, drop, table_name
+from tests.stores._outbox_support import RefusingBroker, UserDb, db_url, drop, table_name
 from tests.tracing.test_traces import assert_child, named, one
 
 if TYPE_CHECKING:
@@ -80,11 +81,13 @@ async def test_add_relay_consume_republish_is_one_trace(
 
     root = one(spans, "checkout")
     create = one(spans, "create orders.placed")
+    relayed = one(spans, "send orders.placed")
     process = one(spans, "process orders.placed")
     send = one(spans, "send orders.billed")
     process_billed = one(spans, "process orders.billed")
     assert_child(create, root)
-    assert_child(process, create)
+    assert_child(relayed, create)
+    assert_child(process, relayed)
     assert_child(send, process)
     assert_child(process_billed, send)
     assert create.kind is SpanKind.PRODUCER
@@ -92,7 +95,37 @@ async def test_add_relay_consume_republish_is_one_trace(
     assert created["messaging.message.id"] == message_id
     assert created["messaging.operation.type"] == "create"
     assert created["oncely.outbox"] == outbox.dialect
+    assert relayed.kind is SpanKind.PRODUCER
+    sent = dict(relayed.attributes or {})
+    assert sent["messaging.message.id"] == message_id
+    assert sent["messaging.system"] == "memory"
     consumed = dict(process.attributes or {})
     assert consumed["messaging.message.id"] == message_id
     assert consumed["oncely.idempotency_key"] == message_id  # the row's oncely-dedupe-key
     assert consumed["oncely.outcome"] == "acked"
+
+
+async def test_a_refused_relay_publish_is_an_error_span_and_its_retry_another(
+    spans: InMemorySpanExporter, db: UserDb, unique: str
+) -> None:
+    broker = RefusingBroker(MemoryBroker.from_url(f"memory://{unique}"), refuse={"orders"})
+    async with db.transaction() as conn:
+        message_id = await db.outbox.add(conn, "orders", {"id": "o1"})
+    relay = OutboxRelay(db.outbox, broker, poll=0.05, retry_base=0.05, retry_cap=0.1)
+    async with broker, relay:
+        await eventually(lambda: broker.refused >= 1)
+        broker.refuse.clear()
+        await eventually(lambda: relay.stats.published == 1)
+
+    create = one(spans, "create orders")
+    sends = named(spans, "send orders")
+    refused = [s for s in sends if s.status.status_code is StatusCode.ERROR]
+    (delivered,) = [s for s in sends if s.status.status_code is StatusCode.UNSET]
+    assert len(refused) == broker.refused
+    for span in sends:
+        assert_child(span, create)
+        assert dict(span.attributes or {})["messaging.message.id"] == message_id
+    assert refused[0].status.description == "PublishFailed: refused by the test: orders"
+    assert [e.name for e in refused[0].events] == ["exception"]
+    assert delivered.end_time is not None and refused[-1].end_time is not None
+    assert delivered.end_time > refused[-1].end_time
