@@ -285,3 +285,35 @@ async def test_a_key_held_by_another_run_is_a_deferred_span(
     assert all(s.status.status_code is StatusCode.UNSET for s in deferred)
     assert all(dict(s.attributes or {})["oncely.idempotency_key"] == "held" for s in deferred)
     assert runs == [1]
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "garbage",
+        "",
+        "00-00000000000000000000000000000000-0000000000000000-01",  # all-zero ids: invalid
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # version ff: invalid
+        "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",  # upper case: invalid
+        "00-" + "a" * 10_000,
+    ],
+)
+async def test_a_malformed_traceparent_starts_a_new_trace_and_changes_nothing_else(
+    spans: InMemorySpanExporter, unique: str, traceparent: str
+) -> None:
+    app = oncely.App()
+    seen: list[str] = []
+
+    @app.handler("jobs", name="jobs")
+    async def handle(msg: dict[str, Any], ctx: oncely.Context) -> None:
+        seen.append(ctx.delivery.id)
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        assert worker.broker is not None
+        # Straight to the broker: a publisher would write a valid traceparent.
+        await worker.broker.publish("jobs", b"{}", headers={"traceparent": traceparent})
+        await eventually(lambda: len(named(spans, "process jobs")) == 1)
+    (span,) = named(spans, "process jobs")
+    assert span.parent is None
+    assert dict(span.attributes or {})["oncely.outcome"] == "acked"
+    assert len(seen) == 1
