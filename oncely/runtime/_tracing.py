@@ -101,7 +101,7 @@ class Tracing(Settler):
         self.tracer = tracer
         self.system = system
         self.handler = spec.name
-        # Keyed by the delivery object: a settle after ``exit`` (a cancelled run's outcome
+        # Keyed by the delivery object: a settle after ``end()`` (a cancelled run's outcome
         # finishing later) finds nothing and records nothing on the ended span.
         self._runs: dict[int, _Run] = {}
 
