@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
+from oncely.runtime._tracing import for_handler
 from oncely.runtime.codec import Decoder, encode, fingerprint
 from oncely.runtime.context import Context
 from oncely.runtime.heartbeat import Active, Heartbeat
@@ -70,6 +71,9 @@ class Runner:
         self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
         self._finishing: dict[asyncio.Future[object], Delivery] = {}
         self.settle = Settler(spec.name, broker.capabilities, stats)
+        self.tracing = for_handler(spec, broker, stats)  # None unless OpenTelemetry is on
+        if self.tracing is not None:
+            self.settle = self.tracing
         self.keys = (
             Keys(spec.name, store, stats, visibility=spec.visibility)
             if store is not None and spec.uses_store
@@ -93,6 +97,7 @@ class Runner:
     async def run(self, delivery: Delivery) -> None:
         """Run the handler on ``delivery`` and settle it. Never raises except on cancel."""
         self.stats.received += 1
+        traced = None if self.tracing is None else self.tracing.enter(delivery)
         try:
             await self._run(delivery)
         except asyncio.CancelledError:
@@ -114,6 +119,9 @@ class Runner:
                 )
             else:
                 await self.settle.nack(delivery, INTERNAL_ERROR_DELAY)
+        finally:
+            if traced is not None:
+                traced.end()
 
     async def _run(self, delivery: Delivery) -> None:
         spec = self.spec
@@ -170,6 +178,8 @@ class Runner:
             )
             raise
         except Exception as exc:
+            if self.tracing is not None:
+                self.tracing.failed(delivery, exc)
             self.stats.failed += 1
             log.warning("%s: at-most-once message %s failed: %r", self.spec.name, delivery.id, exc)
         else:
@@ -205,6 +215,8 @@ class Runner:
             delay = self.spec.retry.delay(self.keys.deferrals(store_key))
             await self.settle.nack(delivery, delay, defer=True)
             return False, None
+        if self.tracing is not None:
+            self.tracing.begun(delivery, key, begin)
         if begin.outcome is Outcome.NEW:
             assert begin.token is not None
             return True, Lease(store_key, begin.token)
@@ -275,6 +287,8 @@ class Runner:
     async def _ran_and_failed(
         self, delivery: Delivery, lease: Lease | None, exc: Exception
     ) -> None:
+        if self.tracing is not None:
+            self.tracing.failed(delivery, exc)
         await self._release(lease)
         if isinstance(exc, Reject):
             await self.settle.dead_letter(delivery, exc.reason)

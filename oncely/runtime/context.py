@@ -6,6 +6,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from oncely._tracing_headers import send
 from oncely.brokers.base import Headers, TransactionalDelivery
 from oncely.errors import ConfigError
 from oncely.runtime.codec import encode
@@ -89,4 +90,14 @@ class Context:
         if key is not None:
             merged[Headers.KEY] = key
         merged.setdefault(Headers.PUBLISHED_AT, repr(time.time()))
-        return await self.delivery.produce(topic, encode(payload), headers=merged)
+        body = encode(payload)
+        delivery = self.delivery
+        if self._publisher._tracer is not None:
+            return await send(
+                self._publisher._tracer,
+                self._publisher._system,
+                topic,
+                merged,
+                lambda: delivery.produce(topic, body, headers=merged),
+            )
+        return await delivery.produce(topic, body, headers=merged)

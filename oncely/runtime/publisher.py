@@ -6,6 +6,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from oncely._tracing_headers import messaging_system, send, tracer
 from oncely.brokers.base import Broker, Headers
 from oncely.brokers.registry import broker_from_url
 from oncely.runtime.codec import encode
@@ -13,6 +14,8 @@ from oncely.runtime.codec import encode
 if TYPE_CHECKING:
     from types import TracebackType
     from typing import Self
+
+    from opentelemetry.trace import Tracer
 
 __all__ = ["Publisher"]
 
@@ -29,6 +32,10 @@ class Publisher:
         self.broker = broker_from_url(broker)
         self._owned = isinstance(broker, str)
         self._connected = False
+        # Resolved again on connect: an application may set its tracer provider after
+        # building the publisher but before the first publish.
+        self._tracer: Tracer | None = tracer()
+        self._system = messaging_system(self.broker.url)
 
     async def publish(
         self,
@@ -64,13 +71,25 @@ class Publisher:
         if not self._connected:
             await self.broker.connect()
             self._connected = True
+            self._tracer = tracer()
         # The broker validates headers (str to str) on publish; this is only a copy to extend.
         merged = dict(headers or {})
         if key is not None:
             merged[Headers.KEY] = key
         merged.setdefault(Headers.PUBLISHED_AT, repr(time.time()))
+        body = encode(payload)
+        if self._tracer is not None:
+            return await send(
+                self._tracer,
+                self._system,
+                topic,
+                merged,
+                lambda: self.broker.publish(
+                    topic, body, headers=merged, message_id=message_id, delay=delay
+                ),
+            )
         return await self.broker.publish(
-            topic, encode(payload), headers=merged, message_id=message_id, delay=delay
+            topic, body, headers=merged, message_id=message_id, delay=delay
         )
 
     async def aclose(self) -> None:

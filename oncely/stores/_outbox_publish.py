@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import TYPE_CHECKING
 
+from oncely._tracing_headers import messaging_system, send, tracer
 from oncely.brokers.base import Headers
 from oncely.stores._outbox_base import Failure, Row, backoff
 
@@ -56,6 +58,9 @@ async def publish_rows(
     """
     loop = asyncio.get_running_loop()
     retry = (retry_base, retry_cap)
+    # Tracing on: each publish is a ``send`` span, a child of the row's ``create`` span.
+    traced = tracer()
+    system = messaging_system(broker.url)
     chains: dict[object, list[Row]] = {}
     for row in rows:
         chains.setdefault(row.key if row.key is not None else row.id, []).append(row)
@@ -69,14 +74,29 @@ async def publish_rows(
             if row.error is not None:
                 failed.append(Failure(row.id, row.error, backoff(row.attempts + 1, *retry)))
                 return
+            headers = headers_for(row)
             try:
                 async with asyncio.timeout(publish_timeout):
-                    await broker.publish(
-                        row.topic,
-                        row.body,
-                        headers=headers_for(row),
-                        message_id=row.message_id,
-                    )
+                    if traced is None:
+                        await broker.publish(
+                            row.topic, row.body, headers=headers, message_id=row.message_id
+                        )
+                    else:
+                        await send(
+                            traced,
+                            system,
+                            row.topic,
+                            headers,
+                            partial(
+                                broker.publish,
+                                row.topic,
+                                row.body,
+                                headers=headers,
+                                message_id=row.message_id,
+                            ),
+                            message_id=row.message_id,
+                            resume=True,
+                        )
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
                 failed.append(Failure(row.id, error, backoff(row.attempts + 1, *retry)))

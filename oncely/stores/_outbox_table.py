@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from oncely._codec import encode
+from oncely._tracing_headers import created
 from oncely.errors import ConfigError, MissingExtra, UnknownScheme
 from oncely.stores._outbox_base import DEFAULT_TABLE, Backend, encode_headers
 
@@ -152,8 +153,9 @@ class Outbox:
         if message_id is not None and (not isinstance(message_id, str) or not message_id):
             raise ValueError(f"message_id must be a non-empty string or None, got {message_id!r}")
         body = encode(payload)
-        encoded_headers = encode_headers(headers)
         mid = message_id or uuid.uuid4().hex
+        # The row carries the trace context, and the relay publishes it with the row.
+        encoded_headers = encode_headers(created(topic, headers, mid, self.dialect))
         await self.backend.add(
             conn, message_id=mid, topic=topic, key=key, headers=encoded_headers, body=body
         )
