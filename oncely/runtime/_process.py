@@ -26,6 +26,7 @@ from collections.abc import Coroutine
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
+from oncely._logging import MESSAGE
 from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
@@ -92,6 +93,9 @@ class Runner:
     async def run(self, delivery: Delivery) -> None:
         """Run the handler on ``delivery`` and settle it. Never raises except on cancel."""
         self.stats.received += 1
+        # Log lines about this delivery carry its fields (oncely._logging); reset after, so
+        # the pooled task's context is as it was.
+        logged = MESSAGE.set((self.spec.name, delivery))
         try:
             await self._run(delivery)
         except asyncio.CancelledError:
@@ -112,7 +116,10 @@ class Runner:
                     f"internal error: {_describe(exc)} (gave up after {delivery.attempt} attempts)",
                 )
             else:
-                await self.settle.nack(delivery, INTERNAL_ERROR_DELAY)
+                error = f"internal error: {_describe(exc)}"
+                await self.settle.nack(delivery, INTERNAL_ERROR_DELAY, error=error)
+        finally:
+            MESSAGE.reset(logged)
 
     async def _run(self, delivery: Delivery) -> None:
         spec = self.spec
@@ -366,7 +373,7 @@ class Runner:
             )
         else:
             self.stats.retried += 1
-            await self.settle.nack(delivery, delay)
+            await self.settle.nack(delivery, delay, error=reason)
 
     async def _give_back(self, delivery: Delivery, lease: Lease | None) -> None:
         self.stats.cancelled += 1

@@ -31,24 +31,28 @@ class Settler:
         stats: the worker's counters.
     """
 
-    __slots__ = ("max_delay", "name", "stats")
+    __slots__ = ("carries_errors", "max_delay", "name", "stats")
 
     def __init__(self, name: str, capabilities: Capabilities, stats: Stats) -> None:
         self.name = name
         self.max_delay = capabilities.max_delay
+        self.carries_errors = capabilities.carries_errors
         self.stats = stats
 
     async def ack(self, delivery: Delivery) -> bool:
         return await self._settle(delivery.ack, delivery, "ack")
 
-    async def nack(self, delivery: Delivery, delay: float, *, defer: bool = False) -> bool:
+    async def nack(
+        self, delivery: Delivery, delay: float, *, defer: bool = False, error: str | None = None
+    ) -> bool:
         """Nack with ``delay`` clamped to the broker's ``max_delay``.
 
         A retry policy (or a ``Retry(delay=)``) may ask for more than a broker can hold, as
         ``RetryPolicy(cap=7200)`` does on RabbitMQ (1 hour): the message then comes back after
         the longest delay the broker has, rather than the nack failing on every attempt.
         ``defer=True`` marks a deferral: the handler did not run, so the attempt is kept where
-        the broker can (``Capabilities.defer_keeps_attempt``).
+        the broker can (``Capabilities.defer_keeps_attempt``). ``error`` (the failure) is
+        passed on only to brokers that carry it (``Capabilities.carries_errors``).
         """
         if self.max_delay is not None and delay > self.max_delay:
             log.info(
@@ -61,6 +65,10 @@ class Settler:
             self.stats.delays_clamped += 1
             delay = self.max_delay
         delay = max(delay, 0.0)
+        if error is not None and self.carries_errors:
+            return await self._settle(
+                lambda: delivery.nack(delay, defer=defer, error=error), delivery, "nack"
+            )
         return await self._settle(lambda: delivery.nack(delay, defer=defer), delivery, "nack")
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> bool:
