@@ -153,7 +153,9 @@ class AmqpDelivery(Delivery):
             # The next delivery's attempt is this header plus one; a deferral keeps this one's.
             headers[Headers.ATTEMPT] = str(self.attempt - 1 if defer else self.attempt)
             if error is not None:
-                headers.update(error_headers(self.headers, error))
+                added = error_headers(self.headers, error)
+                for name in (Headers.FIRST_ERROR, Headers.LAST_ERROR):
+                    headers[name] = added[name]
             await self._republish(target, headers)
         except BaseException as exc:
             await self._requeue_instead(exc)
