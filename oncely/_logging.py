@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import sys
 import time
 from contextvars import ContextVar
@@ -29,7 +30,14 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from oncely.brokers.base import Delivery
 
-__all__ = ["MESSAGE", "LogFormatter", "MessageFilter", "configure_logging", "message_fields"]
+__all__ = [
+    "MESSAGE",
+    "LogFormatter",
+    "MessageFilter",
+    "configure_logging",
+    "message_fields",
+    "redact_values",
+]
 
 MESSAGE: ContextVar[tuple[str, Delivery] | None] = ContextVar("oncely_message", default=None)
 """The handler name and the delivery the current task runs, while it runs."""
@@ -65,6 +73,24 @@ def message_fields(*, payloads: bool = False) -> dict[str, Any] | None:
     if payloads:
         fields["payload"] = _payload(delivery.body)
     return fields
+
+
+# What msgspec quotes from the input in its errors: "Invalid enum value 'x'" (also unquoted
+# numbers), "unknown field `x`", and any other quoted literal.
+_VALUES = (
+    (re.compile(r"Invalid enum value .*?(?= - at |$)"), "Invalid enum value <redacted>"),
+    (re.compile(r"unknown field `[^`]*`"), "unknown field `<redacted>`"),
+    (re.compile(r"'[^']*'"), "'<redacted>'"),
+)
+
+
+def redact_values(text: str) -> str:
+    """``text`` (a decode error's message) without the input values it quotes, for a log
+    line: ``Invalid enum value 'card-4242' - at `$.kind``` becomes ``Invalid enum value
+    <redacted> - at `$.kind```. The paths (``$.kind``) stay."""
+    for pattern, replacement in _VALUES:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def _payload(body: bytes) -> str:

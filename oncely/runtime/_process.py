@@ -26,7 +26,7 @@ from collections.abc import Coroutine
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
-from oncely._logging import MESSAGE
+from oncely._logging import MESSAGE, redact_values
 from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
@@ -129,7 +129,12 @@ class Runner:
             # Decoding has no side effects, so even an at-most-once poison message can go to
             # the dead-letter queue rather than vanish. Not only DecodeError: msgspec raises
             # UnicodeDecodeError for invalid UTF-8 inside a JSON string, for one.
-            await self.settle.dead_letter(delivery, f"undecodable payload: {_describe(exc)}")
+            why = _describe(exc)
+            await self.settle.dead_letter(
+                delivery,
+                f"undecodable payload: {why}",
+                logged=f"undecodable payload: {redact_values(why)}",  # logs never show payloads
+            )
             return
         if spec.guarantee == "at_most_once":
             await self._at_most_once(delivery, payload)

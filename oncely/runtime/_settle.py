@@ -71,8 +71,13 @@ class Settler:
             )
         return await self._settle(lambda: delivery.nack(delay, defer=defer), delivery, "nack")
 
-    async def dead_letter(self, delivery: Delivery, reason: str) -> bool:
-        log.warning("%s: dead-lettering %s: %s", self.name, delivery.id, reason)
+    async def dead_letter(
+        self, delivery: Delivery, reason: str, *, logged: str | None = None
+    ) -> bool:
+        """Reject with ``reason``; the log line says ``logged`` instead when given (a reason
+        that quotes the payload, which logs never show)."""
+        shown = reason if logged is None else logged
+        log.warning("%s: dead-lettering %s: %s", self.name, delivery.id, shown)
         if await self._settle(lambda: delivery.reject(reason), delivery, "reject"):
             self.stats.dead_lettered += 1
             return True

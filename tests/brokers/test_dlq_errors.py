@@ -101,11 +101,11 @@ async def test_dlq_list_shows_first_and_last_error_through_retries(
         raise ValueError("A" if ctx.attempt == 1 else f"B{ctx.attempt}")
 
     async with oncely.Worker(app, broker=url) as worker:
-        carries = worker.broker.capabilities.carries_errors
+        admin = worker.broker
+        assert isinstance(admin, DeadLetterAdmin) and admin is not None
+        carries = admin.capabilities.carries_errors
         await app.publish(topic, {"n": 1})
         await eventually(lambda: worker.stats.dead_lettered == 1, within=60)
-        admin = worker.broker
-        assert isinstance(admin, DeadLetterAdmin)
         letters = await admin.dead_letters(topic, limit=ALL)
 
     assert carries is (kind != "sqs")
