@@ -25,10 +25,7 @@ import re
 import sys
 import time
 from contextvars import ContextVar
-from typing import IO, TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from oncely.brokers.base import Delivery
+from typing import IO, Any, Literal
 
 __all__ = [
     "MESSAGE",
@@ -39,8 +36,12 @@ __all__ = [
     "redact_values",
 ]
 
-MESSAGE: ContextVar[tuple[str, Delivery] | None] = ContextVar("oncely_message", default=None)
-"""The handler name and the delivery the current task runs, while it runs."""
+MESSAGE: ContextVar[list[Any] | None] = ContextVar("oncely_message", default=None)
+"""``[handler name, delivery]`` of the delivery the current task runs, while it runs.
+
+The runtime empties the list when the run ends: a task started during the run (a heartbeat,
+a connection pool's reader) inherits the variable and outlives the run, and its later lines
+are not about that message. A list rather than a tuple for that reason."""
 
 PAYLOAD_LIMIT = 4096
 """Most payload bytes a line carries when payloads are logged."""
@@ -60,7 +61,7 @@ def message_fields(*, payloads: bool = False) -> dict[str, Any] | None:
             ``PAYLOAD_LIMIT`` bytes.
     """
     current = MESSAGE.get()
-    if current is None:
+    if not current:
         return None
     handler, delivery = current
     fields: dict[str, Any] = {

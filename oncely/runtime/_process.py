@@ -93,9 +93,10 @@ class Runner:
     async def run(self, delivery: Delivery) -> None:
         """Run the handler on ``delivery`` and settle it. Never raises except on cancel."""
         self.stats.received += 1
-        # Log lines about this delivery carry its fields (oncely._logging); reset after, so
-        # the pooled task's context is as it was.
-        logged = MESSAGE.set((self.spec.name, delivery))
+        # Log lines about this delivery carry its fields (oncely._logging); emptied and reset
+        # after, so neither tasks started meanwhile nor this pooled task keep it.
+        current = [self.spec.name, delivery]
+        logged = MESSAGE.set(current)
         try:
             await self._run(delivery)
         except asyncio.CancelledError:
@@ -119,6 +120,7 @@ class Runner:
                 error = f"internal error: {_describe(exc)}"
                 await self.settle.nack(delivery, INTERNAL_ERROR_DELAY, error=error)
         finally:
+            current.clear()
             MESSAGE.reset(logged)
 
     async def _run(self, delivery: Delivery) -> None:

@@ -23,6 +23,8 @@ import oncely
 from oncely._logging import MESSAGE, LogFormatter, MessageFilter, redact_values
 from oncely.brokers.base import ALL, DeadLetterAdmin
 from oncely.brokers.registry import broker_from_url
+from tests._wait import eventually
+from tests.runtime._faulty import WrappedBroker
 
 pytestmark = pytest.mark.anyio
 
@@ -210,7 +212,7 @@ def test_formatter_for_embedding_apps() -> None:
             attempt=3,
             enqueued_at=0.0,
         )
-        token = MESSAGE.set(("h", d))
+        token = MESSAGE.set(["h", d])
         try:
             try:
                 raise RuntimeError("boom")
@@ -253,3 +255,48 @@ def test_importing_oncely_configures_no_logging() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["30", "0", "0"]
+
+
+async def test_heartbeat_lines_carry_the_message_fields(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The heartbeat beats each delivery in a task of its own: its lines about the second
+    delivery carry the second's fields, although its timer task was started (and so its
+    context copied) while the first one ran."""
+    app = oncely.App()
+    releases = {"k-1": asyncio.Event(), "k-2": asyncio.Event()}
+
+    @app.handler(unique, visibility=0.1, timeout=30)
+    async def slow(_: dict[str, int], ctx: oncely.Context) -> None:
+        await releases[ctx.delivery.key].wait()
+
+    def refuse(delivery: oncely.Delivery) -> None:
+        if delivery.key == "k-2":
+            raise oncely.ConnectionLost("broker away")
+
+    broker = WrappedBroker(broker_from_url(f"memory://{unique}"), on_extend=refuse)
+    caplog.handler.addFilter(MessageFilter())
+    caplog.set_level(logging.INFO, logger="oncely")
+    formatter = LogFormatter("json")
+    async with oncely.Worker(app, broker=broker) as worker:
+        await app.publish(unique, {"n": 1}, key="k-1")
+        await eventually(lambda: sum(broker.extends.values()) >= 1)
+        releases["k-1"].set()
+        await eventually(lambda: worker.stats.processed == 1)
+        second = await app.publish(unique, {"n": 2}, key="k-2")
+        await eventually(lambda: worker.stats.heartbeat_errors >= 1)
+        releases["k-2"].set()
+        await eventually(lambda: worker.stats.processed == 2)
+    beats = [
+        json.loads(formatter.format(r))
+        for r in caplog.records
+        if "could not extend" in r.getMessage()
+    ]
+    assert beats
+    assert {k: beats[0][k] for k in MESSAGE_FIELDS - {"handler"}} == {
+        "topic": unique,
+        "message_id": second,
+        "key": "k-2",
+        "attempt": 1,
+    }
+    assert beats[0]["handler"].endswith("slow")
