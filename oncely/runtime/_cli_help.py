@@ -60,7 +60,9 @@ DLQ_LIST_HELP = """\
 Print a topic's dead letters, oldest first: id, attempt, age, last error (the reason) and
 first error. A table on a TTY; otherwise one JSON object per line with the keys id, topic,
 reason, attempt, first_error, last_error, failed_at, age_s, body, body_encoding, headers.
-first_error is null when the broker did not carry it. The count goes to stderr."""
+last_error is the reason; first_error is the first failed attempt's error, carried through
+retries on memory, SQLite, RabbitMQ and Kafka (oncely-first-error), and null where it is not
+known (SQS, for a message that failed more than once). The count goes to stderr."""
 
 DLQ_LIST_EPILOG = """\
 examples:

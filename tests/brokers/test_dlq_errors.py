@@ -25,6 +25,8 @@ from oncely.runtime._cli_dlq import letter_json
 from tests._wait import eventually
 from tests.brokers.kafka_support import kafka_url
 from tests.brokers.test_amqp import AMQP_URL, delete_topology
+from tests.brokers.test_dlq_admin import dead_letter, on_a_tty
+from tests.brokers.test_dlq_admin import oncely as oncely_cli
 from tests.brokers.test_sqs import SQS_URL, delete_queues
 
 pytestmark = pytest.mark.anyio
@@ -169,3 +171,14 @@ def test_error_headers_keep_the_first_and_clip() -> None:
     assert second[Headers.FIRST_ERROR] == "E1"
     assert len(second[Headers.LAST_ERROR]) == 1000 and second[Headers.LAST_ERROR].endswith("…")
     assert first[Headers.LAST_ERROR] == "E1", "the input is not changed"
+
+
+async def test_purge_on_a_tty_shows_that_it_works(tmp_path: Path, unique: str) -> None:
+    url = f"sqlite:///{tmp_path / 'tty.db'}"
+    async with broker_from_url(url) as broker:
+        await dead_letter(broker, unique, {f"m{i}": b"{}" for i in range(3)}, "ValueError: x")
+    shown = on_a_tty("dlq", "purge", unique, "--all", "--yes", broker=url)
+    assert f"\rpurging dead letters of {unique!r}… 0s" in shown
+    assert f"purged 3 dead letter(s) of {unique!r}" in shown
+    quiet = oncely_cli("dlq", "purge", unique, "--all", "--yes", broker=url)
+    assert quiet.returncode == 0 and quiet.stderr == "", "no progress off a TTY"
