@@ -67,7 +67,8 @@ async def run_worker(
     tmp_path: Path, topic: str, *flags: str, tty: bool = False, env: dict[str, str] | None = None
 ) -> str:
     """Publish a valid order, an invalid one and a truncated one; run ``oncely run`` until
-    all three are dead letters; stop it with SIGTERM and return its stderr."""
+    all three are dead letters; stop it with SIGTERM and return its output (stderr and
+    stdout)."""
     (tmp_path / "logapp.py").write_text(APP)
     url = f"sqlite:///{tmp_path / 'logs.db'}"
     async with broker_from_url(url) as broker:
@@ -85,8 +86,8 @@ async def run_worker(
         reader = threading.Thread(target=_drain, args=(leader, chunks))
     else:
         proc = start(cmd, tmp_path, full_env, subprocess.PIPE)
-        assert proc.stderr is not None
-        reader = threading.Thread(target=_drain, args=(proc.stderr.fileno(), chunks))
+        assert proc.stdout is not None
+        reader = threading.Thread(target=_drain, args=(proc.stdout.fileno(), chunks))
     reader.start()
     try:
         async with broker_from_url(url) as broker:
@@ -103,13 +104,15 @@ async def run_worker(
         reader.join(timeout=60)
         if tty:
             os.close(leader)
-        elif proc.stderr is not None:
-            proc.stderr.close()
+        elif proc.stdout is not None:
+            proc.stdout.close()
     return b"".join(chunks).decode()
 
 
-def start(cmd: list[str], cwd: Path, env: dict[str, str], stderr: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stderr=stderr)
+def start(cmd: list[str], cwd: Path, env: dict[str, str], out: int) -> subprocess.Popen[bytes]:
+    """Both streams to ``out``: a payload must show up in neither."""
+    stderr = subprocess.STDOUT if out == subprocess.PIPE else out
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=stderr)
 
 
 def _drain(fd: int, chunks: list[bytes]) -> None:
