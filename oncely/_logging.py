@@ -35,11 +35,13 @@ __all__ = [
     "MessageFilter",
     "configure_logging",
     "message_fields",
+    "note_key",
     "redact_values",
 ]
 
 MESSAGE: ContextVar[list[Any] | None] = ContextVar("oncely_message", default=None)
-"""``[handler name, delivery]`` of the delivery the current task runs, while it runs.
+"""``[handler name, delivery]`` of the delivery the current task runs, while it runs, and
+its idempotency key once the runtime has extracted it (``note_key``).
 
 The runtime empties the list when the run ends: a task started during the run (a heartbeat,
 a connection pool's reader) inherits the variable and outlives the run, and its later lines
@@ -65,17 +67,27 @@ def message_fields(*, payloads: bool = False) -> dict[str, Any] | None:
     current = MESSAGE.get()
     if not current:
         return None
-    handler, delivery = current
+    handler, delivery = current[0], current[1]
     fields: dict[str, Any] = {
         "handler": handler,
         "topic": delivery.topic,
         "message_id": delivery.id,
-        "key": delivery.key,
+        # The idempotency key the runtime extracted (None: the handler runs without one),
+        # else, for handlers without a store or before extraction, the message's own key.
+        "key": current[2] if len(current) > 2 else delivery.key,
         "attempt": delivery.attempt,
     }
     if payloads:
         fields["payload"] = _payload(delivery.body)
     return fields
+
+
+def note_key(key: str | None) -> None:
+    """Record the idempotency key of the delivery the current task runs (which a key source
+    such as ``payload:order_id`` may take from the payload), for its later log lines."""
+    current = MESSAGE.get()
+    if current:
+        current.append(key)
 
 
 # What msgspec quotes from the input in its errors: "Invalid enum value 'x'" (also unquoted

@@ -26,7 +26,7 @@ from collections.abc import Coroutine
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
-from oncely._logging import MESSAGE, redact_values
+from oncely._logging import MESSAGE, note_key, redact_values
 from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
@@ -152,6 +152,7 @@ class Runner:
                 # A key function that fails on this payload will fail on every redelivery.
                 await self.settle.dead_letter(delivery, f"key extraction failed: {exc!r}")
                 return
+            note_key(key)  # log lines from here on show this key, not the header's
             if key is None and spec.transactional:
                 # No key, no lease, no transaction: the handler cannot run as declared.
                 await self.settle.dead_letter(

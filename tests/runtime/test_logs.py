@@ -303,3 +303,32 @@ async def test_heartbeat_lines_carry_the_message_fields(
         "attempt": 1,
     }
     assert beats[0]["handler"].endswith("slow")
+
+
+async def test_lines_carry_the_idempotency_key_the_runtime_extracted(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``key="payload:order_id"`` the key is in the payload, not in a header: lines
+    logged after extraction carry it."""
+    app = oncely.App()
+
+    @app.handler(
+        unique, idempotent=True, key="payload:order_id", retry=oncely.RetryPolicy(base=0.01)
+    )
+    async def charge(order: dict[str, str], ctx: oncely.Context) -> None:
+        logging.getLogger("charge").warning("charging")
+        if ctx.attempt == 1:
+            raise ValueError("card declined")
+
+    caplog.handler.addFilter(MessageFilter())
+    caplog.set_level(logging.INFO)
+    formatter = LogFormatter("json")
+    broker = f"memory://{unique}"
+    async with oncely.Worker(app, broker=broker, store=broker) as worker:
+        message_id = await app.publish(unique, {"order_id": "order-1042"})
+        await eventually(lambda: worker.stats.processed == 1)
+    lines = [json.loads(formatter.format(r)) for r in caplog.records]
+    about = [x for x in lines if x.get("message_id") == message_id]
+    assert {x["msg"] for x in about} >= {"charging"}
+    assert any("failed on attempt 1" in x["msg"] for x in about)
+    assert all(x["key"] == "order-1042" for x in about), about
