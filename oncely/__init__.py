@@ -6,6 +6,7 @@ Users import from here, from ``oncely.brokers.<name>``, ``oncely.stores.<name>``
 
 from __future__ import annotations
 
+from oncely._logging import LogFormatter, MessageFilter, configure_logging
 from oncely._version import __version__
 from oncely.brokers.base import (
     Broker,
@@ -77,6 +78,8 @@ __all__ = [
     "IdempotencyStore",
     "KeyFunction",
     "LeaseLost",
+    "LogFormatter",
+    "MessageFilter",
     "MissingExtra",
     "NotSupported",
     "OncelyError",
@@ -98,6 +101,7 @@ __all__ = [
     "WorkerFailed",
     "__version__",
     "broker_from_url",
+    "configure_logging",
     "load_settings",
     "register_broker",
     "register_store",

@@ -27,7 +27,7 @@ from oncely.brokers._amqp_topology import (
     props_of,
     topology,
 )
-from oncely.brokers.base import Delivery, Headers, Subscription
+from oncely.brokers.base import Delivery, Headers, Subscription, error_headers
 from oncely.errors import (
     AlreadySettled,
     BrokerError,
@@ -142,7 +142,9 @@ class AmqpDelivery(Delivery):
         await self._begin()
         await self._finish()
 
-    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
+    async def nack(
+        self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
+    ) -> None:
         await self._begin()
         try:
             bucket = bucket_for(delay)
@@ -150,6 +152,10 @@ class AmqpDelivery(Delivery):
             headers = self._headers()
             # The next delivery's attempt is this header plus one; a deferral keeps this one's.
             headers[Headers.ATTEMPT] = str(self.attempt - 1 if defer else self.attempt)
+            if error is not None:
+                added = error_headers(self.headers, error)
+                for name in (Headers.FIRST_ERROR, Headers.LAST_ERROR):
+                    headers[name] = added[name]
             await self._republish(target, headers)
         except BaseException as exc:
             await self._requeue_instead(exc)

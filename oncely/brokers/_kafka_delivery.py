@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from oncely.brokers.base import Delivery, Headers, TransactionalDelivery, check_headers
+from oncely.brokers.base import (
+    Delivery,
+    Headers,
+    TransactionalDelivery,
+    check_headers,
+    error_headers,
+)
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired, NotSupported
 
 if TYPE_CHECKING:
@@ -147,12 +153,18 @@ class KafkaDelivery(Delivery):
         self.mark_settled()
         await self._settler.eos_ack(self)
 
-    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
+    async def nack(
+        self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
+    ) -> None:
         self._check()
         if delay > self._settler.max_delay:
             raise NotSupported(
                 f"delay {delay}s exceeds the largest retry bucket ({self._settler.max_delay}s)"
             )
+        if error is not None:
+            # The retry copy is built from these headers. This delivery is finished either
+            # way: a failed resend runs the record again from its own (unchanged) headers.
+            self.headers = error_headers(self.headers, error)
         attempt = self.attempt if defer else self.attempt + 1
         if self.exactly_once:
             await self._settler.eos_fail(self, "nack", max(delay, 0.0), "", attempt)

@@ -75,6 +75,17 @@ NACK_DEFER = (
     " WHERE id = ? AND claim_token = ?"
 )
 
+# A failed attempt's nack also records its error in the headers (Delivery.nack(error=)).
+NACK_ERROR = (
+    "UPDATE oncely_messages SET headers = ?, visible_at = ?, claim_token = NULL"
+    " WHERE id = ? AND claim_token = ?"
+)
+
+NACK_ERROR_DEFER = (
+    "UPDATE oncely_messages SET headers = ?, visible_at = ?, claim_token = NULL,"
+    " attempts = attempts - 1 WHERE id = ? AND claim_token = ?"
+)
+
 EXTEND = "UPDATE oncely_messages SET visible_at = ? WHERE id = ? AND claim_token = ?"
 
 TAKE_FOR_DEAD = (

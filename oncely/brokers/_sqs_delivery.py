@@ -106,10 +106,14 @@ class SqsDelivery(Delivery):
             await self._sub.broker._delete(self.queue_url, self.receipt)
         self._finish(returned=False)
 
-    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
+    async def nack(
+        self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
+    ) -> None:
         """Make the message visible again after ``delay`` seconds (rounded up to whole
         seconds) with ``ChangeMessageVisibility``. ``defer`` cannot keep the attempt: SQS
-        counts every receive (``Capabilities.defer_keeps_attempt`` is false).
+        counts every receive (``Capabilities.defer_keeps_attempt`` is false). ``error`` is
+        ignored: the message's attributes cannot change (``Capabilities.carries_errors`` is
+        false).
 
         Raises:
             NotSupported: ``delay`` is past the 12 hours this receive may stay invisible.

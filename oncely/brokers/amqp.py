@@ -142,6 +142,7 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         ack_model="message",
         transactions=False,
         durable=True,
+        carries_errors=True,  # the retry copy is republished with the error headers
     )
 
     def __init__(

@@ -42,6 +42,7 @@ __all__ = [
     "Subscription",
     "TransactionalDelivery",
     "check_headers",
+    "error_headers",
 ]
 
 
@@ -66,7 +67,10 @@ class Headers:
     FAILED_AT = "oncely-dead-lettered-at"
     """Unix time at which a message was dead-lettered."""
     FIRST_ERROR = "oncely-first-error"
-    """The error of a message's first failed attempt, where the broker carried it."""
+    """The error of a message's first failed attempt, where the broker carries errors
+    (``Capabilities.carries_errors``); set once, by the first ``nack(error=)``."""
+    LAST_ERROR = "oncely-last-error"
+    """The error of a message's latest failed attempt, where the broker carries errors."""
     REPLAYED_AT = "oncely-replayed-at"
     """Unix time at which a dead letter was last replayed (``DeadLetterAdmin.replay``)."""
     REPLAY_COUNT = "oncely-replay-count"
@@ -104,6 +108,13 @@ class Capabilities:
             spend the failure budget. False where the broker alone counts receives (SQS's
             ``ApproximateReceiveCount``): there every deferral counts as an attempt (README,
             "Attempts count failures, not deferrals", says what that means for users).
+        carries_errors: ``nack(error=)`` is accepted and recorded: the redelivery carries
+            ``oncely-first-error`` and ``oncely-last-error``, and so does the dead letter it
+            may become. The runtime passes ``error`` only where this holds (an adapter
+            written before the argument existed keeps working). False where a nack cannot
+            change the message (SQS's ``ChangeMessageVisibility``): there a dead letter knows
+            its last error (the reason) and, only if it failed on its first attempt, its
+            first.
     """
 
     native_delay: bool
@@ -115,6 +126,7 @@ class Capabilities:
     transactions: bool = False
     durable: bool = True
     defer_keeps_attempt: bool = True
+    carries_errors: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +146,11 @@ class DeadLetter:
     reason: str
     attempt: int
     failed_at: float
+
+    @property
+    def last_error(self) -> str:
+        """The error it was dead-lettered with: the ``reason``."""
+        return self.reason
 
     @property
     def first_error(self) -> str | None:
@@ -204,7 +221,9 @@ class Delivery(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
+    async def nack(
+        self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
+    ) -> None:
         """Give the message back for redelivery no sooner than ``delay`` seconds from now.
 
         ``delay=0`` makes it available at once. Adapters without native delay round the delay
@@ -213,6 +232,13 @@ class Delivery(abc.ABC):
         ``defer=True`` says the handler did not run (a deferral, not a failure): where
         ``Capabilities.defer_keeps_attempt`` holds, the redelivery carries this delivery's
         ``attempt`` again instead of the next one. Otherwise it counts like any nack.
+
+        ``error`` describes the failure that caused the nack. Where
+        ``Capabilities.carries_errors`` holds, the redelivery's headers get
+        ``oncely-last-error`` set to it and ``oncely-first-error`` set to it unless already
+        present (so it keeps the first failure's), both clipped by ``error_headers``; the
+        change is part of the nack, so a nack that fails changes no header. Elsewhere it is
+        ignored. The runtime passes it only where ``carries_errors`` holds.
 
         Raises:
             AlreadySettled, DeliveryExpired, ConnectionLost: as for ``ack``.
@@ -489,7 +515,30 @@ class DeadLetterAdmin(abc.ABC):
 ALL = 2**31 - 1
 """A ``limit`` meaning every dead letter."""
 
-_DEAD_HEADERS = (Headers.REASON, Headers.ATTEMPT, Headers.FAILED_AT)
+# A replay starts the message's failure history again, errors included.
+_DEAD_HEADERS = (
+    Headers.REASON,
+    Headers.ATTEMPT,
+    Headers.FAILED_AT,
+    Headers.FIRST_ERROR,
+    Headers.LAST_ERROR,
+)
+
+ERROR_LIMIT = 1000
+"""Most characters of an error a header carries (``error_headers``); headers travel with every
+redelivery, and brokers bound their size (SQS attributes, AMQP frames)."""
+
+
+def error_headers(headers: Mapping[str, str], error: str) -> dict[str, str]:
+    """A copy of ``headers`` with ``error`` recorded for a nack (``Delivery.nack(error=)``):
+    ``oncely-last-error`` set, ``oncely-first-error`` set only if absent, each clipped to
+    ``ERROR_LIMIT`` characters."""
+    if len(error) > ERROR_LIMIT:
+        error = error[: ERROR_LIMIT - 1] + "…"
+    out = dict(headers)
+    out.setdefault(Headers.FIRST_ERROR, error)
+    out[Headers.LAST_ERROR] = error
+    return out
 
 
 def replayed_headers(headers: Mapping[str, str], now: float) -> dict[str, str]:

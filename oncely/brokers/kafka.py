@@ -123,6 +123,7 @@ class KafkaBroker(Broker, DeadLetterAdmin):
             transactions=True,
             durable=True,
             defer_keeps_attempt=True,
+            carries_errors=True,  # the retry copy is re-produced with the error headers
         )
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None

@@ -45,6 +45,7 @@ from oncely.brokers.base import (
     Headers,
     Subscription,
     check_headers,
+    error_headers,
     replayed_headers,
 )
 from oncely.errors import ConfigError, ConnectionLost
@@ -175,6 +176,7 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         extend=True,
         ordering="none",
         durable=False,
+        carries_errors=True,
     )
 
     def __init__(self, hub: str | None = None) -> None:
@@ -376,7 +378,9 @@ class _MemoryDelivery(LocalDelivery):
             hub.remove(self._t, self._record)
         return hub is not None
 
-    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
+    async def nack(
+        self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
+    ) -> None:
         async def attempt() -> bool:
             check_delay(delay)
             hub = self._own()
@@ -384,6 +388,9 @@ class _MemoryDelivery(LocalDelivery):
                 self._record.token = None
                 if defer:
                     self._record.attempts -= 1
+                if error is not None:
+                    # A new dict: this delivery's own headers stay as they were delivered.
+                    self._record.headers = error_headers(self._record.headers, error)
                 hub.schedule(self._t, self._record, time.monotonic() + delay)
                 wake_all(self._t.waiters)
             return hub is not None

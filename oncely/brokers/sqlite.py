@@ -66,6 +66,8 @@ from oncely.brokers._sqlite_queue import (
     INSERT_DEAD,
     NACK,
     NACK_DEFER,
+    NACK_ERROR,
+    NACK_ERROR_DEFER,
     NEXT_VISIBLE,
     PUBLISH,
     PURGE_DEAD,
@@ -87,6 +89,7 @@ from oncely.brokers.base import (
     Delivery,
     Subscription,
     check_headers,
+    error_headers,
     replayed_headers,
 )
 from oncely.errors import BrokerError, ConfigError, ConnectionLost, StoreUnavailable
@@ -124,6 +127,7 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         extend=True,
         ordering="none",
         durable=True,
+        carries_errors=True,
     )
 
     def __init__(
@@ -436,10 +440,18 @@ class _SqliteDelivery(LocalDelivery):
         self._broker._require()
         return await self._broker._acks.ack(self._rowid, self._token)
 
-    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
+    async def nack(
+        self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
+    ) -> None:
         async def attempt() -> bool:
             check_delay(delay)
-            params = (time.time() + delay, self._rowid, self._token)
+            params: tuple[Any, ...] = (time.time() + delay, self._rowid, self._token)
+            if error is not None:
+                # The row's headers, as delivered, plus the error: the same UPDATE, so a nack
+                # that lost its claim changes nothing.
+                headers = to_json(error_headers(self.headers, error))
+                sql = NACK_ERROR_DEFER if defer else NACK_ERROR
+                return bool(await self._broker._exec(sql, (headers, *params)))
             return bool(await self._broker._exec(NACK_DEFER if defer else NACK, params))
 
         await self._settle(attempt)

@@ -9,6 +9,7 @@ otherwise (one JSON object per line, no progress). The JSON keys are stable: ``i
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import re
@@ -142,7 +143,7 @@ def letter_json(letter: DeadLetter, now: float) -> dict[str, Any]:
         "reason": letter.reason,
         "attempt": letter.attempt,
         "first_error": letter.first_error,
-        "last_error": letter.reason,
+        "last_error": letter.last_error,
         "failed_at": letter.failed_at,
         "age_s": round(max(now - letter.failed_at, 0.0), 3),
         "body": body,
@@ -216,7 +217,7 @@ async def _cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     if not _tty(sys.stdout, args.format):
         echo(json.dumps(data))
         return 0
-    for key in ("id", "topic", "reason", "attempt", "first_error", "failed_at"):
+    for key in ("id", "topic", "reason", "attempt", "first_error", "last_error", "failed_at"):
         echo(f"{key + ':':13} {data[key]}")
     echo(f"{'age:':13} {_age(data['age_s'])}")
     echo("headers:")
@@ -286,15 +287,36 @@ async def _cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
                 f"--older-than expects an age like 30s, 15m, 12h or 7d, got {args.older_than!r}"
             )
     broker = _admin(settings)
-    tty = sys.stderr.isatty()
     async with broker:
         assert isinstance(broker, DeadLetterAdmin)
-        if tty:
-            echo(f"purging dead letters of {args.topic!r}…", end="", file=sys.stderr, flush=True)
+        # One broker call, which cannot report counts as it goes: on a TTY the time it has
+        # taken so far shows it is still working.
+        ticker = _Ticker(f"purging dead letters of {args.topic!r}…")
         try:
             purged = await broker.purge(args.topic, older_than=older_than)
         finally:
-            if tty:
-                echo(file=sys.stderr)
+            await ticker.stop()
     echo(f"purged {purged} dead letter(s) of {args.topic!r}")
     return 0
+
+
+class _Ticker:
+    """``text`` and the seconds elapsed, redrawn every second on stderr when it is a TTY;
+    nothing otherwise."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.task = asyncio.ensure_future(self._run()) if sys.stderr.isatty() else None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            echo(f"\r{self.text} {loop.time() - start:.0f}s", end="", file=sys.stderr, flush=True)
+            await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            echo(file=sys.stderr)

@@ -24,13 +24,18 @@ Import module:app and consume every handler's topic until SIGTERM or SIGINT.
 
 The first signal stops fetching and lets in-flight handlers finish within the grace period;
 a second one stops at once. If the module fails to import, its own traceback is shown,
-followed by a one-line summary, and the exit status is 2."""
+followed by a one-line summary, and the exit status is 2.
+
+Logs go to stderr: JSON lines when it is not a terminal, readable lines when it is
+(--log-format). Lines about a message carry its handler, topic, message_id, key and attempt;
+payloads are left out unless --log-payloads. --log-level sets oncely's loggers only."""
 
 RUN_EPILOG = """\
 examples:
   oncely run shop.tasks:app
   oncely run shop.tasks:app --concurrency 32 --grace 10
-  oncely run shop.tasks:app --handler shop.tasks.place_order --config oncely.toml"""
+  oncely run shop.tasks:app --handler shop.tasks.place_order --config oncely.toml
+  oncely run shop.tasks:app --log-format json 2>&1 | jq 'select(.level == "ERROR")'"""
 
 PUBLISH_HELP = """\
 Publish one message whose body is the given JSON, and print its message id."""
@@ -60,7 +65,9 @@ DLQ_LIST_HELP = """\
 Print a topic's dead letters, oldest first: id, attempt, age, last error (the reason) and
 first error. A table on a TTY; otherwise one JSON object per line with the keys id, topic,
 reason, attempt, first_error, last_error, failed_at, age_s, body, body_encoding, headers.
-first_error is null when the broker did not carry it. The count goes to stderr."""
+last_error is the reason; first_error is the first failed attempt's error, carried through
+retries on memory, SQLite, RabbitMQ and Kafka (oncely-first-error), and null where it is not
+known (SQS, for a message that failed more than once). The count goes to stderr."""
 
 DLQ_LIST_EPILOG = """\
 examples:

@@ -27,6 +27,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from oncely._logging import MESSAGE, note_key, redact_values
 from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
@@ -98,6 +99,10 @@ class Runner:
         """Run the handler on ``delivery`` and settle it. Never raises except on cancel."""
         self.stats.received += 1
         traced = None if self.tracing is None else self.tracing.enter(delivery)
+        # Log lines about this delivery carry its fields (oncely._logging); emptied and reset
+        # after, so neither tasks started meanwhile nor this pooled task keep it.
+        current = [self.spec.name, delivery]
+        logged = MESSAGE.set(current)
         try:
             await self._run(delivery)
         except asyncio.CancelledError:
@@ -118,8 +123,11 @@ class Runner:
                     f"internal error: {_describe(exc)} (gave up after {delivery.attempt} attempts)",
                 )
             else:
-                await self.settle.nack(delivery, INTERNAL_ERROR_DELAY)
+                error = f"internal error: {_describe(exc)}"
+                await self.settle.nack(delivery, INTERNAL_ERROR_DELAY, error=error)
         finally:
+            current.clear()
+            MESSAGE.reset(logged)
             if traced is not None:
                 traced.end()
 
@@ -131,7 +139,12 @@ class Runner:
             # Decoding has no side effects, so even an at-most-once poison message can go to
             # the dead-letter queue rather than vanish. Not only DecodeError: msgspec raises
             # UnicodeDecodeError for invalid UTF-8 inside a JSON string, for one.
-            await self.settle.dead_letter(delivery, f"undecodable payload: {_describe(exc)}")
+            why = _describe(exc)
+            await self.settle.dead_letter(
+                delivery,
+                f"undecodable payload: {why}",
+                logged=f"undecodable payload: {redact_values(why)}",  # logs never show payloads
+            )
             return
         if spec.guarantee == "at_most_once":
             await self._at_most_once(delivery, payload)
@@ -147,6 +160,7 @@ class Runner:
                 # A key function that fails on this payload will fail on every redelivery.
                 await self.settle.dead_letter(delivery, f"key extraction failed: {exc!r}")
                 return
+            note_key(key)  # log lines from here on show this key, not the header's
             if key is None and spec.transactional:
                 # No key, no lease, no transaction: the handler cannot run as declared.
                 await self.settle.dead_letter(
@@ -388,7 +402,7 @@ class Runner:
             )
         else:
             self.stats.retried += 1
-            await self.settle.nack(delivery, delay)
+            await self.settle.nack(delivery, delay, error=reason)
 
     async def _give_back(self, delivery: Delivery, lease: Lease | None) -> None:
         self.stats.cancelled += 1

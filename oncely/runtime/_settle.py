@@ -31,11 +31,12 @@ class Settler:
         stats: the worker's counters.
     """
 
-    __slots__ = ("max_delay", "name", "stats")
+    __slots__ = ("carries_errors", "max_delay", "name", "stats")
 
     def __init__(self, name: str, capabilities: Capabilities, stats: Stats) -> None:
         self.name = name
         self.max_delay = capabilities.max_delay
+        self.carries_errors = capabilities.carries_errors
         self.stats = stats
 
     async def ack(self, delivery: Delivery) -> bool:
@@ -44,14 +45,17 @@ class Settler:
             return True
         return False
 
-    async def nack(self, delivery: Delivery, delay: float, *, defer: bool = False) -> bool:
+    async def nack(
+        self, delivery: Delivery, delay: float, *, defer: bool = False, error: str | None = None
+    ) -> bool:
         """Nack with ``delay`` clamped to the broker's ``max_delay``.
 
         A retry policy (or a ``Retry(delay=)``) may ask for more than a broker can hold, as
         ``RetryPolicy(cap=7200)`` does on RabbitMQ (1 hour): the message then comes back after
         the longest delay the broker has, rather than the nack failing on every attempt.
         ``defer=True`` marks a deferral: the handler did not run, so the attempt is kept where
-        the broker can (``Capabilities.defer_keeps_attempt``).
+        the broker can (``Capabilities.defer_keeps_attempt``). ``error`` (the failure) is
+        passed on only to brokers that carry it (``Capabilities.carries_errors``).
         """
         if self.max_delay is not None and delay > self.max_delay:
             log.info(
@@ -64,13 +68,25 @@ class Settler:
             self.stats.delays_clamped += 1
             delay = self.max_delay
         delay = max(delay, 0.0)
-        if await self._settle(lambda: delivery.nack(delay, defer=defer), delivery, "nack"):
+        if error is not None and self.carries_errors:
+            settled = await self._settle(
+                lambda: delivery.nack(delay, defer=defer, error=error), delivery, "nack"
+            )
+        else:
+            settled = await self._settle(
+                lambda: delivery.nack(delay, defer=defer), delivery, "nack"
+            )
+        if settled:
             self.stats.nacked += 1
-            return True
-        return False
+        return settled
 
-    async def dead_letter(self, delivery: Delivery, reason: str) -> bool:
-        log.warning("%s: dead-lettering %s: %s", self.name, delivery.id, reason)
+    async def dead_letter(
+        self, delivery: Delivery, reason: str, *, logged: str | None = None
+    ) -> bool:
+        """Reject with ``reason``; the log line says ``logged`` instead when given (a reason
+        that quotes the payload, which logs never show)."""
+        shown = reason if logged is None else logged
+        log.warning("%s: dead-lettering %s: %s", self.name, delivery.id, shown)
         if await self._settle(lambda: delivery.reject(reason), delivery, "reject"):
             self.stats.dead_lettered += 1
             return True

@@ -184,15 +184,19 @@ class Tracing(Settler):
         self._outcome(delivery, ok, ACKED, None)
         return ok
 
-    async def nack(self, delivery: Delivery, delay: float, *, defer: bool = False) -> bool:
-        ok = await super().nack(delivery, delay, defer=defer)
+    async def nack(
+        self, delivery: Delivery, delay: float, *, defer: bool = False, error: str | None = None
+    ) -> bool:
+        ok = await super().nack(delivery, delay, defer=defer, error=error)
         if defer:
             self._outcome(delivery, ok, DEFERRED, None)
         else:
             self._outcome(delivery, ok, RETRIED, "retried")
         return ok
 
-    async def dead_letter(self, delivery: Delivery, reason: str) -> bool:
-        ok = await super().dead_letter(delivery, reason)
+    async def dead_letter(
+        self, delivery: Delivery, reason: str, *, logged: str | None = None
+    ) -> bool:
+        ok = await super().dead_letter(delivery, reason, logged=logged)
         self._outcome(delivery, ok, DEAD_LETTERED, reason)
         return ok

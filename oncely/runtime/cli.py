@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from oncely._logging import configure_logging
 from oncely._version import __version__
 from oncely.errors import ConfigError, OncelyError
 from oncely.runtime._cli_dlq import add_dlq_parser
@@ -56,12 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "concurrency": getattr(args, "concurrency", None),
                 "grace_period": getattr(args, "grace", None),
                 "log_level": args.log_level,
+                "log_format": args.log_format,
+                "log_payloads": True if args.log_payloads else None,
             },
         )
-        logging.basicConfig(
-            level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
+        # The oncely logger tree only: the root level (other libraries) stays as it was.
+        configure_logging(
+            settings.log_level, log_format=settings.log_format, payloads=settings.log_payloads
         )
         command: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]] = args.func
         return _run_loop(command(args, settings), args.loop)
@@ -83,7 +85,22 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--config", metavar="FILE", help="TOML settings file (default: $ONCELY_CONFIG)"
     )
-    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="level of oncely's loggers (not the root logger's); default INFO",
+    )
+    common.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        help="log lines on stderr: auto (default) is text on a TTY, else JSON lines",
+    )
+    common.add_argument(
+        "--log-payloads",
+        action="store_true",
+        default=None,
+        help="add message payloads to log lines about a message (off by default)",
+    )
     common.add_argument(
         "--loop",
         choices=["auto", "asyncio", "uvloop"],

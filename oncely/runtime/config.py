@@ -78,7 +78,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         grace_period: seconds in-flight handlers get to finish at shutdown.
         fail_open: when the store is unreachable, run handlers without dedupe (logged)
             instead of retrying later.
-        log_level: the ``oncely`` logger level in the CLI.
+        log_level: the level of the ``oncely`` loggers in the CLI (never the root logger's).
+        log_format: how the CLI writes logs to stderr: ``json`` lines, readable ``text``, or
+            ``auto`` (text on a TTY, else JSON).
+        log_payloads: add message payloads to log lines about a message (off by default:
+            payloads may hold personal data or secrets).
         handlers: per-handler overrides, by handler name.
     """
 
@@ -88,6 +92,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grace_period: float = 30.0
     fail_open: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_payloads: bool = False
     handlers: dict[str, HandlerSettings] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:

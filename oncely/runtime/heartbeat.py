@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from oncely._logging import MESSAGE
 from oncely.errors import BrokerError, LeaseLost, NotSupported, StoreError
 
 if TYPE_CHECKING:
@@ -116,6 +117,8 @@ class Heartbeat:
                 await asyncio.gather(*(self._bounded(a) for a in list(self._active)))
 
     async def _bounded(self, active: Active) -> None:
+        # Its own task (gather): log lines about this beat carry the delivery's fields.
+        MESSAGE.set([self.name, active.delivery])
         # A backend call that hangs must not hold up the next beat of every other delivery.
         try:
             await asyncio.wait_for(self._beat(active), self.interval)

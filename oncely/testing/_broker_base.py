@@ -44,6 +44,8 @@ class BrokerFeatures:
         dlq_admin: the broker implements ``DeadLetterAdmin`` (list and replay).
         defer_keeps_attempt: ``nack(defer=True)`` redelivers with the same ``attempt``
             (``Capabilities.defer_keeps_attempt``); when false, with ``attempt + 1``.
+        carries_errors: ``nack(error=)`` reaches the redelivery and the dead letter as
+            ``oncely-first-error`` and ``oncely-last-error`` (``Capabilities.carries_errors``).
         reopen: a new broker on the same location sees what a closed one left (durable
             brokers, and named ``memory://`` hubs within one process).
         visibility_seconds: a short visibility the broker honours, for the expiry cases.
@@ -64,6 +66,7 @@ class BrokerFeatures:
     dlq: bool = True
     dlq_admin: bool = True
     defer_keeps_attempt: bool = True
+    carries_errors: bool = False
     reopen: bool = True
     visibility_seconds: float = 0.5
     long_visibility_seconds: float = 60.0

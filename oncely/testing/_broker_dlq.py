@@ -75,3 +75,26 @@ class DeadLetterCases(BrokerCases):
             assert back == {order[0], order[2]}
             assert await broker.dead_letters(topic) == []
             assert await broker.replay(topic) == 0
+
+    @pytest.mark.anyio
+    @requires(dlq=True, carries_errors=True)
+    async def test_nack_errors_reach_the_dead_letter(self, broker: Broker, topic: str) -> None:
+        """Where ``Capabilities.carries_errors``: each redelivery carries the first error
+        (set once) and the latest, and the dead letter keeps both."""
+        assert broker.capabilities.carries_errors
+        mid = await broker.publish(topic, b"failing")
+        async with broker.consume(topic, prefetch=1, visibility=self._visibility()) as sub:
+            d = await self._next(sub)
+            assert Headers.FIRST_ERROR not in d.headers
+            await d.nack(error="E1")
+            d = await self._next(sub)
+            assert (d.id, d.attempt) == (mid, 2)
+            assert (d.headers[Headers.FIRST_ERROR], d.headers[Headers.LAST_ERROR]) == ("E1", "E1")
+            await d.nack(error="E2")
+            d = await self._next(sub)
+            assert (d.headers[Headers.FIRST_ERROR], d.headers[Headers.LAST_ERROR]) == ("E1", "E2")
+            await d.reject("E3")
+            await self._assert_quiet(sub)
+        (letter,) = await self.read_dead_letters(broker, topic, 1)
+        assert (letter.first_error, letter.last_error, letter.attempt) == ("E1", "E3", 3)
+        assert letter.headers[Headers.LAST_ERROR] == "E2"

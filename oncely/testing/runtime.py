@@ -267,6 +267,9 @@ class RuntimeConformance:
             (letter,) = letters
             assert letter.reason == "ValueError: never works (3) (gave up after 3 attempts)"
             assert letter.attempt == 3
+            # The first error comes through the retries where the broker carries errors.
+            carried = broker.capabilities.carries_errors
+            assert letter.first_error == ("ValueError: never works (1)" if carried else None)
 
     @pytest.mark.anyio
     async def test_duplicates_are_absorbed(self, broker: Broker, topic: str) -> None:

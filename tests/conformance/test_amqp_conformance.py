@@ -30,6 +30,7 @@ class TestAmqpBroker(BrokerConformance):
         lease_check=False,
         delay_granularity=1.0,
         latency=5.0,
+        carries_errors=True,
     )
 
     @pytest.fixture

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 class TestMemoryBroker(BrokerConformance):
-    features = BrokerFeatures(latency=1.0)
+    features = BrokerFeatures(latency=1.0, carries_errors=True)
 
     @pytest.fixture
     def broker_factory(self) -> BrokerFactory:
@@ -34,7 +34,7 @@ class TestMemoryBroker(BrokerConformance):
 
 
 class TestSqliteBroker(BrokerConformance):
-    features = BrokerFeatures(latency=2.0)
+    features = BrokerFeatures(latency=2.0, carries_errors=True)
 
     @pytest.fixture
     def broker_factory(self, tmp_path: Path) -> BrokerFactory:

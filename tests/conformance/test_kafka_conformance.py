@@ -40,6 +40,7 @@ class TestKafkaBroker(BrokerConformance):
         latency=15.0,
         quiet_seconds=0.5,
         visibility_seconds=1.0,
+        carries_errors=True,
     )
 
     @pytest.fixture

@@ -123,12 +123,14 @@ class _Delivery(Delivery):
             self.broker.on_ack(self)
         await self.inner.ack()
 
-    async def nack(self, delay: float = 0.0, *, defer: bool = False) -> None:
+    async def nack(
+        self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
+    ) -> None:
         limit = self.broker.capabilities.max_delay
         if limit is not None and delay > limit:
             raise NotSupported(f"delay {delay}s is over max_delay {limit}s")
         self.broker.nacks.append((self.id, delay, defer))
-        await self.inner.nack(delay, defer=defer)
+        await self.inner.nack(delay, defer=defer, error=error)
 
     async def reject(self, reason: str) -> None:
         await self.inner.reject(reason)
