@@ -189,3 +189,76 @@ async def test_endpoints_work_as_an_asgi_app() -> None:
     sent.clear()
     await endpoints.asgi({**scope, "path": "/missing"}, receive, send)
     assert sent[0]["status"] == 404
+
+
+@pytest.mark.anyio
+async def test_aclose_ends_open_connections_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that connected and sent nothing (a browser's preconnect, a slowloris), and one
+    whose route is still running, are cut when the server closes: no request is served after
+    ``aclose()``, and (Python 3.12+, whose ``wait_closed`` waits for connections) a worker's
+    ``stop()`` does not hang on them."""
+    import oncely.runtime.http as http
+
+    monkeypatch.setattr(http, "READ_TIMEOUT", 3600.0)
+    endpoints = Endpoints()
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(_: Any) -> Response:
+        entered.set()
+        await release.wait()
+        return Response(200, b"late")
+
+    endpoints.add("/slow", slow)
+    server = await endpoints.serve("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+    busy_writer.write(b"GET /slow HTTP/1.1\r\n\r\n")
+    await asyncio.wait_for(entered.wait(), 10)
+    try:
+        await asyncio.wait_for(endpoints.aclose(), 30)
+        # Both connections were closed by the server: each reads end-of-stream at once.
+        assert await asyncio.wait_for(idle_reader.read(), 30) == b""
+        assert await asyncio.wait_for(busy_reader.read(), 30) == b""
+    finally:
+        release.set()
+        idle_writer.close()
+        busy_writer.close()
+
+
+@pytest.mark.anyio
+async def test_asgi_app_mounted_under_a_prefix_strips_root_path() -> None:
+    """ASGI servers and Starlette's ``Mount`` (0.33+) pass the full path and the mount point
+    as ``root_path``; the routes are matched below it."""
+    endpoints = Endpoints()
+
+    async def fine(query: Any) -> Response:
+        return Response(200, f"ok {query.get('q')}".encode())
+
+    endpoints.add("/fine", fine)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/ops/fine",
+        "root_path": "/ops",
+        "query_string": b"q=1",
+    }
+    await endpoints.asgi(scope, receive, send)
+    assert (sent[0]["status"], sent[1]["body"]) == (200, b"ok 1")
+    sent.clear()
+    # A server that already stripped the prefix (older Starlette) still works.
+    await endpoints.asgi({**scope, "path": "/fine"}, receive, send)
+    assert sent[0]["status"] == 200
+    sent.clear()
+    # The prefix is a whole segment: /opsfine is not /ops + fine.
+    await endpoints.asgi({**scope, "path": "/opsfine"}, receive, send)
+    assert sent[0]["status"] == 404
