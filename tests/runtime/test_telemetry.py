@@ -262,3 +262,33 @@ async def test_asgi_app_mounted_under_a_prefix_strips_root_path() -> None:
     # The prefix is a whole segment: /opsfine is not /ops + fine.
     await endpoints.asgi({**scope, "path": "/opsfine"}, receive, send)
     assert sent[0]["status"] == 404
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # A password in the query string (libpq and asyncpg read ?password=).
+        (
+            "postgresql://oncely@db:5432/oncely?password=hunter2&sslmode=require",
+            "postgresql://oncely@db:5432/oncely?password=***&sslmode=require",
+        ),
+        ("postgresql://u:pw@db/x?sslpassword=k", "postgresql://u:***@db/x?sslpassword=***"),
+        (
+            "sqs://jobs?region=eu&aws_secret_access_key=AKIA",
+            "sqs://jobs?region=eu&aws_secret_access_key=***",
+        ),
+        ("redis://h/0?token=abc&auth=x", "redis://h/0?token=***&auth=***"),
+        # A user name alone is not a secret.
+        ("amqp://guest@host/", "amqp://guest@host/"),
+        # An empty password is not shown either way.
+        ("redis://:@h/0", "redis://:***@h/0"),
+        # A password with an unescaped '#', '?' or '/' ends the host part early: whatever
+        # follows is not shown.
+        ("redis://:pa#ss@h/0", "redis://***"),
+        ("amqp://u:p?w@h:5672/", "amqp://***"),
+        ("postgresql://u:a/b@h/db", "postgresql://***"),
+    ],
+)
+def test_redact_url_hides_secrets_wherever_they_are(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "hunter2" not in redact_url(url)
