@@ -170,6 +170,10 @@ class Endpoints:
             answered = True
         except (ConnectionError, OSError, TimeoutError):
             pass  # the client went away, or would not take the answer
+        except asyncio.CancelledError:
+            # aclose(): the connection's own task, which asyncio would log as an error were
+            # it to end cancelled ("Unhandled exception in client_connected_cb").
+            pass
         except Exception:
             log.exception("serving a request failed")
         finally:
