@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -351,3 +352,23 @@ async def test_the_page_restarts_its_rates_with_the_worker_and_bounds_a_refresh(
         released.set()
         await endpoints.aclose()
 
+
+@pytest.mark.anyio
+async def test_a_browser_that_fails_to_start_is_not_left_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The browser started but its first command failed: ``async with`` raises, and no
+    process of the browser's group is left behind."""
+    browser = Browser()
+
+    async def refuse(*_: Any, **__: Any) -> dict[str, Any]:
+        raise RuntimeError("Target.setDiscoverTargets: refused")
+
+    monkeypatch.setattr(browser, "send", refuse)
+    with pytest.raises(RuntimeError, match="refused"):
+        async with browser:
+            pass
+    proc = browser._proc
+    assert proc is not None and proc.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
