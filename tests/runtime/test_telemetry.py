@@ -297,3 +297,26 @@ async def test_asgi_app_mounted_under_a_prefix_strips_root_path() -> None:
 def test_redact_url_hides_secrets_wherever_they_are(url: str, shown: str) -> None:
     assert redact_url(url) == shown
     assert "hunter2" not in redact_url(url)
+
+
+@pytest.mark.anyio
+async def test_a_worker_whose_start_failed_is_not_shown_running(unique: str) -> None:
+    """Endpoints served (or mounted) before ``start()``: a start that fails closes them, and the
+    state says the worker is not running rather than ``running`` for good."""
+    app = oncely.App()
+
+    @app.handler("jobs", name="jobs")
+    async def handle(_: dict[str, int]) -> None: ...
+
+    @app.on_startup
+    async def broken() -> None:
+        raise RuntimeError("cannot warm the cache")
+
+    worker = oncely.Worker(app, broker=f"memory://{unique}")
+    port = await worker.serve_http(0)
+    with pytest.raises(RuntimeError, match="warm"):
+        await worker.start()
+    assert worker.state == "stopped"
+    assert worker.snapshot()["state"] == "stopped"
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
