@@ -35,6 +35,7 @@ _REASONS = {
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -157,8 +158,10 @@ class Endpoints:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
                 method_, target, _version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            except (asyncio.IncompleteReadError, TimeoutError):
                 return
+            except asyncio.LimitOverrunError:
+                response = Response(431, b"request head too large\n")
             except ValueError:
                 response = Response(400, b"bad request\n")
             else:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import oncely
+from oncely.runtime import http
 from oncely.runtime._status import redact_url
 from oncely.runtime.http import Endpoints, Response
 from oncely.runtime.stats import Histogram, Stats
@@ -200,8 +201,6 @@ async def test_aclose_ends_open_connections_too(
     whose route is still running, are cut when the server closes: no request is served after
     ``aclose()``, and (Python 3.12+, whose ``wait_closed`` waits for connections) a worker's
     ``stop()`` does not hang on them."""
-    import oncely.runtime.http as http
-
     monkeypatch.setattr(http, "READ_TIMEOUT", 3600.0)
     endpoints = Endpoints()
     entered = asyncio.Event()
@@ -320,3 +319,21 @@ async def test_a_worker_whose_start_failed_is_not_shown_running(unique: str) -> 
     assert worker.snapshot()["state"] == "stopped"
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+@pytest.mark.anyio
+async def test_an_oversized_request_head_is_answered_431() -> None:
+    endpoints = Endpoints()
+
+    async def fine(_: Any) -> Response:
+        return Response(200, b"ok")
+
+    endpoints.add("/fine", fine)
+    server = await endpoints.serve("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        huge = b"GET /fine HTTP/1.1\r\nX-Big: " + b"a" * (http.MAX_HEAD + 1) + b"\r\n\r\n"
+        assert (await _get(port, huge))[0] == 431
+        assert (await _get(port, b"GET /fine HTTP/1.1\r\n\r\n"))[0] == 200
+    finally:
+        await endpoints.aclose()
