@@ -28,13 +28,14 @@ MAX_HEAD = 16 * 1024
 """Largest request head (request line and headers) the server reads."""
 
 READ_TIMEOUT = 10.0
-"""Seconds a client has to send its request head."""
+"""Seconds a client has to send its request head, and to take the response."""
 
 _REASONS = {
     200: "OK",
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -64,6 +65,7 @@ class Endpoints:
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
         self._servers: list[asyncio.Server] = []
+        self._connections: set[asyncio.Task[Any]] = set()
 
     def add(self, path: str, route: Route) -> None:
         """Serve ``route`` at ``path`` (replacing any route there)."""
@@ -102,7 +104,12 @@ class Endpoints:
         if scope["type"] != "http":
             return
         query = scope.get("query_string", b"").decode("latin-1")
-        target = scope.get("path", "/") + (f"?{query}" if query else "")
+        path: str = scope.get("path", "/")
+        # ASGI servers and Starlette's Mount pass the full path, the mount point as root_path.
+        root = scope.get("root_path", "").rstrip("/")
+        if root and (path == root or path.startswith(root + "/")):
+            path = path[len(root) :] or "/"
+        target = path + (f"?{query}" if query else "")
         response = await self.respond(scope.get("method", "GET"), target)
         headers = [
             (b"content-type", response.content_type.encode()),
@@ -126,37 +133,60 @@ class Endpoints:
         return server
 
     async def aclose(self) -> None:
+        """Stop every server, and end the connections still open: a client sending its head
+        slowly (or never, as a browser's preconnect) or a route still running must neither
+        keep serving after this nor hold it up (``wait_closed`` waits for connections on
+        Python 3.12+)."""
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
+        connections = list(self._connections)
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
         for server in servers:
             await server.wait_closed()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
         method = "GET"
+        answered = False
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
                 method_, target, _version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            except (asyncio.IncompleteReadError, TimeoutError):
                 return
+            except asyncio.LimitOverrunError:
+                response = Response(431, b"request head too large\n")
             except ValueError:
                 response = Response(400, b"bad request\n")
             else:
                 method = method_
                 response = await self.respond(method, target)
             writer.write(_head(response) + (b"" if method == "HEAD" else response.body))
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass  # the client went away; nothing to answer
+            # A client that never reads must not hold its connection (and buffer) for good.
+            await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+            answered = True
+        except (ConnectionError, OSError, TimeoutError):
+            pass  # the client went away, or would not take the answer
+        except asyncio.CancelledError:
+            # aclose(): the connection's own task, which asyncio would log as an error were
+            # it to end cancelled ("Unhandled exception in client_connected_cb").
+            pass
         except Exception:
             log.exception("serving a request failed")
         finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
+            # Not waited for: a cancel from aclose() must not be held up by the peer. A close
+            # would keep the socket until unsent bytes drain, which a client that does not
+            # read never lets happen: anything but a sent answer aborts.
+            if answered:
+                writer.close()
+            else:
+                writer.transport.abort()
 
 
 def _head(response: Response) -> bytes:

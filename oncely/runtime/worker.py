@@ -118,6 +118,7 @@ class Worker:
         self._hurry: asyncio.Event | None = None
         self._deadline = 0.0
         self._started = False
+        self._failed_start = False
         self._publisher: Publisher | None = None
         self._self_stop: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
@@ -185,7 +186,7 @@ class Worker:
         try:
             await self._connect()
         except BaseException:
-            await self._close_owned()
+            await self._start_failed()
             raise
         assert self.broker is not None
         publisher = Publisher(self.broker)
@@ -193,7 +194,7 @@ class Worker:
             for hook in self.app.startup_hooks:
                 await hook()
         except BaseException:
-            await self._close_owned()
+            await self._start_failed()
             raise
         self._publisher = publisher
         self.app.bind(publisher)
@@ -215,6 +216,13 @@ class Worker:
         log.info(
             "worker started: %d handler(s) on %s", len(self.specs), self.broker.url or "broker"
         )
+
+    async def _start_failed(self) -> None:
+        # Endpoints served or mounted before start() must not report a worker that never ran
+        # as running, nor stay open.
+        self._failed_start = True
+        await self._close_owned()
+        await self.endpoints.aclose()
 
     async def _connect(self) -> None:
         self.broker = broker_from_url(self._broker_arg)
@@ -372,7 +380,7 @@ class Worker:
         """``created``, ``running``, ``draining`` (stopping), ``stopped`` or ``failed``."""
         if not self._started or self._stopping is None or self._stopped is None:
             return "created"
-        if self._stopped.is_set():
+        if self._stopped.is_set() or self._failed_start:
             return "failed" if self.failure is not None else "stopped"
         return "draining" if self._stopping.is_set() else "running"
 

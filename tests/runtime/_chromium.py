@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from typing import Any
@@ -63,6 +64,16 @@ class Browser:
 
     async def __aenter__(self) -> Browser:
         binary = chromium_path()
+        try:
+            await self._launch(binary)
+        except BaseException:
+            # __aexit__ does not run when __aenter__ raises: without this a browser that
+            # started but did not answer (or a cancel meanwhile) would outlive the test.
+            await self.__aexit__()
+            raise
+        return self
+
+    async def _launch(self, binary: str) -> None:
         cmd_read, cmd_write = os.pipe()
         out_read, out_write = os.pipe()
         # The browser wants the pipes on fds 3 and 4 exactly: let a shell put them there.
@@ -80,6 +91,8 @@ class Browser:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            # Its own process group, so that its helpers (zygote, renderers) go with it.
+            start_new_session=True,
         )
         os.close(cmd_read)
         os.close(out_write)
@@ -91,16 +104,21 @@ class Browser:
         )
         self._reader_task = asyncio.create_task(self._read(reader))
         await self.send("Target.setDiscoverTargets", {"discover": False})
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._proc is not None and self._proc.returncode is None:
             try:
                 await asyncio.wait_for(self.send("Browser.close"), 10)
                 await asyncio.wait_for(self._proc.wait(), 10)
-            except (TimeoutError, ConnectionError):
-                self._proc.kill()
-                await self._proc.wait()
+            except Exception:  # no answer, a protocol error, a broken pipe: kill it
+                pass
+        if self._proc is not None:
+            # The whole group: helpers of a browser killed (or crashed) may linger otherwise.
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await self._proc.wait()
         if self._reader_task is not None:
             self._reader_task.cancel()
             await asyncio.gather(self._reader_task, return_exceptions=True)
@@ -108,6 +126,7 @@ class Browser:
             self._transport.close()
         if self._write_fd >= 0:
             os.close(self._write_fd)
+            self._write_fd = -1
         self._profile.cleanup()
 
     async def send(
@@ -118,6 +137,8 @@ class Browser:
         message: dict[str, Any] = {"id": ident, "method": method, "params": params or {}}
         if session is not None:
             message["sessionId"] = session
+        if self._reader_task is None or self._reader_task.done():
+            raise ConnectionError("chromium exited")  # at once, not after the 30 s below
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[ident] = future
         os.write(self._write_fd, json.dumps(message).encode() + b"\0")

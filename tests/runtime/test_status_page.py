@@ -268,3 +268,119 @@ async def test_the_page_is_self_contained_and_only_its_own_script_may_run() -> N
     csp = response.headers["Content-Security-Policy"]
     assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+
+
+@pytest.mark.anyio
+async def test_the_page_restarts_its_rates_with_the_worker_and_bounds_a_refresh() -> None:
+    """A worker restart resets its counters: the page starts its rates over rather than showing
+    a stall (0 msgs/s) for a window. A status.json that never answers shows as an error."""
+    endpoints = Endpoints()
+    add_status_page(endpoints)
+    served = 0
+    hang = asyncio.Event()
+    released = asyncio.Event()
+
+    async def status(_: Any) -> Response:
+        nonlocal served
+        served += 1
+        n = served
+        if n == 8:
+            hang.set()
+            await released.wait()
+        first_run = n <= 3
+        processed = 1000 + 10 * n if first_run else 10 * (n - 3)
+        snap = {
+            "time": 1_000_000.0 + n,
+            "started_at": 900_000.0 if first_run else 1_000_003.5,
+            "state": "running",
+            "failure": None,
+            "broker": "memory://x",
+            "store": None,
+            "in_flight": 0,
+            "handlers": [
+                {
+                    "name": name,
+                    "topic": "t",
+                    "guarantee": "at_least_once",
+                    "concurrency": 1,
+                    "in_flight": 0,
+                    "counters": {
+                        **{f: 0 for f in FIELDS},
+                        "processed": processed,
+                        "received": processed,
+                    },
+                    "handler_seconds": None,
+                    "store_seconds": None,
+                }
+                for name in ("h", "__proto__")
+            ],
+        }
+        return Response(200, json.dumps(snap).encode(), "application/json")
+
+    endpoints.add("/status.json", status)
+    server = await endpoints.serve("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    seen: dict[int, tuple[str | None, str | None]] = {}
+    read = """[Number(document.getElementById("updated").dataset.value) - 1000000,
+        ...[...document.querySelectorAll("tr[data-handler]")].map(
+            (tr) => tr.querySelector("td[data-field=rate]").dataset.value)]"""
+    try:
+        async with Browser() as browser:
+            page = await browser.open(f"http://127.0.0.1:{port}/")
+            deadline = time.monotonic() + 60
+            while not hang.is_set() or 7 not in seen:
+                assert time.monotonic() < deadline, f"the page stopped refreshing: {seen}"
+                n, *rates = await page.evaluate(read)
+                if n > 0:
+                    seen[int(n)] = (rates[0], rates[1])
+                await asyncio.sleep(0.05)
+            # Before the restart: 10/s; after it, no rate for the first snapshot, then 10/s
+            # again; never the 0 that comparing with the old run's counters gives.
+            assert seen[3] == ("10", "10")
+            after = {n: rates for n, rates in seen.items() if n >= 4}
+            assert set(after.values()) <= {("", ""), ("10", "10")}, seen
+            assert after.get(7) == ("10", "10"), seen
+            # The eighth snapshot never comes: the page says so (within its refresh timeout)...
+            view = await view_until(page, lambda v: bool(v["error"]))
+            assert "timed out" in view["error"]
+            released.set()
+            # ...and recovers with the next one.
+            await view_until(page, lambda v: not v["error"] and v["ticks"] >= 8)
+            assert page.errors == []
+    finally:
+        released.set()
+        await endpoints.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_browser_that_fails_to_start_is_not_left_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The browser started but its first command failed: ``async with`` raises, and no
+    process of the browser's group is left behind."""
+    browser = Browser()
+
+    async def refuse(*_: Any, **__: Any) -> dict[str, Any]:
+        raise RuntimeError("Target.setDiscoverTargets: refused")
+
+    monkeypatch.setattr(browser, "send", refuse)
+    with pytest.raises(RuntimeError, match="refused"):
+        async with browser:
+            pass
+    proc = browser._proc
+    assert proc is not None and proc.returncode is not None
+    # Killed helpers are zombies until init reaps them: those do not count.
+    await eventually(lambda: _live_in_group(proc.pid) == [], within=10)
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state not in ("Z", "X"):
+            live.append(int(stat.parent.name))
+    return live

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
 
 import oncely
+from oncely.runtime import http
 from oncely.runtime._status import redact_url
 from oncely.runtime.http import Endpoints, Response
 from oncely.runtime.stats import Histogram, Stats
@@ -162,6 +164,10 @@ async def test_a_failing_route_answers_500_and_the_server_goes_on() -> None:
         assert (await _get(port, b"GET /broken HTTP/1.1\r\n\r\n"))[0] == 500
         status, _, body = await _get(port, b"GET /fine?who=you HTTP/1.1\r\n\r\n")
         assert (status, body) == (200, b"hi you")
+        # An oversized head gets an answer too, and the server goes on.
+        huge = b"GET /fine HTTP/1.1\r\nX-Big: " + b"a" * (http.MAX_HEAD + 1) + b"\r\n\r\n"
+        assert (await _get(port, huge))[0] == 431
+        assert (await _get(port, b"GET /fine HTTP/1.1\r\n\r\n"))[0] == 200
     finally:
         await endpoints.aclose()
 
@@ -189,3 +195,103 @@ async def test_endpoints_work_as_an_asgi_app() -> None:
     sent.clear()
     await endpoints.asgi({**scope, "path": "/missing"}, receive, send)
     assert sent[0]["status"] == 404
+    # Mounted under a prefix: ASGI servers and Starlette's Mount (0.33+) pass the full path
+    # and the mount point as root_path; the routes are matched below it.
+    for path, status in (("/ops/fine", 200), ("/fine", 200), ("/opsfine", 404)):
+        sent.clear()
+        await endpoints.asgi({**scope, "path": path, "root_path": "/ops"}, receive, send)
+        assert sent[0]["status"] == status, path
+    sent.clear()
+    await endpoints.asgi({**scope, "method": "HEAD"}, receive, send)
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b""
+
+
+@pytest.mark.anyio
+async def test_aclose_ends_open_connections_too(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that connected and sent nothing (a browser's preconnect, a slowloris), and one
+    whose route is still running, are cut when the server closes: no request is served after
+    ``aclose()``, and (Python 3.12+, whose ``wait_closed`` waits for connections) a worker's
+    ``stop()`` does not hang on them."""
+    monkeypatch.setattr(http, "READ_TIMEOUT", 3600.0)
+    endpoints = Endpoints()
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(_: Any) -> Response:
+        entered.set()
+        await release.wait()
+        return Response(200, b"late")
+
+    endpoints.add("/slow", slow)
+    server = await endpoints.serve("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+    busy_writer.write(b"GET /slow HTTP/1.1\r\n\r\n")
+    await asyncio.wait_for(entered.wait(), 10)
+    try:
+        await asyncio.wait_for(endpoints.aclose(), 30)
+        # Both connections were closed by the server: each reads end-of-stream at once.
+        assert await asyncio.wait_for(idle_reader.read(), 30) == b""
+        assert await asyncio.wait_for(busy_reader.read(), 30) == b""
+        # Quietly: asyncio logs a connection task that ends cancelled as an error.
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        release.set()
+        idle_writer.close()
+        busy_writer.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # A password in the query string (libpq and asyncpg read ?password=).
+        (
+            "postgresql://oncely@db:5432/oncely?password=hunter2&sslmode=require",
+            "postgresql://oncely@db:5432/oncely?password=***&sslmode=require",
+        ),
+        ("postgresql://u:pw@db/x?sslpassword=k", "postgresql://u:***@db/x?sslpassword=***"),
+        (
+            "sqs://jobs?region=eu&aws_secret_access_key=AKIA",
+            "sqs://jobs?region=eu&aws_secret_access_key=***",
+        ),
+        ("redis://h/0?token=abc&auth=x", "redis://h/0?token=***&auth=***"),
+        # A user name alone is not a secret.
+        ("amqp://guest@host/", "amqp://guest@host/"),
+        # An empty password is not shown either way.
+        ("redis://:@h/0", "redis://:***@h/0"),
+        # A password with an unescaped '#', '?' or '/' ends the host part early: whatever
+        # follows is not shown.
+        ("redis://:pa#ss@h/0", "redis://***"),
+        ("amqp://u:p?w@h:5672/", "amqp://***"),
+        ("postgresql://u:a/b@h/db", "postgresql://***"),
+    ],
+)
+def test_redact_url_hides_secrets_wherever_they_are(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "hunter2" not in redact_url(url)
+
+
+@pytest.mark.anyio
+async def test_a_worker_whose_start_failed_is_not_shown_running(unique: str) -> None:
+    """Endpoints served (or mounted) before ``start()``: a start that fails closes them, and the
+    state says the worker is not running rather than ``running`` for good."""
+    app = oncely.App()
+
+    @app.handler("jobs", name="jobs")
+    async def handle(_: dict[str, int]) -> None: ...
+
+    @app.on_startup
+    async def broken() -> None:
+        raise RuntimeError("cannot warm the cache")
+
+    worker = oncely.Worker(app, broker=f"memory://{unique}")
+    port = await worker.serve_http(0)
+    with pytest.raises(RuntimeError, match="warm"):
+        await worker.start()
+    assert worker.state == "stopped"
+    assert worker.snapshot()["state"] == "stopped"
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
