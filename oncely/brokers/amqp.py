@@ -217,7 +217,12 @@ class AmqpBroker(Broker, DeadLetterAdmin):
     def connected(self) -> bool:
         """Opened, not closed, and the robust connection is up (false while it reconnects)."""
         conn = self._conn
-        return not self._closed and conn is not None and not conn.is_closed
+        return (
+            not self._closed
+            and conn is not None
+            and not conn.is_closed
+            and conn.connected.is_set()  # cleared on a lost connection, set on reconnect
+        )
 
     async def backlog(self, topic: str) -> dict[str, int] | None:
         """Ready messages in ``topic``'s work queue (a passive declare on a short-lived

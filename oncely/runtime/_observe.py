@@ -150,11 +150,15 @@ class Observer:
         self.outboxes[outbox.table] = outbox
 
     async def _run(self) -> None:
+        task = asyncio.current_task()
         while True:
             try:
                 await self.sample()
             except Exception:
                 log.exception("a health sample failed; the next one runs in %gs", self.interval)
+            if task is not None and task.cancelling():
+                # A driver that turned our cancel into its own error must not keep us alive.
+                raise asyncio.CancelledError
             await asyncio.sleep(self.interval)
 
     async def sample(self) -> None:
@@ -173,7 +177,8 @@ class Observer:
 
     async def _sample_backlog(self, broker: Broker, topic: str) -> None:
         try:
-            value = await asyncio.wait_for(broker.backlog(topic), self.ping_timeout)
+            async with asyncio.timeout(self.ping_timeout):
+                value = await broker.backlog(topic)
         except NotSupported:
             self._no_backlog = True
             return
@@ -191,7 +196,8 @@ class Observer:
             return False, "not connected"
         try:
             started = time.monotonic()
-            await asyncio.wait_for(store.ping(), self.ping_timeout)
+            async with asyncio.timeout(self.ping_timeout):
+                await store.ping()
         except TimeoutError:
             return False, f"ping timed out after {self.ping_timeout:g}s"
         except Exception as exc:
@@ -200,7 +206,8 @@ class Observer:
 
     async def _sample_outbox(self, table: str, outbox: Outbox) -> None:
         try:
-            count, oldest = await asyncio.wait_for(outbox.backlog(), self.ping_timeout)
+            async with asyncio.timeout(self.ping_timeout):
+                count, oldest = await outbox.backlog()
         except Exception as exc:
             if self.outbox_samples.pop(table, None) is not None:
                 log.warning("cannot read the backlog of outbox %s: %r", table, exc)
