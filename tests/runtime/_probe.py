@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,3 +44,16 @@ def value(
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
 ) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
+
+
+async def until(
+    port: int, path: str, status: int, within: float = 15
+) -> tuple[int, dict[str, Any]]:
+    """Probe ``path`` until it answers ``status``; that answer (fail after ``within`` s)."""
+    deadline = time.monotonic() + within
+    while True:
+        got = await probe(port, path)
+        if got[0] == status:
+            return got
+        assert time.monotonic() < deadline, f"{path} stayed {got}"
+        await asyncio.sleep(0.05)

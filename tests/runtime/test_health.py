@@ -13,14 +13,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import oncely
 from oncely.brokers.sqlite import SqliteBroker
 from tests._wait import eventually
-from tests.runtime._probe import probe, scrape, value
+from tests.runtime._probe import probe, scrape, until, value
 from tests.stores._redis_support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +56,7 @@ async def test_a_blocked_event_loop_fails_livez_then_it_recovers(
         assert stuck and "test_health.py" in stuck[0] and "time.sleep" in stuck[0], stuck
         # Readiness is another question: the worker can still take work.
         assert (await probe(port, "/readyz"))[0] == 200
-        await _until_status(port, "/livez", 200)
+        await until(port, "/livez", 200)
     assert not any(t.name == "oncely-loop-monitor" for t in _threads())
 
 
@@ -80,11 +79,11 @@ async def test_a_handler_stuck_past_its_timeout_fails_livez(unique: str) -> None
         assert (await probe(port, "/livez"))[0] == 200
         await app.publish(unique, {"n": 1})
         await eventually(lambda: worker.in_flight == 1)
-        _, body = await _until_status(port, "/livez", 503)
+        _, body = await until(port, "/livez", 503)
         assert "stuck: all 1 slots busy and nothing settled" in body["reason"], body
         release.set()
         await eventually(lambda: worker.stats.acked == 1)
-        await _until_status(port, "/livez", 200)
+        await until(port, "/livez", 200)
 
 
 async def test_waiting_messages_nobody_fetches_fail_livez(tmp_path: Path, unique: str) -> None:
@@ -105,7 +104,7 @@ async def test_waiting_messages_nobody_fetches_fail_livez(tmp_path: Path, unique
         # Another process's publish does not wake this worker's poller.
         async with SqliteBroker(str(path)) as other:
             await other.publish(unique, b'{"n": 1}')
-        _, body = await _until_status(port, "/livez", 503)
+        _, body = await until(port, "/livez", 503)
         assert f"1 message(s) waiting in {unique!r} and nothing received" in body["reason"]
         assert worker.observer.backlog[unique] == {"": 1}
 
@@ -254,20 +253,6 @@ def test_without_the_extra_nothing_is_imported_and_metrics_port_says_what_to_ins
     )
     assert run.returncode == 2, run.stderr
     assert "pip install 'oncely[metrics]'" in run.stderr, run.stderr
-
-
-async def _until_status(port: int, path: str, status: int) -> tuple[int, dict[str, Any]]:
-    got: list[tuple[int, dict[str, Any]]] = []
-
-    async def check() -> bool:
-        got.append(await probe(port, path))
-        return got[-1][0] == status
-
-    deadline = time.monotonic() + 10
-    while not await check():
-        assert time.monotonic() < deadline, f"{path} stayed {got[-1]}"
-        await asyncio.sleep(0.05)
-    return got[-1]
 
 
 def _threads() -> list[threading.Thread]:
