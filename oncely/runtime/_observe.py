@@ -31,6 +31,7 @@ results and never do I/O themselves.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from oncely.errors import NotSupported
+from oncely.errors import MissingExtra, NotSupported
 from oncely.runtime._loopmon import LoopMonitor
 from oncely.runtime.http import Response
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
     from oncely.brokers.base import Broker
     from oncely.runtime.app import HandlerSpec
+    from oncely.runtime.http import Route
     from oncely.runtime.stats import Stats
     from oncely.stores.base import IdempotencyStore
     from oncely.stores.outbox import Outbox
@@ -71,6 +73,8 @@ class Watched(Protocol):
     @property
     def load(self) -> dict[str, tuple[int, int]]: ...
 
+    def enable_timings(self) -> None: ...
+
 
 @dataclass(slots=True)
 class _Progress:
@@ -78,6 +82,8 @@ class _Progress:
     settled_at: float = 0.0
     received: int = -1
     received_at: float = 0.0
+    busy_since: float | None = None
+    """Since when (as far as ``track`` saw) every slot has been busy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +114,13 @@ class Observer:
         self.samples = 0
         """Completed sampler passes."""
         self._progress: dict[str, _Progress] = {}
+        self._waiting_since: dict[str, float] = {}
+        """Per topic: since when the sampled backlog has been non-zero."""
         self._errors = _Progress()
         self._no_backlog = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._metrics: Route | None = None
 
     @property
     def running(self) -> bool:
@@ -183,13 +192,18 @@ class Observer:
             self._no_backlog = True
             return
         except Exception as exc:
+            self._waiting_since.pop(topic, None)
             if self.backlog.pop(topic, None) is not None:
                 log.warning("cannot read the backlog of %s: %r", topic, exc)
             return
         if value is None:
             self._no_backlog = True
+            return
+        self.backlog[topic] = value
+        if sum(value.values()) > 0:
+            self._waiting_since.setdefault(topic, time.monotonic())
         else:
-            self.backlog[topic] = value
+            self._waiting_since.pop(topic, None)
 
     async def _ping(self, store: IdempotencyStore | None) -> tuple[bool, str]:
         if store is None:
@@ -218,8 +232,14 @@ class Observer:
     def track(self) -> None:
         """Note which counters moved since the last call (progress is measured from it)."""
         now = time.monotonic()
+        load = self.worker.load
         for name, stats in self.worker.handler_stats.items():
             p = self._progress.setdefault(name, _Progress(settled_at=now, received_at=now))
+            in_flight, size = load.get(name, (0, 1))
+            if in_flight < size:
+                p.busy_since = None
+            elif p.busy_since is None:
+                p.busy_since = now
             settled = stats.acked + stats.nacked + stats.dead_lettered + stats.settle_errors
             if settled != p.settled:
                 p.settled, p.settled_at = settled, now
@@ -268,14 +288,16 @@ class Observer:
             in_flight, size = load.get(spec.name, (0, spec.concurrency))
             if p is None or size <= 0:
                 continue
-            idle = now - p.settled_at
-            if in_flight >= size and idle > spec.timeout + self.stall_timeout:
-                stuck.append(
-                    f"{spec.name}: all {size} slots busy and nothing settled for {idle:.1f}s"
-                )
-                continue
+            if in_flight >= size and p.busy_since is not None:
+                idle = now - max(p.busy_since, p.settled_at)
+                if idle > spec.timeout + self.stall_timeout:
+                    stuck.append(
+                        f"{spec.name}: all {size} slots busy and nothing settled for {idle:.1f}s"
+                    )
+                    continue
             waiting = sum(self.backlog.get(spec.topic, {}).values())
-            quiet = now - max(p.received_at, p.settled_at)
+            since = self._waiting_since.get(spec.topic)
+            quiet = 0.0 if since is None else now - max(since, p.received_at, p.settled_at)
             if waiting and in_flight < size and quiet > self.stall_timeout:
                 stuck.append(
                     f"{spec.name}: {waiting} message(s) waiting in {spec.topic!r} and "
@@ -317,6 +339,17 @@ class Observer:
 
     # -- routes --------------------------------------------------------------------------------
 
+    async def metrics(self, query: Mapping[str, str]) -> Response:
+        """``/metrics``: on first use, imports prometheus-client, turns timings on and starts
+        the sampler (a worker nobody scrapes pays for none of it)."""
+        if self._metrics is None:
+            from oncely.runtime.metrics import metrics_route
+
+            self.worker.enable_timings()
+            self.start()
+            _, self._metrics = metrics_route(self.worker, self)
+        return await self._metrics(query)
+
     async def livez(self, query: Mapping[str, str]) -> Response:
         return self._probe("live")
 
@@ -334,3 +367,16 @@ class Observer:
 
 def _check(probe: str, ok: bool, detail: str) -> dict[str, Any]:
     return {"ok": ok, "detail": detail, "probe": probe}
+
+
+def metrics_installed() -> bool:
+    """Whether prometheus-client is importable (found without importing it)."""
+    return importlib.util.find_spec("prometheus_client") is not None
+
+
+def require_metrics() -> None:
+    """Raises:
+    MissingExtra: prometheus-client is not installed (the message says what to install).
+    """
+    if not metrics_installed():
+        raise MissingExtra("metrics", "metrics", "prometheus_client", what="the /metrics endpoint")

@@ -32,10 +32,11 @@ from oncely.runtime._cli_help import (
     RUN_HELP,
 )
 from oncely.runtime._cli_outbox import add_outbox_parser
+from oncely.runtime._observe import require_metrics
 from oncely.runtime.app import App
 from oncely.runtime.config import Settings, load_settings
 from oncely.runtime.publisher import Publisher
-from oncely.runtime.worker import Worker, require_metrics
+from oncely.runtime.worker import Worker
 
 __all__ = ["main"]
 

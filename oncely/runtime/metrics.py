@@ -86,13 +86,14 @@ LABELS = ("handler", "topic", "broker")
 class WorkerCollector(Collector):
     """Reads a worker's counters and its observer's samples on each scrape."""
 
-    def __init__(self, worker: Watched, observer: Observer, broker_url: str) -> None:
+    def __init__(self, worker: Watched, observer: Observer) -> None:
         self.worker = worker
         self.observer = observer
-        self.scheme = urlsplit(broker_url).scheme or "unknown"
 
     def collect(self) -> Iterator[Metric]:
-        worker, scheme = self.worker, self.scheme
+        worker = self.worker
+        broker = worker.broker
+        scheme = (urlsplit(broker.url).scheme if broker is not None else "") or "unknown"
         rows = [
             ((spec.name, spec.topic, scheme), worker.handler_stats[spec.name])
             for spec in worker.specs
@@ -193,12 +194,12 @@ def _histogram(
 
 
 def metrics_route(
-    worker: Watched, observer: Observer, broker_url: str, *, process: bool = True
+    worker: Watched, observer: Observer, *, process: bool = True
 ) -> tuple[CollectorRegistry, Route]:
     """A registry with the worker's collector (and the process collector), and the
     ``/metrics`` route serving it in the Prometheus text format."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(WorkerCollector(worker, observer, broker_url))
+    registry.register(WorkerCollector(worker, observer))
     if process:
         ProcessCollector(registry=registry)
 

@@ -32,7 +32,6 @@ sits idle while it claims to consume.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import time
 from dataclasses import replace
@@ -41,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from oncely.brokers.registry import broker_from_url
-from oncely.errors import ConfigError, MissingExtra, OncelyError, WorkerFailed
+from oncely.errors import ConfigError, OncelyError, WorkerFailed
 from oncely.runtime._consume import ConsumeLoop, Pool
-from oncely.runtime._observe import Observer
+from oncely.runtime._observe import Observer, metrics_installed, require_metrics
 from oncely.runtime._process import Runner
 from oncely.runtime._status import snapshot
 from oncely.runtime.config import Settings
@@ -61,7 +60,6 @@ if TYPE_CHECKING:
 
     from oncely.brokers.base import Broker
     from oncely.runtime.app import App, HandlerSpec
-    from oncely.runtime.http import Route
     from oncely.stores.outbox import Outbox, OutboxRelay
 
 __all__ = ["Worker"]
@@ -116,9 +114,8 @@ class Worker:
         ``serve_http()`` or the first probe or scrape starts it."""
         self.endpoints.add("/livez", self.observer.livez)
         self.endpoints.add("/readyz", self.observer.readyz)
-        self._metrics: Route | None = None
         if metrics_installed():
-            self.endpoints.add("/metrics", self._metrics_route)
+            self.endpoints.add("/metrics", self.observer.metrics)
         self._started_at: float | None = None
         self.broker: Broker | None = None
         self.store: IdempotencyStore | None = None
@@ -430,19 +427,6 @@ class Worker:
         body = msgspec.json.encode(self.snapshot())
         return Response(200, body, "application/json")
 
-    def _broker_url(self) -> str:
-        broker = self.broker if self.broker is not None else self._broker_arg
-        return (broker if isinstance(broker, str) else broker.url) or ""
-
-    async def _metrics_route(self, query: Mapping[str, str]) -> Response:
-        if self._metrics is None:
-            from oncely.runtime.metrics import metrics_route
-
-            self.enable_timings()
-            self.observer.start()
-            _, self._metrics = metrics_route(self, self.observer, self._broker_url())
-        return await self._metrics(query)
-
     async def serve_http(
         self, port: int, host: str = "127.0.0.1", *, metrics: bool | None = None
     ) -> int:
@@ -478,16 +462,3 @@ class Worker:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-
-def metrics_installed() -> bool:
-    """Whether prometheus-client is importable (found without importing it)."""
-    return importlib.util.find_spec("prometheus_client") is not None
-
-
-def require_metrics() -> None:
-    """Raises:
-    MissingExtra: prometheus-client is not installed (the message says what to install).
-    """
-    if not metrics_installed():
-        raise MissingExtra("metrics", "metrics", "prometheus_client", what="the /metrics endpoint")
