@@ -86,6 +86,32 @@ async def test_a_handler_stuck_past_its_timeout_fails_livez(unique: str) -> None
         await until(port, "/livez", 200)
 
 
+async def test_a_full_pool_after_a_quiet_spell_is_not_a_stall(unique: str) -> None:
+    """Stall time counts from when the pool filled, not from the last settle: a worker idle
+    for longer than timeout + stall_timeout is healthy the moment work arrives."""
+    app = oncely.App()
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    @app.handler(unique, name="burst", concurrency=1, timeout=0.5)
+    async def burst(_: dict[str, int]) -> None:
+        started.set()
+        await gate.wait()
+
+    worker = oncely.Worker(app, broker=f"memory://{unique}")
+    worker.observer.stall_timeout = 0.3
+    async with worker:
+        port = await worker.serve_http(0)
+        assert (await probe(port, "/livez"))[0] == 200  # progress is tracked from here
+        await asyncio.sleep(1.2)  # the quiet spell under test, longer than 0.5 + 0.3
+        await app.publish(unique, {"n": 1})
+        await asyncio.wait_for(started.wait(), 10)
+        status, body = await probe(port, "/livez")
+        gate.set()
+        assert status == 200, body
+        await eventually(lambda: worker.stats.acked == 1)
+
+
 async def test_waiting_messages_nobody_fetches_fail_livez(tmp_path: Path, unique: str) -> None:
     """A broker that reports a backlog while the consume loop gets nothing (here the SQLite
     queue's poller is stalled by a poll interval far longer than the stall timeout)."""
