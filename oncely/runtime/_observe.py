@@ -196,8 +196,9 @@ class Observer:
             if self.backlog.pop(topic, None) is not None:
                 log.warning("cannot read the backlog of %s: %r", topic, exc)
             return
-        if value is None:
-            self._no_backlog = True
+        if value is None:  # cannot tell now (a Kafka consumer before its first fetch, say)
+            self.backlog.pop(topic, None)
+            self._waiting_since.pop(topic, None)
             return
         self.backlog[topic] = value
         if sum(value.values()) > 0:
