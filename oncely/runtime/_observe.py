@@ -35,21 +35,21 @@ import importlib.util
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from oncely.errors import MissingExtra, NotSupported
 from oncely.runtime._loopmon import LoopMonitor
+from oncely.runtime._watch import OutboxSample
 from oncely.runtime.http import Response
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from oncely.brokers.base import Broker
-    from oncely.runtime.app import HandlerSpec
+    from oncely.runtime._watch import Watched
     from oncely.runtime.http import Route
-    from oncely.runtime.stats import Stats
     from oncely.stores.base import IdempotencyStore
     from oncely.stores.outbox import Outbox
 
@@ -57,23 +57,6 @@ log = logging.getLogger("oncely.health")
 
 RESTART_DELAY = 1.0
 """Seconds before a sampler task that died is started again."""
-
-
-class Watched(Protocol):
-    """What the observer reads of a worker."""
-
-    specs: list[HandlerSpec]
-    handler_stats: dict[str, Stats]
-    broker: Broker | None
-    store: IdempotencyStore | None
-
-    @property
-    def state(self) -> str: ...
-
-    @property
-    def load(self) -> dict[str, tuple[int, int]]: ...
-
-    def enable_timings(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -84,12 +67,6 @@ class _Progress:
     received_at: float = 0.0
     busy_since: float | None = None
     """Since when (as far as ``track`` saw) every slot has been busy."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxSample:
-    backlog: int
-    oldest_age: float | None
 
 
 class Observer:

@@ -42,7 +42,7 @@ from oncely.runtime.http import Response, Route
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from oncely.runtime._observe import Observer, Watched
+    from oncely.runtime._watch import Sampled, Watched
     from oncely.runtime.stats import Histogram
 
 __all__ = ["COUNTERS", "WorkerCollector", "metrics_route"]
@@ -86,7 +86,7 @@ LABELS = ("handler", "topic", "broker")
 class WorkerCollector(Collector):
     """Reads a worker's counters and its observer's samples on each scrape."""
 
-    def __init__(self, worker: Watched, observer: Observer) -> None:
+    def __init__(self, worker: Watched, observer: Sampled) -> None:
         self.worker = worker
         self.observer = observer
 
@@ -194,7 +194,7 @@ def _histogram(
 
 
 def metrics_route(
-    worker: Watched, observer: Observer, *, process: bool = True
+    worker: Watched, observer: Sampled, *, process: bool = True
 ) -> tuple[CollectorRegistry, Route]:
     """A registry with the worker's collector (and the process collector), and the
     ``/metrics`` route serving it in the Prometheus text format."""
