@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Awaitable
@@ -118,10 +119,16 @@ def main() -> None:
     for loop in LOOPS:  # a warm-up round on each loop, not counted (imports, first connects)
         run_on(loop, one_round(args))
     SCRAPES.clear()
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for loop in LOOPS:
-            for name, value in run_on(loop, one_round(args)).items():
+            results = run_on(loop, one_round(args))
+            for name, value in results.items():
                 samples[loop].setdefault(name, []).append(value)
+            print(
+                f"  round {i + 1} {loop}: on/off {results['on'] / results['off']:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
     print(f"{'':<28}" + "".join(f"{loop:>12}" for loop in LOOPS))
     rows = (
         ("msgs/s off", "off"),
