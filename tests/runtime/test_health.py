@@ -283,3 +283,31 @@ def test_without_the_extra_nothing_is_imported_and_metrics_port_says_what_to_ins
 
 def _threads() -> list[threading.Thread]:
     return list(threading.enumerate())
+
+
+CONTRACT = """
+oncely_messages_received_total oncely_messages_acked_total oncely_messages_nacked_total
+oncely_messages_rejected_total oncely_messages_retried_total oncely_dead_letters_total
+oncely_duplicates_total oncely_in_progress_collisions_total oncely_deferred_total
+oncely_fail_open_total oncely_completion_record_failures_total oncely_store_errors_total
+oncely_visibility_extensions_total oncely_visibility_extension_failures_total
+oncely_settle_errors_total oncely_internal_errors_total oncely_consume_errors_total
+oncely_handler_duration_seconds_count oncely_store_latency_seconds_count oncely_in_flight
+oncely_broker_connected oncely_worker_ready oncely_queue_depth""".split()
+"""Series that dashboards, alerts and the runbook use: renaming one breaks them."""
+
+
+async def test_every_contract_series_is_served(unique: str) -> None:
+    app = oncely.App()
+
+    @app.handler(unique, name="h", idempotent=True, key="payload:id")
+    async def h(_: dict[str, str]) -> None: ...
+
+    worker = oncely.Worker(app, broker=f"memory://{unique}", store=f"memory://{unique}")
+    worker.observer.interval = 0.05
+    async with worker:
+        port = await worker.serve_http(0)
+        await app.publish(unique, {"id": unique})
+        await eventually(lambda: worker.stats.acked == 1 and unique in worker.observer.backlog)
+        names = {name for name, _ in await scrape(port)}
+    assert sorted(set(CONTRACT) - names) == []
