@@ -16,6 +16,7 @@ both alike; the script prints the medians of msgs/s, of the client CPU µs per m
 scrapes the ``on`` runs answered. Nothing is asserted.
 
     python benchmarks/metrics_overhead.py [--messages 20000] [--concurrency 32] [--rounds 5]
+                                          [--broker memory://bench]  # runtime-side cost only
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import time
 import uuid
 from collections.abc import Awaitable
 
-import amqp_throughput  # the sibling script: URL, fill, topology clean-up
+import amqp_throughput  # the sibling script: URL, publishing, topology clean-up
+import throughput  # the sibling script: filling the embedded brokers
 import uvloop
 
 import oncely
@@ -47,7 +49,9 @@ async def scrape_every(port: int, every: float, answered: list[int]) -> None:
             answered.append(1)
 
 
-async def with_worker(topic: str, n: int, concurrency: int, serve: bool, every: float) -> float:
+async def with_worker(
+    url: str, topic: str, n: int, concurrency: int, serve: bool, every: float
+) -> float:
     app = oncely.App("bench")
     done = asyncio.Event()
     count = 0
@@ -59,7 +63,7 @@ async def with_worker(topic: str, n: int, concurrency: int, serve: bool, every: 
         if count == n:
             done.set()
 
-    worker = oncely.Worker(app, broker=amqp_throughput.URL)
+    worker = oncely.Worker(app, broker=url)
     answered: list[int] = []
     scraper: asyncio.Task[None] | None = None
     started = time.perf_counter()
@@ -86,14 +90,18 @@ async def one_round(args: argparse.Namespace) -> dict[str, float]:
     for name, serve in (("off", False), ("on", True)):
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         try:
-            await amqp_throughput.publish_rate(amqp_throughput.URL, topic, args.messages, 256)
+            if args.broker.startswith("amqp"):
+                await amqp_throughput.publish_rate(args.broker, topic, args.messages, 256)
+            else:
+                await throughput.fill(args.broker, topic, args.messages)
             before = time.process_time()
             results[name] = await with_worker(
-                topic, args.messages, args.concurrency, serve, args.scrape
+                args.broker, topic, args.messages, args.concurrency, serve, args.scrape
             )
             results[f"cpu {name}"] = (time.process_time() - before) / args.messages * 1e6
         finally:
-            await amqp_throughput.delete_topology(topic)
+            if args.broker.startswith("amqp"):
+                await amqp_throughput.delete_topology(topic)
     return results
 
 
@@ -110,9 +118,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scrape", type=float, default=1.0, help="seconds between scrapes")
+    parser.add_argument(
+        "--broker", default=amqp_throughput.URL, help="broker URL (default: the RabbitMQ)"
+    )
     args = parser.parse_args()
     print(
-        f"RabbitMQ, {args.messages} messages, concurrency {args.concurrency}, no-op handler, "
+        f"{args.broker.split('://')[0]}, {args.messages} messages, "
+        f"concurrency {args.concurrency}, no-op handler, "
         f"scraped every {args.scrape:g}s when on; median of {args.rounds} interleaved rounds\n"
     )
     samples: dict[str, dict[str, list[float]]] = {loop: {} for loop in LOOPS}
