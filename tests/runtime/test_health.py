@@ -311,3 +311,39 @@ async def test_every_contract_series_is_served(unique: str) -> None:
         await eventually(lambda: worker.stats.acked == 1 and unique in worker.observer.backlog)
         names = {name for name, _ in await scrape(port)}
     assert sorted(set(CONTRACT) - names) == []
+
+
+async def test_failing_consume_loops_fail_readyz_where_the_adapter_cannot_tell(
+    unique: str,
+) -> None:
+    """An adapter with no ``connected`` (``None``: SQS, third-party ones) whose fetches fail
+    with ``ConnectionLost``: readiness follows the consume loop's errors."""
+    from oncely.brokers.memory import MemoryBroker
+    from oncely.errors import ConnectionLost
+    from tests.runtime._faulty import WrappedBroker
+
+    down = False
+
+    def fetch() -> None:
+        if down:
+            raise ConnectionLost("the test cut the broker")
+
+    app = oncely.App()
+
+    @app.handler(unique, name="h")
+    async def h(_: dict[str, int]) -> None: ...
+
+    broker = WrappedBroker(MemoryBroker(unique), on_next=fetch)
+    async with broker, oncely.Worker(app, broker=broker) as worker:
+        assert broker.connected is None
+        port = await worker.serve_http(0)
+        status, body = await probe(port, "/readyz")
+        assert status == 200 and body["checks"]["broker"]["detail"] == "no consume errors", body
+        down = True
+        await app.publish(unique, {"n": 1})  # wakes the loop into the failing fetch
+        _, body = await until(port, "/readyz", 503)
+        assert body["reason"].startswith("broker: consuming failed"), body
+        down = False
+        await app.publish(unique, {"n": 2})
+        await eventually(lambda: worker.stats.acked == 2, within=30)
+        await until(port, "/readyz", 200)
