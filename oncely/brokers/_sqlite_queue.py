@@ -59,6 +59,7 @@ RETURNING id, msg_id, body, headers, enqueued_at, attempts, claim_token
 """
 
 NEXT_VISIBLE = "SELECT MIN(visible_at) FROM oncely_messages WHERE topic = ?"
+BACKLOG = "SELECT count(*) FROM oncely_messages WHERE topic = ? AND visible_at <= ?"
 
 RELEASE = (
     "UPDATE oncely_messages SET visible_at = ?, claim_token = NULL, attempts = attempts - 1"

@@ -214,6 +214,28 @@ class AmqpBroker(Broker, DeadLetterAdmin):
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    @property
+    def connected(self) -> bool:
+        """Opened, not closed, and the robust connection is up (false while it reconnects)."""
+        conn = self._conn
+        return (
+            not self._closed
+            and conn is not None
+            and not conn.is_closed
+            and conn.connected.is_set()  # cleared on a lost connection, set on reconnect
+        )
+
+    async def backlog(self, topic: str) -> dict[str, int] | None:
+        """Ready messages in ``topic``'s work queue (a passive declare on a short-lived
+        channel; delay buckets and unacked deliveries are not counted). Never creates it."""
+        check_topic(topic)
+        connection = await self._connected()
+        with map_errors("admin"):
+            async with connection.channel(publisher_confirms=False) as channel:
+                queue = await channel.declare_queue(topic, passive=True)
+        result = queue.declaration_result
+        return {"": int(result.message_count or 0)}
+
     def _forget_topology(self, topic: str) -> None:
         """Declare ``topic``'s queues again before its next publish: a republish failed,
         maybe because someone deleted one of them."""

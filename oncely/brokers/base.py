@@ -403,6 +403,31 @@ class Broker(abc.ABC):
     async def aclose(self) -> None:
         """Close connections. Idempotent. Unsettled deliveries are redelivered later."""
 
+    @property
+    def connected(self) -> bool | None:
+        """Whether the adapter holds a working connection to the broker now, as far as it
+        knows without doing I/O; ``None`` when it cannot tell (the default, and brokers
+        reached over stateless HTTP). ``/readyz`` reads it.
+
+        Optional contract: it never raises and never blocks, it is cheap enough to read on
+        every probe, and ``False`` means the adapter knows it is cut off (never opened,
+        closed, or its connection dropped and is not back yet), not merely that a request
+        failed once.
+        """
+        return None
+
+    async def backlog(self, topic: str) -> dict[str, int] | None:
+        """How many messages of ``topic`` wait to be consumed, or ``None`` when the broker
+        cannot tell (the default). The metrics sampler calls it every few seconds.
+
+        Optional contract. The answer is ``{"": n}`` for a queue (``n`` ready messages: not
+        delayed, not held by a consumer) and ``{partition: lag}`` for a partitioned log,
+        covering the partitions this process consumes (lag: records after the committed
+        position). It may do I/O, is safe to call concurrently with consuming, never changes
+        the topic, and raises like any broker call (``ConnectionLost`` when unreachable).
+        """
+        return None
+
     async def __aenter__(self) -> Self:
         await self.connect()
         return self

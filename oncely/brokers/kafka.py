@@ -254,6 +254,40 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         self._subs.add(sub)
         return sub
 
+    @property
+    def connected(self) -> bool | None:
+        """False before ``connect`` and after ``aclose``; while consuming, whether any
+        consumer holds an open connection to the cluster (consumers fetch all the time, so
+        theirs do not idle out); ``None`` for a publisher alone (aiokafka drops idle producer
+        connections, which says nothing about the cluster)."""
+        if not self._connected:
+            return False
+        seen: bool | None = None
+        for sub in list(self._subs):
+            conns = getattr(getattr(sub.consumer, "_client", None), "_conns", None)
+            if conns is None:
+                continue
+            if any(conn.connected() for conn in list(conns.values())):
+                return True
+            seen = False
+        return seen
+
+    async def backlog(self, topic: str) -> dict[str, int] | None:
+        """Consumer lag per partition this process holds: the partition's high watermark
+        (as of the consumer's last fetch, no I/O) minus the next offset the subscription
+        would commit. ``None`` when no subscription of ``topic`` has fetched yet."""
+        lags: dict[str, int] | None = None
+        for sub in list(self._subs):
+            consumer = sub.consumer
+            if sub.topic != topic or consumer is None:
+                continue
+            lags = {} if lags is None else lags
+            for tp, track in list(sub.tracks.items()):
+                high = consumer.highwater(tp) if tp.topic == topic else None
+                if high is not None:
+                    lags[str(tp.partition)] = max(0, high - track.head())
+        return lags
+
     async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
         await self.connect()
         letters = await list_dead_letters(self, topic)

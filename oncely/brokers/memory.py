@@ -211,6 +211,18 @@ class MemoryBroker(Broker, DeadLetterAdmin):
             self._hub = _hubs.setdefault(self._hub_name, _Hub())
         self._connected = True
 
+    @property
+    def connected(self) -> bool:
+        """Attached to the hub (between ``connect`` and ``aclose``)."""
+        return self._connected
+
+    async def backlog(self, topic: str) -> dict[str, int] | None:
+        """Messages of ``topic`` claimable now (not delayed, not held by a consumer)."""
+        hub = self._require()
+        t = hub.topics.get(topic)
+        now = time.monotonic()
+        return {"": 0 if t is None else sum(1 for r in t.live.values() if r.visible_at <= now)}
+
     def _require(self) -> _Hub:
         if not self._connected or self._hub is None:
             raise ConnectionLost(f"{self.url} is not connected; call connect() first")

@@ -60,6 +60,7 @@ from oncely.brokers._local import (
     wake_all,
 )
 from oncely.brokers._sqlite_queue import (
+    BACKLOG,
     CLAIM,
     DELETE_DEAD,
     EXTEND,
@@ -219,6 +220,16 @@ class SqliteBroker(Broker, DeadLetterAdmin):
             async with self._lock:
                 cursor = await db.execute(sql, params)
         return cursor.rowcount
+
+    @property
+    def connected(self) -> bool:
+        """The file is open (between ``connect`` and ``aclose``)."""
+        return self._db is not None
+
+    async def backlog(self, topic: str) -> dict[str, int] | None:
+        """Messages of ``topic`` claimable now (not delayed, not held by a consumer)."""
+        rows = await self._fetch(BACKLOG, (topic, time.time()))
+        return {"": int(rows[0][0])}
 
     def _wake(self, topic: str) -> None:
         waiters = self._waiters.get(topic)

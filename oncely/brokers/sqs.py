@@ -286,6 +286,19 @@ class SqsBroker(Broker, DeadLetterAdmin):
                 self._urls[topic] = urls
         return urls
 
+    async def backlog(self, topic: str) -> dict[str, int] | None:
+        """``ApproximateNumberOfMessages`` of ``topic``'s queue (visible messages; SQS's
+        estimate, eventually consistent). SQS is stateless HTTP, so ``connected`` is
+        ``None``: a failing call shows as consume errors instead."""
+        url, _ = await self.queue_urls(topic)
+        client = await self._connected()
+        self.api_calls["admin"] += 1
+        with map_errors("admin"):
+            reply = await client.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+        return {"": int(reply.get("Attributes", {}).get("ApproximateNumberOfMessages", 0))}
+
     def _forget(self, topic: str) -> None:
         """The queue vanished (deleted, or an in-memory server restarted): resolve again."""
         self._urls.pop(topic, None)

@@ -305,6 +305,7 @@ class Runner:
             self.tracing.failed(delivery, exc)
         await self._release(lease)
         if isinstance(exc, Reject):
+            self.stats.rejected += 1
             await self.settle.dead_letter(delivery, exc.reason)
         elif isinstance(exc, Retry):
             delay = exc.delay if exc.delay is not None else self.spec.retry.delay(delivery.attempt)

@@ -33,6 +33,7 @@ from oncely.runtime._cli_help import (
     RUN_HELP,
 )
 from oncely.runtime._cli_outbox import add_outbox_parser
+from oncely.runtime._observe import require_metrics
 from oncely.runtime.app import App
 from oncely.runtime.config import Settings, load_settings
 from oncely.runtime.publisher import Publisher
@@ -56,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "store": getattr(args, "store", None),
                 "concurrency": getattr(args, "concurrency", None),
                 "grace_period": getattr(args, "grace", None),
+                "metrics_port": getattr(args, "metrics_port", None),
+                "metrics_host": getattr(args, "metrics_host", None),
                 "log_level": args.log_level,
                 "log_format": args.log_format,
                 "log_payloads": True if args.log_payloads else None,
@@ -143,6 +146,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--grace", type=float, metavar="S", help="seconds to drain at shutdown")
     run.add_argument(
         "--handler", action="append", metavar="NAME", help="run only this handler (repeatable)"
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve /metrics, /livez, /readyz and /status.json on port N (needs oncely[metrics])",
+    )
+    run.add_argument(
+        "--metrics-host", metavar="H", help="address for --metrics-port (default: 0.0.0.0)"
     )
     run.set_defaults(func=_cmd_run)
 
@@ -256,7 +268,22 @@ async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         stops.append(asyncio.ensure_future(worker.stop(grace)))
 
     stops: list[asyncio.Future[None]] = []
+    if settings.metrics_port is not None:
+        require_metrics()  # before connecting: a missing extra is a usage error
     await worker.start()
+    if settings.metrics_port is not None:
+        try:
+            port = await worker.serve_http(
+                settings.metrics_port, settings.metrics_host, metrics=True
+            )
+        except OSError as exc:
+            await worker.stop(0.0)
+            raise ConfigError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc}"
+            ) from None
+        logging.getLogger("oncely").info(
+            "serving /metrics, /livez, /readyz on %s:%d", settings.metrics_host, port
+        )
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:

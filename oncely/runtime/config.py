@@ -83,6 +83,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             ``auto`` (text on a TTY, else JSON).
         log_payloads: add message payloads to log lines about a message (off by default:
             payloads may hold personal data or secrets).
+        metrics_port: ``oncely run`` serves ``/metrics``, ``/livez``, ``/readyz`` and
+            ``/status.json`` on this port (unset: no server; ``0``: any free port).
+        metrics_host: the address that server binds (all interfaces by default, so a
+            Prometheus scraper and the kubelet's probes can reach it).
+        loop_block_threshold: seconds of event-loop lag that fail ``/livez``.
+        stall_timeout: seconds a handler may make no progress while work waits (beyond its
+            own timeout, for a full pool) before ``/livez`` fails.
         handlers: per-handler overrides, by handler name.
     """
 
@@ -94,6 +101,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
     log_payloads: bool = False
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    loop_block_threshold: float = 1.0
+    stall_timeout: float = 60.0
     handlers: dict[str, HandlerSettings] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,6 +121,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         # Issue 6: a grace of 0 would cancel every in-flight handler at the first SIGTERM;
         # "stop at once" is the second signal's job, not a setting.
         _check(self.grace_period, "grace_period")
+        _check(self.loop_block_threshold, "loop_block_threshold")
+        _check(self.stall_timeout, "stall_timeout")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         for name, o in self.handlers.items():
             where = f"[handlers.{_quote(name)}] "
             _check(o.concurrency, where + "concurrency", minimum=1)

@@ -73,6 +73,10 @@ class Endpoints:
             raise ValueError(f"a route path starts with '/': {path!r}")
         self._routes[path] = route
 
+    def remove(self, path: str) -> None:
+        """Stop serving ``path`` (nothing happens when it is not served)."""
+        self._routes.pop(path, None)
+
     @property
     def paths(self) -> list[str]:
         return sorted(self._routes)

@@ -121,6 +121,8 @@ class Stats:
             traceback); each was nacked for a later retry, or dead-lettered once the
             message's attempts ran out.
         consume_errors: consume loops that failed and were restarted.
+        rejected: runs that raised ``Reject`` (each is also counted in ``dead_lettered`` once
+            the broker took the move).
         handler_seconds: handler run times, when timings are on (else ``None``).
         store_seconds: idempotency-store call latencies, when timings are on.
     """
@@ -147,6 +149,7 @@ class Stats:
     unrecorded: int = 0
     internal_errors: int = 0
     consume_errors: int = 0
+    rejected: int = 0
     handler_seconds: Histogram | None = field(default=None, compare=False)
     store_seconds: Histogram | None = field(default=None, compare=False)
 

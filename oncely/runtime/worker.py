@@ -42,6 +42,7 @@ import msgspec
 from oncely.brokers.registry import broker_from_url
 from oncely.errors import ConfigError, OncelyError, WorkerFailed
 from oncely.runtime._consume import ConsumeLoop, Pool
+from oncely.runtime._observe import Observer, metrics_installed, require_metrics
 from oncely.runtime._page import add_status_page
 from oncely.runtime._process import Runner
 from oncely.runtime._status import snapshot
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 
     from oncely.brokers.base import Broker
     from oncely.runtime.app import App, HandlerSpec
+    from oncely.stores.outbox import Outbox, OutboxRelay
 
 __all__ = ["Worker"]
 
@@ -106,6 +108,17 @@ class Worker:
         ``endpoints.asgi``."""
         self.endpoints.add("/status.json", self._status_route)
         add_status_page(self.endpoints)
+        self.observer = Observer(
+            self,
+            block_threshold=self.settings.loop_block_threshold,
+            stall_timeout=self.settings.stall_timeout,
+        )
+        """Health checks (``/livez``, ``/readyz``) and the samples metrics read; idle until
+        ``serve_http()`` or the first probe or scrape starts it."""
+        self.endpoints.add("/livez", self.observer.livez)
+        self.endpoints.add("/readyz", self.observer.readyz)
+        if metrics_installed():
+            self.endpoints.add("/metrics", self.observer.metrics)
         self._started_at: float | None = None
         self.broker: Broker | None = None
         self.store: IdempotencyStore | None = None
@@ -319,6 +332,7 @@ class Worker:
         if self._publisher is not None:
             self.app.unbind(self._publisher)
         await self._close_owned()
+        await self.observer.aclose()
         await self.endpoints.aclose()
         self._stopped.set()
         log.info("worker stopped: %s", self.stats.as_dict())
@@ -371,6 +385,19 @@ class Worker:
             ) from self.failure
 
     @property
+    def load(self) -> dict[str, tuple[int, int]]:
+        """Per handler: deliveries in flight, and how many may be (its concurrency)."""
+        return {pool.runner.spec.name: (pool.in_flight, pool.size) for pool in self._pools}
+
+    def watch_outbox(self, outbox: Outbox | OutboxRelay) -> None:
+        """Sample ``outbox``'s backlog and oldest unsent row for metrics
+        (``oncely_outbox_backlog``, ``oncely_outbox_oldest_row_age_seconds``), for an app
+        that runs an outbox relay next to its worker. It must be connected while sampled."""
+        from oncely.stores.outbox import OutboxRelay
+
+        self.observer.watch_outbox(outbox.outbox if isinstance(outbox, OutboxRelay) else outbox)
+
+    @property
     def in_flight(self) -> int:
         """How many handlers are running now."""
         return sum(pool.in_flight for pool in self._pools)
@@ -405,20 +432,32 @@ class Worker:
             started_at=self._started_at,
             broker_url=(broker if isinstance(broker, str) else broker.url) or "",
             store=store if store is None or isinstance(store, str) else type(store).__name__,
-        )
+        ) | {"health": self.observer.health()}
 
     async def _status_route(self, query: Mapping[str, str]) -> Response:
         body = msgspec.json.encode(self.snapshot())
         return Response(200, body, "application/json")
 
-    async def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve ``endpoints`` on ``host:port`` until the worker stops, with timings on;
-        return the port (useful with ``port=0``).
+    async def serve_http(
+        self, port: int, host: str = "127.0.0.1", *, metrics: bool | None = None
+    ) -> int:
+        """Serve ``endpoints`` on ``host:port`` until the worker stops, with timings and the
+        health checks on; return the port (useful with ``port=0``).
+
+        Args:
+            metrics: ``True`` requires ``/metrics`` (the ``metrics`` extra), ``False`` leaves
+                it out, ``None`` serves it when the extra is installed.
 
         Raises:
+            MissingExtra: ``metrics=True`` without prometheus-client installed.
             OSError: the address cannot be bound.
         """
+        if metrics:
+            require_metrics()
+        if metrics is False:
+            self.endpoints.remove("/metrics")
         self.enable_timings()
+        self.observer.start()
         server = await self.endpoints.serve(host, port)
         bound: int = server.sockets[0].getsockname()[1]
         return bound

@@ -195,6 +195,11 @@ class Backend(abc.ABC):
     async def pending(self) -> int:
         """How many rows are not sent yet."""
 
+    async def backlog(self) -> tuple[int, float | None]:
+        """How many rows are not sent yet, and the Unix time the oldest of them was added
+        (``None`` when there are none, or the backend cannot tell)."""
+        return await self.pending(), None
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close the backend's connections. Idempotent."""

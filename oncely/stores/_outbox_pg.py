@@ -124,6 +124,9 @@ _PURGE = """WITH doomed AS (
 ) DELETE FROM {t} USING doomed WHERE {t}.id = doomed.id"""
 
 _PENDING = "SELECT count(*) FROM {t} WHERE sent_at IS NULL"
+_BACKLOG = (
+    "SELECT count(*), extract(epoch FROM min(created_at))::float8 FROM {t} WHERE sent_at IS NULL"
+)
 
 
 def map_errors(what: str) -> contextlib.AbstractContextManager[None]:
@@ -156,6 +159,7 @@ class PgBackend(Backend):
                 "failed": _MARK_FAILED,
                 "purge": _PURGE,
                 "pending": _PENDING,
+                "backlog": _BACKLOG,
             }.items()
         }
         self._schema = [s.format(t=self.table, n=short) for s in _SCHEMA]
@@ -264,6 +268,12 @@ class PgBackend(Backend):
         with map_errors("pending"):
             count: int = await pool.fetchval(self._sql["pending"])
         return count
+
+    async def backlog(self) -> tuple[int, float | None]:
+        pool = self._ready()
+        with map_errors("backlog"):
+            row = await pool.fetchrow(self._sql["backlog"])
+        return int(row[0]), row[1]
 
     async def listen(self, wake: Callable[[], None]) -> None:
         pause = LISTEN_RETRY[0]

@@ -96,6 +96,7 @@ _PURGE = """DELETE FROM {t} WHERE id IN (
     SELECT id FROM {t} WHERE sent_at IS NOT NULL AND sent_at < ? LIMIT ?)"""
 
 _PENDING = "SELECT count(*) FROM {t} WHERE sent_at IS NULL"
+_BACKLOG = "SELECT count(*), min(created_at) FROM {t} WHERE sent_at IS NULL"
 
 _MARK_CHUNK = 500
 """Ids per mark statement, well under SQLite's parameter limit."""
@@ -125,6 +126,7 @@ class SqliteBackend(Backend):
                 "release": _RELEASE,
                 "purge": _PURGE,
                 "pending": _PENDING,
+                "backlog": _BACKLOG,
             }.items()
         }
         self._schema = [s.format(t=table) for s in _SCHEMA]
@@ -222,6 +224,14 @@ class SqliteBackend(Backend):
             async with lock:
                 rows = list(await db.execute_fetchall(self._sql["pending"]))
         return int(rows[0][0])
+
+    async def backlog(self) -> tuple[int, float | None]:
+        db, lock = self._ready()
+        with map_sqlite_errors(StoreUnavailable):
+            async with lock:
+                rows = list(await db.execute_fetchall(self._sql["backlog"]))
+        count, oldest = rows[0]
+        return int(count), None if oldest is None else float(oldest)
 
     async def listen(self, wake: Callable[[], None]) -> None:
         entry = (asyncio.get_running_loop(), wake)

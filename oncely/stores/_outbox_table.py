@@ -164,3 +164,8 @@ class Outbox:
     async def pending(self) -> int:
         """How many messages are not sent yet (needs ``connect()``)."""
         return await self.backend.pending()
+
+    async def backlog(self) -> tuple[int, float | None]:
+        """How many messages are not sent yet, and the Unix time the oldest of them was
+        added (``None`` with none); the metrics sampler reads it (needs ``connect()``)."""
+        return await self.backend.backlog()

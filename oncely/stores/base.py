@@ -127,6 +127,18 @@ class IdempotencyStore(abc.ABC):
     async def aclose(self) -> None:
         """Close connections. Idempotent."""
 
+    async def ping(self) -> None:
+        """One cheap round trip that proves the store answers (``/readyz`` calls it).
+
+        The default releases a key nobody holds with a token nobody has, which every store
+        ignores (see ``release``): no side effect. Adapters may override it with a cheaper
+        call. Safe to call concurrently with everything else.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        await self.release("oncely:ping", "oncely-ping-token")
+
     async def __aenter__(self) -> Self:
         await self.connect()
         return self

@@ -1,0 +1,80 @@
+"""``Broker.backlog`` and ``Broker.connected`` on the brokers not covered elsewhere: SQS on
+ElasticMQ, Kafka (lag per partition, scraped as ``oncely_consumer_lag``), SQLite and memory."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import oncely
+from oncely.brokers.memory import MemoryBroker
+from oncely.brokers.sqlite import SqliteBroker
+from oncely.brokers.sqs import SqsBroker
+from tests._wait import eventually
+from tests.brokers.kafka_support import kafka_url
+from tests.brokers.test_sqs import SQS_URL
+from tests.runtime._probe import scrape, value
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_embedded_brokers_count_claimable_messages(tmp_path: Path, unique: str) -> None:
+    for broker in (MemoryBroker(unique), SqliteBroker(str(tmp_path / "q.db"))):
+        assert broker.connected is False
+        async with broker:
+            assert broker.connected is True
+            assert await broker.backlog(unique) == {"": 0}
+            await broker.publish(unique, b"1")
+            await broker.publish(unique, b"2")
+            await broker.publish(unique, b"later", delay=60)  # not claimable yet
+            assert await broker.backlog(unique) == {"": 2}
+            async with broker.consume(unique, prefetch=1, visibility=30) as sub:
+                delivery = await sub.__anext__()
+                assert await broker.backlog(unique) == {"": 1}  # the claimed one is held
+                await delivery.ack()
+        assert broker.connected is False
+
+
+@pytest.mark.sqs
+async def test_sqs_reports_approximate_depth(unique: str) -> None:
+    async with SqsBroker.from_url(SQS_URL) as broker:
+        assert broker.connected is None  # stateless HTTP: it cannot tell
+        for n in range(3):
+            await broker.publish(unique, b"%d" % n)
+        assert await broker.backlog(unique) == {"": 3}
+
+
+@pytest.mark.kafka
+async def test_kafka_lag_per_partition_is_scraped(unique: str) -> None:
+    app = oncely.App()
+    gate = asyncio.Event()
+
+    @app.handler(unique, name="lagging", concurrency=1)
+    async def lagging(_: dict[str, int]) -> None:
+        await gate.wait()
+
+    url = kafka_url()
+    worker = oncely.Worker(app, broker=url)
+    worker.observer.interval = 0.2
+    async with worker:
+        port = await worker.serve_http(0)
+        for n in range(5):
+            await app.publish(unique, {"n": n}, key="one-partition")
+
+        def lag() -> int | None:
+            lags = worker.observer.backlog.get(unique)
+            return None if not lags else sum(lags.values())
+
+        # The first record runs (not done), so all five are after the commit point.
+        await eventually(lambda: lag() == 5, within=60)
+        assert worker.broker is not None and worker.broker.connected is True
+        gate.set()
+        await eventually(lambda: worker.stats.acked == 5, within=60)
+        await eventually(lambda: lag() == 0, within=60)
+        samples = await scrape(port)
+        lags = worker.observer.backlog[unique]
+        for partition in lags:
+            assert value(samples, "oncely_consumer_lag", topic=unique, partition=partition) == 0
+        assert value(samples, "oncely_broker_connected", broker="kafka") == 1
