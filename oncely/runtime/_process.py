@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
+from oncely.runtime._whole import Whole
 from oncely.runtime.codec import Decoder, encode, fingerprint
 from oncely.runtime.context import Context
 from oncely.runtime.heartbeat import Active, Heartbeat
@@ -291,14 +292,15 @@ class Runner:
     async def _finish(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> None:
         """Await ``settling`` (the outcome of a run that is over) shielded from cancellation;
         if cancelled meanwhile, let it run on where ``run()`` sees it (so it does not settle
-        the delivery a second time, ahead of a lease release) and ``aclose()`` waits for it."""
-        task = asyncio.ensure_future(settling)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
+        the delivery a second time, ahead of a lease release) and ``aclose()`` waits for it.
+
+        It runs on this task (``Whole``), not a task of its own, until a cancel arrives."""
+
+        def handed_off(task: asyncio.Future[object]) -> None:
             self._finishing[task] = delivery
             task.add_done_callback(self._finishing.pop)
-            raise
+
+        await Whole(settling, handed_off)
 
     async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
         keys = self.keys
