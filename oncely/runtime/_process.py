@@ -326,9 +326,9 @@ class Runner:
             if spec.transactional:
                 assert isinstance(self.store, TransactionalStore)
                 tx_cm = self.store.transaction(lease.key, lease.token, spec.result_ttl)
-        self.heartbeat.track(active)
-        # A bare timer rather than asyncio.timeout(): same effect, a fraction of the cost.
-        timer = asyncio.get_running_loop().call_later(spec.timeout, active.expire)
+        # The heartbeat's one timer per handler times it out (Active.expire): same effect as
+        # asyncio.timeout(), without a timer armed and cancelled per delivery.
+        self.heartbeat.track(active, spec.timeout)
         try:
             async with tx_cm as tx:
                 if spec.wants_context:
@@ -347,7 +347,6 @@ class Runner:
                 raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from None
             raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from None
         finally:
-            timer.cancel()
             self.heartbeat.untrack(active)
 
     def _encode_result(self, value: object) -> bytes | None:
