@@ -68,7 +68,9 @@ class Keys:
         self.store = store
         self.stats = stats
         self.visibility = visibility
-        self._held: dict[str, asyncio.Event] = {}
+        # The keys this handler holds here, each with the event its local duplicates wait
+        # on: made by the first of them, so a key nobody waits for costs no event.
+        self._held: dict[str, asyncio.Event | None] = {}
         self._deferrals: OrderedDict[str, int] = OrderedDict()
 
     async def begin(self, key: str, fingerprint: str) -> Begin:
@@ -77,28 +79,47 @@ class Keys:
         Raises:
             Exception: whatever the store raised; the caller fails closed (or open).
         """
+        begun = await self.store.begin(key, fingerprint, self.visibility)
+        outcome = begun.outcome
+        if outcome is Outcome.IN_PROGRESS:
+            if key in self._held and key not in self._deferrals:
+                begun = await self._after_local_holder(key, fingerprint, begun)
+                outcome = begun.outcome
+            if outcome is Outcome.IN_PROGRESS:
+                return begun
+        if outcome is Outcome.NEW:
+            held = self._held
+            if key in held:  # a lease of ours expired and was taken over: re-check
+                stale = held[key]
+                if stale is not None:
+                    stale.set()
+            held[key] = None
+        if self._deferrals:
+            self._deferrals.pop(key, None)
+        return begun
+
+    async def _after_local_holder(self, key: str, fingerprint: str, begun: Begin) -> Begin:
+        """Wait (at most ``LOCAL_WAIT_CAP``) for the local holder of ``key``, and begin again
+        each time it lets go, until the outcome is not a local hold any more."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOCAL_WAIT_CAP
         while True:
-            begun = await self.store.begin(key, fingerprint, self.visibility)
-            held = self._held.get(key)
-            if begun.outcome is not Outcome.IN_PROGRESS or held is None or key in self._deferrals:
-                break
+            held = self._held
+            if begun.outcome is not Outcome.IN_PROGRESS or key not in held:
+                return begun
+            if key in self._deferrals:  # deferred meanwhile: no second wait for this key
+                return begun
             wait = min(max(begun.retry_after, FIRST_RECHECK), deadline - loop.time())
             if wait <= 0:
-                break
+                return begun
+            event = held[key]
+            if event is None:
+                event = held[key] = asyncio.Event()
             try:
-                await asyncio.wait_for(held.wait(), wait)
+                await asyncio.wait_for(event.wait(), wait)
             except TimeoutError:
-                break
-        if begun.outcome is Outcome.NEW:
-            stale = self._held.get(key)
-            if stale is not None:  # a lease of ours expired and was taken over: re-check
-                stale.set()
-            self._held[key] = asyncio.Event()
-        if begun.outcome is not Outcome.IN_PROGRESS:
-            self._deferrals.pop(key, None)
-        return begun
+                return begun
+            begun = await self.store.begin(key, fingerprint, self.visibility)
 
     def finished(self, key: str) -> None:
         """The holder of ``key`` completed or released it: wake local duplicates."""

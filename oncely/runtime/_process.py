@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
@@ -33,7 +32,7 @@ from oncely.runtime._whole import Whole
 from oncely.runtime.codec import Decoder, encode, fingerprint
 from oncely.runtime.context import Context
 from oncely.runtime.heartbeat import Active, Heartbeat
-from oncely.stores.base import Outcome, StoreTransaction, TransactionalStore
+from oncely.stores.base import Outcome, TransactionalStore
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Broker, Delivery
@@ -317,28 +316,25 @@ class Runner:
     ) -> bytes | None:
         """Run the handler under its timeout and heartbeat; return the encoded result."""
         spec = self.spec
-        tx_cm: AbstractAsyncContextManager[StoreTransaction | None] = nullcontext()
         active = Active(delivery, asyncio.current_task())
+        transactional = False
         if lease is not None:
             # The heartbeat renews transactional leases too: a transaction may wait for a
             # connection (or, on PostgreSQL, run) longer than the lease.
             active.lease_key, active.lease_token = lease.key, lease.token
-            if spec.transactional:
-                assert isinstance(self.store, TransactionalStore)
-                tx_cm = self.store.transaction(lease.key, lease.token, spec.result_ttl)
+            transactional = spec.transactional
         # The heartbeat's one timer per handler times it out (Active.expire): same effect as
         # asyncio.timeout(), without a timer armed and cancelled per delivery.
         self.heartbeat.track(active, spec.timeout)
         try:
-            async with tx_cm as tx:
-                if spec.wants_context:
-                    value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
-                else:
-                    value = await spec.fn(payload)
-                result = self._encode_result(value)
-                if tx is not None:
-                    tx.result = result
-            return result
+            if transactional:
+                assert lease is not None
+                return await self._call_in_transaction(delivery, payload, key, lease)
+            if spec.wants_context:
+                value = await spec.fn(payload, Context(delivery, key, self.publisher))
+            else:
+                value = await spec.fn(payload)
+            return None if value is None else self._encode_result(value)
         except asyncio.CancelledError:
             if not (active.timed_out or active.lease_lost) or active.task is None:
                 raise
@@ -348,6 +344,21 @@ class Runner:
             raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from None
         finally:
             self.heartbeat.untrack(active)
+
+    async def _call_in_transaction(
+        self, delivery: Delivery, payload: Any, key: str | None, lease: Lease
+    ) -> bytes | None:
+        """``_call``'s handler run inside the store transaction that records its completion."""
+        spec = self.spec
+        assert isinstance(self.store, TransactionalStore)
+        async with self.store.transaction(lease.key, lease.token, spec.result_ttl) as tx:
+            if spec.wants_context:
+                value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
+            else:
+                value = await spec.fn(payload)
+            result = self._encode_result(value)
+            tx.result = result
+        return result
 
     def _encode_result(self, value: object) -> bytes | None:
         if value is None:
