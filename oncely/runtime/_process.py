@@ -66,8 +66,9 @@ class Runner:
         self.publisher = publisher
         self.stats = stats
         self.fail_open = fail_open
+        self._key_prefix = f"{spec.name}:"
         self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
-        self._finishing: dict[asyncio.Future[object], Delivery] = {}
+        self._finishing: dict[asyncio.Task[object], Delivery] = {}
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.keys = (
             Keys(spec.name, store, stats, visibility=spec.visibility)
@@ -177,7 +178,7 @@ class Runner:
     async def _begin(self, delivery: Delivery, key: str) -> tuple[bool, Lease | None]:
         """Claim ``key``; return whether to run the handler, and the lease if one was taken."""
         assert self.keys is not None
-        store_key = f"{self.spec.name}:{key}"
+        store_key = self._key_prefix + key
         try:
             fp = fingerprint(delivery.body)
         except Exception as exc:
@@ -288,18 +289,17 @@ class Runner:
             reason = _describe(exc)
             await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
 
-    async def _finish(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> None:
-        """Await ``settling`` (the outcome of a run that is over) shielded from cancellation;
-        if cancelled meanwhile, let it run on where ``run()`` sees it (so it does not settle
-        the delivery a second time, ahead of a lease release) and ``aclose()`` waits for it.
+    def _finish(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> Whole[object]:
+        """Await this to await ``settling`` (the outcome of a run that is over) shielded from
+        cancellation; if cancelled meanwhile, it runs on where ``run()`` sees it (so it does
+        not settle the delivery a second time, ahead of a lease release) and ``aclose()``
+        waits for it. It runs on the awaiting task (``Whole``) until a cancel arrives."""
 
-        It runs on this task (``Whole``), not a task of its own, until a cancel arrives."""
-
-        def handed_off(task: asyncio.Future[object]) -> None:
+        def handed_off(task: asyncio.Task[object]) -> None:
             self._finishing[task] = delivery
             task.add_done_callback(self._finishing.pop)
 
-        await Whole(settling, handed_off)
+        return Whole(settling, handed_off)
 
     async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
         keys = self.keys

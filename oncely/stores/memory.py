@@ -117,7 +117,7 @@ class MemoryStore(IdempotencyStore):
         self._open = False
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
-        table = self._checked()
+        table = self._table if self._open else self._checked()
         with table.lock:
             now = time.monotonic()
             if now >= table.next_purge:
@@ -146,7 +146,7 @@ class MemoryStore(IdempotencyStore):
             entry.expires_at = now + lease + STALE_LEASE_GRACE
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
-        table = self._checked()
+        table = self._table if self._open else self._checked()
         with table.lock:
             entry = self._owned(table, key, token)
             entry.token = None
