@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -148,9 +149,9 @@ class Keys:
 
     async def complete(self, lease: Lease, result: bytes | None, ttl: float) -> None:
         """Record completion, retrying a failing store while the lease surely holds."""
-        loop = asyncio.get_running_loop()
-        # The heartbeat renewed the lease at most a third of visibility ago.
-        deadline = loop.time() + self.visibility / 3
+        # The heartbeat renewed the lease at most a third of visibility ago. (The monotonic
+        # clock, not loop.time(): the same elapsed time, at a fraction of the cost.)
+        deadline = time.monotonic() + self.visibility / 3
         pause = 0.05
         try:
             for tries in range(1, COMPLETE_TRIES + 1):
@@ -168,7 +169,7 @@ class Keys:
                     )
                     return
                 except Exception as exc:
-                    if tries == COMPLETE_TRIES or loop.time() + pause > deadline:
+                    if tries == COMPLETE_TRIES or time.monotonic() + pause > deadline:
                         self.stats.unrecorded += 1
                         log.error(
                             "%s: completion of %s could not be recorded after %d tries, acking "
