@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from contextlib import AbstractAsyncContextManager, nullcontext
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +31,11 @@ from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry,
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
 from oncely.runtime._tracing import for_handler
+from oncely.runtime._whole import Whole
 from oncely.runtime.codec import Decoder, encode, fingerprint
 from oncely.runtime.context import Context
 from oncely.runtime.heartbeat import Active, Heartbeat
-from oncely.stores.base import Outcome, StoreTransaction, TransactionalStore
+from oncely.stores.base import Outcome, TransactionalStore
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Broker, Delivery
@@ -69,8 +69,9 @@ class Runner:
         self.publisher = publisher
         self.stats = stats
         self.fail_open = fail_open
+        self._key_prefix = f"{spec.name}:"
         self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
-        self._finishing: dict[asyncio.Future[object], Delivery] = {}
+        self._finishing: dict[asyncio.Task[object], Delivery] = {}
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.tracing = for_handler(spec, broker, stats)  # None unless OpenTelemetry is on
         if self.tracing is not None:
@@ -202,7 +203,7 @@ class Runner:
     async def _begin(self, delivery: Delivery, key: str) -> tuple[bool, Lease | None]:
         """Claim ``key``; return whether to run the handler, and the lease if one was taken."""
         assert self.keys is not None
-        store_key = f"{self.spec.name}:{key}"
+        store_key = self._key_prefix + key
         try:
             fp = fingerprint(delivery.body)
         except Exception as exc:
@@ -321,17 +322,17 @@ class Runner:
             reason = _describe(exc)
             await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
 
-    async def _finish(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> None:
-        """Await ``settling`` (the outcome of a run that is over) shielded from cancellation;
-        if cancelled meanwhile, let it run on where ``run()`` sees it (so it does not settle
-        the delivery a second time, ahead of a lease release) and ``aclose()`` waits for it."""
-        task = asyncio.ensure_future(settling)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
+    def _finish(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> Whole[object]:
+        """Await this to await ``settling`` (the outcome of a run that is over) shielded from
+        cancellation; if cancelled meanwhile, it runs on where ``run()`` sees it (so it does
+        not settle the delivery a second time, ahead of a lease release) and ``aclose()``
+        waits for it. It runs on the awaiting task (``Whole``) until a cancel arrives."""
+
+        def handed_off(task: asyncio.Task[object]) -> None:
             self._finishing[task] = delivery
             task.add_done_callback(self._finishing.pop)
-            raise
+
+        return Whole(settling, handed_off)
 
     async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
         keys = self.keys
@@ -348,30 +349,27 @@ class Runner:
     ) -> bytes | None:
         """Run the handler under its timeout and heartbeat; return the encoded result."""
         spec = self.spec
-        tx_cm: AbstractAsyncContextManager[StoreTransaction | None] = nullcontext()
         active = Active(delivery, asyncio.current_task())
+        transactional = False
         if lease is not None:
             # The heartbeat renews transactional leases too: a transaction may wait for a
             # connection (or, on PostgreSQL, run) longer than the lease.
             active.lease_key, active.lease_token = lease.key, lease.token
-            if spec.transactional:
-                assert isinstance(self.store, TransactionalStore)
-                tx_cm = self.store.transaction(lease.key, lease.token, spec.result_ttl)
-        self.heartbeat.track(active)
-        # A bare timer rather than asyncio.timeout(): same effect, a fraction of the cost.
-        timer = asyncio.get_running_loop().call_later(spec.timeout, active.expire)
+            transactional = spec.transactional
+        # The heartbeat's one timer per handler times it out (Active.expire): same effect as
+        # asyncio.timeout(), without a timer armed and cancelled per delivery.
+        self.heartbeat.track(active, spec.timeout)
         timing = self.stats.handler_seconds
         started = perf_counter() if timing is not None else 0.0
         try:
-            async with tx_cm as tx:
-                if spec.wants_context:
-                    value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
-                else:
-                    value = await spec.fn(payload)
-                result = self._encode_result(value)
-                if tx is not None:
-                    tx.result = result
-            return result
+            if transactional:
+                assert lease is not None
+                return await self._call_in_transaction(delivery, payload, key, lease)
+            if spec.wants_context:
+                value = await spec.fn(payload, Context(delivery, key, self.publisher))
+            else:
+                value = await spec.fn(payload)
+            return None if value is None else self._encode_result(value)
         except asyncio.CancelledError:
             if not (active.timed_out or active.lease_lost) or active.task is None:
                 raise
@@ -380,10 +378,24 @@ class Runner:
                 raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from None
             raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from None
         finally:
-            timer.cancel()
             self.heartbeat.untrack(active)
             if timing is not None:
                 timing.observe(perf_counter() - started)
+
+    async def _call_in_transaction(
+        self, delivery: Delivery, payload: Any, key: str | None, lease: Lease
+    ) -> bytes | None:
+        """``_call``'s handler run inside the store transaction that records its completion."""
+        spec = self.spec
+        assert isinstance(self.store, TransactionalStore)
+        async with self.store.transaction(lease.key, lease.token, spec.result_ttl) as tx:
+            if spec.wants_context:
+                value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
+            else:
+                value = await spec.fn(payload)
+            result = self._encode_result(value)
+            tx.result = result
+        return result
 
     def _encode_result(self, value: object) -> bytes | None:
         if value is None:

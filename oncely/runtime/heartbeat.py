@@ -1,8 +1,16 @@
-"""One heartbeat per handler: extends visibility and renews leases of every running delivery.
+"""One heartbeat per handler: extends visibility and renews leases of every running delivery,
+and cancels those that run past the handler's timeout.
 
 A single timer task per handler, rather than one per message, keeps the hot path free of a
 task creation and cancellation per delivery; it ticks every third of the visibility window and
 extends everything that is running at that moment.
+
+The timeout is one timer per handler too, rather than a ``call_later`` armed and cancelled
+per delivery: every delivery of a handler has the same timeout, so the one that started first
+is the next to time out. The timer is armed for the oldest running delivery's deadline; when it
+fires it cancels every delivery past its deadline and re-arms for the oldest one left. A
+delivery that finishes early leaves the timer as it is (it then fires, finds nothing due and
+moves on), so the hot path only reads the clock.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ class Active:
     task: asyncio.Task[Any] | None
     lease_key: str | None = None
     lease_token: str | None = None
+    deadline: float | None = None
+    """The loop time at which the handler times out, or ``None`` if the heartbeat does not
+    time it."""
     timed_out: bool = False
     lease_lost: bool = False
 
@@ -75,20 +86,49 @@ class Heartbeat:
         self.extend = extend
         self.store = store
         self.stats = stats
-        self._active: set[Active] = set()
+        # Ordered by start, hence by deadline (one timeout per handler): the timer's work.
+        self._active: dict[Active, None] = {}
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
-    def track(self, active: Active) -> None:
+    def track(self, active: Active, timeout: float | None = None) -> None:
+        """Beat ``active`` until it is untracked and, with ``timeout``, ``expire()`` it once
+        ``timeout`` seconds from now have passed. Every timed delivery of one heartbeat must
+        have the same ``timeout`` (it is the handler's)."""
         if self._task is None and (self.extend or self.store is not None):
             self._start()
-        self._active.add(active)
+        self._active[active] = None
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            active.deadline = deadline = loop.time() + timeout
+            if self._timer is None:
+                # An armed timer is due no later than this deadline: it re-arms when it fires.
+                self._timer = loop.call_at(deadline, self._time_out)
 
     def untrack(self, active: Active) -> None:
-        self._active.discard(active)
+        self._active.pop(active, None)
+
+    def _time_out(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for active in list(self._active):
+            deadline = active.deadline
+            if deadline is None or active.timed_out:
+                continue
+            if deadline > now:
+                self._timer = loop.call_at(deadline, self._time_out)
+                return
+            active.expire()
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None:
             task, self._task = self._task, None
             task.cancel()

@@ -1,0 +1,151 @@
+"""``Whole``: a coroutine a cancel must not cut short, run on the caller's task."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from oncely.runtime._whole import Whole
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_coroutine_that_never_suspends_runs_inline_and_returns_its_value() -> None:
+    tasks_before = len(asyncio.all_tasks())
+
+    async def quick() -> int:
+        assert len(asyncio.all_tasks()) == tasks_before  # no task of its own
+        return 7
+
+    handed: list[asyncio.Task[int]] = []
+    assert await Whole(quick(), handed.append) == 7
+    assert handed == []
+
+
+async def test_suspensions_resume_in_order_and_errors_propagate() -> None:
+    steps: list[str] = []
+
+    async def slow() -> str:
+        await asyncio.sleep(0)
+        steps.append("checkpoint")
+        await asyncio.sleep(0.01)
+        steps.append("timer")
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await Whole(slow(), lambda _: None)
+    assert steps == ["checkpoint", "timer"]
+
+
+async def test_a_cancel_hands_the_rest_to_a_task_and_never_cancels_what_it_waits_on() -> None:
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    later = asyncio.Event()
+    entered = asyncio.Event()
+    steps: list[str] = []
+
+    async def settle() -> str:
+        entered.set()
+        got = await gate  # the cancel must not reach this future
+        steps.append(got)
+        await later.wait()  # and the rest still suspends and resumes normally
+        steps.append("after")
+        return "done"
+
+    handed: list[asyncio.Task[str]] = []
+
+    async def run() -> str:
+        return await Whole(settle(), handed.append)
+
+    task = asyncio.create_task(run())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not gate.cancelled()
+    (rest,) = handed
+    assert not rest.done()
+    gate.set_result("gate")
+    later.set()
+    assert await rest == "done"
+    assert steps == ["gate", "after"]
+
+
+async def test_a_cancel_at_a_bare_checkpoint_hands_the_rest_over_too() -> None:
+    entered = asyncio.Event()
+    steps: list[str] = []
+
+    async def settle() -> None:
+        entered.set()
+        await asyncio.sleep(0)
+        steps.append("resumed")
+
+    handed: list[asyncio.Task[None]] = []
+
+    async def run() -> None:
+        await Whole(settle(), handed.append)
+
+    task = asyncio.create_task(run())
+    await entered.wait()  # settle() now sits at its checkpoint
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (rest,) = handed
+    await rest
+    assert steps == ["resumed"]
+
+
+async def test_a_cancel_after_the_awaited_future_is_done_still_finishes_the_rest() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    entered = asyncio.Event()
+    steps: list[str] = []
+
+    async def settle() -> None:
+        entered.set()
+        await gate
+        steps.append("after gate")
+
+    handed: list[asyncio.Task[None]] = []
+
+    async def run() -> None:
+        await Whole(settle(), handed.append)
+
+    task = asyncio.create_task(run())
+    await entered.wait()
+    gate.set_result(None)  # the proxy is resolved on the next loop turn, the cancel lands first
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (rest,) = handed
+    await rest
+    assert steps == ["after gate"]
+
+
+async def test_the_rest_task_cancelled_cancels_the_coroutine_where_it_waits() -> None:
+    entered = asyncio.Event()
+    seen: list[str] = []
+
+    async def settle() -> None:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append("cancelled inside")
+            raise
+
+    handed: list[asyncio.Task[None]] = []
+
+    async def run() -> None:
+        await Whole(settle(), handed.append)
+
+    task = asyncio.create_task(run())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == []  # the caller's cancel did not reach it
+    (rest,) = handed
+    rest.cancel()  # as asyncio.run() cancels every task left at exit
+    with pytest.raises(asyncio.CancelledError):
+        await rest
+    assert seen == ["cancelled inside"]
