@@ -38,6 +38,8 @@ from oncely.brokers.base import Subscription
 from oncely.errors import BrokerError, ConnectionLost, OncelyError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from aiokafka.structs import TopicPartition
 
     from oncely.brokers._kafka_link import BrokerLink
@@ -265,9 +267,11 @@ class KafkaSubscription(Subscription):
         headers = dead_letter_headers(delivery, reason, time.time())
         await self._broker.send(dlq, delivery.body, key=delivery.record.key, headers=headers)
 
-    async def eos_ack(self, delivery: KafkaDelivery) -> None:
+    # Not coroutines themselves: each hands back the exactly-once side's, one frame less per
+    # record.
+    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None]:
         assert self._eos is not None
-        await self._eos.ack(delivery)
+        return self._eos.ack(delivery)
 
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
@@ -275,11 +279,11 @@ class KafkaSubscription(Subscription):
         assert self._eos is not None
         await self._eos.fail(delivery, how, delay, reason, attempt)
 
-    async def eos_produce(
+    def eos_produce(
         self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> str:
+    ) -> Awaitable[str]:
         assert self._eos is not None
-        return await self._eos.produce(delivery, topic, body, headers)
+        return self._eos.produce(delivery, topic, body, headers)
 
     # -- commits and rebalances --------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from oncely.brokers.base import Delivery, Headers, TransactionalDelivery, check_
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired, NotSupported
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Mapping
 
     from aiokafka.structs import ConsumerRecord
 
@@ -49,15 +49,15 @@ class Settler(Protocol):
 
     async def dead_letter(self, delivery: KafkaDelivery, reason: str) -> None: ...
 
-    async def eos_ack(self, delivery: KafkaDelivery) -> None: ...
+    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None]: ...
 
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
     ) -> None: ...
 
-    async def eos_produce(
+    def eos_produce(
         self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> str: ...
+    ) -> Awaitable[str]: ...
 
 
 def record_identity(
@@ -84,18 +84,25 @@ def record_headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
     """A record's headers for its handler: UTF-8 text (a plain producer's undecodable bytes
     keep their ``latin-1`` text rather than failing the message), the retry machinery's
     ``TRANSPORT`` headers left out."""
-    out: dict[str, str] = {}
-    for name, value in record.headers or ():
-        if name in TRANSPORT:
-            continue
-        if value is None:
-            out[name] = ""
-            continue
-        try:
-            out[name] = value.decode()
-        except UnicodeDecodeError:
-            out[name] = value.decode("latin-1")
+    raw = record.headers
+    if not raw:
+        return {}
+    try:
+        out = {name: value.decode() for name, value in raw}
+    except (AttributeError, UnicodeDecodeError):  # a None value, or not UTF-8
+        out = {name: _text(value) for name, value in raw}
+    for name in TRANSPORT:
+        out.pop(name, None)
     return out
+
+
+def _text(value: bytes | None) -> str:
+    if value is None:
+        return ""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 class KafkaDelivery(Delivery):
