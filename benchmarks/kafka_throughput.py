@@ -4,20 +4,28 @@ Against a real Kafka (``ONCELY_TEST_KAFKA_URL``, default the local one from
 ``scripts/services.sh up``), one input topic of ``--partitions`` partitions holding
 ``--messages`` small keyed records is read by each contender in its own consumer group:
 
-- ``raw``: aiokafka ``getmany`` plus a manual ``commit`` after every batch (up to 500);
-- ``oncely key``: a Worker running a no-op at-least-once handler, per-key ordering (default);
+- ``raw``: aiokafka ``getmany`` (up to 500 records), then the no-op handler awaited on each
+  record's value in offset order (which keeps per-partition and per-key order), then a
+  manual ``commit`` of the batch;
+- ``oncely key``: a Worker running the same no-op as an at-least-once handler, per-key
+  ordering (default);
 - ``oncely partition``: the same with ``ordering=partition``;
 - ``raw txn copy``: aiokafka consume-transform-produce into an output topic, one
   transactional producer per input partition, a transaction per ``getmany`` batch of up to
   500 records of that partition, offsets sent in the transaction;
 - ``oncely txn copy``: a Worker in exactly-once mode whose handler ``ctx.produce``s each record
-  to an output topic (``txn_messages=500``).
+  to an output topic.
 
-Every contender's clock starts before its consumer joins the group and stops once all records
-are done and committed (the Worker is timed through ``stop()``). It prints msgs/s (median of
-``--rounds``), the ratios to the raw loops, and exactly-once over at-least-once.
+Each contender runs in its own process (so its client CPU time is its own; the broker is a
+separate JVM), its clock starts before its consumer joins the group and stops once all
+records are done and committed (the Worker is timed through ``stop()``). Rounds interleave
+the contenders; the script prints medians of msgs/s, of client CPU µs per record
+(``time.process_time``, steadier than wall time on a shared machine) and of the per-round
+ratios to the raw loops. ``--before DIR`` adds the oncely contenders of another source tree
+(e.g. ``git archive <commit> | tar -x -C DIR``), run against the same raw loops.
 
-    python benchmarks/kafka_throughput.py [--messages 50000] [--partitions 4] [--rounds 1]
+    python benchmarks/kafka_throughput.py [--messages 50000] [--partitions 4] [--rounds 3]
+        [--before DIR]
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
@@ -36,9 +46,12 @@ from aiokafka.structs import TopicPartition
 import oncely
 from oncely.brokers.kafka import KafkaBroker
 
+HERE = Path(__file__).resolve().parent
 URL = os.environ.get("ONCELY_TEST_KAFKA_URL", "kafka://127.0.0.1:9092")
 BOOTSTRAP = URL.removeprefix("kafka://").split("/")[0]
 BATCH = 500
+ONCELY = ("oncely key", "oncely partition", "oncely txn copy")
+RAW_OF = {"oncely key": "raw", "oncely partition": "raw", "oncely txn copy": "raw txn copy"}
 
 
 def url(group: str, **options: object) -> str:
@@ -56,6 +69,20 @@ async def fill(topic: str, out: str, n: int, partitions: int) -> None:
             ))  # fmt: skip
 
 
+class Counter:
+    """The no-op handler every at-least-once contender awaits once per record."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.count = 0
+        self.done = asyncio.Event()
+
+    async def handle(self, body: bytes) -> None:
+        self.count += 1
+        if self.count == self.n:
+            self.done.set()
+
+
 async def raw(topic: str, n: int) -> float:
     consumer = AIOKafkaConsumer(
         topic,
@@ -64,13 +91,17 @@ async def raw(topic: str, n: int) -> float:
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
+    handle = Counter(n).handle
     started = time.perf_counter()
     await consumer.start()
     seen = 0
     try:
         while seen < n:
             batch = await consumer.getmany(timeout_ms=100, max_records=BATCH)
-            seen += sum(len(records) for records in batch.values())
+            for records in batch.values():
+                for record in records:
+                    await handle(record.value or b"")
+                seen += len(records)
             if batch:
                 await consumer.commit()
     finally:
@@ -78,7 +109,7 @@ async def raw(topic: str, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-async def raw_copy(topic: str, out: str, n: int, partitions: int) -> float:
+async def raw_copy(topic: str, out: str, n: int) -> float:
     group = f"rawtx-{uuid.uuid4().hex[:8]}"
     consumer = AIOKafkaConsumer(
         topic,
@@ -121,45 +152,54 @@ async def with_worker(
     topic: str, out: str | None, n: int, concurrency: int, **opts: object
 ) -> float:
     app = oncely.App("bench")
-    done = asyncio.Event()
-    count = 0
+    counter = Counter(n)
 
     @app.handler(topic, concurrency=concurrency)
     async def handle(body: bytes, ctx: oncely.Context) -> None:
-        nonlocal count
         if out is not None:
             await ctx.produce(out, body, key=ctx.headers.get("oncely-key"))
-        count += 1
-        if count == n:
-            done.set()
+        await counter.handle(body)
 
     if out is not None:
         opts = {**opts, "exactly_once": topic}
     worker = oncely.Worker(app, broker=url(f"oncely-{uuid.uuid4().hex[:8]}", **opts))
     started = time.perf_counter()
     await worker.start()
-    await done.wait()
+    await counter.done.wait()
     await worker.stop()  # the last commits are part of the work
     elapsed = time.perf_counter() - started
     assert worker.stats.processed >= n, worker.stats
     return n / elapsed
 
 
-async def measure(n: int, partitions: int, concurrency: int, rounds: int) -> dict[str, float]:
-    topic = f"bench-{uuid.uuid4().hex[:8]}"
-    await fill(topic, f"{topic}-out", n, partitions)
-    runs: dict[str, Callable[[], Awaitable[float]]] = {
-        "raw": lambda: raw(topic, n),
-        "oncely key": lambda: with_worker(topic, None, n, concurrency),
-        "oncely partition": lambda: with_worker(topic, None, n, concurrency, ordering="partition"),
-        "raw txn copy": lambda: raw_copy(topic, f"{topic}-out", n, partitions),
-        "oncely txn copy": lambda: with_worker(topic, f"{topic}-out", n, concurrency),
-    }
-    results: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            results[name].append(await run())
-    return {name: statistics.median(v) for name, v in results.items()}
+async def child(contender: str, topic: str, n: int, concurrency: int) -> tuple[float, float]:
+    """Run one contender in this process: (msgs/s, client CPU µs per record)."""
+    out = f"{topic}-out"
+    cpu = time.process_time()
+    if contender == "raw":
+        rate = await raw(topic, n)
+    elif contender == "raw txn copy":
+        rate = await raw_copy(topic, out, n)
+    elif contender == "oncely key":
+        rate = await with_worker(topic, None, n, concurrency)
+    elif contender == "oncely partition":
+        rate = await with_worker(topic, None, n, concurrency, ordering="partition")
+    else:
+        rate = await with_worker(topic, out, n, concurrency)
+    return rate, (time.process_time() - cpu) / n * 1e6
+
+
+def run(args: argparse.Namespace, contender: str, topic: str, tree: Path) -> tuple[float, float]:
+    """One contender in a fresh process whose ``oncely`` comes from ``tree``."""
+    command = [sys.executable, str(HERE / "kafka_throughput.py"), "--child", contender]
+    command += ["--topic", topic, "--messages", str(args.messages)]
+    command += ["--concurrency", str(args.concurrency)]
+    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{HERE}"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{contender} from {tree} failed:\n{done.stderr[-3000:]}")
+    rate, cpu = (float(x) for x in done.stdout.split()[-2:])
+    return rate, cpu
 
 
 def main() -> None:
@@ -167,16 +207,41 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--before", type=Path, help="another source tree to compare")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--topic", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    r = asyncio.run(measure(args.messages, args.partitions, args.concurrency, args.rounds))
-    print(f"kafka, {args.messages} messages, {args.partitions} partitions, asyncio")
-    for name, rate in r.items():
-        print(f"  {name:<18} {rate:>9,.0f} msgs/s")
-    print(f"  oncely key / raw                 {r['oncely key'] / r['raw']:.2f}x")
-    print(f"  oncely partition / raw           {r['oncely partition'] / r['raw']:.2f}x")
-    print(f"  oncely txn copy / raw txn copy   {r['oncely txn copy'] / r['raw txn copy']:.2f}x")
-    print(f"  exactly-once / at-least-once     {r['oncely txn copy'] / r['oncely key']:.2f}x")
+    if args.child:
+        rate, cpu = asyncio.run(child(args.child, args.topic, args.messages, args.concurrency))
+        print(f"{rate:.1f} {cpu:.2f}")
+        return
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    asyncio.run(fill(topic, f"{topic}-out", args.messages, args.partitions))
+    trees = {"": HERE.parent} | ({"before ": args.before.resolve()} if args.before else {})
+    order = ["raw", *(t + c for t in trees for c in ONCELY[:2])]
+    order += ["raw txn copy", *(t + ONCELY[2] for t in trees)]
+    rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in order}
+    for i in range(args.rounds):
+        rates: dict[str, float] = {}
+        for name in order:
+            before = name.startswith("before ")
+            contender = name.removeprefix("before ")
+            tree = trees["before " if before else ""]
+            rate, cpu = run(args, contender, topic, tree)
+            rates[name] = rate
+            base = RAW_OF.get(contender)
+            rows[name].append((rate, cpu, rate / rates[base] if base else 1.0))
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()), flush=True)
+    med = {name: [statistics.median(r[j] for r in v) for j in range(3)] for name, v in rows.items()}
+    print(f"\nkafka, {args.messages} messages, {args.partitions} partitions, asyncio, ", end="")
+    print(f"{args.rounds} rounds, medians")
+    print(f"  {'':<24}{'msgs/s':>9}{'CPU us/rec':>12}{'x raw':>8}")
+    for name, (rate, cpu, ratio) in med.items():
+        shown = f"{ratio:>7.2f}x" if name.removeprefix("before ") in RAW_OF else ""
+        print(f"  {name:<24}{rate:>9,.0f}{cpu:>12.1f}{shown}")
+    eos = [r[0] / k[0] for r, k in zip(rows["oncely txn copy"], rows["oncely key"], strict=True)]
+    print(f"  exactly-once / at-least-once (per key): {statistics.median(eos):.2f}x")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from oncely.brokers._kafka_eos import ExactlyOnce
 from oncely.brokers._kafka_group import RebalanceListener, due_time, sticky_assignor
 from oncely.brokers._kafka_options import (
     bucket_for,
-    decode_headers,
     dlq_topic,
     map_errors,
     retry_topic,
@@ -39,6 +38,8 @@ from oncely.brokers.base import Subscription
 from oncely.errors import BrokerError, ConnectionLost, OncelyError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from aiokafka.structs import TopicPartition
 
     from oncely.brokers._kafka_link import BrokerLink
@@ -64,6 +65,7 @@ class KafkaSubscription(Subscription):
         self._retry_topics = {retry_topic(topic, b) for b in opts.buckets}
         self._eos = ExactlyOnce(self, broker) if opts.is_exactly_once(topic) else None
         self._ordering = opts.ordering
+        self._refill_at = opts.window - max(1, opts.window // 4)
         self.consumer: AIOKafkaConsumer | None = None
         self.tracks: dict[TopicPartition, PartitionTrack] = {}
         self._ready: deque[tuple[PartitionTrack, Any]] = deque()
@@ -71,6 +73,7 @@ class KafkaSubscription(Subscription):
         self._changed = asyncio.Event()
         self._settle_event = asyncio.Event()
         self._starting: asyncio.Task[None] | None = None
+        self._started = False
         self._poller: asyncio.Task[None] | None = None
         self._error: OncelyError | None = None
         self._closed = False
@@ -131,9 +134,10 @@ class KafkaSubscription(Subscription):
         track = self.tracks.get(tp)
         if track is None or not track.live or track.suspended:
             return  # not ours (yet): the owner reads it from the committed offset
-        is_retry = tp.topic in self._retry_topics
-        for record in records:
-            if is_retry:
+        if tp.topic not in self._retry_topics:
+            track.take_all(records)
+        else:
+            for record in records:
                 due = due_time(record)
                 if due > now:
                     # Not due: hold this partition (only this one) at the record.
@@ -143,9 +147,24 @@ class KafkaSubscription(Subscription):
                     track.hold_until = due
                     asyncio.get_running_loop().call_later(due - now, self._unhold, track)
                     break
-            track.take(record)
-        for ready in track.admit(self._opts.window):
-            self._ready.append((track, ready))
+                track.take(record)
+        self._ready.extend([(track, ready) for ready in track.admit(self._opts.window)])
+        self.update_pause(track)
+
+    def shrank(self, track: PartitionTrack) -> None:
+        """``track``'s window shrank: once it is down to ``_refill_at``, admit the backlog
+        and resume the partition. Refilling in chunks rather than a record per settle
+        halves the per-record bookkeeping of a busy partition (whose window stays full)."""
+        if track.hold_until or (
+            (track.backlog or track.paused) and track.window <= self._refill_at
+        ):
+            self.refill(track)
+
+    def refill(self, track: PartitionTrack) -> None:
+        """``track``'s window has room again: admit its backlog, resume it if it may."""
+        if track.backlog:
+            self._ready.extend([(track, ready) for ready in track.admit(self._opts.window)])
+            self._changed.set()
         self.update_pause(track)
 
     def _unhold(self, track: PartitionTrack) -> None:
@@ -157,11 +176,10 @@ class KafkaSubscription(Subscription):
         neither holds. Polling goes on either way, so the member stays in the group."""
         if not track.live or track.suspended or self.consumer is None:
             return
-        want = (
-            bool(track.backlog)
-            or track.window >= self._opts.window
-            or track.hold_until > time.time()
-        )
+        if track.backlog or track.window >= self._opts.window:
+            want = True
+        else:  # the clock only for a held retry partition: this runs once per record
+            want = bool(track.hold_until) and track.hold_until > time.time()
         if want == track.paused:
             return
         with contextlib.suppress(Exception):  # not assigned any more: nothing to pause
@@ -176,11 +194,8 @@ class KafkaSubscription(Subscription):
     async def __anext__(self) -> KafkaDelivery:
         if self._closed:
             raise StopAsyncIteration
-        if self._starting is None:
-            self._starting = asyncio.create_task(self._start())
-        if not self._starting.done():
-            await asyncio.shield(self._starting)  # a cancelled __anext__ must not cancel it
-        self._starting.result()
+        if not self._started:
+            await self._await_start()
         while True:
             self._changed.clear()
             if self._closed:
@@ -194,15 +209,20 @@ class KafkaSubscription(Subscription):
                 if track.suspended:
                     track.parked.append(record)
                     continue
-                delivery = self._make(track, record)
+                cls = KafkaDelivery if track.eos is None else ExactlyOnceDelivery
+                delivery = cls(self, track, record, topic=self.topic)
                 track.in_flight += 1
                 self._yielded += 1
                 return delivery
             await self._changed.wait()
 
-    def _make(self, track: PartitionTrack, record: Any) -> KafkaDelivery:
-        cls = ExactlyOnceDelivery if track.eos is not None else KafkaDelivery
-        return cls(self, track, record, topic=self.topic, headers=decode_headers(record.headers))
+    async def _await_start(self) -> None:
+        if self._starting is None:
+            self._starting = asyncio.create_task(self._start())
+        if not self._starting.done():
+            await asyncio.shield(self._starting)  # a cancelled __anext__ must not cancel it
+        self._starting.result()
+        self._started = True
 
     # -- settling (the Settler protocol of KafkaDelivery) ------------------------------------------
 
@@ -213,10 +233,7 @@ class KafkaSubscription(Subscription):
         following = track.complete(delivery.record)
         if following is not None:
             self._ready.append((track, following))
-        if track.backlog:
-            for ready in track.admit(self._opts.window):
-                self._ready.append((track, ready))
-        self.update_pause(track)
+        self.shrank(track)
         self._changed.set()
         self._settle_event.set()
 
@@ -250,9 +267,11 @@ class KafkaSubscription(Subscription):
         headers = dead_letter_headers(delivery, reason, time.time())
         await self._broker.send(dlq, delivery.body, key=delivery.record.key, headers=headers)
 
-    async def eos_ack(self, delivery: KafkaDelivery) -> None:
+    # Not coroutines themselves: each hands back the exactly-once side's, one frame less per
+    # record.
+    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None]:
         assert self._eos is not None
-        await self._eos.ack(delivery)
+        return self._eos.ack(delivery)
 
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
@@ -260,11 +279,11 @@ class KafkaSubscription(Subscription):
         assert self._eos is not None
         await self._eos.fail(delivery, how, delay, reason, attempt)
 
-    async def eos_produce(
+    def eos_produce(
         self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> str:
+    ) -> Awaitable[str]:
         assert self._eos is not None
-        return await self._eos.produce(delivery, topic, body, headers)
+        return self._eos.produce(delivery, topic, body, headers)
 
     # -- commits and rebalances --------------------------------------------------------------------
 
@@ -341,7 +360,7 @@ class KafkaSubscription(Subscription):
             for record in kept.parked:
                 self._ready.append((kept, record))
             kept.parked.clear()
-            self.update_pause(kept)
+            self.refill(kept)
         if self._eos is not None:
             await self._eos.acquire(fresh)
         else:

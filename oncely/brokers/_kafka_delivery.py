@@ -14,7 +14,7 @@ from oncely.brokers.base import (
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired, NotSupported
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Mapping
 
     from aiokafka.structs import ConsumerRecord
 
@@ -26,6 +26,7 @@ __all__ = [
     "Output",
     "Settler",
     "dead_letter_headers",
+    "record_headers",
     "record_identity",
     "retry_headers",
 ]
@@ -36,9 +37,9 @@ ORIGIN_TOPIC = "oncely-original-topic"
 ORIGIN_PARTITION = "oncely-original-partition"
 ORIGIN_OFFSET = "oncely-original-offset"
 TRANSPORT = frozenset({DUE})
+"""Headers of the retry machinery, dropped before a record is handed to a handler."""
 Output = tuple[str, bytes, "bytes | None", list[tuple[str, bytes]]]
 """An exactly-once output waiting for its offset: topic, value, key, encoded headers."""
-"""Headers of the retry machinery, dropped before a record is handed to a handler."""
 
 
 class Settler(Protocol):
@@ -54,15 +55,15 @@ class Settler(Protocol):
 
     async def dead_letter(self, delivery: KafkaDelivery, reason: str) -> None: ...
 
-    async def eos_ack(self, delivery: KafkaDelivery) -> None: ...
+    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None]: ...
 
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
     ) -> None: ...
 
-    async def eos_produce(
+    def eos_produce(
         self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> str: ...
+    ) -> Awaitable[str]: ...
 
 
 def record_identity(
@@ -71,15 +72,43 @@ def record_identity(
     """(id, attempt, enqueued_at) of a record: oncely's headers where present, else the
     record's coordinates and timestamp, so a plain producer's messages are consumed too."""
     mid = headers.get(Headers.MESSAGE_ID) or f"{record.topic}/{record.partition}/{record.offset}"
+    attempt = 1
+    if (text := headers.get(Headers.ATTEMPT)) is not None:
+        try:
+            attempt = max(1, int(text))
+        except ValueError:
+            pass
+    if (text := headers.get(Headers.PUBLISHED_AT)) is not None:
+        try:
+            return mid, attempt, float(text)
+        except ValueError:
+            pass
+    return mid, attempt, record.timestamp / 1000.0
+
+
+def record_headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
+    """A record's headers for its handler: UTF-8 text (a plain producer's undecodable bytes
+    keep their ``latin-1`` text rather than failing the message), the retry machinery's
+    ``TRANSPORT`` headers left out."""
+    raw = record.headers
+    if not raw:
+        return {}
     try:
-        attempt = max(1, int(headers.get(Headers.ATTEMPT, "1")))
-    except ValueError:
-        attempt = 1
+        out = {name: value.decode() for name, value in raw}
+    except (AttributeError, UnicodeDecodeError):  # a None value, or not UTF-8
+        out = {name: _text(value) for name, value in raw}
+    for name in TRANSPORT:
+        out.pop(name, None)
+    return out
+
+
+def _text(value: bytes | None) -> str:
+    if value is None:
+        return ""
     try:
-        enqueued = float(headers[Headers.PUBLISHED_AT])
-    except (KeyError, ValueError):
-        enqueued = record.timestamp / 1000.0
-    return mid, attempt, enqueued
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 class KafkaDelivery(Delivery):
@@ -103,11 +132,9 @@ class KafkaDelivery(Delivery):
         record: ConsumerRecord[bytes, bytes],
         *,
         topic: str,
-        headers: dict[str, str],
     ) -> None:
+        headers = record_headers(record)
         mid, attempt, enqueued = record_identity(record, headers)
-        for name in TRANSPORT:
-            headers.pop(name, None)
         super().__init__(
             id=mid,
             topic=topic,
@@ -140,11 +167,14 @@ class KafkaDelivery(Delivery):
             )
 
     async def ack(self) -> None:
-        self._check()
-        if self.exactly_once:
-            await self._settle_exactly_once()
-        else:
-            self.mark_settled()
+        # _check() and mark_settled() inlined: this runs once per record.
+        if self._settled or not self.track.live:
+            self._check()
+        self._settled = True
+        self._settler.settled(self)
+        if self.track.eos is not None:
+            # Marked done first: the transaction this may commit must include its offset.
+            await self._settler.eos_ack(self)
 
     async def _settle_exactly_once(self) -> None:
         # Marked done first: the transaction this may commit must include its offset. Its

@@ -12,10 +12,16 @@ A transaction may only hold outputs of records below the offset it commits, or a
 the commit would run a record again whose outputs are already visible. So a handler's
 ``produce`` only buffers the record in its delivery. When a delivery is settled its outputs
 wait by offset, and as the partition's lowest unfinished offset moves forward, the outputs of
-the records it passed are sent into the open transaction in offset order. Handlers therefore
+the records it passed join the partition's pending list in offset order. Handlers therefore
 run concurrently (per key, like at-least-once) while each partition's outputs keep the input
-order. A transaction commits the offset it reached when ``txn_messages`` records went in or
-``txn_interval`` passed.
+order. Once ``txn_messages`` records were passed, or ``txn_interval`` after the first, one
+transaction sends the pending outputs in a burst (so the producer fills whole batches, as a
+consume-transform-produce loop sending a fetched batch does) and commits the offset reached.
+Passing needs no I/O, so every ack does it at once; only a commit takes the partition's lock.
+While one commits, later acks pass their records into the next transaction and return, so no
+handler waits on another's transaction; the next ack (or the poll loop, on the timer) commits
+them. In this mode the partition's window also counts records done but not passed yet, which
+bounds the outputs held in memory.
 
 A failed handler's outputs are never sent: ``nack`` and ``reject`` replace them with the
 retry-topic or dead-letter record, which commits with the offset like any output. A
@@ -59,7 +65,7 @@ log = logging.getLogger("oncely.brokers.kafka")
 class _Txn:
     """The transactional producer of one input partition and its open transaction."""
 
-    __slots__ = ("count", "finished", "lock", "open", "producer", "started", "tp", "track")
+    __slots__ = ("count", "finished", "lock", "open", "pending", "producer", "since", "tp", "track")
 
     def __init__(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
         self.tp = tp
@@ -67,8 +73,13 @@ class _Txn:
         self.lock = asyncio.Lock()
         self.open = False
         self.count = 0
-        self.started = 0.0
+        """Records passed since the last commit (those with no outputs too)."""
+        self.since = 0.0
+        """When the first of them was passed (monotonic)."""
         self.finished: dict[int, list[Output]] = {}
+        """Outputs of settled records not passed yet, by offset."""
+        self.pending: list[Output] = []
+        """Outputs of passed records, in offset order, for the next transaction."""
         self.track: PartitionTrack | None = None
 
 
@@ -127,6 +138,8 @@ class ExactlyOnce:
         self._sub.new_track(txn.tp, int(committed), txn)
         txn.track = self._sub.tracks[txn.tp]
         txn.finished.clear()
+        txn.pending.clear()
+        txn.count = 0
 
     async def release(self, tracks: list[PartitionTrack]) -> None:
         """Revoke or close: send and commit what is contiguous and settled (records still
@@ -146,6 +159,7 @@ class ExactlyOnce:
                         with contextlib.suppress(Exception):
                             await txn.producer.abort_transaction()
                 await self._stop(txn)
+                txn.track = None  # its deliveries' acks must not reach the stopped producer
 
     async def close(self) -> None:
         """The subscription's consumer has stopped, so no rebalance callback runs any more:
@@ -202,51 +216,70 @@ class ExactlyOnce:
         delivery.outputs = [(topic, delivery.body, delivery.record.key, encode_headers(headers))]
 
     async def ack(self, delivery: KafkaDelivery) -> None:
-        """Called once the delivery's offset was marked done: its outputs join the partition's
-        queue, and whatever became contiguous is sent (and maybe committed)."""
+        """Called once the delivery's offset was marked done: its outputs wait by offset, the
+        records that became contiguous are passed, and a transaction commits if one is due
+        and none is committing (that one's task does not wait for this: the next ack, or
+        the poll loop's ``flush_due``, commits what was passed meanwhile)."""
+        track = delivery.track
         txn = self._txn_of(delivery)
-        if not delivery.track.live or txn.track is not delivery.track:
+        if not track.live or txn.track is not track:
             raise DeliveryExpired(f"partition of {delivery.id} was revoked or rewound")
         if delivery.outputs:
             txn.finished[delivery.record.offset] = delivery.outputs
-        async with txn.lock:
-            await self._flush(txn)
+        self._pass(txn, track)
+        if self._due(txn) and not txn.lock.locked():
+            async with txn.lock:
+                await self._flush(txn)
 
     # -- sending and committing ----------------------------------------------------------------
 
+    def _pass(self, txn: _Txn, track: PartitionTrack) -> None:
+        """Move the outputs of the records the lowest unfinished offset has just passed to
+        the pending list, in offset order. No I/O, so no lock: ``_commit`` takes its offset
+        and its outputs in one step, and what is passed later goes to the next transaction."""
+        passed = track.advance()
+        if not passed:
+            return
+        if not txn.count:
+            txn.since = time.monotonic()
+        txn.count += len(passed)
+        finished = txn.finished
+        if finished:
+            pending = txn.pending
+            for offset in passed:
+                if (outputs := finished.pop(offset, None)) is not None:
+                    pending.extend(outputs)
+        self._sub.shrank(track)
+
+    def _due(self, txn: _Txn) -> bool:
+        return bool(txn.count) and (
+            txn.count >= self._opts.txn_messages
+            or time.monotonic() - txn.since >= self._opts.txn_interval
+        )
+
     async def flush_due(self) -> None:
-        """Commit transactions whose time budget is spent (from the poll loop)."""
-        now = time.monotonic()
+        """Commit transactions whose budget is spent (from the poll loop)."""
         for txn in list(self._txns.values()):
-            if txn.open and not txn.lock.locked() and now - txn.started >= self._opts.txn_interval:
+            if self._due(txn) and not txn.lock.locked():
                 async with txn.lock:
                     with contextlib.suppress(BrokerError):  # handled: rewound or given up
                         await self._flush(txn)
 
     async def _flush(self, txn: _Txn, *, force: bool = False, recover: bool = True) -> None:
-        """Send the outputs of records the lowest unfinished offset has passed, in offset
-        order, and commit when the budget is spent. Call with ``txn.lock`` held. A failure
+        """Commit what was passed if the budget is spent (or ``force``: until nothing is
+        left, records settled meanwhile included). Call with ``txn.lock`` held. A failure
         gives the partition up (fenced) or starts it over from the committed offset, unless
         ``recover`` is false (the partition is being released anyway)."""
         track = txn.track
         if track is None or not track.live:
             return
         try:
-            passed = track.advance()
-            if passed:
-                await self._open(txn)
-                send, finished = txn.producer.send, txn.finished
-                with map_errors(f"producing in the transaction of {txn.tp}", publishing=True):
-                    for offset in passed:
-                        for topic, body, key, headers in finished.pop(offset, ()):
-                            await send(topic, body, key=key, headers=headers)
-                txn.count += len(passed)
-            if txn.open and (
-                force
-                or txn.count >= self._opts.txn_messages
-                or time.monotonic() - txn.started >= self._opts.txn_interval
-            ):
+            self._pass(txn, track)
+            while txn.count and (force or self._due(txn)):
                 await self._commit(txn, track)
+                if not force:
+                    break
+                self._pass(txn, track)
         except DeliveryExpired:
             if recover:
                 self._lose(txn)
@@ -258,22 +291,24 @@ class ExactlyOnce:
             await self._reinit(txn)
             raise DeliveryExpired(f"the transaction on {txn.tp} failed: {exc}") from exc
 
-    async def _open(self, txn: _Txn) -> None:
-        if not txn.open:
-            with map_errors(f"beginning a transaction on {txn.tp}"):
-                await txn.producer.begin_transaction()
-            txn.open = True
-            txn.started = time.monotonic()
-            txn.count = 0
-
     async def _commit(self, txn: _Txn, track: PartitionTrack) -> None:
-        # Not commit_point(): a record settled while this flush awaited is done, but its
-        # outputs wait for the next advance; committing past it would drop them.
+        """One transaction: the pending outputs, then the offset every passed record reached."""
+        # Not commit_point(): a record done but not passed yet has outputs that are not in
+        # this transaction; committing past it would drop them. Records passed while this
+        # awaits have offsets from ``point`` on and their outputs go to the next one.
         point = track.head()
-        with map_errors(f"committing the transaction on {txn.tp}"):
+        pending, txn.pending = txn.pending, []
+        txn.count = 0
+        producer = txn.producer
+        with map_errors(f"committing the transaction on {txn.tp}", publishing=True):
+            await producer.begin_transaction()
+            txn.open = True
+            send = producer.send
+            for topic, body, key, headers in pending:
+                await send(topic, body, key=key, headers=headers)
             if point > track.committed:
-                await txn.producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
-            await txn.producer.commit_transaction()
+                await producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
+            await producer.commit_transaction()
         txn.open = False
         track.committed = max(track.committed, point)
 
@@ -311,6 +346,7 @@ class ExactlyOnce:
         self._txns.pop(txn.tp, None)
         txn.open = False
         txn.finished.clear()
+        txn.pending.clear()
         task = asyncio.get_running_loop().create_task(self._stop(txn))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)

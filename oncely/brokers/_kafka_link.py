@@ -70,6 +70,10 @@ class SubscriptionLink(Protocol):
         """End this ownership: its deliveries raise ``DeliveryExpired`` from now on."""
         ...
 
+    def shrank(self, track: PartitionTrack) -> None:
+        """``track``'s window shrank: admit its backlog, resume it, once it has room."""
+        ...
+
     def new_track(self, tp: TopicPartition, start: int, eos: Any) -> None:
         """Install a track starting at ``start`` (exactly-once acquire and rewind)."""
         ...

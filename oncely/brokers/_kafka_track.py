@@ -44,6 +44,7 @@ class PartitionTrack:
 
     __slots__ = (
         "_busy",
+        "_by_partition",
         "_done",
         "_outstanding",
         "backlog",
@@ -70,6 +71,7 @@ class PartitionTrack:
     ) -> None:
         self.tp = tp
         self.ordering = ordering
+        self._by_partition = ordering == "partition"
         self.position = start
         self.committed = start if start is not None else -1
         self.live = True
@@ -82,13 +84,9 @@ class PartitionTrack:
         self.backlog: deque[ConsumerRecord[bytes, bytes]] = deque()
         self._outstanding: deque[int] = deque()
         self._done: set[int] = set()
-        self._busy: dict[bytes, deque[ConsumerRecord[bytes, bytes]]] = {}
-
-    def order_key(self, record: ConsumerRecord[bytes, bytes]) -> bytes | None:
-        if self.ordering == "partition":
-            return _PARTITION_KEY
-        key: bytes | None = record.key
-        return key
+        # A key present is running; its deque (made only once a second record of the key
+        # arrives) holds the records waiting behind it.
+        self._busy: dict[bytes, deque[ConsumerRecord[bytes, bytes]] | None] = {}
 
     def take(self, record: ConsumerRecord[bytes, bytes]) -> None:
         """Buffer a fetched record; one already seen (a fetch that raced a seek returns
@@ -99,40 +97,52 @@ class PartitionTrack:
         self.position = offset + 1
         self.backlog.append(record)
 
+    def take_all(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """``take`` each of ``records`` (one fetch of this partition, in offset order)."""
+        position = self.position
+        if position is not None and records[0].offset < position:
+            records = [r for r in records if r.offset >= position]
+            if not records:
+                return
+        self.backlog.extend(records)
+        self.position = records[-1].offset + 1
+
     def admit(self, limit: int) -> list[ConsumerRecord[bytes, bytes]]:
         """Move buffered records into the window while it has room; return those that may
         run now (the others wait behind their key)."""
+        backlog = self.backlog
+        room = limit - self.window
+        if room <= 0 or not backlog:
+            return []
         ready = []
-        backlog, outstanding = self.backlog, self._outstanding
-        while backlog and len(outstanding) - len(self._done) < limit:
+        outstanding, busy, by_partition = self._outstanding, self._busy, self._by_partition
+        while backlog and room > 0:
             record = backlog.popleft()
+            room -= 1
             outstanding.append(record.offset)
-            if self.schedule(record):
+            key = _PARTITION_KEY if by_partition else record.key
+            if key is None:
+                ready.append(record)  # no key, no order
+            elif key not in busy:
+                busy[key] = None
                 ready.append(record)
+            elif (waiting := busy[key]) is None:
+                busy[key] = deque((record,))
+            else:
+                waiting.append(record)
         return ready
-
-    def schedule(self, record: ConsumerRecord[bytes, bytes]) -> bool:
-        """Whether ``record`` may run now; otherwise it waits behind its key."""
-        key = self.order_key(record)
-        if key is None:
-            return True
-        waiting = self._busy.get(key)
-        if waiting is None:
-            self._busy[key] = deque()
-            return True
-        waiting.append(record)
-        return False
 
     def complete(self, record: ConsumerRecord[bytes, bytes]) -> ConsumerRecord[bytes, bytes] | None:
         """Mark ``record`` done; return the next record of its key that may run now."""
         self._done.add(record.offset)
-        key = self.order_key(record)
+        key = _PARTITION_KEY if self._by_partition else record.key
         if key is None:
             return None
-        waiting = self._busy.get(key)
+        busy = self._busy
+        waiting = busy.get(key)
         if waiting:
             return waiting.popleft()
-        self._busy.pop(key, None)
+        busy.pop(key, None)
         return None
 
     def advance(self) -> list[int]:
@@ -169,5 +179,9 @@ class PartitionTrack:
     @property
     def window(self) -> int:
         """Records admitted and not yet done (running or waiting behind a key); the backlog
-        of fetched records waits outside it."""
+        of fetched records waits outside it. In exactly-once mode records done but not yet
+        passed by ``advance`` count too: their outputs wait in memory for a lower offset (or
+        for the transaction being committed), so the window bounds those as well."""
+        if self.eos is not None:
+            return len(self._outstanding)
         return len(self._outstanding) - len(self._done)

@@ -85,3 +85,38 @@ def test_head_does_not_pass_a_done_record_advance_has_not_returned() -> None:
     track.complete(records[1])  # done after the advance: its outputs are not sent yet
     assert track.head() == 1, "exactly-once must not commit past offset 1 yet"
     assert track.advance() == [1] and track.head() == 2
+
+
+def test_take_all_drops_records_below_the_position() -> None:
+    track = PartitionTrack(TP, ordering="key", start=5)
+    track.take_all([rec(3), rec(4), rec(5), rec(6)])
+    track.take_all([rec(6)])  # a fetch that raced a seek, all seen already
+    assert [r.offset for r in track.admit(10)] == [5, 6]
+    assert track.position == 7
+
+
+def test_exactly_once_window_counts_done_records_until_they_are_passed() -> None:
+    track = PartitionTrack(TP, ordering="key", eos=object())
+    records = [rec(o) for o in range(4)]
+    track.take_all(records)
+    track.admit(10)
+    track.complete(records[1])
+    track.complete(records[2])
+    assert track.window == 4, "the outputs of 1 and 2 wait in memory behind offset 0"
+    assert track.admit(4) == [] and track.advance() == []
+    track.complete(records[0])
+    assert track.advance() == [0, 1, 2] and track.window == 1
+
+
+def test_a_key_runs_its_records_in_order_after_its_queue_emptied() -> None:
+    track = PartitionTrack(TP, ordering="key")
+    a1, a2, a3 = rec(0, b"a"), rec(1, b"a"), rec(2, b"a")
+    track.take_all([a1, a2])
+    assert track.admit(10) == [a1]
+    assert track.complete(a1) == a2
+    track.take_all([a3])
+    assert track.admit(10) == [], "a2 still runs: a3 waits behind it"
+    assert track.complete(a2) == a3
+    assert track.complete(a3) is None
+    track.take_all([rec(3, b"a")])
+    assert [r.offset for r in track.admit(10)] == [3], "the key is free again"
