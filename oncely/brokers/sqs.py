@@ -385,9 +385,7 @@ class SqsBroker(Broker, DeadLetterAdmin):
 
     # --------------------------------------------------------------------------- settling
 
-    # Plain functions handing back the batcher's future, not coroutines: every ack goes
-    # through here, and a coroutine object per settle is measurable (benchmarks/README.md).
-
+    # Plain functions returning the batcher's future: a coroutine per ack is measurable.
     def _delete(self, url: str, receipt: str) -> Awaitable[object]:
         entry: DelEntry = {"Id": "", "ReceiptHandle": receipt}
         return self._batcher("delete", url).submit(entry)
