@@ -5,9 +5,10 @@ with ``ONCELY_TEST_SQS_ENDPOINT``), on uvloop, in this one process run, over a b
 ``--messages`` queued before each measurement:
 
 - ``raw``: plain aiobotocore, ``ceil(concurrency / 10)`` pollers, each a loop of
-  ``ReceiveMessage`` (10, long poll, asking for the same attributes as oncely) then one
-  ``DeleteMessageBatch`` of what it got: what a careful user writes, and the floor of 200 API
-  calls per 1,000 messages;
+  ``ReceiveMessage`` (10, long poll, asking for the same attributes as oncely), then for each
+  message decoding its JSON body and awaiting a no-op handler with it (the work the Worker
+  is asked to do), then one ``DeleteMessageBatch`` of what it got: what a careful user
+  writes, and the floor of 200 API calls per 1,000 messages;
 - ``oncely``: a Worker running a no-op at-least-once handler at ``--concurrency``;
 - ``oncely+idem``: the same handler effectively-once, through a SQLite store;
 - ``heartbeat``: ``--long`` handlers that outlive their visibility at once; the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import statistics
@@ -78,6 +80,10 @@ async def drop(topic: str) -> None:
             await sqs.delete_queue(QueueUrl=got["QueueUrl"])
 
 
+async def handle(_: dict[str, int]) -> None:
+    """The raw loop's no-op handler (the Worker runs the same, as ``noop``)."""
+
+
 async def raw(url: str, n: int, pollers: int) -> tuple[float, int]:
     """Returns (msgs/s until the n-th delete returned, API calls)."""
     done = 0
@@ -106,6 +112,10 @@ async def raw(url: str, n: int, pollers: int) -> tuple[float, int]:
                 messages = got.get("Messages", [])
                 if not messages:
                     continue
+                # The same per-message work the Worker is asked to do: decode the JSON body
+                # and await the handler with it.
+                for m in messages:
+                    await handle(json.loads(m["Body"]))
                 calls += 1
                 result = await sqs.delete_message_batch(
                     QueueUrl=url,

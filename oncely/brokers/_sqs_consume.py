@@ -131,10 +131,13 @@ class SqsSubscription(Subscription):
             self._free += n - len(messages)
             now = time.monotonic()
             self._batches += 1
+            batch = self._batches
             for message in messages:
-                delivery = SqsDelivery(self, url, message, now)
-                delivery.batch = self._batches
-                self._accept(delivery)
+                delivery = SqsDelivery(self, url, message, now, batch)
+                if delivery.group is None:
+                    self._ready.append(delivery)
+                else:
+                    self._accept(delivery)
             if messages:
                 self._changed.set()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -13,8 +12,6 @@ from oncely.brokers.base import Delivery
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired, NotSupported
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from types_aiobotocore_sqs.type_defs import MessageTypeDef
 
     from oncely.brokers._sqs_link import BrokerLink
@@ -60,24 +57,29 @@ class SqsDelivery(Delivery):
     )
 
     def __init__(
-        self, sub: SubscriptionLink, queue_url: str, message: MessageTypeDef, received: float
+        self,
+        sub: SubscriptionLink,
+        queue_url: str,
+        message: MessageTypeDef,
+        received: float,
+        batch: int = 0,
     ) -> None:
-        data = decode(message)
+        id_, body, headers, attempt, sent_at, group = decode(message)
         super().__init__(
-            id=data.id,
+            id=id_,
             topic=sub.topic,
-            body=data.body,
-            headers=data.headers,
-            attempt=data.attempt,
-            enqueued_at=data.sent_at,
+            body=body,
+            headers=headers,
+            attempt=attempt,
+            enqueued_at=sent_at,
         )
         self._sub = sub
         self.queue_url = queue_url
         self.raw = message
         self.receipt = message["ReceiptHandle"]
         self.received = received
-        self.group: str | None = message.get("Attributes", {}).get("MessageGroupId")
-        self.batch = 0  # which receive brought it (FIFO group bookkeeping)
+        self.group: str | None = group
+        self.batch = batch  # which receive brought it (FIFO group bookkeeping)
         self._done = False
         self._holding = True  # counts against the subscription's prefetch
         self._capped = False
@@ -101,9 +103,14 @@ class SqsDelivery(Delivery):
             DeliveryExpired: SQS refused the receipt handle (the message was received again).
             ConnectionLost: SQS could not be reached; the message may come back.
         """
-        self._check()
-        with self._lease(BrokerError):
+        if self._done:
+            raise AlreadySettled(f"delivery {self.id} was already settled")
+        # The hot path: no context manager, and the batcher's future awaited directly.
+        try:
             await self._sub.broker._delete(self.queue_url, self.receipt)
+        except BrokerError:
+            self._let_go()
+            raise
         self._finish(returned=False)
 
     async def nack(
@@ -126,8 +133,11 @@ class SqsDelivery(Delivery):
                 f"SQS keeps a message invisible at most 12 hours from its receive; a "
                 f"{delay:.0f}s delay is past that for {self.id}"
             )
-        with self._lease(BrokerError):
+        try:
             await self._sub.broker._change_visibility(self.queue_url, self.receipt, seconds)
+        except BrokerError:
+            self._let_go()
+            raise
         self._finish(returned=True)
 
     async def reject(self, reason: str) -> None:
@@ -140,8 +150,11 @@ class SqsDelivery(Delivery):
             DeliveryExpired, ConnectionLost: as for ``ack``.
         """
         self._check()
-        with self._lease(BrokerError):
+        try:
             await self._sub.broker._dead_letter(self, reason)
+        except BrokerError:
+            self._let_go()
+            raise
         self._finish(returned=False)
 
     async def extend(self, seconds: float) -> None:
@@ -169,23 +182,22 @@ class SqsDelivery(Delivery):
             if left <= 0:
                 return
             wanted = left
-        with self._lease(DeliveryExpired):
+        try:
             await self._sub.broker._change_visibility(self.queue_url, self.receipt, wanted)
+        except DeliveryExpired:
+            self._let_go()
+            raise
 
-    @contextlib.contextmanager
-    def _lease(self, letting_go: type[BrokerError]) -> Iterator[None]:
-        """On ``letting_go`` the delivery stays unsettled but stops counting against the
-        prefetch: a refused receipt handle means another consumer holds the message now, and
+    def _let_go(self) -> None:
+        """After a failed settle (any ``BrokerError``) or a refused ``extend``
+        (``DeliveryExpired``): the delivery stays unsettled but stops counting against the
+        prefetch. A refused receipt handle means another consumer holds the message now, and
         a settle that failed otherwise (the runtime does not retry it) leaves the message to
         SQS, which hands it out again once its visibility runs out. A failed ``extend`` keeps
         its slot unless the handle was refused: the handler still runs."""
-        try:
-            yield
-        except letting_go:
-            if self._holding:
-                self._holding = False
-                self._sub._settled(self, returned=True)
-            raise
+        if self._holding:
+            self._holding = False
+            self._sub._settled(self, returned=True)
 
     def _finish(self, *, returned: bool) -> None:
         self._done = True

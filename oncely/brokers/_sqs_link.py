@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import collections
-    from collections.abc import Coroutine
+    from collections.abc import Awaitable, Coroutine
 
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_sqs.type_defs import MessageTypeDef
@@ -60,12 +60,13 @@ class BrokerLink(Protocol):
         """One long-poll receive of up to ``n`` messages; returns the queue URL with them."""
         ...
 
-    async def _delete(self, url: str, receipt: str) -> None:
-        """Delete a received message (batched)."""
+    def _delete(self, url: str, receipt: str) -> Awaitable[object]:
+        """Delete a received message (batched): await the result to learn the outcome."""
         ...
 
-    async def _change_visibility(self, url: str, receipt: str, seconds: int) -> None:
-        """Set a received message's visibility timeout (batched)."""
+    def _change_visibility(self, url: str, receipt: str, seconds: int) -> Awaitable[object]:
+        """Set a received message's visibility timeout (batched): await the result to learn
+        the outcome."""
         ...
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:

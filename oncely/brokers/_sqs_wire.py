@@ -9,7 +9,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import aiohttp
 import botocore.exceptions
@@ -211,15 +211,16 @@ def message_size(body: str, attributes: Mapping[str, MessageAttributeValueTypeDe
     return size
 
 
-@dataclass(slots=True)
-class Incoming:
-    """What ``decode`` takes from a received SQS message."""
+class Incoming(NamedTuple):
+    """What ``decode`` takes from a received SQS message (a tuple: one per message, and the
+    delivery unpacks it)."""
 
     id: str
     body: bytes
     headers: dict[str, str]
     attempt: int
     sent_at: float
+    group: str | None
 
 
 def decode(message: MessageTypeDef) -> Incoming:
@@ -230,30 +231,38 @@ def decode(message: MessageTypeDef) -> Incoming:
     becomes its base64 text.
     """
     headers: dict[str, str] = {}
-    for name, value in message.get("MessageAttributes", {}).items():
-        if "StringValue" in value:
-            headers[name] = value["StringValue"]
-        elif "BinaryValue" in value:
-            headers[name] = base64.b64encode(value["BinaryValue"]).decode("ascii")
-    packed = headers.pop(PACKED, None)
-    if packed is not None:
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            headers.update({str(k): str(v) for k, v in json.loads(packed).items()})
-    encoding = headers.pop(ENCODING, None)
+    attributes = message.get("MessageAttributes")
+    if attributes:
+        for name, value in attributes.items():
+            string = value.get("StringValue")
+            if string is not None:
+                headers[name] = string
+            elif "BinaryValue" in value:
+                headers[name] = base64.b64encode(value["BinaryValue"]).decode("ascii")
+        packed = headers.pop(PACKED, None)
+        if packed is not None:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                headers.update({str(k): str(v) for k, v in json.loads(packed).items()})
+        encoding = headers.pop(ENCODING, None)
+    else:
+        encoding = None
     text = message.get("Body", "")
-    if encoding == "base64":
+    if encoding is None:
+        body = text.encode("utf-8")
+    elif encoding == "base64":
         body = base64.b64decode(text)
     elif encoding == "empty":
         body = b""
     else:
         body = text.encode("utf-8")
-    system = message.get("Attributes", {})
+    system = message.get("Attributes") or {}
     return Incoming(
-        id=headers.get(Headers.MESSAGE_ID) or message.get("MessageId", ""),
-        body=body,
-        headers=headers,
-        attempt=int(system.get("ApproximateReceiveCount", "1")),
-        sent_at=int(system.get("SentTimestamp", "0")) / 1000,
+        headers.get(Headers.MESSAGE_ID) or message.get("MessageId", ""),
+        body,
+        headers,
+        int(system.get("ApproximateReceiveCount", "1")),
+        int(system.get("SentTimestamp", "0")) / 1000,
+        system.get("MessageGroupId"),
     )
 
 

@@ -101,7 +101,7 @@ from oncely.brokers.base import (
 from oncely.errors import BrokerError, ConnectionLost, NotSupported
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Mapping
+    from collections.abc import Awaitable, Coroutine, Mapping
     from typing import Self
 
     from types_aiobotocore_sqs import SQSClient
@@ -398,13 +398,14 @@ class SqsBroker(Broker, DeadLetterAdmin):
 
     # --------------------------------------------------------------------------- settling
 
-    async def _delete(self, url: str, receipt: str) -> None:
+    # Plain functions returning the batcher's future: a coroutine per ack is measurable.
+    def _delete(self, url: str, receipt: str) -> Awaitable[object]:
         entry: DelEntry = {"Id": "", "ReceiptHandle": receipt}
-        await self._batcher("delete", url).submit(entry)
+        return self._batcher("delete", url).submit(entry)
 
-    async def _change_visibility(self, url: str, receipt: str, seconds: int) -> None:
+    def _change_visibility(self, url: str, receipt: str, seconds: int) -> Awaitable[object]:
         entry: VisEntry = {"Id": "", "ReceiptHandle": receipt, "VisibilityTimeout": seconds}
-        await self._batcher("change_visibility", url).submit(entry)
+        return self._batcher("change_visibility", url).submit(entry)
 
     def _batcher(self, kind: str, url: str) -> Batcher[Any]:
         batcher = self._batchers.get((kind, url))

@@ -179,3 +179,17 @@ async def test_a_response_naming_unknown_entries_fails_the_batch_with_an_oncely_
         *(b.submit({"name": str(i)}) for i in range(2)), return_exceptions=True
     )
     assert all(isinstance(r, BrokerError) for r in results), results
+
+
+async def test_a_cancelled_submit_is_still_sent_and_the_rest_resolve() -> None:
+    """``submit`` hands back the entry's own future: cancelling it (what a cancelled caller
+    awaiting it does) withdraws nothing, and the other entries of the call still resolve."""
+    server = Server()
+    b = batcher(server, window=60.0)
+    gone = b.submit({"name": "gone"})
+    kept = b.submit({"name": "kept"})
+    gone.cancel()
+    await b.flush()  # without it the 60 s window would hold both
+    assert (await asyncio.wait_for(kept, 1))["Name"] == "kept"
+    assert server.calls == [["gone", "kept"]]
+    assert not b  # nothing left pending or in flight
