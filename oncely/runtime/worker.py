@@ -34,41 +34,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
-
-import msgspec
+from typing import TYPE_CHECKING
 
 from oncely.brokers.registry import broker_from_url
 from oncely.errors import ConfigError, OncelyError, WorkerFailed
 from oncely.runtime._consume import ConsumeLoop, Pool
-from oncely.runtime._observe import Observer, metrics_installed, require_metrics
+from oncely.runtime._handlers import select_handlers
+from oncely.runtime._observe import Observer, metrics_installed
 from oncely.runtime._page import add_status_page
 from oncely.runtime._process import Runner
-from oncely.runtime._status import snapshot
+from oncely.runtime._surfaces import Surfaces
 from oncely.runtime.config import Settings
-from oncely.runtime.http import Endpoints, Response
+from oncely.runtime.http import Endpoints
 from oncely.runtime.publisher import Publisher
-from oncely.runtime.retry import RetryPolicy
 from oncely.runtime.stats import Stats, Totals
 from oncely.stores.base import IdempotencyStore, TransactionalStore
 from oncely.stores.registry import store_from_url
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
     from types import TracebackType
     from typing import Self
 
     from oncely.brokers.base import Broker
-    from oncely.runtime.app import App, HandlerSpec
-    from oncely.stores.outbox import Outbox, OutboxRelay
+    from oncely.runtime.app import App
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("oncely.worker")
 
 
-class Worker:
+class Worker(Surfaces):
     """Runs an ``App``'s handlers against a broker.
 
     Args:
@@ -97,7 +92,7 @@ class Worker:
         self._broker_arg = broker if broker is not None else self.settings.broker
         broker_url = self._broker_arg if isinstance(self._broker_arg, str) else self._broker_arg.url
         self._store_arg = store if store is not None else self.settings.store_url(broker_url)
-        self.specs = self._select(handlers)
+        self.specs = select_handlers(app, self.settings, handlers)
         self.handler_stats: dict[str, Stats] = {spec.name: Stats() for spec in self.specs}
         """Each handler's counters (and timings, once ``enable_timings()`` was called)."""
         self.stats = Totals(list(self.handler_stats.values()))
@@ -136,50 +131,6 @@ class Worker:
         self._self_stop: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
         """What stopped the worker on its own (see the module docstring), else ``None``."""
-
-    def _select(self, names: list[str] | None) -> list[HandlerSpec]:
-        """The chosen handlers, each with its settings applied, most specific first:
-        ``[handlers."NAME"]``, then the global ``concurrency``, then the code's declaration
-        (see ``oncely.runtime.config``)."""
-        self.settings.validate()
-        # The default name is module.function, easy to get wrong: show the names there are.
-        known = f"; the handlers are: {', '.join(self.app.handlers) or '(none)'}"
-        unknown = set(self.settings.handlers) - set(self.app.handlers)
-        if unknown:
-            raise ConfigError(
-                f"settings name unknown handler(s): {', '.join(sorted(unknown))}{known}"
-            )
-        chosen = list(self.app.handlers) if names is None else names
-        missing = [n for n in chosen if n not in self.app.handlers]
-        if missing:
-            raise ConfigError(f"unknown handler(s): {', '.join(missing)}{known}")
-        if not chosen:
-            raise ConfigError(f"app {self.app.name!r} has no handlers to run")
-        specs = []
-        for name in chosen:
-            spec = self.app.handlers[name]
-            o = self.settings.handlers.get(name)
-            # Explicit None checks: a 0 that slipped past validation must not read as "unset".
-            own = o.concurrency if o is not None else None
-            shared = self.settings.concurrency
-            concurrency = own if own is not None else shared if shared is not None else None
-            timeout = o.timeout if o is not None else None
-            visibility = o.visibility if o is not None else None
-            retry = spec.retry
-            if o is not None and o.max_attempts is not None:
-                # Every other field of the code's policy is kept, including any added later.
-                kept = {f: getattr(retry, f) for f in retry.__struct_fields__}
-                retry = RetryPolicy(**{**kept, "max_attempts": o.max_attempts})
-            specs.append(
-                replace(
-                    spec,
-                    concurrency=spec.concurrency if concurrency is None else concurrency,
-                    timeout=spec.timeout if timeout is None else timeout,
-                    visibility=spec.visibility if visibility is None else visibility,
-                    retry=retry,
-                )
-            )
-        return specs
 
     async def start(self) -> None:
         """Connect, then start consuming every handler's topic in background tasks.
@@ -385,19 +336,6 @@ class Worker:
             ) from self.failure
 
     @property
-    def load(self) -> dict[str, tuple[int, int]]:
-        """Per handler: deliveries in flight, and how many may be (its concurrency)."""
-        return {pool.runner.spec.name: (pool.in_flight, pool.size) for pool in self._pools}
-
-    def watch_outbox(self, outbox: Outbox | OutboxRelay) -> None:
-        """Sample ``outbox``'s backlog and oldest unsent row for metrics
-        (``oncely_outbox_backlog``, ``oncely_outbox_oldest_row_age_seconds``), for an app
-        that runs an outbox relay next to its worker. It must be connected while sampled."""
-        from oncely.stores.outbox import OutboxRelay
-
-        self.observer.watch_outbox(outbox.outbox if isinstance(outbox, OutboxRelay) else outbox)
-
-    @property
     def in_flight(self) -> int:
         """How many handlers are running now."""
         return sum(pool.in_flight for pool in self._pools)
@@ -410,57 +348,6 @@ class Worker:
         if self._stopped.is_set() or self._failed_start:
             return "failed" if self.failure is not None else "stopped"
         return "draining" if self._stopping.is_set() else "running"
-
-    def enable_timings(self) -> None:
-        """Start timing handler runs and store calls (``Stats.handler_seconds`` and
-        ``store_seconds``); off by default because each costs two clock reads per call. The
-        metrics server and the status page turn it on."""
-        for stats in self.handler_stats.values():
-            stats.enable_timings()
-
-    def snapshot(self) -> dict[str, Any]:
-        """What the worker is doing now, JSON-ready: its state, broker and store, and per
-        handler the counters, in-flight count and timings. ``/status.json`` serves it."""
-        broker = self.broker if self.broker is not None else self._broker_arg
-        store = self._store_arg
-        return snapshot(
-            self.specs,
-            self.handler_stats,
-            {pool.runner.spec.name: pool.in_flight for pool in self._pools},
-            state=self.state,
-            failure=self.failure,
-            started_at=self._started_at,
-            broker_url=(broker if isinstance(broker, str) else broker.url) or "",
-            store=store if store is None or isinstance(store, str) else type(store).__name__,
-        ) | {"health": self.observer.health()}
-
-    async def _status_route(self, query: Mapping[str, str]) -> Response:
-        body = msgspec.json.encode(self.snapshot())
-        return Response(200, body, "application/json")
-
-    async def serve_http(
-        self, port: int, host: str = "127.0.0.1", *, metrics: bool | None = None
-    ) -> int:
-        """Serve ``endpoints`` on ``host:port`` until the worker stops, with timings and the
-        health checks on; return the port (useful with ``port=0``).
-
-        Args:
-            metrics: ``True`` requires ``/metrics`` (the ``metrics`` extra), ``False`` leaves
-                it out, ``None`` serves it when the extra is installed.
-
-        Raises:
-            MissingExtra: ``metrics=True`` without prometheus-client installed.
-            OSError: the address cannot be bound.
-        """
-        if metrics:
-            require_metrics()
-        if metrics is False:
-            self.endpoints.remove("/metrics")
-        self.enable_timings()
-        self.observer.start()
-        server = await self.endpoints.serve(host, port)
-        bound: int = server.sockets[0].getsockname()[1]
-        return bound
 
     async def __aenter__(self) -> Self:
         await self.start()
