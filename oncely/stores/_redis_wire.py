@@ -19,15 +19,17 @@ transition is idempotent for its token (see ``_redis_scripts``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from redis import exceptions as rx
+from redis.crc import key_slot
 
 from oncely.errors import StoreError, StoreUnavailable
 from oncely.stores._redis_scripts import SCRIPTS, Script
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 BATCH_SCRIPT = SCRIPTS["batch"]
@@ -54,9 +56,41 @@ class Call(NamedTuple):
 
 Command = tuple[Any, ...]
 
+_EVALSHA = b"$7\r\nEVALSHA\r\n$40\r\n" + BATCH_SCRIPT.sha.encode() + b"\r\n"
+_PACKED_CODES = {name: b"$1\r\n" + code.encode() + b"\r\n" for name, code in _CODES.items()}
+
+
+def encoding_of(client: Redis | RedisCluster) -> tuple[str, str]:
+    """The client's text encoding and error handler: keys and arguments are encoded the way
+    the client itself would, so a key names the same Redis key whichever path sends it."""
+    encoder = client.get_encoder()
+    return encoder.encoding, encoder.encoding_errors
+
+
+def pack_batch(calls: Sequence[Call], encoding: tuple[str, str]) -> bytes:
+    """The RESP bytes of ``batch_command(calls)``, built in one pass: redis-py's general
+    packer costs several times more per argument, and a batch is mostly arguments."""
+    keys: list[bytes] = []
+    argv: list[bytes] = []
+    count = 3 + len(calls)
+    for call in calls:
+        key = call.key.encode(*encoding)
+        keys.append(b"$%d\r\n%b\r\n" % (len(key), key))
+        argv.append(_PACKED_CODES[call.script.name])
+        for arg in call.args:
+            if isinstance(arg, str):
+                arg = arg.encode(*encoding)
+            elif isinstance(arg, int):
+                arg = b"%d" % arg
+            argv.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+        count += 1 + len(call.args)
+    n = b"%d" % len(calls)
+    head = b"*%d\r\n%b$%d\r\n%b\r\n" % (count, _EVALSHA, len(n), n)
+    return b"".join((head, *keys, *argv))
+
 
 def batch_command(calls: Sequence[Call]) -> Command:
-    """``EVALSHA`` of the batch script for ``calls``, in order."""
+    """``EVALSHA`` of the batch script for ``calls``, in order, as redis-py's arguments."""
     argv: list[Any] = []
     for call in calls:
         argv.append(_CODES[call.script.name])
@@ -81,30 +115,56 @@ def outcomes(calls: Sequence[Call], reply: Any) -> list[Any]:
     return result
 
 
-def by_slot(client: RedisCluster, calls: Sequence[Call]) -> list[list[int]]:
-    """The calls' indexes grouped by the slot of their key, order kept within a group."""
+async def send_standalone(client: Redis, packed: bytes) -> Any:
+    """Send one packed command on a pooled connection and read its reply, retried as the
+    client's own commands are (the connection's ``Retry``: a connection the server closed
+    while idle is re-opened). Raises redis-py's errors (NOSCRIPT, connection, timeout)."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+
+    async def once() -> Any:
+        await conn.send_packed_command(packed)
+        return await conn.read_response()
+
+    async def failed(_: BaseException) -> None:
+        await conn.disconnect()
+
+    try:
+        return await conn.retry.call_with_retry(once, failed)
+    finally:
+        await pool.release(conn)
+
+
+def by_slot(calls: Sequence[Call], encoding: tuple[str, str]) -> dict[int, list[int]]:
+    """``{slot: indexes of its calls}``, order kept within a slot."""
     groups: dict[int, list[int]] = {}
     for i, call in enumerate(calls):
-        groups.setdefault(client.keyslot(call.key), []).append(i)
-    return list(groups.values())
+        groups.setdefault(key_slot(call.key.encode(*encoding)), []).append(i)
+    return groups
 
 
-async def send_by_node(client: RedisCluster, commands: list[Command]) -> list[Any]:
-    """Run ``commands`` (each on one slot) on their nodes; one reply per command, or its
-    error. Raises only what the cluster pipeline raised for the commands handed to it."""
-    replies: list[Any] = [None] * len(commands)
+async def send_by_node(
+    client: RedisCluster,
+    slots: list[int],
+    packed: list[bytes],
+    command: Callable[[int], Command],
+) -> list[Any]:
+    """Run the packed commands (the ``i``-th on ``slots[i]``; ``command(i)`` gives it as
+    redis-py's arguments) on their nodes; one reply per command, or its error. Raises only
+    what the cluster pipeline raised for the commands handed to it."""
+    replies: list[Any] = [None] * len(packed)
     redo: list[int] = []
     nodes: dict[str, tuple[ClusterNode, list[int]]] = {}
     try:
-        for i, command in enumerate(commands):
-            node = client.nodes_manager.get_node_from_slot(client.keyslot(command[3]))
+        for i, slot in enumerate(slots):
+            node = client.nodes_manager.get_node_from_slot(slot)
             nodes.setdefault(node.name, (node, []))[1].append(i)
     except (rx.RedisError, rx.RedisClusterException):
         # No map of the slots (yet, or any more): the pipeline initialises it.
-        nodes, redo = {}, list(range(len(commands)))
+        nodes, redo = {}, list(range(len(packed)))
     if nodes:
         sent = await asyncio.gather(
-            *(_send_to_node(node, [commands[i] for i in todo]) for node, todo in nodes.values())
+            *(_send_to_node(node, [packed[i] for i in todo]) for node, todo in nodes.values())
         )
         for (_, todo), got in zip(nodes.values(), sent, strict=True):
             for i, reply in zip(todo, got, strict=True):
@@ -114,7 +174,7 @@ async def send_by_node(client: RedisCluster, commands: list[Command]) -> list[An
                     replies[i] = reply
     if redo:
         redo.sort()
-        again = await _pipeline(client, [commands[i] for i in redo])
+        again = await _pipeline(client, [command(i) for i in redo])
         for i, reply in zip(redo, again, strict=True):
             replies[i] = reply
     return replies
@@ -134,17 +194,17 @@ async def _pipeline(client: RedisCluster, commands: list[Command]) -> list[Any]:
 _UNANSWERED = object()
 
 
-async def _send_to_node(node: ClusterNode, commands: list[Command]) -> list[Any]:
-    """Write ``commands`` to ``node`` in one buffer and read their replies. A connection
-    that fails leaves the commands it did not answer ``_UNANSWERED``."""
-    replies: list[Any] = [_UNANSWERED] * len(commands)
+async def _send_to_node(node: ClusterNode, packed: list[bytes]) -> list[Any]:
+    """Write ``packed`` to ``node`` in one buffer and read the replies. A connection that
+    fails leaves the commands it did not answer ``_UNANSWERED``."""
+    replies: list[Any] = [_UNANSWERED] * len(packed)
     try:
         conn = node.acquire_connection()
     except (rx.RedisError, rx.RedisClusterException):
         return replies
     try:
-        await conn.send_packed_command(conn.pack_commands(commands))
-        for i in range(len(commands)):
+        await conn.send_packed_command(packed)
+        for i in range(len(packed)):
             try:
                 replies[i] = await conn.read_response()
             except rx.ResponseError as exc:

@@ -52,7 +52,15 @@ from oncely.stores._redis_url import (
     parse_redis_url,
 )
 from oncely.stores._redis_wire import Call as _Call
-from oncely.stores._redis_wire import batch_command, by_slot, outcomes, send_by_node
+from oncely.stores._redis_wire import (
+    batch_command,
+    by_slot,
+    encoding_of,
+    outcomes,
+    pack_batch,
+    send_by_node,
+    send_standalone,
+)
 from oncely.stores.base import Begin, IdempotencyStore, Outcome
 
 if TYPE_CHECKING:
@@ -121,6 +129,7 @@ class RedisStore(IdempotencyStore):
             self.prefix = check_prefix(DEFAULT_PREFIX if prefix is None else prefix, "RedisStore")
         self._client: Redis | RedisCluster | None = None
         self._connecting: asyncio.Lock | None = None
+        self._encoding: tuple[str, str] | None = None
         self._batch: Pipeliner[_Call, Any] = Pipeliner(
             self._write, limit=BATCH, in_flight=IN_FLIGHT, abandoned=self._give_back
         )
@@ -225,25 +234,37 @@ class RedisStore(IdempotencyStore):
         restarted and lost its script cache) ran nothing of that command: the scripts are
         loaded again and the command re-sent, once."""
         client = self._checked()
+        if self._encoding is None:
+            self._encoding = encoding_of(client)
         if isinstance(client, RedisCluster):
-            return await self._write_cluster(client, calls)
-        command = batch_command(calls)
+            return await self._write_cluster(client, calls, self._encoding)
+        packed = pack_batch(calls, self._encoding)
         with map_errors("batch"):
             try:
-                reply = await client.execute_command(*command)  # type: ignore[no-untyped-call]
+                reply = await send_standalone(client, packed)
             except rx.NoScriptError:
                 await self._load_scripts(client)
-                reply = await client.execute_command(*command)  # type: ignore[no-untyped-call]
+                reply = await send_standalone(client, packed)
         return outcomes(calls, reply)
 
-    async def _write_cluster(self, client: RedisCluster, calls: list[_Call]) -> list[Any]:
-        groups = by_slot(client, calls)
-        commands = [batch_command([calls[i] for i in group]) for group in groups]
+    async def _write_cluster(
+        self, client: RedisCluster, calls: list[_Call], encoding: tuple[str, str]
+    ) -> list[Any]:
+        """One command per slot, each node's in one buffer (see ``_redis_wire``)."""
+        slots = by_slot(calls, encoding)
+        slot_of, groups = list(slots), list(slots.values())
+        packed = [pack_batch([calls[i] for i in group], encoding) for group in groups]
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(groups)))
         for round_ in range(2):
+
+            def command(i: int, todo: list[int] = todo) -> tuple[Any, ...]:
+                return batch_command([calls[c] for c in groups[todo[i]]])
+
             with map_errors("batch"):
-                replies = await send_by_node(client, [commands[g] for g in todo])
+                replies = await send_by_node(
+                    client, [slot_of[g] for g in todo], [packed[g] for g in todo], command
+                )
             again = []
             for g, reply in zip(todo, replies, strict=True):
                 group = groups[g]
