@@ -82,7 +82,6 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from oncely._batch import GroupCommit
 from oncely._postgres import (
     close_quietly,
     create_pool,
@@ -103,6 +102,7 @@ from oncely.stores._postgres_sql import (
     write_calls,
 )
 from oncely.stores._postgres_tx import acquired, completing_transaction, keep_session
+from oncely.stores._redis_batch import Pipeliner
 from oncely.stores.base import Begin, StoreTransaction, TransactionalStore
 
 if TYPE_CHECKING:
@@ -117,6 +117,10 @@ STALE_LEASE_GRACE = 3600.0
 
 Until then the old owner may still renew or complete; afterwards it gets ``LeaseLost``.
 """
+
+IN_FLIGHT = 2
+"""Most batched statements out at once, each on its own pooled connection: calls that arrive
+while one is out need not wait for it to end."""
 
 OPTIONS = (
     "table",
@@ -200,8 +204,8 @@ class PostgresStore(TransactionalStore):
         self._finishing: set[tuple[str, str]] = set()
         # begin and complete calls share one queue: those that arrive together share one
         # statement (see ``write_calls``).
-        self._calls: GroupCommit[BeginCall | CompleteCall, Any] = GroupCommit(
-            self._write_calls, limit=BATCH, abandoned=self._give_back
+        self._calls: Pipeliner[BeginCall | CompleteCall, Any] = Pipeliner(
+            self._write_calls, limit=BATCH, in_flight=IN_FLIGHT, abandoned=self._give_back
         )
 
     @classmethod
