@@ -19,6 +19,7 @@ transition is idempotent for its token (see ``_redis_scripts``).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -204,12 +205,15 @@ async def _send_to_node(node: ClusterNode, packed: list[bytes]) -> list[Any]:
         return replies
     try:
         await conn.send_packed_command(packed)
-        for i in range(len(packed)):
-            try:
-                replies[i] = await conn.read_response()
-            except rx.ResponseError as exc:
-                replies[i] = exc
+        # One deadline for all the replies, not a timer per reply (math.inf: none of its own).
+        async with asyncio.timeout(conn.socket_timeout):
+            for i in range(len(packed)):
+                try:
+                    replies[i] = await conn.read_response(timeout=math.inf)
+                except rx.ResponseError as exc:
+                    replies[i] = exc
     except (rx.RedisError, OSError):
+        # OSError includes the deadline's TimeoutError.
         # read_response/send_packed_command disconnected it; the pipeline takes over.
         pass
     except BaseException:
