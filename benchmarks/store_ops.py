@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 
 import uvloop
 
@@ -41,7 +42,7 @@ def _add(url: str, **options: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
-STORES = {
+STORES: dict[str, Callable[[], str]] = {
     "memory": lambda: f"memory://ops-{uuid.uuid4().hex[:8]}",
     "redis": lambda: _add(REDIS_URL, prefix=PREFIX),
     "redis cluster": lambda: _add(CLUSTER_URL, prefix=PREFIX),
