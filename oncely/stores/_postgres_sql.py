@@ -5,7 +5,7 @@ same instant for every row of a statement, and current even inside a long transa
 workers whose clocks disagree still agree on who holds a lease.
 
 ``begin`` calls that arrive together are one statement over arrays (``write_begins``); so are
-``complete`` calls (``write_completes``). A batch carries each key once: PostgreSQL refuses an
+``complete`` calls (``write_completes``), and both kinds together (``write_calls``). A batch carries each key once: PostgreSQL refuses an
 ``INSERT ... ON CONFLICT DO UPDATE`` that touches one row twice, so a key repeated in a batch
 waits for the next round, and the first claim orders it.
 """
@@ -153,6 +153,10 @@ def statements(table: str, index: str) -> Sql:
         # round trip and one commit. The claim reads the statement's snapshot, so a key
         # completed here would still look running to it: callers keep the two key sets
         # apart. Rows: the claim's, with NULL first, then (key, NULL, ...) per completion.
+        # Unlike a claim alone, this statement can deadlock with another worker's claim, in
+        # one rare race (it completes a key whose lease ran out while the other claims that
+        # key, and both insert the same new key): PostgreSQL then fails one of them (40P01,
+        # StoreUnavailable), whose callers fail closed and retry; nothing is half-written.
         claim_and_complete=f"""
             WITH done AS (
                 UPDATE {table} AS t SET {complete_set}
