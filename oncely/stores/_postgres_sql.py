@@ -5,9 +5,10 @@ same instant for every row of a statement, and current even inside a long transa
 workers whose clocks disagree still agree on who holds a lease.
 
 ``begin`` calls that arrive together are one statement over arrays (``write_begins``); so are
-``complete`` calls (``write_completes``), and both kinds together (``write_calls``). A batch carries each key once: PostgreSQL refuses an
-``INSERT ... ON CONFLICT DO UPDATE`` that touches one row twice, so a key repeated in a batch
-waits for the next round, and the first claim orders it.
+``complete`` calls (``write_completes``), and both kinds together (``write_calls``). A batch
+carries each key once: PostgreSQL refuses an ``INSERT ... ON CONFLICT DO UPDATE`` that touches
+one row twice, so a key repeated in a batch waits for the next round, and the first claim
+orders it.
 """
 
 from __future__ import annotations
