@@ -9,8 +9,9 @@ messages with a no-op handler:
   through that store (one ``begin`` and one ``complete`` per message, batched by the store);
 - ``postgresql tx``: effectively-once in PostgreSQL's transactional mode.
 
-Each store's msgs/s is printed with its ratio to ``no store`` on the same loop: the median of
-``--rounds`` interleaved rounds, so drift on a shared machine hits every store alike. Keys are
+Each store's msgs/s is printed with its ratio to ``no store`` on the same loop (the median of
+the per-round ratios over ``--rounds`` interleaved rounds, so drift on a shared machine hits
+every store alike) and this process's CPU µs per message. Keys are
 fresh per run (no run finds another's completions). A store whose URL scheme is not registered,
 whose driver is missing or whose server is down prints ``not available: <error>``. Nothing is
 asserted.
@@ -25,6 +26,7 @@ import asyncio
 import os
 import statistics
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -51,6 +53,16 @@ POSTGRES_URL = os.environ.get(
 )
 BENCH_PREFIX = "oncely-bench:"
 """Redis key prefix of every run, deleted at the end."""
+
+
+@dataclass(frozen=True)
+class Row:
+    rate: float
+    """msgs/s, median over the rounds."""
+    ratio: float | None
+    """Median over the rounds of rate / the same round's ``no store`` rate."""
+    cpu_us: float
+    """This process's CPU µs per message, median over the rounds."""
 
 
 @dataclass(frozen=True)
@@ -123,10 +135,16 @@ async def fill(topic: str, n: int, in_flight: int = 256) -> None:
 
 async def measure(
     args: argparse.Namespace, tmp: Path, skip: dict[str, str]
-) -> dict[str, float | str]:
-    samples: dict[str, list[float]] = {}
+) -> dict[str, Row | str]:
+    """``{variant: Row}``: medians over the rounds of msgs/s, of the ratio to ``no store`` in
+    the same round, and of this process's CPU µs per message (client CPU: less disturbed by
+    other load on the machine than wall time)."""
+    rates: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
     failed: dict[str, str] = {}
     for _ in range(args.rounds):
+        base: float | None = None
         for variant in VARIANTS:
             if variant.name in skip or variant.name in failed:
                 continue
@@ -134,6 +152,7 @@ async def measure(
             try:
                 await fill(topic, args.messages)
                 store = variant.store(tmp)
+                cpu = time.process_time()
                 rate = await throughput.with_worker(
                     AMQP_URL,
                     topic,
@@ -143,12 +162,25 @@ async def measure(
                     store=store,
                     transactional=variant.transactional,
                 )
-                samples.setdefault(variant.name, []).append(rate)
+                cpu = time.process_time() - cpu
+                rates.setdefault(variant.name, []).append(rate)
+                cpus.setdefault(variant.name, []).append(cpu / args.messages * 1e6)
+                if store is None:
+                    base = rate
+                elif base is not None:
+                    ratios.setdefault(variant.name, []).append(rate / base)
             except OncelyError as exc:  # e.g. a store server that is down
                 failed[variant.name] = f"{type(exc).__name__}: {exc}"
             finally:
                 await amqp_throughput.delete_topology(topic)
-    results: dict[str, float | str] = {n: statistics.median(r) for n, r in samples.items()}
+    results: dict[str, Row | str] = {
+        name: Row(
+            statistics.median(r),
+            statistics.median(ratios[name]) if name in ratios else None,
+            statistics.median(cpus[name]),
+        )
+        for name, r in rates.items()
+    }
     results.update({name: f"not available: {why}" for name, why in (skip | failed).items()})
     return results
 
@@ -170,15 +202,31 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="runs per figure; medians shown")
     parser.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="STORE",
+        help="time only this store (repeatable); 'no store' always runs",
+    )
     args = parser.parse_args()
     loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
     print(
         f"RabbitMQ, {args.messages} messages, no-op handler, concurrency/prefetch "
         f"{args.concurrency}, median of {args.rounds} interleaved rounds\n"
     )
-    rows: dict[str, dict[str, float | str]] = {}
+    rows: dict[str, dict[str, Row | str]] = {}
     with tempfile.TemporaryDirectory(prefix="oncely-bench-") as tmp:
         skip = availability(Path(tmp))
+        if args.only:
+            known = {v.name for v in VARIANTS}
+            if unknown := set(args.only) - known:
+                parser.error(f"unknown store(s) {sorted(unknown)}; known: {sorted(known)}")
+            skip |= {
+                v.name: "left out (--only)"
+                for v in VARIANTS
+                if v.name != "no store" and v.name not in args.only
+            }
         try:
             for loop in loops:
                 coro = measure(args, Path(tmp), skip)
@@ -186,16 +234,16 @@ def main() -> None:
         finally:
             if "redis" not in skip:
                 asyncio.run(clean_redis())
-    print(f"{'':<16}" + "".join(f"{loop:>22}" for loop in loops))
+    print(f"{'':<16}" + "".join(f"{loop + ' msgs/s (ratio) CPU us/msg':>36}" for loop in loops))
     for variant in VARIANTS:
         cells = []
         for loop in loops:
-            value, base = rows[loop].get(variant.name), rows[loop].get("no store")
-            if isinstance(value, float) and isinstance(base, float):
-                ratio = "" if variant.name == "no store" else f" ({value / base:.2f}x)"
-                cells.append(f"{value:>13,.0f}{ratio:>9}")
+            row = rows[loop].get(variant.name)
+            if isinstance(row, Row):
+                ratio = "" if row.ratio is None else f" ({row.ratio:.2f}x)"
+                cells.append(f"{row.rate:>13,.0f}{ratio:>9}{row.cpu_us:>14,.0f}")
             else:
-                cells.append(f"{'—':>22}")
+                cells.append(f"{'—':>36}")
         print(f"{variant.name:<16}" + "".join(cells))
     notes = {name: v for row in rows.values() for name, v in row.items() if isinstance(v, str)}
     for name, why in notes.items():
@@ -203,7 +251,10 @@ def main() -> None:
     for extra in EXTRA_FIGURES:
         for label, value in asyncio.run(extra(args)).items():
             print(f"{label}: {value}")
-    print("\nmsgs/s; ratios are to 'no store' on the same loop, measured in this run")
+    print(
+        "\nmsgs/s and CPU us/msg of this process: medians over the rounds; ratios: median of "
+        "the per-round ratios to 'no store' on the same loop, measured in this run"
+    )
 
 
 if __name__ == "__main__":

@@ -5,19 +5,20 @@ same instant for every row of a statement, and current even inside a long transa
 workers whose clocks disagree still agree on who holds a lease.
 
 ``begin`` calls that arrive together are one statement over arrays (``write_begins``); so are
-``complete`` calls (``write_completes``). A batch carries each key once: PostgreSQL refuses an
-``INSERT ... ON CONFLICT DO UPDATE`` that touches one row twice, so a key repeated in a batch
-waits for the next round, and the first claim orders it.
+``complete`` calls (``write_completes``), and both kinds together (``write_calls``). A batch
+carries each key once: PostgreSQL refuses an ``INSERT ... ON CONFLICT DO UPDATE`` that touches
+one row twice, so a key repeated in a batch waits for the next round, and the first claim
+orders it.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from oncely._batch import copy_error
-from oncely.errors import StoreError
+from oncely.errors import LeaseLost, StoreError
 from oncely.stores._key_batch import (
     BeginCall,
     CompleteCall,
@@ -53,6 +54,7 @@ class Sql:
     exists: str
     claim: str
     complete_many: str
+    claim_and_complete: str
     complete_one: str
     renew: str
     release: str
@@ -62,6 +64,57 @@ class Sql:
 def statements(table: str, index: str) -> Sql:
     """The statements for ``table`` (already quoted), with ``index`` the expiry index name."""
     expired_t = _EXPIRED.format(a="t")
+    # One statement claims every free or expired key of the batch and reports, for the
+    # others, the row as it was when the statement started.
+    # - ``free`` locks the expired rows nobody else has locked (SKIP LOCKED): a begin
+    #   never waits for a lock another session holds, e.g. a transaction recording its
+    #   completion. Rows that are live when the statement starts are never touched, so
+    #   a duplicate costs a read, not a row lock (ON CONFLICT DO UPDATE locks the row
+    #   even when its WHERE is false).
+    # - the INSERT claims keys absent at the start (racing only other single-statement
+    #   claims, which end at once) and the expired rows we hold. It inserts in key order:
+    #   two batches inserting the same new keys wait for each other key by key, and in
+    #   different orders they would deadlock.
+    # - the final SELECT reads the snapshot (not the INSERT's own writes): the state the
+    #   unclaimed keys were in at the statement's start.
+    claim_ctes = f"""
+        req AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[])
+                AS r(key, fingerprint, token, lease)
+        ),
+        free AS (
+            SELECT t.key FROM {table} t
+            WHERE t.key = ANY($1::text[]) AND {expired_t}
+            FOR UPDATE OF t SKIP LOCKED
+        ),
+        claimed AS (
+            INSERT INTO {table} AS t
+                (key, fingerprint, state, token, lease_until, result, expires_at)
+            SELECT r.key, r.fingerprint, 'running', r.token,
+                statement_timestamp() + make_interval(secs => r.lease), NULL,
+                statement_timestamp() + make_interval(secs => r.lease + $5::float8)
+            FROM req r
+            WHERE r.key IN (SELECT key FROM free)
+                OR NOT EXISTS (SELECT 1 FROM {table} x WHERE x.key = r.key)
+            ORDER BY r.key
+            ON CONFLICT (key) DO UPDATE SET
+                fingerprint = excluded.fingerprint, state = 'running',
+                token = excluded.token, lease_until = excluded.lease_until,
+                result = NULL, expires_at = excluded.expires_at
+            WHERE {expired_t}
+            RETURNING t.key
+        )"""
+    claim_select = f"""
+        SELECT r.key, c.key IS NOT NULL, x.fingerprint, x.state, x.result,
+            extract(epoch FROM
+                CASE x.state WHEN 'completed' THEN x.expires_at ELSE x.lease_until END
+                - statement_timestamp())::float8
+        FROM req r
+        LEFT JOIN claimed c ON c.key = r.key
+        LEFT JOIN {table} x ON x.key = r.key"""
+    complete_set = """state = 'completed', token = NULL, lease_until = NULL,
+                result = d.result,
+                expires_at = statement_timestamp() + make_interval(secs => d.ttl)"""
     return Sql(
         schema=(
             f"""CREATE TABLE IF NOT EXISTS {table} (
@@ -89,49 +142,33 @@ def statements(table: str, index: str) -> Sql:
         #   different orders they would deadlock.
         # - the final SELECT reads the snapshot (not the INSERT's own writes): the state the
         #   unclaimed keys were in at the statement's start.
-        claim=f"""
-            WITH req AS (
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[])
-                    AS r(key, fingerprint, token, lease)
-            ),
-            free AS (
-                SELECT t.key FROM {table} t
-                WHERE t.key = ANY($1::text[]) AND {expired_t}
-                FOR UPDATE OF t SKIP LOCKED
-            ),
-            claimed AS (
-                INSERT INTO {table} AS t
-                    (key, fingerprint, state, token, lease_until, result, expires_at)
-                SELECT r.key, r.fingerprint, 'running', r.token,
-                    statement_timestamp() + make_interval(secs => r.lease), NULL,
-                    statement_timestamp() + make_interval(secs => r.lease + $5::float8)
-                FROM req r
-                WHERE r.key IN (SELECT key FROM free)
-                    OR NOT EXISTS (SELECT 1 FROM {table} x WHERE x.key = r.key)
-                ORDER BY r.key
-                ON CONFLICT (key) DO UPDATE SET
-                    fingerprint = excluded.fingerprint, state = 'running',
-                    token = excluded.token, lease_until = excluded.lease_until,
-                    result = NULL, expires_at = excluded.expires_at
-                WHERE {expired_t}
-                RETURNING t.key
-            )
-            SELECT r.key, c.key IS NOT NULL, x.fingerprint, x.state, x.result,
-                extract(epoch FROM
-                    CASE x.state WHEN 'completed' THEN x.expires_at ELSE x.lease_until END
-                    - statement_timestamp())::float8
-            FROM req r
-            LEFT JOIN claimed c ON c.key = r.key
-            LEFT JOIN {table} x ON x.key = r.key
-        """,
+        claim=f"WITH {claim_ctes} {claim_select}",
         complete_many=f"""
-            UPDATE {table} AS t SET state = 'completed', token = NULL, lease_until = NULL,
-                result = d.result,
-                expires_at = statement_timestamp() + make_interval(secs => d.ttl)
+            UPDATE {table} AS t SET {complete_set}
             FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[])
                 AS d(key, token, result, ttl)
             WHERE t.key = d.key AND t.token = d.token AND t.state = 'running'
             RETURNING t.key
+        """,
+        # Completions ($6-$9) and claims ($1-$5) of distinct keys in one statement: one
+        # round trip and one commit. The claim reads the statement's snapshot, so a key
+        # completed here would still look running to it: callers keep the two key sets
+        # apart. Rows: the claim's, with NULL first, then (key, NULL, ...) per completion.
+        # Unlike a claim alone, this statement can deadlock with another worker's claim, in
+        # one rare race (it completes a key whose lease ran out while the other claims that
+        # key, and both insert the same new key): PostgreSQL then fails one of them (40P01,
+        # StoreUnavailable), whose callers fail closed and retry; nothing is half-written.
+        claim_and_complete=f"""
+            WITH done AS (
+                UPDATE {table} AS t SET {complete_set}
+                FROM unnest($6::text[], $7::text[], $8::bytea[], $9::float8[])
+                    AS d(key, token, result, ttl)
+                WHERE t.key = d.key AND t.token = d.token AND t.state = 'running'
+                RETURNING t.key
+            ), {claim_ctes}
+            SELECT NULL::text, * FROM ({claim_select}) AS claims
+            UNION ALL
+            SELECT key, NULL, NULL, NULL, NULL, NULL, NULL FROM done
         """,
         complete_one=f"""
             UPDATE {table} SET state = 'completed', token = NULL, lease_until = NULL,
@@ -226,6 +263,74 @@ async def write_completes(
         return {row[0] for row in await fetch(sql.complete_many, args)}
 
     return await complete_rounds(calls, write_round)
+
+
+async def write_calls(
+    fetch: Fetch, sql: Sql, calls: list[BeginCall | CompleteCall], grace: float
+) -> list[Any]:
+    """``begin`` and ``complete`` calls that arrived together: a ``Begin`` or ``None`` per
+    call, or its error. When both kinds are there, the completions and the claims of the
+    other keys share one statement (``claim_and_complete``); what that round leaves (a
+    key repeated, a begin of a key being completed, a claim to try again) goes through
+    ``write_completes`` and then ``write_begins``, so a begin of a key completed in this
+    batch finds it completed.
+
+    A failed statement committed nothing: its error goes to the calls it carried and to
+    those after it; calls answered by an earlier statement keep their answers.
+    """
+    begins = [i for i, c in enumerate(calls) if isinstance(c, BeginCall)]
+    completes = [i for i, c in enumerate(calls) if isinstance(c, CompleteCall)]
+    outcomes: list[Any] = [None] * len(calls)
+    if not begins or not completes:
+        if begins:
+            return await write_begins(fetch, sql, cast(list[BeginCall], calls), grace)
+        return await write_completes(fetch, sql, cast(list[CompleteCall], calls))
+    c_now, c_later = distinct(calls, completes)
+    completing = {calls[i].key for i in completes}
+    b_now, b_later = distinct(calls, [i for i in begins if calls[i].key not in completing])
+    b_later += [i for i in begins if calls[i].key in completing]
+    tokens = [uuid.uuid4().hex for _ in b_now]
+    begun = [cast(BeginCall, calls[i]) for i in b_now]
+    done = [cast(CompleteCall, calls[i]) for i in c_now]
+    args = (
+        [c.key for c in begun],
+        [c.fingerprint for c in begun],
+        tokens,
+        [c.lease for c in begun],
+        grace,
+        [c.key for c in done],
+        [c.token for c in done],
+        [c.result for c in done],
+        [c.ttl for c in done],
+    )
+    try:
+        rows = await fetch(sql.claim_and_complete, args)
+    except StoreError as exc:
+        return [copy_error(exc) for _ in calls]
+    completed = {row[0] for row in rows if row[0] is not None}
+    claims = {row[1]: row[1:] for row in rows if row[0] is None}
+    for i in c_now:
+        if calls[i].key not in completed:
+            outcomes[i] = LeaseLost(
+                f"lease on key {calls[i].key!r} is no longer held by this token"
+            )
+    for i, call, token in zip(b_now, begun, tokens, strict=True):
+        outcome = _outcome(claims[call.key], call.fingerprint, token)
+        if outcome is None:
+            b_later.append(i)
+        else:
+            outcomes[i] = outcome
+    if c_later:
+        later = [cast(CompleteCall, calls[i]) for i in c_later]
+        for i, error in zip(c_later, await write_completes(fetch, sql, later), strict=True):
+            outcomes[i] = error
+    if b_later:
+        b_later.sort()
+        again = [cast(BeginCall, calls[i]) for i in b_later]
+        got = await write_begins(fetch, sql, again, grace)
+        for i, answer in zip(b_later, got, strict=True):
+            outcomes[i] = answer
+    return outcomes
 
 
 def _outcome(row: Any, fingerprint: str, token: str) -> Begin | None:

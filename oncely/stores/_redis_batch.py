@@ -1,4 +1,5 @@
-"""Pipelining for the Redis store: calls issued in the same event-loop tick share one pipeline.
+"""Pipelining for the Redis and PostgreSQL stores: calls issued in the same event-loop tick
+share one batch (one script call or one statement).
 
 Unlike SQLite's group commit (``oncely._sqlite.GroupCommit``), which must write one batch at a
 time because the file has one writer, Redis serves several connections at once. So a batch

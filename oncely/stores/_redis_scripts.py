@@ -1,4 +1,5 @@
-"""The Lua scripts of the Redis idempotency store (``oncely.stores.redis``), one per transition.
+"""The Lua scripts of the Redis idempotency store (``oncely.stores.redis``): one per transition,
+and ``BATCH``, which runs any number of transitions on keys of one slot in one call.
 
 A key's state is one hash, ``KEYS[1]``, with the fields
 
@@ -41,64 +42,106 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# ARGV: fingerprint, token, lease ms, key ttl ms (lease + grace).
-# Reply: {0} NEW, {1, ms left} IN_PROGRESS, {2, result or nil} COMPLETED, {3} MISMATCH.
-BEGIN = (
-    _PREAMBLE
-    + """
-local h = redis.call('HMGET', KEYS[1], 's', 'f', 'u', 'r', 't')
-if h[1] == 'c' then
-    if h[2] ~= ARGV[1] then return {3} end
-    return {2, h[4]}
-end
-if h[1] == 'r' then
-    if h[5] == ARGV[2] then return {0} end
-    local left = tonumber(h[3]) - now
-    if left > 0 then
-        if h[2] ~= ARGV[1] then return {3} end
-        return {1, left}
+# One Lua function per transition; the single-key scripts and the batch script run the same
+# ones, so a transition means the same whichever way it is sent.
+_TRANSITIONS = """
+-- fingerprint, token, lease ms, key ttl ms (lease + grace).
+-- Reply: {0} NEW, {1, ms left} IN_PROGRESS, {2, result or nil} COMPLETED, {3} MISMATCH.
+local function begin_(key, fp, token, lease, ttl)
+    local h = redis.call('HMGET', key, 's', 'f', 'u', 'r', 't')
+    if h[1] == 'c' then
+        if h[2] ~= fp then return {3} end
+        return {2, h[4]}
     end
-    redis.call('DEL', KEYS[1])
+    if h[1] == 'r' then
+        if h[5] == token then return {0} end
+        local left = tonumber(h[3]) - now
+        if left > 0 then
+            if h[2] ~= fp then return {3} end
+            return {1, left}
+        end
+        redis.call('DEL', key)
+    end
+    redis.call('HSET', key, 's', 'r', 't', token, 'f', fp,
+        'u', string.format('%.0f', now + tonumber(lease)))
+    redis.call('PEXPIRE', key, ttl)
+    return {0}
 end
-redis.call('HSET', KEYS[1], 's', 'r', 't', ARGV[2], 'f', ARGV[1],
-    'u', string.format('%.0f', now + tonumber(ARGV[3])))
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {0}
-"""
-)
 
-# ARGV: token, lease ms, key ttl ms. Reply: {1} renewed, {0} lease lost.
-RENEW = (
-    _PREAMBLE
+-- token, lease ms, key ttl ms. Reply: {1} renewed, {0} lease lost.
+local function renew_(key, token, lease, ttl)
+    local h = redis.call('HMGET', key, 's', 't')
+    if h[1] ~= 'r' or h[2] ~= token then return {0} end
+    redis.call('HSET', key, 'u', string.format('%.0f', now + tonumber(lease)))
+    redis.call('PEXPIRE', key, ttl)
+    return {1}
+end
+
+-- token, result ttl ms, '1' if a result follows else '0', result.
+-- Reply: {1} completed (now or by this token before), {0} lease lost.
+local function complete_(key, token, ttl, has, result)
+    local h = redis.call('HMGET', key, 's', 't')
+    if h[2] ~= token then return {0} end
+    if h[1] == 'c' then return {1} end
+    redis.call('HDEL', key, 'u', 'r')
+    redis.call('HSET', key, 's', 'c')
+    if has == '1' then redis.call('HSET', key, 'r', result) end
+    redis.call('PEXPIRE', key, ttl)
+    return {1}
+end
+
+-- token. Reply: {1} released, {0} not held by this token (ignored).
+local function release_(key, token)
+    local h = redis.call('HMGET', key, 's', 't')
+    if h[1] ~= 'r' or h[2] ~= token then return {0} end
+    redis.call('DEL', key)
+    return {1}
+end
+"""
+
+_HEAD = _PREAMBLE + _TRANSITIONS
+
+BEGIN = _HEAD + "return begin_(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
+RENEW = _HEAD + "return renew_(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
+COMPLETE = _HEAD + "return complete_(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
+RELEASE = _HEAD + "return release_(KEYS[1], ARGV[1])"
+
+# Any number of transitions in one call, one per key of KEYS, in order. ARGV holds, per
+# key, an op code and that transition's arguments: 'b' and 4 (begin), 'n' and 3 (renew), 'c'
+# and 4 (complete), 'x' and 1 (release). Reply: one reply per key, as the transition's own
+# script gives it, or {-1, message} where that transition failed (e.g. WRONGTYPE on a key
+# something else wrote): the others still ran, so one bad key costs only its own call.
+BATCH = (
+    _HEAD
     + """
-local h = redis.call('HMGET', KEYS[1], 's', 't')
-if h[1] ~= 'r' or h[2] ~= ARGV[1] then return {0} end
-redis.call('HSET', KEYS[1], 'u', string.format('%.0f', now + tonumber(ARGV[2])))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {1}
+local out = {}
+local a = 1
+for i = 1, #KEYS do
+    local op, ok, reply = ARGV[a], nil, nil
+    if op == 'b' then
+        ok, reply = pcall(begin_, KEYS[i], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
+        a = a + 5
+    elseif op == 'c' then
+        ok, reply = pcall(complete_, KEYS[i], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
+        a = a + 5
+    elseif op == 'n' then
+        ok, reply = pcall(renew_, KEYS[i], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+        a = a + 4
+    elseif op == 'x' then
+        ok, reply = pcall(release_, KEYS[i], ARGV[a + 1])
+        a = a + 2
+    else
+        return redis.error_reply('oncely batch: unknown op ' .. tostring(op))
+    end
+    if not ok then
+        if type(reply) == 'table' then reply = reply.err end
+        reply = {-1, tostring(reply)}
+    end
+    out[i] = reply
+end
+return out
 """
 )
-
-# ARGV: token, result ttl ms, '1' if a result follows else '0', result.
-# Reply: {1} completed (now or by this token before), {0} lease lost.
-COMPLETE = """
-local h = redis.call('HMGET', KEYS[1], 's', 't')
-if h[2] ~= ARGV[1] then return {0} end
-if h[1] == 'c' then return {1} end
-redis.call('HDEL', KEYS[1], 'u', 'r')
-redis.call('HSET', KEYS[1], 's', 'c')
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'r', ARGV[4]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1}
-"""
-
-# ARGV: token. Reply: {1} released, {0} not held by this token (ignored).
-RELEASE = """
-local h = redis.call('HMGET', KEYS[1], 's', 't')
-if h[1] ~= 'r' or h[2] ~= ARGV[1] then return {0} end
-redis.call('DEL', KEYS[1])
-return {1}
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,5 +163,6 @@ SCRIPTS = {
         ("renew", RENEW),
         ("complete", COMPLETE),
         ("release", RELEASE),
+        ("batch", BATCH),
     )
 }

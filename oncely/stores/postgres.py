@@ -34,9 +34,10 @@ The migration (what ``connect`` runs with ``create_table=true``)::
 Transitions are single statements on the database clock (``oncely.stores._postgres_sql``):
 ``begin`` is an ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <expired> RETURNING``; ``renew``,
 ``complete`` and ``release`` are ``UPDATE``/``DELETE ... WHERE key = $1 AND token = $2``.
-Concurrent ``begin`` calls of one worker share one statement over arrays, and so do concurrent
-``complete`` calls. A supervised background task deletes expired rows in batches of
-``sweep_batch`` with ``FOR UPDATE SKIP LOCKED``, so it never waits for, nor blocks, a worker.
+Concurrent ``begin`` and ``complete`` calls of one worker share one statement over arrays (one
+round trip, one commit for the lot; ``oncely.stores._postgres_sql.write_calls``). A supervised
+background task deletes expired rows in batches of ``sweep_batch`` with ``FOR UPDATE SKIP
+LOCKED``, so it never waits for, nor blocks, a worker.
 
 Transactional mode, exactly-once effects. ``transaction()`` opens a transaction on a pooled
 connection and yields it (``ctx.connection``, an ``asyncpg.Connection``); the handler writes
@@ -81,7 +82,6 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from oncely._batch import GroupCommit
 from oncely._postgres import (
     close_quietly,
     create_pool,
@@ -99,10 +99,10 @@ from oncely.stores._postgres_sql import (
     BATCH,
     db_key,
     statements,
-    write_begins,
-    write_completes,
+    write_calls,
 )
 from oncely.stores._postgres_tx import acquired, completing_transaction, keep_session
+from oncely.stores._redis_batch import Pipeliner
 from oncely.stores.base import Begin, StoreTransaction, TransactionalStore
 
 if TYPE_CHECKING:
@@ -117,6 +117,10 @@ STALE_LEASE_GRACE = 3600.0
 
 Until then the old owner may still renew or complete; afterwards it gets ``LeaseLost``.
 """
+
+IN_FLIGHT = 2
+"""Most batched statements out at once, each on its own pooled connection: calls that arrive
+while one is out need not wait for it to end."""
 
 OPTIONS = (
     "table",
@@ -198,8 +202,11 @@ class PostgresStore(TransactionalStore):
         self._tx_slots: asyncio.Semaphore | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._finishing: set[tuple[str, str]] = set()
-        self._begins = GroupCommit(self._write_begins, limit=BATCH, abandoned=self._give_back)
-        self._completes = GroupCommit(self._write_completes, limit=BATCH)
+        # begin and complete calls share one queue: those that arrive together share one
+        # statement (see ``write_calls``).
+        self._calls: Pipeliner[BeginCall | CompleteCall, Any] = Pipeliner(
+            self._write_calls, limit=BATCH, in_flight=IN_FLIGHT, abandoned=self._give_back
+        )
 
     @classmethod
     def from_url(cls, url: str) -> PostgresStore:
@@ -258,8 +265,7 @@ class PostgresStore(TransactionalStore):
 
     async def aclose(self) -> None:
         # Calls already queued still get their outcomes; the pool goes after them.
-        await self._begins.drain()
-        await self._completes.drain()
+        await self._calls.drain()
         pool, self._pool, self._tx_slots = self._pool, None, None
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
@@ -270,7 +276,8 @@ class PostgresStore(TransactionalStore):
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
         self._connected()  # fail before queueing
-        return await self._begins.submit(BeginCall(db_key(key), fingerprint, lease))
+        begun: Begin = await self._calls.submit(BeginCall(db_key(key), fingerprint, lease))
+        return begun
 
     async def renew(self, key: str, token: str, lease: float) -> None:
         stored = db_key(key)
@@ -285,7 +292,7 @@ class PostgresStore(TransactionalStore):
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
         self._connected()
-        await self._completes.submit(CompleteCall(db_key(key), token, result, ttl))
+        await self._calls.submit(CompleteCall(db_key(key), token, result, ttl))
 
     async def release(self, key: str, token: str) -> None:
         await self._execute(self.sql.release, db_key(key), token)
@@ -384,15 +391,14 @@ class PostgresStore(TransactionalStore):
                 rows: list[Any] = await conn.fetch(sql, *args, timeout=self.command_timeout)
         return rows
 
-    async def _write_begins(self, calls: list[BeginCall]) -> list[Begin | Exception]:
-        return await write_begins(self._fetch, self.sql, calls, STALE_LEASE_GRACE)
+    async def _write_calls(self, calls: list[BeginCall | CompleteCall]) -> list[Any]:
+        return await write_calls(self._fetch, self.sql, calls, STALE_LEASE_GRACE)
 
-    async def _write_completes(self, calls: list[CompleteCall]) -> list[Exception | None]:
-        return await write_completes(self._fetch, self.sql, calls)
-
-    async def _give_back(self, call: BeginCall, begun: Begin) -> None:
+    async def _give_back(self, call: BeginCall | CompleteCall, begun: Any) -> None:
         """Release a key a cancelled ``begin`` took: its caller will never use or release the
         lease, which would otherwise block the key until it runs out."""
+        if not isinstance(begun, Begin) or not isinstance(call, BeginCall):
+            return
         if begun.token is not None and self._pool is not None:
             with contextlib.suppress(StoreError):
                 await self.release(call.key, begun.token)

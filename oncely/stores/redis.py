@@ -13,10 +13,13 @@ Redis forget it: a result after ``result_ttl``, a running key an hour after its 
 (``STALE_LEASE_GRACE_MS``: a crashed worker's lease still ends on time, since ``begin`` checks
 the lease's end itself, but a slow owner nobody took over may still complete its key).
 
-Calls issued together are pipelined (``oncely.stores._redis_batch``): the calls of one
-event-loop tick share one pipeline, sent at the end of that tick while fewer than
-``IN_FLIGHT`` are out, so a lone call is not delayed and many concurrent ones share one round
-trip (one per node on a Cluster). Each caller still gets its own outcome.
+Calls issued together are batched (``oncely.stores._redis_batch``): the calls of one
+event-loop tick share one batch, sent at the end of that tick while fewer than ``IN_FLIGHT``
+are out, so a lone call is not delayed and many concurrent ones share one round trip. On a
+standalone server a batch is one ``EVALSHA`` of a script that runs every transition of the
+batch (``oncely.stores._redis_wire``); on a Cluster it is one command per slot, written to
+each node in one buffer. Each caller still gets its own outcome, and a transition that fails
+(``WRONGTYPE`` on its key) fails only its own call.
 
 Failure: a server that is down, refuses, times out, is loading or failing over raises
 ``StoreUnavailable``, and the worker fails closed (the message is retried later, the handler
@@ -33,13 +36,14 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rx
+from redis.asyncio.cluster import RedisCluster
 
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._redis_batch import Pipeliner
-from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS, Script
+from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS
 from oncely.stores._redis_url import (
     DEFAULT_PREFIX,
     RedisOptions,
@@ -47,11 +51,20 @@ from oncely.stores._redis_url import (
     check_prefix,
     parse_redis_url,
 )
+from oncely.stores._redis_wire import Call as _Call
+from oncely.stores._redis_wire import (
+    batch_command,
+    by_slot,
+    encoding_of,
+    outcomes,
+    pack_batch,
+    send_by_node,
+    send_standalone,
+)
 from oncely.stores.base import Begin, IdempotencyStore, Outcome
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-    from redis.asyncio.cluster import RedisCluster
 
 __all__ = ["RedisStore"]
 
@@ -80,12 +93,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     rx.ClusterError,
     OSError,
 )
-
-
-class _Call(NamedTuple):
-    script: Script
-    key: str
-    args: tuple[str | int | bytes, ...]
 
 
 class RedisStore(IdempotencyStore):
@@ -122,6 +129,7 @@ class RedisStore(IdempotencyStore):
             self.prefix = check_prefix(DEFAULT_PREFIX if prefix is None else prefix, "RedisStore")
         self._client: Redis | RedisCluster | None = None
         self._connecting: asyncio.Lock | None = None
+        self._encoding: tuple[str, str] | None = None
         self._batch: Pipeliner[_Call, Any] = Pipeliner(
             self._write, limit=BATCH, in_flight=IN_FLIGHT, abandoned=self._give_back
         )
@@ -221,49 +229,71 @@ class RedisStore(IdempotencyStore):
         return self._client
 
     async def _write(self, calls: list[_Call]) -> list[Any]:
-        """One pipeline for the batch; one outcome per call: the script's reply, or an error
-        for that call alone. Calls a server answered with NOSCRIPT (it restarted and lost its
-        script cache) are sent again once the scripts are loaded; since the first pipeline's
-        replies are already committed, a failure of that second round fails only its calls."""
+        """The batch on the wire (``oncely.stores._redis_wire``); one outcome per call: the
+        script's reply, or an error for that call alone. A server that answers NOSCRIPT (it
+        restarted and lost its script cache) ran nothing of that command: the scripts are
+        loaded again and the command re-sent, once."""
         client = self._checked()
-        outcomes: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for round_ in range(2):
+        if self._encoding is None:
+            self._encoding = encoding_of(client)
+        if isinstance(client, RedisCluster):
+            return await self._write_cluster(client, calls, self._encoding)
+        packed = pack_batch(calls, self._encoding)
+        with map_errors("batch"):
             try:
-                with map_errors("pipeline"):
-                    pipe = client.pipeline(transaction=False)
-                    for i in todo:
-                        call = calls[i]
-                        # Not pipe.evalsha(): redis-py's cluster pipeline refuses that
-                        # method, since a script may touch keys of several slots. Ours take
-                        # one key, by which the pipeline routes each call to its node.
-                        pipe.execute_command("EVALSHA", call.script.sha, 1, call.key, *call.args)
-                    replies = await pipe.execute(raise_on_error=False)
-            except StoreError as exc:
-                if round_ == 0:
-                    raise
-                for i in todo:
-                    outcomes[i] = exc
-                return outcomes
+                reply = await send_standalone(client, packed)
+            except rx.NoScriptError:
+                await self._load_scripts(client)
+                reply = await send_standalone(client, packed)
+        return outcomes(calls, reply)
+
+    async def _write_cluster(
+        self, client: RedisCluster, calls: list[_Call], encoding: tuple[str, str]
+    ) -> list[Any]:
+        """One command per slot, each node's in one buffer (see ``_redis_wire``)."""
+        slots = by_slot(calls, encoding)
+        slot_of, groups = list(slots), list(slots.values())
+        packed = [pack_batch([calls[i] for i in group], encoding) for group in groups]
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(groups)))
+        for round_ in range(2):
+
+            def command(i: int, todo: list[int] = todo) -> tuple[Any, ...]:
+                return batch_command([calls[c] for c in groups[todo[i]]])
+
+            with map_errors("batch"):
+                replies = await send_by_node(
+                    client, [slot_of[g] for g in todo], [packed[g] for g in todo], command
+                )
             again = []
-            for i, reply in zip(todo, replies, strict=True):
+            for g, reply in zip(todo, replies, strict=True):
+                group = groups[g]
                 if isinstance(reply, rx.NoScriptError) and round_ == 0:
-                    again.append(i)
-                elif isinstance(reply, BaseException):
-                    outcomes[i] = translate(reply, calls[i].script.name)
-                else:
-                    outcomes[i] = reply
+                    again.append(g)
+                    continue
+                if isinstance(reply, BaseException):
+                    for i in group:
+                        results[i] = translate(reply, calls[i].script.name)
+                    continue
+                try:
+                    got = outcomes([calls[i] for i in group], reply)
+                except StoreError as exc:
+                    got = [exc] * len(group)
+                for i, outcome in zip(group, got, strict=True):
+                    results[i] = outcome
             if not again:
                 break
             try:
                 with map_errors("script load"):
                     await self._load_scripts(client)
             except StoreError as exc:
-                for i in again:
-                    outcomes[i] = exc
+                # The first round's replies are committed: this fails only its own calls.
+                for g in again:
+                    for i in groups[g]:
+                        results[i] = exc
                 break
             todo = again
-        return outcomes
+        return results
 
     async def _give_back(self, call: _Call, reply: Any) -> None:
         """Release a key a cancelled ``begin`` took: its caller will never use or release the
