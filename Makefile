@@ -39,6 +39,11 @@ bench: $(STAMP) services
 	$(BIN)/python benchmarks/amqp_throughput.py
 	$(BIN)/python benchmarks/kafka_throughput.py
 	$(BIN)/python benchmarks/store_overhead.py
+	$(BIN)/python benchmarks/store_ops.py
+	$(BIN)/python benchmarks/sqs_throughput.py
+	$(BIN)/python benchmarks/outbox_relay.py
+	$(BIN)/python benchmarks/metrics_overhead.py
+	$(BIN)/python benchmarks/tracing_overhead.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache
