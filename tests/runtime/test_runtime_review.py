@@ -1,0 +1,94 @@
+"""Per-message paths found in review of the merged runtime hot path (Whole, the single timeout
+timer, the per-delivery logging context, the counters)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import oncely
+from oncely.brokers.memory import MemoryBroker
+from oncely.stores.memory import MemoryStore
+from tests._wait import eventually
+from tests.runtime._faulty import WrappedBroker
+
+pytestmark = pytest.mark.anyio
+
+
+class SlowReplyStore(MemoryStore):
+    """A memory store whose first ``complete`` waits for a reply that does not come in time,
+    under ``asyncio.timeout``: what redis-py does with its ``socket_timeout`` (and, on Python
+    3.12+, every ``wait_for``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts = 0
+
+    async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
+        if self.timeouts == 0:
+            try:
+                async with asyncio.timeout(0.05):
+                    await asyncio.Event().wait()  # the reply that never comes
+            except TimeoutError:
+                self.timeouts += 1
+                raise
+        await super().complete(key, token, result, ttl)
+
+
+async def test_a_store_call_timing_out_while_settling_is_retried_and_the_message_acked(
+    unique: str,
+) -> None:
+    # The timeout cancels the task the store call runs on. Settled on the delivery's own task
+    # (Whole), that cancel was taken for a shutdown's: the rest of the settle was handed to a
+    # new task with the timeout lost, which then waited on the reply for ever (never acked,
+    # and aclose() hung on it).
+    app = oncely.App()
+    runs = 0
+
+    @app.handler("t", idempotent=True)
+    async def handle(_: Any) -> None:
+        nonlocal runs
+        runs += 1
+
+    store = SlowReplyStore()
+    worker = oncely.Worker(app, broker=f"memory://{unique}", store=store)
+    await worker.start()
+    try:
+        await app.publish("t", {}, key="k")
+        await eventually(lambda: worker.stats.processed == 1, within=5)
+    finally:
+        await asyncio.wait_for(worker.stop(), 10)
+    assert runs == 1 and store.timeouts == 1
+    assert worker.stats.complete_retries == 1 and worker.stats.unrecorded == 0
+
+
+async def test_a_duplicate_whose_ack_fails_is_counted_once_when_its_redelivery_is_acked(
+    unique: str,
+) -> None:
+    app = oncely.App()
+    runs = 0
+
+    @app.handler("t", idempotent=True, visibility=0.3)
+    async def handle(_: Any) -> None:
+        nonlocal runs
+        runs += 1
+
+    acks = 0
+
+    def fail_second_ack(_: object) -> None:
+        nonlocal acks
+        acks += 1
+        if acks == 2:  # the duplicate's first ack
+            raise oncely.ConnectionLost("ack lost")
+
+    broker = WrappedBroker(MemoryBroker(unique), on_ack=fail_second_ack)
+    async with oncely.Worker(app, broker=broker, store=MemoryStore()) as worker:
+        await app.publish("t", {}, key="k")
+        await eventually(lambda: worker.stats.processed == 1)
+        await app.publish("t", {}, key="k")
+        # The failed ack leaves the duplicate to come back after its visibility.
+        await eventually(lambda: acks == 3)
+    assert runs == 1 and worker.stats.settle_errors == 1
+    assert worker.stats.duplicates == 1
