@@ -92,3 +92,28 @@ async def test_a_duplicate_whose_ack_fails_is_counted_once_when_its_redelivery_i
         await eventually(lambda: acks == 3)
     assert runs == 1 and worker.stats.settle_errors == 1
     assert worker.stats.duplicates == 1
+
+
+async def tasks_running(unique: str, n: int) -> list[asyncio.Task[Any] | None]:
+    """The task each of ``n`` keyed deliveries ran on, one at a time, on the memory backends."""
+    app = oncely.App()
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    @app.handler("t", idempotent=True, key="payload:n", concurrency=1)
+    async def handle(payload: dict[str, str]) -> None:
+        tasks.append(asyncio.current_task())
+
+    async with oncely.Worker(app, broker=f"memory://{unique}", store=MemoryStore()) as worker:
+        for i in range(n):
+            await app.publish("t", {"n": str(i)})
+        await eventually(lambda: worker.stats.processed == n)
+    return tasks
+
+
+async def test_one_pooled_task_runs_delivery_after_delivery_with_keys_and_logging(
+    unique: str,
+) -> None:
+    # Each run sets the logging context variable (and notes the key): it must be reset, or the
+    # pool ends its task after every delivery (context changed) and the pool is no pool.
+    tasks = await tasks_running(unique, 5)
+    assert len(tasks) == 5 and len(set(tasks)) == 1
