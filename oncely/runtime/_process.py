@@ -79,9 +79,7 @@ class Runner:
         # such a cancel for the caller's and hands the rest on without it. Redis (its
         # socket_timeout), AMQP (a delayed nack publishes under publish_timeout), aiohttp,
         # and on Python 3.12+ every wait_for, do. The in-process backends never do.
-        self._inline_finish = type(broker) is MemoryBroker and (
-            store is None or type(store) is MemoryStore
-        )
+        self._inline_finish = _settles_inline(broker, store)
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.tracing = for_handler(spec, broker, stats)  # None unless OpenTelemetry is on
         if self.tracing is not None:
@@ -450,6 +448,12 @@ class Runner:
     async def _release(self, lease: Lease | None) -> None:
         if self.keys is not None:
             await self.keys.release(lease)
+
+
+def _settles_inline(broker: Broker, store: IdempotencyStore | None) -> bool:
+    """Whether settle calls on these backends may run on the delivery's task (``Whole``): only
+    the in-process ones are known never to enter an ``asyncio.timeout``."""
+    return type(broker) is MemoryBroker and (store is None or type(store) is MemoryStore)
 
 
 def _describe(exc: Exception) -> str:

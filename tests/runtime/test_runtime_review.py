@@ -4,14 +4,19 @@ timer, the per-delivery logging context, the counters)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 import oncely
 from oncely.brokers.memory import MemoryBroker
+from oncely.runtime import _process
+from oncely.runtime._whole import Whole
 from oncely.stores.memory import MemoryStore
 from tests._wait import eventually
+from tests.runtime import test_guarantees as guarantees
+from tests.runtime import test_settle_review as settle_review
 from tests.runtime._faulty import WrappedBroker
 
 pytestmark = pytest.mark.anyio
@@ -117,3 +122,30 @@ async def test_one_pooled_task_runs_delivery_after_delivery_with_keys_and_loggin
     # pool ends its task after every delivery (context changed) and the pool is no pool.
     tasks = await tasks_running(unique, 5)
     assert len(tasks) == 5 and len(set(tasks)) == 1
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        guarantees.test_a_shutdown_cancel_does_not_cut_short_the_record_of_a_finished_effect,
+        settle_review.test_a_second_cancel_during_the_give_back_neither_nacks_early_nor_twice,
+        settle_review.test_a_failure_cut_short_by_shutdown_is_still_settled_as_a_failure,
+    ],
+)
+async def test_the_shutdown_cases_hold_when_settling_on_the_delivery_task(
+    case: Callable[[str], Awaitable[None]], unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Their stores and brokers are test subclasses, which settle on a task of their own; the
+    # same cases through Whole (what the memory backends get).
+    monkeypatch.setattr(_process, "_settles_inline", lambda broker, store: True)
+    whole = Whole.__init__
+    used = 0
+
+    def counted(self: Whole[Any], *args: Any) -> None:
+        nonlocal used
+        used += 1
+        whole(self, *args)
+
+    monkeypatch.setattr(Whole, "__init__", counted)
+    await case(unique)
+    assert used > 0
