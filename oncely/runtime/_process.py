@@ -76,9 +76,9 @@ class Runner:
         self._finishing: dict[asyncio.Task[object], Delivery] = {}
         # Settling on the delivery's own task (Whole) is only safe where no settle call enters
         # an asyncio.timeout (or anything else that cancels the current task): Whole takes
-        # such a cancel for the caller's and hands the rest on without it. Redis (its
-        # socket_timeout), AMQP (a delayed nack publishes under publish_timeout), aiohttp,
-        # and on Python 3.12+ every wait_for, do. The in-process backends never do.
+        # such a cancel for the caller's and hands the rest on without it. AMQP does (a nack
+        # republishes under asyncio.timeout_at), any third-party store or broker may, and on
+        # Python 3.12+ every wait_for does. The in-process backends never do.
         self._inline_finish = _settles_inline(broker, store)
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.tracing = for_handler(spec, broker, stats)  # None unless OpenTelemetry is on

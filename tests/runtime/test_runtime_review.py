@@ -24,8 +24,9 @@ pytestmark = pytest.mark.anyio
 
 class SlowReplyStore(MemoryStore):
     """A memory store whose first ``complete`` waits for a reply that does not come in time,
-    under ``asyncio.timeout``: what redis-py does with its ``socket_timeout`` (and, on Python
-    3.12+, every ``wait_for``)."""
+    under ``asyncio.timeout``: what a store calling redis-py directly does with its
+    ``socket_timeout``, the AMQP adapter's nack with its publish timeout, and on Python 3.12+
+    every ``wait_for``."""
 
     def __init__(self) -> None:
         super().__init__()
