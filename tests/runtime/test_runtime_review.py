@@ -13,6 +13,8 @@ import oncely
 from oncely.brokers.memory import MemoryBroker
 from oncely.runtime import _process
 from oncely.runtime._whole import Whole
+from oncely.runtime.heartbeat import Active, Heartbeat
+from oncely.runtime.stats import Stats
 from oncely.stores.memory import MemoryStore
 from tests._wait import eventually
 from tests.runtime import test_guarantees as guarantees
@@ -150,3 +152,41 @@ async def test_the_shutdown_cases_hold_when_settling_on_the_delivery_task(
     monkeypatch.setattr(Whole, "__init__", counted)
     await case(unique)
     assert used > 0
+
+
+async def test_a_stubborn_handler_and_an_untimed_hook_hold_up_no_later_timeout() -> None:
+    # The one timer walks the running deliveries oldest first: one that swallowed its cancel
+    # (still running, already timed out) and an on_duplicate hook (timed by asyncio.timeout,
+    # no deadline here) sit in front of a later delivery, which must still time out.
+    heartbeat = Heartbeat("h", 30.0, extend=False, store=None, stats=Stats())
+    stubborn_cancelled = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not stop.is_set():
+            try:
+                await stop.wait()
+            except asyncio.CancelledError:
+                stubborn_cancelled.set()  # swallowed: runs on past its timeout
+
+    async with MemoryBroker() as broker:
+        await broker.publish("t", b"{}")
+        sub = broker.consume("t", prefetch=1, visibility=30)
+        delivery = await sub.__anext__()
+        tasks = [asyncio.create_task(stubborn()), asyncio.create_task(stop.wait())]
+        later = asyncio.create_task(stop.wait())
+        head = Active(delivery, tasks[0])
+        hook = Active(delivery, tasks[1])
+        heartbeat.track(head, 0.05)
+        heartbeat.track(hook)
+        last = Active(delivery, later)
+        try:
+            await stubborn_cancelled.wait()
+            heartbeat.track(last, 0.05)
+            await eventually(later.done, within=5)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, later, return_exceptions=True)
+        assert later.cancelled() and last.timed_out and head.timed_out and not hook.timed_out
+        await sub.aclose()
+    await heartbeat.aclose()
