@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from oncely._logging import MESSAGE, note_key, redact_values
+from oncely.brokers.memory import MemoryBroker
 from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
@@ -36,6 +37,7 @@ from oncely.runtime.codec import Decoder, encode, fingerprint
 from oncely.runtime.context import Context
 from oncely.runtime.heartbeat import Active, Heartbeat
 from oncely.stores.base import Outcome, TransactionalStore
+from oncely.stores.memory import MemoryStore
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Broker, Delivery
@@ -72,6 +74,12 @@ class Runner:
         self._key_prefix = f"{spec.name}:"
         self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
         self._finishing: dict[asyncio.Task[object], Delivery] = {}
+        # Settling on the delivery's own task (Whole) is only safe where no settle call enters
+        # an asyncio.timeout (or anything else that cancels the current task): Whole takes
+        # such a cancel for the caller's and hands the rest on without it. AMQP does (a nack
+        # republishes under asyncio.timeout_at), any third-party store or broker may, and on
+        # Python 3.12+ every wait_for does. The in-process backends never do.
+        self._inline_finish = _settles_inline(broker, store)
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.tracing = for_handler(spec, broker, stats)  # None unless OpenTelemetry is on
         if self.tracing is not None:
@@ -226,9 +234,10 @@ class Runner:
                 )
                 return True, None
             log.warning("%s: store unreachable, retrying %s later: %r", self.spec.name, key, exc)
-            self.stats.deferred += 1
             delay = self.spec.retry.delay(self.keys.deferrals(store_key))
-            await self.settle.nack(delivery, delay, defer=True)
+            # Counted once the broker took it: a failed nack comes back and counts then.
+            if await self.settle.nack(delivery, delay, defer=True):
+                self.stats.deferred += 1
             return False, None
         if self.tracing is not None:
             self.tracing.begun(delivery, key, begin)
@@ -238,10 +247,10 @@ class Runner:
         if begin.outcome is Outcome.COMPLETED:
             await self._duplicate(delivery, key, begin)
         elif begin.outcome is Outcome.IN_PROGRESS:
-            self.stats.deferred += 1
-            self.stats.in_progress += 1
             delay = self.keys.recheck_delay(store_key, begin.retry_after)
-            await self.settle.nack(delivery, delay, defer=True)
+            if await self.settle.nack(delivery, delay, defer=True):
+                self.stats.deferred += 1
+                self.stats.in_progress += 1
         else:
             await self.settle.dead_letter(
                 delivery, f"idempotency key {key!r} was reused with a different payload"
@@ -274,8 +283,8 @@ class Runner:
                 return
             finally:
                 self.heartbeat.untrack(active)
-        self.stats.duplicates += 1
-        await self.settle.ack(delivery)
+        if await self.settle.ack(delivery):
+            self.stats.duplicates += 1
 
     async def _execute(
         self, delivery: Delivery, payload: Any, key: str | None, lease: Lease | None
@@ -322,17 +331,32 @@ class Runner:
             reason = _describe(exc)
             await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
 
-    def _finish(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> Whole[object]:
+    def _finish(
+        self, settling: Coroutine[Any, Any, object], delivery: Delivery
+    ) -> Awaitable[object]:
         """Await this to await ``settling`` (the outcome of a run that is over) shielded from
         cancellation; if cancelled meanwhile, it runs on where ``run()`` sees it (so it does
         not settle the delivery a second time, ahead of a lease release) and ``aclose()``
-        waits for it. It runs on the awaiting task (``Whole``) until a cancel arrives."""
+        waits for it. With in-process backends it runs on the awaiting task (``Whole``) until
+        a cancel arrives; otherwise on a task of its own from the start."""
+        if self._inline_finish:
+            return Whole(settling, self._handed_off(delivery))
+        return self._shielded(settling, delivery)
 
+    def _handed_off(self, delivery: Delivery) -> Callable[[asyncio.Task[object]], None]:
         def handed_off(task: asyncio.Task[object]) -> None:
             self._finishing[task] = delivery
             task.add_done_callback(self._finishing.pop)
 
-        return Whole(settling, handed_off)
+        return handed_off
+
+    async def _shielded(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> None:
+        task = asyncio.ensure_future(settling)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._handed_off(delivery)(task)
+            raise
 
     async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
         keys = self.keys
@@ -413,18 +437,23 @@ class Runner:
             await self.settle.dead_letter(
                 delivery, f"{reason} (gave up after {delivery.attempt} attempts)"
             )
-        else:
+        elif await self.settle.nack(delivery, delay, error=reason):
             self.stats.retried += 1
-            await self.settle.nack(delivery, delay, error=reason)
 
     async def _give_back(self, delivery: Delivery, lease: Lease | None) -> None:
-        self.stats.cancelled += 1
         await self._release(lease)
-        await self.settle.nack(delivery, 0.0, defer=True)
+        if await self.settle.nack(delivery, 0.0, defer=True):
+            self.stats.cancelled += 1
 
     async def _release(self, lease: Lease | None) -> None:
         if self.keys is not None:
             await self.keys.release(lease)
+
+
+def _settles_inline(broker: Broker, store: IdempotencyStore | None) -> bool:
+    """Whether settle calls on these backends may run on the delivery's task (``Whole``): only
+    the in-process ones are known never to enter an ``asyncio.timeout``."""
+    return type(broker) is MemoryBroker and (store is None or type(store) is MemoryStore)
 
 
 def _describe(exc: Exception) -> str:

@@ -12,6 +12,12 @@ to a new task that resumes it once its future is done and runs it to the end; ``
 gets that task, and the caller sees ``CancelledError`` as with ``asyncio.shield``. A
 coroutine that finishes without suspending (the memory store and broker) costs no future at
 all.
+
+Only for coroutines that never cancel their own task: an ``asyncio.timeout`` inside ``coro``
+(redis-py's socket timeout, the AMQP adapter's publish timeout; on Python 3.12+ every
+``wait_for``) cancels the caller's task when it fires, which ``Whole`` cannot tell from the
+caller being cancelled: the rest would be handed off with the timeout lost, waiting for ever
+on what it timed out.
 """
 
 from __future__ import annotations
