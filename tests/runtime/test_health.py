@@ -349,3 +349,25 @@ async def test_failing_consume_loops_fail_readyz_where_the_adapter_cannot_tell(
         await app.publish(unique, {"n": 2})
         await eventually(lambda: worker.stats.acked == 2, within=30)
         await until(port, "/readyz", 200)
+
+
+async def test_a_failed_start_stops_the_sampler_and_the_loop_monitor(unique: str) -> None:
+    """Endpoints served before ``start()`` start the observer; a start that fails must not
+    leave its sampler task and monitor thread running for a worker that never ran."""
+    app = oncely.App()
+
+    @app.handler(unique, name="h")
+    async def h(_: dict[str, int]) -> None: ...
+
+    @app.on_startup
+    async def boom() -> None:
+        raise RuntimeError("startup failed")
+
+    worker = oncely.Worker(app, broker=f"memory://{unique}")
+    await worker.serve_http(0)
+    assert worker.observer.running
+    with pytest.raises(RuntimeError, match="startup failed"):
+        await worker.start()
+    assert not worker.observer.running
+    assert not worker.observer.loop.running
+    assert not any(t.name == "oncely-loop-monitor" for t in _threads())
