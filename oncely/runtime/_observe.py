@@ -9,9 +9,11 @@ scrape through ``Worker.endpoints``): a worker nobody watches pays nothing.
   ``_loopmon``);
 - ``progress``: no handler has every slot busy with nothing settled for longer than its
   timeout plus ``stall_timeout`` (handler timeouts cancel runs, so a full pool that settles
-  nothing is stuck: a handler swallowing its cancellation, a settle that hangs), and none has
-  room while its broker reports messages waiting and nothing was received for
-  ``stall_timeout``.
+  nothing is stuck: a handler swallowing its cancellation, a settle that hangs), and none is
+  idle (nothing in flight) while its broker reports messages waiting and nothing was received
+  for ``stall_timeout``. Only idle counts: a run in flight can rightly hold back what the
+  broker counts as waiting (Kafka's lag includes the records still running, and records
+  queued behind a running key), and a handler may run far longer than ``stall_timeout``.
 
 **Ready** (``/readyz``; failing means "send no work / do not count me"):
 
@@ -276,7 +278,7 @@ class Observer:
             waiting = sum(self.backlog.get(spec.topic, {}).values())
             since = self._waiting_since.get(spec.topic)
             quiet = 0.0 if since is None else now - max(since, p.received_at, p.settled_at)
-            if waiting and in_flight < size and quiet > self.stall_timeout:
+            if waiting and in_flight == 0 and quiet > self.stall_timeout:
                 stuck.append(
                     f"{spec.name}: {waiting} message(s) waiting in {spec.topic!r} and "
                     f"nothing received for {quiet:.1f}s"

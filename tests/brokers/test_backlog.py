@@ -4,6 +4,7 @@ ElasticMQ, Kafka (lag per partition, scraped as ``oncely_consumer_lag``), SQLite
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from oncely.brokers.sqs import SqsBroker
 from tests._wait import eventually
 from tests.brokers.kafka_support import kafka_url
 from tests.brokers.test_sqs import SQS_URL
-from tests.runtime._probe import scrape, value
+from tests.runtime._probe import probe, scrape, value
 
 pytestmark = pytest.mark.anyio
 
@@ -78,3 +79,31 @@ async def test_kafka_lag_per_partition_is_scraped(unique: str) -> None:
         for partition in lags:
             assert value(samples, "oncely_consumer_lag", topic=unique, partition=partition) == 0
         assert value(samples, "oncely_broker_connected", broker="kafka") == 1
+
+
+@pytest.mark.kafka
+async def test_a_long_handler_behind_kafka_lag_is_busy_not_stuck(unique: str) -> None:
+    """Kafka's lag counts records after the commit point, so the one still running counts as
+    waiting: with room in the pool and nothing more to fetch, a handler running longer than
+    ``stall_timeout`` (well within its own timeout) is a busy worker, and ``/livez`` passes."""
+    app = oncely.App()
+    gate = asyncio.Event()
+
+    @app.handler(unique, name="long", concurrency=2, timeout=600)
+    async def long(_: dict[str, int]) -> None:
+        await gate.wait()
+
+    worker = oncely.Worker(app, broker=kafka_url())
+    worker.observer.interval, worker.observer.stall_timeout = 0.05, 0.3
+    async with worker:
+        port = await worker.serve_http(0)
+        await app.publish(unique, {"n": 1})
+        await eventually(lambda: worker.in_flight == 1, within=60)
+        await eventually(lambda: sum(worker.observer.backlog.get(unique, {}).values()) == 1)
+        seen = time.monotonic()
+        # Enough sampler passes that the run has outlasted stall_timeout several times over.
+        await eventually(lambda: time.monotonic() - seen > 4 * worker.observer.stall_timeout)
+        status, body = await probe(port, "/livez")
+        gate.set()
+        assert status == 200, body
+        await eventually(lambda: worker.stats.acked == 1, within=60)
