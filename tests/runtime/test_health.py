@@ -129,6 +129,11 @@ async def test_waiting_messages_nobody_fetches_fail_livez(tmp_path: Path, unique
     async with worker:
         port = await worker.serve_http(0)
         assert (await probe(port, "/livez"))[0] == 200
+        # Publish only once the poller sleeps (its first look done): a publish landing before
+        # that look is found by it, and the message is simply consumed (a loaded machine).
+        broker = worker.broker
+        assert isinstance(broker, SqliteBroker)
+        await eventually(lambda: bool(broker._waiters.get(unique)))
         # Another process's publish does not wake this worker's poller.
         async with SqliteBroker(str(path)) as other:
             await other.publish(unique, b'{"n": 1}')
