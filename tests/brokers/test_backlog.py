@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 import oncely
+from oncely.brokers import _sqs_queues
 from oncely.brokers.memory import MemoryBroker
 from oncely.brokers.sqlite import SqliteBroker
 from oncely.brokers.sqs import SqsBroker
+from oncely.errors import BrokerError
 from tests._wait import eventually
 from tests.brokers.kafka_support import kafka_url
 from tests.brokers.test_sqs import SQS_URL
@@ -42,6 +44,10 @@ async def test_embedded_brokers_count_claimable_messages(tmp_path: Path, unique:
 async def test_sqs_reports_approximate_depth(unique: str) -> None:
     async with SqsBroker.from_url(SQS_URL) as broker:
         assert broker.connected is None  # stateless HTTP: it cannot tell
+        with pytest.raises(BrokerError, match="QueueDoesNotExist|NonExistentQueue"):
+            await broker.backlog(unique)  # a look-up never creates the queue (or its DLQ)
+        with pytest.raises(BrokerError, match="QueueDoesNotExist|NonExistentQueue"):
+            await _sqs_queues.lookup(broker, unique)
         for n in range(3):
             await broker.publish(unique, b"%d" % n)
         assert await broker.backlog(unique) == {"": 3}
