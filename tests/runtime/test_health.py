@@ -376,3 +376,43 @@ async def test_a_failed_start_stops_the_sampler_and_the_loop_monitor(unique: str
     assert not worker.observer.running
     assert not worker.observer.loop.running
     assert not any(t.name == "oncely-loop-monitor" for t in _threads())
+
+
+async def test_a_backlog_that_never_could_be_read_is_logged(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sampler logged a failing backlog only after a good sample: a broker (or outbox)
+    whose backlog failed from the first call on failed silently forever."""
+    from oncely.brokers.memory import MemoryBroker
+    from oncely.errors import BrokerError
+
+    class Refusing(MemoryBroker):
+        async def backlog(self, topic: str) -> dict[str, int] | None:
+            raise BrokerError(f"no access to the depth of {topic}")
+
+    class NoOutbox:
+        table = f"outbox_{unique}"
+
+        async def backlog(self) -> tuple[int, float | None]:
+            raise BrokerError("the outbox table is gone")
+
+    app = oncely.App()
+
+    @app.handler(unique, name="h")
+    async def h(_: dict[str, int]) -> None: ...
+
+    caplog.set_level(logging.WARNING, "oncely.health")
+    worker = oncely.Worker(app, broker=Refusing(unique))
+    worker.observer.interval = 0.05
+    worker.watch_outbox(NoOutbox())  # type: ignore[arg-type]
+    async with worker:
+        await worker.serve_http(0)
+        samples = worker.observer.samples
+        await eventually(lambda: worker.observer.samples >= samples + 3)
+
+    def logged(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+    assert logged(f"cannot read the backlog of {unique}: BrokerError: no access") != []
+    assert len(logged(f"cannot read the backlog of {unique}")) == 1  # not once a pass
+    assert len(logged(f"cannot read the backlog of outbox outbox_{unique}")) == 1
