@@ -48,6 +48,21 @@ async def resolve(broker: BrokerLink, topic: str) -> tuple[str, str]:
     return await _create(broker, client, name, attributes), dlq_url
 
 
+async def lookup(broker: BrokerLink, topic: str) -> str:
+    """The URL of ``topic``'s queue, which must exist: a look-up that never creates it.
+
+    Raises:
+        BrokerError: the queue does not exist (``QueueDoesNotExist``) or SQS refused the call.
+    """
+    client = await broker._connected()
+    broker.api_calls["admin"] += 1
+    with map_errors("admin"):
+        url: str = (await client.get_queue_url(QueueName=queue_name(topic, broker.options)))[
+            "QueueUrl"
+        ]
+    return url
+
+
 async def _create(
     broker: BrokerLink, client: SQSClient, name: str, attributes: dict[QueueAttributeNameType, str]
 ) -> str:

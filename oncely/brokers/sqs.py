@@ -289,8 +289,10 @@ class SqsBroker(Broker, DeadLetterAdmin):
     async def backlog(self, topic: str) -> dict[str, int] | None:
         """``ApproximateNumberOfMessages`` of ``topic``'s queue (visible messages; SQS's
         estimate, eventually consistent). SQS is stateless HTTP, so ``connected`` is
-        ``None``: a failing call shows as consume errors instead."""
-        url, _ = await self.queue_urls(topic)
+        ``None``: a failing call shows as consume errors instead. Never creates the queue:
+        ``BrokerError`` (``QueueDoesNotExist``) when it does not exist."""
+        urls = self._urls.get(topic)
+        url = urls[0] if urls is not None else await _sqs_queues.lookup(self, topic)
         client = await self._connected()
         self.api_calls["admin"] += 1
         with map_errors("admin"):

@@ -9,16 +9,20 @@ scrape through ``Worker.endpoints``): a worker nobody watches pays nothing.
   ``_loopmon``);
 - ``progress``: no handler has every slot busy with nothing settled for longer than its
   timeout plus ``stall_timeout`` (handler timeouts cancel runs, so a full pool that settles
-  nothing is stuck: a handler swallowing its cancellation, a settle that hangs), and none has
-  room while its broker reports messages waiting and nothing was received for
-  ``stall_timeout``.
+  nothing is stuck: a handler swallowing its cancellation, a settle that hangs), and none is
+  idle (nothing in flight) while its broker reports messages waiting and nothing was received
+  for ``stall_timeout``. Only idle counts: a run in flight can rightly hold back what the
+  broker counts as waiting (Kafka's lag includes the records still running, and records
+  queued behind a running key), and a handler may run far longer than ``stall_timeout``.
 
 **Ready** (``/readyz``; failing means "send no work / do not count me"):
 
 - ``state``: the worker is running (not created, draining or stopped);
 - ``broker``: the adapter does not report its connection down (``Broker.connected``) and the
   consume loops are not failing (consume errors in the last ``ready_window`` seconds with
-  nothing received since);
+  nothing received since); where the adapter cannot tell (``connected`` is ``None``: SQS),
+  also the last backlog sample did not time out or lose the connection (a hung endpoint
+  fails no consume call until the driver's own timeouts and retries run out);
 - ``store``: for workers with effectively-once handlers, the last ``IdempotencyStore.ping``
   (every ``interval`` seconds, with a ``ping_timeout``) succeeded.
 
@@ -39,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from oncely.errors import MissingExtra, NotSupported
+from oncely.errors import ConnectionLost, MissingExtra, NotSupported
 from oncely.runtime._loopmon import LoopMonitor
 from oncely.runtime._watch import OutboxSample
 from oncely.runtime.http import Response
@@ -93,6 +97,9 @@ class Observer:
         self._progress: dict[str, _Progress] = {}
         self._waiting_since: dict[str, float] = {}
         """Per topic: since when the sampled backlog has been non-zero."""
+        self._outbox_failed: set[str] = set()
+        self._backlog_failed: dict[str, Exception] = {}
+        """Per topic: why the last backlog sample failed (absent: it did not)."""
         self._errors = _Progress()
         self._no_backlog = False
         self._task: asyncio.Task[None] | None = None
@@ -170,9 +177,12 @@ class Observer:
             return
         except Exception as exc:
             self._waiting_since.pop(topic, None)
-            if self.backlog.pop(topic, None) is not None:
-                log.warning("cannot read the backlog of %s: %r", topic, exc)
+            self.backlog.pop(topic, None)
+            if topic not in self._backlog_failed:  # once per failing spell, the first included
+                log.warning("cannot read the backlog of %s: %s", topic, _describe(exc))
+            self._backlog_failed[topic] = exc
             return
+        self._backlog_failed.pop(topic, None)
         if value is None:  # cannot tell now (a Kafka consumer before its first fetch, say)
             self.backlog.pop(topic, None)
             self._waiting_since.pop(topic, None)
@@ -201,9 +211,12 @@ class Observer:
             async with asyncio.timeout(self.ping_timeout):
                 count, oldest = await outbox.backlog()
         except Exception as exc:
-            if self.outbox_samples.pop(table, None) is not None:
-                log.warning("cannot read the backlog of outbox %s: %r", table, exc)
+            self.outbox_samples.pop(table, None)
+            if table not in self._outbox_failed:  # once per failing spell, the first included
+                log.warning("cannot read the backlog of outbox %s: %s", table, _describe(exc))
+                self._outbox_failed.add(table)
             return
+        self._outbox_failed.discard(table)
         age = None if oldest is None else max(0.0, time.time() - oldest)
         self.outbox_samples[table] = OutboxSample(count, age)
 
@@ -276,7 +289,7 @@ class Observer:
             waiting = sum(self.backlog.get(spec.topic, {}).values())
             since = self._waiting_since.get(spec.topic)
             quiet = 0.0 if since is None else now - max(since, p.received_at, p.settled_at)
-            if waiting and in_flight < size and quiet > self.stall_timeout:
+            if waiting and in_flight == 0 and quiet > self.stall_timeout:
                 stuck.append(
                     f"{spec.name}: {waiting} message(s) waiting in {spec.topic!r} and "
                     f"nothing received for {quiet:.1f}s"
@@ -300,6 +313,13 @@ class Observer:
             log.warning("%s.connected raised %r", type(broker).__name__, exc)
         if connected is False:
             return _check("ready", False, "disconnected")
+        if connected is None:
+            for topic, failure in self._backlog_failed.items():
+                if isinstance(failure, (ConnectionLost, TimeoutError)):
+                    why = _describe(failure)
+                    return _check(
+                        "ready", False, f"cannot reach the broker: the backlog of {topic!r}: {why}"
+                    )
         e = self._errors
         received_at = max((p.received_at for p in self._progress.values()), default=0.0)
         since = time.monotonic() - e.settled_at
@@ -341,6 +361,12 @@ class Observer:
         reason = "; ".join(f"{k}: {c['detail']}" for k, c in checks.items() if not c["ok"])
         body = {probe: ok, "reason": reason or None, "checks": checks}
         return Response(200 if ok else 503, msgspec.json.encode(body), "application/json")
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"  # asyncio.timeout's, around the call
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _check(probe: str, ok: bool, detail: str) -> dict[str, Any]:

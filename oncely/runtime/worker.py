@@ -186,6 +186,7 @@ class Worker(Surfaces):
         # as running, nor stay open.
         self._failed_start = True
         await self._close_owned()
+        await self.observer.aclose()  # its sampler task and loop-monitor thread
         await self.endpoints.aclose()
 
     async def _connect(self) -> None:

@@ -40,13 +40,15 @@ async def test_a_blocked_event_loop_fails_livez_then_it_recovers(
     worker = oncely.Worker(app, broker=f"memory://{unique}")
     monitor = worker.observer.loop
     # A long hold, so a loaded machine's slow probe still sees the stall; cut short below.
-    monitor.threshold, monitor.interval, monitor.hold = 0.3, 0.05, 60.0
+    # The threshold is far above the lag a loaded machine gives an idle loop (the first probe
+    # must pass) and far below the block.
+    monitor.threshold, monitor.interval, monitor.hold = 1.0, 0.05, 60.0
     caplog.set_level(logging.WARNING, "oncely.health")
     async with worker:
         port = await worker.serve_http(0)
         status, body = await probe(port, "/livez")
         assert status == 200 and body["live"] is True, body
-        await app.publish(unique, {"seconds": 1.0})
+        await app.publish(unique, {"seconds": 3.0})
         await eventually(lambda: worker.stats.processed == 1)
         status, body = await probe(port, "/livez")
         assert status == 503, body
@@ -129,6 +131,11 @@ async def test_waiting_messages_nobody_fetches_fail_livez(tmp_path: Path, unique
     async with worker:
         port = await worker.serve_http(0)
         assert (await probe(port, "/livez"))[0] == 200
+        # Publish only once the poller sleeps (its first look done): a publish landing before
+        # that look is found by it, and the message is simply consumed (a loaded machine).
+        broker = worker.broker
+        assert isinstance(broker, SqliteBroker)
+        await eventually(lambda: bool(broker._waiters.get(unique)))
         # Another process's publish does not wake this worker's poller.
         async with SqliteBroker(str(path)) as other:
             await other.publish(unique, b'{"n": 1}')
@@ -349,3 +356,65 @@ async def test_failing_consume_loops_fail_readyz_where_the_adapter_cannot_tell(
         await app.publish(unique, {"n": 2})
         await eventually(lambda: worker.stats.acked == 2, within=30)
         await until(port, "/readyz", 200)
+
+
+async def test_a_failed_start_stops_the_sampler_and_the_loop_monitor(unique: str) -> None:
+    """Endpoints served before ``start()`` start the observer; a start that fails must not
+    leave its sampler task and monitor thread running for a worker that never ran."""
+    app = oncely.App()
+
+    @app.handler(unique, name="h")
+    async def h(_: dict[str, int]) -> None: ...
+
+    @app.on_startup
+    async def boom() -> None:
+        raise RuntimeError("startup failed")
+
+    worker = oncely.Worker(app, broker=f"memory://{unique}")
+    await worker.serve_http(0)
+    assert worker.observer.running
+    with pytest.raises(RuntimeError, match="startup failed"):
+        await worker.start()
+    assert not worker.observer.running
+    assert not worker.observer.loop.running
+    assert not any(t.name == "oncely-loop-monitor" for t in _threads())
+
+
+async def test_a_backlog_that_never_could_be_read_is_logged(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sampler logged a failing backlog only after a good sample: a broker (or outbox)
+    whose backlog failed from the first call on failed silently forever."""
+    from oncely.brokers.memory import MemoryBroker
+    from oncely.errors import BrokerError
+
+    class Refusing(MemoryBroker):
+        async def backlog(self, topic: str) -> dict[str, int] | None:
+            raise BrokerError(f"no access to the depth of {topic}")
+
+    class NoOutbox:
+        table = f"outbox_{unique}"
+
+        async def backlog(self) -> tuple[int, float | None]:
+            raise BrokerError("the outbox table is gone")
+
+    app = oncely.App()
+
+    @app.handler(unique, name="h")
+    async def h(_: dict[str, int]) -> None: ...
+
+    caplog.set_level(logging.WARNING, "oncely.health")
+    worker = oncely.Worker(app, broker=Refusing(unique))
+    worker.observer.interval = 0.05
+    worker.watch_outbox(NoOutbox())  # type: ignore[arg-type]
+    async with worker:
+        await worker.serve_http(0)
+        samples = worker.observer.samples
+        await eventually(lambda: worker.observer.samples >= samples + 3)
+
+    def logged(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+    assert logged(f"cannot read the backlog of {unique}: BrokerError: no access") != []
+    assert len(logged(f"cannot read the backlog of {unique}")) == 1  # not once a pass
+    assert len(logged(f"cannot read the backlog of outbox outbox_{unique}")) == 1
