@@ -1,0 +1,57 @@
+"""Redis Cluster fast path: a node that fails must fail only the calls it carried. The
+calls other nodes answered are committed (a ``begin`` there took its key), so their callers
+must get those answers, or a lease is left held that no caller knows the token of."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.retry import Retry
+
+from oncely.errors import StoreUnavailable
+from oncely.stores._redis_url import parse_redis_url
+from oncely.stores.base import Outcome
+from oncely.stores.redis import RedisStore
+from tests.stores._redis_support import CLUSTER_URL, free_port
+
+LONG = 30.0
+
+
+@pytest.mark.anyio
+async def test_a_failed_node_fails_only_its_own_calls(unique: str, anyio_backend: object) -> None:
+    nodes = [ClusterNode(h, p) for h, p in parse_redis_url(CLUSTER_URL).nodes]
+    # No retries: the pipeline gives up on the unreachable node at once.
+    client = RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 0))
+    other = RedisCluster(startup_nodes=[ClusterNode(n.host, n.port) for n in nodes])
+    try:
+        async with RedisStore(client, prefix=f"{unique}:") as store:
+            good, bad = store.redis_key("good"), store.redis_key("bad")
+            manager = client.nodes_manager
+            assert manager.slots_cache[key_slot(bad.encode())][0].name != (
+                manager.slots_cache[key_slot(good.encode())][0].name
+            ), "the two keys must live on different nodes"
+            # The client believes "bad"'s slot is served by a node that refuses connections
+            # (a primary that just died), on the fast path and in the pipeline alike.
+            dead = ClusterNode(
+                "127.0.0.1", free_port(), server_type="primary", **manager.connection_kwargs
+            )
+            manager.slots_cache[key_slot(bad.encode())] = [dead]
+            got_good, got_bad = await asyncio.gather(
+                store.begin("good", "fp", LONG),
+                store.begin("bad", "fp", LONG),
+                return_exceptions=True,
+            )
+            assert isinstance(got_bad, StoreUnavailable), got_bad
+            assert not isinstance(got_good, BaseException), got_good
+            assert got_good.outcome is Outcome.NEW and got_good.token is not None
+            # The caller holds the lease it was granted and can finish it.
+            await store.complete("good", got_good.token, b"r", LONG)
+        async with RedisStore(other, prefix=f"{unique}:") as check:
+            assert (await check.begin("good", "fp", LONG)).result == b"r"
+    finally:
+        await other.aclose()
+        await client.aclose()
