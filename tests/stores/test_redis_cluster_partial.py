@@ -8,9 +8,9 @@ import asyncio
 
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.retry import Retry
 
 from oncely.errors import StoreUnavailable
 from oncely.stores._redis_url import parse_redis_url
