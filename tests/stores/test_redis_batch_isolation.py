@@ -1,6 +1,7 @@
-"""Redis Cluster fast path: a node that fails must fail only the calls it carried. The
-calls other nodes answered are committed (a ``begin`` there took its key), so their callers
-must get those answers, or a lease is left held that no caller knows the token of."""
+"""Redis store: what fails in a batch fails only its own calls. A Cluster node that fails
+fails only the calls it carried (the calls other nodes answered are committed: a ``begin``
+there took its key, so its caller must get the token); a key the encoding cannot carry fails
+only its own call."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
-from oncely.errors import StoreUnavailable
+from oncely.errors import StoreError, StoreUnavailable
 from oncely.stores._redis_url import parse_redis_url
 from oncely.stores.base import Outcome
 from oncely.stores.redis import RedisStore
-from tests.stores._redis_support import CLUSTER_URL, free_port
+from tests.stores._redis_support import CLUSTER_URL, REDIS_URL, free_port, with_options
 
 LONG = 30.0
 
@@ -55,3 +56,21 @@ async def test_a_failed_node_fails_only_its_own_calls(unique: str, anyio_backend
     finally:
         await other.aclose()
         await client.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("url", [REDIS_URL, CLUSTER_URL], ids=["standalone", "cluster"])
+async def test_a_key_the_encoding_cannot_carry_fails_alone(
+    url: str, unique: str, anyio_backend: object
+) -> None:
+    # A lone surrogate (e.g. from a JSON "\\ud800" escape) has no UTF-8 form.
+    async with RedisStore(with_options(url, prefix=f"{unique}:")) as store:
+        good, bad = await asyncio.gather(
+            store.begin("good", "fp", LONG),
+            store.begin("bad\ud800", "fp", LONG),
+            return_exceptions=True,
+        )
+        assert isinstance(bad, StoreError) and "cannot be encoded" in str(bad), repr(bad)
+        assert not isinstance(good, BaseException), repr(good)
+        assert good.outcome is Outcome.NEW and good.token is not None
+        await store.complete("good", good.token, None, LONG)
