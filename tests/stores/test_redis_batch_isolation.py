@@ -14,8 +14,10 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from oncely.errors import StoreError, StoreUnavailable
+from oncely.stores._redis_scripts import SCRIPTS
 from oncely.stores._redis_url import parse_redis_url
-from oncely.stores.base import Outcome
+from oncely.stores._redis_wire import Call, batch_command
+from oncely.stores.base import Begin, Outcome
 from oncely.stores.redis import RedisStore
 from tests.stores._redis_support import CLUSTER_URL, REDIS_URL, free_port, with_options
 
@@ -74,3 +76,38 @@ async def test_a_key_the_encoding_cannot_carry_fails_alone(
         assert not isinstance(good, BaseException), repr(good)
         assert good.outcome is Outcome.NEW and good.token is not None
         await store.complete("good", good.token, None, LONG)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("url", [REDIS_URL, CLUSTER_URL], ids=["standalone", "cluster"])
+async def test_a_batch_sent_twice_answers_the_same_the_second_time(
+    url: str, unique: str, anyio_backend: object
+) -> None:
+    """The Cluster fallback and the connection's retry re-send a batch whose reply was lost,
+    after it may have run: each transition of the batch script must answer as the first run
+    did, and change nothing more (a begin keeps its token; nobody else's lease is touched)."""
+    async with RedisStore(with_options(url, prefix=f"{unique}:")) as store:
+        done = await store.begin("done", "fp", LONG)
+        held = await store.begin("held", "fp", LONG)
+        gone = await store.begin("gone", "fp", LONG)
+        assert done.token and held.token and gone.token
+        ms = 30_000
+        calls = [
+            Call(SCRIPTS["begin"], store.redis_key("new"), ("fp", "t-new", ms, 2 * ms)),
+            Call(SCRIPTS["complete"], store.redis_key("done"), (done.token, ms, "1", b"r")),
+            Call(SCRIPTS["renew"], store.redis_key("held"), (held.token, ms, 2 * ms)),
+            Call(SCRIPTS["release"], store.redis_key("gone"), (gone.token,)),
+        ]
+        client = store._checked()
+        # One slot per command on a Cluster; the keys here differ, so one command per call.
+        first = [await client.execute_command(*batch_command([c])) for c in calls]
+        second = [await client.execute_command(*batch_command([c])) for c in calls]
+        assert first == [[[0]], [[1]], [[1]], [[1]]]
+        assert second == [[[0]], [[1]], [[1]], [[0]]]  # the release found nothing to release
+        # Everything stands as after the first run.
+        other = await store.begin("new", "fp", LONG)
+        assert other.outcome is Outcome.IN_PROGRESS
+        assert await store.begin("done", "fp", LONG) == Begin(Outcome.COMPLETED, result=b"r")
+        assert (await store.begin("held", "fp", LONG)).outcome is Outcome.IN_PROGRESS
+        assert (await store.begin("gone", "fp", LONG)).outcome is Outcome.NEW
+        await store.complete("new", "t-new", None, LONG)  # the token the first run granted
