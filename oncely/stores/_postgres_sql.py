@@ -197,7 +197,17 @@ def statements(table: str, index: str) -> Sql:
 def db_key(key: str) -> str:
     """The key as stored: PostgreSQL ``text`` cannot hold NUL, so NUL becomes ``\\0`` and a
     backslash is doubled (only when either occurs, so ordinary keys are stored as they are).
-    The mapping is one-to-one: in an escaped key every backslash starts an escape."""
+    The mapping is one-to-one: in an escaped key every backslash starts an escape.
+
+    Raises:
+        StoreError: the key has no UTF-8 form (a lone surrogate). Checked here, per call:
+            in a batched statement it would fail every call the statement carried.
+    """
+    if not key.isascii():
+        try:
+            key.encode()
+        except UnicodeEncodeError as exc:
+            raise StoreError(f"postgresql: key {key!r} cannot be encoded as UTF-8: {exc}") from exc
     if "\x00" in key or "\\" in key:
         return key.replace("\\", "\\\\").replace("\x00", "\\0")
     return key

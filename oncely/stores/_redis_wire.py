@@ -151,8 +151,9 @@ async def send_by_node(
     command: Callable[[int], Command],
 ) -> list[Any]:
     """Run the packed commands (the ``i``-th on ``slots[i]``; ``command(i)`` gives it as
-    redis-py's arguments) on their nodes; one reply per command, or its error. Raises only
-    what the cluster pipeline raised for the commands handed to it."""
+    redis-py's arguments) on their nodes; one reply per command, or its error. What the
+    cluster pipeline raises is the error of the commands handed to it alone: the others'
+    replies are committed (a ``begin`` there took its key), so their callers must get them."""
     replies: list[Any] = [None] * len(packed)
     redo: list[int] = []
     nodes: dict[str, tuple[ClusterNode, list[int]]] = {}
@@ -175,7 +176,10 @@ async def send_by_node(
                     replies[i] = reply
     if redo:
         redo.sort()
-        again = await _pipeline(client, [command(i) for i in redo])
+        try:
+            again = await _pipeline(client, [command(i) for i in redo])
+        except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
+            again = [exc] * len(redo)
         for i, reply in zip(redo, again, strict=True):
             replies[i] = reply
     return replies

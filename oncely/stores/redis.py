@@ -236,9 +236,35 @@ class RedisStore(IdempotencyStore):
         client = self._checked()
         if self._encoding is None:
             self._encoding = encoding_of(client)
+        try:
+            return await self._write_encoded(client, calls, self._encoding)
+        except UnicodeError:
+            # Raised while packing, before anything was sent: a key or argument the client's
+            # encoding cannot carry (a lone surrogate). It fails its own call, not the batch.
+            return await self._write_apart(client, calls, self._encoding)
+
+    async def _write_apart(
+        self, client: Redis | RedisCluster, calls: list[_Call], encoding: tuple[str, str]
+    ) -> list[Any]:
+        bad: dict[int, StoreError] = {}
+        for i, call in enumerate(calls):
+            try:
+                pack_batch([call], encoding)
+            except UnicodeError as exc:
+                bad[i] = StoreError(
+                    f"redis {call.script.name}: key {call.key!r} or its arguments cannot be "
+                    f"encoded as {encoding[0]}: {exc}"
+                )
+        good = [call for i, call in enumerate(calls) if i not in bad]
+        got = iter(await self._write_encoded(client, good, encoding) if good else [])
+        return [bad[i] if i in bad else next(got) for i in range(len(calls))]
+
+    async def _write_encoded(
+        self, client: Redis | RedisCluster, calls: list[_Call], encoding: tuple[str, str]
+    ) -> list[Any]:
         if isinstance(client, RedisCluster):
-            return await self._write_cluster(client, calls, self._encoding)
-        packed = pack_batch(calls, self._encoding)
+            return await self._write_cluster(client, calls, encoding)
+        packed = pack_batch(calls, encoding)
         with map_errors("batch"):
             try:
                 reply = await send_standalone(client, packed)

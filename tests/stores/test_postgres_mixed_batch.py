@@ -12,7 +12,7 @@ from unittest import mock
 import asyncpg
 import pytest
 
-from oncely.errors import LeaseLost, StoreUnavailable
+from oncely.errors import LeaseLost, StoreError, StoreUnavailable
 from oncely.stores.base import Begin, Outcome
 from oncely.stores.postgres import PostgresStore
 
@@ -112,3 +112,18 @@ async def test_a_failed_mixed_statement_fails_every_call_it_carried(
     # Nothing was committed: the key is still ours to complete, the other still free.
     await store.complete("k", token, b"r", LONG)
     assert (await store.begin("other", "fp", LONG)).outcome is Outcome.NEW
+
+
+@pytest.mark.anyio
+async def test_a_key_utf8_cannot_carry_fails_alone(store: PostgresStore) -> None:
+    # A lone surrogate (e.g. from a JSON "\\ud800" escape) has no UTF-8 form.
+    good, bad = await asyncio.gather(
+        store.begin("good", "fp", LONG),
+        store.begin("bad\ud800", "fp", LONG),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, StoreError) and "cannot be encoded" in str(bad), repr(bad)
+    assert not isinstance(bad, StoreUnavailable)
+    assert not isinstance(good, BaseException), repr(good)
+    assert good.outcome is Outcome.NEW and good.token is not None
+    await store.complete("good", good.token, None, LONG)
