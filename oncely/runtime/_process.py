@@ -163,8 +163,12 @@ class Runner:
         if self.keys is not None:
             try:
                 key = spec.key.extract(payload, delivery)
-                if key is not None and not isinstance(key, str):
-                    raise TypeError(f"key must be a str, got {type(key).__name__}")
+                if key is not None:
+                    if not isinstance(key, str):
+                        raise TypeError(f"key must be a str, got {type(key).__name__}")
+                    # A lone surrogate (a JSON "\ud800" escape) has no UTF-8 form: a store
+                    # refuses it on every redelivery, which would defer the message for ever.
+                    key.encode()
             except Exception as exc:
                 # A key function that fails on this payload will fail on every redelivery.
                 await self.settle.dead_letter(delivery, f"key extraction failed: {exc!r}")

@@ -58,3 +58,26 @@ async def test_an_empty_key_is_refused_not_shared_by_every_message(unique: str) 
     async with oncely.Worker(app, broker=f"memory://{unique}"):
         with pytest.raises(ValueError, match="key must be a non-empty string"):
             await app.publish("jobs", {}, key="")
+
+
+@pytest.mark.anyio
+async def test_a_key_with_no_utf8_form_is_dead_lettered_not_deferred_for_ever(
+    unique: str,
+) -> None:
+    """A store refuses such a key on every redelivery (Redis and PostgreSQL raise a
+    ``StoreError``), which the runtime read as "store unreachable" and deferred for ever."""
+    app = oncely.App()
+
+    def key(payload: dict[str, str], _: object) -> str:
+        return payload["id"] + "\ud800"  # e.g. text cut in the middle of a surrogate pair
+
+    @app.handler("jobs", idempotent=True, key=key)
+    async def handle(_: dict[str, str]) -> None: ...
+
+    async with oncely.Worker(app, broker=f"memory://{unique}", store=f"memory://{unique}") as w:
+        await app.publish("jobs", {"id": "a"})
+        await eventually(lambda: w.stats.dead_lettered == 1)
+        assert isinstance(w.broker, DeadLetterAdmin)
+        (letter,) = await w.broker.dead_letters("jobs")
+    assert letter.reason.startswith("key extraction failed: UnicodeEncodeError"), letter.reason
+    assert w.stats.deferred == 0

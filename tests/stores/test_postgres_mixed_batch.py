@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 from unittest import mock
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from oncely.errors import LeaseLost, StoreError, StoreUnavailable
 from oncely.stores.base import Begin, Outcome
 from oncely.stores.postgres import PostgresStore
+from tests.stores._outbox_support import FaultProxy
 
 URL = os.environ.get("ONCELY_TEST_POSTGRES_URL", "postgresql://oncely:oncely@127.0.0.1:5432/oncely")
 LONG = 30.0
@@ -95,20 +97,27 @@ async def test_a_stale_completion_fails_alone_in_a_mixed_batch(store: PostgresSt
 
 @pytest.mark.anyio
 async def test_a_failed_mixed_statement_fails_every_call_it_carried(
-    store: PostgresStore,
+    store: PostgresStore, unique: str
 ) -> None:
-    token = await own(store, "k")
-
-    async def down(sql: str, args: tuple[Any, ...]) -> list[Any]:
-        raise StoreUnavailable("postgresql: connection refused (injected)")
-
-    with mock.patch.object(store, "_fetch", side_effect=down):
-        got = await asyncio.gather(
-            store.complete("k", token, b"r", LONG),
-            store.begin("other", "fp", LONG),
-            return_exceptions=True,
-        )
-    assert [type(g) for g in got] == [StoreUnavailable, StoreUnavailable]
+    # The same table through a TCP proxy whose connections are then cut: a real failure.
+    target = urlsplit(URL)
+    proxy = FaultProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.listen_port}"
+    table = f"oncely_{unique.replace('-', '_')}"
+    proxied_url = urlunsplit(target._replace(netloc=netloc, query=f"table={table}&pool_max=2"))
+    try:
+        async with PostgresStore.from_url(f"{proxied_url}&command_timeout=2") as proxied:
+            token = await own(proxied, "k")
+            proxy.cut()
+            got = await asyncio.gather(
+                proxied.complete("k", token, b"r", LONG),
+                proxied.begin("other", "fp", LONG),
+                return_exceptions=True,
+            )
+            assert [type(g) for g in got] == [StoreUnavailable, StoreUnavailable], got
+    finally:
+        await proxy.aclose()
     # Nothing was committed: the key is still ours to complete, the other still free.
     await store.complete("k", token, b"r", LONG)
     assert (await store.begin("other", "fp", LONG)).outcome is Outcome.NEW
