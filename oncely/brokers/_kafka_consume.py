@@ -390,6 +390,11 @@ class KafkaSubscription(Subscription):
         self.tracks[tp] = PartitionTrack(tp, ordering=self._ordering, start=start, eos=eos)
         assert self.consumer is not None
         self.consumer.seek(tp, start)
+        # The new track starts unpaused. A rewind keeps the assignment, so a pause of the old
+        # track (full window, held retry record) would stay, and nothing resumes it: the
+        # partition would never be fetched again.
+        with contextlib.suppress(Exception):  # not assigned any more: nothing to resume
+            self.consumer.resume(tp)
         self._changed.set()
 
     # -- closing -----------------------------------------------------------------------------------
