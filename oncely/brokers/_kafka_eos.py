@@ -48,7 +48,7 @@ from oncely.brokers._kafka_options import (
     retry_topic,
 )
 from oncely.brokers.base import Headers
-from oncely.errors import BrokerError, DeliveryExpired
+from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -207,6 +207,8 @@ class ExactlyOnce:
         """Buffer an output in its delivery; it is sent when its offset is reached."""
         if topic not in self._broker.known_topics:
             await self._broker.ensure_topics([topic])
+            if delivery.settled:  # acked meanwhile: its outputs went to the transaction
+                raise AlreadySettled(f"delivery {delivery.id} was settled while producing")
         key = headers.get(Headers.KEY)
         delivery.outputs.append(
             (topic, body, key.encode() if key is not None else None, encode_headers(headers))

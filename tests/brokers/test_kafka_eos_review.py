@@ -9,7 +9,7 @@ import pytest
 
 from oncely.brokers._kafka_delivery import ExactlyOnceDelivery
 from oncely.brokers.kafka import KafkaBroker
-from oncely.errors import DeliveryExpired
+from oncely.errors import AlreadySettled, DeliveryExpired
 from tests.brokers.kafka_support import kafka_url, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
@@ -131,3 +131,22 @@ async def test_a_commit_cancelled_half_way_is_resolved_before_anything_commits(
                 await again.produce(out, b"out-" + body)
                 await again.ack()
     assert sorted(r.value for r in await read_topic(out)) == [b"out-a", b"out-b"]
+
+
+async def test_a_produce_that_outlives_its_ack_fails_instead_of_vanishing(unique: str) -> None:
+    """A handler's ``produce`` still creating its topic when the delivery is acked (one it
+    did not await) comes back after the record's outputs went to the transaction: it must
+    fail, not return an id for a record that is never sent."""
+    url = kafka_url(exactly_once=unique)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.publish(unique, b"a")
+        async with broker.consume(unique, prefetch=1, visibility=30) as sub:
+            delivery = await asyncio.wait_for(sub.__anext__(), 15)
+            assert isinstance(delivery, ExactlyOnceDelivery)
+            # gather starts the produce first: it waits on creating the new topic while the
+            # ack runs.
+            produced, acked = await asyncio.gather(
+                delivery.produce(f"{unique}-new", b"late"), delivery.ack(), return_exceptions=True
+            )
+            assert acked is None
+            assert isinstance(produced, AlreadySettled), produced
