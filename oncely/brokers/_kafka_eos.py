@@ -26,9 +26,10 @@ memory.
 
 A failed handler's outputs are never sent: ``nack`` and ``reject`` replace them with the
 retry-topic or dead-letter record, which commits with the offset like any output. A
-transaction that fails to commit is resolved by a new producer (same id), and the partition
-rewinds to the committed offset read after that. A fenced producer means another member owns
-the partition: this member drops it and its deliveries expire.
+transaction that fails to commit (or whose commit was cancelled half way) is resolved by a new
+producer (same id), and the partition rewinds to the committed offset read after that. A
+fenced producer means another member owns the partition: this member drops it and its
+deliveries expire.
 """
 
 from __future__ import annotations
