@@ -50,6 +50,8 @@ log = logging.getLogger("oncely.brokers.kafka")
 
 _RUN_AGAIN = 1.0
 """Seconds before a record whose nack or reject failed runs again."""
+_POLLER_EXIT = 5.0
+"""Seconds a close waits for the poll loop to finish its poll and any commit under way."""
 
 
 class KafkaSubscription(Subscription):
@@ -390,6 +392,11 @@ class KafkaSubscription(Subscription):
         self.tracks[tp] = PartitionTrack(tp, ordering=self._ordering, start=start, eos=eos)
         assert self.consumer is not None
         self.consumer.seek(tp, start)
+        # The new track starts unpaused. A rewind keeps the assignment, so a pause of the old
+        # track (full window, held retry record) would stay, and nothing resumes it: the
+        # partition would never be fetched again.
+        with contextlib.suppress(Exception):  # not assigned any more: nothing to resume
+            self.consumer.resume(tp)
         self._changed.set()
 
     # -- closing -----------------------------------------------------------------------------------
@@ -416,6 +423,10 @@ class KafkaSubscription(Subscription):
         # Yielded deliveries stay valid: a worker drains them after it stops fetching.
         await self.wait_settled(live, wait)
         if self._poller is not None:
+            # It stops by itself after this poll now that _closed is set. Cancelled in the
+            # middle of an exactly-once commit, it would leave that transaction unresolved,
+            # and the release below could not commit the partition's last records.
+            await asyncio.wait({self._poller}, timeout=_POLLER_EXIT)
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._poller

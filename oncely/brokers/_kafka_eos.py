@@ -20,14 +20,16 @@ consume-transform-produce loop sending a fetched batch does) and commits the off
 Passing needs no I/O, so every ack does it at once; only a commit takes the partition's lock.
 While one commits, later acks pass their records into the next transaction and return, so no
 handler waits on another's transaction; the next ack (or the poll loop, on the timer) commits
-them. In this mode the partition's window also counts records done but not passed yet, which
-bounds the outputs held in memory.
+them. In this mode the partition's window also counts records done but not passed yet, and
+records passed beyond ``txn_messages`` while a commit runs, which bounds the outputs held in
+memory.
 
 A failed handler's outputs are never sent: ``nack`` and ``reject`` replace them with the
 retry-topic or dead-letter record, which commits with the offset like any output. A
-transaction that fails to commit is resolved by a new producer (same id), and the partition
-rewinds to the committed offset read after that. A fenced producer means another member owns
-the partition: this member drops it and its deliveries expire.
+transaction that fails to commit (or whose commit was cancelled half way) is resolved by a new
+producer (same id), and the partition rewinds to the committed offset read after that. A
+fenced producer means another member owns the partition: this member drops it and its
+deliveries expire.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from oncely.brokers._kafka_options import (
     retry_topic,
 )
 from oncely.brokers.base import Headers
-from oncely.errors import BrokerError, DeliveryExpired
+from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -65,7 +67,18 @@ log = logging.getLogger("oncely.brokers.kafka")
 class _Txn:
     """The transactional producer of one input partition and its open transaction."""
 
-    __slots__ = ("count", "finished", "lock", "open", "pending", "producer", "since", "tp", "track")
+    __slots__ = (
+        "count",
+        "finished",
+        "lock",
+        "open",
+        "pending",
+        "producer",
+        "since",
+        "tp",
+        "track",
+        "unclear",
+    )
 
     def __init__(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
         self.tp = tp
@@ -81,6 +94,9 @@ class _Txn:
         self.pending: list[Output] = []
         """Outputs of passed records, in offset order, for the next transaction."""
         self.track: PartitionTrack | None = None
+        self.unclear = False
+        """A commit was cancelled half way: the producer may be inside a transaction whose
+        outputs are gone, so nothing may commit on it until a new producer resolves it."""
 
 
 class ExactlyOnce:
@@ -192,6 +208,8 @@ class ExactlyOnce:
         """Buffer an output in its delivery; it is sent when its offset is reached."""
         if topic not in self._broker.known_topics:
             await self._broker.ensure_topics([topic])
+            if delivery.settled:  # acked meanwhile: its outputs went to the transaction
+                raise AlreadySettled(f"delivery {delivery.id} was settled while producing")
         key = headers.get(Headers.KEY)
         delivery.outputs.append(
             (topic, body, key.encode() if key is not None else None, encode_headers(headers))
@@ -243,6 +261,10 @@ class ExactlyOnce:
         if not txn.count:
             txn.since = time.monotonic()
         txn.count += len(passed)
+        # Beyond a transaction's budget only while a commit runs (else this ack commits):
+        # those count in the window, so a slow commit pauses the partition instead of letting
+        # outputs pile up without bound.
+        track.held = max(0, txn.count - self._opts.txn_messages)
         finished = txn.finished
         if finished:
             pending = txn.pending
@@ -260,7 +282,7 @@ class ExactlyOnce:
     async def flush_due(self) -> None:
         """Commit transactions whose budget is spent (from the poll loop)."""
         for txn in list(self._txns.values()):
-            if self._due(txn) and not txn.lock.locked():
+            if (txn.unclear or self._due(txn)) and not txn.lock.locked():
                 async with txn.lock:
                     with contextlib.suppress(BrokerError):  # handled: rewound or given up
                         await self._flush(txn)
@@ -274,6 +296,8 @@ class ExactlyOnce:
         if track is None or not track.live:
             return
         try:
+            if txn.unclear:
+                raise BrokerError(f"a commit on {txn.tp} was interrupted half way")
             self._pass(txn, track)
             while txn.count and (force or self._due(txn)):
                 await self._commit(txn, track)
@@ -299,16 +323,31 @@ class ExactlyOnce:
         point = track.head()
         pending, txn.pending = txn.pending, []
         txn.count = 0
+        if track.held:
+            track.held = 0
+            self._sub.shrank(track)
         producer = txn.producer
-        with map_errors(f"committing the transaction on {txn.tp}", publishing=True):
-            await producer.begin_transaction()
-            txn.open = True
-            send = producer.send
-            for topic, body, key, headers in pending:
-                await send(topic, body, key=key, headers=headers)
-            if point > track.committed:
-                await producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
-            await producer.commit_transaction()
+        what = f"committing the transaction on {txn.tp}"
+        try:
+            with map_errors(what, publishing=True):
+                await producer.begin_transaction()
+                txn.open = True
+                send = producer.send
+                for topic, body, key, headers in pending:
+                    await send(topic, body, key=key, headers=headers)
+                if point > track.committed:
+                    await producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
+                await producer.commit_transaction()
+        except BrokerError:
+            raise
+        except Exception as exc:  # the driver's state machine (assertions): as a failure
+            raise BrokerError(f"{what}: {exc!r}") from exc
+        except BaseException:
+            # Cancelled (the poll loop stopping at close, an ack's task cancelled): the
+            # producer may be inside a transaction whose outputs were just dropped here, or
+            # committing it. A later commit on it could pass their offsets without them.
+            txn.unclear = True
+            raise
         txn.open = False
         track.committed = max(track.committed, point)
 
@@ -322,6 +361,7 @@ class ExactlyOnce:
             with map_errors(f"initialising the transactional producer of {txn.tp}"):
                 await txn.producer.start()
             await self._rewind_to_committed(txn)
+            txn.unclear = False
         except BrokerError as exc:
             # Neither the old nor a new producer works: stop the subscription so the worker
             # resubscribes, and the group reassigns the partition.

@@ -40,6 +40,9 @@ class PartitionTrack:
         committed: the offset this member last committed (or found committed).
         hold_until: wall-clock time until which a retry partition is paused (a record not
             yet due is at its head).
+        held: exactly-once only: records passed into the next transaction beyond its
+            ``txn_messages`` (a commit is running meanwhile); their outputs wait in memory,
+            so they count in the window.
     """
 
     __slots__ = (
@@ -50,6 +53,7 @@ class PartitionTrack:
         "backlog",
         "committed",
         "eos",
+        "held",
         "hold_until",
         "in_flight",
         "live",
@@ -80,6 +84,7 @@ class PartitionTrack:
         self.hold_until = 0.0
         self.in_flight = 0
         self.eos = eos
+        self.held = 0
         self.parked: list[ConsumerRecord[bytes, bytes]] = []
         self.backlog: deque[ConsumerRecord[bytes, bytes]] = deque()
         self._outstanding: deque[int] = deque()
@@ -180,8 +185,9 @@ class PartitionTrack:
     def window(self) -> int:
         """Records admitted and not yet done (running or waiting behind a key); the backlog
         of fetched records waits outside it. In exactly-once mode records done but not yet
-        passed by ``advance`` count too: their outputs wait in memory for a lower offset (or
-        for the transaction being committed), so the window bounds those as well."""
+        passed by ``advance`` count too (their outputs wait in memory for a lower offset), and
+        ``held``: records passed beyond a transaction's budget while another commits. So the
+        window bounds the outputs held as well, however slow the commits are."""
         if self.eos is not None:
-            return len(self._outstanding)
+            return len(self._outstanding) + self.held
         return len(self._outstanding) - len(self._done)

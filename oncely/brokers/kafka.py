@@ -11,9 +11,10 @@ URL options (anything else is a ``ConfigError``):
   another and different keys in parallel, even within one partition; records without a key
   have no order. ``partition`` runs each partition strictly in offset order.
 * ``window=500``: the most records per partition received and not yet done (in exactly-once
-  mode, also those done whose outputs wait for a lower offset or the next transaction); a
-  full window pauses the partition (the subscription keeps polling, so the member stays in
-  the group) until a quarter of it has drained.
+  mode, also those done whose outputs wait for a lower offset, or passed beyond
+  ``txn_messages`` while a transaction commits); a full window pauses the partition (the
+  subscription keeps polling, so the member stays in the group) until a quarter of it has
+  drained.
 * ``commit_interval=0.5s``: how often completed offsets are committed (also on revoke and
   close).
 * ``retry_buckets=1s,5s,30s,2m,10m,1h``: retry-topic delays; ``max_delay`` is the largest.
