@@ -514,7 +514,7 @@ KAFKA_CONTROLLER_PORT=9093
 KAFKA_CLUSTER_ID=b25jZWx5LXRlc3RzLTAwMQ # fixed: `format --ignore-formatted` stays idempotent
 KAFKA_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/kafka" && pwd)
 KAFKA_LOG=$KAFKA_DIR/server.log
-KAFKA_READY_TIMEOUT=${ONCELY_TEST_KAFKA_TIMEOUT:-60}
+KAFKA_READY_TIMEOUT=${ONCELY_TEST_KAFKA_TIMEOUT:-120}
 
 kafka_ping() { python3 "$KAFKA_SRC/probe.py" "$HOST" "$KAFKA_PORT"; }
 
@@ -577,7 +577,7 @@ kafka_up() {
         --ignore-formatted >>"$KAFKA_LOG" 2>&1 ||
         { tail -n 20 "$KAFKA_LOG" >&2; die "kafka: storage format failed"; }
     log "kafka: starting"
-    nohup java -Xmx512m -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
+    nohup java -Xmx1536m -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
         -Dlog4j2.formatMsgNoLookups=true -cp "$KAFKA_DIR/lib/*" \
         kafka.Kafka "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 </dev/null &
     echo $! >"$KAFKA_DIR/kafka.pid"
