@@ -13,6 +13,7 @@ publishes (``ctx.publish``, ``ctx.produce``, ``app.publish``) joins the same tra
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -64,12 +65,22 @@ class _Run:
         self.duplicate = False
         self.failed = False
 
-    def end(self) -> None:
-        """End the span; call in the task (and context) that ``Tracing.enter`` ran in. Never
-        raises."""
-        self.runs.pop(self.ident, None)
+    def end(self, rest: asyncio.Task[object] | None = None) -> None:
+        """End the span; call in the task (and context) that ``Tracing.enter`` ran in. With
+        ``rest`` (the task a cancel handed the run's settle to), the span ends when that task
+        does, with the outcome it records. Never raises."""
         try:
             otel_context.detach(self.token)  # type: ignore[arg-type]
+        except Exception:
+            _broken()
+        if rest is None:
+            self.close()
+        else:
+            rest.add_done_callback(lambda _: self.close())
+
+    def close(self) -> None:
+        self.runs.pop(self.ident, None)
+        try:
             self.span.end()
         except Exception:
             _broken()
@@ -198,5 +209,7 @@ class Tracing(Settler):
         self, delivery: Delivery, reason: str, *, logged: str | None = None
     ) -> bool:
         ok = await super().dead_letter(delivery, reason, logged=logged)
-        self._outcome(delivery, ok, DEAD_LETTERED, reason)
+        # Spans leave the process as log lines do: the reason as logged (without the values a
+        # decode error quotes from the payload).
+        self._outcome(delivery, ok, DEAD_LETTERED, reason if logged is None else logged)
         return ok
