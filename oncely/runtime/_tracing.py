@@ -18,7 +18,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from oncely._tracing_headers import describe, messaging_system, tracer
-from oncely.runtime._settle import Settler
+from oncely.brokers.base import REASON_LIMIT, clip_error
+from oncely.runtime._settle import TAIL, Settler
 from oncely.stores.base import Outcome
 
 try:
@@ -211,5 +212,6 @@ class Tracing(Settler):
         ok = await super().dead_letter(delivery, reason, logged=logged)
         # Spans leave the process as log lines do: the reason as logged (without the values a
         # decode error quotes from the payload).
-        self._outcome(delivery, ok, DEAD_LETTERED, reason if logged is None else logged)
+        shown = reason if logged is None else logged
+        self._outcome(delivery, ok, DEAD_LETTERED, clip_error(shown, REASON_LIMIT, tail=TAIL))
         return ok
