@@ -1,14 +1,25 @@
 """``LogFormatter`` JSON lines stay valid, and get written, whatever a line holds: a lone
 surrogate (text decoded with ``surrogateescape``) or an ``extra=`` value whose ``repr``
-raises."""
+raises; the heartbeat's lines carry the idempotency key the runtime extracted."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 
-from oncely._logging import LogFormatter
+import pytest
+
+import oncely
+from oncely._logging import LogFormatter, MessageFilter
+from tests._wait import eventually
+from tests.runtime._faulty import FaultyStore
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 class Unprintable:
@@ -42,3 +53,35 @@ def test_an_extra_value_whose_repr_raises_makes_a_line() -> None:
     line = json.loads(emit(record))
     assert line["msg"] == "hello é"
     assert "Unprintable" in line["thing"]
+
+
+@pytest.mark.anyio
+async def test_heartbeat_lines_carry_the_extracted_idempotency_key(
+    unique: str, caplog: pytest.LogCaptureFixture, anyio_backend: str
+) -> None:
+    """With ``key="payload:order_id"`` the heartbeat's lines about a run show the key the run's
+    own lines show (from the payload), not the message's header key."""
+    app = oncely.App()
+    release = asyncio.Event()
+
+    @app.handler(unique, idempotent=True, key="payload:order_id", visibility=0.1, timeout=30)
+    async def charge(order: dict[str, str]) -> None:
+        await release.wait()
+
+    store = FaultyStore()
+    store.renew_error = lambda key: oncely.StoreUnavailable("store away")
+    caplog.handler.addFilter(MessageFilter())
+    caplog.set_level(logging.INFO, logger="oncely")
+    formatter = LogFormatter("json")
+    async with oncely.Worker(app, broker=f"memory://{unique}", store=store) as worker:
+        await app.publish(unique, {"order_id": "order-1042"}, key="header-key")
+        await eventually(lambda: worker.stats.heartbeat_errors >= 1)
+        release.set()
+        await eventually(lambda: worker.stats.processed == 1)
+    beats = [
+        json.loads(formatter.format(r))
+        for r in caplog.records
+        if "could not renew lease" in r.getMessage()
+    ]
+    assert beats
+    assert {b["key"] for b in beats} == {"order-1042"}
