@@ -3,10 +3,12 @@ of its own, and a dead-letter reason that quotes the payload."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import pytest
+from opentelemetry import propagate
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import oncely
@@ -60,3 +62,42 @@ async def test_a_dead_letter_reason_quoting_the_payload_stays_out_of_the_span(
     assert "undecodable payload" in str(span.attributes.get("oncely.dead_letter_reason"))
     assert SECRET not in repr(dict(span.attributes))
     assert SECRET not in str(span.status.description)
+
+
+class BrokenPropagator(TextMapPropagator):
+    """An application's propagator with a bug: every call raises."""
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+        raise RuntimeError("propagator bug")
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+        raise RuntimeError("propagator bug")
+
+    @property
+    def fields(self) -> set[str]:
+        return {"traceparent"}
+
+
+async def test_a_failing_propagator_changes_nothing_about_publish_and_handling(
+    unique: str, spans: InMemorySpanExporter
+) -> None:
+    app = oncely.App()
+    got: list[dict[str, int]] = []
+
+    @app.handler(unique)
+    async def handle(payload: dict[str, int], ctx: oncely.Context) -> None:
+        got.append(payload)
+        if payload["n"] == 1:
+            await ctx.publish(unique, {"n": 2})
+
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(BrokenPropagator())
+    try:
+        async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+            await app.publish(unique, {"n": 1})
+            await eventually(lambda: worker.stats.processed == 2)
+    finally:
+        propagate.set_global_textmap(previous)
+    assert got == [{"n": 1}, {"n": 2}]
+    names = sorted(s.name for s in spans.get_finished_spans())
+    assert names.count(f"send {unique}") == 2  # the spans still ended
