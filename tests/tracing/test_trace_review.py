@@ -3,6 +3,7 @@ of its own, and a dead-letter reason that quotes the payload."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 import msgspec
@@ -101,3 +102,23 @@ async def test_a_failing_propagator_changes_nothing_about_publish_and_handling(
     assert got == [{"n": 1}, {"n": 2}]
     names = sorted(s.name for s in spans.get_finished_spans())
     assert names.count(f"send {unique}") == 2  # the spans still ended
+
+
+async def test_a_traced_run_leaves_the_context_as_it_found_it_so_the_task_is_reused(
+    unique: str, spans: InMemorySpanExporter
+) -> None:
+    """The pool ends a task whose context variables a run changed: a traced run must detach
+    what it attached, or tracing would cost a task per message."""
+    app = oncely.App()
+    tasks: list[object] = []
+
+    @app.handler(unique, concurrency=1)
+    async def handle(payload: dict[str, int]) -> None:
+        tasks.append(asyncio.current_task())
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        for n in range(3):
+            await app.publish(unique, {"n": n})
+            await eventually(lambda n=n: worker.stats.processed == n + 1)  # type: ignore[misc]
+    assert len(tasks) == 3 and len(set(map(id, tasks))) == 1
+    assert len([s for s in spans.get_finished_spans() if s.name == f"process {unique}"]) == 3
