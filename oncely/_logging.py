@@ -186,7 +186,24 @@ class LogFormatter(logging.Formatter):
             out["exc"] = record.exc_text
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=repr, ensure_ascii=False)
+        line = json.dumps(out, default=_repr, ensure_ascii=False)
+        if not line.isascii():
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate (text decoded with ``surrogateescape``): no UTF-8 stream
+                # takes it as it is, but JSON carries it as an escape.
+                line = json.dumps(out, default=_repr)
+        return line
+
+
+def _repr(value: object) -> str:
+    """An ``extra=`` value JSON cannot hold, as text; never raises (a broken ``__repr__`` would
+    lose the line)."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<{type(value).__name__}: unprintable>"
 
 
 def _iso(created: float) -> str:

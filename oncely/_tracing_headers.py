@@ -15,24 +15,27 @@ This module sits beneath the backends (the outbox's ``add`` uses it); the consum
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 try:
-    from opentelemetry import propagate, trace
+    from opentelemetry import context, propagate, trace
     from opentelemetry.trace import SpanKind, Status, StatusCode
 except ImportError:  # the extra ``otel`` is not installed: tracing is off for good
     trace = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Tracer
+    from opentelemetry.trace import Span, Tracer
 
 __all__ = ["created", "describe", "messaging_system", "send", "tracer"]
 
 
 T = TypeVar("T")
+
+log = logging.getLogger("oncely.tracing")
 
 # OpenTelemetry's well-known ``messaging.system`` values; other schemes name themselves.
 _SYSTEMS = {"amqp": "rabbitmq", "amqps": "rabbitmq", "sqs": "aws_sqs", "kafka": "kafka"}
@@ -105,28 +108,54 @@ async def send(
     The span is a child of the current span, or with ``resume`` of the context already in
     ``headers`` (the outbox relay: the row's ``create`` span, from the ``add`` that wrote it).
     """
-    parent = propagate.extract(headers) if resume else None
-    attributes = _attributes(system, topic, "send")
-    if message_id is not None:
-        attributes["messaging.message.id"] = message_id
-    with tracer.start_as_current_span(
-        f"send {topic}",
-        context=parent,
-        kind=SpanKind.PRODUCER,
-        attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
+    try:
+        parent = propagate.extract(headers) if resume else None
+        attributes = _attributes(system, topic, "send")
+        if message_id is not None:
+            attributes["messaging.message.id"] = message_id
+        span = tracer.start_span(
+            f"send {topic}", context=parent, kind=SpanKind.PRODUCER, attributes=attributes
+        )
+    except Exception:
+        _broken()
+        return await publish()
+    token = None
+    try:
+        token = context.attach(trace.set_span_in_context(span, parent))
         propagate.inject(headers)
-        try:
-            result = await publish()
-        except BaseException as exc:
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, describe(exc)))
-            raise
+    except Exception:
+        _broken()
+    try:
+        result = await publish()
+    except BaseException as exc:
+        _ended(span, token, exc)
+        raise
+    try:
         if isinstance(result, str):
             span.set_attribute("messaging.message.id", result)
-        return result
+    except Exception:
+        _broken()
+    _ended(span, token, None)
+    return result
+
+
+def _ended(span: Span, token: object, exc: BaseException | None) -> None:
+    """Detach the span's context, record ``exc`` on it, end it. Never raises."""
+    try:
+        if token is not None:
+            context.detach(token)  # type: ignore[arg-type]
+        if exc is not None:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, describe(exc)))
+        span.end()
+    except Exception:
+        _broken()
+
+
+def _broken() -> None:
+    """Tracing must never change what happens to a message: a failure in it (a propagator's or
+    a span processor's bug) is logged, and the publish goes on."""
+    log.warning("tracing failed; the message is published regardless", exc_info=True)
 
 
 def created(
@@ -143,6 +172,12 @@ def created(
     attributes = _attributes(None, topic, "create")
     attributes["messaging.message.id"] = message_id
     attributes["oncely.outbox"] = outbox
-    with t.start_as_current_span(f"create {topic}", kind=SpanKind.PRODUCER, attributes=attributes):
-        propagate.inject(out)
+    try:
+        with t.start_as_current_span(
+            f"create {topic}", kind=SpanKind.PRODUCER, attributes=attributes
+        ):
+            propagate.inject(out)
+    except Exception:
+        _broken()
+        return headers
     return out

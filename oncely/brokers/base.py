@@ -42,6 +42,7 @@ __all__ = [
     "Subscription",
     "TransactionalDelivery",
     "check_headers",
+    "clip_error",
     "error_headers",
 ]
 
@@ -554,12 +555,33 @@ ERROR_LIMIT = 1000
 redelivery, and brokers bound their size (SQS attributes, AMQP frames)."""
 
 
+REASON_LIMIT = 4 * ERROR_LIMIT
+"""Most characters of a dead-letter reason the runtime sends (``clip_error``): a huge exception
+message (an HTTP error quoting a response body) must not make the reject itself fail, as it
+does past an AMQP frame (128 KiB), an SQS message (256 KiB) or a Kafka record (1 MiB), and
+come back for ever."""
+
+
+def clip_error(text: str, limit: int = ERROR_LIMIT, *, tail: int = 0) -> str:
+    """``text`` fit for a header: encodable as UTF-8 (a lone surrogate, as in text decoded with
+    ``surrogateescape``, becomes ``\\udcff``; every broker's driver refuses it otherwise) and at
+    most ``limit`` characters, cut at the end, or with ``tail`` in the middle so that the last
+    ``tail`` characters stay; the cut is marked ``…``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= limit:
+        return text
+    tail = min(tail, limit // 2)
+    return text[: limit - 1 - tail] + "…" + (text[len(text) - tail :] if tail else "")
+
+
 def error_headers(headers: Mapping[str, str], error: str) -> dict[str, str]:
     """A copy of ``headers`` with ``error`` recorded for a nack (``Delivery.nack(error=)``):
     ``oncely-last-error`` set, ``oncely-first-error`` set only if absent, each clipped to
-    ``ERROR_LIMIT`` characters."""
-    if len(error) > ERROR_LIMIT:
-        error = error[: ERROR_LIMIT - 1] + "…"
+    ``ERROR_LIMIT`` characters by ``clip_error``."""
+    error = clip_error(error)
     out = dict(headers)
     out.setdefault(Headers.FIRST_ERROR, error)
     out[Headers.LAST_ERROR] = error

@@ -135,10 +135,18 @@ class Runner:
                 error = f"internal error: {_describe(exc)}"
                 await self.settle.nack(delivery, INTERNAL_ERROR_DELAY, error=error)
         finally:
-            current.clear()
             MESSAGE.reset(logged)
-            if traced is not None:
-                traced.end()
+            rest = self._handed_off_task(delivery) if self._finishing else None
+            if rest is None:
+                current.clear()
+                if traced is not None:
+                    traced.end()
+            else:
+                # The settle runs on in a task that copied this context: its lines are still
+                # about this message, and the span ends with the outcome it records.
+                rest.add_done_callback(lambda _: current.clear())
+                if traced is not None:
+                    traced.end(rest)
 
     async def _run(self, delivery: Delivery) -> None:
         spec = self.spec
@@ -334,6 +342,13 @@ class Runner:
             )
             reason = _describe(exc)
             await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
+
+    def _handed_off_task(self, delivery: Delivery) -> asyncio.Task[object] | None:
+        """The task a cancel handed ``delivery``'s settle to, if any."""
+        for task, settling in self._finishing.items():
+            if settling is delivery:
+                return task
+        return None
 
     def _finish(
         self, settling: Coroutine[Any, Any, object], delivery: Delivery

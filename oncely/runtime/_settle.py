@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+from oncely.brokers.base import REASON_LIMIT, clip_error
 from oncely.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
 
     from oncely.brokers.base import Capabilities, Delivery
     from oncely.runtime.stats import Stats
+
+TAIL = 100
+"""Characters of a long reason's end kept by the clip (``(gave up after N attempts)``)."""
 
 log = logging.getLogger("oncely.worker")
 
@@ -90,7 +94,9 @@ class Settler:
     ) -> bool:
         """Reject with ``reason``; the log line says ``logged`` instead when given (a reason
         that quotes the payload, which logs never show)."""
-        shown = reason if logged is None else logged
+        # Clipped in the middle: the end says how many attempts were made.
+        reason = clip_error(reason, REASON_LIMIT, tail=TAIL)
+        shown = reason if logged is None else clip_error(logged, REASON_LIMIT, tail=TAIL)
         log.warning("%s: dead-lettering %s: %s", self.name, delivery.id, shown)
         if await self._settle(lambda: delivery.reject(reason), delivery, "reject"):
             self.stats.dead_lettered += 1

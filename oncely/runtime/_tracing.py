@@ -13,11 +13,13 @@ publishes (``ctx.publish``, ``ctx.produce``, ``app.publish``) joins the same tra
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
 from oncely._tracing_headers import describe, messaging_system, tracer
-from oncely.runtime._settle import Settler
+from oncely.brokers.base import REASON_LIMIT, clip_error
+from oncely.runtime._settle import TAIL, Settler
 from oncely.stores.base import Outcome
 
 try:
@@ -64,12 +66,22 @@ class _Run:
         self.duplicate = False
         self.failed = False
 
-    def end(self) -> None:
-        """End the span; call in the task (and context) that ``Tracing.enter`` ran in. Never
-        raises."""
-        self.runs.pop(self.ident, None)
+    def end(self, rest: asyncio.Task[object] | None = None) -> None:
+        """End the span; call in the task (and context) that ``Tracing.enter`` ran in. With
+        ``rest`` (the task a cancel handed the run's settle to), the span ends when that task
+        does, with the outcome it records. Never raises."""
         try:
             otel_context.detach(self.token)  # type: ignore[arg-type]
+        except Exception:
+            _broken()
+        if rest is None:
+            self.close()
+        else:
+            rest.add_done_callback(lambda _: self.close())
+
+    def close(self) -> None:
+        self.runs.pop(self.ident, None)
+        try:
             self.span.end()
         except Exception:
             _broken()
@@ -198,5 +210,8 @@ class Tracing(Settler):
         self, delivery: Delivery, reason: str, *, logged: str | None = None
     ) -> bool:
         ok = await super().dead_letter(delivery, reason, logged=logged)
-        self._outcome(delivery, ok, DEAD_LETTERED, reason)
+        # Spans leave the process as log lines do: the reason as logged (without the values a
+        # decode error quotes from the payload).
+        shown = reason if logged is None else logged
+        self._outcome(delivery, ok, DEAD_LETTERED, clip_error(shown, REASON_LIMIT, tail=TAIL))
         return ok

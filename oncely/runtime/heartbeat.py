@@ -158,7 +158,12 @@ class Heartbeat:
 
     async def _bounded(self, active: Active) -> None:
         # Its own task (gather): log lines about this beat carry the delivery's fields.
-        MESSAGE.set([self.name, active.delivery])
+        current: list[Any] = [self.name, active.delivery]
+        if active.lease_key is not None:
+            # The idempotency key the runtime extracted (the lease's key, less the handler's
+            # prefix), as the run's own lines show it, not the message's header key.
+            current.append(active.lease_key.removeprefix(f"{self.name}:"))
+        MESSAGE.set(current)
         # A backend call that hangs must not hold up the next beat of every other delivery.
         try:
             await asyncio.wait_for(self._beat(active), self.interval)
