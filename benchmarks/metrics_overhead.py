@@ -49,18 +49,29 @@ async def scrape_every(port: int, every: float, answered: list[int]) -> None:
             answered.append(1)
 
 
+STEADY: dict[str, float] = {}
+"""The last run's steady state, from its 10th percentile message to its last: msgs/s and CPU
+us/msg with start-up and shutdown (one-off costs) left out."""
+
+
 async def with_worker(
     url: str, topic: str, n: int, concurrency: int, serve: bool, every: float
 ) -> float:
     app = oncely.App("bench")
     done = asyncio.Event()
     count = 0
+    mark = (0.0, 0.0)
+    tenth = n // 10
 
     @app.handler(topic, concurrency=concurrency)
     async def noop(_: dict[str, int]) -> None:
-        nonlocal count
+        nonlocal count, mark
         count += 1
-        if count == n:
+        if count == tenth:
+            mark = (time.perf_counter(), time.process_time())
+        elif count == n:
+            wall, cpu = time.perf_counter() - mark[0], time.process_time() - mark[1]
+            STEADY.update(rate=(n - tenth) / wall, cpu=cpu / (n - tenth) * 1e6)
             done.set()
 
     worker = oncely.Worker(app, broker=url)
@@ -83,11 +94,15 @@ async def with_worker(
 
 
 SCRAPES: list[int] = []
+ROUND = [0]
 
 
 async def one_round(args: argparse.Namespace) -> dict[str, float]:
     results: dict[str, float] = {}
-    for name, serve in (("off", False), ("on", True)):
+    # Alternate which goes first, so neither always meets the other's leftovers.
+    order = (("off", False), ("on", True))
+    ROUND[0] += 1
+    for name, serve in order if ROUND[0] % 2 else order[::-1]:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         try:
             if args.broker.startswith("amqp"):
@@ -99,6 +114,8 @@ async def one_round(args: argparse.Namespace) -> dict[str, float]:
                 args.broker, topic, args.messages, args.concurrency, serve, args.scrape
             )
             results[f"cpu {name}"] = (time.process_time() - before) / args.messages * 1e6
+            results[f"steady {name}"] = STEADY["rate"]
+            results[f"steady cpu {name}"] = STEADY["cpu"]
         finally:
             if args.broker.startswith("amqp"):
                 await amqp_throughput.delete_topology(topic)
@@ -147,6 +164,10 @@ def main() -> None:
         ("msgs/s on (scraped)", "on"),
         ("CPU µs/msg off", "cpu off"),
         ("CPU µs/msg on", "cpu on"),
+        ("steady msgs/s off", "steady off"),
+        ("steady msgs/s on", "steady on"),
+        ("steady CPU µs/msg off", "steady cpu off"),
+        ("steady CPU µs/msg on", "steady cpu on"),
     )
     for label, key in rows:
         cells = [statistics.median(samples[loop][key]) for loop in LOOPS]
@@ -154,6 +175,8 @@ def main() -> None:
     for label, top, bottom in (
         ("throughput on / off", "on", "off"),
         ("CPU per msg on / off", "cpu on", "cpu off"),
+        ("steady throughput on / off", "steady on", "steady off"),
+        ("steady CPU per msg on / off", "steady cpu on", "steady cpu off"),
     ):
         cells = []
         for loop in LOOPS:
