@@ -43,6 +43,7 @@ bench: $(STAMP) services
 	$(BIN)/python benchmarks/sqs_throughput.py
 	$(BIN)/python benchmarks/outbox_relay.py
 	$(BIN)/python benchmarks/metrics_overhead.py
+	$(BIN)/python benchmarks/scrape_cost.py
 	$(BIN)/python benchmarks/tracing_overhead.py
 
 clean:
