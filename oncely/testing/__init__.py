@@ -36,6 +36,9 @@ pytest.register_assert_rewrite(
     "oncely.testing._broker_dlq",
     "oncely.testing.runtime",
     "oncely.testing.stores",
+    "oncely.testing._store_base",
+    "oncely.testing._store_tx",
+    "oncely.testing._store_processes",
 )
 
 from oncely.testing.brokers import (  # noqa: E402
