@@ -14,6 +14,7 @@ from typing import Any
 
 import aiosqlite
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
+import pytest
 
 from oncely.brokers.base import Broker, Subscription
 from oncely.errors import PublishFailed
@@ -199,3 +200,19 @@ class FaultProxy:
         finally:
             dst.transport.abort()
             self._writers.discard(dst)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db(  # an outbox on each database, with a user connection beside it
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: object
+) -> AsyncIterator[UserDb]:
+    url = db_url(request.param, tmp_path)
+    outbox = Outbox.from_url(url, table=table_name())
+    await outbox.migrate()
+    user = UserDb(outbox, url)
+    await user.open()
+    try:
+        yield user
+    finally:
+        await user.close()
+        await drop(outbox)

@@ -4,34 +4,18 @@ relay runs next to a worker (``Worker.watch_outbox``), on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 import oncely
-from oncely.stores.outbox import Outbox, OutboxRelay
+from oncely.stores.outbox import OutboxRelay
 from tests._wait import eventually
 from tests.runtime._probe import scrape, value
-from tests.stores._outbox_support import UserDb, db_url, drop, table_name
+from tests.stores._outbox_support import UserDb, db
+
+__all__ = ["db"]  # the fixture, used by name
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(
-    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: object
-) -> AsyncIterator[UserDb]:
-    url = db_url(request.param, tmp_path)
-    outbox = Outbox.from_url(url, table=table_name())
-    await outbox.migrate()
-    user = UserDb(outbox, url)
-    await user.open()
-    try:
-        yield user
-    finally:
-        await user.close()
-        await drop(outbox)
 
 
 async def test_outbox_backlog_and_age_are_sampled_then_drain(db: UserDb, unique: str) -> None:

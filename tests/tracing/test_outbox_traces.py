@@ -5,8 +5,6 @@ consumer's span joins the trace the application's transaction ran in."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -16,31 +14,17 @@ from opentelemetry.trace import SpanKind, StatusCode
 import oncely
 from oncely.brokers.memory import MemoryBroker
 from oncely.stores.memory import MemoryStore
-from oncely.stores.outbox import Outbox, OutboxRelay
+from oncely.stores.outbox import OutboxRelay
 from tests._wait import eventually
-from tests.stores._outbox_support import RefusingBroker, UserDb, db_url, drop, table_name
+from tests.stores._outbox_support import RefusingBroker, UserDb, db
 from tests.tracing.test_traces import assert_child, named, one
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+__all__ = ["db"]  # the fixture, used by name
+
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(
-    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: object
-) -> AsyncIterator[UserDb]:
-    url = db_url(request.param, tmp_path)
-    outbox = Outbox.from_url(url, table=table_name())
-    await outbox.migrate()
-    user = UserDb(outbox, url)
-    await user.open()
-    try:
-        yield user
-    finally:
-        await user.close()
-        await drop(outbox)
 
 
 async def test_add_relay_consume_republish_is_one_trace(
