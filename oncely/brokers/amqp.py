@@ -76,7 +76,7 @@ import time
 import uuid
 import weakref
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import aio_pika
 from pamqp.commands import Basic
@@ -132,6 +132,8 @@ class AmqpBroker(Broker, DeadLetterAdmin):
     Publishes from many tasks share one confirm-mode channel and pipeline: each awaits only
     its own confirm. Each subscription has its own channel with ``basic.qos(prefetch)``.
     """
+
+    ack_on_caller: ClassVar[bool] = True  # acks are flushed on their own task (_amqp_acks)
 
     capabilities = Capabilities(
         native_delay=False,

@@ -24,7 +24,7 @@ import abc
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from oncely.errors import NotSupported
 
@@ -355,6 +355,16 @@ class Broker(abc.ABC):
 
     url: str = ""
     """The URL the broker was built from, with any password masked."""
+
+    ack_on_caller: ClassVar[bool] = False
+    """Whether ``Delivery.ack`` never cancels the task that awaits it: it enters no
+    ``asyncio.timeout`` (nor, on Python 3.12+, ``wait_for``) on that task, its own I/O timing
+    out on a task of its own if at all. The runtime then settles a success on the delivery's
+    own task rather than on a task per message (``oncely.runtime._whole``), which a cancel it
+    would take for the worker's own could leave hanging. False unless an adapter is sure.
+    Honoured when set on the class that defines ``consume`` (whose deliveries it vouches for)
+    or below it: a subclass that overrides ``consume`` vouches for nothing until it sets it
+    again."""
 
     @abc.abstractmethod
     async def connect(self) -> None:

@@ -28,6 +28,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Mapping
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 from oncely.brokers._local import (
@@ -168,6 +169,8 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         hub: the name of a process-global hub to share with other brokers (``""`` is the one
             ``memory://`` uses), or ``None`` for a private hub.
     """
+
+    ack_on_caller: ClassVar[bool] = True  # an ack is a dict operation
 
     capabilities = Capabilities(
         native_delay=True,

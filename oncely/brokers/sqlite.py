@@ -42,7 +42,7 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from oncely._sqlite import (
     BUSY_TIMEOUT_MS,
@@ -120,6 +120,8 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         max_poll_interval: the longest an idle consumer sleeps between looks.
         busy_timeout: seconds a write waits for another process's write lock.
     """
+
+    ack_on_caller: ClassVar[bool] = True  # acks are group-committed on their own task
 
     capabilities = Capabilities(
         native_delay=True,

@@ -80,6 +80,13 @@ class Runner:
         # republishes under asyncio.timeout_at), any third-party store or broker may, and on
         # Python 3.12+ every wait_for does. The in-process backends never do.
         self._inline_finish = _settles_inline(broker, store)
+        # A success only records and acks: with backends that say neither cancels its caller
+        # (Broker.ack_on_caller, IdempotencyStore.complete_on_caller), Whole is safe for it
+        # even where a failure's nack would not be, and it saves a task per message.
+        self._inline_success = self._inline_finish or (
+            _vouched(broker, "ack_on_caller", "consume")
+            and (store is None or _vouched(store, "complete_on_caller", "complete"))
+        )
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.tracing = for_handler(spec, broker, stats)  # None unless OpenTelemetry is on
         if self.tracing is not None:
@@ -318,7 +325,9 @@ class Runner:
                 return
             # The effect happened: recording it and acking are not cut short by a shutdown
             # cancel (a give-back now would run the effect again).
-            await self._finish(self._succeeded(delivery, lease, result), delivery)
+            await self._finish(
+                self._succeeded(delivery, lease, result), delivery, inline=self._inline_success
+            )
 
     async def _ran_and_failed(
         self, delivery: Delivery, lease: Lease | None, exc: Exception
@@ -351,14 +360,19 @@ class Runner:
         return None
 
     def _finish(
-        self, settling: Coroutine[Any, Any, object], delivery: Delivery
+        self,
+        settling: Coroutine[Any, Any, object],
+        delivery: Delivery,
+        *,
+        inline: bool | None = None,
     ) -> Awaitable[object]:
         """Await this to await ``settling`` (the outcome of a run that is over) shielded from
         cancellation; if cancelled meanwhile, it runs on where ``run()`` sees it (so it does
         not settle the delivery a second time, ahead of a lease release) and ``aclose()``
-        waits for it. With in-process backends it runs on the awaiting task (``Whole``) until
-        a cancel arrives; otherwise on a task of its own from the start."""
-        if self._inline_finish:
+        waits for it. Where no call in it cancels its own task (``inline``; by default, with
+        in-process backends) it runs on the awaiting task (``Whole``) until a cancel arrives;
+        otherwise on a task of its own from the start."""
+        if self._inline_finish if inline is None else inline:
             return Whole(settling, self._handed_off(delivery))
         return self._shielded(settling, delivery)
 
@@ -473,6 +487,18 @@ def _settles_inline(broker: Broker, store: IdempotencyStore | None) -> bool:
     """Whether settle calls on these backends may run on the delivery's task (``Whole``): only
     the in-process ones are known never to enter an ``asyncio.timeout``."""
     return type(broker) is MemoryBroker and (store is None or type(store) is MemoryStore)
+
+
+def _vouched(backend: object, flag: str, method: str) -> bool:
+    """``backend``'s ``flag``, if it was set on the class that defines the ``method`` that runs
+    or on a subclass of it: a subclass that overrides the method (a test store adding a
+    timeout, a user's wrapper) vouches for nothing until the flag is set again."""
+    mro = type(backend).__mro__
+    setter = next((i for i, c in enumerate(mro) if flag in vars(c)), None)
+    definer = next((i for i, c in enumerate(mro) if method in vars(c)), None)
+    if setter is None or definer is None or setter > definer:
+        return False
+    return bool(vars(mro[setter])[flag])
 
 
 def _describe(exc: Exception) -> str:

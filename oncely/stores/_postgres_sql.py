@@ -13,7 +13,6 @@ orders it.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,6 +24,7 @@ from oncely.stores._key_batch import (
     Fetch,
     complete_rounds,
     distinct,
+    new_token,
 )
 from oncely.stores.base import Begin, Outcome
 
@@ -232,7 +232,7 @@ async def write_begins(
     try:
         for _ in range(CLAIM_ROUNDS):
             now_round, later = distinct(calls, todo)
-            tokens = [uuid.uuid4().hex for _ in now_round]
+            tokens = [new_token() for _ in now_round]
             args = (
                 [calls[i].key for i in now_round],
                 [calls[i].fingerprint for i in now_round],
@@ -299,7 +299,7 @@ async def write_calls(
     completing = {calls[i].key for i in completes}
     b_now, b_later = distinct(calls, [i for i in begins if calls[i].key not in completing])
     b_later += [i for i in begins if calls[i].key in completing]
-    tokens = [uuid.uuid4().hex for _ in b_now]
+    tokens = [new_token() for _ in b_now]
     begun = [cast(BeginCall, calls[i]) for i in b_now]
     done = [cast(CompleteCall, calls[i]) for i in c_now]
     args = (

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import functools
 import time
-import uuid
 from typing import Any
 
 from oncely._batch import copy_error
 from oncely.errors import StoreUnavailable
-from oncely.stores._key_batch import BeginCall, CompleteCall, Fetch, complete_rounds
+from oncely.stores._key_batch import BeginCall, CompleteCall, Fetch, complete_rounds, new_token
 from oncely.stores.base import Begin, Outcome
 
 # ``expires_at`` is when a row may be deleted: a completed row's result ttl, or a running row's
@@ -131,7 +130,7 @@ async def write_begins(
     try:
         for _ in range(CLAIM_ROUNDS):
             now = time.time()
-            tokens = [uuid.uuid4().hex for _ in todo]
+            tokens = [new_token() for _ in todo]
             params: list[Any] = []
             for i, token in zip(todo, tokens, strict=True):
                 until = now + calls[i].lease

@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -72,6 +72,13 @@ class IdempotencyStore(abc.ABC):
     """
 
     url: str = ""
+
+    complete_on_caller: ClassVar[bool] = False
+    """Whether ``complete`` never cancels the task that awaits it (as ``Broker.ack_on_caller``:
+    no ``asyncio.timeout`` on the caller's task; a batched store times its I/O out on the
+    batch's own task). False unless a store is sure. Honoured when set on the class that
+    defines ``complete`` or below it: a subclass that overrides ``complete`` vouches for
+    nothing until it sets it again."""
 
     @abc.abstractmethod
     async def connect(self) -> None:

@@ -78,7 +78,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import asyncpg
 
@@ -118,9 +118,11 @@ STALE_LEASE_GRACE = 3600.0
 Until then the old owner may still renew or complete; afterwards it gets ``LeaseLost``.
 """
 
-IN_FLIGHT = 2
-"""Most batched statements out at once, each on its own pooled connection: calls that arrive
-while one is out need not wait for it to end."""
+IN_FLIGHT = 1
+"""Most batched statements out at once; calls that arrive while one is out wait for the next,
+as in SQLite's group commit. A statement costs asyncpg and the server far more than each row
+in it, so fewer, fuller batches win: on RabbitMQ with 32 handlers, 1 in flight gave 0.54x of
+no store where 2 gave 0.45x (one run, three interleaved rounds each)."""
 
 OPTIONS = (
     "table",
@@ -154,6 +156,8 @@ class PostgresStore(TransactionalStore):
     Raises:
         ConfigError: both or neither of ``dsn``/``pool``, or a bad option.
     """
+
+    complete_on_caller: ClassVar[bool] = True  # batched on its own task
 
     def __init__(
         self,

@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from redis import exceptions as rx
 from redis.asyncio.cluster import RedisCluster
 
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
+from oncely.stores._key_batch import new_token
 from oncely.stores._redis_batch import Pipeliner
 from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS
 from oncely.stores._redis_url import (
@@ -53,13 +53,13 @@ from oncely.stores._redis_url import (
 )
 from oncely.stores._redis_wire import Call as _Call
 from oncely.stores._redis_wire import (
+    Dedicated,
     batch_command,
     by_slot,
     encoding_of,
     outcomes,
     pack_batch,
     send_by_node,
-    send_standalone,
 )
 from oncely.stores.base import Begin, IdempotencyStore, Outcome
 
@@ -71,11 +71,13 @@ __all__ = ["RedisStore"]
 BATCH = 256
 """Most calls one pipeline carries."""
 
-IN_FLIGHT = 2
-"""Most pipelines out at once; calls that arrive meanwhile wait for the next. Each pipeline
-costs redis-py far more CPU than each call in it, so fewer, fuller pipelines win (in one run on
-RabbitMQ with 32 handlers: 1 in flight 0.69x of no store, 4 or 16 in flight 0.58x; 1 and 2
-were within noise of each other in the next). Two keep a slow reply from stalling every call."""
+IN_FLIGHT = 1
+"""Most pipelines out at once; calls that arrive meanwhile wait for the next, as in SQLite's
+group commit. Each pipeline costs the client (and the server: a script call, a write and a
+wake-up) far more than each call in it, so fewer, fuller pipelines win: on RabbitMQ with 32
+handlers, 1 in flight gave 0.65x of no store where 2 gave 0.57x (one run, three interleaved
+rounds each), and 4 or 16 did worse again. A slow reply holds the next batch back, but never
+past the socket timeout, which fails it."""
 
 _BEGIN, _RENEW, _COMPLETE, _RELEASE = (
     SCRIPTS[n] for n in ("begin", "renew", "complete", "release")
@@ -109,6 +111,8 @@ class RedisStore(IdempotencyStore):
         ConfigError: a bad URL, or a prefix given twice or containing a brace.
     """
 
+    complete_on_caller: ClassVar[bool] = True  # batched on its own task
+
     def __init__(
         self,
         target: str | Redis | RedisCluster = "redis://127.0.0.1:6379/0",
@@ -130,6 +134,7 @@ class RedisStore(IdempotencyStore):
         self._client: Redis | RedisCluster | None = None
         self._connecting: asyncio.Lock | None = None
         self._encoding: tuple[str, str] | None = None
+        self._wire: Dedicated | None = None
         self._batch: Pipeliner[_Call, Any] = Pipeliner(
             self._write, limit=BATCH, in_flight=IN_FLIGHT, abandoned=self._give_back
         )
@@ -169,6 +174,10 @@ class RedisStore(IdempotencyStore):
                 with map_errors("connect"):
                     await client.ping()
                     await self._load_scripts(client)
+                    if not isinstance(client, RedisCluster):
+                        wire = Dedicated(client)
+                        await wire.connect()
+                        self._wire = wire
             except BaseException:
                 if self._given is None:
                     await _close_quietly(client)
@@ -179,12 +188,16 @@ class RedisStore(IdempotencyStore):
         # Calls already queued still get their outcomes; the connections go after them.
         await self._batch.drain()
         client, self._client = self._client, None
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            with contextlib.suppress(rx.RedisError, OSError):
+                await wire.aclose()
         if client is not None and self._given is None:
             await _close_quietly(client)
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
         self._checked()
-        token = uuid.uuid4().hex
+        token = new_token()
         lease_ms = _ms(lease)
         args = (fingerprint, token, lease_ms, lease_ms + STALE_LEASE_GRACE_MS)
         reply = await self._batch.submit(_Call(_BEGIN, self.redis_key(key), args))
@@ -264,13 +277,16 @@ class RedisStore(IdempotencyStore):
     ) -> list[Any]:
         if isinstance(client, RedisCluster):
             return await self._write_cluster(client, calls, encoding)
+        wire = self._wire
+        if wire is None:
+            raise StoreUnavailable("redis store is not connected (call connect() first)")
         packed = pack_batch(calls, encoding)
         with map_errors("batch"):
             try:
-                reply = await send_standalone(client, packed)
+                reply = await wire.send(packed)
             except rx.NoScriptError:
                 await self._load_scripts(client)
-                reply = await send_standalone(client, packed)
+                reply = await wire.send(packed)
         return outcomes(calls, reply)
 
     async def _write_cluster(

@@ -28,7 +28,7 @@ import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiosqlite
 
@@ -103,6 +103,8 @@ class SqliteStore(TransactionalStore):
         pool: how many transactions may be open at once in this process.
         purge_interval: seconds between opportunistic purges (run inside ``begin``).
     """
+
+    complete_on_caller: ClassVar[bool] = True  # group-committed on its own task
 
     def __init__(
         self, path: str | os.PathLike[str], *, pool: int = 1, purge_interval: float = 60.0

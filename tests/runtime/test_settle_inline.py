@@ -1,0 +1,40 @@
+"""Which backends the runtime settles a success with on the delivery's own task (``Whole``):
+only those whose class vouches for the method that runs (``Broker.ack_on_caller``,
+``IdempotencyStore.complete_on_caller``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar
+
+from oncely.brokers.amqp import AmqpBroker
+from oncely.brokers.memory import MemoryBroker
+from oncely.runtime._process import _vouched
+from oncely.stores.memory import MemoryStore
+from oncely.stores.postgres import PostgresStore
+from oncely.stores.redis import RedisStore
+from tests.runtime._faulty import WrappedBroker
+
+
+class TimedStore(MemoryStore):
+    async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
+        async with asyncio.timeout(1):  # cancels its caller's task when it fires
+            await super().complete(key, token, result, ttl)
+
+
+class VouchedAgain(TimedStore):
+    complete_on_caller: ClassVar[bool] = True
+
+
+def test_the_shipped_backends_vouch_for_their_own_settles() -> None:
+    for broker in (MemoryBroker(), AmqpBroker("amqp://127.0.0.1/")):
+        assert _vouched(broker, "ack_on_caller", "consume")
+    for store in (MemoryStore(), RedisStore(), PostgresStore("postgresql://127.0.0.1/x")):
+        assert _vouched(store, "complete_on_caller", "complete")
+
+
+def test_a_subclass_that_overrides_the_method_vouches_for_nothing_until_it_says_so() -> None:
+    assert not _vouched(TimedStore(), "complete_on_caller", "complete")
+    assert _vouched(VouchedAgain(), "complete_on_caller", "complete")
+    # A wrapper is a broker of its own: it has not vouched for the deliveries it hands out.
+    assert not _vouched(WrappedBroker(MemoryBroker()), "ack_on_caller", "consume")
