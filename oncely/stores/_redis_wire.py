@@ -53,6 +53,9 @@ class Call(NamedTuple):
     script: Script
     key: str
     args: tuple[str | int | bytes, ...]
+    argv: bytes | None = None
+    """The op code and ``args`` in RESP, when the caller packed them already (``pack_ints``
+    and ASCII text, which every ASCII-compatible encoding writes alike)."""
 
 
 Command = tuple[Any, ...]
@@ -68,6 +71,21 @@ def encoding_of(client: Redis | RedisCluster) -> tuple[str, str]:
     return encoder.encoding, encoder.encoding_errors
 
 
+def ascii_compatible(encoding: tuple[str, str]) -> bool:
+    """Whether ``encoding`` writes ASCII text as ASCII bytes (so ``Call.argv`` may be packed
+    without it)."""
+    text = bytes(range(128))
+    try:
+        return text.decode("ascii").encode(*encoding) == text
+    except (UnicodeError, LookupError):
+        return False
+
+
+def pack_ints(*values: int) -> bytes:
+    """``values`` as RESP bulk strings."""
+    return b"".join(b"$%d\r\n%b\r\n" % (len(b"%d" % v), b"%d" % v) for v in values)
+
+
 def pack_batch(calls: Sequence[Call], encoding: tuple[str, str]) -> bytes:
     """The RESP bytes of ``batch_command(calls)``, built in one pass: redis-py's general
     packer costs several times more per argument, and a batch is mostly arguments."""
@@ -77,6 +95,10 @@ def pack_batch(calls: Sequence[Call], encoding: tuple[str, str]) -> bytes:
     for call in calls:
         key = call.key.encode(*encoding)
         keys.append(b"$%d\r\n%b\r\n" % (len(key), key))
+        count += 1 + len(call.args)
+        if call.argv is not None:
+            argv.append(call.argv)
+            continue
         argv.append(_PACKED_CODES[call.script.name])
         for arg in call.args:
             if isinstance(arg, str):
@@ -84,7 +106,6 @@ def pack_batch(calls: Sequence[Call], encoding: tuple[str, str]) -> bytes:
             elif isinstance(arg, int):
                 arg = b"%d" % arg
             argv.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-        count += 1 + len(call.args)
     n = b"%d" % len(calls)
     head = b"*%d\r\n%b$%d\r\n%b\r\n" % (count, _EVALSHA, len(n), n)
     return b"".join((head, *keys, *argv))

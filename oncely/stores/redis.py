@@ -54,11 +54,13 @@ from oncely.stores._redis_url import (
 from oncely.stores._redis_wire import Call as _Call
 from oncely.stores._redis_wire import (
     Dedicated,
+    ascii_compatible,
     batch_command,
     by_slot,
     encoding_of,
     outcomes,
     pack_batch,
+    pack_ints,
     send_by_node,
 )
 from oncely.stores.base import Begin, IdempotencyStore, Outcome
@@ -135,6 +137,8 @@ class RedisStore(IdempotencyStore):
         self._connecting: asyncio.Lock | None = None
         self._encoding: tuple[str, str] | None = None
         self._wire: Dedicated | None = None
+        self._ascii = False
+        self._ms_memo: dict[tuple[float, int | None], tuple[int, int, bytes]] = {}
         self._batch: Pipeliner[_Call, Any] = Pipeliner(
             self._write, limit=BATCH, in_flight=IN_FLIGHT, abandoned=self._give_back
         )
@@ -174,6 +178,8 @@ class RedisStore(IdempotencyStore):
                 with map_errors("connect"):
                     await client.ping()
                     await self._load_scripts(client)
+                    self._encoding = encoding_of(client)
+                    self._ascii = ascii_compatible(self._encoding)
                     if not isinstance(client, RedisCluster):
                         wire = Dedicated(client)
                         await wire.connect()
@@ -198,9 +204,18 @@ class RedisStore(IdempotencyStore):
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
         self._checked()
         token = new_token()
-        lease_ms = _ms(lease)
-        args = (fingerprint, token, lease_ms, lease_ms + STALE_LEASE_GRACE_MS)
-        reply = await self._batch.submit(_Call(_BEGIN, self.redis_key(key), args))
+        lease_ms, key_ttl, tail = self._packed_ms(lease, STALE_LEASE_GRACE_MS)
+        args = (fingerprint, token, lease_ms, key_ttl)
+        argv = None
+        if self._ascii and fingerprint.isascii():  # every message: packed here in one go
+            argv = b"$1\r\nb\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+                len(fingerprint),
+                fingerprint.encode(),
+                len(token),
+                token.encode(),
+                tail,
+            )
+        reply = await self._batch.submit(_Call(_BEGIN, self.redis_key(key), args, argv))
         code = int(reply[0])
         if code == 0:
             return Begin(Outcome.NEW, token=token)
@@ -221,8 +236,16 @@ class RedisStore(IdempotencyStore):
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
         self._checked()
-        args = (token, _ms(ttl), "0", b"") if result is None else (token, _ms(ttl), "1", result)
-        reply = await self._batch.submit(_Call(_COMPLETE, self.redis_key(key), args))
+        ttl_ms, _, packed_ttl = self._packed_ms(ttl, None)
+        args = (token, ttl_ms, "0", b"") if result is None else (token, ttl_ms, "1", result)
+        argv = None
+        if self._ascii and token.isascii():  # every message: packed here in one go
+            head = b"$1\r\nc\r\n$%d\r\n%b\r\n%b" % (len(token), token.encode(), packed_ttl)
+            if result is None:
+                argv = head + b"$1\r\n0\r\n$0\r\n\r\n"
+            else:
+                argv = b"%b$1\r\n1\r\n$%d\r\n%b\r\n" % (head, len(result), result)
+        reply = await self._batch.submit(_Call(_COMPLETE, self.redis_key(key), args, argv))
         if int(reply[0]) != 1:
             raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
 
@@ -231,6 +254,20 @@ class RedisStore(IdempotencyStore):
         await self._batch.submit(_Call(_RELEASE, self.redis_key(key), (token,)))
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _packed_ms(self, seconds: float, grace: int | None) -> tuple[int, int, bytes]:
+        """``seconds`` in ms, that plus ``grace`` (or 0), and both (or the first) in RESP:
+        the handlers of a worker pass a few lease and ttl values over and over."""
+        memo = self._ms_memo
+        got = memo.get((seconds, grace))
+        if got is None:
+            ms = _ms(seconds)
+            plus = 0 if grace is None else ms + grace
+            got = (ms, plus, pack_ints(ms) if grace is None else pack_ints(ms, plus))
+            if len(memo) >= 64:
+                memo.clear()
+            memo[seconds, grace] = got
+        return got
 
     def _require_options(self) -> RedisOptions:
         assert self._options is not None

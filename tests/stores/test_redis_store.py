@@ -390,3 +390,33 @@ async def test_cancelled_begin_gives_its_lease_back(tmp_path: Path, anyio_backen
             await asyncio.sleep(0.02)
         else:
             raise AssertionError("the abandoned lease still blocks the key")
+
+
+@pytest.mark.anyio
+async def test_calls_packed_ahead_go_out_as_the_general_packer_writes_them(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # begin and complete pack their own arguments (every message pays for it): the bytes must
+    # be those of the general path, for every shape of call they pack.
+    from oncely.stores._redis_wire import pack_batch
+
+    submitted: list[Any] = []
+    submit = store._batch.submit
+
+    async def spy(call: Any) -> Any:
+        submitted.append(call)
+        return await submit(call)
+
+    monkeypatch.setattr(store._batch, "submit", spy)
+    a = await store.begin("k-a", "fp-a", 5.5)
+    b = await store.begin("k-b", "fp-b", 30)
+    assert a.token is not None and b.token is not None
+    await store.complete("k-a", a.token, None, 60)
+    await store.complete("k-b", b.token, b"result \x00\xff", 0.25)
+    assert [c.argv is not None for c in submitted] == [True] * 4
+    encoding = ("utf-8", "strict")
+    for call in submitted:
+        assert pack_batch([call], encoding) == pack_batch([call._replace(argv=None)], encoding)
+    assert await store.begin("k-b", "fp-b", 5) == Begin(
+        Outcome.COMPLETED, result=b"result \x00\xff"
+    )
