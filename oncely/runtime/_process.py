@@ -7,7 +7,7 @@ Order matters everywhere here:
 - a cancelled handler (shutdown) is released and nacked with no delay, shielded from the
   cancellation itself, so nothing is acked that did not finish;
 - the outcome of a run that is over (recorded and acked, or released and nacked as a
-  failure) is settled whole, whatever cancel arrives meanwhile (``Runner._finish``).
+  failure) is settled whole, whatever cancel arrives meanwhile (``oncely.runtime._finish``).
 
 Every delivery is settled one way or another: a poison payload (anything decoding, key
 extraction or fingerprinting raises) is dead-lettered with its reason, and a bug in the
@@ -22,22 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from oncely._logging import MESSAGE, note_key, redact_values
-from oncely.brokers.memory import MemoryBroker
 from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
+from oncely.runtime._finish import Finisher
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
 from oncely.runtime._tracing import for_handler
-from oncely.runtime._whole import Whole
 from oncely.runtime.codec import Decoder, encode, fingerprint
 from oncely.runtime.context import Context
 from oncely.runtime.heartbeat import Active, Heartbeat
 from oncely.stores.base import Outcome, TransactionalStore
-from oncely.stores.memory import MemoryStore
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Broker, Delivery
@@ -73,20 +70,7 @@ class Runner:
         self.fail_open = fail_open
         self._key_prefix = f"{spec.name}:"
         self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
-        self._finishing: dict[asyncio.Task[object], Delivery] = {}
-        # Settling on the delivery's own task (Whole) is only safe where no settle call enters
-        # an asyncio.timeout (or anything else that cancels the current task): Whole takes
-        # such a cancel for the caller's and hands the rest on without it. AMQP does (a nack
-        # republishes under asyncio.timeout_at), any third-party store or broker may, and on
-        # Python 3.12+ every wait_for does. The in-process backends never do.
-        self._inline_finish = _settles_inline(broker, store)
-        # A success only records and acks: with backends that say neither cancels its caller
-        # (Broker.ack_on_caller, IdempotencyStore.complete_on_caller), Whole is safe for it
-        # even where a failure's nack would not be, and it saves a task per message.
-        self._inline_success = self._inline_finish or (
-            _vouched(broker, "ack_on_caller", "consume")
-            and (store is None or _vouched(store, "complete_on_caller", "complete"))
-        )
+        self._finish = Finisher(broker, store)
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.tracing = for_handler(spec, broker, stats)  # None unless OpenTelemetry is on
         if self.tracing is not None:
@@ -107,8 +91,7 @@ class Runner:
     async def aclose(self) -> None:
         """Finish the successes and give-backs a cancel cut short, then stop the heartbeat; call
         once no delivery of this handler runs any more."""
-        if self._finishing:
-            await asyncio.gather(*self._finishing, return_exceptions=True)
+        await self._finish.wait()
         await self.heartbeat.aclose()
 
     async def run(self, delivery: Delivery) -> None:
@@ -122,7 +105,7 @@ class Runner:
         try:
             await self._run(delivery)
         except asyncio.CancelledError:
-            if not is_settled(delivery) and delivery not in self._finishing.values():
+            if not is_settled(delivery) and not self._finish.has(delivery):
                 # Cancelled before the handler ran (shutdown): give it straight back.
                 await self._finish(self.settle.nack(delivery, 0.0, defer=True), delivery)
             raise
@@ -143,7 +126,7 @@ class Runner:
                 await self.settle.nack(delivery, INTERNAL_ERROR_DELAY, error=error)
         finally:
             MESSAGE.reset(logged)
-            rest = self._handed_off_task(delivery) if self._finishing else None
+            rest = self._finish.task_of(delivery)
             if rest is None:
                 current.clear()
                 if traced is not None:
@@ -325,9 +308,7 @@ class Runner:
                 return
             # The effect happened: recording it and acking are not cut short by a shutdown
             # cancel (a give-back now would run the effect again).
-            await self._finish(
-                self._succeeded(delivery, lease, result), delivery, inline=self._inline_success
-            )
+            await self._finish(self._succeeded(delivery, lease, result), delivery, success=True)
 
     async def _ran_and_failed(
         self, delivery: Delivery, lease: Lease | None, exc: Exception
@@ -351,45 +332,6 @@ class Runner:
             )
             reason = _describe(exc)
             await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
-
-    def _handed_off_task(self, delivery: Delivery) -> asyncio.Task[object] | None:
-        """The task a cancel handed ``delivery``'s settle to, if any."""
-        for task, settling in self._finishing.items():
-            if settling is delivery:
-                return task
-        return None
-
-    def _finish(
-        self,
-        settling: Coroutine[Any, Any, object],
-        delivery: Delivery,
-        *,
-        inline: bool | None = None,
-    ) -> Awaitable[object]:
-        """Await this to await ``settling`` (the outcome of a run that is over) shielded from
-        cancellation; if cancelled meanwhile, it runs on where ``run()`` sees it (so it does
-        not settle the delivery a second time, ahead of a lease release) and ``aclose()``
-        waits for it. Where no call in it cancels its own task (``inline``; by default, with
-        in-process backends) it runs on the awaiting task (``Whole``) until a cancel arrives;
-        otherwise on a task of its own from the start."""
-        if self._inline_finish if inline is None else inline:
-            return Whole(settling, self._handed_off(delivery))
-        return self._shielded(settling, delivery)
-
-    def _handed_off(self, delivery: Delivery) -> Callable[[asyncio.Task[object]], None]:
-        def handed_off(task: asyncio.Task[object]) -> None:
-            self._finishing[task] = delivery
-            task.add_done_callback(self._finishing.pop)
-
-        return handed_off
-
-    async def _shielded(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> None:
-        task = asyncio.ensure_future(settling)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            self._handed_off(delivery)(task)
-            raise
 
     async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
         keys = self.keys
@@ -481,24 +423,6 @@ class Runner:
     async def _release(self, lease: Lease | None) -> None:
         if self.keys is not None:
             await self.keys.release(lease)
-
-
-def _settles_inline(broker: Broker, store: IdempotencyStore | None) -> bool:
-    """Whether settle calls on these backends may run on the delivery's task (``Whole``): only
-    the in-process ones are known never to enter an ``asyncio.timeout``."""
-    return type(broker) is MemoryBroker and (store is None or type(store) is MemoryStore)
-
-
-def _vouched(backend: object, flag: str, method: str) -> bool:
-    """``backend``'s ``flag``, if it was set on the class that defines the ``method`` that runs
-    or on a subclass of it: a subclass that overrides the method (a test store adding a
-    timeout, a user's wrapper) vouches for nothing until the flag is set again."""
-    mro = type(backend).__mro__
-    setter = next((i for i, c in enumerate(mro) if flag in vars(c)), None)
-    definer = next((i for i, c in enumerate(mro) if method in vars(c)), None)
-    if setter is None or definer is None or setter > definer:
-        return False
-    return bool(vars(mro[setter])[flag])
 
 
 def _describe(exc: Exception) -> str:

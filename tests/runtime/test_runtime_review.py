@@ -11,7 +11,7 @@ import pytest
 
 import oncely
 from oncely.brokers.memory import MemoryBroker
-from oncely.runtime import _process
+from oncely.runtime import _finish
 from oncely.runtime._whole import Whole
 from oncely.runtime.heartbeat import Active, Heartbeat
 from oncely.runtime.stats import Stats
@@ -140,7 +140,7 @@ async def test_the_shutdown_cases_hold_when_settling_on_the_delivery_task(
 ) -> None:
     # Their stores and brokers are test subclasses, which settle on a task of their own; the
     # same cases through Whole (what the memory backends get).
-    monkeypatch.setattr(_process, "_settles_inline", lambda broker, store: True)
+    monkeypatch.setattr(_finish, "settles_inline", lambda broker, store: True)
     whole = Whole.__init__
     used = 0
 

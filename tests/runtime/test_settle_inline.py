@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from oncely.brokers.amqp import AmqpBroker
 from oncely.brokers.memory import MemoryBroker
-from oncely.runtime._process import _vouched
+from oncely.runtime._finish import vouched
 from oncely.stores.memory import MemoryStore
 from oncely.stores.postgres import PostgresStore
 from oncely.stores.redis import RedisStore
@@ -28,13 +28,13 @@ class VouchedAgain(TimedStore):
 
 def test_the_shipped_backends_vouch_for_their_own_settles() -> None:
     for broker in (MemoryBroker(), AmqpBroker("amqp://127.0.0.1/")):
-        assert _vouched(broker, "ack_on_caller", "consume")
+        assert vouched(broker, "ack_on_caller", "consume")
     for store in (MemoryStore(), RedisStore(), PostgresStore("postgresql://127.0.0.1/x")):
-        assert _vouched(store, "complete_on_caller", "complete")
+        assert vouched(store, "complete_on_caller", "complete")
 
 
 def test_a_subclass_that_overrides_the_method_vouches_for_nothing_until_it_says_so() -> None:
-    assert not _vouched(TimedStore(), "complete_on_caller", "complete")
-    assert _vouched(VouchedAgain(), "complete_on_caller", "complete")
+    assert not vouched(TimedStore(), "complete_on_caller", "complete")
+    assert vouched(VouchedAgain(), "complete_on_caller", "complete")
     # A wrapper is a broker of its own: it has not vouched for the deliveries it hands out.
-    assert not _vouched(WrappedBroker(MemoryBroker()), "ack_on_caller", "consume")
+    assert not vouched(WrappedBroker(MemoryBroker()), "ack_on_caller", "consume")
