@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import os
@@ -217,6 +218,10 @@ async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
             for name, got in runs.items():
                 topic = f"bench-{uuid.uuid4().hex[:8]}"
                 await fill(topic, n)
+                # Each run starts from a collected heap: a full collection costs ~100 ms of
+                # CPU here (botocore's loaded models), and otherwise whether one lands in a
+                # run depends on the rounds before it.
+                gc.collect()
                 cpu = time.process_time()
                 if name.startswith("raw"):
                     rate, calls = await raw(topic, n, pollers, ready=name == "raw-ready")
