@@ -8,18 +8,22 @@ with ``ONCELY_TEST_SQS_ENDPOINT``), on uvloop, in this one process run, over a b
   ``ReceiveMessage`` (10, long poll, asking for the same attributes as oncely), then for each
   message decoding its JSON body and awaiting a no-op handler with it (the work the Worker
   is asked to do), then one ``DeleteMessageBatch`` of what it got: what a careful user
-  writes, and the floor of 200 API calls per 1,000 messages;
+  writes, and the floor of 200 API calls per 1,000 messages. Like the Worker, it starts from
+  the queue's name: creating its client and looking up the queue URL are timed too;
+- ``raw-ready``: the same loop timed from a client already made and a queue URL already
+  known (how ``raw`` was timed before; printed for comparison, not the baseline);
 - ``oncely``: a Worker running a no-op at-least-once handler at ``--concurrency``;
 - ``oncely+idem``: the same handler effectively-once, through a SQLite store;
 - ``heartbeat``: ``--long`` handlers that outlive their visibility at once; the
   ``ChangeMessageVisibility(Batch)`` calls each heartbeat beat costs.
 
 Each run is timed from start to the moment the last message's delete returned (the Worker's
-start, which connects and resolves the queue, included). It prints msgs/s (the median of
-``--rounds`` interleaved rounds), API calls per 1,000 messages (the most of any round; for the
-Worker, every call but queue creation), this process's CPU time per message (the backlog fill
-excluded; a steadier figure than msgs/s on a busy machine) and ratios measured in the same run.
-Nothing is asserted.
+start, which makes its client, connects and resolves the queue, included; ``raw``'s client
+and queue look-up likewise). It prints msgs/s (the median of ``--rounds`` interleaved rounds,
+and the median of the per-round ratios to ``raw``), API calls per 1,000 messages (the most of
+any round; queue look-ups and creation not counted), this process's CPU time per message (the
+backlog fill excluded; a steadier figure than msgs/s on a busy machine) and ratios measured in
+the same run. Nothing is asserted.
 
     python benchmarks/sqs_throughput.py [--messages 5000] [--concurrency 80] [--long 200]
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import os
@@ -84,12 +89,17 @@ async def handle(_: dict[str, int]) -> None:
     """The raw loop's no-op handler (the Worker runs the same, as ``noop``)."""
 
 
-async def raw(url: str, n: int, pollers: int) -> tuple[float, int]:
-    """Returns (msgs/s until the n-th delete returned, API calls)."""
+async def raw(topic: str, n: int, pollers: int, *, ready: bool = False) -> tuple[float, int]:
+    """Returns (msgs/s until the n-th delete returned, API calls). Timed from before the
+    client is made, as the Worker is timed from its start (``ready``: from a made client and
+    a known queue URL)."""
     done = 0
     calls = 0
     finished = 0.0
+    started = time.perf_counter()
     async with client() as sqs:
+        # An admin call, not counted (the Worker's queue look-ups are not either).
+        url = (await sqs.get_queue_url(QueueName=topic))["QueueUrl"]
 
         async def poll() -> None:
             nonlocal done, calls, finished
@@ -129,7 +139,8 @@ async def raw(url: str, n: int, pollers: int) -> tuple[float, int]:
                 if done >= n and not finished:
                     finished = time.perf_counter()
 
-        started = time.perf_counter()
+        if ready:
+            started = time.perf_counter()
         await asyncio.gather(*(poll() for _ in range(pollers)))
         return n / (finished - started), calls
 
@@ -198,6 +209,7 @@ async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
     )
     runs: dict[str, list[tuple[float, int, float]]] = {
         "raw": [],
+        "raw-ready": [],
         "oncely": [],
         "oncely+idem": [],
     }
@@ -205,15 +217,23 @@ async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
         for _ in range(rounds):
             for name, got in runs.items():
                 topic = f"bench-{uuid.uuid4().hex[:8]}"
-                url = await fill(topic, n)
+                await fill(topic, n)
+                # Each run starts from a collected heap: a full collection costs ~100 ms of
+                # CPU here (botocore's loaded models), and otherwise whether one lands in a
+                # run depends on the rounds before it.
+                gc.collect()
                 cpu = time.process_time()
-                if name == "raw":
-                    rate, calls = await raw(url, n, pollers)
+                if name.startswith("raw"):
+                    rate, calls = await raw(topic, n, pollers, ready=name == "raw-ready")
                 else:
                     store = f"sqlite:///{Path(tmp) / topic}.db" if name == "oncely+idem" else None
                     rate, calls = await worker(topic, n, concurrency, store)
                 got.append((rate, calls, (time.process_time() - cpu) / n * 1e6))
                 await drop(topic)
+            print(
+                "  round:",
+                ", ".join(f"{k} {v[-1][0]:.0f}/s {v[-1][2]:.0f}us" for k, v in runs.items()),
+            )
     results = {
         name: (
             statistics.median(r for r, _, _ in got),
@@ -224,13 +244,17 @@ async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
     }
     base, base_cpu = results["raw"][0], results["raw"][2]
     print(
-        f"{'run':<12} {'msgs/s':>9} {'x raw':>6} {'calls/1000 msgs':>16} "
+        f"{'run':<12} {'msgs/s':>9} {'x raw':>6} {'[per round]':>11} {'calls/1000 msgs':>16} "
         f"{'CPU us/msg':>11} {'x raw':>6}"
     )
     for name, (rate, calls, cpu) in results.items():
+        # The median of the per-round ratios: each compares runs made close together in time.
+        per_round = statistics.median(
+            r / b for (r, _, _), (b, _, _) in zip(runs[name], runs["raw"], strict=True)
+        )
         print(
-            f"{name:<12} {rate:>9.0f} {rate / base:>6.2f} {calls * 1000 / n:>16.0f} "
-            f"{cpu:>11.0f} {cpu / base_cpu:>6.2f}"
+            f"{name:<12} {rate:>9.0f} {rate / base:>6.2f} {per_round:>11.2f} "
+            f"{calls * 1000 / n:>16.0f} {cpu:>11.0f} {cpu / base_cpu:>6.2f}"
         )
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     await fill(topic, long)
