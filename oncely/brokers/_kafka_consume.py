@@ -269,9 +269,9 @@ class KafkaSubscription(Subscription):
         headers = dead_letter_headers(delivery, reason, time.time())
         await self._broker.send(dlq, delivery.body, key=delivery.record.key, headers=headers)
 
-    # Not coroutines themselves: each hands back the exactly-once side's, one frame less per
-    # record.
-    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None]:
+    # Not coroutines: on the per-record path each hands the exactly-once side's work back, a
+    # coroutine only where there is I/O to await.
+    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
         assert self._eos is not None
         return self._eos.ack(delivery)
 
@@ -281,9 +281,15 @@ class KafkaSubscription(Subscription):
         assert self._eos is not None
         await self._eos.fail(delivery, how, delay, reason, attempt)
 
+    def eos_buffer(
+        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
+    ) -> bool:
+        assert self._eos is not None
+        return self._eos.buffer(delivery, topic, body, headers)
+
     def eos_produce(
         self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> Awaitable[str]:
+    ) -> Awaitable[None]:
         assert self._eos is not None
         return self._eos.produce(delivery, topic, body, headers)
 

@@ -55,15 +55,19 @@ class Settler(Protocol):
 
     async def dead_letter(self, delivery: KafkaDelivery, reason: str) -> None: ...
 
-    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None]: ...
+    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None: ...
 
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
     ) -> None: ...
 
+    def eos_buffer(
+        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
+    ) -> bool: ...
+
     def eos_produce(
         self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> Awaitable[str]: ...
+    ) -> Awaitable[None]: ...
 
 
 def record_identity(
@@ -174,14 +178,16 @@ class KafkaDelivery(Delivery):
         self._settler.settled(self)
         if self.track.eos is not None:
             # Marked done first: the transaction this may commit must include its offset.
-            await self._settler.eos_ack(self)
+            if (commit := self._settler.eos_ack(self)) is not None:
+                await commit
 
     async def _settle_exactly_once(self) -> None:
         # Marked done first: the transaction this may commit must include its offset. Its
         # outputs (or its retry or dead-letter record) go out once every lower offset is done.
         self._check()
         self.mark_settled()
-        await self._settler.eos_ack(self)
+        if (commit := self._settler.eos_ack(self)) is not None:
+            await commit
 
     async def nack(
         self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
@@ -270,7 +276,9 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
         # so consumers outside the transaction can deduplicate them too.
         merged[Headers.MESSAGE_ID] = message_id or f"{self.id}/{len(self.outputs)}"
         self._check()
-        return await self._settler.eos_produce(self, topic, body, merged)
+        if not self._settler.eos_buffer(self, topic, body, merged):
+            await self._settler.eos_produce(self, topic, body, merged)  # creates the topic
+        return merged[Headers.MESSAGE_ID]
 
 
 def retry_headers(delivery: KafkaDelivery, attempt: int, due: float | None) -> dict[str, str]:

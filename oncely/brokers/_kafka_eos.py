@@ -40,6 +40,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from oncely.brokers._kafka_burst import KeyHashes, send_burst
 from oncely.brokers._kafka_delivery import dead_letter_headers, retry_headers
 from oncely.brokers._kafka_options import (
     bucket_for,
@@ -52,6 +53,8 @@ from oncely.brokers.base import Headers
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from aiokafka import AIOKafkaProducer
     from aiokafka.structs import TopicPartition
 
@@ -108,6 +111,7 @@ class ExactlyOnce:
         self._opts = broker.options
         self._txns: dict[TopicPartition, _Txn] = {}
         self._stopping: set[asyncio.Task[None]] = set()
+        self._hashes = KeyHashes()
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return f"oncely-{self._opts.group}-{tp.topic}-{tp.partition}"
@@ -202,19 +206,28 @@ class ExactlyOnce:
         assert isinstance(txn, _Txn)
         return txn
 
-    async def produce(
+    def buffer(
         self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> str:
-        """Buffer an output in its delivery; it is sent when its offset is reached."""
+    ) -> bool:
+        """Buffer an output in its delivery (it is sent when its offset is reached), unless
+        ``topic`` is not known to exist yet: false then, and ``produce`` must create it."""
         if topic not in self._broker.known_topics:
-            await self._broker.ensure_topics([topic])
-            if delivery.settled:  # acked meanwhile: its outputs went to the transaction
-                raise AlreadySettled(f"delivery {delivery.id} was settled while producing")
+            return False
         key = headers.get(Headers.KEY)
         delivery.outputs.append(
             (topic, body, key.encode() if key is not None else None, encode_headers(headers))
         )
-        return headers[Headers.MESSAGE_ID]
+        return True
+
+    async def produce(
+        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
+    ) -> None:
+        """``buffer``, creating ``topic`` first if need be."""
+        if topic not in self._broker.known_topics:
+            await self._broker.ensure_topics([topic])
+            if delivery.settled:  # acked meanwhile: its outputs went to the transaction
+                raise AlreadySettled(f"delivery {delivery.id} was settled while producing")
+        self.buffer(delivery, topic, body, headers)
 
     async def fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
@@ -233,11 +246,12 @@ class ExactlyOnce:
             topic, headers = self._sub.topic, retry_headers(delivery, attempt, None)
         delivery.outputs = [(topic, delivery.body, delivery.record.key, encode_headers(headers))]
 
-    async def ack(self, delivery: KafkaDelivery) -> None:
+    def ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
         """Called once the delivery's offset was marked done: its outputs wait by offset, the
-        records that became contiguous are passed, and a transaction commits if one is due
-        and none is committing (that one's task does not wait for this: the next ack, or
-        the poll loop's ``flush_due``, commits what was passed meanwhile)."""
+        records that became contiguous are passed, and if a transaction is due and none is
+        committing, the commit is returned for the caller to await (that one's task does not
+        wait for this: the next ack, or the poll loop's ``flush_due``, commits what was
+        passed meanwhile). No coroutine unless there is I/O to do: this runs per record."""
         track = delivery.track
         txn = self._txn_of(delivery)
         if not track.live or txn.track is not track:
@@ -246,8 +260,14 @@ class ExactlyOnce:
             txn.finished[delivery.record.offset] = delivery.outputs
         self._pass(txn, track)
         if self._due(txn) and not txn.lock.locked():
-            async with txn.lock:
-                await self._flush(txn)
+            return self._flush_locked(txn)
+        return None
+
+    async def _flush_locked(self, txn: _Txn) -> None:
+        # Nothing runs between ``ack``'s check and this: the caller awaits it at once, and
+        # taking a free asyncio lock does not suspend.
+        async with txn.lock:
+            await self._flush(txn)
 
     # -- sending and committing ----------------------------------------------------------------
 
@@ -332,9 +352,7 @@ class ExactlyOnce:
             with map_errors(what, publishing=True):
                 await producer.begin_transaction()
                 txn.open = True
-                send = producer.send
-                for topic, body, key, headers in pending:
-                    await send(topic, body, key=key, headers=headers)
+                await send_burst(producer, pending, self._hashes)
                 if point > track.committed:
                     await producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
                 await producer.commit_transaction()
