@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from aiokafka.structs import TopicPartition
 
+    from oncely.brokers._kafka_delivery import Output
     from oncely.brokers._kafka_link import BrokerLink
 
 __all__ = ["KafkaSubscription"]
@@ -281,17 +282,13 @@ class KafkaSubscription(Subscription):
         assert self._eos is not None
         await self._eos.fail(delivery, how, delay, reason, attempt)
 
-    def eos_buffer(
-        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> bool:
+    def eos_buffer(self, delivery: KafkaDelivery, output: Output) -> bool:
         assert self._eos is not None
-        return self._eos.buffer(delivery, topic, body, headers)
+        return self._eos.buffer(delivery, output)
 
-    def eos_produce(
-        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> Awaitable[None]:
+    def eos_produce(self, delivery: KafkaDelivery, output: Output) -> Awaitable[None]:
         assert self._eos is not None
-        return self._eos.produce(delivery, topic, body, headers)
+        return self._eos.produce(delivery, output)
 
     # -- commits and rebalances --------------------------------------------------------------------
 

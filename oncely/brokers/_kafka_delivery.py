@@ -61,13 +61,9 @@ class Settler(Protocol):
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
     ) -> None: ...
 
-    def eos_buffer(
-        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> bool: ...
+    def eos_buffer(self, delivery: KafkaDelivery, output: Output) -> bool: ...
 
-    def eos_produce(
-        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> Awaitable[None]: ...
+    def eos_produce(self, delivery: KafkaDelivery, output: Output) -> Awaitable[None]: ...
 
 
 def record_identity(
@@ -271,14 +267,27 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
         headers: Mapping[str, str] | None = None,
         message_id: str | None = None,
     ) -> str:
-        merged = check_headers(headers)
         # Deterministic by default: a replay after an abort gives its outputs the same ids,
         # so consumers outside the transaction can deduplicate them too.
-        merged[Headers.MESSAGE_ID] = message_id or f"{self.id}/{len(self.outputs)}"
+        mid = message_id or f"{self.id}/{len(self.outputs)}"
+        # check_headers() and the encoding in one pass: this runs for every output.
+        encoded: list[tuple[str, bytes]] = []
+        key: bytes | None = None
+        if headers:
+            for name, value in headers.items():
+                if not (isinstance(name, str) and isinstance(value, str)):
+                    check_headers(headers)  # raises the precise TypeError
+                if name == Headers.MESSAGE_ID:
+                    continue
+                encoded.append((name, value.encode()))
+                if name == Headers.KEY:
+                    key = encoded[-1][1]
+        encoded.append((Headers.MESSAGE_ID, mid.encode()))
         self._check()
-        if not self._settler.eos_buffer(self, topic, body, merged):
-            await self._settler.eos_produce(self, topic, body, merged)  # creates the topic
-        return merged[Headers.MESSAGE_ID]
+        output: Output = (topic, body, key, encoded)
+        if not self._settler.eos_buffer(self, output):
+            await self._settler.eos_produce(self, output)  # creates the topic first
+        return mid
 
 
 def retry_headers(delivery: KafkaDelivery, attempt: int, due: float | None) -> dict[str, str]:

@@ -49,7 +49,6 @@ from oncely.brokers._kafka_options import (
     map_errors,
     retry_topic,
 )
-from oncely.brokers.base import Headers
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
 
 if TYPE_CHECKING:
@@ -206,28 +205,22 @@ class ExactlyOnce:
         assert isinstance(txn, _Txn)
         return txn
 
-    def buffer(
-        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> bool:
+    def buffer(self, delivery: KafkaDelivery, output: Output) -> bool:
         """Buffer an output in its delivery (it is sent when its offset is reached), unless
-        ``topic`` is not known to exist yet: false then, and ``produce`` must create it."""
-        if topic not in self._broker.known_topics:
+        its topic is not known to exist yet: false then, and ``produce`` must create it."""
+        if output[0] not in self._broker.known_topics:
             return False
-        key = headers.get(Headers.KEY)
-        delivery.outputs.append(
-            (topic, body, key.encode() if key is not None else None, encode_headers(headers))
-        )
+        delivery.outputs.append(output)
         return True
 
-    async def produce(
-        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> None:
-        """``buffer``, creating ``topic`` first if need be."""
+    async def produce(self, delivery: KafkaDelivery, output: Output) -> None:
+        """``buffer``, creating the output's topic first if need be."""
+        topic = output[0]
         if topic not in self._broker.known_topics:
             await self._broker.ensure_topics([topic])
             if delivery.settled:  # acked meanwhile: its outputs went to the transaction
                 raise AlreadySettled(f"delivery {delivery.id} was settled while producing")
-        self.buffer(delivery, topic, body, headers)
+        delivery.outputs.append(output)
 
     async def fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int

@@ -71,3 +71,35 @@ def test_key_hashes_are_bounded_and_stable() -> None:
     assert [hashes.of(b"k%d" % i) for i in range(10)] == first
     assert len(hashes._known) <= 4
     assert all(0 <= h <= 0x7FFFFFFF for h in first)
+
+
+async def test_an_outputs_headers_key_and_id_go_out_as_given(unique: str) -> None:
+    """A handler's headers travel UTF-8 encoded, its key becomes the record key, and the id
+    is the deterministic ``<delivery id>/<n>`` unless one is given; headers that are not
+    ``str`` to ``str`` fail the produce and buffer nothing."""
+    out = f"{unique}-out"
+    async with KafkaBroker.from_url(kafka_url(exactly_once=unique)) as broker:
+        await broker.ensure_topics([out])
+        await broker.publish(unique, b"in", message_id="m1")
+        async with broker.consume(unique, prefetch=1, visibility=30) as sub:
+            delivery = await asyncio.wait_for(sub.__anext__(), 15)
+            assert isinstance(delivery, ExactlyOnceDelivery)
+            with pytest.raises(TypeError, match="str to str"):
+                await delivery.produce(out, b"bad", headers={"n": 1})  # type: ignore[dict-item]
+            assert delivery.outputs == []
+            first = await delivery.produce(
+                out, b"a", headers={"oncely-key": "kä", "x": "é", "oncely-message-id": "gone"}
+            )
+            second = await delivery.produce(out, b"b", message_id="chosen")
+            await delivery.ack()
+    assert (first, second) == ("m1/0", "chosen")
+    records = await read_topic(out)
+    assert [r.value for r in records] == [b"a", b"b"]
+    assert records[0].key == "kä".encode()
+    assert dict(records[0].headers) == {
+        "oncely-key": "kä".encode(),
+        "x": "é".encode(),
+        "oncely-message-id": b"m1/0",
+    }
+    assert records[1].key is None
+    assert dict(records[1].headers) == {"oncely-message-id": b"chosen"}
