@@ -49,12 +49,12 @@ from oncely.brokers._kafka_options import (
     map_errors,
     retry_topic,
 )
+from oncely.brokers._kafka_txn import Txn, stop_producer
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
-    from aiokafka import AIOKafkaProducer
     from aiokafka.structs import TopicPartition
 
     from oncely.brokers._kafka_delivery import KafkaDelivery, Output
@@ -66,41 +66,6 @@ __all__ = ["ExactlyOnce"]
 log = logging.getLogger("oncely.brokers.kafka")
 
 
-class _Txn:
-    """The transactional producer of one input partition and its open transaction."""
-
-    __slots__ = (
-        "count",
-        "finished",
-        "lock",
-        "open",
-        "pending",
-        "producer",
-        "since",
-        "tp",
-        "track",
-        "unclear",
-    )
-
-    def __init__(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
-        self.tp = tp
-        self.producer = producer
-        self.lock = asyncio.Lock()
-        self.open = False
-        self.count = 0
-        """Records passed since the last commit (those with no outputs too)."""
-        self.since = 0.0
-        """When the first of them was passed (monotonic)."""
-        self.finished: dict[int, list[Output]] = {}
-        """Outputs of settled records not passed yet, by offset."""
-        self.pending: list[Output] = []
-        """Outputs of passed records, in offset order, for the next transaction."""
-        self.track: PartitionTrack | None = None
-        self.unclear = False
-        """A commit was cancelled half way: the producer may be inside a transaction whose
-        outputs are gone, so nothing may commit on it until a new producer resolves it."""
-
-
 class ExactlyOnce:
     """The exactly-once side of one ``KafkaSubscription``."""
 
@@ -108,7 +73,7 @@ class ExactlyOnce:
         self._sub = sub
         self._broker = broker
         self._opts = broker.options
-        self._txns: dict[TopicPartition, _Txn] = {}
+        self._txns: dict[TopicPartition, Txn] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._hashes = KeyHashes()
 
@@ -134,15 +99,15 @@ class ExactlyOnce:
                 # InitProducerId: fences the previous owner and resolves its open transaction.
                 await producer.start()
         except BaseException:
-            await _stop_producer(producer)
+            await stop_producer(producer)
             raise
         if (old := self._txns.pop(tp, None)) is not None:
             await self._stop(old)  # a producer of an earlier ownership nobody released
-        txn = _Txn(tp, producer)
+        txn = Txn(tp, producer)
         self._txns[tp] = txn
         await self._rewind_to_committed(txn)
 
-    async def _rewind_to_committed(self, txn: _Txn) -> None:
+    async def _rewind_to_committed(self, txn: Txn) -> None:
         consumer = self._sub.consumer
         assert consumer is not None
         with map_errors(f"reading the committed offset of {txn.tp}"):
@@ -195,14 +160,14 @@ class ExactlyOnce:
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
 
-    async def _stop(self, txn: _Txn) -> None:
-        await _stop_producer(txn.producer)
+    async def _stop(self, txn: Txn) -> None:
+        await stop_producer(txn.producer)
 
     # -- the Settler side ----------------------------------------------------------------------
 
-    def _txn_of(self, delivery: KafkaDelivery) -> _Txn:
+    def _txn_of(self, delivery: KafkaDelivery) -> Txn:
         txn = delivery.track.eos
-        assert isinstance(txn, _Txn)
+        assert isinstance(txn, Txn)
         return txn
 
     def buffer(self, delivery: KafkaDelivery, output: Output) -> bool:
@@ -256,7 +221,7 @@ class ExactlyOnce:
             return self._flush_locked(txn)
         return None
 
-    async def _flush_locked(self, txn: _Txn) -> None:
+    async def _flush_locked(self, txn: Txn) -> None:
         # Nothing runs between ``ack``'s check and this: the caller awaits it at once, and
         # taking a free asyncio lock does not suspend.
         async with txn.lock:
@@ -264,7 +229,7 @@ class ExactlyOnce:
 
     # -- sending and committing ----------------------------------------------------------------
 
-    def _pass(self, txn: _Txn, track: PartitionTrack) -> None:
+    def _pass(self, txn: Txn, track: PartitionTrack) -> None:
         """Move the outputs of the records the lowest unfinished offset has just passed to
         the pending list, in offset order. No I/O, so no lock: ``_commit`` takes its offset
         and its outputs in one step, and what is passed later goes to the next transaction."""
@@ -286,7 +251,7 @@ class ExactlyOnce:
                     pending.extend(outputs)
         self._sub.shrank(track)
 
-    def _due(self, txn: _Txn) -> bool:
+    def _due(self, txn: Txn) -> bool:
         return bool(txn.count) and (
             txn.count >= self._opts.txn_messages
             or time.monotonic() - txn.since >= self._opts.txn_interval
@@ -300,7 +265,7 @@ class ExactlyOnce:
                     with contextlib.suppress(BrokerError):  # handled: rewound or given up
                         await self._flush(txn)
 
-    async def _flush(self, txn: _Txn, *, force: bool = False, recover: bool = True) -> None:
+    async def _flush(self, txn: Txn, *, force: bool = False, recover: bool = True) -> None:
         """Commit what was passed if the budget is spent (or ``force``: until nothing is
         left, records settled meanwhile included). Call with ``txn.lock`` held. A failure
         gives the partition up (fenced) or starts it over from the committed offset, unless
@@ -328,7 +293,7 @@ class ExactlyOnce:
             await self._reinit(txn)
             raise DeliveryExpired(f"the transaction on {txn.tp} failed: {exc}") from exc
 
-    async def _commit(self, txn: _Txn, track: PartitionTrack) -> None:
+    async def _commit(self, txn: Txn, track: PartitionTrack) -> None:
         """One transaction: the pending outputs, then the offset every passed record reached."""
         # Not commit_point(): a record done but not passed yet has outputs that are not in
         # this transaction; committing past it would drop them. Records passed while this
@@ -362,7 +327,7 @@ class ExactlyOnce:
         txn.open = False
         track.committed = max(track.committed, point)
 
-    async def _reinit(self, txn: _Txn) -> None:
+    async def _reinit(self, txn: Txn) -> None:
         """After an unclear transaction outcome: a new producer (same id) resolves it, and the
         committed offset read after that says where to start."""
         try:
@@ -381,7 +346,7 @@ class ExactlyOnce:
                 self._sub.kill(txn.track)
             self._sub.fail(exc)
 
-    def _lose(self, txn: _Txn) -> None:
+    def _lose(self, txn: Txn) -> None:
         """Fenced: give the partition up, and the subscription too. Usually another member
         owns the partition now, but a fence can also come from no member at all (a tool with
         the same transactional id, a transaction the coordinator timed out): then no
@@ -401,8 +366,3 @@ class ExactlyOnce:
         task = asyncio.get_running_loop().create_task(self._stop(txn))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
-
-
-async def _stop_producer(producer: AIOKafkaProducer) -> None:
-    with contextlib.suppress(Exception):
-        await producer.stop()
