@@ -136,6 +136,8 @@ class KafkaSubscription(Subscription):
     def _ingest(self, tp: TopicPartition, records: list[Any], now: float) -> None:
         track = self.tracks.get(tp)
         if track is None or not track.live or track.suspended:
+            if track is None and self._eos is not None:
+                self._eos.wake(tp)  # a dormant retry partition has records: take it now
             return  # not ours (yet): the owner reads it from the committed offset
         if tp.topic not in self._retry_topics:
             track.take_all(records)
@@ -328,6 +330,8 @@ class KafkaSubscription(Subscription):
                 await asyncio.wait_for(self._settle_event.wait(), left)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self._eos is not None:
+            await self._eos.forget(revoked)
         tracks = [t for tp in revoked if (t := self.tracks.get(tp)) is not None and t.live]
         for track in tracks:
             track.suspended = True
@@ -434,6 +438,7 @@ class KafkaSubscription(Subscription):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._poller
         if self._eos is not None:
+            await self._eos.forget()  # the poll loop has stopped: nothing wakes any more
             await self._eos.release(live)
         else:
             await self.commit(live)

@@ -30,6 +30,12 @@ transaction that fails to commit (or whose commit was cancelled half way) is res
 producer (same id), and the partition rewinds to the committed offset read after that. A
 fenced producer means another member owns the partition: this member drops it and its
 deliveries expire.
+
+A retry topic's partition is usually empty, so it stays dormant (no producer, no offset read)
+until the fetcher returns a record of it: then it is paused, taken as above (fence, then read
+the committed offset) and resumed from there, the fetched records read again. Anything a
+previous owner's open transaction on it holds is above its committed offset, so that
+transaction is always resolved before a record of the partition runs here.
 """
 
 from __future__ import annotations
@@ -76,6 +82,9 @@ class ExactlyOnce:
         self._txns: dict[TopicPartition, Txn] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._hashes = KeyHashes()
+        self._dormant: set[TopicPartition] = set()
+        """Retry-topic partitions owned but not taken: no record of theirs was fetched yet."""
+        self._waking: dict[TopicPartition, asyncio.Task[None]] = {}
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return f"oncely-{self._opts.group}-{tp.topic}-{tp.partition}"
@@ -83,14 +92,54 @@ class ExactlyOnce:
     # -- ownership -----------------------------------------------------------------------------
 
     async def acquire(self, tps: list[TopicPartition]) -> None:
-        """Take newly assigned partitions: init each producer, then read the committed offset."""
-        results = await asyncio.gather(*(self._acquire(tp) for tp in tps), return_exceptions=True)
-        for tp, result in zip(tps, results, strict=True):
+        """Take newly assigned partitions: init each producer, then read the committed offset.
+        Retry-topic partitions stay dormant until ``wake``."""
+        now = [tp for tp in tps if tp.topic == self._sub.topic]
+        self._dormant.update(tp for tp in tps if tp.topic != self._sub.topic)
+        results = await asyncio.gather(*(self._acquire(tp) for tp in now), return_exceptions=True)
+        for tp, result in zip(now, results, strict=True):
             if isinstance(result, BaseException):
                 # Without its producer the partition cannot run: fail the subscription so
                 # the worker resubscribes (and the group reassigns it).
                 log.error("kafka: could not take %s exactly-once: %r", tp, result)
                 self._sub.fail(result)
+
+    def wake(self, tp: TopicPartition) -> None:
+        """A record of ``tp`` was fetched: if it is dormant, pause it (what was fetched is
+        read again) and take it in the background; taking it resumes it."""
+        if tp not in self._dormant:
+            return
+        self._dormant.discard(tp)
+        if self._sub.consumer is not None:
+            with contextlib.suppress(Exception):  # not assigned any more: the revoke forgets it
+                self._sub.consumer.pause(tp)
+        loop = asyncio.get_running_loop()
+        self._waking[tp] = loop.create_task(self._wake(tp), name=f"oncely-kafka-take-{tp}")
+
+    async def _wake(self, tp: TopicPartition) -> None:
+        try:
+            await self._acquire(tp)
+        except Exception as exc:
+            log.error("kafka: could not take %s exactly-once: %r", tp, exc)
+            self._sub.fail(exc)  # as in acquire: the worker resubscribes
+        finally:
+            self._waking.pop(tp, None)
+
+    async def forget(self, tps: set[TopicPartition] | None = None) -> None:
+        """Drop dormant partitions among ``tps`` (all if ``None``) and stop taking those being
+        woken: nothing of theirs ran yet, and a half-taken one's producer is stopped."""
+        if tps is None:
+            tps = self._dormant | set(self._waking)
+        self._dormant.difference_update(tps)
+        waking = {tp: task for tp in tps if (task := self._waking.get(tp)) is not None}
+        for task in waking.values():
+            task.cancel()
+        await asyncio.gather(*waking.values(), return_exceptions=True)
+        for tp in waking:
+            txn = self._txns.get(tp)
+            if txn is not None and txn.track is None:  # cancelled before it got its track
+                del self._txns[tp]
+                await self._stop(txn)
 
     async def _acquire(self, tp: TopicPartition) -> None:
         producer = self._broker.transactional_producer(self.transactional_id(tp))
@@ -150,6 +199,7 @@ class ExactlyOnce:
         stop every producer still held. ``release`` only saw the partitions live when the
         close began; this also covers ones given up earlier and ones a rebalance under way
         took during the close (left running, they would leak with their connections)."""
+        await self.forget()
         txns, self._txns = list(self._txns.values()), {}
         for txn in txns:
             async with txn.lock:
