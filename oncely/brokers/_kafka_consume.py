@@ -238,7 +238,10 @@ class KafkaSubscription(Subscription):
         following = track.complete(delivery.record)
         if following is not None:
             self._ready.append((track, following))
-        self.shrank(track)
+        if track.eos is None or track.hold_until:
+            # Exactly-once, the window only shrinks as records are passed (``_pass`` calls
+            # this then): one call less per record.
+            self.shrank(track)
         self._changed.set()
         self._settle_event.set()
 

@@ -288,11 +288,12 @@ class ExactlyOnce:
             return
         if not txn.count:
             txn.since = time.monotonic()
-        txn.count += len(passed)
+        count = txn.count = txn.count + len(passed)
         # Beyond a transaction's budget only while a commit runs (else this ack commits):
         # those count in the window, so a slow commit pauses the partition instead of letting
         # outputs pile up without bound.
-        track.held = max(0, txn.count - self._opts.txn_messages)
+        held = count - self._opts.txn_messages
+        track.held = held if held > 0 else 0
         finished = txn.finished
         if finished:
             pending = txn.pending
