@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from aiokafka.structs import TopicPartition
 
+    from oncely.brokers._kafka_delivery import Output
     from oncely.brokers._kafka_link import BrokerLink
 
 __all__ = ["KafkaSubscription"]
@@ -135,6 +136,8 @@ class KafkaSubscription(Subscription):
     def _ingest(self, tp: TopicPartition, records: list[Any], now: float) -> None:
         track = self.tracks.get(tp)
         if track is None or not track.live or track.suspended:
+            if track is None and self._eos is not None:
+                self._eos.wake(tp)  # a dormant retry partition has records: take it now
             return  # not ours (yet): the owner reads it from the committed offset
         if tp.topic not in self._retry_topics:
             track.take_all(records)
@@ -235,7 +238,10 @@ class KafkaSubscription(Subscription):
         following = track.complete(delivery.record)
         if following is not None:
             self._ready.append((track, following))
-        self.shrank(track)
+        if track.eos is None or track.hold_until:
+            # Exactly-once, the window only shrinks as records are passed (``_pass`` calls
+            # this then): one call less per record.
+            self.shrank(track)
         self._changed.set()
         self._settle_event.set()
 
@@ -269,9 +275,9 @@ class KafkaSubscription(Subscription):
         headers = dead_letter_headers(delivery, reason, time.time())
         await self._broker.send(dlq, delivery.body, key=delivery.record.key, headers=headers)
 
-    # Not coroutines themselves: each hands back the exactly-once side's, one frame less per
-    # record.
-    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None]:
+    # Not coroutines: on the per-record path each hands the exactly-once side's work back, a
+    # coroutine only where there is I/O to await.
+    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
         assert self._eos is not None
         return self._eos.ack(delivery)
 
@@ -281,11 +287,13 @@ class KafkaSubscription(Subscription):
         assert self._eos is not None
         await self._eos.fail(delivery, how, delay, reason, attempt)
 
-    def eos_produce(
-        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> Awaitable[str]:
+    def eos_buffer(self, delivery: KafkaDelivery, output: Output) -> bool:
         assert self._eos is not None
-        return self._eos.produce(delivery, topic, body, headers)
+        return self._eos.buffer(delivery, output)
+
+    def eos_produce(self, delivery: KafkaDelivery, output: Output) -> Awaitable[None]:
+        assert self._eos is not None
+        return self._eos.produce(delivery, output)
 
     # -- commits and rebalances --------------------------------------------------------------------
 
@@ -325,6 +333,8 @@ class KafkaSubscription(Subscription):
                 await asyncio.wait_for(self._settle_event.wait(), left)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self._eos is not None:
+            await self._eos.forget(revoked)
         tracks = [t for tp in revoked if (t := self.tracks.get(tp)) is not None and t.live]
         for track in tracks:
             track.suspended = True
@@ -431,6 +441,7 @@ class KafkaSubscription(Subscription):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._poller
         if self._eos is not None:
+            await self._eos.forget()  # the poll loop has stopped: nothing wakes any more
             await self._eos.release(live)
         else:
             await self.commit(live)

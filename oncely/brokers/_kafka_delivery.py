@@ -55,15 +55,15 @@ class Settler(Protocol):
 
     async def dead_letter(self, delivery: KafkaDelivery, reason: str) -> None: ...
 
-    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None]: ...
+    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None: ...
 
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
     ) -> None: ...
 
-    def eos_produce(
-        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> Awaitable[str]: ...
+    def eos_buffer(self, delivery: KafkaDelivery, output: Output) -> bool: ...
+
+    def eos_produce(self, delivery: KafkaDelivery, output: Output) -> Awaitable[None]: ...
 
 
 def record_identity(
@@ -174,14 +174,16 @@ class KafkaDelivery(Delivery):
         self._settler.settled(self)
         if self.track.eos is not None:
             # Marked done first: the transaction this may commit must include its offset.
-            await self._settler.eos_ack(self)
+            if (commit := self._settler.eos_ack(self)) is not None:
+                await commit
 
     async def _settle_exactly_once(self) -> None:
         # Marked done first: the transaction this may commit must include its offset. Its
         # outputs (or its retry or dead-letter record) go out once every lower offset is done.
         self._check()
         self.mark_settled()
-        await self._settler.eos_ack(self)
+        if (commit := self._settler.eos_ack(self)) is not None:
+            await commit
 
     async def nack(
         self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
@@ -265,12 +267,27 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
         headers: Mapping[str, str] | None = None,
         message_id: str | None = None,
     ) -> str:
-        merged = check_headers(headers)
         # Deterministic by default: a replay after an abort gives its outputs the same ids,
         # so consumers outside the transaction can deduplicate them too.
-        merged[Headers.MESSAGE_ID] = message_id or f"{self.id}/{len(self.outputs)}"
+        mid = message_id or f"{self.id}/{len(self.outputs)}"
+        # check_headers() and the encoding in one pass: this runs for every output.
+        encoded: list[tuple[str, bytes]] = []
+        key: bytes | None = None
+        if headers:
+            for name, value in headers.items():
+                if not (isinstance(name, str) and isinstance(value, str)):
+                    check_headers(headers)  # raises the precise TypeError
+                if name == Headers.MESSAGE_ID:
+                    continue
+                encoded.append((name, value.encode()))
+                if name == Headers.KEY:
+                    key = encoded[-1][1]
+        encoded.append((Headers.MESSAGE_ID, mid.encode()))
         self._check()
-        return await self._settler.eos_produce(self, topic, body, merged)
+        output: Output = (topic, body, key, encoded)
+        if not self._settler.eos_buffer(self, output):
+            await self._settler.eos_produce(self, output)  # creates the topic first
+        return mid
 
 
 def retry_headers(delivery: KafkaDelivery, attempt: int, due: float | None) -> dict[str, str]:

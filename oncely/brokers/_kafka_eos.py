@@ -30,6 +30,12 @@ transaction that fails to commit (or whose commit was cancelled half way) is res
 producer (same id), and the partition rewinds to the committed offset read after that. A
 fenced producer means another member owns the partition: this member drops it and its
 deliveries expire.
+
+A retry topic's partition is usually empty, so it stays dormant (no producer, no offset read)
+until the fetcher returns a record of it: then it is paused, taken as above (fence, then read
+the committed offset) and resumed from there, the fetched records read again. Anything a
+previous owner's open transaction on it holds is above its committed offset, so that
+transaction is always resolved before a record of the partition runs here.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from oncely.brokers._kafka_burst import KeyHashes, send_burst
 from oncely.brokers._kafka_delivery import dead_letter_headers, retry_headers
 from oncely.brokers._kafka_options import (
     bucket_for,
@@ -48,11 +55,12 @@ from oncely.brokers._kafka_options import (
     map_errors,
     retry_topic,
 )
-from oncely.brokers.base import Headers
+from oncely.brokers._kafka_txn import Txn, stop_producer
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaProducer
+    from collections.abc import Awaitable
+
     from aiokafka.structs import TopicPartition
 
     from oncely.brokers._kafka_delivery import KafkaDelivery, Output
@@ -64,41 +72,6 @@ __all__ = ["ExactlyOnce"]
 log = logging.getLogger("oncely.brokers.kafka")
 
 
-class _Txn:
-    """The transactional producer of one input partition and its open transaction."""
-
-    __slots__ = (
-        "count",
-        "finished",
-        "lock",
-        "open",
-        "pending",
-        "producer",
-        "since",
-        "tp",
-        "track",
-        "unclear",
-    )
-
-    def __init__(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
-        self.tp = tp
-        self.producer = producer
-        self.lock = asyncio.Lock()
-        self.open = False
-        self.count = 0
-        """Records passed since the last commit (those with no outputs too)."""
-        self.since = 0.0
-        """When the first of them was passed (monotonic)."""
-        self.finished: dict[int, list[Output]] = {}
-        """Outputs of settled records not passed yet, by offset."""
-        self.pending: list[Output] = []
-        """Outputs of passed records, in offset order, for the next transaction."""
-        self.track: PartitionTrack | None = None
-        self.unclear = False
-        """A commit was cancelled half way: the producer may be inside a transaction whose
-        outputs are gone, so nothing may commit on it until a new producer resolves it."""
-
-
 class ExactlyOnce:
     """The exactly-once side of one ``KafkaSubscription``."""
 
@@ -106,8 +79,12 @@ class ExactlyOnce:
         self._sub = sub
         self._broker = broker
         self._opts = broker.options
-        self._txns: dict[TopicPartition, _Txn] = {}
+        self._txns: dict[TopicPartition, Txn] = {}
         self._stopping: set[asyncio.Task[None]] = set()
+        self._hashes = KeyHashes()
+        self._dormant: set[TopicPartition] = set()
+        """Retry-topic partitions owned but not taken: no record of theirs was fetched yet."""
+        self._waking: dict[TopicPartition, asyncio.Task[None]] = {}
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return f"oncely-{self._opts.group}-{tp.topic}-{tp.partition}"
@@ -115,14 +92,54 @@ class ExactlyOnce:
     # -- ownership -----------------------------------------------------------------------------
 
     async def acquire(self, tps: list[TopicPartition]) -> None:
-        """Take newly assigned partitions: init each producer, then read the committed offset."""
-        results = await asyncio.gather(*(self._acquire(tp) for tp in tps), return_exceptions=True)
-        for tp, result in zip(tps, results, strict=True):
+        """Take newly assigned partitions: init each producer, then read the committed offset.
+        Retry-topic partitions stay dormant until ``wake``."""
+        now = [tp for tp in tps if tp.topic == self._sub.topic]
+        self._dormant.update(tp for tp in tps if tp.topic != self._sub.topic)
+        results = await asyncio.gather(*(self._acquire(tp) for tp in now), return_exceptions=True)
+        for tp, result in zip(now, results, strict=True):
             if isinstance(result, BaseException):
                 # Without its producer the partition cannot run: fail the subscription so
                 # the worker resubscribes (and the group reassigns it).
                 log.error("kafka: could not take %s exactly-once: %r", tp, result)
                 self._sub.fail(result)
+
+    def wake(self, tp: TopicPartition) -> None:
+        """A record of ``tp`` was fetched: if it is dormant, pause it (what was fetched is
+        read again) and take it in the background; taking it resumes it."""
+        if tp not in self._dormant:
+            return
+        self._dormant.discard(tp)
+        if self._sub.consumer is not None:
+            with contextlib.suppress(Exception):  # not assigned any more: the revoke forgets it
+                self._sub.consumer.pause(tp)
+        loop = asyncio.get_running_loop()
+        self._waking[tp] = loop.create_task(self._wake(tp), name=f"oncely-kafka-take-{tp}")
+
+    async def _wake(self, tp: TopicPartition) -> None:
+        try:
+            await self._acquire(tp)
+        except Exception as exc:
+            log.error("kafka: could not take %s exactly-once: %r", tp, exc)
+            self._sub.fail(exc)  # as in acquire: the worker resubscribes
+        finally:
+            self._waking.pop(tp, None)
+
+    async def forget(self, tps: set[TopicPartition] | None = None) -> None:
+        """Drop dormant partitions among ``tps`` (all if ``None``) and stop taking those being
+        woken: nothing of theirs ran yet, and a half-taken one's producer is stopped."""
+        if tps is None:
+            tps = self._dormant | set(self._waking)
+        self._dormant.difference_update(tps)
+        waking = {tp: task for tp in tps if (task := self._waking.get(tp)) is not None}
+        for task in waking.values():
+            task.cancel()
+        await asyncio.gather(*waking.values(), return_exceptions=True)
+        for tp in waking:
+            txn = self._txns.get(tp)
+            if txn is not None and txn.track is None:  # cancelled before it got its track
+                del self._txns[tp]
+                await self._stop(txn)
 
     async def _acquire(self, tp: TopicPartition) -> None:
         producer = self._broker.transactional_producer(self.transactional_id(tp))
@@ -131,15 +148,15 @@ class ExactlyOnce:
                 # InitProducerId: fences the previous owner and resolves its open transaction.
                 await producer.start()
         except BaseException:
-            await _stop_producer(producer)
+            await stop_producer(producer)
             raise
         if (old := self._txns.pop(tp, None)) is not None:
             await self._stop(old)  # a producer of an earlier ownership nobody released
-        txn = _Txn(tp, producer)
+        txn = Txn(tp, producer)
         self._txns[tp] = txn
         await self._rewind_to_committed(txn)
 
-    async def _rewind_to_committed(self, txn: _Txn) -> None:
+    async def _rewind_to_committed(self, txn: Txn) -> None:
         consumer = self._sub.consumer
         assert consumer is not None
         with map_errors(f"reading the committed offset of {txn.tp}"):
@@ -182,6 +199,7 @@ class ExactlyOnce:
         stop every producer still held. ``release`` only saw the partitions live when the
         close began; this also covers ones given up earlier and ones a rebalance under way
         took during the close (left running, they would leak with their connections)."""
+        await self.forget()
         txns, self._txns = list(self._txns.values()), {}
         for txn in txns:
             async with txn.lock:
@@ -192,29 +210,32 @@ class ExactlyOnce:
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
 
-    async def _stop(self, txn: _Txn) -> None:
-        await _stop_producer(txn.producer)
+    async def _stop(self, txn: Txn) -> None:
+        await stop_producer(txn.producer)
 
     # -- the Settler side ----------------------------------------------------------------------
 
-    def _txn_of(self, delivery: KafkaDelivery) -> _Txn:
+    def _txn_of(self, delivery: KafkaDelivery) -> Txn:
         txn = delivery.track.eos
-        assert isinstance(txn, _Txn)
+        assert isinstance(txn, Txn)
         return txn
 
-    async def produce(
-        self, delivery: KafkaDelivery, topic: str, body: bytes, headers: dict[str, str]
-    ) -> str:
-        """Buffer an output in its delivery; it is sent when its offset is reached."""
+    def buffer(self, delivery: KafkaDelivery, output: Output) -> bool:
+        """Buffer an output in its delivery (it is sent when its offset is reached), unless
+        its topic is not known to exist yet: false then, and ``produce`` must create it."""
+        if output[0] not in self._broker.known_topics:
+            return False
+        delivery.outputs.append(output)
+        return True
+
+    async def produce(self, delivery: KafkaDelivery, output: Output) -> None:
+        """``buffer``, creating the output's topic first if need be."""
+        topic = output[0]
         if topic not in self._broker.known_topics:
             await self._broker.ensure_topics([topic])
             if delivery.settled:  # acked meanwhile: its outputs went to the transaction
                 raise AlreadySettled(f"delivery {delivery.id} was settled while producing")
-        key = headers.get(Headers.KEY)
-        delivery.outputs.append(
-            (topic, body, key.encode() if key is not None else None, encode_headers(headers))
-        )
-        return headers[Headers.MESSAGE_ID]
+        delivery.outputs.append(output)
 
     async def fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
@@ -233,11 +254,12 @@ class ExactlyOnce:
             topic, headers = self._sub.topic, retry_headers(delivery, attempt, None)
         delivery.outputs = [(topic, delivery.body, delivery.record.key, encode_headers(headers))]
 
-    async def ack(self, delivery: KafkaDelivery) -> None:
+    def ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
         """Called once the delivery's offset was marked done: its outputs wait by offset, the
-        records that became contiguous are passed, and a transaction commits if one is due
-        and none is committing (that one's task does not wait for this: the next ack, or
-        the poll loop's ``flush_due``, commits what was passed meanwhile)."""
+        records that became contiguous are passed, and if a transaction is due and none is
+        committing, the commit is returned for the caller to await (that one's task does not
+        wait for this: the next ack, or the poll loop's ``flush_due``, commits what was
+        passed meanwhile). No coroutine unless there is I/O to do: this runs per record."""
         track = delivery.track
         txn = self._txn_of(delivery)
         if not track.live or txn.track is not track:
@@ -246,12 +268,18 @@ class ExactlyOnce:
             txn.finished[delivery.record.offset] = delivery.outputs
         self._pass(txn, track)
         if self._due(txn) and not txn.lock.locked():
-            async with txn.lock:
-                await self._flush(txn)
+            return self._flush_locked(txn)
+        return None
+
+    async def _flush_locked(self, txn: Txn) -> None:
+        # Nothing runs between ``ack``'s check and this: the caller awaits it at once, and
+        # taking a free asyncio lock does not suspend.
+        async with txn.lock:
+            await self._flush(txn)
 
     # -- sending and committing ----------------------------------------------------------------
 
-    def _pass(self, txn: _Txn, track: PartitionTrack) -> None:
+    def _pass(self, txn: Txn, track: PartitionTrack) -> None:
         """Move the outputs of the records the lowest unfinished offset has just passed to
         the pending list, in offset order. No I/O, so no lock: ``_commit`` takes its offset
         and its outputs in one step, and what is passed later goes to the next transaction."""
@@ -260,11 +288,12 @@ class ExactlyOnce:
             return
         if not txn.count:
             txn.since = time.monotonic()
-        txn.count += len(passed)
+        count = txn.count = txn.count + len(passed)
         # Beyond a transaction's budget only while a commit runs (else this ack commits):
         # those count in the window, so a slow commit pauses the partition instead of letting
         # outputs pile up without bound.
-        track.held = max(0, txn.count - self._opts.txn_messages)
+        held = count - self._opts.txn_messages
+        track.held = held if held > 0 else 0
         finished = txn.finished
         if finished:
             pending = txn.pending
@@ -273,7 +302,7 @@ class ExactlyOnce:
                     pending.extend(outputs)
         self._sub.shrank(track)
 
-    def _due(self, txn: _Txn) -> bool:
+    def _due(self, txn: Txn) -> bool:
         return bool(txn.count) and (
             txn.count >= self._opts.txn_messages
             or time.monotonic() - txn.since >= self._opts.txn_interval
@@ -287,7 +316,7 @@ class ExactlyOnce:
                     with contextlib.suppress(BrokerError):  # handled: rewound or given up
                         await self._flush(txn)
 
-    async def _flush(self, txn: _Txn, *, force: bool = False, recover: bool = True) -> None:
+    async def _flush(self, txn: Txn, *, force: bool = False, recover: bool = True) -> None:
         """Commit what was passed if the budget is spent (or ``force``: until nothing is
         left, records settled meanwhile included). Call with ``txn.lock`` held. A failure
         gives the partition up (fenced) or starts it over from the committed offset, unless
@@ -315,7 +344,7 @@ class ExactlyOnce:
             await self._reinit(txn)
             raise DeliveryExpired(f"the transaction on {txn.tp} failed: {exc}") from exc
 
-    async def _commit(self, txn: _Txn, track: PartitionTrack) -> None:
+    async def _commit(self, txn: Txn, track: PartitionTrack) -> None:
         """One transaction: the pending outputs, then the offset every passed record reached."""
         # Not commit_point(): a record done but not passed yet has outputs that are not in
         # this transaction; committing past it would drop them. Records passed while this
@@ -332,9 +361,7 @@ class ExactlyOnce:
             with map_errors(what, publishing=True):
                 await producer.begin_transaction()
                 txn.open = True
-                send = producer.send
-                for topic, body, key, headers in pending:
-                    await send(topic, body, key=key, headers=headers)
+                await send_burst(producer, pending, self._hashes)
                 if point > track.committed:
                     await producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
                 await producer.commit_transaction()
@@ -351,7 +378,7 @@ class ExactlyOnce:
         txn.open = False
         track.committed = max(track.committed, point)
 
-    async def _reinit(self, txn: _Txn) -> None:
+    async def _reinit(self, txn: Txn) -> None:
         """After an unclear transaction outcome: a new producer (same id) resolves it, and the
         committed offset read after that says where to start."""
         try:
@@ -370,7 +397,7 @@ class ExactlyOnce:
                 self._sub.kill(txn.track)
             self._sub.fail(exc)
 
-    def _lose(self, txn: _Txn) -> None:
+    def _lose(self, txn: Txn) -> None:
         """Fenced: give the partition up, and the subscription too. Usually another member
         owns the partition now, but a fence can also come from no member at all (a tool with
         the same transactional id, a transaction the coordinator timed out): then no
@@ -390,8 +417,3 @@ class ExactlyOnce:
         task = asyncio.get_running_loop().create_task(self._stop(txn))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
-
-
-async def _stop_producer(producer: AIOKafkaProducer) -> None:
-    with contextlib.suppress(Exception):
-        await producer.stop()

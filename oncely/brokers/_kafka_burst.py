@@ -1,0 +1,110 @@
+"""Sending an exactly-once transaction's outputs: one record batch per output partition.
+
+``AIOKafkaProducer.send`` costs a coroutine, a partitioner call (murmur2 in pure Python) and a
+future per record. A transaction's outputs are all known when it commits, so they are appended
+straight into one ``BatchBuilder`` per output partition and handed over with ``send_batch``:
+the same records in the same partitions (aiokafka's ``DefaultPartitioner``, its murmur2 hash
+memoised per key), in the same order within each partition, for less CPU. ``send_batch``
+joins the batch to the open transaction like ``send`` does, ``commit_transaction`` waits for
+every batch, and a batch the broker refuses fails the commit, as before.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner, murmur2
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Iterable
+
+    from aiokafka import AIOKafkaProducer
+
+    from oncely.brokers._kafka_delivery import Output
+
+__all__ = ["KeyHashes", "send_burst"]
+
+MAX_REQUEST = 1_048_576
+"""aiokafka's default ``max_request_size``, which oncely's transactional producers keep:
+``send`` refuses a larger record before it goes out, and so does ``send_burst``."""
+
+
+class KeyHashes:
+    """murmur2 of record keys (masked positive, as ``DefaultPartitioner`` uses it), memoised:
+    keys repeat, and the pure-Python hash is the largest part of choosing a partition."""
+
+    __slots__ = ("_known", "_limit")
+
+    def __init__(self, limit: int = 65_536) -> None:
+        self._known: dict[bytes, int] = {}
+        self._limit = limit
+
+    def of(self, key: bytes) -> int:
+        known = self._known
+        value = known.get(key)
+        if value is None:
+            if len(known) >= self._limit:
+                known.clear()  # bounded: a stream of ever new keys starts the memo over
+            value = known[key] = murmur2(key) & 0x7FFFFFFF
+        return value
+
+
+async def send_burst(
+    producer: AIOKafkaProducer, outputs: Iterable[Output], hashes: KeyHashes
+) -> None:
+    """Queue ``outputs`` (in order) in ``producer``'s open transaction, a batch per output
+    partition; a batch that fills is handed over and the next one started.
+
+    Raises:
+        MessageSizeTooLargeError: a record over ``MAX_REQUEST`` (nothing is committed: the
+            caller's transaction fails, as with ``send``).
+    """
+    batches: dict[tuple[str, int], Any] = {}
+    layouts: dict[str, tuple[list[int], list[int]]] = {}
+    for topic, value, key, headers in outputs:
+        layout = layouts.get(topic)
+        if layout is None:
+            layout = layouts[topic] = await _layout(producer, topic)
+        every = layout[0]
+        if key is None:
+            partition = DefaultPartitioner()(None, every, layout[1])  # random, like send
+        else:
+            partition = every[hashes.of(key) % len(every)]
+        batch = batches.get((topic, partition))
+        if batch is not None:
+            if batch.append(timestamp=None, key=key, value=value, headers=headers) is not None:
+                continue
+            await _hand_over(producer, batch, topic, partition)  # full
+        batch = batches[(topic, partition)] = producer.create_batch()
+        # The first record of a batch always goes in, whatever its size.
+        batch.append(timestamp=None, key=key, value=value, headers=headers)
+        if batch.size() > MAX_REQUEST:
+            raise MessageSizeTooLargeError(
+                f"a record for {topic} is {batch.size()} bytes when serialized, over the "
+                f"producer's max_request_size ({MAX_REQUEST})"
+            )
+    for (topic, partition), batch in batches.items():
+        await _hand_over(producer, batch, topic, partition)
+
+
+async def _layout(producer: AIOKafkaProducer, topic: str) -> tuple[list[int], list[int]]:
+    """All partitions of ``topic`` (listed as ``send`` lists them) and the available ones."""
+    every = list(await producer.partitions_for(topic))
+    available = list(producer.client.cluster.available_partitions_for_topic(topic) or ())
+    return every, available
+
+
+async def _hand_over(producer: AIOKafkaProducer, batch: Any, topic: str, partition: int) -> None:
+    # Closed, the batch is ready at once: nothing else may join it, so no linger helps.
+    batch.close()
+    future: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+    # Nobody awaits it (the commit reports a failed batch): retrieve its outcome so a
+    # failure is not also logged as "exception was never retrieved".
+    future.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

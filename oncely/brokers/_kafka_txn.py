@@ -1,0 +1,56 @@
+"""The transactional producer of one exactly-once partition and its open transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.structs import TopicPartition
+
+    from oncely.brokers._kafka_delivery import Output
+    from oncely.brokers._kafka_track import PartitionTrack
+
+__all__ = ["Txn", "stop_producer"]
+
+
+class Txn:
+    """The transactional producer of one input partition and its open transaction."""
+
+    __slots__ = (
+        "count",
+        "finished",
+        "lock",
+        "open",
+        "pending",
+        "producer",
+        "since",
+        "tp",
+        "track",
+        "unclear",
+    )
+
+    def __init__(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
+        self.tp = tp
+        self.producer = producer
+        self.lock = asyncio.Lock()
+        self.open = False
+        self.count = 0
+        """Records passed since the last commit (those with no outputs too)."""
+        self.since = 0.0
+        """When the first of them was passed (monotonic)."""
+        self.finished: dict[int, list[Output]] = {}
+        """Outputs of settled records not passed yet, by offset."""
+        self.pending: list[Output] = []
+        """Outputs of passed records, in offset order, for the next transaction."""
+        self.track: PartitionTrack | None = None
+        self.unclear = False
+        """A commit was cancelled half way: the producer may be inside a transaction whose
+        outputs are gone, so nothing may commit on it until a new producer resolves it."""
+
+
+async def stop_producer(producer: AIOKafkaProducer) -> None:
+    with contextlib.suppress(Exception):
+        await producer.stop()
