@@ -140,7 +140,12 @@ async def test_exactly_once_copy_survives_repeated_sigkills(unique: str, report:
         f"the log; {elapsed:.1f}s ({n / elapsed:.0f} msgs/s)"
     )
     assert (duplicates, missing, out_of_order, len(outputs)) == (0, 0, 0, n)
-    assert killed == kills and uncommitted > 0, "the kills must have aborted transactions"
+    # Each kill lands while the victim holds fetched records whose offsets are not committed
+    # (its handlers ran, their outputs buffered for the next transaction): the new owner reads
+    # them again, which is what the zero duplicates above are about. Whether a kill also caught
+    # a transaction's outputs already in the log (aborted records, printed above) is luck:
+    # outputs go out in one burst just before the commit, so most kills find none there.
+    assert killed == kills
 
 
 async def eventually_progress(group: str, topic: str, target: int) -> None:
