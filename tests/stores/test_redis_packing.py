@@ -6,7 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
+from oncely.errors import ConfigError
+from oncely.stores._redis_url import parse_redis_url
 from oncely.stores._redis_wire import ascii_compatible, pack_batch
 from oncely.stores.base import Begin, Outcome
 from oncely.stores.redis import RedisStore
@@ -51,3 +54,19 @@ async def test_text_that_is_not_ascii_goes_through_the_general_packer(
         encoding = ("utf-8", "strict")
         for call in submitted:
             assert pack_batch([call], encoding) == pack_batch([call._replace(argv=None)], encoding)
+
+
+@pytest.mark.anyio
+async def test_a_client_whose_encoding_is_not_ascii_compatible_is_a_config_error(
+    unique: str, anyio_backend: object
+) -> None:
+    # Its scripts would go out in that encoding too: a Lua syntax error on SCRIPT LOAD.
+    [(host, port)] = parse_redis_url(REDIS_URL).nodes
+    client = Redis(host=host, port=port, encoding="utf-16")
+    try:
+        store = RedisStore(client, prefix=f"{unique}:")
+        with pytest.raises(ConfigError, match=r"encoding 'utf-16'.*ASCII-compatible"):
+            await store.connect()
+        assert await client.ping()  # a given client is the caller's: left open
+    finally:
+        await client.aclose()
