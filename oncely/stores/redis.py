@@ -57,6 +57,7 @@ from oncely.stores._redis_wire import (
     ascii_compatible,
     batch_command,
     by_slot,
+    check_encoding,
     encoding_of,
     outcomes,
     pack_batch,
@@ -175,14 +176,7 @@ class RedisStore(IdempotencyStore):
             client = (
                 self._given if self._given is not None else build_client(self._require_options())
             )
-            encoding = encoding_of(client)
-            if not ascii_compatible(encoding):
-                # The scripts' source and every argument go out in it: SCRIPT LOAD would fail
-                # with a Lua syntax error.
-                raise ConfigError(
-                    f"redis client encoding {encoding[0]!r} does not write ASCII as ASCII; "
-                    "the store needs an ASCII-compatible one (utf-8, the default)"
-                )
+            check_encoding(client)
             try:
                 with map_errors("connect"):
                     await client.ping()
