@@ -105,6 +105,11 @@ async def test_the_batch_connection_takes_the_given_clients_database(
             assert (await store.begin("k", "fp", LONG)).outcome is Outcome.NEW
             assert await client.exists(store.redis_key("k")) == 1
             assert await db0.exists(store.redis_key("k")) == 0
+            # Opened again (after the server closed it), it selects that database again.
+            assert await db0.client_kill(_client_addr(store))
+            assert (await store.begin("k2", "fp", LONG)).outcome is Outcome.NEW
+            assert await client.exists(store.redis_key("k2")) == 1
+            assert await db0.exists(store.redis_key("k2")) == 0
         # The store leaves a given client open, and its own connection closed.
         assert await client.ping()
         assert store._wire is None
