@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from redis import exceptions as rx
@@ -162,10 +162,6 @@ class Dedicated:
     def __init__(self, client: Redis) -> None:
         self._conn = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         self._turn = asyncio.Lock()
-        # redis-py 8 renamed it (the old name warns); 5.x has only the old one.
-        self._stale: Callable[[], Awaitable[bool]] = (
-            getattr(self._conn, "can_read", None) or self._conn.can_read_destructive
-        )
 
     async def send(self, packed: bytes) -> Any:
         """Send one packed command and read its reply, retried as the client's own commands
@@ -183,17 +179,13 @@ class Dedicated:
             await conn.disconnect()
 
         async with self._turn:
-            # What the pool checks on every checkout (redis-py 8 only looks at its buffers):
-            # a connection the server closed while idle (or, never expected, with bytes
-            # unread) is opened again before the batch goes out, rather than fail the batch
-            # where the client's ``Retry`` retries nothing (or back off first).
-            if conn.is_connected:
-                try:
-                    stale = await self._stale()
-                except (rx.ConnectionError, OSError):
-                    stale = True
-                if stale:
-                    await conn.disconnect()
+            # A connection the server closed while idle (an idle timeout, a proxy) is opened
+            # again before the batch goes out, rather than fail the batch where the client's
+            # ``Retry`` retries nothing, or back off first. (redis-py's pool looks for it on
+            # checkout where maintenance notifications are off; a pooled batch was no safer.)
+            reader = getattr(conn, "_reader", None)
+            if reader is not None and reader.at_eof():
+                await conn.disconnect()
             return await conn.retry.call_with_retry(once, failed)
 
     async def connect(self) -> None:

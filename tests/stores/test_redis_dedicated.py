@@ -45,9 +45,9 @@ def _given_client(**kwargs: Any) -> Redis:
 async def test_a_batch_connection_the_server_closed_is_opened_again(
     unique: str, anyio_backend: object
 ) -> None:
-    # A client of the user's that retries nothing: a pooled connection the server closed
-    # while idle is still replaced on checkout, so the batch connection must not fail the
-    # next batch (every call in it, failing closed) where the pool would not have.
+    # A client of the user's that retries nothing: a batch connection the server closed
+    # while idle (an idle timeout, a proxy) must not fail the next batch, every call in it
+    # failing closed; it is seen closed and opened again before the batch goes out.
     client = _given_client(retry=Retry(NoBackoff(), 0))
     admin = _given_client()
     try:
