@@ -133,7 +133,9 @@ class AmqpBroker(Broker, DeadLetterAdmin):
     its own confirm. Each subscription has its own channel with ``basic.qos(prefetch)``.
     """
 
-    ack_on_caller: ClassVar[bool] = True  # acks are flushed on their own task (_amqp_acks)
+    # Batched acks are flushed on a task of their own (_amqp_acks); an unbatched one writes
+    # its frame on the caller's task, with no timeout (aiormq's basic_ack has none).
+    ack_on_caller: ClassVar[bool] = True
 
     capabilities = Capabilities(
         native_delay=False,

@@ -54,6 +54,7 @@ class Pipeliner(Generic[T, R]):
         self._abandoned = abandoned
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._giving: set[asyncio.Task[None]] = set()  # batches answered, giving back
         self._scheduled = False
 
     async def submit(self, item: T) -> R:
@@ -78,9 +79,9 @@ class Pipeliner(Generic[T, R]):
 
     async def drain(self) -> None:
         """Wait until every queued item has been written (or failed)."""
-        while self._queue or self._tasks:
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._queue or self._tasks or self._giving:
+            if self._tasks or self._giving:
+                await asyncio.gather(*self._tasks, *self._giving, return_exceptions=True)
             else:
                 await asyncio.sleep(0)
 
@@ -94,10 +95,15 @@ class Pipeliner(Generic[T, R]):
             task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._giving.discard(task)
         if not task.cancelled() and task.exception() is not None:
             # _run catches what write raises; anything else is a bug worth a traceback.
             log.error("redis store batch failed", exc_info=task.exception())
+        self._free(task)
+
+    def _free(self, task: asyncio.Task[None]) -> None:
+        """``task`` no longer holds a slot: the next batch may go."""
+        self._tasks.discard(task)
         if self._queue and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._kick)
@@ -111,8 +117,15 @@ class Pipeliner(Generic[T, R]):
                 return
             answered = answer(batch, outcomes)
             # Only after every waiter has its answer: a give-back is a round trip of its own.
+            # Out of the batch's slot, too: with one batch in flight, the calls of every other
+            # run (completes, renewals) would wait behind each give-back. drain() still
+            # waits for them.
             give_back = self._abandoned
-            if give_back is not None:
+            if give_back is not None and answered:
+                task = asyncio.current_task()
+                assert task is not None
+                self._giving.add(task)
+                self._free(task)
                 for item, value in answered:
                     await give_back(item, value)
         except BaseException:

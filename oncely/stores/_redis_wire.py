@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from redis import exceptions as rx
 from redis.crc import key_slot
 
-from oncely.errors import StoreError, StoreUnavailable
+from oncely.errors import ConfigError, StoreError, StoreUnavailable
 from oncely.stores._redis_scripts import SCRIPTS, Script
 
 if TYPE_CHECKING:
@@ -79,6 +79,17 @@ def ascii_compatible(encoding: tuple[str, str]) -> bool:
         return text.decode("ascii").encode(*encoding) == text
     except (UnicodeError, LookupError):
         return False
+
+
+def check_encoding(client: Redis | RedisCluster) -> None:
+    """Raise ``ConfigError`` unless the client's encoding is ASCII-compatible: the scripts'
+    source goes out in it too, and SCRIPT LOAD would fail on a Lua syntax error."""
+    encoding = encoding_of(client)
+    if not ascii_compatible(encoding):
+        raise ConfigError(
+            f"redis client encoding {encoding[0]!r} does not write ASCII as ASCII; "
+            "the store needs an ASCII-compatible one (utf-8, the default)"
+        )
 
 
 def pack_ints(*values: int) -> bytes:
@@ -168,6 +179,13 @@ class Dedicated:
             await conn.disconnect()
 
         async with self._turn:
+            # A connection the server closed while idle (an idle timeout, a proxy) is opened
+            # again before the batch goes out, rather than fail the batch where the client's
+            # ``Retry`` retries nothing, or back off first. (redis-py's pool looks for it on
+            # checkout where maintenance notifications are off; a pooled batch was no safer.)
+            reader = getattr(conn, "_reader", None)
+            if reader is not None and reader.at_eof():
+                await conn.disconnect()
             return await conn.retry.call_with_retry(once, failed)
 
     async def connect(self) -> None:

@@ -57,6 +57,7 @@ from oncely.stores._redis_wire import (
     ascii_compatible,
     batch_command,
     by_slot,
+    check_encoding,
     encoding_of,
     outcomes,
     pack_batch,
@@ -78,8 +79,9 @@ IN_FLIGHT = 1
 group commit. Each pipeline costs the client (and the server: a script call, a write and a
 wake-up) far more than each call in it, so fewer, fuller pipelines win: on RabbitMQ with 32
 handlers, 1 in flight gave 0.65x of no store where 2 gave 0.57x (one run, three interleaved
-rounds each), and 4 or 16 did worse again. A slow reply holds the next batch back, but never
-past the socket timeout, which fails it."""
+rounds each), and 4 or 16 did worse again. A slow reply holds the next batch back (lease
+renewals too), but no longer than the socket timeout times the client's tries (a URL client
+tries twice); a given client without ``socket_timeout`` sets no bound at all."""
 
 _BEGIN, _RENEW, _COMPLETE, _RELEASE = (
     SCRIPTS[n] for n in ("begin", "renew", "complete", "release")
@@ -174,6 +176,7 @@ class RedisStore(IdempotencyStore):
             client = (
                 self._given if self._given is not None else build_client(self._require_options())
             )
+            check_encoding(client)
             try:
                 with map_errors("connect"):
                     await client.ping()

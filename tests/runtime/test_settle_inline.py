@@ -5,14 +5,17 @@ only those whose class vouches for the method that runs (``Broker.ack_on_caller`
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import ClassVar
 
 from oncely.brokers.amqp import AmqpBroker
 from oncely.brokers.memory import MemoryBroker
+from oncely.brokers.sqlite import SqliteBroker
 from oncely.runtime._finish import vouched
 from oncely.stores.memory import MemoryStore
 from oncely.stores.postgres import PostgresStore
 from oncely.stores.redis import RedisStore
+from oncely.stores.sqlite import SqliteStore
 from tests.runtime._faulty import WrappedBroker
 
 
@@ -26,10 +29,17 @@ class VouchedAgain(TimedStore):
     complete_on_caller: ClassVar[bool] = True
 
 
-def test_the_shipped_backends_vouch_for_their_own_settles() -> None:
-    for broker in (MemoryBroker(), AmqpBroker("amqp://127.0.0.1/")):
+def test_the_shipped_backends_vouch_for_their_own_settles(tmp_path: Path) -> None:
+    brokers = (MemoryBroker(), SqliteBroker(tmp_path / "b.db"), AmqpBroker("amqp://127.0.0.1/"))
+    for broker in brokers:
         assert vouched(broker, "ack_on_caller", "consume")
-    for store in (MemoryStore(), RedisStore(), PostgresStore("postgresql://127.0.0.1/x")):
+    stores = (
+        MemoryStore(),
+        SqliteStore(tmp_path / "s.db"),
+        RedisStore(),
+        PostgresStore("postgresql://127.0.0.1/x"),
+    )
+    for store in stores:
         assert vouched(store, "complete_on_caller", "complete")
 
 

@@ -57,3 +57,39 @@ async def test_waiters_get_their_answers_while_an_abandoned_item_is_given_back(
         give_back_may_finish.set()
         await batcher.drain()
     assert cancelled.cancelled()
+
+
+@pytest.mark.anyio
+async def test_a_slow_give_back_does_not_hold_the_next_batch_back(anyio_backend: object) -> None:
+    # With one batch in flight, a give-back run in the batch's slot (a round trip per
+    # abandoned item, each up to a socket or command timeout) held every later call back:
+    # completes and renewals of other runs too.
+    give_back_may_finish = asyncio.Event()
+    giving_back = asyncio.Event()
+    may_answer = asyncio.Event()
+    writing = asyncio.Event()
+
+    async def write(items: list[str]) -> list[str | Exception]:
+        writing.set()
+        await may_answer.wait()
+        return [f"granted {item}" for item in items]
+
+    async def abandoned(item: str, value: str) -> None:
+        giving_back.set()
+        await give_back_may_finish.wait()
+
+    batcher: Pipeliner[str, str] = Pipeliner(write, limit=8, in_flight=1, abandoned=abandoned)
+    cancelled = asyncio.ensure_future(batcher.submit("a"))
+    await asyncio.wait_for(writing.wait(), 10)
+    cancelled.cancel()
+    may_answer.set()
+    try:
+        await asyncio.wait_for(giving_back.wait(), 10)
+        assert await asyncio.wait_for(batcher.submit("b"), 10) == "granted b"
+        draining = asyncio.ensure_future(batcher.drain())
+        await asyncio.sleep(0)
+        assert not draining.done(), "drain() must wait for the give-back"
+    finally:
+        give_back_may_finish.set()
+        await batcher.drain()
+    assert cancelled.cancelled()

@@ -1,0 +1,129 @@
+"""The Redis store's batch connection (``oncely.stores._redis_wire.Dedicated``): one connection
+made from the client's pool options and kept out of the pool. It must heal as a pooled one
+does (a connection the server closed is opened again), never hand one batch another's reply,
+and take the given client's options."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from oncely.stores._redis_url import parse_redis_url
+from oncely.stores.base import Outcome
+from oncely.stores.redis import RedisStore
+from tests._wait import eventually
+from tests.stores._redis_support import REDIS_URL, private_redis, with_options
+
+LONG = 30.0
+
+
+def _batch_connection(store: RedisStore) -> Any:
+    wire = store._wire
+    assert wire is not None, "a standalone store batches on its own connection"
+    return wire._conn
+
+
+def _client_addr(store: RedisStore) -> str:
+    """The batch connection's own address, as ``CLIENT LIST`` and ``CLIENT KILL`` name it."""
+    host, port = _batch_connection(store)._writer.get_extra_info("sockname")[:2]
+    return f"{host}:{port}"
+
+
+def _given_client(**kwargs: Any) -> Redis:
+    options = parse_redis_url(REDIS_URL)
+    [(host, port)] = options.nodes
+    return Redis(host=host, port=port, **kwargs)
+
+
+@pytest.mark.anyio
+async def test_a_batch_connection_the_server_closed_is_opened_again(
+    unique: str, anyio_backend: object
+) -> None:
+    # A client of the user's that retries nothing: a batch connection the server closed
+    # while idle (an idle timeout, a proxy) must not fail the next batch, every call in it
+    # failing closed; it is seen closed and opened again before the batch goes out.
+    client = _given_client(retry=Retry(NoBackoff(), 0))
+    admin = _given_client()
+    try:
+        async with RedisStore(client, prefix=f"{unique}:") as store:
+            assert (await store.begin("a", "fp", LONG)).outcome is Outcome.NEW
+            addr = _client_addr(store)
+            assert await admin.client_kill(addr)  # as an idle timeout or a proxy would
+            conn = _batch_connection(store)
+            await eventually(lambda: conn._reader is None or conn._reader.at_eof())
+            assert (await store.begin("b", "fp", LONG)).outcome is Outcome.NEW
+            assert _client_addr(store) != addr
+    finally:
+        await admin.aclose()
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_batch_cancelled_mid_read_leaves_no_reply_for_the_next(
+    tmp_path: Path, anyio_backend: object
+) -> None:
+    async with private_redis(tmp_path) as server, RedisStore(server.url) as store:
+        done = await store.begin("done", "fp", LONG)
+        assert done.token is not None
+        await store.complete("done", done.token, b"result", LONG)
+        conn = _batch_connection(store)
+        reading = asyncio.Event()
+        read_response = conn.read_response
+
+        async def spy(*args: Any, **kwargs: Any) -> Any:
+            reading.set()  # the batch is out; its reply is on its way
+            return await read_response(*args, **kwargs)
+
+        conn.read_response = spy
+        server.pause()
+        cut = asyncio.ensure_future(store.begin("fresh", "fp", LONG))
+        await asyncio.wait_for(reading.wait(), 10)
+        [batch] = store._batch._tasks
+        batch.cancel()  # what a loop shutting down does to the batch task
+        with pytest.raises(asyncio.CancelledError):
+            await cut
+        server.resume()  # the server now answers the cut batch ("fresh" is NEW)
+        # The next batch must read its own reply, not the cut one's.
+        again = await store.begin("done", "fp", LONG)
+        assert (again.outcome, again.result) == (Outcome.COMPLETED, b"result")
+
+
+@pytest.mark.anyio
+async def test_the_batch_connection_takes_the_given_clients_database(
+    unique: str, anyio_backend: object
+) -> None:
+    client = _given_client(db=5)
+    db0 = _given_client(db=0)
+    try:
+        async with RedisStore(client, prefix=f"{unique}:") as store:
+            assert (await store.begin("k", "fp", LONG)).outcome is Outcome.NEW
+            assert await client.exists(store.redis_key("k")) == 1
+            assert await db0.exists(store.redis_key("k")) == 0
+            # Opened again (after the server closed it), it selects that database again.
+            assert await db0.client_kill(_client_addr(store))
+            assert (await store.begin("k2", "fp", LONG)).outcome is Outcome.NEW
+            assert await client.exists(store.redis_key("k2")) == 1
+            assert await db0.exists(store.redis_key("k2")) == 0
+        # The store leaves a given client open, and its own connection closed.
+        assert await client.ping()
+        assert store._wire is None
+    finally:
+        await db0.aclose()
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_aclose_closes_the_batch_connection(unique: str, anyio_backend: object) -> None:
+    store = RedisStore(with_options(REDIS_URL, prefix=f"{unique}:"))
+    await store.connect()
+    conn = _batch_connection(store)
+    assert (await store.begin("k", "fp", LONG)).outcome is Outcome.NEW
+    assert conn.is_connected
+    await store.aclose()
+    assert not conn.is_connected
