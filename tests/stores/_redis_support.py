@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import anyio
@@ -112,3 +113,10 @@ async def private_redis(
             with contextlib.suppress(ProcessLookupError):
                 server.resume()
             await server.kill()
+
+
+def batch_connection(store: Any) -> Any:
+    """The redis-py connection a standalone ``RedisStore`` sends its batches on."""
+    wire = store._wire
+    assert wire is not None, "a standalone store batches on its own connection"
+    return wire._conn

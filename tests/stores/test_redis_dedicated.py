@@ -18,20 +18,14 @@ from oncely.stores._redis_url import parse_redis_url
 from oncely.stores.base import Outcome
 from oncely.stores.redis import RedisStore
 from tests._wait import eventually
-from tests.stores._redis_support import REDIS_URL, private_redis, with_options
+from tests.stores._redis_support import REDIS_URL, batch_connection, private_redis, with_options
 
 LONG = 30.0
 
 
-def _batch_connection(store: RedisStore) -> Any:
-    wire = store._wire
-    assert wire is not None, "a standalone store batches on its own connection"
-    return wire._conn
-
-
 def _client_addr(store: RedisStore) -> str:
     """The batch connection's own address, as ``CLIENT LIST`` and ``CLIENT KILL`` name it."""
-    host, port = _batch_connection(store)._writer.get_extra_info("sockname")[:2]
+    host, port = batch_connection(store)._writer.get_extra_info("sockname")[:2]
     return f"{host}:{port}"
 
 
@@ -55,7 +49,7 @@ async def test_a_batch_connection_the_server_closed_is_opened_again(
             assert (await store.begin("a", "fp", LONG)).outcome is Outcome.NEW
             addr = _client_addr(store)
             assert await admin.client_kill(addr)  # as an idle timeout or a proxy would
-            conn = _batch_connection(store)
+            conn = batch_connection(store)
             await eventually(lambda: conn._reader is None or conn._reader.at_eof())
             assert (await store.begin("b", "fp", LONG)).outcome is Outcome.NEW
             assert _client_addr(store) != addr
@@ -72,7 +66,7 @@ async def test_a_batch_cancelled_mid_read_leaves_no_reply_for_the_next(
         done = await store.begin("done", "fp", LONG)
         assert done.token is not None
         await store.complete("done", done.token, b"result", LONG)
-        conn = _batch_connection(store)
+        conn = batch_connection(store)
         reading = asyncio.Event()
         read_response = conn.read_response
 
@@ -119,10 +113,10 @@ async def test_the_batch_connection_takes_the_given_clients_database(
 
 
 @pytest.mark.anyio
-async def test_aclose_closes_the_batch_connection(unique: str, anyio_backend: object) -> None:
+async def test_aclose_closes_thebatch_connection(unique: str, anyio_backend: object) -> None:
     store = RedisStore(with_options(REDIS_URL, prefix=f"{unique}:"))
     await store.connect()
-    conn = _batch_connection(store)
+    conn = batch_connection(store)
     assert (await store.begin("k", "fp", LONG)).outcome is Outcome.NEW
     assert conn.is_connected
     await store.aclose()
