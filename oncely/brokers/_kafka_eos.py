@@ -46,7 +46,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from oncely.brokers._kafka_burst import KeyHashes, send_burst
+from oncely.brokers._kafka_burst import KeyHashes, delivered, send_burst
 from oncely.brokers._kafka_delivery import dead_letter_headers, retry_headers
 from oncely.brokers._kafka_options import (
     bucket_for,
@@ -361,9 +361,10 @@ class ExactlyOnce:
             with map_errors(what, publishing=True):
                 await producer.begin_transaction()
                 txn.open = True
-                await send_burst(producer, pending, self._hashes)
+                sent = await send_burst(producer, pending, self._hashes)
                 if point > track.committed:
                     await producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
+                await delivered(sent)  # aiokafka commits without a batch it could not write
                 await producer.commit_transaction()
         except BrokerError:
             raise
