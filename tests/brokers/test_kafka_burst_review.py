@@ -25,13 +25,13 @@ def anyio_backend() -> str:
 
 async def _create_small_topic(topic: str, max_message_bytes: int) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    await admin.start()
+    await admin.start()  # type: ignore[no-untyped-call]
     try:
-        await admin.create_topics(
-            [NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": str(max_message_bytes)})]
-        )
+        config = {"max.message.bytes": str(max_message_bytes)}
+        new = NewTopic(topic, 1, 1, topic_configs=config)  # type: ignore[no-untyped-call]
+        await admin.create_topics([new])
     finally:
-        await admin.close()
+        await admin.close()  # type: ignore[no-untyped-call]
 
 
 async def test_an_output_batch_the_broker_refuses_fails_the_transaction(unique: str) -> None:
