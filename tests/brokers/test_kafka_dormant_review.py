@@ -4,6 +4,7 @@ move its start past records already there. Real Kafka."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from aiokafka.structs import TopicPartition
@@ -53,3 +54,36 @@ async def test_a_retry_record_runs_when_a_latest_group_takes_its_partition_late(
             await again.ack()
     assert [r.value for r in await read_topic(out)] == [b"out-a"]
     assert await committed_offsets(group, retry.topic) == {0: 1}
+
+
+@pytest.mark.parametrize("when", ["at once", "once its producer is registered"])
+async def test_no_transactional_producer_outlives_a_close_during_a_take(
+    unique: str, when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dormant partition woken just before the close: whether the close finds its take
+    starting the producer or reading the offset, every producer made is stopped. (The
+    subscription's own maps are emptied by the close whatever happened to the producers,
+    so this looks at the producers themselves.)"""
+    retry = TopicPartition(retry_topic(unique, 1.0), 0)
+    async with KafkaBroker.from_url(kafka_url(exactly_once=unique)) as broker:
+        made: list[Any] = []
+        make = broker.transactional_producer
+
+        def tracked(transactional_id: str) -> Any:
+            producer = make(transactional_id)
+            made.append(producer)
+            return producer
+
+        monkeypatch.setattr(broker, "transactional_producer", tracked)
+        await broker.publish(unique, b"a")
+        sub = broker.consume(unique, prefetch=1, visibility=30)
+        first = await asyncio.wait_for(sub.__anext__(), 15)
+        eos = sub._eos
+        assert eos is not None
+        eos.wake(retry, 0)  # as a fetched record of it would
+        if when != "at once":
+            await eventually(lambda: retry in eos._txns, 30)
+        await first.ack()
+        await sub.aclose()
+        assert len(made) == 2  # the input partition's and the retry partition's
+        assert [p._closed for p in made] == [True, True]
