@@ -4,6 +4,7 @@ move its start past records already there. Real Kafka."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -87,3 +88,25 @@ async def test_no_transactional_producer_outlives_a_close_during_a_take(
         await sub.aclose()
         assert len(made) == 2  # the input partition's and the retry partition's
         assert [p._closed for p in made] == [True, True]
+
+
+async def test_a_retry_from_a_dormant_partition_does_not_run_before_it_is_due(
+    unique: str,
+) -> None:
+    """Taking the partition when its record is fetched must not skip the delay: the record
+    runs once its ``oncely-due`` time has passed, never before."""
+    retry = TopicPartition(retry_topic(unique, 5.0), 0)
+    async with KafkaBroker.from_url(kafka_url(exactly_once=unique, txn_messages=1)) as broker:
+        await broker.publish(unique, b"a")
+        async with broker.consume(unique, prefetch=4, visibility=30) as sub:
+            first = await asyncio.wait_for(sub.__anext__(), 15)
+            eos = sub._eos
+            assert eos is not None and retry in eos._dormant
+            await first.nack(2.0)  # to the 5s retry topic, due in 2s
+            again = await asyncio.wait_for(sub.__anext__(), 30)
+            ran_at = time.time()
+            assert (again.id, again.record.topic) == (first.id, retry.topic)
+            assert retry in eos._txns  # it was taken from dormant on the way
+            due = float(dict(again.record.headers)["oncely-due"])
+            assert ran_at >= due
+            await again.ack()
