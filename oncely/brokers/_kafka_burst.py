@@ -5,8 +5,13 @@ future per record. A transaction's outputs are all known when it commits, so the
 straight into one ``BatchBuilder`` per output partition and handed over with ``send_batch``:
 the same records in the same partitions (aiokafka's ``DefaultPartitioner``, its murmur2 hash
 memoised per key), in the same order within each partition, for less CPU. ``send_batch``
-joins the batch to the open transaction like ``send`` does, ``commit_transaction`` waits for
-every batch, and a batch the broker refuses fails the commit, as before.
+joins the batch to the open transaction like ``send`` does.
+
+aiokafka's ``commit_transaction`` waits for every batch but not for its outcome: a batch the
+broker refuses for good (a record over the topic's ``max.message.bytes``, a partition without
+a leader for ``request_timeout_ms``) is dropped and the transaction still commits, the input
+offset with it. So the caller awaits what ``send_burst`` returns (``delivered``) before it
+commits: a refused batch fails the transaction instead.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ if TYPE_CHECKING:
 
     from oncely.brokers._kafka_delivery import Output
 
-__all__ = ["KeyHashes", "send_burst"]
+__all__ = ["KeyHashes", "delivered", "send_burst"]
 
 MAX_REQUEST = 1_048_576
 """aiokafka's default ``max_request_size``, which oncely's transactional producers keep:
@@ -53,15 +58,17 @@ class KeyHashes:
 
 async def send_burst(
     producer: AIOKafkaProducer, outputs: Iterable[Output], hashes: KeyHashes
-) -> None:
+) -> list[asyncio.Future[Any]]:
     """Queue ``outputs`` (in order) in ``producer``'s open transaction, a batch per output
-    partition; a batch that fills is handed over and the next one started.
+    partition; a batch that fills is handed over and the next one started. Returns each
+    batch's outcome, for ``delivered``.
 
     Raises:
         MessageSizeTooLargeError: a record over ``MAX_REQUEST`` (nothing is committed: the
             caller's transaction fails, as with ``send``).
     """
     batches: dict[tuple[str, int], Any] = {}
+    sent: list[asyncio.Future[Any]] = []
     layouts: dict[str, tuple[list[int], list[int]]] = {}
     for topic, value, key, headers in outputs:
         layout = layouts.get(topic)
@@ -76,7 +83,7 @@ async def send_burst(
         if batch is not None:
             if batch.append(timestamp=None, key=key, value=value, headers=headers) is not None:
                 continue
-            await _hand_over(producer, batch, topic, partition)  # full
+            sent.append(await _hand_over(producer, batch, topic, partition))  # full
         batch = batches[(topic, partition)] = producer.create_batch()
         # The first record of a batch always goes in, whatever its size.
         batch.append(timestamp=None, key=key, value=value, headers=headers)
@@ -86,7 +93,15 @@ async def send_burst(
                 f"producer's max_request_size ({MAX_REQUEST})"
             )
     for (topic, partition), batch in batches.items():
-        await _hand_over(producer, batch, topic, partition)
+        sent.append(await _hand_over(producer, batch, topic, partition))
+    return sent
+
+
+async def delivered(sent: list[asyncio.Future[Any]]) -> None:
+    """Wait until every batch of ``sent`` is written; raise the first one's error if any was
+    refused. Costs the commit no time: ``commit_transaction`` waits for them first anyway."""
+    for future in sent:
+        await future
 
 
 async def _layout(producer: AIOKafkaProducer, topic: str) -> tuple[list[int], list[int]]:
@@ -96,13 +111,16 @@ async def _layout(producer: AIOKafkaProducer, topic: str) -> tuple[list[int], li
     return every, available
 
 
-async def _hand_over(producer: AIOKafkaProducer, batch: Any, topic: str, partition: int) -> None:
+async def _hand_over(
+    producer: AIOKafkaProducer, batch: Any, topic: str, partition: int
+) -> asyncio.Future[Any]:
     # Closed, the batch is ready at once: nothing else may join it, so no linger helps.
     batch.close()
     future: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
-    # Nobody awaits it (the commit reports a failed batch): retrieve its outcome so a
-    # failure is not also logged as "exception was never retrieved".
+    # ``delivered`` stops at the first failure (and a cancelled commit awaits none): retrieve
+    # every outcome so a failure is not also logged as "exception was never retrieved".
     future.add_done_callback(_retrieve)
+    return future
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -137,7 +137,8 @@ class KafkaSubscription(Subscription):
         track = self.tracks.get(tp)
         if track is None or not track.live or track.suspended:
             if track is None and self._eos is not None:
-                self._eos.wake(tp)  # a dormant retry partition has records: take it now
+                # A dormant retry partition has records: take it now.
+                self._eos.wake(tp, records[0].offset)
             return  # not ours (yet): the owner reads it from the committed offset
         if tp.topic not in self._retry_topics:
             track.take_all(records)

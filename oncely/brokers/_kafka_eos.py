@@ -46,7 +46,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from oncely.brokers._kafka_burst import KeyHashes, send_burst
+from oncely.brokers._kafka_burst import KeyHashes, delivered, send_burst
 from oncely.brokers._kafka_delivery import dead_letter_headers, retry_headers
 from oncely.brokers._kafka_options import (
     bucket_for,
@@ -104,9 +104,10 @@ class ExactlyOnce:
                 log.error("kafka: could not take %s exactly-once: %r", tp, result)
                 self._sub.fail(result)
 
-    def wake(self, tp: TopicPartition) -> None:
-        """A record of ``tp`` was fetched: if it is dormant, pause it (what was fetched is
-        read again) and take it in the background; taking it resumes it."""
+    def wake(self, tp: TopicPartition, fetched: int) -> None:
+        """A record of ``tp`` was fetched (the first at offset ``fetched``): if it is dormant,
+        pause it (what was fetched is read again) and take it in the background; taking it
+        resumes it."""
         if tp not in self._dormant:
             return
         self._dormant.discard(tp)
@@ -114,11 +115,13 @@ class ExactlyOnce:
             with contextlib.suppress(Exception):  # not assigned any more: the revoke forgets it
                 self._sub.consumer.pause(tp)
         loop = asyncio.get_running_loop()
-        self._waking[tp] = loop.create_task(self._wake(tp), name=f"oncely-kafka-take-{tp}")
+        self._waking[tp] = loop.create_task(self._wake(tp, fetched), name=f"oncely-kafka-take-{tp}")
 
-    async def _wake(self, tp: TopicPartition) -> None:
+    async def _wake(self, tp: TopicPartition, fetched: int) -> None:
         try:
-            await self._acquire(tp)
+            # Without a committed offset it starts where the consumer's own reset put it,
+            # as it would have at the assignment: "latest" now is past the fetched record.
+            await self._acquire(tp, origin=fetched)
         except Exception as exc:
             log.error("kafka: could not take %s exactly-once: %r", tp, exc)
             self._sub.fail(exc)  # as in acquire: the worker resubscribes
@@ -141,7 +144,7 @@ class ExactlyOnce:
                 del self._txns[tp]
                 await self._stop(txn)
 
-    async def _acquire(self, tp: TopicPartition) -> None:
+    async def _acquire(self, tp: TopicPartition, *, origin: int | None = None) -> None:
         producer = self._broker.transactional_producer(self.transactional_id(tp))
         try:
             with map_errors(f"initialising the transactional producer of {tp}"):
@@ -153,6 +156,7 @@ class ExactlyOnce:
         if (old := self._txns.pop(tp, None)) is not None:
             await self._stop(old)  # a producer of an earlier ownership nobody released
         txn = Txn(tp, producer)
+        txn.origin = origin
         self._txns[tp] = txn
         await self._rewind_to_committed(txn)
 
@@ -162,12 +166,16 @@ class ExactlyOnce:
         with map_errors(f"reading the committed offset of {txn.tp}"):
             committed = await consumer.committed(txn.tp)
             if committed is None:
+                committed = txn.origin
+            if committed is None:
                 ends = await (
                     consumer.beginning_offsets([txn.tp])
                     if self._opts.auto_offset_reset == "earliest"
                     else consumer.end_offsets([txn.tp])
                 )
                 committed = ends[txn.tp]
+                # A rewind before the first commit starts here again, not at a later end.
+                txn.origin = committed
         self._sub.new_track(txn.tp, int(committed), txn)
         txn.track = self._sub.tracks[txn.tp]
         txn.finished.clear()
@@ -361,9 +369,10 @@ class ExactlyOnce:
             with map_errors(what, publishing=True):
                 await producer.begin_transaction()
                 txn.open = True
-                await send_burst(producer, pending, self._hashes)
+                sent = await send_burst(producer, pending, self._hashes)
                 if point > track.committed:
                     await producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
+                await delivered(sent)  # aiokafka commits without a batch it could not write
                 await producer.commit_transaction()
         except BrokerError:
             raise

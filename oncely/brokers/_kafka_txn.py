@@ -24,6 +24,7 @@ class Txn:
         "finished",
         "lock",
         "open",
+        "origin",
         "pending",
         "producer",
         "since",
@@ -45,6 +46,9 @@ class Txn:
         """Outputs of settled records not passed yet, by offset."""
         self.pending: list[Output] = []
         """Outputs of passed records, in offset order, for the next transaction."""
+        self.origin: int | None = None
+        """Where the partition starts while it has no committed offset: the end or beginning
+        read when it was taken, or the first record fetched of a dormant one."""
         self.track: PartitionTrack | None = None
         self.unclear = False
         """A commit was cancelled half way: the producer may be inside a transaction whose

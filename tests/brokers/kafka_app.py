@@ -45,3 +45,4 @@ async def record(body: bytes, ctx: oncely.Context) -> None:
 @app.handler(TOPIC, name="copy", concurrency=32, timeout=600)
 async def copy(body: bytes, ctx: oncely.Context) -> None:
     await ctx.produce(OUT, body, key=ctx.headers.get("oncely-key"))
+    _log(f"{ctx.delivery.id} {os.getpid()}")

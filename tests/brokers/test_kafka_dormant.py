@@ -64,7 +64,7 @@ async def test_closing_while_a_retry_partition_is_being_taken_stops_its_producer
         eos = sub._eos
         assert eos is not None
         retry = TopicPartition(retry_topic(unique, 1.0), 0)
-        eos.wake(retry)  # as a fetched record of it would
+        eos.wake(retry, 0)  # as a fetched record of it would
         assert retry in eos._waking
         await first.ack()
         await sub.aclose()

@@ -12,6 +12,7 @@ import asyncio
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from oncely.brokers._kafka_delivery import ExactlyOnceDelivery
 from oncely.brokers.kafka import KafkaBroker
 from tests._wait import eventually
 from tests.brokers.kafka_support import BOOTSTRAP, kafka_url, read_topic
-from tests.brokers.test_kafka import committed_offsets, spawn_worker
+from tests.brokers.test_kafka import committed_offsets, read_lines, spawn_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
 
@@ -79,7 +80,9 @@ async def eventually_offsets(group: str, topic: str, expected: dict[int, int]) -
 
 
 @pytest.mark.slow
-async def test_exactly_once_copy_survives_repeated_sigkills(unique: str, report: Any) -> None:
+async def test_exactly_once_copy_survives_repeated_sigkills(
+    unique: str, report: Any, tmp_path: Path
+) -> None:
     n, partitions, keys, kills = 50_000, 4, 64, 3
     src, out = f"{unique}-in", f"{unique}-out"
     group = f"g-{unique}"
@@ -93,7 +96,8 @@ async def test_exactly_once_copy_survives_repeated_sigkills(unique: str, report:
     ends = {p: 0 for p in range(partitions)}
     for r in inputs:
         ends[r.partition] = r.offset + 1
-    env = {"KAFKA_APP_TOPIC": src, "KAFKA_APP_OUT": out}
+    log_path = tmp_path / "runs.log"
+    env = {"KAFKA_APP_TOPIC": src, "KAFKA_APP_OUT": out, "KAFKA_APP_LOG": str(log_path)}
     procs = [spawn_worker(url, "copy", env) for _ in range(2)]
     started = time.monotonic()
     killed = 0
@@ -133,11 +137,13 @@ async def test_exactly_once_copy_survives_repeated_sigkills(unique: str, report:
             out_of_order += 1
         last[part] = offset
     uncommitted = len(await read_topic(out, committed_only=False)) - len(outputs)
+    runs = read_lines(log_path)
     report(
         f"kafka exactly-once copy: {n} messages, {partitions} partitions, 2 workers, "
         f"{killed} SIGKILLs: {len(outputs)} committed outputs, {duplicates} duplicates, "
-        f"{missing} missing, {out_of_order} out of order; {uncommitted} aborted records in "
-        f"the log; {elapsed:.1f}s ({n / elapsed:.0f} msgs/s)"
+        f"{missing} missing, {out_of_order} out of order; {len(runs) - n} handler runs "
+        f"again, {uncommitted} aborted records in the log; {elapsed:.1f}s "
+        f"({n / elapsed:.0f} msgs/s)"
     )
     assert (duplicates, missing, out_of_order, len(outputs)) == (0, 0, 0, n)
     # Each kill lands while the victim holds fetched records whose offsets are not committed
@@ -146,6 +152,11 @@ async def test_exactly_once_copy_survives_repeated_sigkills(unique: str, report:
     # a transaction's outputs already in the log (aborted records, printed above) is luck:
     # outputs go out in one burst just before the commit, so most kills find none there.
     assert killed == kills
+    # What the kills must have done: caught records whose handlers had run (their outputs
+    # produced) but whose transaction had not committed, so they ran again at the new owner,
+    # and still each output above is committed once. Without this the test could pass with
+    # kills that found nothing in flight.
+    assert len(set(runs)) == n and len(runs) > n, "no kill caught a record in flight"
 
 
 async def eventually_progress(group: str, topic: str, target: int) -> None:
