@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from oncely.brokers._kafka_burst import MAX_REQUEST, oversize
 from oncely.brokers.base import (
     Delivery,
     Headers,
@@ -11,7 +12,13 @@ from oncely.brokers.base import (
     check_headers,
     error_headers,
 )
-from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired, NotSupported
+from oncely.errors import (
+    AlreadySettled,
+    BrokerError,
+    DeliveryExpired,
+    NotSupported,
+    PublishFailed,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping
@@ -284,6 +291,12 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
                     key = encoded[-1][1]
         encoded.append((Headers.MESSAGE_ID, mid.encode()))
         self._check()
+        size = oversize(key, body, encoded)
+        if size is not None:
+            raise PublishFailed(
+                f"an output for {topic} is {size} bytes when serialized, over the exactly-once "
+                f"producer's max_request_size ({MAX_REQUEST}); it can never be sent"
+            )
         output: Output = (topic, body, key, encoded)
         if not self._settler.eos_buffer(self, output):
             await self._settler.eos_produce(self, output)  # creates the topic first

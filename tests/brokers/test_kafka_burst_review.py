@@ -8,10 +8,13 @@ import asyncio
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+import oncely
 from oncely.brokers._kafka_delivery import ExactlyOnceDelivery
 from oncely.brokers._kafka_options import dlq_topic
+from oncely.brokers.base import Headers
 from oncely.brokers.kafka import KafkaBroker
 from oncely.errors import DeliveryExpired
+from tests._wait import eventually
 from tests.brokers.kafka_support import BOOTSTRAP, kafka_url, read_topic
 from tests.brokers.test_kafka import committed_offsets
 
@@ -59,3 +62,34 @@ async def test_an_output_batch_the_broker_refuses_fails_the_transaction(unique: 
     assert await read_topic(out) == []
     assert [r.value for r in await read_topic(dlq_topic(unique))] == [b"in"]
     assert await committed_offsets(group, unique) == {0: 1}
+
+
+async def test_an_output_too_large_to_ever_send_fails_the_handler_and_dead_letters(
+    unique: str,
+) -> None:
+    """An output over the producer's max_request_size can never be sent. Refused at commit
+    time, it failed the transaction and the record replayed with the same attempt for ever,
+    holding its partition. Refused when the handler produces it, it is the handler's failure:
+    retried, then dead-lettered with the reason, while the other records are copied."""
+    src, out = unique, f"{unique}-out"
+    app = oncely.App()
+
+    @app.handler(src, retry=oncely.RetryPolicy(max_attempts=2, base=0.01, cap=0.01))
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        value = b"x" * 2_000_000 if body == b"big" else body
+        await ctx.produce(out, value, key=ctx.headers.get("oncely-key"))
+
+    group = f"g-{unique}"
+    async with KafkaBroker.from_url(kafka_url(group, exactly_once=src)) as broker:
+        await broker.ensure_topics([out])
+        for body in (b"a", b"big", b"b"):
+            await broker.publish(src, body, headers={"oncely-key": "k"})
+        async with oncely.Worker(app, broker=broker) as worker:
+            await eventually(
+                lambda: worker.stats.dead_lettered == 1 and worker.stats.processed == 2, 60
+            )
+    assert [r.value for r in await read_topic(out)] == [b"a", b"b"]
+    [dead] = await read_topic(dlq_topic(src))
+    assert dead.value == b"big"
+    reason = dict(dead.headers)[Headers.REASON].decode()
+    assert "max_request_size" in reason and "gave up after 2 attempts" in reason, reason
