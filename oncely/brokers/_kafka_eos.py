@@ -153,11 +153,14 @@ class ExactlyOnce:
         except BaseException:
             await stop_producer(producer)
             raise
-        if (old := self._txns.pop(tp, None)) is not None:
-            await self._stop(old)  # a producer of an earlier ownership nobody released
+        old = self._txns.pop(tp, None)
         txn = Txn(tp, producer)
         txn.origin = origin
+        # Registered before anything else can be awaited: cancelled from here on (a revoke or
+        # close stopping the take), ``forget`` finds it without a track and stops its producer.
         self._txns[tp] = txn
+        if old is not None:
+            await self._stop(old)  # a producer of an earlier ownership nobody released
         await self._rewind_to_committed(txn)
 
     async def _rewind_to_committed(self, txn: Txn) -> None:

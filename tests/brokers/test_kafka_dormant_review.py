@@ -110,3 +110,49 @@ async def test_a_retry_from_a_dormant_partition_does_not_run_before_it_is_due(
             due = float(dict(again.record.headers)["oncely-due"])
             assert ran_at >= due
             await again.ack()
+
+
+async def test_a_take_cancelled_while_it_stops_an_earlier_producer_leaves_none_running(
+    unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A take finds a producer of an earlier ownership nobody released and stops it; cancelled
+    then (a revoke or close), the producer it had just started must be stopped too. It was
+    registered only after that stop, so the cancel left it running, unknown to anyone."""
+    from oncely.brokers._kafka_txn import Txn
+
+    retry = TopicPartition(retry_topic(unique, 1.0), 0)
+    async with KafkaBroker.from_url(kafka_url(exactly_once=unique)) as broker:
+        made: list[Any] = []
+        make = broker.transactional_producer
+
+        def tracked(transactional_id: str) -> Any:
+            producer = make(transactional_id)
+            made.append(producer)
+            return producer
+
+        monkeypatch.setattr(broker, "transactional_producer", tracked)
+        await broker.publish(unique, b"a")
+        sub = broker.consume(unique, prefetch=1, visibility=30)
+        first = await asyncio.wait_for(sub.__anext__(), 15)
+        eos = sub._eos
+        assert eos is not None
+        stale = Txn(retry, make(f"{unique}-stale"))
+        eos._txns[retry] = stale
+        stopping, never = asyncio.Event(), asyncio.Event()
+        stop = eos._stop
+
+        async def slow_stop(txn: Any) -> None:
+            if txn is stale:
+                stopping.set()
+                await never.wait()  # the take is cancelled here
+            await stop(txn)
+
+        monkeypatch.setattr(eos, "_stop", slow_stop)
+        eos.wake(retry, 0)  # as a fetched record of it would
+        await asyncio.wait_for(stopping.wait(), 30)
+        await eos.forget({retry})
+        assert len(made) == 2  # the input partition's and the take's
+        assert made[1]._closed, "the take's producer outlived its cancel"
+        await stop(stale)  # the stop the cancel cut short
+        await first.ack()
+        await sub.aclose()
