@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
-from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+from oncely.brokers._kafka_size import MAX_REQUEST
 
 if TYPE_CHECKING:
     import asyncio
@@ -30,42 +31,7 @@ if TYPE_CHECKING:
 
     from oncely.brokers._kafka_delivery import Output
 
-__all__ = ["KeyHashes", "delivered", "oversize", "send_burst"]
-
-MAX_REQUEST = 1_048_576
-"""aiokafka's default ``max_request_size``, which oncely's transactional producers keep:
-``send`` refuses a larger record before it goes out, and so does ``send_burst``."""
-
-
-_BATCH_HEADER = 61
-"""Bytes of a v2 record batch's header, which a record alone in its batch carries too."""
-
-
-def oversize(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int | None:
-    """The size a record alone in its batch would have when serialized, if that is over
-    ``MAX_REQUEST`` (``send_burst`` would refuse it, on every replay), else ``None``.
-
-    Checked when the handler produces the output, so the failure is the handler's own: it is
-    retried and dead-lettered like any other, where a refusal at commit time fails the
-    transaction, which only replays the record with the same attempt, for ever.
-    """
-    rough = len(value) + (0 if key is None else len(key))
-    for name, data in headers:
-        rough += len(name) * 4 + len(data)  # at most 4 UTF-8 bytes a character
-    if rough + 256 < MAX_REQUEST:  # the common case: far from the limit, nothing to count
-        return None
-    body = 3 + _DefaultRecordBatchBuilderPy.size_of(key, value, list(headers))
-    size = _BATCH_HEADER + body + _varint_size(body)
-    return size if size > MAX_REQUEST else None
-
-
-def _varint_size(value: int) -> int:
-    value = (value << 1) ^ (value >> 63)  # zigzag
-    size = 1
-    while value >= 0x80:
-        value >>= 7
-        size += 1
-    return size
+__all__ = ["KeyHashes", "delivered", "send_burst"]
 
 
 class KeyHashes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from oncely.brokers._kafka_burst import MAX_REQUEST, oversize
+from oncely.brokers._kafka_size import MAX_REQUEST, oversize
 from oncely.brokers.base import (
     Delivery,
     Headers,

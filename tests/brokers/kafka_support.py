@@ -51,3 +51,18 @@ async def read_topic(
         return [r for p in sorted(out) for r in out[p]]
     finally:
         await consumer.stop()
+
+
+async def create_small_topic(topic: str, max_message_bytes: int) -> None:
+    """A one-partition topic whose broker refuses record batches over ``max_message_bytes``
+    (which the client's own 1 MiB check lets through): a send to it fails at the broker."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        config = {"max.message.bytes": str(max_message_bytes)}
+        new = NewTopic(topic, 1, 1, topic_configs=config)
+        await admin.create_topics([new])
+    finally:
+        await admin.close()

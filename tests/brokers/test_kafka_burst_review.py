@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 import oncely
 from oncely.brokers._kafka_delivery import ExactlyOnceDelivery
@@ -15,7 +14,7 @@ from oncely.brokers.base import Headers
 from oncely.brokers.kafka import KafkaBroker
 from oncely.errors import DeliveryExpired
 from tests._wait import eventually
-from tests.brokers.kafka_support import BOOTSTRAP, kafka_url, read_topic
+from tests.brokers.kafka_support import create_small_topic, kafka_url, read_topic
 from tests.brokers.test_kafka import committed_offsets
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
@@ -26,24 +25,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _create_small_topic(topic: str, max_message_bytes: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    await admin.start()  # type: ignore[no-untyped-call]
-    try:
-        config = {"max.message.bytes": str(max_message_bytes)}
-        new = NewTopic(topic, 1, 1, topic_configs=config)  # type: ignore[no-untyped-call]
-        await admin.create_topics([new])
-    finally:
-        await admin.close()  # type: ignore[no-untyped-call]
-
-
 async def test_an_output_batch_the_broker_refuses_fails_the_transaction(unique: str) -> None:
     """The output topic takes batches of at most 1 KB; the handler's 4 KB output passes the
     client's own size check (1 MB) but the broker refuses it. Before, nobody looked at the
     batch's outcome and the transaction committed the input offset without the output: the
     record was lost. Now the commit fails, the ack says so, and the offset stays put."""
     group, out = f"g-{unique}", f"{unique}-out"
-    await _create_small_topic(out, 1024)
+    await create_small_topic(out, 1024)
     url = kafka_url(group, exactly_once=unique, txn_messages=1)
     async with KafkaBroker.from_url(url) as broker:
         await broker.ensure_topics([out])

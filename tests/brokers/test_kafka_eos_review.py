@@ -10,12 +10,13 @@ import pytest
 from oncely.brokers._kafka_delivery import ExactlyOnceDelivery
 from oncely.brokers.kafka import KafkaBroker
 from oncely.errors import AlreadySettled, DeliveryExpired
-from tests.brokers.kafka_support import kafka_url, read_topic
+from tests.brokers.kafka_support import create_small_topic, kafka_url, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
 
-TOO_BIG = b"x" * (2 << 20)
-"""Over the producer's max_request_size: the send fails, so the transaction does."""
+TOO_BIG = b"x" * 4096
+"""Over the ``refused`` topic's max.message.bytes: the broker refuses the batch, so the
+transaction fails at its commit."""
 
 
 @pytest.fixture
@@ -29,16 +30,17 @@ async def test_a_partition_paused_by_a_full_window_runs_again_after_a_failed_tra
     """A transaction that fails rewinds its partition to the committed offset. If the full
     window had paused the partition, the rewound one must be fetched again: left paused, it
     would never deliver another record while the member went on polling."""
-    out = f"{unique}-out"
+    out, refused = f"{unique}-out", f"{unique}-refused"
+    await create_small_topic(refused, 1024)
     url = kafka_url(exactly_once=unique, window=1, txn_messages=1)
     async with KafkaBroker.from_url(url) as broker:
-        await broker.ensure_topics([out])
+        await broker.ensure_topics([out, refused])
         for body in (b"a", b"b", b"c"):
             await broker.publish(unique, body)
         async with broker.consume(unique, prefetch=4, visibility=30) as sub:
             first = await asyncio.wait_for(sub.__anext__(), 15)
             assert isinstance(first, ExactlyOnceDelivery) and first.body == b"a"
-            await first.produce(out, TOO_BIG)
+            await first.produce(refused, TOO_BIG)
             with pytest.raises(DeliveryExpired):
                 await first.ack()  # the commit fails: the partition starts over
             for body in (b"a", b"b", b"c"):

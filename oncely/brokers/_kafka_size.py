@@ -1,0 +1,45 @@
+"""How large a Kafka record is on the wire, checked before an exactly-once output is queued
+(``_kafka_delivery``) and again when its batch is built (``_kafka_burst``)."""
+
+from __future__ import annotations
+
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+__all__ = ["MAX_REQUEST", "oversize"]
+
+MAX_REQUEST = 1_048_576
+"""aiokafka's default ``max_request_size``, which oncely's transactional producers keep:
+``send`` refuses a larger record before it goes out, and so does ``send_burst``."""
+
+
+_BATCH_HEADER = 61
+"""Bytes of a v2 record batch's header, which a record alone in its batch carries too."""
+
+
+def oversize(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int | None:
+    """The size a record alone in its batch would have when serialized, if that is over
+    ``MAX_REQUEST`` (``send_burst`` would refuse it, on every replay), else ``None``.
+
+    Checked when the handler produces the output, so the failure is the handler's own: it is
+    retried and dead-lettered like any other, where a refusal at commit time fails the
+    transaction, which only replays the record with the same attempt, for ever.
+    """
+    rough = len(value) + (0 if key is None else len(key))
+    for name, data in headers:
+        rough += len(name) * 4 + len(data)  # at most 4 UTF-8 bytes a character
+    # The common case, far from the limit: nothing to count. The margin covers the batch
+    # header and every length prefix (at most 5 bytes each, 2 a header).
+    if rough + 128 + 16 * len(headers) < MAX_REQUEST:
+        return None
+    body = 3 + _DefaultRecordBatchBuilderPy.size_of(key, value, list(headers))
+    size = _BATCH_HEADER + body + _varint_size(body)
+    return size if size > MAX_REQUEST else None
+
+
+def _varint_size(value: int) -> int:
+    value = (value << 1) ^ (value >> 63)  # zigzag
+    size = 1
+    while value >= 0x80:
+        value >>= 7
+        size += 1
+    return size
