@@ -10,7 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,30 +30,14 @@ from tests.stores._outbox_support import (
     FaultProxy,
     RefusingBroker,
     UserDb,
-    db_url,
+    db,
     drop,
     table_name,
 )
 
 pytestmark = pytest.mark.anyio
 
-DIALECTS = ["sqlite", "postgresql"]
-
-
-@pytest.fixture(params=DIALECTS)
-async def db(
-    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: object
-) -> AsyncIterator[UserDb]:
-    url = db_url(request.param, tmp_path)
-    outbox = Outbox.from_url(url, table=table_name())
-    await outbox.migrate()
-    user = UserDb(outbox, url)
-    await user.open()
-    try:
-        yield user
-    finally:
-        await user.close()
-        await drop(outbox)
+__all__ = ["db"]  # the fixture (from _outbox_support), used by name
 
 
 async def take(sub: Subscription, n: int, within: float = 10.0) -> list[Delivery]:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from tests.stores._outbox_support import (
     PG_URL,
     RefusingBroker,
     UserDb,
-    db_url,
+    db,
     drop,
     table_name,
 )
@@ -33,20 +32,7 @@ from tests.stores.test_outbox import eventually_async
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(
-    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: object
-) -> AsyncIterator[UserDb]:
-    url = db_url(request.param, tmp_path)
-    outbox = Outbox.from_url(url, table=table_name())
-    await outbox.migrate()
-    user = UserDb(outbox, url)
-    await user.open()
-    try:
-        yield user
-    finally:
-        await user.close()
-        await drop(outbox)
+__all__ = ["db"]  # the fixture (from _outbox_support), used by name
 
 
 async def test_sqlite_a_batch_slower_than_its_lease_stops_in_time_no_takeover(
