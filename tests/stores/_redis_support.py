@@ -3,6 +3,7 @@ tests that stop a server (the shared ones are never stopped)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -120,3 +121,17 @@ def batch_connection(store: Any) -> Any:
     wire = store._wire
     assert wire is not None, "a standalone store batches on its own connection"
     return wire._conn
+
+
+def reading(store: Any) -> asyncio.Event:
+    """An event set once ``store``'s batch connection waits for a reply: the batch is out."""
+    conn = batch_connection(store)
+    event = asyncio.Event()
+    read_response = conn.read_response
+
+    async def spy(*args: Any, **kwargs: Any) -> Any:
+        event.set()
+        return await read_response(*args, **kwargs)
+
+    conn.read_response = spy
+    return event

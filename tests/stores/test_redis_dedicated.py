@@ -18,7 +18,13 @@ from oncely.stores._redis_url import parse_redis_url
 from oncely.stores.base import Outcome
 from oncely.stores.redis import RedisStore
 from tests._wait import eventually
-from tests.stores._redis_support import REDIS_URL, batch_connection, private_redis, with_options
+from tests.stores._redis_support import (
+    REDIS_URL,
+    batch_connection,
+    private_redis,
+    reading,
+    with_options,
+)
 
 LONG = 30.0
 
@@ -66,18 +72,10 @@ async def test_a_batch_cancelled_mid_read_leaves_no_reply_for_the_next(
         done = await store.begin("done", "fp", LONG)
         assert done.token is not None
         await store.complete("done", done.token, b"result", LONG)
-        conn = batch_connection(store)
-        reading = asyncio.Event()
-        read_response = conn.read_response
-
-        async def spy(*args: Any, **kwargs: Any) -> Any:
-            reading.set()  # the batch is out; its reply is on its way
-            return await read_response(*args, **kwargs)
-
-        conn.read_response = spy
+        sent = reading(store)
         server.pause()
         cut = asyncio.ensure_future(store.begin("fresh", "fp", LONG))
-        await asyncio.wait_for(reading.wait(), 10)
+        await asyncio.wait_for(sent.wait(), 10)  # the batch is out; its reply is on its way
         [batch] = store._batch._tasks
         batch.cancel()  # what a loop shutting down does to the batch task
         with pytest.raises(asyncio.CancelledError):

@@ -51,9 +51,33 @@ async def test_text_that_is_not_ascii_goes_through_the_general_packer(
         await store.complete("k", begun.token, b"r", LONG)
         assert await store.begin("k", "empreinte-é", LONG) == Begin(Outcome.COMPLETED, result=b"r")
         assert submitted[0].argv is None
-        encoding = ("utf-8", "strict")
-        for call in submitted:
-            assert pack_batch([call], encoding) == pack_batch([call._replace(argv=None)], encoding)
+        assert_packed_as_the_general_packer_would(submitted)
+
+
+def assert_packed_as_the_general_packer_would(calls: list[Any]) -> None:
+    encoding = ("utf-8", "strict")
+    for call in calls:
+        assert pack_batch([call], encoding) == pack_batch([call._replace(argv=None)], encoding)
+
+
+@pytest.mark.anyio
+async def test_calls_packed_ahead_go_out_as_the_general_packer_writes_them(
+    unique: str, anyio_backend: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # begin and complete pack their own arguments (every message pays for it): the bytes must
+    # be those of the general path, for every shape of call they pack.
+    async with RedisStore(with_options(REDIS_URL, prefix=f"{unique}:")) as store:
+        submitted = _spied(store, monkeypatch)
+        a = await store.begin("k-a", "fp-a", 5.5)
+        b = await store.begin("k-b", "fp-b", 30)
+        assert a.token is not None and b.token is not None
+        await store.complete("k-a", a.token, None, 60)
+        await store.complete("k-b", b.token, b"result \x00\xff", 0.25)
+        assert [c.argv is not None for c in submitted] == [True] * 4
+        assert_packed_as_the_general_packer_would(submitted)
+        assert await store.begin("k-b", "fp-b", 5) == Begin(
+            Outcome.COMPLETED, result=b"result \x00\xff"
+        )
 
 
 @pytest.mark.anyio

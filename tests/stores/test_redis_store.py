@@ -24,8 +24,8 @@ from oncely.stores.registry import store_from_url
 from tests.stores._redis_support import (
     CLUSTER_URL,
     REDIS_URL,
-    batch_connection,
     private_redis,
+    reading,
     with_options,
 )
 
@@ -375,18 +375,10 @@ async def test_killed_hung_and_returning_server(tmp_path: Path, anyio_backend: o
 @pytest.mark.anyio
 async def test_cancelled_begin_gives_its_lease_back(tmp_path: Path, anyio_backend: object) -> None:
     async with private_redis(tmp_path) as server, RedisStore(server.url) as store:
-        conn = batch_connection(store)
-        reading = asyncio.Event()
-        read_response = conn.read_response
-
-        async def spy(*args: Any, **kwargs: Any) -> Any:
-            reading.set()  # the batch is sent; its reply waits for the server
-            return await read_response(*args, **kwargs)
-
-        conn.read_response = spy
+        sent = reading(store)
         server.pause()
         task = asyncio.ensure_future(store.begin("k", "fp", LONG))
-        await asyncio.wait_for(reading.wait(), 10)
+        await asyncio.wait_for(sent.wait(), 10)  # the batch is out; its reply waits
         task.cancel()
         server.resume()
         with pytest.raises(asyncio.CancelledError):
@@ -398,33 +390,3 @@ async def test_cancelled_begin_gives_its_lease_back(tmp_path: Path, anyio_backen
             await asyncio.sleep(0.02)
         else:
             raise AssertionError("the abandoned lease still blocks the key")
-
-
-@pytest.mark.anyio
-async def test_calls_packed_ahead_go_out_as_the_general_packer_writes_them(
-    store: RedisStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # begin and complete pack their own arguments (every message pays for it): the bytes must
-    # be those of the general path, for every shape of call they pack.
-    from oncely.stores._redis_wire import pack_batch
-
-    submitted: list[Any] = []
-    submit = store._batch.submit
-
-    async def spy(call: Any) -> Any:
-        submitted.append(call)
-        return await submit(call)
-
-    monkeypatch.setattr(store._batch, "submit", spy)
-    a = await store.begin("k-a", "fp-a", 5.5)
-    b = await store.begin("k-b", "fp-b", 30)
-    assert a.token is not None and b.token is not None
-    await store.complete("k-a", a.token, None, 60)
-    await store.complete("k-b", b.token, b"result \x00\xff", 0.25)
-    assert [c.argv is not None for c in submitted] == [True] * 4
-    encoding = ("utf-8", "strict")
-    for call in submitted:
-        assert pack_batch([call], encoding) == pack_batch([call._replace(argv=None)], encoding)
-    assert await store.begin("k-b", "fp-b", 5) == Begin(
-        Outcome.COMPLETED, result=b"result \x00\xff"
-    )
