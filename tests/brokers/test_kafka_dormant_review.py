@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -67,15 +68,7 @@ async def test_no_transactional_producer_outlives_a_close_during_a_take(
     so this looks at the producers themselves.)"""
     retry = TopicPartition(retry_topic(unique, 1.0), 0)
     async with KafkaBroker.from_url(kafka_url(exactly_once=unique)) as broker:
-        made: list[Any] = []
-        make = broker.transactional_producer
-
-        def tracked(transactional_id: str) -> Any:
-            producer = make(transactional_id)
-            made.append(producer)
-            return producer
-
-        monkeypatch.setattr(broker, "transactional_producer", tracked)
+        made, _ = track_producers(broker, monkeypatch)
         await broker.publish(unique, b"a")
         sub = broker.consume(unique, prefetch=1, visibility=30)
         first = await asyncio.wait_for(sub.__anext__(), 15)
@@ -122,15 +115,7 @@ async def test_a_take_cancelled_while_it_stops_an_earlier_producer_leaves_none_r
 
     retry = TopicPartition(retry_topic(unique, 1.0), 0)
     async with KafkaBroker.from_url(kafka_url(exactly_once=unique)) as broker:
-        made: list[Any] = []
-        make = broker.transactional_producer
-
-        def tracked(transactional_id: str) -> Any:
-            producer = make(transactional_id)
-            made.append(producer)
-            return producer
-
-        monkeypatch.setattr(broker, "transactional_producer", tracked)
+        made, make = track_producers(broker, monkeypatch)
         await broker.publish(unique, b"a")
         sub = broker.consume(unique, prefetch=1, visibility=30)
         first = await asyncio.wait_for(sub.__anext__(), 15)
@@ -156,3 +141,20 @@ async def test_a_take_cancelled_while_it_stops_an_earlier_producer_leaves_none_r
         await stop(stale)  # the stop the cancel cut short
         await first.ack()
         await sub.aclose()
+
+
+def track_producers(
+    broker: KafkaBroker, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[Any], Callable[[str], Any]]:
+    """Record every transactional producer ``broker`` makes from now on; also returns the
+    maker itself, for a producer the test makes outside the record."""
+    made: list[Any] = []
+    make = broker.transactional_producer
+
+    def tracked(transactional_id: str) -> Any:
+        producer = make(transactional_id)
+        made.append(producer)
+        return producer
+
+    monkeypatch.setattr(broker, "transactional_producer", tracked)
+    return made, make
