@@ -54,7 +54,6 @@ from oncely.stores._redis_url import (
 from oncely.stores._redis_wire import Call as _Call
 from oncely.stores._redis_wire import (
     Dedicated,
-    ascii_compatible,
     batch_command,
     by_slot,
     check_encoding,
@@ -139,7 +138,6 @@ class RedisStore(IdempotencyStore):
         self._connecting: asyncio.Lock | None = None
         self._encoding: tuple[str, str] | None = None
         self._wire: Dedicated | None = None
-        self._ascii = False
         self._ms_memo: dict[tuple[float, int | None], tuple[int, int, bytes]] = {}
         self._batch: Pipeliner[_Call, Any] = Pipeliner(
             self._write, limit=BATCH, in_flight=IN_FLIGHT, abandoned=self._give_back
@@ -182,7 +180,6 @@ class RedisStore(IdempotencyStore):
                     await client.ping()
                     await self._load_scripts(client)
                     self._encoding = encoding_of(client)
-                    self._ascii = ascii_compatible(self._encoding)
                     if not isinstance(client, RedisCluster):
                         wire = Dedicated(client)
                         await wire.connect()
@@ -210,7 +207,9 @@ class RedisStore(IdempotencyStore):
         lease_ms, key_ttl, tail = self._packed_ms(lease, STALE_LEASE_GRACE_MS)
         args = (fingerprint, token, lease_ms, key_ttl)
         argv = None
-        if self._ascii and fingerprint.isascii():  # every message: packed here in one go
+        # Every message: packed here in one go. (The client's encoding writes ASCII as ASCII:
+        # connect checked it.)
+        if fingerprint.isascii():
             argv = b"$1\r\nb\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
                 len(fingerprint),
                 fingerprint.encode(),
@@ -242,7 +241,7 @@ class RedisStore(IdempotencyStore):
         ttl_ms, _, packed_ttl = self._packed_ms(ttl, None)
         args = (token, ttl_ms, "0", b"") if result is None else (token, ttl_ms, "1", result)
         argv = None
-        if self._ascii and token.isascii():  # every message: packed here in one go
+        if token.isascii():  # every message: packed here in one go, as in begin
             head = b"$1\r\nc\r\n$%d\r\n%b\r\n%b" % (len(token), token.encode(), packed_ttl)
             if result is None:
                 argv = head + b"$1\r\n0\r\n$0\r\n\r\n"
@@ -287,8 +286,7 @@ class RedisStore(IdempotencyStore):
         restarted and lost its script cache) ran nothing of that command: the scripts are
         loaded again and the command re-sent, once."""
         client = self._checked()
-        if self._encoding is None:
-            self._encoding = encoding_of(client)
+        assert self._encoding is not None  # set by connect, with the client
         try:
             return await self._write_encoded(client, calls, self._encoding)
         except UnicodeError:
