@@ -21,18 +21,28 @@ Reserved headers start with ``oncely-``; see ``Headers``.
 from __future__ import annotations
 
 import abc
-import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from oncely.errors import NotSupported
+from oncely.brokers._dead_letters import ALL, DeadLetter, DeadLetterAdmin, replayed_headers
+from oncely.brokers._headers import (
+    ERROR_LIMIT,
+    REASON_LIMIT,
+    Headers,
+    check_headers,
+    clip_error,
+    error_headers,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
     from typing import Self
 
 __all__ = [
+    "ALL",
+    "ERROR_LIMIT",
+    "REASON_LIMIT",
     "Broker",
     "Capabilities",
     "DeadLetter",
@@ -44,38 +54,8 @@ __all__ = [
     "check_headers",
     "clip_error",
     "error_headers",
+    "replayed_headers",
 ]
-
-
-class Headers:
-    """Names of the headers oncely reads and writes. Other headers pass through untouched."""
-
-    KEY = "oncely-key"
-    """The idempotency key a publisher chose; brokers that order by key (Kafka's record key,
-    SQS FIFO's group) also group by it."""
-    DEDUPE_KEY = "oncely-dedupe-key"
-    """The idempotency key where it differs from ``oncely-key``: the outbox sets it to each
-    row's message id, because one ordering key spans many distinct messages. The default key
-    source (``auto``) reads it first."""
-    MESSAGE_ID = "oncely-message-id"
-    """The stable message id, for brokers whose own id changes on redelivery."""
-    ATTEMPT = "oncely-attempt"
-    """The delivery count, for brokers that carry it in the message (AMQP retry path)."""
-    PUBLISHED_AT = "oncely-published-at"
-    """Unix time of the first publish, as a decimal string."""
-    REASON = "oncely-dead-letter-reason"
-    """Why a message was dead-lettered."""
-    FAILED_AT = "oncely-dead-lettered-at"
-    """Unix time at which a message was dead-lettered."""
-    FIRST_ERROR = "oncely-first-error"
-    """The error of a message's first failed attempt, where the broker carries errors
-    (``Capabilities.carries_errors``); set once, by the first ``nack(error=)``."""
-    LAST_ERROR = "oncely-last-error"
-    """The error of a message's latest failed attempt, where the broker carries errors."""
-    REPLAYED_AT = "oncely-replayed-at"
-    """Unix time at which a dead letter was last replayed (``DeadLetterAdmin.replay``)."""
-    REPLAY_COUNT = "oncely-replay-count"
-    """How many times a message has been replayed from its dead-letter queue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,39 +108,6 @@ class Capabilities:
     durable: bool = True
     defer_keeps_attempt: bool = True
     carries_errors: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message at rest in a dead-letter queue.
-
-    Attributes:
-        reason: why it was dead-lettered; for a message whose retries ran out, the last error.
-        attempt: the attempt on which it was dead-lettered.
-        failed_at: Unix time it was dead-lettered.
-    """
-
-    id: str
-    topic: str
-    body: bytes
-    headers: Mapping[str, str]
-    reason: str
-    attempt: int
-    failed_at: float
-
-    @property
-    def last_error(self) -> str:
-        """The error it was dead-lettered with: the ``reason``."""
-        return self.reason
-
-    @property
-    def first_error(self) -> str | None:
-        """The first failed attempt's error (``oncely-first-error``); the ``reason`` when the
-        message failed once; ``None`` when it is not known."""
-        first = self.headers.get(Headers.FIRST_ERROR)
-        if first is not None:
-            return first
-        return self.reason if self.attempt <= 1 else None
 
 
 class Delivery(abc.ABC):
@@ -450,173 +397,3 @@ class Broker(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-class DeadLetterAdmin(abc.ABC):
-    """Optional mixin for brokers whose dead-letter queue can be listed, shown, replayed and
-    purged (``oncely dlq``). Every built-in broker implements it.
-
-    Guarantees shared by all methods: they are safe to call while workers consume the topic,
-    they never change messages outside ``topic``'s dead-letter queue (``replay`` adds to the
-    topic itself), and a dead letter id is the message id (``Delivery.id``), stable through
-    retries, dead-lettering and replays. Where a broker cannot do one natively (SQS lists by
-    receiving; Kafka topics are append-only and use marker records) its docstring says what
-    holds instead.
-    """
-
-    @abc.abstractmethod
-    async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
-        """Return up to ``limit`` dead letters of ``topic``, oldest first, without removing
-        them. Idempotent.
-
-        Raises:
-            ConnectionLost: the broker could not be reached.
-        """
-
-    async def get(self, topic: str, id: str) -> DeadLetter | None:
-        """Return the dead letter of ``topic`` whose id is ``id``, or ``None``.
-
-        The default scans ``dead_letters``; adapters with an index override it.
-
-        Raises:
-            ConnectionLost: the broker could not be reached.
-        """
-        for letter in await self.dead_letters(topic, limit=ALL):
-            if letter.id == id:
-                return letter
-        return None
-
-    @abc.abstractmethod
-    async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
-        """Move dead letters of ``topic`` (all, or those in ``ids``) back to the topic.
-
-        Each replayed message keeps its id, body and headers, loses the dead-letter headers
-        (so its attempt count starts again at 1) and gains ``oncely-replayed-at`` (Unix time)
-        and ``oncely-replay-count`` (1 more than before). An id that is not a dead letter of
-        ``topic`` is skipped. Per message the move either happens or not (embedded brokers,
-        Kafka's transactions), or the copy is confirmed before the dead letter is removed, so
-        an interruption can leave a message in both places, never in neither. Returns how
-        many moved.
-
-        Raises:
-            ConnectionLost, PublishFailed: from the broker; what moved before stays moved.
-        """
-
-    async def purge(self, topic: str, *, older_than: float | None = None) -> int:
-        """Delete the dead letters of ``topic`` dead-lettered more than ``older_than`` seconds
-        ago (all of them with ``None``). Returns how many were deleted. Idempotent.
-
-        Every built-in broker implements it; the default (for adapters written before it
-        existed) raises ``NotSupported``.
-
-        Raises:
-            ConnectionLost: the broker could not be reached; what was deleted stays deleted.
-            NotSupported: the adapter cannot delete dead letters.
-        """
-        raise NotSupported(f"{type(self).__name__} cannot purge dead letters")
-
-    async def replay_paced(
-        self,
-        topic: str,
-        ids: list[str],
-        *,
-        rate: float | None = None,
-        progress: Callable[[int, int], None] | None = None,
-        chunk: int = 500,
-    ) -> int:
-        """``replay`` the given ids in chunks (of ``chunk``, or ``rate`` when smaller), at most
-        ``rate`` messages a second on average. Returns how many moved.
-
-        ``progress(done, total)`` is called after each chunk. An interruption (an error, a
-        cancel) between chunks leaves the earlier chunks replayed and the rest dead letters,
-        so running it again with the ids still listed finishes the job. Each chunk is one
-        ``replay`` call: on brokers that must read the whole dead-letter queue to find ids
-        (SQS, Kafka, RabbitMQ) each chunk costs one such read.
-        """
-        size = max(1, min(chunk, int(rate))) if rate else max(1, chunk)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        moved = 0
-        for done in range(0, len(ids), size):
-            part = ids[done : done + size]
-            moved += await self.replay(topic, ids=part)
-            if progress is not None:
-                progress(done + len(part), len(ids))
-            if rate and done + size < len(ids):
-                # Sleep until the schedule allows the next chunk: rate is kept on average.
-                await asyncio.sleep(max(0.0, start + (done + size) / rate - loop.time()))
-        return moved
-
-
-ALL = 2**31 - 1
-"""A ``limit`` meaning every dead letter."""
-
-# A replay starts the message's failure history again, errors included.
-_DEAD_HEADERS = (
-    Headers.REASON,
-    Headers.ATTEMPT,
-    Headers.FAILED_AT,
-    Headers.FIRST_ERROR,
-    Headers.LAST_ERROR,
-)
-
-ERROR_LIMIT = 1000
-"""Most characters of an error a header carries (``error_headers``); headers travel with every
-redelivery, and brokers bound their size (SQS attributes, AMQP frames)."""
-
-
-REASON_LIMIT = 4 * ERROR_LIMIT
-"""Most characters of a dead-letter reason the runtime sends (``clip_error``): a huge exception
-message (an HTTP error quoting a response body) must not make the reject itself fail, as it
-does past an AMQP frame (128 KiB), an SQS message (256 KiB) or a Kafka record (1 MiB), and
-come back for ever."""
-
-
-def clip_error(text: str, limit: int = ERROR_LIMIT, *, tail: int = 0) -> str:
-    """``text`` fit for a header: encodable as UTF-8 (a lone surrogate, as in text decoded with
-    ``surrogateescape``, becomes ``\\udcff``; every broker's driver refuses it otherwise) and at
-    most ``limit`` characters, cut at the end, or with ``tail`` in the middle so that the last
-    ``tail`` characters stay; the cut is marked ``…``."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if len(text) <= limit:
-        return text
-    tail = min(tail, limit // 2)
-    return text[: limit - 1 - tail] + "…" + (text[len(text) - tail :] if tail else "")
-
-
-def error_headers(headers: Mapping[str, str], error: str) -> dict[str, str]:
-    """A copy of ``headers`` with ``error`` recorded for a nack (``Delivery.nack(error=)``):
-    ``oncely-last-error`` set, ``oncely-first-error`` set only if absent, each clipped to
-    ``ERROR_LIMIT`` characters by ``clip_error``."""
-    error = clip_error(error)
-    out = dict(headers)
-    out.setdefault(Headers.FIRST_ERROR, error)
-    out[Headers.LAST_ERROR] = error
-    return out
-
-
-def replayed_headers(headers: Mapping[str, str], now: float) -> dict[str, str]:
-    """The headers a replayed dead letter goes back with: the dead-letter ones dropped (the
-    attempt count starts again), ``oncely-replayed-at`` set and ``oncely-replay-count``
-    incremented."""
-    out = {k: v for k, v in headers.items() if k not in _DEAD_HEADERS}
-    try:
-        count = int(out.get(Headers.REPLAY_COUNT, "0"))
-    except ValueError:
-        count = 0
-    out[Headers.REPLAYED_AT] = repr(now)
-    out[Headers.REPLAY_COUNT] = str(count + 1)
-    return out
-
-
-def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """Copy and check a headers mapping: keys and values must be ``str``."""
-    out: dict[str, str] = {}
-    for k, v in (headers or {}).items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"headers must map str to str, got {k!r}: {v!r}")
-        out[k] = v
-    return out
