@@ -75,13 +75,13 @@ import contextlib
 import time
 import uuid
 import weakref
-from datetime import datetime
 from typing import TYPE_CHECKING, ClassVar
 
 import aio_pika
 from pamqp.commands import Basic
 
 from oncely.brokers._amqp_consume import AmqpSubscription
+from oncely.brokers._amqp_dlq import list_dead_letters, purge_dead_letters, replay_dead_letters
 from oncely.brokers._amqp_topology import (
     MAX_DELAY,
     AmqpOptions,
@@ -90,14 +90,9 @@ from oncely.brokers._amqp_topology import (
     bucket_name,
     check_topic,
     declare,
-    dlq_name,
     map_errors,
-    own_headers,
-    parse,
     parse_url,
     properties,
-    props_of,
-    text,
 )
 from oncely.brokers.base import (
     Broker,
@@ -106,7 +101,6 @@ from oncely.brokers.base import (
     DeadLetterAdmin,
     Headers,
     check_headers,
-    replayed_headers,
 )
 from oncely.errors import ConnectionLost, PublishFailed
 
@@ -115,15 +109,12 @@ if TYPE_CHECKING:
     from typing import Self
 
     from aio_pika.abc import (
-        AbstractIncomingMessage,
         AbstractRobustChannel,
         AbstractRobustConnection,
     )
     from pamqp.common import FieldTable
 
 __all__ = ["AmqpBroker", "AmqpOptions"]
-
-_FRESH = (Headers.ATTEMPT, Headers.REASON, Headers.FAILED_AT)
 
 
 class AmqpBroker(Broker, DeadLetterAdmin):
@@ -346,22 +337,7 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         While they are read, another reader of the DLQ does not see them.
         """
         await self._ensure_topology(topic)
-        connection = await self._connected()
-        out: list[DeadLetter] = []
-        with map_errors("admin"):
-            async with connection.channel(publisher_confirms=False) as channel:
-                queue = await channel.get_queue(dlq_name(topic), ensure=False)
-                last = 0
-                while len(out) < limit:
-                    message = await queue.get(no_ack=False, fail=False, timeout=10)
-                    if message is None:
-                        break
-                    out.append(_dead_letter(topic, message))
-                    last = message.delivery_tag or last
-                if last:
-                    raw = await channel.get_underlay_channel()
-                    await raw.basic_nack(last, multiple=True, requeue=True)
-        return out
+        return await list_dead_letters(await self._connected(), topic, limit)
 
     async def replay(self, topic: str, *, ids: list[str] | None = None) -> int:
         """Move dead letters (all, or those in ``ids``) back to ``topic`` with a fresh attempt.
@@ -379,38 +355,7 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         letter that was just handed back by a reader only some time later.)
         """
         await self._ensure_topology(topic)
-        connection = await self._connected()
-        wanted = None if ids is None else set(ids)
-        moved = 0
-        started = time.time()
-        with map_errors("admin"):
-            async with connection.channel(publisher_confirms=False) as channel:
-                queue = await channel.get_queue(dlq_name(topic), ensure=False)
-                while wanted is None or wanted:
-                    message = await queue.get(no_ack=False, fail=False, timeout=10)
-                    if message is None:
-                        break
-                    if _failed_at(message) >= started:
-                        break  # new since this replay began; requeued in place on close
-                    p = parse(message)
-                    if wanted is not None and p.id not in wanted:
-                        continue  # stays unacked; requeued in place when the channel closes
-                    table = own_headers(message.headers)
-                    for name in _FRESH:
-                        table.pop(name, None)
-                    table.update(replayed_headers(p.headers, time.time()))
-                    table[Headers.MESSAGE_ID] = p.id
-                    table.setdefault(Headers.PUBLISHED_AT, repr(p.enqueued_at))
-                    await self._send(
-                        topic,
-                        message.body,
-                        properties(p.id, table, p.enqueued_at, props_of(message)),
-                    )
-                    await message.ack()
-                    moved += 1
-                    if wanted is not None:
-                        wanted.discard(p.id)
-        return moved
+        return await replay_dead_letters(await self._connected(), topic, ids, self._send)
 
     async def purge(self, topic: str, *, older_than: float | None = None) -> int:
         """Delete dead letters older than ``older_than`` seconds (all with ``None``).
@@ -420,54 +365,4 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         so an interrupted purge has deleted some and left the rest.
         """
         await self._ensure_topology(topic)
-        connection = await self._connected()
-        cutoff = None if older_than is None else time.time() - older_than
-        purged = 0
-        with map_errors("admin"):
-            async with connection.channel(publisher_confirms=False) as channel:
-                queue = await channel.get_queue(dlq_name(topic), ensure=False)
-                while True:
-                    message = await queue.get(no_ack=False, fail=False, timeout=10)
-                    if message is None:
-                        break
-                    if cutoff is not None and _dead_letter(topic, message).failed_at >= cutoff:
-                        continue  # stays unacked; requeued in place when the channel closes
-                    await message.ack()
-                    purged += 1
-        return purged
-
-
-def _dead_letter(topic: str, message: AbstractIncomingMessage) -> DeadLetter:
-    p = parse(message)
-    raw = message.headers or {}
-    reason = p.headers.get(Headers.REASON) or text(raw.get("x-first-death-reason", ""))
-    failed_at = _failed_at(message, p.enqueued_at)
-    try:
-        attempt = int(p.headers.get(Headers.ATTEMPT, "0"))
-    except ValueError:
-        attempt = 0
-    return DeadLetter(
-        id=p.id,
-        topic=topic,
-        body=message.body,
-        headers=p.headers,
-        reason=reason,
-        attempt=attempt,
-        failed_at=failed_at,
-    )
-
-
-def _failed_at(message: AbstractIncomingMessage, default: float = 0.0) -> float:
-    """When the letter was dead-lettered: oncely's header, else the latest ``x-death`` time
-    (RabbitMQ's own dead-lettering, newest entry first), else ``default``."""
-    raw = message.headers or {}
-    try:
-        return float(text(raw[Headers.FAILED_AT]))
-    except (KeyError, ValueError):
-        pass
-    deaths = raw.get("x-death")
-    if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], dict):
-        stamp = deaths[0].get("time")
-        if isinstance(stamp, datetime):
-            return stamp.timestamp()
-    return default
+        return await purge_dead_letters(await self._connected(), topic, older_than)
