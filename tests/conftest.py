@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -21,10 +23,14 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return backend
 
 
+RUN_MARK = f"t{os.getpid()}-"
+"""What every name ``unique`` gives in this run starts with."""
+
+
 @pytest.fixture
 def unique() -> str:
     """A short name no other test (or earlier run against a long-lived server) has used."""
-    return f"t{os.getpid()}-{uuid.uuid4().hex[:10]}"
+    return f"{RUN_MARK}{uuid.uuid4().hex[:10]}"
 
 
 _FIGURES: list[str] = []
@@ -41,3 +47,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("measured figures")
         for line in _FIGURES:
             terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Only where Kafka tests ran (they all import kafka_support): a run without them must not
+    # wait on a broker it never used.
+    support = sys.modules.get("tests.brokers.kafka_support")
+    if support is None:
+        return
+    try:
+        line = f"kafka: deleted this run's {asyncio.run(support.drop_topics(RUN_MARK))} topics"
+    except Exception as exc:  # the tests' verdict stands; the clean-up is housekeeping
+        line = f"kafka: could not delete this run's topics: {exc!r}"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")  # off the progress line
+        reporter.write_sep("-", line)
