@@ -52,7 +52,9 @@ async def complete_rounds(
     """``complete`` for each call: ``None``, or ``LeaseLost`` where the token no longer holds
     the key. ``write_round`` completes calls of distinct keys in one statement and returns the
     keys it completed. A key repeated in a batch waits for the next round, which orders it
-    after the first (so a repeated completion gets ``LeaseLost``).
+    after the first (a repeated completion then gets ``LeaseLost`` where the store clears the
+    token on completion, as SQLite does, and succeeds where it keeps it, as PostgreSQL
+    does).
 
     A failed statement committed nothing: its error goes to the calls of that round and of
     the rounds after it; calls completed by an earlier round keep their ``None``.

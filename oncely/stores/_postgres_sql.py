@@ -112,7 +112,10 @@ def statements(table: str, index: str) -> Sql:
         FROM req r
         LEFT JOIN claimed c ON c.key = r.key
         LEFT JOIN {table} x ON x.key = r.key"""
-    complete_set = """state = 'completed', token = NULL, lease_until = NULL,
+    # A completed row keeps its token: a ``complete`` re-sent because the connection lost its
+    # reply (``Keys.complete`` retries a failed one) matches it again and succeeds, as on
+    # Redis, instead of reporting a lost lease for a completion that was recorded.
+    complete_set = """state = 'completed', lease_until = NULL,
                 result = d.result,
                 expires_at = statement_timestamp() + make_interval(secs => d.ttl)"""
     return Sql(
@@ -147,7 +150,7 @@ def statements(table: str, index: str) -> Sql:
             UPDATE {table} AS t SET {complete_set}
             FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[])
                 AS d(key, token, result, ttl)
-            WHERE t.key = d.key AND t.token = d.token AND t.state = 'running'
+            WHERE t.key = d.key AND t.token = d.token
             RETURNING t.key
         """,
         # Completions ($6-$9) and claims ($1-$5) of distinct keys in one statement: one
@@ -163,7 +166,7 @@ def statements(table: str, index: str) -> Sql:
                 UPDATE {table} AS t SET {complete_set}
                 FROM unnest($6::text[], $7::text[], $8::bytea[], $9::float8[])
                     AS d(key, token, result, ttl)
-                WHERE t.key = d.key AND t.token = d.token AND t.state = 'running'
+                WHERE t.key = d.key AND t.token = d.token
                 RETURNING t.key
             ), {claim_ctes}
             SELECT NULL::text, * FROM ({claim_select}) AS claims
@@ -171,7 +174,7 @@ def statements(table: str, index: str) -> Sql:
             SELECT key, NULL, NULL, NULL, NULL, NULL, NULL FROM done
         """,
         complete_one=f"""
-            UPDATE {table} SET state = 'completed', token = NULL, lease_until = NULL,
+            UPDATE {table} SET state = 'completed', lease_until = NULL,
                 result = $3::bytea,
                 expires_at = statement_timestamp() + make_interval(secs => $4::float8)
             WHERE key = $1 AND token = $2 AND state = 'running'

@@ -23,7 +23,7 @@ The migration (what ``connect`` runs with ``create_table=true``)::
         key text PRIMARY KEY,
         fingerprint text NOT NULL,
         state text NOT NULL CHECK (state IN ('running', 'completed')),
-        token text,                -- the lease owner's token while running
+        token text,                -- the lease owner's token (kept once completed)
         lease_until timestamptz,   -- the lease's end while running
         result bytea,              -- the handler's encoded result once completed
         expires_at timestamptz NOT NULL  -- when the row may be deleted
@@ -33,7 +33,10 @@ The migration (what ``connect`` runs with ``create_table=true``)::
 
 Transitions are single statements on the database clock (``oncely.stores._postgres_sql``):
 ``begin`` is an ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <expired> RETURNING``; ``renew``,
-``complete`` and ``release`` are ``UPDATE``/``DELETE ... WHERE key = $1 AND token = $2``.
+``complete`` and ``release`` are ``UPDATE``/``DELETE ... WHERE key = $1 AND token = $2``. A
+completed row keeps its token, so a ``complete`` re-sent after its reply was lost with the
+connection succeeds again instead of reporting a lost lease (transactional mode's completion
+stays ``running -> completed`` only: see below).
 Concurrent ``begin`` and ``complete`` calls of one worker share one statement over arrays (one
 round trip, one commit for the lot; ``oncely.stores._postgres_sql.write_calls``). A supervised
 background task deletes expired rows in batches of ``sweep_batch`` with ``FOR UPDATE SKIP

@@ -14,8 +14,15 @@ KAFKA_URL = os.environ.get("ONCELY_TEST_KAFKA_URL", "kafka://127.0.0.1:9092")
 BOOTSTRAP = KAFKA_URL.removeprefix("kafka://").split("/")[0]
 
 
+used = False
+"""Whether a test of this run asked for the server (``kafka_url``): only then does the run
+delete its topics at the end (``tests/conftest.py``)."""
+
+
 def kafka_url(group: str | None = None, **options: object) -> str:
     """The test server's URL with a unique (or the given) group and extra options."""
+    global used
+    used = True
     query = {"group": group or f"g-{uuid.uuid4().hex[:12]}", **options}
     return f"kafka://{BOOTSTRAP}/?" + "&".join(f"{k}={v}" for k, v in query.items())
 

@@ -20,6 +20,7 @@ deliveries valid and returns the rest).
 from __future__ import annotations
 
 import time
+import uuid
 
 import anyio
 import pytest
@@ -28,6 +29,7 @@ from oncely.brokers.base import Broker
 from oncely.brokers.kafka import KafkaBroker
 from oncely.testing import BrokerConformance, BrokerFactory, BrokerFeatures
 from tests.brokers.kafka_support import kafka_url
+from tests.conftest import RUN_MARK
 
 pytestmark = pytest.mark.kafka
 
@@ -42,6 +44,10 @@ class TestKafkaBroker(BrokerConformance):
         visibility_seconds=1.0,
         carries_errors=True,
     )
+
+    def make_topic(self) -> str:
+        # The run's mark, so the run deletes its topics at the end (tests/conftest.py).
+        return f"{RUN_MARK}conformance-{uuid.uuid4().hex[:16]}"
 
     @pytest.fixture
     def broker_factory(self) -> BrokerFactory:

@@ -18,12 +18,17 @@ from oncely.brokers.kafka import KafkaBroker
 from oncely.errors import PublishFailed
 from oncely.testing import BrokerFactory, RuntimeConformance, RuntimeFeatures
 from tests.brokers.kafka_support import kafka_url
+from tests.conftest import RUN_MARK
 
 pytestmark = pytest.mark.kafka
 
 
 class TestKafkaRuntime(RuntimeConformance):
     features = RuntimeFeatures(fuzz_bodies=2000, big_body=False, latency=15.0)
+
+    def make_topic(self) -> str:
+        # The run's mark, so the run deletes its topics at the end (tests/conftest.py).
+        return f"{RUN_MARK}runtime-{uuid.uuid4().hex[:16]}"
 
     @pytest.fixture
     def broker_factory(self) -> BrokerFactory:

@@ -84,14 +84,16 @@ async def test_a_stale_completion_fails_alone_in_a_mixed_batch(store: PostgresSt
     got = await asyncio.gather(
         store.complete("good", good, None, LONG),
         store.complete("stale", stale + "x", None, LONG),
-        store.complete("good", good, None, LONG),  # repeated: ordered after the first
+        store.complete("good", good, None, LONG),  # re-sent: ordered after the first
         store.begin("fresh", "fp", LONG),
+        store.complete("good", good + "x", None, LONG),  # not its token: after them too
         return_exceptions=True,
     )
     assert got[0] is None
     assert isinstance(got[1], LeaseLost)
-    assert isinstance(got[2], LeaseLost)
+    assert got[2] is None  # completed by this very token: recorded, not a lost lease
     assert isinstance(got[3], Begin) and got[3].outcome is Outcome.NEW
+    assert isinstance(got[4], LeaseLost)
     assert (await store.begin("stale", "fp", LONG)).outcome is Outcome.IN_PROGRESS
 
 

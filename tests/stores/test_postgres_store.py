@@ -423,6 +423,29 @@ async def test_keys_with_nul_and_backslashes_are_kept_apart(store: PostgresStore
         assert await store.begin(key, "fp", LONG) == Begin(Outcome.COMPLETED, result=key.encode())
 
 
+@pytest.mark.anyio
+async def test_a_re_sent_completion_succeeds_and_a_stranger_s_does_not(
+    store: PostgresStore,
+) -> None:
+    """``Keys.complete`` re-sends a completion whose reply the connection lost. If the first
+    had committed, the retry must not read as a lost lease: the worker would log that the
+    effect may run again, and count it unrecorded, for a completion that was recorded. As on
+    Redis, a completed row keeps its token. Alone and in a batch with a claim (the statement
+    that completes and claims together)."""
+    token = await own(store, "k")
+    await store.complete("k", token, b"r", LONG)
+    await store.complete("k", token, b"r", LONG)
+    with pytest.raises(LeaseLost):
+        await store.complete("k", "someone-else", b"x", LONG)
+    with pytest.raises(LeaseLost):  # still no lease to renew once completed
+        await store.renew("k", token, LONG)
+    again, begun = await asyncio.gather(
+        store.complete("k", token, b"r", LONG), store.begin("other", "fp", LONG)
+    )
+    assert again is None and begun.outcome is Outcome.NEW
+    assert await store.begin("k", "fp", LONG) == Begin(Outcome.COMPLETED, result=b"r")
+
+
 # -- batching ---------------------------------------------------------------------------------
 
 
@@ -466,7 +489,9 @@ async def test_one_key_many_times_in_one_batch(store: PostgresStore) -> None:
     [token] = [b.token for b in begun if b.token]
     done = await asyncio.gather(
         store.complete("same", token, b"r", LONG),
-        store.complete("same", token, b"r", LONG),
+        store.complete("same", token, b"r", LONG),  # the second round finds it completed
+        store.complete("same", "not-the-token", b"x", LONG),
         return_exceptions=True,
     )
-    assert sorted(type(d).__name__ for d in done) == ["LeaseLost", "NoneType"]
+    assert [type(d).__name__ for d in done] == ["NoneType", "NoneType", "LeaseLost"]
+    assert await store.begin("same", "fp", LONG) == Begin(Outcome.COMPLETED, result=b"r")
