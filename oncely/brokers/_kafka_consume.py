@@ -208,19 +208,33 @@ class KafkaSubscription(Subscription):
                 raise StopAsyncIteration
             if self._error is not None:
                 raise self._error
-            while self._yielded < self._prefetch and self._ready:
-                track, record = self._ready.popleft()
-                if not track.live:
-                    continue
-                if track.suspended:
-                    track.parked.append(record)
-                    continue
-                cls = KafkaDelivery if track.eos is None else ExactlyOnceDelivery
-                delivery = cls(self, track, record, topic=self.topic)
-                track.in_flight += 1
-                self._yielded += 1
+            if (delivery := self._take()) is not None:
                 return delivery
             await self._changed.wait()
+
+    def next_ready(self) -> KafkaDelivery | None:
+        """The next delivery if one may be yielded right now, else ``None`` (``__anext__``
+        then waits for one, or raises what stopped the subscription). Never waits, so any
+        task may call it: the worker's task that has just settled a delivery takes the next
+        itself, which spares a hand-over to the consume loop's task per record."""
+        if self._closed or self._error is not None or not self._started:
+            return None
+        return self._take()
+
+    def _take(self) -> KafkaDelivery | None:
+        while self._yielded < self._prefetch and self._ready:
+            track, record = self._ready.popleft()
+            if not track.live:
+                continue
+            if track.suspended:
+                track.parked.append(record)
+                continue
+            cls = KafkaDelivery if track.eos is None else ExactlyOnceDelivery
+            delivery = cls(self, track, record, topic=self.topic)
+            track.in_flight += 1
+            self._yielded += 1
+            return delivery
+        return None
 
     async def _await_start(self) -> None:
         if self._starting is None:
