@@ -48,6 +48,9 @@ TRANSPORT = frozenset({DUE})
 Output = tuple[str, bytes, "bytes | None", list[tuple[str, bytes]]]
 """An exactly-once output waiting for its offset: topic, value, key, encoded headers."""
 _NONE: dict[str, bytes | None] = {}
+_MESSAGE_ID = Headers.MESSAGE_ID
+_KEY = Headers.KEY
+_ATTEMPT = Headers.ATTEMPT
 
 
 class Settler(Protocol):
@@ -173,13 +176,13 @@ class KafkaDelivery(Delivery):
         # delivery's construction, and most handlers never read either.
         raw = record.headers
         found: dict[str, bytes | None] = dict(raw) if raw else _NONE
-        value = found.get(Headers.MESSAGE_ID)
+        value = found.get(_MESSAGE_ID)
         mid = _text(value) if value else ""
         self.id = mid = mid or f"{record.topic}/{record.partition}/{record.offset}"
         self.topic = topic
         self.body = record.value if record.value is not None else b""
-        self.attempt = _attempt(_text(found[Headers.ATTEMPT])) if Headers.ATTEMPT in found else 1
-        self.key = _text(found[Headers.KEY]) if Headers.KEY in found else mid
+        self.attempt = _attempt(_text(found[_ATTEMPT])) if _ATTEMPT in found else 1
+        self.key = _text(found[_KEY]) if _KEY in found else mid
         self._raw = found
         self._decoded: dict[str, str] | None = None
         self._enqueued: float | None = None
@@ -337,21 +340,28 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
         # Deterministic by default: a replay after an abort gives its outputs the same ids,
         # so consumers outside the transaction can deduplicate them too.
         mid = message_id or f"{self.id}/{len(self.outputs)}"
-        # check_headers() and the encoding in one pass: this runs for every output.
+        # check_headers(), the encoding and a bound on the size in one pass: this runs for
+        # every output.
         encoded: list[tuple[str, bytes]] = []
         key: bytes | None = None
+        rough = len(body)  # what ``oversize`` would add up first, see there
         if headers:
             for name, value in headers.items():
-                if not (isinstance(name, str) and isinstance(value, str)):
-                    check_headers(headers)  # raises the precise TypeError
-                if name == Headers.MESSAGE_ID:
+                if not (type(name) is str and type(value) is str):
+                    check_headers(headers)  # raises the precise TypeError (a str subclass is fine)
+                if name == _MESSAGE_ID:
                     continue
-                encoded.append((name, value.encode()))
-                if name == Headers.KEY:
-                    key = encoded[-1][1]
-        encoded.append((Headers.MESSAGE_ID, mid.encode()))
+                data = value.encode()
+                encoded.append((name, data))
+                rough += len(name) * 4 + len(data)
+                if name == _KEY:
+                    key = data
+                    rough += len(data)
+        data = mid.encode()
+        encoded.append((_MESSAGE_ID, data))
+        rough += len(_MESSAGE_ID) * 4 + len(data)
         self._check()
-        size = oversize(key, body, encoded)
+        size = oversize(key, body, encoded, rough)
         if size is not None:
             raise PublishFailed(
                 f"an output for {topic} is {size} bytes when serialized, over the exactly-once "

@@ -82,6 +82,7 @@ class ExactlyOnce:
         self._txns: dict[TopicPartition, Txn] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._hashes = KeyHashes()
+        self._known = broker.known_topics  # one set, updated in place: read per output
         self._dormant: set[TopicPartition] = set()
         """Retry-topic partitions owned but not taken: no record of theirs was fetched yet."""
         self._waking: dict[TopicPartition, asyncio.Task[None]] = {}
@@ -234,7 +235,7 @@ class ExactlyOnce:
     def buffer(self, delivery: KafkaDelivery, output: Output) -> bool:
         """Buffer an output in its delivery (it is sent when its offset is reached), unless
         its topic is not known to exist yet: false then, and ``produce`` must create it."""
-        if output[0] not in self._broker.known_topics:
+        if output[0] not in self._known:
             return False
         delivery.outputs.append(output)
         return True

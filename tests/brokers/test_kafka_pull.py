@@ -14,6 +14,7 @@ import pytest
 import oncely
 from oncely.brokers._kafka_consume import KafkaSubscription
 from oncely.brokers._kafka_delivery import KafkaDelivery
+from oncely.brokers.kafka import KafkaBroker
 from tests._wait import eventually
 from tests.brokers.kafka_support import kafka_url
 
@@ -63,11 +64,14 @@ async def test_tasks_take_ready_deliveries_and_context_variables_do_not_leak(
         request_id.set(n)  # the task that ran this must not run the next one
 
     url = kafka_url(partitions=1, auto_offset_reset="earliest")
+    # Published before the worker starts, so one fetch brings them all: each record of the
+    # key is ready the moment the one before it is settled.
+    async with KafkaBroker.from_url(url) as broker:
+        for n in range(6):
+            for topic in (f"{unique}-plain", f"{unique}-ctx"):
+                await broker.publish(topic, b"%d" % n, headers={"oncely-key": "one"})
     with counting_pulls() as taken:
         async with oncely.Worker(app, broker=url) as worker:
-            for n in range(6):
-                await app.publish(f"{unique}-plain", n, key="one")
-                await app.publish(f"{unique}-ctx", n, key="one")
             await eventually(lambda: worker.stats.processed == 12, 60)
     assert plain == list(range(6)), "one key, one partition: in order"
     assert seen == [None] * 6
