@@ -36,7 +36,9 @@ class Pool:
 
     A task per delivery cost about as much as the rest of the runtime's per-message work on a
     fast broker (cProfile: creating, scheduling and reaping it, its done callback, and a
-    semaphore). Here a task, once its delivery is settled, waits for the next one instead.
+    semaphore). Here a task, once its delivery is settled, waits for the next one instead;
+    where the subscription can hand over a ready delivery without waiting (``source``, the
+    Kafka subscription's ``next_ready``), the task takes it itself, sparing the hand-over.
 
     Each task runs one delivery at a time, so cancelling it still cancels just that handler:
     the timeout and a lost lease do (the runner uncancels the task and settles the delivery),
