@@ -18,6 +18,8 @@ def encode(payload: object) -> bytes:
     Raises:
         TypeError: the payload has a type msgspec cannot encode.
     """
+    if type(payload) is bytes:  # the common case, before building a union to check
+        return payload
     if isinstance(payload, bytes | bytearray | memoryview):
         return bytes(payload)
     try:

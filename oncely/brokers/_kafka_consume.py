@@ -19,20 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer
 
-from oncely.brokers._kafka_delivery import (
-    ExactlyOnceDelivery,
-    KafkaDelivery,
-    dead_letter_headers,
-    retry_headers,
-)
+from oncely.brokers._kafka_delivery import ExactlyOnceDelivery, KafkaDelivery
 from oncely.brokers._kafka_eos import ExactlyOnce
 from oncely.brokers._kafka_group import RebalanceListener, due_time, sticky_assignor
-from oncely.brokers._kafka_options import (
-    bucket_for,
-    dlq_topic,
-    map_errors,
-    retry_topic,
-)
+from oncely.brokers._kafka_options import map_errors, retry_topic
+from oncely.brokers._kafka_retry import failure_copy
 from oncely.brokers._kafka_track import PartitionTrack
 from oncely.brokers.base import Subscription
 from oncely.errors import BrokerError, ConnectionLost, OncelyError
@@ -208,19 +199,32 @@ class KafkaSubscription(Subscription):
                 raise StopAsyncIteration
             if self._error is not None:
                 raise self._error
-            while self._yielded < self._prefetch and self._ready:
-                track, record = self._ready.popleft()
-                if not track.live:
-                    continue
-                if track.suspended:
-                    track.parked.append(record)
-                    continue
-                cls = KafkaDelivery if track.eos is None else ExactlyOnceDelivery
-                delivery = cls(self, track, record, topic=self.topic)
-                track.in_flight += 1
-                self._yielded += 1
+            if (delivery := self._take()) is not None:
                 return delivery
             await self._changed.wait()
+
+    def next_ready(self) -> KafkaDelivery | None:
+        """The next delivery if one may be yielded now, else ``None``; never waits, so the
+        worker's task that settled a delivery takes the next itself. Not exactly-once: that
+        task runs through the ready records, and each round trip of a commit waits for it."""
+        if self._eos is not None or self._closed or self._error is not None or not self._started:
+            return None
+        return self._take()
+
+    def _take(self) -> KafkaDelivery | None:
+        while self._yielded < self._prefetch and self._ready:
+            track, record = self._ready.popleft()
+            if not track.live:
+                continue
+            if track.suspended:
+                track.parked.append(record)
+                continue
+            cls = KafkaDelivery if track.eos is None else ExactlyOnceDelivery
+            delivery = cls(self, track, record, topic=self.topic)
+            track.in_flight += 1
+            self._yielded += 1
+            return delivery
+        return None
 
     async def _await_start(self) -> None:
         if self._starting is None:
@@ -261,20 +265,18 @@ class KafkaSubscription(Subscription):
             self._changed.set()
 
     async def resend(self, delivery: KafkaDelivery, delay: float, attempt: int) -> None:
-        if delay > 0:
-            bucket = bucket_for(delay, self._opts.buckets)
-            assert bucket is not None
-            topic = retry_topic(self.topic, bucket)
-            headers = retry_headers(delivery, attempt, time.time() + delay)
-        else:
-            topic, headers = self.topic, retry_headers(delivery, attempt, None)
-        await self._broker.send(topic, delivery.body, key=delivery.record.key, headers=headers)
+        await self._send_copy(delivery, "nack", delay, "", attempt)
 
     async def dead_letter(self, delivery: KafkaDelivery, reason: str) -> None:
-        dlq = dlq_topic(self.topic)
-        await self._broker.ensure_topics([dlq], partitions=1)
-        headers = dead_letter_headers(delivery, reason, time.time())
-        await self._broker.send(dlq, delivery.body, key=delivery.record.key, headers=headers)
+        await self._send_copy(delivery, "reject", 0.0, reason, delivery.attempt)
+
+    async def _send_copy(
+        self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
+    ) -> None:
+        topic, headers = await failure_copy(
+            self._broker, self.topic, delivery, how, delay, reason, attempt
+        )
+        await self._broker.send(topic, delivery.body, key=delivery.record.key, headers=headers)
 
     # Not coroutines: on the per-record path each hands the exactly-once side's work back, a
     # coroutine only where there is I/O to await.

@@ -47,6 +47,10 @@ TRANSPORT = frozenset({DUE})
 """Headers of the retry machinery, dropped before a record is handed to a handler."""
 Output = tuple[str, bytes, "bytes | None", list[tuple[str, bytes]]]
 """An exactly-once output waiting for its offset: topic, value, key, encoded headers."""
+_NONE: dict[str, bytes | None] = {}
+_MESSAGE_ID = Headers.MESSAGE_ID
+_KEY = Headers.KEY
+_ATTEMPT = Headers.ATTEMPT
 
 
 class Settler(Protocol):
@@ -77,20 +81,29 @@ def record_identity(
     record: ConsumerRecord[bytes, bytes], headers: Mapping[str, str]
 ) -> tuple[str, int, float]:
     """(id, attempt, enqueued_at) of a record: oncely's headers where present, else the
-    record's coordinates and timestamp, so a plain producer's messages are consumed too."""
+    record's coordinates and timestamp, so a plain producer's messages are consumed too.
+    (``KafkaDelivery`` reads the same from the raw headers, ``enqueued_at`` lazily.)"""
     mid = headers.get(Headers.MESSAGE_ID) or f"{record.topic}/{record.partition}/{record.offset}"
     attempt = 1
     if (text := headers.get(Headers.ATTEMPT)) is not None:
+        attempt = _attempt(text)
+    return mid, attempt, _published_at(headers.get(Headers.PUBLISHED_AT), record)
+
+
+def _attempt(text: str) -> int:
+    try:
+        return max(1, int(text))
+    except ValueError:
+        return 1
+
+
+def _published_at(text: str | None, record: ConsumerRecord[bytes, bytes]) -> float:
+    if text is not None:
         try:
-            attempt = max(1, int(text))
+            return float(text)
         except ValueError:
             pass
-    if (text := headers.get(Headers.PUBLISHED_AT)) is not None:
-        try:
-            return mid, attempt, float(text)
-        except ValueError:
-            pass
-    return mid, attempt, record.timestamp / 1000.0
+    return record.timestamp / 1000.0
 
 
 def record_headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
@@ -100,10 +113,18 @@ def record_headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
     raw = record.headers
     if not raw:
         return {}
+    return _decode(dict(raw))
+
+
+def _decode(raw: Mapping[str, bytes | None]) -> dict[str, str]:
+    """``record_headers`` of the record whose headers are ``raw`` (the last of a repeated
+    name wins, as in a dict built from them)."""
+    if not raw:
+        return {}
     try:
-        out = {name: value.decode() for name, value in raw}
+        out = {name: value.decode() for name, value in raw.items()}  # type: ignore[union-attr]
     except (AttributeError, UnicodeDecodeError):  # a None value, or not UTF-8
-        out = {name: _text(value) for name, value in raw}
+        out = {name: _text(value) for name, value in raw.items()}
     for name in TRANSPORT:
         out.pop(name, None)
     return out
@@ -130,7 +151,16 @@ class KafkaDelivery(Delivery):
     member stays in the group), and raises ``DeliveryExpired`` once it is not.
     """
 
-    __slots__ = ("_settled", "_settler", "outputs", "record", "track")
+    __slots__ = (
+        "_decoded",
+        "_enqueued",
+        "_raw",
+        "_settled",
+        "_settler",
+        "outputs",
+        "record",
+        "track",
+    )
 
     def __init__(
         self,
@@ -140,21 +170,54 @@ class KafkaDelivery(Delivery):
         *,
         topic: str,
     ) -> None:
-        headers = record_headers(record)
-        mid, attempt, enqueued = record_identity(record, headers)
-        super().__init__(
-            id=mid,
-            topic=topic,
-            body=record.value if record.value is not None else b"",
-            headers=headers,
-            attempt=attempt,
-            enqueued_at=enqueued,
-        )
+        # ``Delivery.__init__`` inlined, and the headers decoded only when read: only the four
+        # that make the identity and key are looked at here. Building the whole dict (and
+        # parsing ``oncely-published-at``, a float of 17 digits) was over a third of a
+        # delivery's construction, and most handlers never read either.
+        raw = record.headers
+        found: dict[str, bytes | None] = dict(raw) if raw else _NONE
+        value = found.get(_MESSAGE_ID)
+        mid = _text(value) if value else ""
+        self.id = mid = mid or f"{record.topic}/{record.partition}/{record.offset}"
+        self.topic = topic
+        self.body = record.value if record.value is not None else b""
+        self.attempt = _attempt(_text(found[_ATTEMPT])) if _ATTEMPT in found else 1
+        self.key = _text(found[_KEY]) if _KEY in found else mid
+        self._raw = found
+        self._decoded: dict[str, str] | None = None
+        self._enqueued: float | None = None
         self._settler = settler
         self.track = track
         self.record = record
         self._settled = False
         self.outputs: list[Output] = []
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The record's headers as ``record_headers`` decodes them, decoded on first read."""
+        decoded = self._decoded
+        if decoded is None:
+            decoded = self._decoded = _decode(self._raw)
+        return decoded
+
+    @headers.setter
+    def headers(self, value: Mapping[str, str]) -> None:
+        self._decoded = dict(value)
+
+    @property
+    def enqueued_at(self) -> float:
+        """``oncely-published-at`` where present, else the record's timestamp; parsed on first
+        read."""
+        enqueued = self._enqueued
+        if enqueued is None:
+            text = self._raw.get(Headers.PUBLISHED_AT)
+            enqueued = _published_at(None if text is None else _text(text), self.record)
+            self._enqueued = enqueued
+        return enqueued
+
+    @enqueued_at.setter
+    def enqueued_at(self, value: float) -> None:
+        self._enqueued = value
 
     @property
     def settled(self) -> bool:
@@ -277,21 +340,28 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
         # Deterministic by default: a replay after an abort gives its outputs the same ids,
         # so consumers outside the transaction can deduplicate them too.
         mid = message_id or f"{self.id}/{len(self.outputs)}"
-        # check_headers() and the encoding in one pass: this runs for every output.
+        # check_headers(), the encoding and a bound on the size in one pass: this runs for
+        # every output.
         encoded: list[tuple[str, bytes]] = []
         key: bytes | None = None
+        rough = len(body)  # what ``oversize`` would add up first, see there
         if headers:
             for name, value in headers.items():
-                if not (isinstance(name, str) and isinstance(value, str)):
-                    check_headers(headers)  # raises the precise TypeError
-                if name == Headers.MESSAGE_ID:
+                if not (type(name) is str and type(value) is str):
+                    check_headers(headers)  # raises the precise TypeError (a str subclass is fine)
+                if name == _MESSAGE_ID:
                     continue
-                encoded.append((name, value.encode()))
-                if name == Headers.KEY:
-                    key = encoded[-1][1]
-        encoded.append((Headers.MESSAGE_ID, mid.encode()))
+                data = value.encode()
+                encoded.append((name, data))
+                rough += len(name) * 4 + len(data)
+                if name == _KEY:
+                    key = data
+                    rough += len(data)
+        data = mid.encode()
+        encoded.append((_MESSAGE_ID, data))
+        rough += len(_MESSAGE_ID) * 4 + len(data)
         self._check()
-        size = oversize(key, body, encoded)
+        size = oversize(key, body, encoded, rough)
         if size is not None:
             raise PublishFailed(
                 f"an output for {topic} is {size} bytes when serialized, over the exactly-once "

@@ -47,14 +47,8 @@ import time
 from typing import TYPE_CHECKING
 
 from oncely.brokers._kafka_burst import KeyHashes, delivered, send_burst
-from oncely.brokers._kafka_delivery import dead_letter_headers, retry_headers
-from oncely.brokers._kafka_options import (
-    bucket_for,
-    dlq_topic,
-    encode_headers,
-    map_errors,
-    retry_topic,
-)
+from oncely.brokers._kafka_options import encode_headers, map_errors
+from oncely.brokers._kafka_retry import failure_copy
 from oncely.brokers._kafka_txn import Txn, stop_producer
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
 
@@ -82,6 +76,7 @@ class ExactlyOnce:
         self._txns: dict[TopicPartition, Txn] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._hashes = KeyHashes()
+        self._known = broker.known_topics  # one set, updated in place: read per output
         self._dormant: set[TopicPartition] = set()
         """Retry-topic partitions owned but not taken: no record of theirs was fetched yet."""
         self._waking: dict[TopicPartition, asyncio.Task[None]] = {}
@@ -234,7 +229,7 @@ class ExactlyOnce:
     def buffer(self, delivery: KafkaDelivery, output: Output) -> bool:
         """Buffer an output in its delivery (it is sent when its offset is reached), unless
         its topic is not known to exist yet: false then, and ``produce`` must create it."""
-        if output[0] not in self._broker.known_topics:
+        if output[0] not in self._known:
             return False
         delivery.outputs.append(output)
         return True
@@ -252,17 +247,10 @@ class ExactlyOnce:
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
     ) -> None:
         """Replace the delivery's outputs with its retry or dead-letter record."""
-        if how == "reject":
-            topic = dlq_topic(self._sub.topic)
-            await self._broker.ensure_topics([topic], partitions=1)
-            headers = dead_letter_headers(delivery, reason, time.time())
-        elif delay > 0:
-            bucket = bucket_for(delay, self._opts.buckets)
-            assert bucket is not None
-            topic = retry_topic(self._sub.topic, bucket)
-            headers = retry_headers(delivery, attempt, time.time() + delay)
-        else:
-            topic, headers = self._sub.topic, retry_headers(delivery, attempt, None)
+        sub = self._sub
+        topic, headers = await failure_copy(
+            self._broker, sub.topic, delivery, how, delay, reason, attempt
+        )
         delivery.outputs = [(topic, delivery.body, delivery.record.key, encode_headers(headers))]
 
     def ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None:

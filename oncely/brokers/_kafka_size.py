@@ -16,17 +16,23 @@ _BATCH_HEADER = 61
 """Bytes of a v2 record batch's header, which a record alone in its batch carries too."""
 
 
-def oversize(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int | None:
+def oversize(
+    key: bytes | None, value: bytes, headers: list[tuple[str, bytes]], rough: int | None = None
+) -> int | None:
     """The size a record alone in its batch would have when serialized, if that is over
     ``MAX_REQUEST`` (``send_burst`` would refuse it, on every replay), else ``None``.
 
     Checked when the handler produces the output, so the failure is the handler's own: it is
     retried and dead-lettered like any other, where a refusal at commit time fails the
     transaction, which only replays the record with the same attempt, for ever.
+
+    ``rough``, if given, is the sum below, added up by a caller that walked the headers
+    already (``len(value) + len(key)``, and ``4 * len(name) + len(data)`` a header).
     """
-    rough = len(value) + (0 if key is None else len(key))
-    for name, data in headers:
-        rough += len(name) * 4 + len(data)  # at most 4 UTF-8 bytes a character
+    if rough is None:
+        rough = len(value) + (0 if key is None else len(key))
+        for name, data in headers:
+            rough += len(name) * 4 + len(data)  # at most 4 UTF-8 bytes a character
     # The common case, far from the limit: nothing to count. The margin covers the batch
     # header and every length prefix (at most 5 bytes each, 2 a header).
     if rough + 128 + 16 * len(headers) < MAX_REQUEST:

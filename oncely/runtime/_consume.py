@@ -36,7 +36,9 @@ class Pool:
 
     A task per delivery cost about as much as the rest of the runtime's per-message work on a
     fast broker (cProfile: creating, scheduling and reaping it, its done callback, and a
-    semaphore). Here a task, once its delivery is settled, waits for the next one instead.
+    semaphore). Here a task, once its delivery is settled, waits for the next one instead;
+    where the subscription can hand over a ready delivery without waiting (``source``, the
+    Kafka subscription's ``next_ready``), the task takes it itself, sparing the hand-over.
 
     Each task runs one delivery at a time, so cancelling it still cancels just that handler:
     the timeout and a lost lease do (the runner uncancels the task and settles the delivery),
@@ -61,6 +63,9 @@ class Pool:
         self._room: asyncio.Future[None] | None = None
         self._closed = False
         self._name = f"oncely:{runner.spec.name}"
+        self.source: Callable[[], Delivery | None] | None = None
+        """Set by the consume loop while its subscription is open: the subscription's next
+        delivery if one is ready now, without waiting (``next_ready``), else ``None``."""
 
     @property
     def tasks(self) -> set[asyncio.Task[None]]:
@@ -112,10 +117,23 @@ class Pool:
                 except Exception:
                     # Runner.run settles everything itself; this is the last line for a bug.
                     log.exception("%s: unexpected error", runner.spec.name)
-                finally:
+                except BaseException:
                     self._finished()
+                    raise
                 if self._closed or task.cancelling() or contextvars.copy_context() != context:
+                    self._finished()
                     return
+                try:
+                    ready = None if (source := self.source) is None else source()
+                except Exception:  # the consume loop meets the same failure and handles it
+                    log.exception("%s: taking a ready delivery failed", runner.spec.name)
+                    ready = None
+                if ready is not None:
+                    # The slot passes straight to the next delivery: no hand-over through a
+                    # future and the consume loop's task (a wake-up of each per record).
+                    delivery = ready
+                    continue
+                self._finished()
                 waiter: asyncio.Future[Delivery | None] = self._loop.create_future()
                 self._idle.append(waiter)
                 try:
@@ -178,6 +196,8 @@ class ConsumeLoop:
         self.stats = stats
         self.pool = pool
         self.fail = fail
+        self._pulled = False
+        """Whether the pool took a delivery itself since the last consume failure."""
 
     async def run(self) -> None:
         runner = self.runner
@@ -196,6 +216,7 @@ class ConsumeLoop:
                 sub = self.broker.consume(
                     spec.topic, prefetch=spec.concurrency, visibility=visibility
                 )
+                pool.source = self._source(sub)
                 while True:
                     if pool.in_flight >= pool.size:
                         await pool.wait_room()
@@ -213,6 +234,8 @@ class ConsumeLoop:
                 return
             except BrokerError as exc:
                 self.stats.consume_errors += 1
+                if self._pulled:  # deliveries came through the pool's own pulls meanwhile
+                    self._pulled, pause, unexpected = False, RESUBSCRIBE_DELAY[0], 0
                 log.error(
                     "%s: consuming %s failed, resubscribing in %.1fs: %s",
                     spec.name,
@@ -222,6 +245,8 @@ class ConsumeLoop:
                 )
             except Exception as exc:
                 self.stats.consume_errors += 1
+                if self._pulled:
+                    self._pulled, pause, unexpected = False, RESUBSCRIBE_DELAY[0], 0
                 unexpected += 1
                 if unexpected >= MAX_UNEXPECTED:
                     self.fail(
@@ -237,12 +262,32 @@ class ConsumeLoop:
                     pause,
                 )
             finally:
+                pool.source = None
                 if sub is not None:
                     await asyncio.shield(_close_sub(sub))
             try:
                 await asyncio.wait_for(self.stopping.wait(), pause)
             except TimeoutError:
                 pause = min(pause * 2, RESUBSCRIBE_DELAY[1])
+
+    def _source(self, sub: Subscription) -> Callable[[], Delivery | None] | None:
+        """What the pool's tasks take ready deliveries from, if ``sub`` can hand them over
+        without waiting (an optional ``next_ready()``, as the Kafka subscription has); none
+        once the worker stops fetching."""
+        next_ready: Callable[[], Delivery | None] | None = getattr(sub, "next_ready", None)
+        if next_ready is None:
+            return None
+        stopping = self.stopping
+
+        def source() -> Delivery | None:
+            if stopping.is_set():
+                return None
+            delivery = next_ready()
+            if delivery is not None:
+                self._pulled = True
+            return delivery
+
+        return source
 
 
 async def _close_sub(sub: Subscription) -> None:

@@ -348,7 +348,7 @@ class Runner:
     ) -> bytes | None:
         """Run the handler under its timeout and heartbeat; return the encoded result."""
         spec = self.spec
-        active = Active(delivery, asyncio.current_task())
+        active = Active(delivery, self.heartbeat.current_task())  # no getpid per delivery
         transactional = False
         if lease is not None:
             # The heartbeat renews transactional leases too: a transaction may wait for a

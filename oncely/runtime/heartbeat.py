@@ -91,6 +91,20 @@ class Heartbeat:
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once. On Python 3.11 ``asyncio.get_running_loop()``
+        (and ``current_task()`` without a loop) costs a ``getpid`` system call, twice per
+        delivery on the hot path until cached here; a worker runs on one loop."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    def current_task(self) -> asyncio.Task[Any] | None:
+        """``asyncio.current_task()``, without its system call (see ``loop``)."""
+        return asyncio.current_task(self.loop())
 
     def track(self, active: Active, timeout: float | None = None) -> None:
         """Beat ``active`` until it is untracked and, with ``timeout``, ``expire()`` it once
@@ -100,7 +114,7 @@ class Heartbeat:
             self._start()
         self._active[active] = None
         if timeout is not None:
-            loop = asyncio.get_running_loop()
+            loop = self._loop or self.loop()
             active.deadline = deadline = loop.time() + timeout
             if self._timer is None:
                 # An armed timer is due no later than this deadline: it re-arms when it fires.

@@ -1,0 +1,107 @@
+"""The worker's tasks take ready Kafka deliveries themselves (``KafkaSubscription.next_ready``)
+rather than through the consume loop: what one delivery does stays its own, and nothing
+starts once the worker stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+import oncely
+from oncely.brokers._kafka_consume import KafkaSubscription
+from oncely.brokers._kafka_delivery import KafkaDelivery
+from oncely.brokers.kafka import KafkaBroker
+from tests._wait import eventually
+from tests.brokers.kafka_support import kafka_url
+
+pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
+
+request_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("request_id", default=None)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@contextmanager
+def counting_pulls() -> Iterator[list[str]]:
+    """Record the id of every delivery a worker's task took itself."""
+    taken: list[str] = []
+    original = KafkaSubscription.next_ready
+
+    def next_ready(self: KafkaSubscription) -> KafkaDelivery | None:
+        delivery = original(self)
+        if delivery is not None:
+            taken.append(delivery.id)
+        return delivery
+
+    KafkaSubscription.next_ready = next_ready  # type: ignore[method-assign]
+    try:
+        yield taken
+    finally:
+        KafkaSubscription.next_ready = original  # type: ignore[method-assign]
+
+
+async def test_tasks_take_ready_deliveries_and_context_variables_do_not_leak(
+    unique: str,
+) -> None:
+    app = oncely.App()
+    plain: list[int] = []
+    seen: list[int | None] = []
+
+    @app.handler(f"{unique}-plain", concurrency=1)
+    async def count(n: int) -> None:
+        plain.append(n)
+
+    @app.handler(f"{unique}-ctx", concurrency=1)
+    async def handle(n: int) -> None:
+        seen.append(request_id.get())
+        request_id.set(n)  # the task that ran this must not run the next one
+
+    url = kafka_url(partitions=1, auto_offset_reset="earliest")
+    # Published before the worker starts, so one fetch brings them all: each record of the
+    # key is ready the moment the one before it is settled.
+    async with KafkaBroker.from_url(url) as broker:
+        for n in range(6):
+            for topic in (f"{unique}-plain", f"{unique}-ctx"):
+                await broker.publish(topic, b"%d" % n, headers={"oncely-key": "one"})
+    with counting_pulls() as taken:
+        async with oncely.Worker(app, broker=url) as worker:
+            await eventually(lambda: worker.stats.processed == 12, 60)
+    assert plain == list(range(6)), "one key, one partition: in order"
+    assert seen == [None] * 6
+    assert taken, "the handler that leaves its context alone takes the next record itself"
+
+
+async def test_no_delivery_starts_once_the_worker_stops(unique: str) -> None:
+    app = oncely.App()
+    runs: list[int] = []
+    release = asyncio.Event()
+
+    @app.handler(unique, concurrency=1)
+    async def handle(n: int) -> None:
+        runs.append(n)
+        if n == 0:
+            await release.wait()
+
+    url = kafka_url(f"g-{unique}", partitions=1, auto_offset_reset="earliest")
+    worker = oncely.Worker(app, broker=url)
+    await worker.start()
+    for n in range(3):
+        await app.publish(unique, n, key=f"k{n}")  # three keys: all ready behind the first
+    await eventually(lambda: runs == [0], 60)
+    stopping = asyncio.create_task(worker.stop(grace=30))
+    await eventually(lambda: worker._stopping is not None and worker._stopping.is_set())
+    release.set()
+    await stopping
+    assert runs == [0], "the task that finished record 0 took nothing more"
+    assert worker.stats.processed == 1
+
+    async with oncely.Worker(app, broker=url) as again:  # the same group: nothing was lost
+        await eventually(lambda: again.stats.processed == 2, 60)
+    assert runs == [0, 1, 2]
