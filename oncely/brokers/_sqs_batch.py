@@ -35,6 +35,8 @@ E = TypeVar("E")
 
 MAX_ENTRIES = 10
 RETRIES = 4
+_IDS = tuple(str(n) for n in range(MAX_ENTRIES))
+"""The batch-local entry ids, made once."""
 
 
 @dataclass(slots=True)
@@ -95,8 +97,19 @@ class Batcher(Generic[E]):
         Raises (from the future):
             BrokerError: the entry failed (``on_failed``), or the whole call did.
         """
-        future: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
-        self._add(_Item(entry, size, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Mapping[str, Any]] = loop.create_future()
+        if self._max_bytes is not None:
+            self._add(_Item(entry, size, future))
+            return future
+        # _add inlined for settles (no size limit): this runs once per ack.
+        state = self._state
+        pending = state.pending
+        pending.append(_Item(entry, size, future))
+        if len(pending) >= MAX_ENTRIES:
+            self._kick()
+        elif state.timer is None:
+            state.timer = loop.call_later(self._window, self._kick)
         return future
 
     def _add(self, item: _Item[E]) -> None:
@@ -143,10 +156,14 @@ class Batcher(Generic[E]):
         retry: list[_Item[E]] = []
         try:
             live = chunk
-            entries = [self._with_id(item.entry, str(n)) for n, item in enumerate(live)]
+            with_id = self._with_id
+            entries = [with_id(item.entry, _IDS[n]) for n, item in enumerate(live)]
             response = await self._call(entries)
             for ok in response.get("Successful", ()):
-                _resolve(live[int(ok["Id"])].future, ok)
+                # _resolve inlined: once per entry.
+                future = live[int(ok["Id"])].future
+                if not future.done():
+                    future.set_result(ok)
             for failed in response.get("Failed", ()):
                 item = live[int(failed["Id"])]
                 code, message = failed.get("Code", "?"), failed.get("Message", "")
@@ -219,11 +236,6 @@ class Batcher(Generic[E]):
 
     def __len__(self) -> int:
         return len(self._state.pending) + self._state.inflight
-
-
-def _resolve(future: asyncio.Future[Mapping[str, Any]], value: Mapping[str, Any]) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 def _fail(future: asyncio.Future[Mapping[str, Any]], exc: BaseException) -> None:

@@ -162,7 +162,10 @@ class SqsSubscription(Subscription):
 
     def _settled(self, delivery: SqsDelivery, *, returned: bool) -> None:
         """A yielded delivery was settled: free its slot; on FIFO, release its group."""
-        self._release(1)
+        # _release(1) inlined: once per message.
+        self._free += 1
+        if self._slots is not None:
+            self._slots.set()
         group = delivery.group
         if group is None or self._busy.get(group) != delivery.batch:
             return
