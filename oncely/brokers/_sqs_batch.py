@@ -35,19 +35,21 @@ E = TypeVar("E")
 
 MAX_ENTRIES = 10
 RETRIES = 4
+_IDS = tuple(str(n) for n in range(MAX_ENTRIES))
+"""The batch-local entry ids, made once."""
 
 
-@dataclass(slots=True)
-class _Item(Generic[E]):
-    entry: E
-    size: int
-    future: asyncio.Future[Mapping[str, Any]]
-    tries: int = 0
+_Outcome = asyncio.Future[Mapping[str, Any]]
 
 
 @dataclass(slots=True)
 class _State(Generic[E]):
-    pending: list[_Item[E]] = field(default_factory=list)
+    """What waits to be sent, in three parallel lists (no object per entry: one is made per
+    ack, and each one that outlives a garbage collection makes the next come sooner)."""
+
+    pending: list[_Outcome] = field(default_factory=list)
+    entries: list[E] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
     inflight: int = 0
 
@@ -83,6 +85,7 @@ class Batcher(Generic[E]):
         self._max_bytes = max_bytes
         self._state: _State[E] = _State()
         self._tasks: dict[asyncio.Task[None], int] = {}  # call in flight -> its entries
+        self._tries: dict[_Outcome, int] = {}  # retried entries (by future) -> times
         self._idle: asyncio.Event | None = None
 
     def submit(self, entry: E, size: int = 0) -> asyncio.Future[Mapping[str, Any]]:
@@ -95,13 +98,28 @@ class Batcher(Generic[E]):
         Raises (from the future):
             BrokerError: the entry failed (``on_failed``), or the whole call did.
         """
-        future: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
-        self._add(_Item(entry, size, future))
+        loop = asyncio.get_running_loop()
+        future: _Outcome = loop.create_future()
+        if self._max_bytes is not None:
+            self._add(entry, size, future)
+            return future
+        # _add inlined for settles (no size limit): this runs once per ack.
+        state = self._state
+        pending = state.pending
+        pending.append(future)
+        state.entries.append(entry)
+        state.sizes.append(size)
+        if len(pending) >= MAX_ENTRIES:
+            self._kick()
+        elif state.timer is None:
+            state.timer = loop.call_later(self._window, self._kick)
         return future
 
-    def _add(self, item: _Item[E]) -> None:
+    def _add(self, entry: E, size: int, future: _Outcome) -> None:
         state = self._state
-        state.pending.append(item)
+        state.pending.append(future)
+        state.entries.append(entry)
+        state.sizes.append(size)
         if self._full():
             self._kick()
         elif state.timer is None:
@@ -109,20 +127,25 @@ class Batcher(Generic[E]):
             state.timer = loop.call_later(self._window, self._kick)
 
     def _full(self) -> bool:
-        pending = self._state.pending
-        if len(pending) >= MAX_ENTRIES:
+        state = self._state
+        if len(state.pending) >= MAX_ENTRIES:
             return True
-        return self._max_bytes is not None and sum(i.size for i in pending) >= self._max_bytes
+        return self._max_bytes is not None and sum(state.sizes) >= self._max_bytes
 
-    def _take(self) -> list[_Item[E]]:
-        pending = self._state.pending
-        n, total = 0, 0
-        while n < min(len(pending), MAX_ENTRIES):
-            total += pending[n].size
-            if self._max_bytes is not None and n and total > self._max_bytes:
-                break
-            n += 1
-        chunk, self._state.pending = pending[:n], pending[n:]
+    def _take(self) -> tuple[list[E], list[_Outcome], list[int]]:
+        state = self._state
+        sizes = state.sizes
+        n = min(len(sizes), MAX_ENTRIES)
+        if self._max_bytes is not None:
+            # The first entry always goes, whatever its size (publish checked it fits).
+            total = sizes[0]
+            for i in range(1, n):
+                total += sizes[i]
+                if total > self._max_bytes:
+                    n = i
+                    break
+        chunk = (state.entries[:n], state.pending[:n], sizes[:n])
+        del state.entries[:n], state.pending[:n], sizes[:n]
         return chunk
 
     def _kick(self) -> None:
@@ -131,33 +154,39 @@ class Batcher(Generic[E]):
             state.timer.cancel()
             state.timer = None
         while state.pending and state.inflight < self._max_inflight:
-            chunk = self._take()
+            entries, futures, sizes = self._take()
             state.inflight += 1
-            task = asyncio.get_running_loop().create_task(self._send(chunk))
-            self._tasks[task] = len(chunk)
+            task = asyncio.get_running_loop().create_task(self._send(entries, futures, sizes))
+            self._tasks[task] = len(futures)
             task.add_done_callback(self._forget)
         if state.pending and state.inflight < self._max_inflight and state.timer is None:
             state.timer = asyncio.get_running_loop().call_later(self._window, self._kick)
 
-    async def _send(self, chunk: list[_Item[E]]) -> None:
-        retry: list[_Item[E]] = []
+    async def _send(self, chunk: list[E], futures: list[_Outcome], sizes: list[int]) -> None:
+        retry: list[int] = []  # indexes into chunk
+        tries = self._tries
         try:
-            live = chunk
-            entries = [self._with_id(item.entry, str(n)) for n, item in enumerate(live)]
+            with_id = self._with_id
+            entries = [with_id(entry, _IDS[n]) for n, entry in enumerate(chunk)]
             response = await self._call(entries)
             for ok in response.get("Successful", ()):
-                _resolve(live[int(ok["Id"])].future, ok)
+                # _resolve inlined: once per entry.
+                future = futures[int(ok["Id"])]
+                if not future.done():
+                    future.set_result(ok)
             for failed in response.get("Failed", ()):
-                item = live[int(failed["Id"])]
+                n = int(failed["Id"])
+                future = futures[n]
                 code, message = failed.get("Code", "?"), failed.get("Message", "")
-                if not failed.get("SenderFault", False) and item.tries < RETRIES:
-                    item.tries += 1
-                    retry.append(item)
+                tried = tries.get(future, 0)
+                if not failed.get("SenderFault", False) and tried < RETRIES:
+                    tries[future] = tried + 1
+                    retry.append(n)
                 else:
-                    _fail(item.future, self._on_failed(code, message))
-            for item in live:
-                if not item.future.done() and item not in retry:
-                    _fail(item.future, BrokerError("SQS returned no outcome for a batch entry"))
+                    _fail(future, self._on_failed(code, message))
+            for n, future in enumerate(futures):
+                if not future.done() and n not in retry:
+                    _fail(future, BrokerError("SQS returned no outcome for a batch entry"))
         except BaseException as exc:
             error: BaseException = exc
             if not isinstance(exc, Exception):
@@ -169,19 +198,24 @@ class Batcher(Generic[E]):
                 error = BrokerError(f"SQS batch call failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
             retry.clear()  # failed with the rest: not sent again
-            for item in chunk:
-                _fail(item.future, error)
+            for future in futures:
+                _fail(future, error)
             if not isinstance(exc, Exception):
                 raise
         finally:
+            if tries:
+                # Settled (or failed) for good: forget how often they were tried.
+                for n, future in enumerate(futures):
+                    if n not in retry:
+                        tries.pop(future, None)
             try:
                 if retry:
                     # Back off with the call slot held, then queue them again.
-                    await asyncio.sleep(0.05 * 2 ** max(i.tries for i in retry))
+                    await asyncio.sleep(0.05 * 2 ** max(tries[futures[n]] for n in retry))
             finally:
                 self._state.inflight -= 1
-                for item in retry:
-                    self._add(item)
+                for n in retry:
+                    self._add(chunk[n], sizes[n], futures[n])
                 if self._state.pending and self._state.timer is None:
                     self._kick()
                 idle = self._idle
@@ -209,8 +243,10 @@ class Batcher(Generic[E]):
             state.timer.cancel()
             state.timer = None
         pending, state.pending = state.pending, []
-        for item in pending:
-            _fail(item.future, error)
+        state.entries, state.sizes = [], []
+        self._tries.clear()
+        for future in pending:
+            _fail(future, error)
         # A finished call may still be listed (its done callback runs a loop turn later).
         running = {task: n for task, n in self._tasks.items() if not task.done()}
         for task in running:
@@ -219,11 +255,6 @@ class Batcher(Generic[E]):
 
     def __len__(self) -> int:
         return len(self._state.pending) + self._state.inflight
-
-
-def _resolve(future: asyncio.Future[Mapping[str, Any]], value: Mapping[str, Any]) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 def _fail(future: asyncio.Future[Mapping[str, Any]], exc: BaseException) -> None:

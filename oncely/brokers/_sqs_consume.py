@@ -50,7 +50,10 @@ class SqsSubscription(Subscription):
         self._batches = 0
         self._pollers: list[asyncio.Task[None]] = []
         self._changed: asyncio.Event | None = None
-        self._slots: asyncio.Event | None = None
+        # Pollers waiting for free prefetch slots, and whether one was woken and has not run
+        # yet: pollers are woken one at a time (see _wake).
+        self._sleepers: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waking = False
         self._error: BaseException | None = None
         self._closed = False
 
@@ -72,7 +75,6 @@ class SqsSubscription(Subscription):
 
     def _start(self) -> None:
         self._changed = asyncio.Event()
-        self._slots = asyncio.Event()
         n = min(math.ceil(self.prefetch / 10), self.broker.options.max_pollers)
         for i in range(n):
             task = asyncio.create_task(self._poll(), name=f"sqs-poll:{self.topic}:{i}")
@@ -95,14 +97,26 @@ class SqsSubscription(Subscription):
             self._changed.set()
 
     async def _poll(self) -> None:
-        assert self._slots is not None and self._changed is not None
+        assert self._changed is not None
+        loop = asyncio.get_running_loop()
         pause = 0.1
         while not self._closed:
             while self._free <= 0:
-                self._slots.clear()
-                await self._slots.wait()
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._sleepers.append(waiter)
+                try:
+                    await waiter
+                except BaseException:
+                    if waiter.done() and not waiter.cancelled():
+                        # Woken, then cancelled before it ran: pass the wake-up on.
+                        self._waking = False
+                        self._wake()
+                    raise
+                self._waking = False
             n = min(10, self._free)
             self._free -= n
+            if self._free > 0:
+                self._wake()  # more slots than this receive takes: the next poller
             receive = asyncio.ensure_future(self.broker._receive(self.topic, n, self.visibility))
             try:
                 # Shielded: a long poll cut off at the client may still claim messages on the
@@ -162,7 +176,10 @@ class SqsSubscription(Subscription):
 
     def _settled(self, delivery: SqsDelivery, *, returned: bool) -> None:
         """A yielded delivery was settled: free its slot; on FIFO, release its group."""
-        self._release(1)
+        # _release(1) inlined: once per message.
+        self._free += 1
+        if self._sleepers and not self._waking:
+            self._wake()
         group = delivery.group
         if group is None or self._busy.get(group) != delivery.batch:
             return
@@ -204,8 +221,23 @@ class SqsSubscription(Subscription):
 
     def _release(self, n: int) -> None:
         self._free += n
-        if self._slots is not None:
-            self._slots.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake one sleeping poller, if slots are free and none is already on its way. Not
+        all of them (as an event would): a batch of acks frees its slots in one loop turn,
+        the first poller to run takes up to 10 of them, and the rest would go back to sleep,
+        a future and a task step each (several per receive, measured). A woken poller that
+        leaves slots free wakes the next."""
+        if self._waking or self._free <= 0:
+            return
+        sleepers = self._sleepers
+        while sleepers:
+            waiter = sleepers.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._waking = True
+                return
 
     def _give_back(self, deliveries: list[SqsDelivery]) -> None:
         """Make never-yielded deliveries visible again (visibility 0), in the background."""

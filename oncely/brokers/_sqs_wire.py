@@ -256,14 +256,22 @@ def decode(message: MessageTypeDef) -> Incoming:
     else:
         body = text.encode("utf-8")
     system = message.get("Attributes") or {}
-    return Incoming(
-        headers.get(Headers.MESSAGE_ID) or message.get("MessageId", ""),
-        body,
-        headers,
-        int(system.get("ApproximateReceiveCount", "1")),
-        int(system.get("SentTimestamp", "0")) / 1000,
-        system.get("MessageGroupId"),
+    # tuple.__new__ rather than Incoming(...): the generated __new__ is a Python call, and
+    # this runs once per received message.
+    return _new_tuple(
+        Incoming,
+        (
+            headers.get(Headers.MESSAGE_ID) or message.get("MessageId", ""),
+            body,
+            headers,
+            int(system.get("ApproximateReceiveCount", "1")),
+            int(system.get("SentTimestamp", "0")) / 1000,
+            system.get("MessageGroupId"),
+        ),
     )
+
+
+_new_tuple = tuple.__new__
 
 
 # ----------------------------------------------------------------------------------- errors

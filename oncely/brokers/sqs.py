@@ -380,8 +380,8 @@ class SqsBroker(Broker, DeadLetterAdmin):
     async def _receive(
         self, topic: str, n: int, visibility: int
     ) -> tuple[str, list[MessageTypeDef]]:
-        url, _ = await self.queue_urls(topic)
-        client = await self._connected()
+        url = (self._urls.get(topic) or await self.queue_urls(topic))[0]  # no coroutine if known
+        client = self._client or await self._connected()
         self.api_calls["receive"] += 1
         with map_errors("receive"):
             got = await client.receive_message(
