@@ -105,3 +105,35 @@ async def test_no_delivery_starts_once_the_worker_stops(unique: str) -> None:
     async with oncely.Worker(app, broker=url) as again:  # the same group: nothing was lost
         await eventually(lambda: again.stats.processed == 2, 60)
     assert runs == [0, 1, 2]
+
+
+async def test_a_pulled_delivery_that_fails_or_times_out_frees_its_slot(unique: str) -> None:
+    # The slot a task carries from one delivery to the next it took itself must be given up
+    # exactly once on every way out of the handler: a failure, a timeout (a cancel the
+    # runner absorbs), and a success.
+    app = oncely.App()
+    runs: list[int] = []
+    release = asyncio.Event()
+    fast = oncely.RetryPolicy(max_attempts=3, base=0.01, cap=0.02)
+
+    @app.handler(unique, concurrency=1, timeout=0.5, retry=fast)
+    async def handle(n: int) -> None:
+        runs.append(n)
+        if n == 1 and runs.count(1) == 1:
+            raise RuntimeError("once")
+        if n == 2 and runs.count(2) == 1:
+            await release.wait()  # past the timeout: cancelled, then retried
+
+    url = kafka_url(partitions=1, auto_offset_reset="earliest")
+    async with KafkaBroker.from_url(url) as broker:
+        for n in range(5):  # one fetch brings them all: each is ready behind the one before
+            await broker.publish(unique, b"%d" % n, headers={"oncely-key": "one"})
+    with counting_pulls() as taken:
+        async with oncely.Worker(app, broker=url) as worker:
+            await eventually(lambda: worker.stats.processed == 5, 60)
+            await eventually(lambda: worker.in_flight == 0, 30)
+            assert worker.stats.retried == 2
+            pool = worker._pools[0]
+            assert pool.in_flight == 0 and len(pool.tasks) <= 1
+    assert sorted(runs) == [0, 1, 1, 2, 2, 3, 4]
+    assert taken, "the records behind the first were taken by the task itself"
