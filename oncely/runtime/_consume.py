@@ -31,6 +31,11 @@ _FATAL = (ConfigError, NotSupported, ValueError, TypeError)
 """Consume errors no retry can fix: they stop the worker."""
 
 
+PULL_RUN = 32
+"""Most deliveries a task takes itself (``Pool.source``) in a row before it lets the event
+loop run once."""
+
+
 class Pool:
     """Runs one handler's deliveries, at most ``size`` at a time, on long-lived tasks.
 
@@ -110,6 +115,7 @@ class Pool:
         task = asyncio.current_task()
         assert task is not None
         context = contextvars.copy_context()
+        pulled = 0  # deliveries this task took itself since it last let the loop run
         try:
             while True:
                 try:
@@ -120,6 +126,16 @@ class Pool:
                 except BaseException:
                     self._finished()
                     raise
+                if pulled >= PULL_RUN:
+                    # A handler that never awaits (and Kafka's acks, which do not) would
+                    # otherwise run every ready record in a row, the event loop starved of
+                    # its I/O, timers and the client's group heartbeats meanwhile.
+                    pulled = 0
+                    try:
+                        await asyncio.sleep(0)
+                    except BaseException:
+                        self._finished()
+                        raise
                 if self._closed or task.cancelling() or contextvars.copy_context() != context:
                     self._finished()
                     return
@@ -132,7 +148,9 @@ class Pool:
                     # The slot passes straight to the next delivery: no hand-over through a
                     # future and the consume loop's task (a wake-up of each per record).
                     delivery = ready
+                    pulled += 1
                     continue
+                pulled = 0
                 self._finished()
                 waiter: asyncio.Future[Delivery | None] = self._loop.create_future()
                 self._idle.append(waiter)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,7 @@ import oncely
 from oncely.brokers._kafka_consume import KafkaSubscription
 from oncely.brokers._kafka_delivery import KafkaDelivery
 from oncely.brokers.kafka import KafkaBroker
+from oncely.runtime._consume import PULL_RUN
 from tests._wait import eventually
 from tests.brokers.kafka_support import kafka_url
 
@@ -137,3 +139,39 @@ async def test_a_pulled_delivery_that_fails_or_times_out_frees_its_slot(unique: 
             assert pool.in_flight == 0 and len(pool.tasks) <= 1
     assert sorted(runs) == [0, 1, 1, 2, 2, 3, 4]
     assert taken, "the records behind the first were taken by the task itself"
+
+
+async def test_a_handler_that_never_awaits_still_lets_the_event_loop_run(unique: str) -> None:
+    """A task takes ready records itself, and neither a handler that never awaits nor Kafka's
+    ack suspends it: without a pause it would run a whole fetch in a row, the event loop (its
+    I/O, its timers, the client's group heartbeats) starved meanwhile."""
+    app = oncely.App()
+    ticks = 0  # event-loop turns, counted by a task of its own
+    runs: list[int] = []  # the tick each delivery saw
+
+    @app.handler(unique, concurrency=1)
+    async def handle(n: int) -> None:
+        runs.append(ticks)
+
+    url = kafka_url(partitions=1, auto_offset_reset="earliest")
+    async with KafkaBroker.from_url(url) as broker:  # before the worker: one fetch brings all
+        for n in range(300):
+            await broker.publish(unique, b"%d" % n, headers={"oncely-key": str(n)})
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        with counting_pulls() as taken:
+            async with oncely.Worker(app, broker=url) as worker:
+                await eventually(lambda: worker.stats.processed == 300, 60)
+    finally:
+        ticker.cancel()
+    assert len(taken) > 2 * PULL_RUN, "the task took most records itself"
+    longest = max(len(list(run)) for _, run in itertools.groupby(runs))
+    # The one handed over, then PULL_RUN taken, then the loop runs.
+    assert longest <= PULL_RUN + 1, longest
