@@ -33,8 +33,6 @@ __all__ = [
     "Output",
     "Settler",
     "dead_letter_headers",
-    "record_headers",
-    "record_identity",
     "retry_headers",
 ]
 
@@ -77,19 +75,6 @@ class Settler(Protocol):
     def eos_produce(self, delivery: KafkaDelivery, output: Output) -> Awaitable[None]: ...
 
 
-def record_identity(
-    record: ConsumerRecord[bytes, bytes], headers: Mapping[str, str]
-) -> tuple[str, int, float]:
-    """(id, attempt, enqueued_at) of a record: oncely's headers where present, else the
-    record's coordinates and timestamp, so a plain producer's messages are consumed too.
-    (``KafkaDelivery`` reads the same from the raw headers, ``enqueued_at`` lazily.)"""
-    mid = headers.get(Headers.MESSAGE_ID) or f"{record.topic}/{record.partition}/{record.offset}"
-    attempt = 1
-    if (text := headers.get(Headers.ATTEMPT)) is not None:
-        attempt = _attempt(text)
-    return mid, attempt, _published_at(headers.get(Headers.PUBLISHED_AT), record)
-
-
 def _attempt(text: str) -> int:
     try:
         return max(1, int(text))
@@ -106,19 +91,10 @@ def _published_at(text: str | None, record: ConsumerRecord[bytes, bytes]) -> flo
     return record.timestamp / 1000.0
 
 
-def record_headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
-    """A record's headers for its handler: UTF-8 text (a plain producer's undecodable bytes
-    keep their ``latin-1`` text rather than failing the message), the retry machinery's
-    ``TRANSPORT`` headers left out."""
-    raw = record.headers
-    if not raw:
-        return {}
-    return _decode(dict(raw))
-
-
 def _decode(raw: Mapping[str, bytes | None]) -> dict[str, str]:
-    """``record_headers`` of the record whose headers are ``raw`` (the last of a repeated
-    name wins, as in a dict built from them)."""
+    """A record's headers (``raw``, the last of a repeated name winning) for its handler:
+    UTF-8 text (a plain producer's undecodable bytes keep their ``latin-1`` text rather than
+    failing the message), the retry machinery's ``TRANSPORT`` headers left out."""
     if not raw:
         return {}
     try:
@@ -194,7 +170,7 @@ class KafkaDelivery(Delivery):
 
     @property
     def headers(self) -> Mapping[str, str]:
-        """The record's headers as ``record_headers`` decodes them, decoded on first read."""
+        """The record's headers (see ``_decode``), decoded on first read."""
         decoded = self._decoded
         if decoded is None:
             decoded = self._decoded = _decode(self._raw)

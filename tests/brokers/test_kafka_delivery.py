@@ -1,6 +1,6 @@
 """A Kafka delivery built from a consumed record, without a broker: its identity, key and
-headers (decoded only when read) are those the eager ``record_headers`` and
-``record_identity`` give, whatever the record's headers hold."""
+headers (decoded only when read) are those an eager decoding of every header gives (below, as
+the adapter decoded them before it went lazy), whatever the record's headers hold."""
 
 from __future__ import annotations
 
@@ -9,10 +9,42 @@ from typing import Any
 import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from oncely.brokers._kafka_delivery import KafkaDelivery, record_headers, record_identity
+from oncely.brokers._kafka_delivery import KafkaDelivery
 from oncely.brokers._kafka_track import PartitionTrack
 
 Raw = tuple[tuple[str, bytes | None], ...]
+
+
+def _text(value: bytes | None) -> str:
+    if value is None:
+        return ""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def record_headers(record: Any) -> dict[str, str]:
+    """Every header as text, UTF-8 or else latin-1, the last of a repeated name winning, the
+    retry machinery's ``oncely-due`` left out."""
+    out = {name: _text(value) for name, value in record.headers}
+    out.pop("oncely-due", None)
+    return out
+
+
+def record_identity(record: Any, headers: dict[str, str]) -> tuple[str, int, float]:
+    """(id, attempt, enqueued_at): oncely's headers where present and valid, else the
+    record's coordinates, attempt 1 and its timestamp."""
+    mid = headers.get("oncely-message-id") or f"{record.topic}/{record.partition}/{record.offset}"
+    try:
+        attempt = max(1, int(headers.get("oncely-attempt", "1")))
+    except ValueError:
+        attempt = 1
+    try:
+        enqueued = float(headers["oncely-published-at"])
+    except (KeyError, ValueError):
+        enqueued = record.timestamp / 1000.0
+    return mid, attempt, enqueued
 
 
 def rec(headers: Raw, *, offset: int = 7, timestamp: int = 1_700_000_000_123) -> Any:
