@@ -23,8 +23,6 @@ A hub is not thread-safe: use it from one event loop at a time.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import time
 import uuid
 from collections.abc import Mapping
@@ -37,6 +35,7 @@ from oncely.brokers._local import (
     check_delay,
     wake_all,
 )
+from oncely.brokers._memory_hub import Dead, Hub, Record, Topic
 from oncely.brokers.base import (
     Broker,
     Capabilities,
@@ -53,113 +52,7 @@ from oncely.errors import ConfigError, ConnectionLost
 
 __all__ = ["MemoryBroker"]
 
-
-class _Record:
-    """One message in a hub. ``token`` identifies the current claim, ``None`` when unclaimed."""
-
-    __slots__ = (
-        "attempts",
-        "body",
-        "enqueued_at",
-        "headers",
-        "id",
-        "token",
-        "version",
-        "visible_at",
-    )
-
-    def __init__(
-        self, id: str, body: bytes, headers: dict[str, str], enqueued_at: float, visible_at: float
-    ) -> None:
-        self.id = id
-        self.body = body
-        self.headers = headers
-        self.enqueued_at = enqueued_at
-        self.visible_at = visible_at
-        self.attempts = 0
-        self.token: int | None = None
-        self.version = 0
-
-
-class _Dead:
-    __slots__ = ("attempts", "body", "enqueued_at", "failed_at", "headers", "id", "reason")
-
-    def __init__(self, record: _Record, reason: str, failed_at: float) -> None:
-        self.id = record.id
-        self.body = record.body
-        self.headers = record.headers
-        self.enqueued_at = record.enqueued_at
-        self.attempts = record.attempts
-        self.reason = reason
-        self.failed_at = failed_at
-
-
-class _Topic:
-    __slots__ = ("dead", "heap", "live", "waiters")
-
-    def __init__(self) -> None:
-        # (visible_at, seq, version, record): seq breaks ties so records are never compared.
-        self.heap: list[tuple[float, int, int, _Record]] = []
-        self.live: dict[str, _Record] = {}
-        self.dead: list[_Dead] = []
-        self.waiters: set[asyncio.Future[bool]] = set()
-
-
-class _Hub:
-    """The messages of every topic of one ``memory://`` location."""
-
-    def __init__(self) -> None:
-        self.topics: dict[str, _Topic] = {}
-        self._seq = itertools.count()
-        self._tokens = itertools.count(1)
-
-    def topic(self, name: str) -> _Topic:
-        t = self.topics.get(name)
-        if t is None:
-            t = self.topics[name] = _Topic()
-        return t
-
-    def schedule(self, t: _Topic, rec: _Record, visible_at: float) -> None:
-        rec.version += 1
-        rec.visible_at = visible_at
-        heapq.heappush(t.heap, (visible_at, next(self._seq), rec.version, rec))
-
-    def add(self, t: _Topic, rec: _Record) -> None:
-        t.live[rec.id] = rec
-        self.schedule(t, rec, rec.visible_at)
-        wake_all(t.waiters)
-
-    def claim(self, t: _Topic, visibility: float, now: float) -> _Record | None:
-        heap = t.heap
-        while heap:
-            visible_at, _, version, rec = heap[0]
-            if version != rec.version:
-                heapq.heappop(heap)
-                continue
-            if visible_at > now:
-                return None
-            heapq.heappop(heap)
-            # A record whose claim deadline passed is claimed again here: that is the
-            # visibility expiry, and the new token makes the old holder's settle fail.
-            rec.attempts += 1
-            rec.token = next(self._tokens)
-            self.schedule(t, rec, now + visibility)
-            return rec
-        return None
-
-    def next_visible(self, t: _Topic) -> float | None:
-        heap = t.heap
-        while heap and heap[0][2] != heap[0][3].version:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else None
-
-    def remove(self, t: _Topic, rec: _Record) -> None:
-        rec.version += 1
-        rec.token = None
-        del t.live[rec.id]
-
-
-_hubs: dict[str, _Hub] = {}
+_hubs: dict[str, Hub] = {}
 
 
 class MemoryBroker(Broker, DeadLetterAdmin):
@@ -184,7 +77,7 @@ class MemoryBroker(Broker, DeadLetterAdmin):
 
     def __init__(self, hub: str | None = None) -> None:
         self._hub_name = hub
-        self._hub: _Hub | None = None if hub is not None else _Hub()
+        self._hub: Hub | None = None if hub is not None else Hub()
         self._connected = False
         self._subs: set[_MemorySubscription] = set()
         self.url = f"memory://{hub}" if hub is not None else "memory://<private>"
@@ -211,7 +104,7 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         """Attach to the hub. Idempotent; also reattaches after ``aclose``."""
         if self._hub is None:
             assert self._hub_name is not None
-            self._hub = _hubs.setdefault(self._hub_name, _Hub())
+            self._hub = _hubs.setdefault(self._hub_name, Hub())
         self._connected = True
 
     @property
@@ -226,7 +119,7 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         now = time.monotonic()
         return {"": 0 if t is None else sum(1 for r in t.live.values() if r.visible_at <= now)}
 
-    def _require(self) -> _Hub:
+    def _require(self) -> Hub:
         if not self._connected or self._hub is None:
             raise ConnectionLost(f"{self.url} is not connected; call connect() first")
         return self._hub
@@ -249,7 +142,7 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         mid = message_id if message_id is not None else uuid.uuid4().hex
         if mid not in t.live:
             now = time.monotonic()
-            hub.add(t, _Record(mid, bytes(body), checked, time.time(), now + delay))
+            hub.add(t, Record(mid, bytes(body), checked, time.time(), now + delay))
         return mid
 
     def consume(self, topic: str, *, prefetch: int, visibility: float) -> Subscription:
@@ -300,14 +193,14 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         if t is None:
             return 0
         wanted = None if ids is None else set(ids)
-        kept: list[_Dead] = []
+        kept: list[Dead] = []
         now = time.monotonic()
         moved = 0
         wall = time.time()
         for d in t.dead:
             if (wanted is None or d.id in wanted) and d.id not in t.live:
                 headers = replayed_headers(d.headers, wall)
-                rec = _Record(d.id, d.body, headers, d.enqueued_at, now)
+                rec = Record(d.id, d.body, headers, d.enqueued_at, now)
                 t.live[rec.id] = rec
                 hub.schedule(t, rec, now)
                 moved += 1
@@ -365,7 +258,7 @@ class _MemorySubscription(LocalSubscription):
 class _MemoryDelivery(LocalDelivery):
     __slots__ = ("_record", "_t", "_token")
 
-    def __init__(self, sub: _MemorySubscription, t: _Topic, rec: _Record) -> None:
+    def __init__(self, sub: _MemorySubscription, t: Topic, rec: Record) -> None:
         super().__init__(
             sub,
             id=rec.id,
@@ -378,7 +271,7 @@ class _MemoryDelivery(LocalDelivery):
         self._record = rec
         self._token = rec.token
 
-    def _own(self) -> _Hub | None:
+    def _own(self) -> Hub | None:
         """The hub if this claim still holds the message, else ``None``."""
         assert isinstance(self._sub, _MemorySubscription)
         hub = self._sub._broker._require()
@@ -417,7 +310,7 @@ class _MemoryDelivery(LocalDelivery):
             hub = self._own()
             if hub is not None:
                 hub.remove(self._t, self._record)
-                self._t.dead.append(_Dead(self._record, reason, time.time()))
+                self._t.dead.append(Dead(self._record, reason, time.time()))
             return hub is not None
 
         await self._settle(attempt)

@@ -40,7 +40,6 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,22 +52,13 @@ from oncely._sqlite import (
     parse_sqlite_url,
     reject_unknown,
 )
-from oncely.brokers._local import (
-    LocalDelivery,
-    LocalSubscription,
-    check_delay,
-    wake_all,
-)
+from oncely.brokers._local import check_delay, wake_all
+from oncely.brokers._sqlite_consume import SqliteDelivery, SqliteSubscription
 from oncely.brokers._sqlite_queue import (
     BACKLOG,
     CLAIM,
     DELETE_DEAD,
-    EXTEND,
     INSERT_DEAD,
-    NACK,
-    NACK_DEFER,
-    NACK_ERROR,
-    NACK_ERROR_DEFER,
     NEXT_VISIBLE,
     PUBLISH,
     PURGE_DEAD,
@@ -87,10 +77,8 @@ from oncely.brokers.base import (
     Capabilities,
     DeadLetter,
     DeadLetterAdmin,
-    Delivery,
     Subscription,
     check_headers,
-    error_headers,
     replayed_headers,
 )
 from oncely.errors import BrokerError, ConfigError, ConnectionLost, StoreUnavailable
@@ -154,7 +142,7 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         self._lock = asyncio.Lock()
         self._instance = uuid.uuid4().hex[:12]
         self._claims = itertools.count()
-        self._subs: set[_SqliteSubscription] = set()
+        self._subs: set[SqliteSubscription] = set()
         self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
         self._acks = AckBatcher(self._fetch)
 
@@ -263,7 +251,7 @@ class SqliteBroker(Broker, DeadLetterAdmin):
     def consume(self, topic: str, *, prefetch: int, visibility: float) -> Subscription:
         """Subscribe to ``topic``; see ``Broker.consume``. Claims in batches of up to
         ``prefetch`` minus what the subscription already holds."""
-        sub = _SqliteSubscription(self, topic, prefetch, visibility)
+        sub = SqliteSubscription(self, topic, prefetch, visibility)
         self._subs.add(sub)
         return sub
 
@@ -293,7 +281,7 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         value: float | None = rows[0][0]
         return value
 
-    async def _release(self, deliveries: list[_SqliteDelivery]) -> None:
+    async def _release(self, deliveries: list[SqliteDelivery]) -> None:
         """Give claimed, never-yielded messages back at once, uncounting their attempt."""
         db = self._require()
         now = time.time()
@@ -303,7 +291,7 @@ class SqliteBroker(Broker, DeadLetterAdmin):
                 await db.executemany(RELEASE, params)
         self._wake(deliveries[0].topic)
 
-    async def _reject(self, d: _SqliteDelivery, reason: str) -> bool:
+    async def _reject(self, d: SqliteDelivery, reason: str) -> bool:
         db = self._require()
         with map_errors():
             async with immediate(db, self._lock):
@@ -349,134 +337,3 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         transaction; see ``DeadLetterAdmin``."""
         cutoff = float("inf") if older_than is None else time.time() - older_than
         return await self._exec(PURGE_DEAD, (topic, cutoff))
-
-
-class _SqliteSubscription(LocalSubscription):
-    def __init__(self, broker: SqliteBroker, topic: str, prefetch: int, visibility: float) -> None:
-        super().__init__(topic, prefetch, visibility)
-        self._broker = broker
-        self._buffer: deque[_SqliteDelivery] = deque()
-        self._ready = True  # try a claim before looking at MIN(visible_at)
-        self._idle = broker.poll_interval
-        self._fill: asyncio.Task[bool] | None = None
-
-    async def __anext__(self) -> Delivery:
-        try:
-            return await self._next()
-        except ConnectionLost:
-            if self.closed:  # the broker closed the file under a pending look; not an error
-                raise StopAsyncIteration from None
-            raise
-
-    async def _next(self) -> Delivery:
-        broker = self._broker
-        while True:
-            if self.closed:
-                raise StopAsyncIteration
-            if self._buffer:
-                self.unsettled += 1
-                return self._buffer.popleft()
-            room = self.prefetch - self.unsettled
-            if room <= 0:
-                await self.park(None, None)
-                continue
-            if self._ready:
-                if self._fill is None:
-                    self._fill = asyncio.create_task(self._claim_into_buffer(room))
-                # Shielded: if this __anext__ is cancelled mid-claim, the claimed rows still
-                # reach the buffer, and aclose() gives them back instead of leaving them
-                # invisible until their visibility runs out.
-                if await asyncio.shield(self._fill):
-                    self._idle = broker.poll_interval
-                    continue
-            # Look before claiming again: a read takes no write lock, so idle consumers in
-            # other processes do not contend with the ones doing work.
-            nxt = await broker._next_visible(self.topic)
-            now = time.time()
-            if nxt is not None and nxt <= now:
-                self._ready = True
-                continue
-            wait = self._idle if nxt is None else min(self._idle, nxt - now)
-            woken = await self.park(broker._waiters.setdefault(self.topic, set()), wait)
-            # A local publish is worth a claim at once; a timeout only a look (it may have
-            # been a time-based wake-up with nothing due in the end).
-            self._ready = woken
-            if woken:
-                self._idle = broker.poll_interval
-            else:
-                self._idle = min(self._idle * 2, broker.max_poll_interval)
-
-    async def _claim_into_buffer(self, n: int) -> bool:
-        try:
-            rows = await self._broker._claim(self.topic, n, self.visibility)
-            self._buffer.extend(_SqliteDelivery(self, row) for row in rows)
-            return bool(rows)
-        finally:
-            self._fill = None
-
-    async def aclose(self) -> None:
-        """Stop fetching and give buffered messages back at once. Idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        self._broker._subs.discard(self)
-        self.interrupt()
-        if self._fill is not None:
-            await asyncio.gather(self._fill, return_exceptions=True)
-        if self._buffer:
-            buffered = list(self._buffer)
-            self._buffer.clear()
-            await self._broker._release(buffered)
-
-
-class _SqliteDelivery(LocalDelivery):
-    __slots__ = ("_broker", "_rowid", "_token")
-
-    def __init__(self, sub: _SqliteSubscription, row: tuple[Any, ...]) -> None:
-        rowid, mid, body, headers, enqueued_at, attempts, token = row
-        super().__init__(
-            sub,
-            id=mid,
-            body=body,
-            headers=decode_headers(headers),
-            attempt=attempts,
-            enqueued_at=enqueued_at,
-        )
-        self._broker = sub._broker
-        self._rowid: int = rowid
-        self._token: str = token
-
-    async def ack(self) -> None:
-        await self._settle(self._ack)
-
-    async def _ack(self) -> bool:
-        self._broker._require()
-        return await self._broker._acks.ack(self._rowid, self._token)
-
-    async def nack(
-        self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
-    ) -> None:
-        async def attempt() -> bool:
-            check_delay(delay)
-            params: tuple[Any, ...] = (time.time() + delay, self._rowid, self._token)
-            if error is not None:
-                # The row's headers, as delivered, plus the error: the same UPDATE, so a nack
-                # that lost its claim changes nothing.
-                headers = to_json(error_headers(self.headers, error))
-                sql = NACK_ERROR_DEFER if defer else NACK_ERROR
-                return bool(await self._broker._exec(sql, (headers, *params)))
-            return bool(await self._broker._exec(NACK_DEFER if defer else NACK, params))
-
-        await self._settle(attempt)
-        self._broker._wake(self.topic)
-
-    async def reject(self, reason: str) -> None:
-        await self._settle(lambda: self._broker._reject(self, reason))
-
-    async def extend(self, seconds: float) -> None:
-        check_delay(seconds, "seconds")
-        if self._settled:
-            return
-        params = (time.time() + seconds, self._rowid, self._token)
-        if not await self._broker._exec(EXTEND, params):
-            self._expired()
