@@ -29,12 +29,7 @@ from collections.abc import Mapping
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-from oncely.brokers._local import (
-    LocalDelivery,
-    LocalSubscription,
-    check_delay,
-    wake_all,
-)
+from oncely.brokers._local import LocalDelivery, LocalSubscription, check_delay, wake_all
 from oncely.brokers._memory_hub import Dead, Hub, Record, Topic
 from oncely.brokers.base import (
     Broker,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from redis import exceptions as rx
@@ -43,6 +42,7 @@ from redis.asyncio.cluster import RedisCluster
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._key_batch import new_token
 from oncely.stores._redis_batch import Pipeliner
+from oncely.stores._redis_errors import close_quietly, map_errors, translate
 from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS
 from oncely.stores._redis_url import (
     DEFAULT_PREFIX,
@@ -84,19 +84,6 @@ tries twice); a given client without ``socket_timeout`` sets no bound at all."""
 
 _BEGIN, _RENEW, _COMPLETE, _RELEASE = (
     SCRIPTS[n] for n in ("begin", "renew", "complete", "release")
-)
-
-# Errors that mean "the server cannot be reached or cannot serve right now". A ReadOnlyError
-# comes from a replica that was promoted away from (a failover in progress).
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    rx.ConnectionError,
-    rx.TimeoutError,
-    rx.ClusterDownError,
-    rx.TryAgainError,
-    rx.ReadOnlyError,
-    rx.RedisClusterException,
-    rx.ClusterError,
-    OSError,
 )
 
 
@@ -186,7 +173,7 @@ class RedisStore(IdempotencyStore):
                         self._wire = wire
             except BaseException:
                 if self._given is None:
-                    await _close_quietly(client)
+                    await close_quietly(client)
                 raise
             self._client = client
 
@@ -199,7 +186,7 @@ class RedisStore(IdempotencyStore):
             with contextlib.suppress(rx.RedisError, OSError):
                 await wire.aclose()
         if client is not None and self._given is None:
-            await _close_quietly(client)
+            await close_quietly(client)
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
         self._checked()
@@ -393,32 +380,6 @@ class RedisStore(IdempotencyStore):
             await client.script_load(script.source)
 
 
-def translate(exc: BaseException, what: str) -> StoreError:
-    """The store error for one driver error, with the driver's message in it."""
-    if isinstance(exc, _UNAVAILABLE):
-        err: StoreError = StoreUnavailable(f"redis {what}: {type(exc).__name__}: {exc}")
-    else:
-        err = StoreError(f"redis {what} failed: {type(exc).__name__}: {exc}")
-    err.__cause__ = exc
-    return err
-
-
-@contextlib.contextmanager
-def map_errors(what: str) -> Iterator[None]:
-    """Translate redis-py's errors (and raw socket ones) into ``StoreUnavailable`` when the
-    server cannot be reached or cannot serve now, else ``StoreError``."""
-    try:
-        yield
-    # OSError includes TimeoutError; RedisClusterException is not a RedisError.
-    except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
-        raise translate(exc, what) from exc
-
-
 def _ms(seconds: float) -> int:
     # PEXPIRE 0 would delete the key at once; a lease or ttl is at least a millisecond.
     return max(1, round(seconds * 1000))
-
-
-async def _close_quietly(client: Redis | RedisCluster) -> None:
-    with contextlib.suppress(rx.RedisError, OSError, RuntimeError):
-        await client.aclose()
