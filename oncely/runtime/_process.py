@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from oncely._logging import MESSAGE, note_key, redact_values
-from oncely.errors import DecodeError, HandlerTimeout, LeaseLost, Reject, Retry, StoreError
+from oncely.errors import DecodeError, HandlerTimeout, Reject, Retry, StoreError
 from oncely.runtime._finish import Finisher
+from oncely.runtime._invoke import Invoke
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
 from oncely.runtime._tracing import for_handler
-from oncely.runtime.codec import Decoder, encode, fingerprint
+from oncely.runtime.codec import Decoder, fingerprint
 from oncely.runtime.context import Context
 from oncely.runtime.heartbeat import Active, Heartbeat
-from oncely.stores.base import Outcome, TransactionalStore
+from oncely.stores.base import Outcome
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Broker, Delivery
@@ -87,6 +87,7 @@ class Runner:
             store=store if spec.uses_store else None,
             stats=stats,
         )
+        self._invoke = Invoke(spec, self.heartbeat, store, publisher, stats)
 
     async def aclose(self) -> None:
         """Finish the successes and give-backs a cancel cut short, then stop the heartbeat; call
@@ -193,7 +194,7 @@ class Runner:
         if not await self.settle.ack(delivery):
             return
         try:
-            await self._call(delivery, payload, None, None)
+            await self._invoke(delivery, payload, None, None)
         except asyncio.CancelledError:
             self.stats.lost += 1
             log.warning(
@@ -292,7 +293,7 @@ class Runner:
         self, delivery: Delivery, payload: Any, key: str | None, lease: Lease | None
     ) -> None:
         try:
-            result = await self._call(delivery, payload, key, lease)
+            result = await self._invoke(delivery, payload, key, lease)
         except asyncio.CancelledError:
             await self._finish(self._give_back(delivery, lease), delivery)
             raise
@@ -342,70 +343,6 @@ class Runner:
                 await keys.complete(lease, result, self.spec.result_ttl)
         if await self.settle.ack(delivery):
             self.stats.processed += 1
-
-    async def _call(
-        self, delivery: Delivery, payload: Any, key: str | None, lease: Lease | None
-    ) -> bytes | None:
-        """Run the handler under its timeout and heartbeat; return the encoded result."""
-        spec = self.spec
-        active = Active(delivery, self.heartbeat.current_task())  # no getpid per delivery
-        transactional = False
-        if lease is not None:
-            # The heartbeat renews transactional leases too: a transaction may wait for a
-            # connection (or, on PostgreSQL, run) longer than the lease.
-            active.lease_key, active.lease_token = lease.key, lease.token
-            transactional = spec.transactional
-        # The heartbeat's one timer per handler times it out (Active.expire): same effect as
-        # asyncio.timeout(), without a timer armed and cancelled per delivery.
-        self.heartbeat.track(active, spec.timeout)
-        timing = self.stats.handler_seconds
-        started = perf_counter() if timing is not None else 0.0
-        try:
-            if transactional:
-                assert lease is not None
-                return await self._call_in_transaction(delivery, payload, key, lease)
-            if spec.wants_context:
-                value = await spec.fn(payload, Context(delivery, key, self.publisher))
-            else:
-                value = await spec.fn(payload)
-            return None if value is None else self._encode_result(value)
-        except asyncio.CancelledError:
-            if not (active.timed_out or active.lease_lost) or active.task is None:
-                raise
-            active.task.uncancel()
-            if active.timed_out:
-                raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from None
-            raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from None
-        finally:
-            self.heartbeat.untrack(active)
-            if timing is not None:
-                timing.observe(perf_counter() - started)
-
-    async def _call_in_transaction(
-        self, delivery: Delivery, payload: Any, key: str | None, lease: Lease
-    ) -> bytes | None:
-        """``_call``'s handler run inside the store transaction that records its completion."""
-        spec = self.spec
-        assert isinstance(self.store, TransactionalStore)
-        async with self.store.transaction(lease.key, lease.token, spec.result_ttl) as tx:
-            if spec.wants_context:
-                value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
-            else:
-                value = await spec.fn(payload)
-            result = self._encode_result(value)
-            tx.result = result
-        return result
-
-    def _encode_result(self, value: object) -> bytes | None:
-        if value is None:
-            return None
-        try:
-            return encode(value)
-        except TypeError as exc:
-            # The effect already happened: a return value that cannot be cached must not turn
-            # a success into a retry (which would run the effect again).
-            log.error("%s: result not cached, cannot encode it: %s", self.spec.name, exc)
-            return None
 
     async def _failed(self, delivery: Delivery, reason: str, delay: float) -> None:
         if self.spec.retry.exhausted(delivery.attempt):

@@ -1,4 +1,4 @@
-"""Connections and transactions of the PostgreSQL store (``oncely.stores.postgres``).
+"""Connections, transactions and the table of the PostgreSQL store (``oncely.stores.postgres``).
 
 The design of transactional mode (why one committed effect per key) is in that module's
 docstring; this is its mechanics: a managed asyncpg transaction, so a handler may nest
@@ -11,11 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
 
 from oncely._postgres import map_errors, release_quietly, rollback_quietly
-from oncely.errors import LeaseLost
+from oncely.errors import LeaseLost, StoreError
 from oncely.stores.base import StoreTransaction
+
+if TYPE_CHECKING:
+    from oncely.stores._postgres_sql import Sql
 
 
 @contextlib.asynccontextmanager
@@ -93,3 +98,33 @@ async def _reset_session(conn: Any) -> None:
         # A connection whose session cannot be reset must not be reused.
         with contextlib.suppress(Exception):
             conn.terminate()
+
+
+async def prepare_table(
+    pool: Any, sql: Sql, schema: str | None, table: str, limit: float, create: bool
+) -> None:
+    """Create the store's table and indexes (``create``), or check that the table exists.
+
+    Raises:
+        StoreError: ``create`` is false and the table does not exist.
+        StoreUnavailable: the server could not be reached.
+    """
+    async with acquired(pool, limit) as conn:
+        with map_errors():
+            if create:
+                # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog; a
+                # transaction-scoped advisory lock serialises the workers that start together.
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext($1))", f"oncely:{schema}.{table}"
+                    )
+                    for statement in sql.schema:
+                        await conn.execute(statement, timeout=limit)
+            else:
+                try:
+                    await conn.execute(sql.exists, timeout=limit)
+                except asyncpg.UndefinedTableError as exc:
+                    raise StoreError(
+                        f"postgres store: table {table!r} does not exist and "
+                        "create_table=false; run the migration in oncely.stores.postgres"
+                    ) from exc

@@ -104,7 +104,12 @@ from oncely.stores._postgres_sql import (
     statements,
     write_calls,
 )
-from oncely.stores._postgres_tx import acquired, completing_transaction, keep_session
+from oncely.stores._postgres_tx import (
+    acquired,
+    completing_transaction,
+    keep_session,
+    prepare_table,
+)
 from oncely.stores._redis_batch import Pipeliner
 from oncely.stores.base import Begin, StoreTransaction, TransactionalStore
 
@@ -261,7 +266,9 @@ class PostgresStore(TransactionalStore):
                     reset=keep_session,
                 )
             try:
-                await self._prepare(pool)
+                await prepare_table(
+                    pool, self.sql, self.schema, self.table, self.command_timeout, self.create_table
+                )
             except BaseException:
                 if pool is not self._external:
                     pool.terminate()
@@ -362,29 +369,6 @@ class PostgresStore(TransactionalStore):
         if self._pool is None:
             raise StoreUnavailable("postgres store is not connected (call connect() first)")
         return self._pool
-
-    async def _prepare(self, pool: asyncpg.Pool) -> None:
-        async with acquired(pool, self.command_timeout) as conn:
-            with map_errors():
-                if self.create_table:
-                    # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog;
-                    # a transaction-scoped advisory lock serialises the workers that start
-                    # together.
-                    async with conn.transaction():
-                        await conn.execute(
-                            "SELECT pg_advisory_xact_lock(hashtext($1))",
-                            f"oncely:{self.schema}.{self.table}",
-                        )
-                        for statement in self.sql.schema:
-                            await conn.execute(statement, timeout=self.command_timeout)
-                else:
-                    try:
-                        await conn.execute(self.sql.exists, timeout=self.command_timeout)
-                    except asyncpg.UndefinedTableError as exc:
-                        raise StoreError(
-                            f"postgres store: table {self.table!r} does not exist and "
-                            "create_table=false; run the migration in oncely.stores.postgres"
-                        ) from exc
 
     async def _execute(self, sql: str, *args: Any) -> str:
         async with acquired(self._connected(), self.command_timeout) as conn:

@@ -1,0 +1,108 @@
+"""Calling a handler: under its timeout and the heartbeat, inside the store's transaction
+when it is transactional, its return value encoded for the result cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from oncely.errors import HandlerTimeout, LeaseLost
+from oncely.runtime.codec import encode
+from oncely.runtime.context import Context
+from oncely.runtime.heartbeat import Active
+from oncely.stores.base import TransactionalStore
+
+if TYPE_CHECKING:
+    from oncely.brokers.base import Delivery
+    from oncely.runtime._keys import Lease
+    from oncely.runtime.app import HandlerSpec
+    from oncely.runtime.heartbeat import Heartbeat
+    from oncely.runtime.publisher import Publisher
+    from oncely.runtime.stats import Stats
+    from oncely.stores.base import IdempotencyStore
+
+log = logging.getLogger("oncely.worker")
+
+
+class Invoke:
+    """Calls one handler (one instance per handler per worker, owned by its ``Runner``)."""
+
+    def __init__(
+        self,
+        spec: HandlerSpec,
+        heartbeat: Heartbeat,
+        store: IdempotencyStore | None,
+        publisher: Publisher,
+        stats: Stats,
+    ) -> None:
+        self.spec = spec
+        self.heartbeat = heartbeat
+        self.store = store
+        self.publisher = publisher
+        self.stats = stats
+
+    async def __call__(
+        self, delivery: Delivery, payload: Any, key: str | None, lease: Lease | None
+    ) -> bytes | None:
+        """Run the handler under its timeout and heartbeat; return the encoded result."""
+        spec = self.spec
+        active = Active(delivery, self.heartbeat.current_task())  # no getpid per delivery
+        transactional = False
+        if lease is not None:
+            # The heartbeat renews transactional leases too: a transaction may wait for a
+            # connection (or, on PostgreSQL, run) longer than the lease.
+            active.lease_key, active.lease_token = lease.key, lease.token
+            transactional = spec.transactional
+        # The heartbeat's one timer per handler times it out (Active.expire): same effect as
+        # asyncio.timeout(), without a timer armed and cancelled per delivery.
+        self.heartbeat.track(active, spec.timeout)
+        timing = self.stats.handler_seconds
+        started = perf_counter() if timing is not None else 0.0
+        try:
+            if transactional:
+                assert lease is not None
+                return await self._in_transaction(delivery, payload, key, lease)
+            if spec.wants_context:
+                value = await spec.fn(payload, Context(delivery, key, self.publisher))
+            else:
+                value = await spec.fn(payload)
+            return None if value is None else self._encode_result(value)
+        except asyncio.CancelledError:
+            if not (active.timed_out or active.lease_lost) or active.task is None:
+                raise
+            active.task.uncancel()
+            if active.timed_out:
+                raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from None
+            raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from None
+        finally:
+            self.heartbeat.untrack(active)
+            if timing is not None:
+                timing.observe(perf_counter() - started)
+
+    async def _in_transaction(
+        self, delivery: Delivery, payload: Any, key: str | None, lease: Lease
+    ) -> bytes | None:
+        """The handler run inside the store transaction that records its completion."""
+        spec = self.spec
+        assert isinstance(self.store, TransactionalStore)
+        async with self.store.transaction(lease.key, lease.token, spec.result_ttl) as tx:
+            if spec.wants_context:
+                value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
+            else:
+                value = await spec.fn(payload)
+            result = self._encode_result(value)
+            tx.result = result
+        return result
+
+    def _encode_result(self, value: object) -> bytes | None:
+        if value is None:
+            return None
+        try:
+            return encode(value)
+        except TypeError as exc:
+            # The effect already happened: a return value that cannot be cached must not turn
+            # a success into a retry (which would run the effect again).
+            log.error("%s: result not cached, cannot encode it: %s", self.spec.name, exc)
+            return None
