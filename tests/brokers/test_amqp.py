@@ -24,7 +24,8 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from oncely.brokers._amqp_consume import AmqpDelivery, AmqpSubscription, consumer_timeout_ms
+from oncely.brokers._amqp_consume import AmqpSubscription, consumer_timeout_ms
+from oncely.brokers._amqp_delivery import AmqpDelivery
 from oncely.brokers._amqp_topology import (
     BUCKETS,
     bucket_for,
