@@ -25,7 +25,12 @@ any round; queue look-ups and creation not counted), this process's CPU time per
 backlog fill excluded; a steadier figure than msgs/s on a busy machine) and ratios measured in
 the same run. Nothing is asserted.
 
+``--freeze`` runs both sides as ``oncely run`` runs a worker: once started (``raw``: its
+client made and the queue looked up; the Worker: ``start()`` returned), ``gc.collect()`` then
+``gc.freeze()``, inside the timed window, on both sides alike (and ``gc.unfreeze()`` after).
+
     python benchmarks/sqs_throughput.py [--messages 5000] [--concurrency 80] [--long 200]
+        [--freeze]
 """
 
 from __future__ import annotations
@@ -89,6 +94,17 @@ async def handle(_: dict[str, int]) -> None:
     """The raw loop's no-op handler (the Worker runs the same, as ``noop``)."""
 
 
+FREEZE = False
+"""``--freeze``: see the module docstring."""
+
+
+def once_started() -> None:
+    """Both sides call this once started: what ``oncely run`` does then, with ``--freeze``."""
+    if FREEZE:
+        gc.collect()
+        gc.freeze()
+
+
 async def raw(topic: str, n: int, pollers: int, *, ready: bool = False) -> tuple[float, int]:
     """Returns (msgs/s until the n-th delete returned, API calls). Timed from before the
     client is made, as the Worker is timed from its start (``ready``: from a made client and
@@ -100,6 +116,7 @@ async def raw(topic: str, n: int, pollers: int, *, ready: bool = False) -> tuple
     async with client() as sqs:
         # An admin call, not counted (the Worker's queue look-ups are not either).
         url = (await sqs.get_queue_url(QueueName=topic))["QueueUrl"]
+        once_started()
 
         async def poll() -> None:
             nonlocal done, calls, finished
@@ -160,6 +177,7 @@ async def worker(topic: str, n: int, concurrency: int, store: str | None) -> tup
     w = oncely.Worker(app, broker=URL, store=store)
     started = time.perf_counter()
     await w.start()  # connect and resolve the queue: counted against oncely
+    once_started()
     await finished.wait()
     # The last acks are part of the work: timed until the n-th delete returned, like raw.
     # (Not through stop(): both loops then wait out their last empty long poll.)
@@ -205,7 +223,7 @@ async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
     pollers = math.ceil(concurrency / 10)
     print(
         f"{n} messages backlog, concurrency/prefetch {concurrency}, {pollers} pollers, uvloop, "
-        f"median of {rounds} interleaved rounds"
+        f"median of {rounds} interleaved rounds{', gc.freeze() once started' if FREEZE else ''}"
     )
     runs: dict[str, list[tuple[float, int, float]]] = {
         "raw": [],
@@ -229,6 +247,7 @@ async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
                     store = f"sqlite:///{Path(tmp) / topic}.db" if name == "oncely+idem" else None
                     rate, calls = await worker(topic, n, concurrency, store)
                 got.append((rate, calls, (time.process_time() - cpu) / n * 1e6))
+                gc.unfreeze()
                 await drop(topic)
             print(
                 "  round:",
@@ -274,5 +293,7 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=80)
     parser.add_argument("--long", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--freeze", action="store_true", help="gc.freeze() once started")
     args = parser.parse_args()
+    FREEZE = args.freeze
     uvloop.run(main(args.messages, args.concurrency, args.long, args.rounds))

@@ -7,12 +7,25 @@ import math
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from oncely.brokers._sqs_wire import MAX_VISIBILITY, decode
+from oncely.brokers._sqs_wire import (
+    ENCODING,
+    MAX_VISIBILITY,
+    PACKED,
+    attribute_text,
+    decode,
+    decode_body,
+    decode_headers,
+)
 from oncely.brokers.base import Delivery, Headers
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired, NotSupported
 
 if TYPE_CHECKING:
-    from types_aiobotocore_sqs.type_defs import MessageTypeDef
+    from collections.abc import Mapping
+
+    from types_aiobotocore_sqs.type_defs import (
+        MessageAttributeValueOutputTypeDef,
+        MessageTypeDef,
+    )
 
     from oncely.brokers._sqs_link import BrokerLink
 
@@ -45,6 +58,7 @@ class SqsDelivery(Delivery):
 
     __slots__ = (
         "_capped",
+        "_decoded",
         "_done",
         "_holding",
         "_sub",
@@ -64,16 +78,31 @@ class SqsDelivery(Delivery):
         received: float,
         batch: int = 0,
     ) -> None:
-        id_, body, headers, attempt, sent_at, group = decode(message)
-        # Delivery.__init__'s fields set here directly: a keyword call per message is
-        # measurable on this path (the same values, the same key rule).
+        # Delivery.__init__'s fields set here directly (a keyword call per message is
+        # measurable on this path), and the headers decoded only when read: only the three
+        # attributes that make the id, the key and the body are looked at here.
+        self._decoded: dict[str, str] | None = None
+        attributes = message.get("MessageAttributes")
+        if attributes and PACKED in attributes:
+            # A dead letter's packed headers may hold any of them: the whole decoding.
+            id_, self.body, headers, self.attempt, self.enqueued_at, group = decode(message)
+            self._decoded = headers
+            self.key = headers.get(Headers.KEY, id_)
+        else:
+            if attributes:
+                id_ = _text(attributes, Headers.MESSAGE_ID) or message.get("MessageId", "")
+                key = _text(attributes, Headers.KEY)
+                self.key = id_ if key is None else key
+                self.body = decode_body(message.get("Body", ""), _text(attributes, ENCODING))
+            else:
+                id_ = self.key = message.get("MessageId", "")
+                self.body = message.get("Body", "").encode("utf-8")
+            system = message.get("Attributes") or {}
+            self.attempt = int(system.get("ApproximateReceiveCount", "1"))
+            self.enqueued_at = int(system.get("SentTimestamp", "0")) / 1000
+            group = system.get("MessageGroupId")
         self.id = id_
         self.topic = sub.topic
-        self.body = body
-        self.headers = headers
-        self.attempt = attempt
-        self.enqueued_at = sent_at
-        self.key = headers.get(Headers.KEY, id_)
         self._sub = sub
         self.queue_url = queue_url
         self.raw = message
@@ -84,6 +113,22 @@ class SqsDelivery(Delivery):
         self._done = False
         self._holding = True  # counts against the subscription's prefetch
         self._capped = False
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The message attributes as headers (see ``_sqs_wire.decode``), decoded on first
+        read."""
+        decoded = self._decoded
+        if decoded is None:
+            attributes = self.raw.get("MessageAttributes")
+            decoded = decode_headers(attributes) if attributes else {}
+            decoded.pop(ENCODING, None)
+            self._decoded = decoded
+        return decoded
+
+    @headers.setter
+    def headers(self, value: Mapping[str, str]) -> None:
+        self._decoded = dict(value)
 
     @property
     def settled(self) -> bool:
@@ -205,3 +250,9 @@ class SqsDelivery(Delivery):
         if self._holding:
             self._holding = False
             self._sub._settled(self, returned=returned)
+
+
+def _text(attributes: Mapping[str, MessageAttributeValueOutputTypeDef], name: str) -> str | None:
+    """The header ``name`` as ``_sqs_wire.decode`` reads it from the attributes, or ``None``."""
+    value = attributes.get(name)
+    return None if value is None else attribute_text(value)

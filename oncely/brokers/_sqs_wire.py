@@ -230,45 +230,59 @@ def decode(message: MessageTypeDef) -> Incoming:
     ``ApproximateReceiveCount``. String and Number attributes become headers; a Binary one
     becomes its base64 text.
     """
-    headers: dict[str, str] = {}
     attributes = message.get("MessageAttributes")
-    if attributes:
-        for name, value in attributes.items():
-            string = value.get("StringValue")
-            if string is not None:
-                headers[name] = string
-            elif "BinaryValue" in value:
-                headers[name] = base64.b64encode(value["BinaryValue"]).decode("ascii")
-        packed = headers.pop(PACKED, None)
-        if packed is not None:
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                headers.update({str(k): str(v) for k, v in json.loads(packed).items()})
-        encoding = headers.pop(ENCODING, None)
-    else:
-        encoding = None
-    text = message.get("Body", "")
-    if encoding is None:
-        body = text.encode("utf-8")
-    elif encoding == "base64":
-        body = base64.b64decode(text)
-    elif encoding == "empty":
-        body = b""
-    else:
-        body = text.encode("utf-8")
+    headers = decode_headers(attributes) if attributes else {}
+    encoding = headers.pop(ENCODING, None)
     system = message.get("Attributes") or {}
-    # tuple.__new__ rather than Incoming(...): the generated __new__ is a Python call, and
-    # this runs once per received message.
+    # tuple.__new__ rather than Incoming(...): the generated __new__ is a Python call.
     return _new_tuple(
         Incoming,
         (
             headers.get(Headers.MESSAGE_ID) or message.get("MessageId", ""),
-            body,
+            decode_body(message.get("Body", ""), encoding),
             headers,
             int(system.get("ApproximateReceiveCount", "1")),
             int(system.get("SentTimestamp", "0")) / 1000,
             system.get("MessageGroupId"),
         ),
     )
+
+
+def attribute_text(value: MessageAttributeValueOutputTypeDef) -> str | None:
+    """A received attribute as a header value: its ``StringValue``, else its ``BinaryValue``
+    as base64 text, else ``None``."""
+    string = value.get("StringValue")
+    if string is not None:
+        return string
+    if "BinaryValue" in value:
+        return base64.b64encode(value["BinaryValue"]).decode("ascii")
+    return None
+
+
+def decode_headers(attributes: Mapping[str, MessageAttributeValueOutputTypeDef]) -> dict[str, str]:
+    """The headers a message's attributes carry (``oncely-body-encoding`` included; ``decode``
+    pops it), with packed ``oncely-headers`` unpacked."""
+    headers: dict[str, str] = {}
+    for name, value in attributes.items():
+        text = attribute_text(value)
+        if text is not None:
+            headers[name] = text
+    packed = headers.pop(PACKED, None)
+    if packed is not None:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            headers.update({str(k): str(v) for k, v in json.loads(packed).items()})
+    return headers
+
+
+def decode_body(text: str, encoding: str | None) -> bytes:
+    """The body bytes from a received body's text and its ``oncely-body-encoding``."""
+    if encoding is None:
+        return text.encode("utf-8")
+    if encoding == "base64":
+        return base64.b64decode(text)
+    if encoding == "empty":
+        return b""
+    return text.encode("utf-8")
 
 
 _new_tuple = tuple.__new__

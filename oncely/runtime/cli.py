@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import json
 import logging
@@ -284,6 +285,7 @@ async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         logging.getLogger("oncely").info(
             "serving /metrics, /livez, /readyz on %s:%d", settings.metrics_host, port
         )
+    _freeze_startup_heap()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
@@ -293,6 +295,19 @@ async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return 0
+
+
+def _freeze_startup_heap() -> None:
+    """Move what the started worker holds (the app, the drivers and their loaded models:
+    botocore's alone take ~100 ms of CPU per full collection) out of the collector's way.
+
+    It lives as long as the process anyway; left in, every full collection the per-message
+    garbage triggers walks it again (SQS, 20,000 messages, two runs: 1.3 and 2.2 us/msg less
+    time in collections). Here only, not in ``Worker``: a library must not change
+    process-wide state. Collected first, so no garbage of the start-up is frozen with it.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def _cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
