@@ -76,7 +76,6 @@ class ExactlyOnce:
         self._txns: dict[TopicPartition, Txn] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._hashes = KeyHashes()
-        self._known = broker.known_topics  # one set, updated in place: read per output
         self._dormant: set[TopicPartition] = set()
         """Retry-topic partitions owned but not taken: no record of theirs was fetched yet."""
         self._waking: dict[TopicPartition, asyncio.Task[None]] = {}
@@ -221,21 +220,10 @@ class ExactlyOnce:
 
     # -- the Settler side ----------------------------------------------------------------------
 
-    def _txn_of(self, delivery: KafkaDelivery) -> Txn:
-        txn = delivery.track.eos
-        assert isinstance(txn, Txn)
-        return txn
-
-    def buffer(self, delivery: KafkaDelivery, output: Output) -> bool:
-        """Buffer an output in its delivery (it is sent when its offset is reached), unless
-        its topic is not known to exist yet: false then, and ``produce`` must create it."""
-        if output[0] not in self._known:
-            return False
-        delivery.outputs.append(output)
-        return True
-
     async def produce(self, delivery: KafkaDelivery, output: Output) -> None:
-        """``buffer``, creating the output's topic first if need be."""
+        """Buffer an output in its delivery (it is sent when its offset is reached), creating
+        its topic first if need be. ``ExactlyOnceDelivery.produce`` buffers an output to a
+        topic known to exist itself: this runs per output otherwise."""
         topic = output[0]
         if topic not in self._broker.known_topics:
             await self._broker.ensure_topics([topic])
@@ -260,7 +248,7 @@ class ExactlyOnce:
         wait for this: the next ack, or the poll loop's ``flush_due``, commits what was
         passed meanwhile). No coroutine unless there is I/O to do: this runs per record."""
         track = delivery.track
-        txn = self._txn_of(delivery)
+        txn: Txn = track.eos
         if not track.live or txn.track is not track:
             raise DeliveryExpired(f"partition of {delivery.id} was revoked or rewound")
         if delivery.outputs:

@@ -290,8 +290,9 @@ class ConsumeLoop:
 
     def _source(self, sub: Subscription) -> Callable[[], Delivery | None] | None:
         """What the pool's tasks take ready deliveries from, if ``sub`` can hand them over
-        without waiting (an optional ``next_ready()``, as the Kafka subscription has); none
-        once the worker stops fetching."""
+        without waiting (an optional ``next_ready`` callable, as the Kafka subscription has;
+        ``None`` where it never can, so the tasks do not ask per delivery); none once the
+        worker stops fetching."""
         next_ready: Callable[[], Delivery | None] | None = getattr(sub, "next_ready", None)
         if next_ready is None:
             return None

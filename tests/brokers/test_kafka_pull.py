@@ -1,4 +1,4 @@
-"""The worker's tasks take ready Kafka deliveries themselves (``KafkaSubscription.next_ready``)
+"""The worker's tasks take ready Kafka deliveries themselves (``KafkaSubscription.take_ready``)
 rather than through the consume loop: what one delivery does stays its own, and nothing
 starts once the worker stops."""
 
@@ -34,19 +34,19 @@ def anyio_backend() -> str:
 def counting_pulls() -> Iterator[list[str]]:
     """Record the id of every delivery a worker's task took itself."""
     taken: list[str] = []
-    original = KafkaSubscription.next_ready
+    original = KafkaSubscription.take_ready
 
-    def next_ready(self: KafkaSubscription) -> KafkaDelivery | None:
+    def take_ready(self: KafkaSubscription) -> KafkaDelivery | None:
         delivery = original(self)
         if delivery is not None:
             taken.append(delivery.id)
         return delivery
 
-    KafkaSubscription.next_ready = next_ready  # type: ignore[method-assign]
+    KafkaSubscription.take_ready = take_ready  # type: ignore[method-assign]
     try:
         yield taken
     finally:
-        KafkaSubscription.next_ready = original  # type: ignore[method-assign]
+        KafkaSubscription.take_ready = original  # type: ignore[method-assign]
 
 
 async def test_tasks_take_ready_deliveries_and_context_variables_do_not_leak(
