@@ -247,7 +247,7 @@ class KafkaSubscription(Subscription):
 
     # -- settling (the Settler protocol of KafkaDelivery) ------------------------------------------
 
-    def settled(self, delivery: KafkaDelivery) -> None:
+    def settled(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
         track = delivery.track
         self._yielded -= 1
         track.in_flight -= 1
@@ -261,6 +261,11 @@ class KafkaSubscription(Subscription):
         self._changed.set()
         if self._settle_waiters:
             self._settle_event.set()
+        if track.eos is None:
+            return None
+        assert self._eos is not None
+        # Not a coroutine: ``ack`` hands back one only where there is I/O to await.
+        return self._eos.ack(delivery)
 
     def run_again(self, delivery: KafkaDelivery) -> None:
         """A nack or reject could not store its copy: the record runs again after a pause,
@@ -289,12 +294,6 @@ class KafkaSubscription(Subscription):
             self._broker, self.topic, delivery, how, delay, reason, attempt
         )
         await self._broker.send(topic, delivery.body, key=delivery.record.key, headers=headers)
-
-    # Not coroutines: on the per-record path each hands the exactly-once side's work back, a
-    # coroutine only where there is I/O to await.
-    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
-        assert self._eos is not None
-        return self._eos.ack(delivery)
 
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int

@@ -62,15 +62,16 @@ class Settler(Protocol):
     """Topics known to exist: an exactly-once output to one of them is buffered in its
     delivery, to any other it goes through ``eos_produce``, which creates the topic first."""
 
-    def settled(self, delivery: KafkaDelivery) -> None: ...
+    def settled(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
+        """Mark the delivery's offset done. Exactly-once, also pass it to the transaction
+        (``ExactlyOnce.ack``): a commit it made due is returned, for the caller to await."""
+        ...
 
     def run_again(self, delivery: KafkaDelivery) -> None: ...
 
     async def resend(self, delivery: KafkaDelivery, delay: float, attempt: int) -> None: ...
 
     async def dead_letter(self, delivery: KafkaDelivery, reason: str) -> None: ...
-
-    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None: ...
 
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
@@ -236,18 +237,17 @@ class KafkaDelivery(Delivery):
         if self._settled or not self.track.live:
             self._check()
         self._settled = True
-        self._settler.settled(self)
-        if self.track.eos is not None:
-            # Marked done first: the transaction this may commit must include its offset.
-            if (commit := self._settler.eos_ack(self)) is not None:
-                await commit
+        # Exactly-once, a commit this makes due (its offset was marked done first, so the
+        # transaction includes it).
+        if (commit := self._settler.settled(self)) is not None:
+            await commit
 
     async def _settle_exactly_once(self) -> None:
-        # Marked done first: the transaction this may commit must include its offset. Its
-        # outputs (or its retry or dead-letter record) go out once every lower offset is done.
+        # As ``ack``. Its outputs (or its retry or dead-letter record) go out once every lower
+        # offset is done.
         self._check()
-        self.mark_settled()
-        if (commit := self._settler.eos_ack(self)) is not None:
+        self._settled = True
+        if (commit := self._settler.settled(self)) is not None:
             await commit
 
     async def nack(
@@ -309,7 +309,8 @@ class KafkaDelivery(Delivery):
         exactly-once rewind settles a record by replaying it instead)."""
         self._settled = True
         if self.track.live:
-            self._settler.settled(self)
+            commit = self._settler.settled(self)
+            assert commit is None, "at-least-once only: exactly-once settles await the commit"
 
     async def extend(self, seconds: float) -> None:
         if self._settled:

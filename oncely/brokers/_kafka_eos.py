@@ -254,9 +254,13 @@ class ExactlyOnce:
         if delivery.outputs:
             txn.finished[delivery.record.offset] = delivery.outputs
         self._pass(txn, track)
-        if self._due(txn) and not txn.lock.locked():
-            return self._flush_locked(txn)
-        return None
+        # _due() inlined, the clock read only once the count alone does not decide.
+        count, opts = txn.count, self._opts
+        if not count or (
+            count < opts.txn_messages and time.monotonic() - txn.since < opts.txn_interval
+        ):
+            return None
+        return None if txn.lock.locked() else self._flush_locked(txn)
 
     async def _flush_locked(self, txn: Txn) -> None:
         # Nothing runs between ``ack``'s check and this: the caller awaits it at once, and

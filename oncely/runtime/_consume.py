@@ -235,10 +235,14 @@ class ConsumeLoop:
                     spec.topic, prefetch=spec.concurrency, visibility=visibility
                 )
                 pool.source = self._source(sub)
+                # Optional, as ``next_ready``: a delivery ready now, without a coroutine.
+                take: Callable[[], Delivery | None] | None = getattr(sub, "take_ready", None)
                 while True:
                     if pool.in_flight >= pool.size:
                         await pool.wait_room()
-                    delivery = await sub.__anext__()
+                    delivery = None if take is None else take()
+                    if delivery is None:
+                        delivery = await sub.__anext__()
                     pause, unexpected = RESUBSCRIBE_DELAY[0], 0
                     pool.put(delivery)
             except StopAsyncIteration:

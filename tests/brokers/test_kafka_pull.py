@@ -18,7 +18,7 @@ from oncely.brokers._kafka_delivery import KafkaDelivery
 from oncely.brokers.kafka import KafkaBroker
 from oncely.runtime._consume import PULL_RUN
 from tests._wait import eventually
-from tests.brokers.kafka_support import kafka_url
+from tests.brokers.kafka_support import kafka_url, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
 
@@ -32,13 +32,16 @@ def anyio_backend() -> str:
 
 @contextmanager
 def counting_pulls() -> Iterator[list[str]]:
-    """Record the id of every delivery a worker's task took itself."""
+    """Record the id of every delivery a worker's task took itself (the consume loop, whose
+    task is ``consume:<handler>``, takes ready deliveries the same way before it hands them
+    over: those are not counted)."""
     taken: list[str] = []
     original = KafkaSubscription.take_ready
 
     def take_ready(self: KafkaSubscription) -> KafkaDelivery | None:
         delivery = original(self)
-        if delivery is not None:
+        task = asyncio.current_task()
+        if delivery is not None and not (task and task.get_name().startswith("consume:")):
             taken.append(delivery.id)
         return delivery
 
@@ -175,3 +178,28 @@ async def test_a_handler_that_never_awaits_still_lets_the_event_loop_run(unique:
     longest = max(len(list(run)) for _, run in itertools.groupby(runs))
     # The one handed over, then PULL_RUN taken, then the loop runs.
     assert longest <= PULL_RUN + 1, longest
+
+
+async def test_exactly_once_deliveries_are_never_taken_by_the_tasks(unique: str) -> None:
+    """Exactly-once the consume loop hands every delivery over: tasks taking them themselves
+    ran through the ready records between two passes of the event loop, and every round trip
+    of a transaction's commit waited for them (throughput halved, even with a bound on the
+    records taken in one pass)."""
+    src, out = f"{unique}-in", f"{unique}-out"
+    app = oncely.App()
+
+    @app.handler(src, concurrency=8)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        await ctx.produce(out, body, key=ctx.headers.get("oncely-key"))
+
+    url = kafka_url(partitions=1, auto_offset_reset="earliest", exactly_once=src)
+    async with KafkaBroker.from_url(url) as broker:  # before the worker: one fetch brings all
+        await broker.ensure_topics([src, out])
+        for n in range(100):
+            await broker.publish(src, b"%d" % n, headers={"oncely-key": str(n % 10)})
+    with counting_pulls() as taken:
+        async with oncely.Worker(app, broker=url) as worker:
+            await eventually(lambda: worker.stats.processed == 100, 60)
+    assert taken == []
+    copied = sorted(int(r.value) for r in await read_topic(out))
+    assert copied == list(range(100)), "each exactly once"
