@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import oncely
@@ -14,7 +16,7 @@ def test_published_at_is_reused_for_a_millisecond_and_read_afresh_after(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr(context.time, "time", lambda: now[0])
+    monkeypatch.setattr(time, "time", lambda: now[0])  # context reads time.time()
     monkeypatch.setattr(context, "_stamp", (0.0, ""))
     assert context._published_at() == "1000.0"
     now[0] = 1000.0009
