@@ -20,9 +20,9 @@ consume-transform-produce loop sending a fetched batch does) and commits the off
 Passing needs no I/O, so every ack does it at once; only a commit takes the partition's lock.
 While one commits, later acks pass their records into the next transaction and return, so no
 handler waits on another's transaction; the next ack (or the poll loop, on the timer) commits
-them. In this mode the partition's window also counts records done but not passed yet, and
-records passed beyond ``txn_messages`` while a commit runs, which bounds the outputs held in
-memory.
+them, or the committing task itself once they fill a transaction. In this mode the
+partition's window also counts records done but not passed yet, and records passed beyond
+``txn_messages`` while a commit runs, which bounds the outputs held in memory.
 
 A failed handler's outputs are never sent: ``nack`` and ``reject`` replace them with the
 retry-topic or dead-letter record, which commits with the offset like any output. A
@@ -308,8 +308,9 @@ class ExactlyOnce:
                         await self._flush(txn)
 
     async def _flush(self, txn: Txn, *, force: bool = False, recover: bool = True) -> None:
-        """Commit what was passed if the budget is spent (or ``force``: until nothing is
-        left, records settled meanwhile included). Call with ``txn.lock`` held. A failure
+        """Commit what was passed if the budget is spent, again while what passed meanwhile
+        fills a transaction (or ``force``: until nothing is left, records settled meanwhile
+        included). Call with ``txn.lock`` held. A failure
         gives the partition up (fenced) or starts it over from the committed offset, unless
         ``recover`` is false (the partition is being released anyway)."""
         track = txn.track
@@ -321,9 +322,12 @@ class ExactlyOnce:
             self._pass(txn, track)
             while txn.count and (force or self._due(txn)):
                 await self._commit(txn, track)
-                if not force:
-                    break
                 self._pass(txn, track)
+                # Again at once if the records passed meanwhile fill a transaction: they are
+                # ``held`` in the window, and with the window full no ack comes to commit
+                # them, so the partition stalled until the poll loop's next ``flush_due``.
+                if not force and txn.count < self._opts.txn_messages:
+                    break
         except DeliveryExpired:
             if recover:
                 self._lose(txn)
