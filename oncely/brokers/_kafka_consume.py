@@ -210,9 +210,10 @@ class KafkaSubscription(Subscription):
     def next_ready(self) -> Callable[[], KafkaDelivery | None] | None:
         """What the worker's tasks take ready deliveries from themselves (``take_ready``);
         ``None`` in exactly-once mode, so the worker does not even ask there, once per record.
-        A task taking ready records runs through them, and each round trip of a commit waits
-        for it: that halved exactly-once throughput, even with a bound on the records taken
-        in one pass of the event loop."""
+        Exactly-once pulls halved throughput (even with a bound on those taken in one pass of
+        the event loop) while a commit that left a full transaction behind stalled the
+        partition (see ``ExactlyOnce._flush``); since that is fixed, bounded pulls measured
+        about the same msgs/s for 8% less CPU, not adopted yet."""
         return self.take_ready if self._eos is None else None
 
     def take_ready(self) -> KafkaDelivery | None:

@@ -181,10 +181,9 @@ async def test_a_handler_that_never_awaits_still_lets_the_event_loop_run(unique:
 
 
 async def test_exactly_once_deliveries_are_never_taken_by_the_tasks(unique: str) -> None:
-    """Exactly-once the consume loop hands every delivery over: tasks taking them themselves
-    ran through the ready records between two passes of the event loop, and every round trip
-    of a transaction's commit waited for them (throughput halved, even with a bound on the
-    records taken in one pass)."""
+    """Exactly-once the consume loop hands every delivery over (``next_ready`` is ``None``):
+    tasks taking them themselves halved throughput while commits stalled, and are not
+    adopted yet (see ``KafkaSubscription.next_ready``)."""
     src, out = f"{unique}-in", f"{unique}-out"
     app = oncely.App()
 
