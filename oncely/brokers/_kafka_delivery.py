@@ -46,17 +46,26 @@ TRANSPORT = frozenset({DUE})
 Output = tuple[str, bytes, "bytes | None", list[tuple[str, bytes]]]
 """An exactly-once output waiting for its offset: topic, value, key, encoded headers."""
 _NONE: dict[str, bytes | None] = {}
+_ABSENT = b"\x00absent"
+"""What ``found.get`` returns for a header the record lacks (compared by identity)."""
 _MESSAGE_ID = Headers.MESSAGE_ID
 _KEY = Headers.KEY
 _ATTEMPT = Headers.ATTEMPT
+_ID_ROUGH = len(_MESSAGE_ID) * 4
 
 
 class Settler(Protocol):
     """What a delivery needs from its subscription (``KafkaSubscription`` implements it)."""
 
     max_delay: float
+    known_topics: set[str]
+    """Topics known to exist: an exactly-once output to one of them is buffered in its
+    delivery, to any other it goes through ``eos_produce``, which creates the topic first."""
 
-    def settled(self, delivery: KafkaDelivery) -> None: ...
+    def settled(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
+        """Mark the delivery's offset done. Exactly-once, also pass it to the transaction
+        (``ExactlyOnce.ack``): a commit it made due is returned, for the caller to await."""
+        ...
 
     def run_again(self, delivery: KafkaDelivery) -> None: ...
 
@@ -64,13 +73,9 @@ class Settler(Protocol):
 
     async def dead_letter(self, delivery: KafkaDelivery, reason: str) -> None: ...
 
-    def eos_ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None: ...
-
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
     ) -> None: ...
-
-    def eos_buffer(self, delivery: KafkaDelivery, output: Output) -> bool: ...
 
     def eos_produce(self, delivery: KafkaDelivery, output: Output) -> Awaitable[None]: ...
 
@@ -101,8 +106,8 @@ def _decode(raw: Mapping[str, bytes | None]) -> dict[str, str]:
         out = {name: value.decode() for name, value in raw.items()}  # type: ignore[union-attr]
     except (AttributeError, UnicodeDecodeError):  # a None value, or not UTF-8
         out = {name: _text(value) for name, value in raw.items()}
-    for name in TRANSPORT:
-        out.pop(name, None)
+    if DUE in out:  # TRANSPORT's one header: no loop over the set, this runs per record
+        del out[DUE]
     return out
 
 
@@ -153,12 +158,27 @@ class KafkaDelivery(Delivery):
         raw = record.headers
         found: dict[str, bytes | None] = dict(raw) if raw else _NONE
         value = found.get(_MESSAGE_ID)
-        mid = _text(value) if value else ""
+        mid = ""
+        if value:
+            try:  # _text() inlined: this runs per record
+                mid = value.decode()
+            except UnicodeDecodeError:
+                mid = value.decode("latin-1")
         self.id = mid = mid or f"{record.topic}/{record.partition}/{record.offset}"
         self.topic = topic
-        self.body = record.value if record.value is not None else b""
+        body = record.value
+        self.body = body if body is not None else b""
         self.attempt = _attempt(_text(found[_ATTEMPT])) if _ATTEMPT in found else 1
-        self.key = _text(found[_KEY]) if _KEY in found else mid
+        value = found.get(_KEY, _ABSENT)
+        if value is _ABSENT:
+            self.key = mid
+        elif value:  # _text() inlined, as for the id
+            try:
+                self.key = value.decode()
+            except UnicodeDecodeError:
+                self.key = value.decode("latin-1")
+        else:
+            self.key = ""
         self._raw = found
         self._decoded: dict[str, str] | None = None
         self._enqueued: float | None = None
@@ -217,18 +237,17 @@ class KafkaDelivery(Delivery):
         if self._settled or not self.track.live:
             self._check()
         self._settled = True
-        self._settler.settled(self)
-        if self.track.eos is not None:
-            # Marked done first: the transaction this may commit must include its offset.
-            if (commit := self._settler.eos_ack(self)) is not None:
-                await commit
+        # Exactly-once, a commit this makes due (its offset was marked done first, so the
+        # transaction includes it).
+        if (commit := self._settler.settled(self)) is not None:
+            await commit
 
     async def _settle_exactly_once(self) -> None:
-        # Marked done first: the transaction this may commit must include its offset. Its
-        # outputs (or its retry or dead-letter record) go out once every lower offset is done.
+        # As ``ack``. Its outputs (or its retry or dead-letter record) go out once every lower
+        # offset is done.
         self._check()
-        self.mark_settled()
-        if (commit := self._settler.eos_ack(self)) is not None:
+        self._settled = True
+        if (commit := self._settler.settled(self)) is not None:
             await commit
 
     async def nack(
@@ -290,7 +309,8 @@ class KafkaDelivery(Delivery):
         exactly-once rewind settles a record by replaying it instead)."""
         self._settled = True
         if self.track.live:
-            self._settler.settled(self)
+            commit = self._settler.settled(self)
+            assert commit is None, "at-least-once only: exactly-once settles await the commit"
 
     async def extend(self, seconds: float) -> None:
         if self._settled:
@@ -315,28 +335,32 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
     ) -> str:
         # Deterministic by default: a replay after an abort gives its outputs the same ids,
         # so consumers outside the transaction can deduplicate them too.
-        mid = message_id or f"{self.id}/{len(self.outputs)}"
+        outputs = self.outputs
+        mid = message_id or f"{self.id}/{len(outputs)}"
+        data = mid.encode()
         # check_headers(), the encoding and a bound on the size in one pass: this runs for
-        # every output.
-        encoded: list[tuple[str, bytes]] = []
+        # every output. ``rough`` is what ``oversize`` would add up first, see there.
+        rough = len(body) + _ID_ROUGH + len(data)
         key: bytes | None = None
-        rough = len(body)  # what ``oversize`` would add up first, see there
         if headers:
+            encoded: list[tuple[str, bytes]] = []
+            append = encoded.append
             for name, value in headers.items():
-                if not (type(name) is str and type(value) is str):
+                if type(name) is not str or type(value) is not str:
                     check_headers(headers)  # raises the precise TypeError (a str subclass is fine)
                 if name == _MESSAGE_ID:
                     continue
-                data = value.encode()
-                encoded.append((name, data))
-                rough += len(name) * 4 + len(data)
+                text = value.encode()
+                append((name, text))
+                rough += len(name) * 4 + len(text)
                 if name == _KEY:
-                    key = data
-                    rough += len(data)
-        data = mid.encode()
-        encoded.append((_MESSAGE_ID, data))
-        rough += len(_MESSAGE_ID) * 4 + len(data)
-        self._check()
+                    key = text
+                    rough += len(text)
+            append((_MESSAGE_ID, data))
+        else:
+            encoded = [(_MESSAGE_ID, data)]
+        if self._settled or not self.track.live:
+            self._check()
         size = oversize(key, body, encoded, rough)
         if size is not None:
             raise PublishFailed(
@@ -344,7 +368,9 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
                 f"producer's max_request_size ({MAX_REQUEST}); it can never be sent"
             )
         output: Output = (topic, body, key, encoded)
-        if not self._settler.eos_buffer(self, output):
+        if topic in self._settler.known_topics:
+            outputs.append(output)  # sent once its offset is reached, see ``_kafka_eos``
+        else:
             await self._settler.eos_produce(self, output)  # creates the topic first
         return mid
 

@@ -20,9 +20,9 @@ consume-transform-produce loop sending a fetched batch does) and commits the off
 Passing needs no I/O, so every ack does it at once; only a commit takes the partition's lock.
 While one commits, later acks pass their records into the next transaction and return, so no
 handler waits on another's transaction; the next ack (or the poll loop, on the timer) commits
-them. In this mode the partition's window also counts records done but not passed yet, and
-records passed beyond ``txn_messages`` while a commit runs, which bounds the outputs held in
-memory.
+them, or the committing task itself once they fill a transaction. In this mode the
+partition's window also counts records done but not passed yet, and records passed beyond
+``txn_messages`` while a commit runs, which bounds the outputs held in memory.
 
 A failed handler's outputs are never sent: ``nack`` and ``reject`` replace them with the
 retry-topic or dead-letter record, which commits with the offset like any output. A
@@ -76,7 +76,6 @@ class ExactlyOnce:
         self._txns: dict[TopicPartition, Txn] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._hashes = KeyHashes()
-        self._known = broker.known_topics  # one set, updated in place: read per output
         self._dormant: set[TopicPartition] = set()
         """Retry-topic partitions owned but not taken: no record of theirs was fetched yet."""
         self._waking: dict[TopicPartition, asyncio.Task[None]] = {}
@@ -221,21 +220,10 @@ class ExactlyOnce:
 
     # -- the Settler side ----------------------------------------------------------------------
 
-    def _txn_of(self, delivery: KafkaDelivery) -> Txn:
-        txn = delivery.track.eos
-        assert isinstance(txn, Txn)
-        return txn
-
-    def buffer(self, delivery: KafkaDelivery, output: Output) -> bool:
-        """Buffer an output in its delivery (it is sent when its offset is reached), unless
-        its topic is not known to exist yet: false then, and ``produce`` must create it."""
-        if output[0] not in self._known:
-            return False
-        delivery.outputs.append(output)
-        return True
-
     async def produce(self, delivery: KafkaDelivery, output: Output) -> None:
-        """``buffer``, creating the output's topic first if need be."""
+        """Buffer an output in its delivery (it is sent when its offset is reached), creating
+        its topic first if need be. ``ExactlyOnceDelivery.produce`` buffers an output to a
+        topic known to exist itself: this runs per output otherwise."""
         topic = output[0]
         if topic not in self._broker.known_topics:
             await self._broker.ensure_topics([topic])
@@ -260,15 +248,19 @@ class ExactlyOnce:
         wait for this: the next ack, or the poll loop's ``flush_due``, commits what was
         passed meanwhile). No coroutine unless there is I/O to do: this runs per record."""
         track = delivery.track
-        txn = self._txn_of(delivery)
+        txn: Txn = track.eos
         if not track.live or txn.track is not track:
             raise DeliveryExpired(f"partition of {delivery.id} was revoked or rewound")
         if delivery.outputs:
             txn.finished[delivery.record.offset] = delivery.outputs
         self._pass(txn, track)
-        if self._due(txn) and not txn.lock.locked():
-            return self._flush_locked(txn)
-        return None
+        # _due() inlined, the clock read only once the count alone does not decide.
+        count, opts = txn.count, self._opts
+        if not count or (
+            count < opts.txn_messages and time.monotonic() - txn.since < opts.txn_interval
+        ):
+            return None
+        return None if txn.lock.locked() else self._flush_locked(txn)
 
     async def _flush_locked(self, txn: Txn) -> None:
         # Nothing runs between ``ack``'s check and this: the caller awaits it at once, and
@@ -316,8 +308,9 @@ class ExactlyOnce:
                         await self._flush(txn)
 
     async def _flush(self, txn: Txn, *, force: bool = False, recover: bool = True) -> None:
-        """Commit what was passed if the budget is spent (or ``force``: until nothing is
-        left, records settled meanwhile included). Call with ``txn.lock`` held. A failure
+        """Commit what was passed if the budget is spent, again while what passed meanwhile
+        fills a transaction (or ``force``: until nothing is left, records settled meanwhile
+        included). Call with ``txn.lock`` held. A failure
         gives the partition up (fenced) or starts it over from the committed offset, unless
         ``recover`` is false (the partition is being released anyway)."""
         track = txn.track
@@ -329,9 +322,12 @@ class ExactlyOnce:
             self._pass(txn, track)
             while txn.count and (force or self._due(txn)):
                 await self._commit(txn, track)
-                if not force:
-                    break
                 self._pass(txn, track)
+                # Again at once if the records passed meanwhile fill a transaction: they are
+                # ``held`` in the window, and with the window full no ack comes to commit
+                # them, so the partition stalled until the poll loop's next ``flush_due``.
+                if not force and txn.count < self._opts.txn_messages:
+                    break
         except DeliveryExpired:
             if recover:
                 self._lose(txn)

@@ -235,10 +235,14 @@ class ConsumeLoop:
                     spec.topic, prefetch=spec.concurrency, visibility=visibility
                 )
                 pool.source = self._source(sub)
+                # Optional, as ``next_ready``: a delivery ready now, without a coroutine.
+                take: Callable[[], Delivery | None] | None = getattr(sub, "take_ready", None)
                 while True:
                     if pool.in_flight >= pool.size:
                         await pool.wait_room()
-                    delivery = await sub.__anext__()
+                    delivery = None if take is None else take()
+                    if delivery is None:
+                        delivery = await sub.__anext__()
                     pause, unexpected = RESUBSCRIBE_DELAY[0], 0
                     pool.put(delivery)
             except StopAsyncIteration:
@@ -290,8 +294,9 @@ class ConsumeLoop:
 
     def _source(self, sub: Subscription) -> Callable[[], Delivery | None] | None:
         """What the pool's tasks take ready deliveries from, if ``sub`` can hand them over
-        without waiting (an optional ``next_ready()``, as the Kafka subscription has); none
-        once the worker stops fetching."""
+        without waiting (an optional ``next_ready`` callable, as the Kafka subscription has;
+        ``None`` where it never can, so the tasks do not ask per delivery); none once the
+        worker stops fetching."""
         next_ready: Callable[[], Delivery | None] | None = getattr(sub, "next_ready", None)
         if next_ready is None:
             return None

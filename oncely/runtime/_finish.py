@@ -69,6 +69,8 @@ class Finisher:
 
     def task_of(self, delivery: Delivery) -> asyncio.Task[object] | None:
         """The task a cancel handed ``delivery``'s settle to, while it runs."""
+        if not self._handed:  # nearly always: asked once per delivery
+            return None
         for task, settling in self._handed.items():
             if settling is delivery:
                 return task

@@ -104,7 +104,7 @@ class Heartbeat:
 
     def current_task(self) -> asyncio.Task[Any] | None:
         """``asyncio.current_task()``, without its system call (see ``loop``)."""
-        return asyncio.current_task(self.loop())
+        return asyncio.current_task(self._loop or self.loop())
 
     def track(self, active: Active, timeout: float | None = None) -> None:
         """Beat ``active`` until it is untracked and, with ``timeout``, ``expire()`` it once

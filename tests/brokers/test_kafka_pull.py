@@ -1,4 +1,4 @@
-"""The worker's tasks take ready Kafka deliveries themselves (``KafkaSubscription.next_ready``)
+"""The worker's tasks take ready Kafka deliveries themselves (``KafkaSubscription.take_ready``)
 rather than through the consume loop: what one delivery does stays its own, and nothing
 starts once the worker stops."""
 
@@ -18,7 +18,7 @@ from oncely.brokers._kafka_delivery import KafkaDelivery
 from oncely.brokers.kafka import KafkaBroker
 from oncely.runtime._consume import PULL_RUN
 from tests._wait import eventually
-from tests.brokers.kafka_support import kafka_url
+from tests.brokers.kafka_support import kafka_url, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
 
@@ -32,21 +32,24 @@ def anyio_backend() -> str:
 
 @contextmanager
 def counting_pulls() -> Iterator[list[str]]:
-    """Record the id of every delivery a worker's task took itself."""
+    """Record the id of every delivery a worker's task took itself (the consume loop, whose
+    task is ``consume:<handler>``, takes ready deliveries the same way before it hands them
+    over: those are not counted)."""
     taken: list[str] = []
-    original = KafkaSubscription.next_ready
+    original = KafkaSubscription.take_ready
 
-    def next_ready(self: KafkaSubscription) -> KafkaDelivery | None:
+    def take_ready(self: KafkaSubscription) -> KafkaDelivery | None:
         delivery = original(self)
-        if delivery is not None:
+        task = asyncio.current_task()
+        if delivery is not None and not (task and task.get_name().startswith("consume:")):
             taken.append(delivery.id)
         return delivery
 
-    KafkaSubscription.next_ready = next_ready  # type: ignore[method-assign]
+    KafkaSubscription.take_ready = take_ready  # type: ignore[method-assign]
     try:
         yield taken
     finally:
-        KafkaSubscription.next_ready = original  # type: ignore[method-assign]
+        KafkaSubscription.take_ready = original  # type: ignore[method-assign]
 
 
 async def test_tasks_take_ready_deliveries_and_context_variables_do_not_leak(
@@ -175,3 +178,27 @@ async def test_a_handler_that_never_awaits_still_lets_the_event_loop_run(unique:
     longest = max(len(list(run)) for _, run in itertools.groupby(runs))
     # The one handed over, then PULL_RUN taken, then the loop runs.
     assert longest <= PULL_RUN + 1, longest
+
+
+async def test_exactly_once_deliveries_are_never_taken_by_the_tasks(unique: str) -> None:
+    """Exactly-once the consume loop hands every delivery over (``next_ready`` is ``None``):
+    tasks taking them themselves halved throughput while commits stalled, and are not
+    adopted yet (see ``KafkaSubscription.next_ready``)."""
+    src, out = f"{unique}-in", f"{unique}-out"
+    app = oncely.App()
+
+    @app.handler(src, concurrency=8)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        await ctx.produce(out, body, key=ctx.headers.get("oncely-key"))
+
+    url = kafka_url(partitions=1, auto_offset_reset="earliest", exactly_once=src)
+    async with KafkaBroker.from_url(url) as broker:  # before the worker: one fetch brings all
+        await broker.ensure_topics([src, out])
+        for n in range(100):
+            await broker.publish(src, b"%d" % n, headers={"oncely-key": str(n % 10)})
+    with counting_pulls() as taken:
+        async with oncely.Worker(app, broker=url) as worker:
+            await eventually(lambda: worker.stats.processed == 100, 60)
+    assert taken == []
+    copied = sorted(int(r.value) for r in await read_topic(out))
+    assert copied == list(range(100)), "each exactly once"
