@@ -260,13 +260,20 @@ class ExactlyOnce:
             count < opts.txn_messages and time.monotonic() - txn.since < opts.txn_interval
         ):
             return None
-        return None if txn.lock.locked() else self._flush_locked(txn)
+        return None if txn.lock.locked() else self._flush_locked(txn, delivery)
 
-    async def _flush_locked(self, txn: Txn) -> None:
+    async def _flush_locked(self, txn: Txn, delivery: KafkaDelivery) -> None:
         # Nothing runs between ``ack``'s check and this: the caller awaits it at once, and
         # taking a free asyncio lock does not suspend.
         async with txn.lock:
-            await self._flush(txn)
+            try:
+                await self._flush(txn)
+            except BrokerError:
+                # A later commit of the loop failed (recovered in ``_flush``) once an earlier
+                # one had committed this record: its ack succeeded, and a failed ack would
+                # say the record runs again, which it never does.
+                if delivery.record.offset >= delivery.track.committed:
+                    raise
 
     # -- sending and committing ----------------------------------------------------------------
 
