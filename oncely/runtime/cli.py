@@ -285,9 +285,10 @@ async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         logging.getLogger("oncely").info(
             "serving /metrics, /livez, /readyz on %s:%d", settings.metrics_host, port
         )
-    _freeze_startup_heap()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # After the handlers: a SIGTERM during the collection (~100 ms) still drains gracefully.
+    _freeze_startup_heap()
     try:
         await worker.wait_stopped()
         await asyncio.gather(*stops)
