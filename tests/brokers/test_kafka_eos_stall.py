@@ -48,6 +48,29 @@ def commits_by_task() -> Iterator[list[str]]:
         ExactlyOnce._commit = original  # type: ignore[method-assign]
 
 
+async def small_transactions_filled(src: str, out: str, n: int) -> str:
+    """The URL of one-partition exactly-once copying from ``src`` to ``out``, with ``n``
+    records published to ``src`` before any worker runs (one fetch brings them all).
+
+    Small transactions in a window of two, and no time budget: the poll loop commits only a
+    transaction that is full and that no ack and no commit took."""
+    url = kafka_url(
+        partitions=1,
+        auto_offset_reset="earliest",
+        exactly_once=src,
+        txn_messages=20,
+        window=40,
+        txn_interval=3600,
+    )
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([src, out])
+        await asyncio.gather(*(
+            broker.publish(src, b"%d" % i, headers={"oncely-key": f"k{i % 50}"})
+            for i in range(n)
+        ))  # fmt: skip
+    return url
+
+
 async def test_records_passed_during_a_commit_are_committed_without_the_poll_loop(
     unique: str,
 ) -> None:
@@ -58,23 +81,8 @@ async def test_records_passed_during_a_commit_are_committed_without_the_poll_loo
     async def copy(body: bytes, ctx: oncely.Context) -> None:
         await ctx.produce(out, body, key=ctx.headers.get("oncely-key"))
 
-    # Small transactions in a window of two, and no time budget: the poll loop commits only
-    # a transaction that is full and that no ack and no commit took.
-    url = kafka_url(
-        partitions=1,
-        auto_offset_reset="earliest",
-        exactly_once=src,
-        txn_messages=20,
-        window=40,
-        txn_interval=3600,
-    )
     n = 2000
-    async with KafkaBroker.from_url(url) as broker:  # before the worker: one fetch brings all
-        await broker.ensure_topics([src, out])
-        await asyncio.gather(*(
-            broker.publish(src, b"%d" % i, headers={"oncely-key": f"k{i % 50}"})
-            for i in range(n)
-        ))  # fmt: skip
+    url = await small_transactions_filled(src, out, n)
     with commits_by_task() as names:
         async with oncely.Worker(app, broker=url) as worker:
             await eventually(lambda: worker.stats.processed == n, 120)
@@ -101,21 +109,8 @@ async def test_a_failed_later_commit_does_not_fail_the_ack_whose_record_committe
         runs[body] = runs.get(body, 0) + 1
         await ctx.produce(out, body, key=ctx.headers.get("oncely-key"))
 
-    url = kafka_url(
-        partitions=1,
-        auto_offset_reset="earliest",
-        exactly_once=src,
-        txn_messages=20,
-        window=40,
-        txn_interval=3600,
-    )
     n = 2000
-    async with KafkaBroker.from_url(url) as broker:
-        await broker.ensure_topics([src, out])
-        await asyncio.gather(*(
-            broker.publish(src, b"%d" % i, headers={"oncely-key": f"k{i % 50}"})
-            for i in range(n)
-        ))  # fmt: skip
+    url = await small_transactions_filled(src, out, n)
 
     in_flush: ContextVar[list[int] | None] = ContextVar("in_flush", default=None)
     injected: list[int] = []
