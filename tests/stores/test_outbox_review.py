@@ -41,14 +41,19 @@ async def test_sqlite_a_batch_slower_than_its_lease_stops_in_time_no_takeover(
     """A SQLite claim is a lease that nobody renews. A batch whose publishes outlast it would
     be claimed again by a second relay while the first still publishes: every row of the key
     twice, out of order. The relay stops starting publishes halfway through its lease and
-    releases the rest, so each row reaches the broker once, in order."""
+    releases the rest, so each row reaches the broker once, in order.
+
+    The lease is seconds, not tenths: what keeps a batch out of the next relay's claim is the
+    half lease between the last publish a batch starts and the lease's end, and a loaded CI
+    machine has stalled this process for more than 0.3 s (a 0.6 s lease failed there)."""
     url = f"sqlite:///{tmp_path / 'app.db'}"
     ob = Outbox.from_url(url, table=table_name())
     await ob.migrate()
     user = UserDb(ob, url)
     await user.open()
+    rows = 20
     async with user.transaction() as conn:
-        for n in range(30):
+        for n in range(rows):
             await ob.add(conn, "t", {"n": n}, key="k")
     await user.close()
     published: list[int] = []
@@ -63,30 +68,33 @@ async def test_sqlite_a_batch_slower_than_its_lease_stops_in_time_no_takeover(
             message_id: str | None = None,
             delay: float = 0.0,
         ) -> str:
+            await asyncio.sleep(0.2)  # a broker far away
             mid = await super().publish(topic, body, headers=headers, message_id=message_id)
             published.append(msgspec.json.decode(body)["n"])
             return mid
 
-    # About 1.5 s of publishing for the key, against a 0.6 s lease.
-    broker = Recording(MemoryBroker(), slow=0.1)
+    # 4 s of publishing for the key, against a 3 s lease.
+    broker = Recording(MemoryBroker())
     relays = [
         OutboxRelay(Outbox.from_url(url, table=ob.table), broker, batch=100, poll=0.02)
         for _ in range(2)
     ]
     async with broker:
         for relay in relays:
-            relay.lease = 0.6
+            relay.lease = 3.0
             await relay.start()
         try:
 
             async def all_sent_and_idle() -> bool:
                 return await relays[0].outbox.pending() == 0 and all(r.idle for r in relays)
 
-            await eventually_async(all_sent_and_idle, within=30)
+            await eventually_async(all_sent_and_idle, within=60)
         finally:
             for relay in relays:
                 await relay.stop()
-    assert published == list(range(30))
+    assert published == list(range(rows))
+    # More than one batch: the first one did stop at half its lease.
+    assert sum(r.stats.batches for r in relays) >= 2
 
 
 async def test_distinct_messages_under_one_key_each_run_once_at_a_default_consumer(
