@@ -204,19 +204,20 @@ async def test_heartbeat_extensions_are_batched(
 async def test_long_handler_is_never_redelivered_while_heartbeat_runs(
     unique: str, topics: list[str]
 ) -> None:
-    """A handler runs three times its 2 s visibility; another consumer polls all along and
-    must see nothing; the message is handled once and acked."""
+    """A handler runs three times its 3 s visibility; another consumer polls all along and
+    must see nothing; the message is handled once and acked. (Seconds: ElasticMQ keeps the
+    time, so a stall of the test process must stay well inside a window.)"""
     topics.append(unique)
     app = oncely.App()
     started, done = asyncio.Event(), asyncio.Event()
     runs = 0
 
-    @app.handler(unique, concurrency=1, visibility=2.0, timeout=60)
+    @app.handler(unique, concurrency=1, visibility=3.0, timeout=60)
     async def slow(p: dict[str, Any]) -> None:
         nonlocal runs
         runs += 1
         started.set()
-        await asyncio.sleep(6.0)  # the visibility that must be extended is the subject
+        await asyncio.sleep(9.0)  # the visibility that must be extended is the subject
         done.set()
 
     seen: list[tuple[str, int]] = []
@@ -233,7 +234,7 @@ async def test_long_handler_is_never_redelivered_while_heartbeat_runs(
             await asyncio.wait_for(done.wait(), 30)
             await eventually(lambda: worker.stats.processed == 1)
             # Long enough for a lapsed visibility to show at the other consumer.
-            await asyncio.sleep(2.5)
+            await asyncio.sleep(3.5)
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
     assert runs == 1

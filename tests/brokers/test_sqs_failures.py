@@ -136,7 +136,7 @@ async def test_fifo_messages_held_past_their_visibility_keep_the_group_order(
         assert isinstance(sub, SqsSubscription)
         assert [d.id for d in sub._held["g"]] == ids[1:], "one receive brought all three"
         for _ in range(5):  # the running handler's heartbeat; time passing is the subject
-            await first.extend(2)
+            await first.extend(3)  # a second more than the pause: a stall is not a lapse
             await asyncio.sleep(1)
         await first.ack()
         rest = []

@@ -63,7 +63,9 @@ async def effect(payload: dict[str, Any], ctx: oncely.Context) -> None:
         await asyncio.sleep(SLOW)
 
 
-@app.handler("hold", name="hold", concurrency=1, visibility=1.0, guarantee="at_least_once")
+# 2 s windows (a beat every 0.67 s): a worker process starved of CPU for under a second on a
+# loaded CI machine must not look like a dead one.
+@app.handler("hold", name="hold", concurrency=1, visibility=2.0, guarantee="at_least_once")
 async def hold(payload: dict[str, Any], ctx: oncely.Context) -> None:
     """Record the run (with its attempt), then, in the worker told to, block until killed."""
     conn = await _effects_connection()

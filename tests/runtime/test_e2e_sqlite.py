@@ -106,9 +106,9 @@ def test_sigkilled_handler_is_redelivered_to_another_worker(tmp_path: Path) -> N
     with workers(db, 1, "hold", {"E2E_BLOCK": "1"}) as (first,):
         wait_for(lambda: bool(query(db, "SELECT 1 FROM effects")), 30, "the first run")
         with workers(db, 1, "hold") as (second,):
-            # The heartbeat keeps extending the 1 s visibility, so while the first worker
-            # lives the second never sees the message (three windows of watching).
-            time.sleep(3.0)
+            # The heartbeat keeps extending the 2 s visibility, so while the first worker
+            # lives the second never sees the message (two and a half windows of watching).
+            time.sleep(5.0)
             assert query(db, "SELECT pid, attempt FROM effects") == [(first.pid, 1)]
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)

@@ -78,6 +78,9 @@ async def test_a_handler_stuck_past_its_timeout_fails_livez(unique: str) -> None
 
     worker = oncely.Worker(app, broker=f"memory://{unique}")
     worker.observer.stall_timeout = 0.3
+    # Not about the loop monitor: a stall of the test process over 1 s (a loaded CI
+    # machine) would fail /livez for 10 s and this probe with it.
+    worker.observer.loop.threshold = 5.0
     async with worker:
         port = await worker.serve_http(0)
         assert (await probe(port, "/livez"))[0] == 200
@@ -104,6 +107,9 @@ async def test_a_full_pool_after_a_quiet_spell_is_not_a_stall(unique: str) -> No
 
     worker = oncely.Worker(app, broker=f"memory://{unique}")
     worker.observer.stall_timeout = 0.3
+    # Not about the loop monitor: a stall of the test process over 1 s (a loaded CI
+    # machine) would fail /livez for 10 s and this probe with it.
+    worker.observer.loop.threshold = 5.0
     async with worker:
         port = await worker.serve_http(0)
         assert (await probe(port, "/livez"))[0] == 200  # progress is tracked from here

@@ -47,13 +47,15 @@ async def test_a_transactional_handler_longer_than_its_lease_keeps_it(unique: st
     app = oncely.App()
     release = asyncio.Event()
 
-    @app.handler("t", name="tx", idempotent=True, transactional=True, visibility=0.3)
+    @app.handler("t", name="tx", idempotent=True, transactional=True, visibility=1.5)
     async def handle(_: Any, ctx: oncely.Context) -> None:
         await release.wait()
 
     async with oncely.Worker(app, broker=f"memory://{unique}", store=store) as worker:
         await app.publish("t", {}, key="k")
-        await eventually(lambda: store.renewals >= 4)  # well past the 0.3 s lease
+        # Past the 1.5 s lease (a renewal every 0.5 s); seconds, not tenths, so that a stall
+        # of the test process on a loaded machine is not taken for a lost lease.
+        await eventually(lambda: store.renewals >= 4)
         other = await store.begin("tx:k", fingerprint(encode({})), 30)  # another worker
         assert other.outcome is oncely.Outcome.IN_PROGRESS
         release.set()
@@ -71,7 +73,7 @@ async def test_on_sqlite_the_heartbeat_renews_a_transactional_lease_without_bloc
     beats: list[int] = []
     release = asyncio.Event()
 
-    @app.handler("t", name="tx", idempotent=True, transactional=True, visibility=0.3)
+    @app.handler("t", name="tx", idempotent=True, transactional=True, visibility=1.5)
     async def handle(_: Any, ctx: oncely.Context) -> None:
         await ctx.connection.execute("CREATE TABLE IF NOT EXISTS effects (n INTEGER)")
         await ctx.connection.execute("INSERT INTO effects VALUES (1)")

@@ -117,11 +117,15 @@ async def test_heartbeat_keeps_a_long_handler_invisible(unique: str) -> None:
     app = oncely.App()
     runs = 0
 
-    @app.handler("long", visibility=0.2, timeout=5)
+    # Windows of 1.5 s, not tenths: a beat comes every 0.5 s, so a stall of the test
+    # process under 1 s (a loaded CI machine) must not look like a lost heartbeat. The
+    # default concurrency matters: with a free slot the broker takes the message again as
+    # soon as its visibility runs out, which is what a missing heartbeat would let happen.
+    @app.handler("long", visibility=1.5, timeout=10)
     async def long(_: dict[str, int]) -> None:
         nonlocal runs
         runs += 1
-        await asyncio.sleep(1.0)  # five visibility windows
+        await asyncio.sleep(4.0)  # past two and a half visibility windows
 
     async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
         await app.publish("long", {})

@@ -345,7 +345,9 @@ async def test_a_transaction_longer_than_its_lease_keeps_it_through_renewals(
 ) -> None:
     # pool_max=2: the transaction holds one connection, renewals get the one held back.
     async with PostgresStore.from_url(f"{URL}?table={table}&pool_max=2") as store:
-        token = await own(store, "k", 0.5)
+        # A 1.5 s lease renewed every 0.15 s: a stall of the test process under a second
+        # (a loaded CI machine) must not let the contender take the key over.
+        token = await own(store, "k", 1.5)
         seen: Counter[Outcome] = Counter()
         # Answered once the transaction began to commit: COMPLETED is right there too.
         late: Counter[Outcome] = Counter()
@@ -356,7 +358,7 @@ async def test_a_transaction_longer_than_its_lease_keeps_it_through_renewals(
             while not done.is_set():
                 with anyio.fail_after(2):
                     try:
-                        await store.renew("k", token, 0.5)
+                        await store.renew("k", token, 1.5)
                     except LeaseLost:
                         # As in the runtime: answered after the context exited, it is moot.
                         if not done.is_set():
@@ -375,7 +377,7 @@ async def test_a_transaction_longer_than_its_lease_keeps_it_through_renewals(
                 tg.start_soon(contender)
                 async with store.transaction("k", token, LONG) as tx:
                     await tx.connection.execute(f"INSERT INTO {effects} VALUES ('k')")
-                    await anyio.sleep(1.5)  # three leases long
+                    await anyio.sleep(3.0)  # two leases long
                     tx.result = b"ok"
                     committing = True
                 done.set()
