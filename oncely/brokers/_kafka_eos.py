@@ -29,7 +29,10 @@ retry-topic or dead-letter record, which commits with the offset like any output
 transaction that fails to commit (or whose commit was cancelled half way) is resolved by a new
 producer (same id), and the partition rewinds to the committed offset read after that. A
 fenced producer means another member owns the partition: this member drops it and its
-deliveries expire.
+deliveries expire. An output the broker refuses for good (over the topic's
+``max.message.bytes``, an invalid record) would fail the same transaction on every replay: it
+is traced back to its input record, which then commits with its dead-letter record instead of
+its outputs (``_kafka_refused``), so the partition goes on and nothing else is lost.
 
 A retry topic's partition is usually empty, so it stays dormant (no producer, no offset read)
 until the fetcher returns a record of it: then it is paused, taken as above (fence, then read
@@ -47,7 +50,8 @@ import time
 from typing import TYPE_CHECKING
 
 from oncely.brokers._kafka_burst import KeyHashes, delivered, send_burst
-from oncely.brokers._kafka_options import encode_headers, map_errors
+from oncely.brokers._kafka_options import dlq_topic, encode_headers, map_errors
+from oncely.brokers._kafka_refused import REFUSED, blame, prune, unless_poison
 from oncely.brokers._kafka_retry import failure_copy
 from oncely.brokers._kafka_txn import Txn, stop_producer
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
@@ -236,6 +240,8 @@ class ExactlyOnce:
     ) -> None:
         """Replace the delivery's outputs with its retry or dead-letter record."""
         sub = self._sub
+        if how == "reject":  # its own dead letter (and reason) instead of a refusal's
+            delivery.track.eos.poison.pop(delivery.record.offset, None)
         topic, headers = await failure_copy(
             self._broker, sub.topic, delivery, how, delay, reason, attempt
         )
@@ -251,8 +257,11 @@ class ExactlyOnce:
         txn: Txn = track.eos
         if not track.live or txn.track is not track:
             raise DeliveryExpired(f"partition of {delivery.id} was revoked or rewound")
-        if delivery.outputs:
-            txn.finished[delivery.record.offset] = delivery.outputs
+        outputs = delivery.outputs
+        if outputs:
+            if txn.poison:
+                outputs = unless_poison(txn, self._sub.topic, delivery, outputs)
+            txn.finished[delivery.record.offset] = outputs
         self._pass(txn, track)
         # _due() inlined, the clock read only once the count alone does not decide.
         count, opts = txn.count, self._opts
@@ -297,7 +306,7 @@ class ExactlyOnce:
             pending = txn.pending
             for offset in passed:
                 if (outputs := finished.pop(offset, None)) is not None:
-                    pending.extend(outputs)
+                    pending.append((offset, outputs))
         self._sub.shrank(track)
 
     def _due(self, txn: Txn) -> bool:
@@ -363,10 +372,16 @@ class ExactlyOnce:
             with map_errors(what, publishing=True):
                 await producer.begin_transaction()
                 txn.open = True
-                sent = await send_burst(producer, pending, self._hashes)
+                sent = await send_burst(producer, pending, self._hashes, txn.suspects)
                 if point > track.committed:
                     await producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
-                await delivered(sent)  # aiokafka commits without a batch it could not write
+                try:
+                    await delivered(sent)  # aiokafka commits without a batch it could not write
+                except REFUSED:
+                    # Found now, the record is dead-lettered after the rewind this starts.
+                    if await blame(txn, sent, pending, producer, self._hashes):
+                        await self._broker.ensure_topics([dlq_topic(self._sub.topic)], partitions=1)
+                    raise
                 await producer.commit_transaction()
         except BrokerError:
             raise
@@ -380,6 +395,8 @@ class ExactlyOnce:
             raise
         txn.open = False
         track.committed = max(track.committed, point)
+        if txn.poison or txn.suspects:
+            prune(txn, track.committed)
 
     async def _reinit(self, txn: Txn) -> None:
         """After an unclear transaction outcome: a new producer (same id) resolves it, and the

@@ -1,0 +1,145 @@
+"""Exactly-once: an output the broker refuses for good dead-letters its input record instead of
+replaying the partition's transaction for ever. Real Kafka.
+
+The output topic takes record batches of at most ``LIMIT`` bytes (the client's own check is
+1 MiB, so the broker is the one to refuse). A few inputs make the handler produce an output over
+that; every other output is small. Before, the transaction holding such an output failed, the
+partition rewound, the same records produced the same output, and it failed again: nothing
+after it was ever committed and nothing reached the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+import pytest
+
+import oncely
+from oncely.brokers._kafka_options import dlq_topic
+from oncely.brokers.base import Headers
+from oncely.brokers.kafka import KafkaBroker
+from tests._wait import eventually
+from tests.brokers.kafka_support import create_small_topic, kafka_url, read_topic
+from tests.brokers.test_kafka import committed_offsets
+
+pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
+
+LIMIT = 4000
+"""The output topic's ``max.message.bytes``. A transaction of ``txn_messages=20`` small outputs
+(about 80 bytes each) stays well under it, so only a batch holding a big output is refused."""
+
+BIG = 5000
+"""A poison input's output: over ``LIMIT``, and small enough to share a 16 KB producer batch with
+the small outputs of its transaction (so that batch, not the big record alone, is refused)."""
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def copier(src: str, out: str, poison: set[bytes], runs: Counter[bytes]) -> oncely.App:
+    app = oncely.App()
+
+    @app.handler(src, concurrency=8)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        runs[body] += 1
+        await ctx.produce(out, b"x" * BIG if body in poison else b"out-" + body)
+
+    return app
+
+
+async def copy_with_poison(
+    unique: str, txn_messages: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    src, out, group = unique, f"{unique}-out", f"g-{unique}"
+    await create_small_topic(out, LIMIT)
+    poison = {b"13", b"37"}
+    runs: Counter[bytes] = Counter()
+    app = copier(src, out, poison, runs)
+    url = kafka_url(group, exactly_once=src, txn_messages=txn_messages)
+    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([src, out])
+        for i in range(50):
+            await broker.publish(src, str(i).encode())
+        async with oncely.Worker(app, broker=broker):
+            await eventually_committed(group, src, 50)
+            # The worker goes on: later records still flow through the same partition.
+            for i in range(50, 60):
+                await broker.publish(src, str(i).encode())
+            await eventually_committed(group, src, 60)
+    good = [str(i).encode() for i in range(60) if str(i).encode() not in poison]
+    committed = [r.value for r in await read_topic(out)]
+    assert committed == [b"out-" + body for body in good], "each once, in input order"
+    dead = await read_topic(dlq_topic(src))
+    assert sorted(r.value for r in dead) == sorted(poison), "the poison inputs, each once"
+    for record in dead:
+        reason = dict(record.headers)[Headers.REASON].decode()
+        assert "MessageSizeTooLargeError" in reason and out in reason, reason
+        assert "bytes" in reason, reason
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for record in dead:
+        assert any(f"offset {record.value.decode()}" in m and "dead-letter" in m for m in warned)
+    assert all(runs[body] >= 1 for body in good)
+
+
+async def eventually_committed(group: str, topic: str, end: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 90
+    while await committed_offsets(group, topic) != {0: end}:
+        assert asyncio.get_running_loop().time() < deadline, f"{topic} never reached {end}"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_refused_batch_of_several_outputs_dead_letters_only_the_culprit(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Transactions of 20 records: a big output shares its batch with the small outputs of
+    its neighbours, so the broker refuses the whole batch. The records whose outputs were in
+    it are only suspects: the next attempt sends their outputs one per batch, which finds the
+    culprit; the innocent ones are copied, each exactly once."""
+    await copy_with_poison(unique, 20, caplog)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("one per batch" in m for m in messages), "the aggregate path was exercised"
+
+
+async def test_a_refused_output_alone_in_its_batch_dead_letters_its_input(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transaction per record: the refused batch holds one output, which names its input."""
+    await copy_with_poison(unique, 1, caplog)
+
+
+async def test_at_least_once_a_refused_output_fails_the_handler(unique: str) -> None:
+    """At-least-once, ``produce`` publishes at once: the handler sees the refusal, so its
+    retries and then the dead-letter topic apply (the exactly-once bug never arises).
+
+    The big one comes last and handlers run one at a time: after a refused batch the broker's
+    idempotent producer fails every later record of that partition with
+    OutOfOrderSequenceNumber, and a batch shared with the big output is refused with it. Both
+    are separate at-least-once issues, not what this checks."""
+    out = f"{unique}-out"
+    await create_small_topic(out, LIMIT)
+    runs: Counter[bytes] = Counter()
+    app = oncely.App()
+
+    @app.handler(
+        unique, concurrency=1, retry=oncely.RetryPolicy(max_attempts=2, base=0.01, cap=0.01)
+    )
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        runs[body] += 1
+        await ctx.produce(out, b"x" * BIG if body == b"big" else body)
+
+    async with KafkaBroker.from_url(kafka_url()) as broker:
+        await broker.ensure_topics([unique, out])
+        for body in (b"a", b"b", b"big"):
+            await broker.publish(unique, body)
+        async with oncely.Worker(app, broker=broker) as worker:
+            await eventually(lambda: worker.stats.dead_lettered == 1, 60)
+            await eventually(lambda: worker.stats.processed == 2, 60)
+    assert runs[b"big"] == 2
+    assert sorted(r.value for r in await read_topic(out)) == [b"a", b"b"]
+    [dead] = await read_topic(dlq_topic(unique))
+    assert dead.value == b"big"
