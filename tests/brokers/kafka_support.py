@@ -75,6 +75,20 @@ async def create_small_topic(topic: str, max_message_bytes: int) -> None:
         await admin.close()
 
 
+async def create_compacted_topic(topic: str) -> None:
+    """A one-partition compacted topic: the broker refuses a record without a key in it
+    (INVALID_RECORD)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        config = {"cleanup.policy": "compact"}
+        await admin.create_topics([NewTopic(topic, 1, 1, topic_configs=config)])
+    finally:
+        await admin.close()
+
+
 async def drop_topics(marker: str, *, within: float = 60.0) -> int:
     """Delete every topic whose name contains ``marker`` (a test run's, from the ``unique``
     fixture: its topics, retry and dead-letter topics). A long-lived broker otherwise keeps
