@@ -83,7 +83,8 @@ async def blame(
                 f"the output is {size} bytes in its record batch"
             )
             if offset in txn.poison:
-                # Its dead-letter record was refused too: nothing is left to send instead.
+                # Its dead-letter record was refused too: nothing is left to send instead, and
+                # dropping it would lose the record. The partition stays stuck, loudly.
                 log.error("kafka: %s offset %d: its dead-letter record: %s", txn.tp, offset, reason)
             else:
                 found = True
@@ -93,7 +94,7 @@ async def blame(
                     offset,
                     reason,
                 )
-            txn.poison[offset] = (topic, reason)
+                txn.poison[offset] = (topic, reason)
             txn.suspects.discard(offset)
             continue
         every = list(await producer.partitions_for(topic))
