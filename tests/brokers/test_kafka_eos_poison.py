@@ -137,6 +137,48 @@ async def test_an_invalid_record_dead_letters_its_input(
     await copy_with_poison(unique, 20, caplog, compacted=True)
 
 
+async def test_keyed_outputs_over_several_partitions_keep_their_order(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two input partitions, an output topic of three, keyed outputs: a refused batch makes
+    suspects only of the records whose key maps to its partition. Every other output is
+    committed once, in input order per key; the poison inputs are dead-lettered."""
+    src, out, group = unique, f"{unique}-out", f"g-{unique}"
+    await create_small_topic(out, LIMIT, partitions=3)
+    poison = {b"13", b"37", b"41"}
+    app = oncely.App()
+
+    @app.handler(src, concurrency=8)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        value = b"x" * BIG if body in poison else b"out-" + body
+        await ctx.produce(out, value, key=ctx.headers.get("oncely-key"))
+
+    url = kafka_url(group, exactly_once=src, txn_messages=20, partitions=2)
+    n, keys = 80, 7
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([src, out])
+        for i in range(n):
+            await broker.publish(src, str(i).encode(), headers={"oncely-key": f"k{i % keys}"})
+        ends = {0: 0, 1: 0}
+        for record in await read_topic(src):
+            ends[record.partition] = record.offset + 1
+        async with oncely.Worker(app, broker=broker):
+            deadline = asyncio.get_running_loop().time() + 90
+            while await committed_offsets(group, src) != ends:
+                assert asyncio.get_running_loop().time() < deadline, "the copy never finished"
+                await asyncio.sleep(0.2)
+    by_key: dict[bytes, list[bytes]] = {}
+    for record in await read_topic(out):
+        by_key.setdefault(record.key, []).append(record.value)
+    expected: dict[bytes, list[bytes]] = {}
+    for i in range(n):
+        if str(i).encode() not in poison:
+            expected.setdefault(f"k{i % keys}".encode(), []).append(f"out-{i}".encode())
+    assert by_key == expected, "each once, in input order per key"
+    dead = await read_topic(dlq_topic(src))
+    assert sorted(r.value for r in dead) == sorted(poison)
+
+
 async def test_at_least_once_a_refused_output_fails_the_handler(unique: str) -> None:
     """At-least-once, ``produce`` publishes at once: the handler sees the refusal, so its
     retries and then the dead-letter topic apply (the exactly-once bug never arises).
