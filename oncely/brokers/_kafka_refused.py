@@ -95,7 +95,7 @@ async def blame(
                     reason,
                 )
                 txn.poison[offset] = (topic, reason)
-            txn.suspects.discard(offset)
+                txn.suspects.discard(offset)
             continue
         every = list(await producer.partitions_for(topic))
         suspects = [

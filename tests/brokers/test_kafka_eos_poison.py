@@ -179,6 +179,42 @@ async def test_keyed_outputs_over_several_partitions_keep_their_order(
     assert sorted(r.value for r in dead) == sorted(poison)
 
 
+async def test_a_refused_dead_letter_record_holds_the_partition_and_loses_nothing(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the dead-letter topic refuses the poison record's copy too, nothing is left to
+    commit in its place: the partition stays at that offset and says so at ERROR, rather than
+    committing past a record that went nowhere."""
+    src, out, group = unique, f"{unique}-out", f"g-{unique}"
+    await create_small_topic(out, LIMIT)
+    await create_small_topic(dlq_topic(src), 1000)
+    app = oncely.App()
+
+    @app.handler(src)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        await ctx.produce(out, b"x" * BIG if len(body) > 1000 else b"out-" + body)
+
+    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
+    url = kafka_url(group, exactly_once=src, txn_messages=1)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([src, out])
+        for body in (b"a", b"y" * 1500, b"b"):  # one key: one at a time, a commits alone
+            await broker.publish(src, body, headers={"oncely-key": "k"})
+        async with oncely.Worker(app, broker=broker):
+
+            def stuck() -> int:
+                return sum(
+                    r.levelno == logging.ERROR and "its dead-letter record" in r.getMessage()
+                    for r in caplog.records
+                )
+
+            await eventually(lambda: stuck() >= 2, 60)  # tried again, refused again
+            assert await committed_offsets(group, src) == {0: 1}
+    assert [r.value for r in await read_topic(out)] == [b"out-a"]
+    assert await read_topic(dlq_topic(src)) == []
+    assert await committed_offsets(group, src) == {0: 1}
+
+
 async def test_at_least_once_a_refused_output_fails_the_handler(unique: str) -> None:
     """At-least-once, ``produce`` publishes at once: the handler sees the refusal, so its
     retries and then the dead-letter topic apply (the exactly-once bug never arises).
