@@ -179,6 +179,36 @@ async def test_keyed_outputs_over_several_partitions_keep_their_order(
     assert sorted(r.value for r in dead) == sorted(poison)
 
 
+async def test_a_batch_refused_only_for_its_total_size_dead_letters_nobody(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every output is small, but a transaction's batch of them is over the topic's limit:
+    the broker refuses the batch, and sent one per batch each output is accepted. No record
+    is to blame, so none is dead-lettered: all are copied, each once and in order."""
+    src, out, group = unique, f"{unique}-out", f"g-{unique}"
+    await create_small_topic(out, LIMIT)
+    app = oncely.App()
+
+    @app.handler(src, concurrency=8)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        await ctx.produce(out, b"out-" + body + b"." * 200)
+
+    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
+    n = 120
+    url = kafka_url(group, exactly_once=src, txn_messages=60)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([src, out, dlq_topic(src)])  # to read it empty
+        for i in range(n):
+            await broker.publish(src, str(i).encode())
+        async with oncely.Worker(app, broker=broker):
+            await eventually_committed(group, src, n)
+    committed = [r.value for r in await read_topic(out)]
+    assert committed == [f"out-{i}".encode() + b"." * 200 for i in range(n)]
+    assert await read_topic(dlq_topic(src)) == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("one per batch" in m for m in messages), "a batch was refused"
+
+
 async def test_a_refused_dead_letter_record_holds_the_partition_and_loses_nothing(
     unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
