@@ -195,6 +195,10 @@ class ExactlyOnce(PartitionOwner):
         except BrokerError as exc:
             if not recover:
                 raise
+            if self._txns.get(txn.tp) is not txn:
+                # Released (revoked or closing) while this committed: a new producer here
+                # would take back a partition that is no longer ours.
+                raise DeliveryExpired(f"{txn.tp} was given up while committing: {exc}") from exc
             log.warning("kafka: transaction on %s failed, starting over: %s", txn.tp, exc)
             await self._reinit(txn)
             raise DeliveryExpired(f"the transaction on {txn.tp} failed: {exc}") from exc
@@ -214,6 +218,12 @@ class ExactlyOnce(PartitionOwner):
         what = f"committing the transaction on {txn.tp}"
         try:
             with map_errors(what, publishing=True):
+                if txn.poison:
+                    # Before the transaction, on every attempt: a poison record's dead letter
+                    # may be in it, and a topic missing would fail it for good (not REFUSED).
+                    dlq = dlq_topic(self._sub.topic)
+                    if dlq not in self._broker.known_topics:
+                        await self._broker.ensure_topics([dlq], partitions=1)
                 await producer.begin_transaction()
                 txn.open = True
                 sent = await send_burst(producer, pending, self._hashes, txn.suspects)
@@ -223,8 +233,9 @@ class ExactlyOnce(PartitionOwner):
                     await delivered(sent)  # aiokafka commits without a batch it could not write
                 except REFUSED:
                     # Found now, the record is dead-lettered after the rewind this starts.
-                    if await blame(txn, sent, pending, producer, self._hashes):
-                        await self._broker.ensure_topics([dlq_topic(self._sub.topic)], partitions=1)
+                    await blame(
+                        txn, sent, pending, producer, self._hashes, dlq_topic(self._sub.topic)
+                    )
                     raise
                 await producer.commit_transaction()
         except BrokerError:

@@ -6,8 +6,12 @@ record-level refusal cannot fail the handler: it fails the transaction, the part
 the same records produce the same outputs, and the transaction would fail again for ever. The
 refusals that say a record (or a batch of them) can never be written are ``REFUSED``: over the
 topic's ``max.message.bytes`` (errno 10), a batch over the broker's limit (18), and an invalid
-record (87, INVALID_RECORD, e.g. no key on a compacted topic; aiokafka does not know that code
-and raises ``UnknownError``). After such a failure every batch's outcome is read:
+record (87, INVALID_RECORD, e.g. no key on a compacted topic). aiokafka 0.14 does not know code
+87 and would raise ``UnknownError``, as it does for the broker's generic UNKNOWN_SERVER_ERROR
+(-1) and every other code it lacks, the real code lost: that is no evidence of a bad record, so
+87 is registered here (``InvalidRecordError``) and ``UnknownError`` is not a refusal (its
+transaction starts over, as for any other failure). After a refusal every batch's outcome is
+read:
 
 * a refused batch holding one output names its input record: that offset becomes *poison*,
   with the reason. When it is acked again, an output of it to the refused topic makes its
@@ -30,7 +34,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError, UnknownError
+from aiokafka import errors as kafka_errors
+from aiokafka.errors import BrokerResponseError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from oncely.brokers._kafka_options import encode_headers
 from oncely.brokers._kafka_retry import dead_letter_copy
@@ -48,10 +53,26 @@ __all__ = ["REFUSED", "blame", "prune", "unless_poison"]
 
 log = logging.getLogger("oncely.brokers.kafka")
 
+
+class InvalidRecordError(BrokerResponseError):
+    """INVALID_RECORD (errno 87): the broker refused a record that breaks the topic's rules,
+    such as one without a key on a compacted topic. Never retried."""
+
+    errno = 87
+    message = "INVALID_RECORD"
+    description = "This record has failed the validation on broker and hence will be rejected."
+    retriable = False
+
+
+# ``for_code`` reads this mapping on every response; a release of aiokafka that knows the code
+# keeps its own class.
+kafka_errors.kafka_errors.setdefault(InvalidRecordError.errno, InvalidRecordError)
+KNOWN_INVALID_RECORD = kafka_errors.for_code(87)
+
 REFUSED: tuple[type[Exception], ...] = (
     MessageSizeTooLargeError,
     RecordListTooLargeError,
-    UnknownError,
+    KNOWN_INVALID_RECORD,
 )
 """Batch outcomes that mean the broker will never write those records, however often sent."""
 
@@ -66,6 +87,7 @@ async def blame(
     pending: Sequence[tuple[int, list[Output]]],
     producer: AIOKafkaProducer,
     hashes: KeyHashes,
+    dlq: str,
 ) -> bool:
     """After a batch of ``sent`` (the outputs ``pending``) failed: record on ``txn`` the input
     offset of each refused lone output as poison, and those that may have had an output in a
@@ -80,34 +102,23 @@ async def blame(
             continue
         error = _describe(exc)
         if offset >= 0:
-            reason = (
-                f"the broker refused its output to {topic}[{partition}] for good: {error}; "
-                f"the output is {size} bytes in its record batch"
-            )
-            if offset in txn.poison:
-                # Its dead-letter record was refused too: nothing is left to send instead, and
-                # dropping it would lose the record. The partition stays stuck, loudly.
-                log.error("kafka: %s offset %d: its dead-letter record: %s", txn.tp, offset, reason)
-            else:
-                found = True
-                log.warning(
-                    "kafka: %s offset %d: %s; its dead-letter record replaces its outputs",
-                    txn.tp,
-                    offset,
-                    reason,
-                )
-                txn.poison[offset] = (topic, reason)
-                txn.suspects.discard(offset)
+            found |= _name(txn, offset, topic, partition, error, f"{size} bytes in its batch", dlq)
             continue
         every = list(await producer.partitions_for(topic))
-        suspects = [
-            at
+        # Outputs that may have been in the batch: to its topic, and to its partition or to
+        # any (no key: the partitioner chose at random).
+        candidates = [
+            (at, value)
             for at, outputs in pending
-            if any(
-                out == topic and (key is None or every[hashes.of(key) % len(every)] == partition)
-                for out, _, key, _ in outputs
-            )
+            for out, value, key, _ in outputs
+            if out == topic and (key is None or every[hashes.of(key) % len(every)] == partition)
         ]
+        if len(candidates) == 1:  # the batch held that output alone
+            at, value = candidates[0]
+            alone = f"{len(value or b'')} bytes (its value)"
+            found |= _name(txn, at, topic, partition, error, alone, dlq)
+            continue
+        suspects = sorted({at for at, _ in candidates})
         txn.suspects.update(suspects)
         log.warning(
             "kafka: the broker refused a batch of outputs to %s[%d] for good (%s): the outputs "
@@ -119,6 +130,30 @@ async def blame(
             txn.tp,
         )
     return found
+
+
+def _name(
+    txn: Txn, offset: int, topic: str, partition: int, error: str, size: str, dlq: str
+) -> bool:
+    """Record ``offset`` as poison (its output to ``topic`` refused); whether it is new."""
+    reason = (
+        f"the broker refused its output to {topic}[{partition}] for good: {error}; "
+        f"the output is {size}"
+    )
+    if offset in txn.poison and topic == dlq:
+        # Its dead-letter record was refused too: nothing is left to send instead, and
+        # dropping it would lose the record. The partition stays stuck, loudly.
+        log.error("kafka: %s offset %d: its dead-letter record: %s", txn.tp, offset, reason)
+        return False
+    log.warning(
+        "kafka: %s offset %d: %s; its dead-letter record replaces its outputs",
+        txn.tp,
+        offset,
+        reason,
+    )
+    txn.poison[offset] = (topic, reason)
+    txn.suspects.discard(offset)
+    return True
 
 
 def unless_poison(
@@ -144,7 +179,4 @@ def prune(txn: Txn, committed: int) -> None:
 
 
 def _describe(exc: Any) -> str:
-    if isinstance(exc, UnknownError):
-        # aiokafka raises it for every error code it does not know, INVALID_RECORD (87) one.
-        return "UnknownError (an error code aiokafka does not know, such as INVALID_RECORD)"
-    return f"{type(exc).__name__} (errno {exc.errno})"
+    return f"{type(exc).__name__} ({exc.message}, errno {exc.errno})"
