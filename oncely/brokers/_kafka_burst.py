@@ -11,7 +11,9 @@ aiokafka's ``commit_transaction`` waits for every batch but not for its outcome:
 broker refuses for good (a record over the topic's ``max.message.bytes``, a partition without
 a leader for ``request_timeout_ms``) is dropped and the transaction still commits, the input
 offset with it. So the caller awaits what ``send_burst`` returns (``delivered``) before it
-commits: a refused batch fails the transaction instead.
+commits: a refused batch fails the transaction instead. Each batch comes back with where it
+went, and an output sent alone (a suspect's, see ``_kafka_refused``) with its input offset, so
+a refusal can be traced to the record whose output it was.
 """
 
 from __future__ import annotations
@@ -25,13 +27,17 @@ from oncely.brokers._kafka_size import MAX_REQUEST
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Iterable
+    from collections.abc import Container, Iterable
 
     from aiokafka import AIOKafkaProducer
 
     from oncely.brokers._kafka_delivery import Output
 
-__all__ = ["KeyHashes", "delivered", "send_burst"]
+__all__ = ["KeyHashes", "Sent", "delivered", "send_burst"]
+
+Sent = tuple["asyncio.Future[Any]", str, int, int, int]
+"""A handed-over batch: its outcome, topic, partition, and for a lone output its input offset
+and its size in the batch (else -1 and 0)."""
 
 
 class KeyHashes:
@@ -55,51 +61,73 @@ class KeyHashes:
 
 
 async def send_burst(
-    producer: AIOKafkaProducer, outputs: Iterable[Output], hashes: KeyHashes
-) -> list[asyncio.Future[Any]]:
-    """Queue ``outputs`` (in order) in ``producer``'s open transaction, a batch per output
-    partition; a batch that fills is handed over and the next one started. Returns each
-    batch's outcome, for ``delivered``.
+    producer: AIOKafkaProducer,
+    pending: Iterable[tuple[int, list[Output]]],
+    hashes: KeyHashes,
+    alone: Container[int] = (),
+) -> list[Sent]:
+    """Queue the outputs of ``pending`` (input offset, its outputs; in order) in ``producer``'s
+    open transaction, a batch per output partition; a batch that fills is handed over and the
+    next one started. The outputs of an offset in ``alone`` each go in a batch of their own
+    (after what the partition's open batch holds), so a refusal names them. Returns each
+    batch, for ``delivered``.
 
     Raises:
         MessageSizeTooLargeError: a record over ``MAX_REQUEST`` (nothing is committed: the
             caller's transaction fails, as with ``send``).
     """
     batches: dict[tuple[str, int], Any] = {}
-    sent: list[asyncio.Future[Any]] = []
+    sent: list[Sent] = []
     layouts: dict[str, tuple[list[int], list[int]]] = {}
-    for topic, value, key, headers in outputs:
-        layout = layouts.get(topic)
-        if layout is None:
-            layout = layouts[topic] = await _layout(producer, topic)
-        every = layout[0]
-        if key is None:
-            partition = DefaultPartitioner()(None, every, layout[1])  # random, like send
-        else:
-            partition = every[hashes.of(key) % len(every)]
-        batch = batches.get((topic, partition))
-        if batch is not None:
-            if batch.append(timestamp=None, key=key, value=value, headers=headers) is not None:
+    for offset, outputs in pending:
+        lone = bool(alone) and offset in alone
+        for topic, value, key, headers in outputs:
+            layout = layouts.get(topic)
+            if layout is None:
+                layout = layouts[topic] = await _layout(producer, topic)
+            every = layout[0]
+            if key is None:
+                partition = DefaultPartitioner()(None, every, layout[1])  # random, like send
+            else:
+                partition = every[hashes.of(key) % len(every)]
+            batch = batches.get((topic, partition))
+            if lone:
+                if batch is not None:  # what came before it goes first
+                    del batches[(topic, partition)]
+                    sent.append(await _hand_over(producer, batch, topic, partition))
+                batch = producer.create_batch()
+                batch.append(timestamp=None, key=key, value=value, headers=headers)
+                _check(batch, topic)
+                sent.append(
+                    await _hand_over(producer, batch, topic, partition, offset, batch.size())
+                )
                 continue
-            sent.append(await _hand_over(producer, batch, topic, partition))  # full
-        batch = batches[(topic, partition)] = producer.create_batch()
-        # The first record of a batch always goes in, whatever its size.
-        batch.append(timestamp=None, key=key, value=value, headers=headers)
-        if batch.size() > MAX_REQUEST:
-            raise MessageSizeTooLargeError(
-                f"a record for {topic} is {batch.size()} bytes when serialized, over the "
-                f"producer's max_request_size ({MAX_REQUEST})"
-            )
+            if batch is not None:
+                if batch.append(timestamp=None, key=key, value=value, headers=headers) is not None:
+                    continue
+                sent.append(await _hand_over(producer, batch, topic, partition))  # full
+            batch = batches[(topic, partition)] = producer.create_batch()
+            # The first record of a batch always goes in, whatever its size.
+            batch.append(timestamp=None, key=key, value=value, headers=headers)
+            _check(batch, topic)
     for (topic, partition), batch in batches.items():
         sent.append(await _hand_over(producer, batch, topic, partition))
     return sent
 
 
-async def delivered(sent: list[asyncio.Future[Any]]) -> None:
+def _check(batch: Any, topic: str) -> None:
+    if batch.size() > MAX_REQUEST:
+        raise MessageSizeTooLargeError(
+            f"a record for {topic} is {batch.size()} bytes when serialized, over the "
+            f"producer's max_request_size ({MAX_REQUEST})"
+        )
+
+
+async def delivered(sent: list[Sent]) -> None:
     """Wait until every batch of ``sent`` is written; raise the first one's error if any was
     refused. Costs the commit no time: ``commit_transaction`` waits for them first anyway."""
-    for future in sent:
-        await future
+    for batch in sent:
+        await batch[0]
 
 
 async def _layout(producer: AIOKafkaProducer, topic: str) -> tuple[list[int], list[int]]:
@@ -110,15 +138,20 @@ async def _layout(producer: AIOKafkaProducer, topic: str) -> tuple[list[int], li
 
 
 async def _hand_over(
-    producer: AIOKafkaProducer, batch: Any, topic: str, partition: int
-) -> asyncio.Future[Any]:
+    producer: AIOKafkaProducer,
+    batch: Any,
+    topic: str,
+    partition: int,
+    offset: int = -1,
+    size: int = 0,
+) -> Sent:
     # Closed, the batch is ready at once: nothing else may join it, so no linger helps.
     batch.close()
     future: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
     # ``delivered`` stops at the first failure (and a cancelled commit awaits none): retrieve
     # every outcome so a failure is not also logged as "exception was never retrieved".
     future.add_done_callback(_retrieve)
-    return future
+    return future, topic, partition, offset, size
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

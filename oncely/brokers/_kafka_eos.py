@@ -1,12 +1,8 @@
 """Exactly-once consume-transform-produce: one transactional producer per input partition.
 
-aiokafka commits offsets in a transaction with the pre-KIP-447 protocol, which has no
-consumer-generation fencing. The pattern that stays correct without it, and the one Kafka's
-own transactional copier test uses, is a producer per input partition whose
-``transactional_id`` is derived from the group, topic and partition. Whoever owns the
-partition owns that id: a new owner's ``InitProducerId`` fences the previous producer and
-completes or aborts its open transaction, and only *then* does the new owner read the
-committed offset, so it starts exactly where the last committed transaction ended.
+Each input partition has its own transactional producer (``_kafka_owner``: a new owner's
+``InitProducerId`` fences the previous one and resolves its open transaction before the
+committed offset is read), so each partition's transactions are its own.
 
 A transaction may only hold outputs of records below the offset it commits, or a crash after
 the commit would run a record again whose outputs are already visible. So a handler's
@@ -29,13 +25,10 @@ retry-topic or dead-letter record, which commits with the offset like any output
 transaction that fails to commit (or whose commit was cancelled half way) is resolved by a new
 producer (same id), and the partition rewinds to the committed offset read after that. A
 fenced producer means another member owns the partition: this member drops it and its
-deliveries expire.
-
-A retry topic's partition is usually empty, so it stays dormant (no producer, no offset read)
-until the fetcher returns a record of it: then it is paused, taken as above (fence, then read
-the committed offset) and resumed from there, the fetched records read again. Anything a
-previous owner's open transaction on it holds is above its committed offset, so that
-transaction is always resolved before a record of the partition runs here.
+deliveries expire. An output the broker refuses for good (over the topic's
+``max.message.bytes``, an invalid record) would fail the same transaction on every replay: it
+is traced back to its input record, which then commits with its dead-letter record instead of
+its outputs (``_kafka_refused``), so the partition goes on and nothing else is lost.
 """
 
 from __future__ import annotations
@@ -47,15 +40,15 @@ import time
 from typing import TYPE_CHECKING
 
 from oncely.brokers._kafka_burst import KeyHashes, delivered, send_burst
-from oncely.brokers._kafka_options import encode_headers, map_errors
+from oncely.brokers._kafka_options import dlq_topic, encode_headers, map_errors
+from oncely.brokers._kafka_owner import PartitionOwner
+from oncely.brokers._kafka_refused import REFUSED, blame, prune, unless_poison
 from oncely.brokers._kafka_retry import failure_copy
-from oncely.brokers._kafka_txn import Txn, stop_producer
+from oncely.brokers._kafka_txn import Txn
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
-
-    from aiokafka.structs import TopicPartition
 
     from oncely.brokers._kafka_delivery import KafkaDelivery, Output
     from oncely.brokers._kafka_link import BrokerLink, SubscriptionLink
@@ -66,157 +59,12 @@ __all__ = ["ExactlyOnce"]
 log = logging.getLogger("oncely.brokers.kafka")
 
 
-class ExactlyOnce:
+class ExactlyOnce(PartitionOwner):
     """The exactly-once side of one ``KafkaSubscription``."""
 
     def __init__(self, sub: SubscriptionLink, broker: BrokerLink) -> None:
-        self._sub = sub
-        self._broker = broker
-        self._opts = broker.options
-        self._txns: dict[TopicPartition, Txn] = {}
-        self._stopping: set[asyncio.Task[None]] = set()
+        super().__init__(sub, broker)
         self._hashes = KeyHashes()
-        self._dormant: set[TopicPartition] = set()
-        """Retry-topic partitions owned but not taken: no record of theirs was fetched yet."""
-        self._waking: dict[TopicPartition, asyncio.Task[None]] = {}
-
-    def transactional_id(self, tp: TopicPartition) -> str:
-        return f"oncely-{self._opts.group}-{tp.topic}-{tp.partition}"
-
-    # -- ownership -----------------------------------------------------------------------------
-
-    async def acquire(self, tps: list[TopicPartition]) -> None:
-        """Take newly assigned partitions: init each producer, then read the committed offset.
-        Retry-topic partitions stay dormant until ``wake``."""
-        now = [tp for tp in tps if tp.topic == self._sub.topic]
-        self._dormant.update(tp for tp in tps if tp.topic != self._sub.topic)
-        results = await asyncio.gather(*(self._acquire(tp) for tp in now), return_exceptions=True)
-        for tp, result in zip(now, results, strict=True):
-            if isinstance(result, BaseException):
-                # Without its producer the partition cannot run: fail the subscription so
-                # the worker resubscribes (and the group reassigns it).
-                log.error("kafka: could not take %s exactly-once: %r", tp, result)
-                self._sub.fail(result)
-
-    def wake(self, tp: TopicPartition, fetched: int) -> None:
-        """A record of ``tp`` was fetched (the first at offset ``fetched``): if it is dormant,
-        pause it (what was fetched is read again) and take it in the background; taking it
-        resumes it."""
-        if tp not in self._dormant:
-            return
-        self._dormant.discard(tp)
-        if self._sub.consumer is not None:
-            with contextlib.suppress(Exception):  # not assigned any more: the revoke forgets it
-                self._sub.consumer.pause(tp)
-        loop = asyncio.get_running_loop()
-        self._waking[tp] = loop.create_task(self._wake(tp, fetched), name=f"oncely-kafka-take-{tp}")
-
-    async def _wake(self, tp: TopicPartition, fetched: int) -> None:
-        try:
-            # Without a committed offset it starts where the consumer's own reset put it,
-            # as it would have at the assignment: "latest" now is past the fetched record.
-            await self._acquire(tp, origin=fetched)
-        except Exception as exc:
-            log.error("kafka: could not take %s exactly-once: %r", tp, exc)
-            self._sub.fail(exc)  # as in acquire: the worker resubscribes
-        finally:
-            self._waking.pop(tp, None)
-
-    async def forget(self, tps: set[TopicPartition] | None = None) -> None:
-        """Drop dormant partitions among ``tps`` (all if ``None``) and stop taking those being
-        woken: nothing of theirs ran yet, and a half-taken one's producer is stopped."""
-        if tps is None:
-            tps = self._dormant | set(self._waking)
-        self._dormant.difference_update(tps)
-        waking = {tp: task for tp in tps if (task := self._waking.get(tp)) is not None}
-        for task in waking.values():
-            task.cancel()
-        await asyncio.gather(*waking.values(), return_exceptions=True)
-        for tp in waking:
-            txn = self._txns.get(tp)
-            if txn is not None and txn.track is None:  # cancelled before it got its track
-                del self._txns[tp]
-                await self._stop(txn)
-
-    async def _acquire(self, tp: TopicPartition, *, origin: int | None = None) -> None:
-        producer = self._broker.transactional_producer(self.transactional_id(tp))
-        try:
-            with map_errors(f"initialising the transactional producer of {tp}"):
-                # InitProducerId: fences the previous owner and resolves its open transaction.
-                await producer.start()
-        except BaseException:
-            await stop_producer(producer)
-            raise
-        old = self._txns.pop(tp, None)
-        txn = Txn(tp, producer)
-        txn.origin = origin
-        # Registered before anything else can be awaited: cancelled from here on (a revoke or
-        # close stopping the take), ``forget`` finds it without a track and stops its producer.
-        self._txns[tp] = txn
-        if old is not None:
-            await self._stop(old)  # a producer of an earlier ownership nobody released
-        await self._rewind_to_committed(txn)
-
-    async def _rewind_to_committed(self, txn: Txn) -> None:
-        consumer = self._sub.consumer
-        assert consumer is not None
-        with map_errors(f"reading the committed offset of {txn.tp}"):
-            committed = await consumer.committed(txn.tp)
-            if committed is None:
-                committed = txn.origin
-            if committed is None:
-                ends = await (
-                    consumer.beginning_offsets([txn.tp])
-                    if self._opts.auto_offset_reset == "earliest"
-                    else consumer.end_offsets([txn.tp])
-                )
-                committed = ends[txn.tp]
-                # A rewind before the first commit starts here again, not at a later end.
-                txn.origin = committed
-        self._sub.new_track(txn.tp, int(committed), txn)
-        txn.track = self._sub.tracks[txn.tp]
-        txn.finished.clear()
-        txn.pending.clear()
-        txn.count = 0
-
-    async def release(self, tracks: list[PartitionTrack]) -> None:
-        """Revoke or close: send and commit what is contiguous and settled (records still
-        running are left to the next owner), then stop the producers."""
-        for track in tracks:
-            txn = self._txns.pop(track.tp, None)
-            if txn is None:
-                continue
-            async with txn.lock:
-                try:
-                    if not (track.live and txn.track is track):
-                        raise DeliveryExpired(f"{track.tp} was already given up")
-                    await self._flush(txn, force=True, recover=False)
-                except BrokerError as exc:
-                    log.info("kafka: releasing %s without a final commit: %s", track.tp, exc)
-                    if txn.open:
-                        with contextlib.suppress(Exception):
-                            await txn.producer.abort_transaction()
-                await self._stop(txn)
-                txn.track = None  # its deliveries' acks must not reach the stopped producer
-
-    async def close(self) -> None:
-        """The subscription's consumer has stopped, so no rebalance callback runs any more:
-        stop every producer still held. ``release`` only saw the partitions live when the
-        close began; this also covers ones given up earlier and ones a rebalance under way
-        took during the close (left running, they would leak with their connections)."""
-        await self.forget()
-        txns, self._txns = list(self._txns.values()), {}
-        for txn in txns:
-            async with txn.lock:
-                if txn.open:  # nothing in it may commit: its partition is not ours now
-                    with contextlib.suppress(Exception):
-                        await txn.producer.abort_transaction()
-                await self._stop(txn)
-        if self._stopping:
-            await asyncio.gather(*self._stopping, return_exceptions=True)
-
-    async def _stop(self, txn: Txn) -> None:
-        await stop_producer(txn.producer)
 
     # -- the Settler side ----------------------------------------------------------------------
 
@@ -236,6 +84,8 @@ class ExactlyOnce:
     ) -> None:
         """Replace the delivery's outputs with its retry or dead-letter record."""
         sub = self._sub
+        if how == "reject":  # its own dead letter (and reason) instead of a refusal's
+            delivery.track.eos.poison.pop(delivery.record.offset, None)
         topic, headers = await failure_copy(
             self._broker, sub.topic, delivery, how, delay, reason, attempt
         )
@@ -251,8 +101,11 @@ class ExactlyOnce:
         txn: Txn = track.eos
         if not track.live or txn.track is not track:
             raise DeliveryExpired(f"partition of {delivery.id} was revoked or rewound")
-        if delivery.outputs:
-            txn.finished[delivery.record.offset] = delivery.outputs
+        outputs = delivery.outputs
+        if outputs:
+            if txn.poison:
+                outputs = unless_poison(txn, self._sub.topic, delivery, outputs)
+            txn.finished[delivery.record.offset] = outputs
         self._pass(txn, track)
         # _due() inlined, the clock read only once the count alone does not decide.
         count, opts = txn.count, self._opts
@@ -297,7 +150,7 @@ class ExactlyOnce:
             pending = txn.pending
             for offset in passed:
                 if (outputs := finished.pop(offset, None)) is not None:
-                    pending.extend(outputs)
+                    pending.append((offset, outputs))
         self._sub.shrank(track)
 
     def _due(self, txn: Txn) -> bool:
@@ -342,6 +195,10 @@ class ExactlyOnce:
         except BrokerError as exc:
             if not recover:
                 raise
+            if self._txns.get(txn.tp) is not txn:
+                # Released (revoked or closing) while this committed: a new producer here
+                # would take back a partition that is no longer ours.
+                raise DeliveryExpired(f"{txn.tp} was given up while committing: {exc}") from exc
             log.warning("kafka: transaction on %s failed, starting over: %s", txn.tp, exc)
             await self._reinit(txn)
             raise DeliveryExpired(f"the transaction on {txn.tp} failed: {exc}") from exc
@@ -361,12 +218,25 @@ class ExactlyOnce:
         what = f"committing the transaction on {txn.tp}"
         try:
             with map_errors(what, publishing=True):
+                if txn.poison:
+                    # Before the transaction, on every attempt: a poison record's dead letter
+                    # may be in it, and a topic missing would fail it for good (not REFUSED).
+                    dlq = dlq_topic(self._sub.topic)
+                    if dlq not in self._broker.known_topics:
+                        await self._broker.ensure_topics([dlq], partitions=1)
                 await producer.begin_transaction()
                 txn.open = True
-                sent = await send_burst(producer, pending, self._hashes)
+                sent = await send_burst(producer, pending, self._hashes, txn.suspects)
                 if point > track.committed:
                     await producer.send_offsets_to_transaction({txn.tp: point}, self._opts.group)
-                await delivered(sent)  # aiokafka commits without a batch it could not write
+                try:
+                    await delivered(sent)  # aiokafka commits without a batch it could not write
+                except REFUSED:
+                    # Found now, the record is dead-lettered after the rewind this starts.
+                    await blame(
+                        txn, sent, pending, producer, self._hashes, dlq_topic(self._sub.topic)
+                    )
+                    raise
                 await producer.commit_transaction()
         except BrokerError:
             raise
@@ -380,6 +250,8 @@ class ExactlyOnce:
             raise
         txn.open = False
         track.committed = max(track.committed, point)
+        if txn.poison or txn.suspects:
+            prune(txn, track.committed)
 
     async def _reinit(self, txn: Txn) -> None:
         """After an unclear transaction outcome: a new producer (same id) resolves it, and the

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from oncely.brokers._kafka_delivery import KafkaDelivery
     from oncely.brokers._kafka_link import BrokerLink
 
-__all__ = ["failure_copy"]
+__all__ = ["dead_letter_copy", "failure_copy"]
 
 
 async def failure_copy(
@@ -33,9 +33,17 @@ async def failure_copy(
     if how == "reject":
         dlq = dlq_topic(topic)
         await broker.ensure_topics([dlq], partitions=1)
-        return dlq, dead_letter_headers(delivery, reason, time.time())
+        return dead_letter_copy(topic, delivery, reason)
     if delay > 0:
         bucket = bucket_for(delay, broker.options.buckets)
         assert bucket is not None
         return retry_topic(topic, bucket), retry_headers(delivery, attempt, time.time() + delay)
     return topic, retry_headers(delivery, attempt, None)
+
+
+def dead_letter_copy(
+    topic: str, delivery: KafkaDelivery, reason: str
+) -> tuple[str, dict[str, str]]:
+    """(topic, headers) of ``delivery``'s dead letter, as ``failure_copy`` gives for a
+    ``reject``, without creating the topic (the caller made sure it exists)."""
+    return dlq_topic(topic), dead_letter_headers(delivery, reason, time.time())

@@ -26,8 +26,10 @@ class Txn:
         "open",
         "origin",
         "pending",
+        "poison",
         "producer",
         "since",
+        "suspects",
         "tp",
         "track",
         "unclear",
@@ -44,8 +46,15 @@ class Txn:
         """When the first of them was passed (monotonic)."""
         self.finished: dict[int, list[Output]] = {}
         """Outputs of settled records not passed yet, by offset."""
-        self.pending: list[Output] = []
-        """Outputs of passed records, in offset order, for the next transaction."""
+        self.pending: list[tuple[int, list[Output]]] = []
+        """Outputs of passed records (those that have some) by offset, in offset order, for
+        the next transaction."""
+        self.poison: dict[int, tuple[str, str]] = {}
+        """Offsets whose output the broker refused for good: (topic refused, reason). Kept
+        through a rewind, until committed (see ``_kafka_refused``)."""
+        self.suspects: set[int] = set()
+        """Offsets that may have had an output in a batch refused for good: their outputs go
+        one per batch until committed (see ``_kafka_refused``)."""
         self.origin: int | None = None
         """Where the partition starts while it has no committed offset: the end or beginning
         read when it was taken, or the first record fetched of a dormant one."""

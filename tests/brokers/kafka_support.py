@@ -60,17 +60,32 @@ async def read_topic(
         await consumer.stop()
 
 
-async def create_small_topic(topic: str, max_message_bytes: int) -> None:
-    """A one-partition topic whose broker refuses record batches over ``max_message_bytes``
-    (which the client's own 1 MiB check lets through): a send to it fails at the broker."""
+async def create_small_topic(topic: str, max_message_bytes: int, partitions: int = 1) -> None:
+    """A topic (one partition unless told) whose broker refuses record batches over
+    ``max_message_bytes`` (which the client's own 1 MiB check lets through): a send to it
+    fails at the broker."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
     await admin.start()
     try:
         config = {"max.message.bytes": str(max_message_bytes)}
-        new = NewTopic(topic, 1, 1, topic_configs=config)
+        new = NewTopic(topic, partitions, 1, topic_configs=config)
         await admin.create_topics([new])
+    finally:
+        await admin.close()
+
+
+async def create_compacted_topic(topic: str) -> None:
+    """A one-partition compacted topic: the broker refuses a record without a key in it
+    (INVALID_RECORD)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        config = {"cleanup.policy": "compact"}
+        await admin.create_topics([NewTopic(topic, 1, 1, topic_configs=config)])
     finally:
         await admin.close()
 
