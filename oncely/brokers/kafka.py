@@ -67,6 +67,8 @@ follows the last, they continue where they were, deliveries included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
 import weakref
@@ -75,6 +77,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import BrokerResponseError
 
 from oncely.brokers._kafka_consume import KafkaSubscription
 from oncely.brokers._kafka_delivery import DUE
@@ -107,6 +110,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_BUCKETS", "KafkaBroker", "KafkaOptions"]
 
+log = logging.getLogger("oncely.brokers.kafka")
+
 _TOPIC_EXISTS = 36
 
 
@@ -133,6 +138,7 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         self._connected = False
         self._topics: set[str] = set()
         self._topic_lock = asyncio.Lock()
+        self._renew_lock = asyncio.Lock()
         self._subs: weakref.WeakSet[KafkaSubscription] = weakref.WeakSet()
 
     @classmethod
@@ -144,14 +150,7 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         if self._connected:
             return
         opts = self.options
-        producer = AIOKafkaProducer(
-            bootstrap_servers=opts.bootstrap,
-            client_id=opts.client_id,
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=opts.linger_ms,
-            request_timeout_ms=int(opts.request_timeout * 1000),
-        )
+        producer = self._idempotent_producer()
         admin = AIOKafkaAdminClient(
             bootstrap_servers=opts.bootstrap,
             client_id=f"{opts.client_id}-admin",
@@ -167,6 +166,17 @@ class KafkaBroker(Broker, DeadLetterAdmin):
             raise
         self._producer, self._admin = producer, admin
         self._connected = True
+
+    def _idempotent_producer(self) -> AIOKafkaProducer:
+        opts = self.options
+        return AIOKafkaProducer(
+            bootstrap_servers=opts.bootstrap,
+            client_id=opts.client_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=opts.linger_ms,
+            request_timeout_ms=int(opts.request_timeout * 1000),
+        )
 
     def transactional_producer(self, transactional_id: str) -> AIOKafkaProducer:
         """A new (not started) transactional producer; ``start()`` runs InitProducerId."""
@@ -217,12 +227,44 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         (``acks=all``). Many sends may be in flight at once; linger batches them."""
         if not self._connected:
             await self.connect()
-        assert self._producer is not None
+        producer = self._producer
+        assert producer is not None
         with map_errors(f"publishing to {topic}", publishing=True):
-            future = await self._producer.send(
-                topic, body, key=key, headers=encode_headers(headers)
-            )
-            await future
+            future = await producer.send(topic, body, key=key, headers=encode_headers(headers))
+            try:
+                await future
+            except BrokerResponseError:
+                await self._renew_producer(producer)
+                raise
+
+    async def _renew_producer(self, broken: AIOKafkaProducer) -> None:
+        """Replace the idempotent producer after the broker refused one of its batches for
+        good (a record over the topic's ``max.message.bytes``, say). That batch's sequence
+        numbers were spent and never written, so the broker answers every later batch of the
+        partition with OutOfOrderSequenceNumber, and aiokafka does not recover (no epoch
+        bump): without a new producer (a new producer id) one refused record would fail every
+        publish to its partition until the process restarts. Never raises: a failed restart is
+        logged, and the next refused batch tries again."""
+        async with self._renew_lock:
+            if self._producer is not broken:
+                return  # renewed already, by a send that failed alongside
+            fresh = self._idempotent_producer()
+            try:
+                with map_errors("restarting the kafka producer"):
+                    await fresh.start()
+            except BrokerError as exc:
+                log.warning("kafka: could not restart the producer after a refusal: %s", exc)
+                with contextlib.suppress(Exception):
+                    await fresh.stop()
+                return
+            self._producer = fresh
+        log.warning("kafka: the broker refused a batch for good; the producer was restarted")
+        try:
+            # Its other batches in flight fail (their senders see the error and retry).
+            with map_errors("closing the replaced kafka producer"):
+                await broken.stop()
+        except BrokerError as exc:
+            log.info("kafka: closing the replaced producer: %s", exc)
 
     async def publish(
         self,
