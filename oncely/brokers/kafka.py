@@ -257,6 +257,10 @@ class KafkaBroker(Broker, DeadLetterAdmin):
                 with contextlib.suppress(Exception):
                     await fresh.stop()
                 return
+            if self._producer is not broken:  # closed meanwhile: the new one is not wanted
+                with contextlib.suppress(Exception):
+                    await fresh.stop()
+                return
             self._producer = fresh
         log.warning("kafka: the broker refused a batch for good; the producer was restarted")
         try:
