@@ -72,7 +72,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
@@ -139,6 +139,7 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         self._topics: set[str] = set()
         self._topic_lock = asyncio.Lock()
         self._renew_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()  # producer restarts and retirements
         self._subs: weakref.WeakSet[KafkaSubscription] = weakref.WeakSet()
 
     @classmethod
@@ -233,42 +234,64 @@ class KafkaBroker(Broker, DeadLetterAdmin):
             future = await producer.send(topic, body, key=key, headers=encode_headers(headers))
             try:
                 await future
-            except BrokerResponseError:
-                await self._renew_producer(producer)
+            except BrokerResponseError as exc:
+                restart = self._background(self._renew_producer(producer, topic, exc))
+                await asyncio.wait([restart])  # not shield(): a cancel here leaves it running
                 raise
 
-    async def _renew_producer(self, broken: AIOKafkaProducer) -> None:
+    async def _renew_producer(self, broken: AIOKafkaProducer, topic: str, exc: Exception) -> None:
         """Replace the idempotent producer after the broker refused one of its batches for
         good (a record over the topic's ``max.message.bytes``, say). That batch's sequence
         numbers were spent and never written, so the broker answers every later batch of the
         partition with OutOfOrderSequenceNumber, and aiokafka does not recover (no epoch
         bump): without a new producer (a new producer id) one refused record would fail every
-        publish to its partition until the process restarts. Never raises: a failed restart is
-        logged, and the next refused batch tries again."""
+        publish to its partition until the process restarts. Runs as the broker's task (a
+        cancelled send does not cut it short) and never raises: a failed restart is logged,
+        and the next refused batch tries again."""
         async with self._renew_lock:
             if self._producer is not broken:
-                return  # renewed already, by a send that failed alongside
+                return  # renewed already (a send that failed alongside), or closed
             fresh = self._idempotent_producer()
             try:
                 with map_errors("restarting the kafka producer"):
-                    await fresh.start()
-            except BrokerError as exc:
-                log.warning("kafka: could not restart the producer after a refusal: %s", exc)
+                    async with asyncio.timeout(self.options.request_timeout):
+                        await fresh.start()
+            except BaseException as error:
                 with contextlib.suppress(Exception):
                     await fresh.stop()
+                if not isinstance(error, BrokerError):
+                    raise
+                log.warning("kafka: could not restart the producer after a refusal: %s", error)
                 return
             if self._producer is not broken:  # closed meanwhile: the new one is not wanted
                 with contextlib.suppress(Exception):
                     await fresh.stop()
                 return
             self._producer = fresh
-        log.warning("kafka: the broker refused a batch for good; the producer was restarted")
+        log.warning(
+            "kafka: the broker refused a batch to %s for good (%r); producer restarted", topic, exc
+        )
+        self._background(self._retire(broken))
+
+    async def _retire(self, old: AIOKafkaProducer) -> None:
+        """Stop a replaced producer once the sends that took it just before the swap are done:
+        stopped under them, a send still waiting for metadata would wait for ever."""
         try:
-            # Its other batches in flight fail (their senders see the error and retry).
-            with map_errors("closing the replaced kafka producer"):
-                await broken.stop()
-        except BrokerError as exc:
-            log.info("kafka: closing the replaced producer: %s", exc)
+            await asyncio.sleep(2 * self.options.request_timeout)
+        finally:
+            with contextlib.suppress(Exception):
+                await old.stop()
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("kafka: producer restart failed", exc_info=task.exception())
 
     async def publish(
         self,
@@ -358,6 +381,10 @@ class KafkaBroker(Broker, DeadLetterAdmin):
             await sub.shutdown()
         producer, admin = self._producer, self._admin
         self._producer = self._admin = None
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()  # a replaced producer's retirement stops it now
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._connected = False
         self._topics.clear()
         try:
