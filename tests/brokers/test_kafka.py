@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CoordinatorLoadInProgressError, GroupCoordinatorNotAvailableError
 from aiokafka.structs import TopicPartition
 
 import oncely
@@ -184,12 +185,21 @@ def spawn_worker(url: str, handler: str, env: dict[str, str]) -> subprocess.Pope
 
 
 async def committed_offsets(group: str, topic: str) -> dict[int, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
+    # On a broker just started (a fresh data directory) the group coordinator takes a few
+    # seconds to come up: until then the question has no answer yet, not an error.
+    deadline = time.monotonic() + 30
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(group)
+            break
+        except (GroupCoordinatorNotAvailableError, CoordinatorLoadInProgressError):
+            if time.monotonic() > deadline:
+                raise
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.5)
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
 
 
