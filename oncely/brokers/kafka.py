@@ -72,13 +72,14 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import BrokerResponseError
 
+from oncely._tasks import spawn
 from oncely.brokers._kafka_consume import KafkaSubscription
 from oncely.brokers._kafka_delivery import DUE
 from oncely.brokers._kafka_dlq import (
@@ -113,6 +114,8 @@ __all__ = ["DEFAULT_BUCKETS", "KafkaBroker", "KafkaOptions"]
 log = logging.getLogger("oncely.brokers.kafka")
 
 _TOPIC_EXISTS = 36
+
+_RESTART_FAILED = "kafka: producer restart failed"
 
 
 class KafkaBroker(Broker, DeadLetterAdmin):
@@ -235,7 +238,9 @@ class KafkaBroker(Broker, DeadLetterAdmin):
             try:
                 await future
             except BrokerResponseError as exc:
-                restart = self._background(self._renew_producer(producer, topic, exc))
+                restart = spawn(
+                    self._tasks, self._renew_producer(producer, topic, exc), log, _RESTART_FAILED
+                )
                 await asyncio.wait([restart])  # not shield(): a cancel here leaves it running
                 raise
 
@@ -271,7 +276,7 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         log.warning(
             "kafka: the broker refused a batch to %s for good (%r); producer restarted", topic, exc
         )
-        self._background(self._retire(broken))
+        spawn(self._tasks, self._retire(broken), log, _RESTART_FAILED)
 
     async def _retire(self, old: AIOKafkaProducer) -> None:
         """Stop a replaced producer once the sends that took it just before the swap are done:
@@ -281,17 +286,6 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         finally:
             with contextlib.suppress(Exception):
                 await old.stop()
-
-    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("kafka: producer restart failed", exc_info=task.exception())
 
     async def publish(
         self,

@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
+from oncely._tasks import spawn
 from oncely.brokers import _sqs_admin, _sqs_queues
 from oncely.brokers._sqs_batch import Batcher, make_batcher
 from oncely.brokers._sqs_consume import SqsSubscription
@@ -261,15 +262,7 @@ class SqsBroker(Broker, DeadLetterAdmin):
                 )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("SQS background task failed", exc_info=t.exception())
-
-        task.add_done_callback(done)
+        spawn(self._tasks, coro, log, "SQS background task failed")
 
     # ----------------------------------------------------------------------------- queues
 
