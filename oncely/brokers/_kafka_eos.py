@@ -221,9 +221,8 @@ class ExactlyOnce(PartitionOwner):
                 if txn.poison:
                     # Before the transaction, on every attempt: a poison record's dead letter
                     # may be in it, and a topic missing would fail it for good (not REFUSED).
-                    dlq = dlq_topic(self._sub.topic)
-                    if dlq not in self._broker.known_topics:
-                        await self._broker.ensure_topics([dlq], partitions=1)
+                    # (A known topic returns at once: ensure_topics checks its cache first.)
+                    await self._broker.ensure_topics([dlq_topic(self._sub.topic)], partitions=1)
                 await producer.begin_transaction()
                 txn.open = True
                 sent = await send_burst(producer, pending, self._hashes, txn.suspects)

@@ -10,7 +10,6 @@ after it was ever committed and nothing reached the dead-letter topic.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 
@@ -28,6 +27,7 @@ from tests.brokers.kafka_support import (
     read_topic,
 )
 from tests.brokers.test_kafka import committed_offsets
+from tests.brokers.test_kafka_eos import eventually_offsets_within
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
 
@@ -97,11 +97,11 @@ async def copy_with_poison(
         for i in range(50):
             await broker.publish(src, str(i).encode())
         async with oncely.Worker(app, broker=broker):
-            await eventually_committed(group, src, 50)
+            await eventually_offsets_within(group, src, {0: 50}, 90)
             # The worker goes on: later records still flow through the same partition.
             for i in range(50, 60):
                 await broker.publish(src, str(i).encode())
-            await eventually_committed(group, src, 60)
+            await eventually_offsets_within(group, src, {0: 60}, 90)
     good = [str(i).encode() for i in range(60) if str(i).encode() not in poison]
     committed = [r.value for r in await read_topic(out)]
     assert committed == [b"out-" + body for body in good], "each once, in input order"
@@ -115,13 +115,6 @@ async def copy_with_poison(
     for record in dead:
         assert any(f"offset {record.value.decode()}" in m and "dead-letter" in m for m in warned)
     assert all(runs[body] >= 2 for body in poison), "ran again after the refusal"
-
-
-async def eventually_committed(group: str, topic: str, end: int) -> None:
-    deadline = asyncio.get_running_loop().time() + 90
-    while await committed_offsets(group, topic) != {0: end}:
-        assert asyncio.get_running_loop().time() < deadline, f"{topic} never reached {end}"
-        await asyncio.sleep(0.2)
 
 
 async def test_a_refused_batch_of_several_outputs_dead_letters_only_the_culprit(
@@ -169,7 +162,7 @@ async def test_the_only_output_to_its_topic_is_named_at_once(
         for i in range(30):
             await broker.publish(src, str(i).encode())
         async with oncely.Worker(app, broker=broker):
-            await eventually_committed(group, src, 30)
+            await eventually_offsets_within(group, src, {0: 30}, 90)
     committed = [r.value for r in await read_topic(out)]
     assert committed == [b"out-%d" % i for i in range(30) if i != 13], "each once, in order"
     assert [r.value for r in await read_topic(big)] == []
@@ -217,10 +210,7 @@ async def test_keyed_outputs_over_several_partitions_keep_their_order(
         for record in await read_topic(src):
             ends[record.partition] = record.offset + 1
         async with oncely.Worker(app, broker=broker):
-            deadline = asyncio.get_running_loop().time() + 90
-            while await committed_offsets(group, src) != ends:
-                assert asyncio.get_running_loop().time() < deadline, "the copy never finished"
-                await asyncio.sleep(0.2)
+            await eventually_offsets_within(group, src, ends, 90)
     by_key: dict[bytes, list[bytes]] = {}
     for record in await read_topic(out):
         by_key.setdefault(record.key, []).append(record.value)
@@ -255,7 +245,7 @@ async def test_a_batch_refused_only_for_its_total_size_dead_letters_nobody(
         for i in range(n):
             await broker.publish(src, str(i).encode())
         async with oncely.Worker(app, broker=broker):
-            await eventually_committed(group, src, n)
+            await eventually_offsets_within(group, src, {0: n}, 90)
     committed = [r.value for r in await read_topic(out)]
     assert committed == [f"out-{i}".encode() + b"." * 200 for i in range(n)]
     assert await read_topic(dlq_topic(src)) == []
