@@ -63,6 +63,8 @@ class Row:
     """Median over the rounds of rate / the same round's ``no store`` rate."""
     cpu_us: float
     """This process's CPU µs per message, median over the rounds."""
+    servers_us: float | None = None
+    """The local servers' CPU µs per message (``servers_cpu``), median over the rounds."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,39 @@ async def fill(topic: str, n: int, in_flight: int = 256) -> None:
         await asyncio.gather(*(one(i) for i in range(n)))
 
 
+SERVERS = ("beam.smp", "redis-server", "postgres")
+"""The server processes whose CPU a round is charged (RabbitMQ, Redis, PostgreSQL)."""
+
+
+def servers_cpu() -> float | None:
+    """CPU seconds used so far by this machine's RabbitMQ, Redis and PostgreSQL processes,
+    or None without ``/proc``. The client and these servers share the machine's cores, so a
+    store's cost is its client CPU plus its server's. Exited PostgreSQL backends count
+    through their parent's reaped-children times."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    seen: dict[str, tuple[str, str, list[str]]] = {}  # pid -> (name, parent, fields)
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        name, _, rest = stat.partition("(")[2].rpartition(")")
+        if name in SERVERS:
+            fields = rest.split()
+            seen[entry.name] = (name, fields[1], fields)
+    total = 0
+    for name, parent, fields in seen.values():
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if name == "postgres" and parent not in seen:  # the postmaster: its reaped backends
+            total += int(fields[13]) + int(fields[14])
+    return total / tick
+
+
 async def measure(
     args: argparse.Namespace, tmp: Path, skip: dict[str, str]
 ) -> dict[str, Row | str]:
@@ -142,6 +177,7 @@ async def measure(
     rates: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     cpus: dict[str, list[float]] = {}
+    servers: dict[str, list[float]] = {}
     failed: dict[str, str] = {}
     for _ in range(args.rounds):
         base: float | None = None
@@ -153,6 +189,7 @@ async def measure(
                 await fill(topic, args.messages)
                 store = variant.store(tmp)
                 cpu = time.process_time()
+                served = servers_cpu()
                 rate = await throughput.with_worker(
                     AMQP_URL,
                     topic,
@@ -163,6 +200,9 @@ async def measure(
                     transactional=variant.transactional,
                 )
                 cpu = time.process_time() - cpu
+                if served is not None and (after := servers_cpu()) is not None:
+                    served = after - served
+                    servers.setdefault(variant.name, []).append(served / args.messages * 1e6)
                 rates.setdefault(variant.name, []).append(rate)
                 cpus.setdefault(variant.name, []).append(cpu / args.messages * 1e6)
                 if store is None:
@@ -178,6 +218,7 @@ async def measure(
             statistics.median(r),
             statistics.median(ratios[name]) if name in ratios else None,
             statistics.median(cpus[name]),
+            statistics.median(servers[name]) if name in servers else None,
         )
         for name, r in rates.items()
     }
@@ -234,16 +275,18 @@ def main() -> None:
         finally:
             if "redis" not in skip:
                 asyncio.run(clean_redis())
-    print(f"{'':<16}" + "".join(f"{loop + ' msgs/s (ratio) CPU us/msg':>36}" for loop in loops))
+    head = " msgs/s (ratio) CPU us/msg servers"
+    print(f"{'':<16}" + "".join(f"{loop + head:>44}" for loop in loops))
     for variant in VARIANTS:
         cells = []
         for loop in loops:
             row = rows[loop].get(variant.name)
             if isinstance(row, Row):
                 ratio = "" if row.ratio is None else f" ({row.ratio:.2f}x)"
-                cells.append(f"{row.rate:>13,.0f}{ratio:>9}{row.cpu_us:>14,.0f}")
+                servers = "" if row.servers_us is None else f"{row.servers_us:,.0f}"
+                cells.append(f"{row.rate:>13,.0f}{ratio:>9}{row.cpu_us:>14,.0f}{servers:>8}")
             else:
-                cells.append(f"{'—':>36}")
+                cells.append(f"{'—':>44}")
         print(f"{variant.name:<16}" + "".join(cells))
     notes = {name: v for row in rows.values() for name, v in row.items() if isinstance(v, str)}
     for name, why in notes.items():
@@ -253,7 +296,9 @@ def main() -> None:
             print(f"{label}: {value}")
     print(
         "\nmsgs/s and CPU us/msg of this process: medians over the rounds; ratios: median of "
-        "the per-round ratios to 'no store' on the same loop, measured in this run"
+        "the per-round ratios to 'no store' on the same loop, measured in this run; servers: "
+        "CPU us/msg of this machine's RabbitMQ, Redis and PostgreSQL processes meanwhile "
+        "(everything they did, other clients' work included)"
     )
 
 
