@@ -84,9 +84,10 @@ class Batcher(Generic[E]):
         self._max_inflight = max_inflight
         self._max_bytes = max_bytes
         self._state: _State[E] = _State()
-        self._tasks: dict[asyncio.Task[None], int] = {}  # call in flight -> its entries
+        self._tasks: dict[asyncio.Task[None], list[_Outcome]] = {}  # call in flight -> entries
         self._tries: dict[_Outcome, int] = {}  # retried entries (by future) -> times
         self._idle: asyncio.Event | None = None
+        self._abandoned: BaseException | None = None  # closed: what entries left now fail with
 
     def submit(self, entry: E, size: int = 0) -> asyncio.Future[Mapping[str, Any]]:
         """Queue ``entry``; the returned future is its outcome: the ``Successful`` entry of
@@ -157,7 +158,7 @@ class Batcher(Generic[E]):
             entries, futures, sizes = self._take()
             state.inflight += 1
             task = asyncio.get_running_loop().create_task(self._send(entries, futures, sizes))
-            self._tasks[task] = len(futures)
+            self._tasks[task] = futures
             task.add_done_callback(self._forget)
         if state.pending and state.inflight < self._max_inflight and state.timer is None:
             state.timer = asyncio.get_running_loop().call_later(self._window, self._kick)
@@ -214,8 +215,12 @@ class Batcher(Generic[E]):
                     await asyncio.sleep(0.05 * 2 ** max(tries[futures[n]] for n in retry))
             finally:
                 self._state.inflight -= 1
+                abandoned = self._abandoned
                 for n in retry:
-                    self._add(chunk[n], sizes[n], futures[n])
+                    if abandoned is None:
+                        self._add(chunk[n], sizes[n], futures[n])
+                    else:  # closed during the backoff: abandon counted it unconfirmed
+                        _fail(futures[n], abandoned)
                 if self._state.pending and self._state.timer is None:
                     self._kick()
                 idle = self._idle
@@ -237,7 +242,9 @@ class Batcher(Generic[E]):
 
     def abandon(self, error: BaseException) -> int:
         """Closing: fail every entry still waiting with ``error`` and cut off the calls in
-        flight (their entries fail too). Returns how many entries were left unconfirmed."""
+        flight (their entries fail too), and fail any entry they would queue again. Returns
+        how many entries were left unconfirmed."""
+        self._abandoned = error
         state = self._state
         if state.timer is not None:
             state.timer.cancel()
@@ -248,10 +255,12 @@ class Batcher(Generic[E]):
         for future in pending:
             _fail(future, error)
         # A finished call may still be listed (its done callback runs a loop turn later).
-        running = {task: n for task, n in self._tasks.items() if not task.done()}
-        for task in running:
+        running = [(task, futures) for task, futures in self._tasks.items() if not task.done()]
+        for task, _ in running:
             task.cancel()
-        return len(pending) + sum(running.values())
+        # A call's confirmed entries are not left unconfirmed (the one that answered and is
+        # backing off before it re-sends a failed entry has settled all the others).
+        return len(pending) + sum(not f.done() for _, futures in running for f in futures)
 
     def __len__(self) -> int:
         return len(self._state.pending) + self._state.inflight

@@ -193,3 +193,22 @@ async def test_a_cancelled_submit_is_still_sent_and_the_rest_resolve() -> None:
     assert (await asyncio.wait_for(kept, 1))["Name"] == "kept"
     assert server.calls == [["gone", "kept"]]
     assert not b  # nothing left pending or in flight
+
+
+async def test_abandon_during_a_retry_backoff_fails_the_entry_and_sends_nothing_more() -> None:
+    """Closing while a server-fault entry waits out its backoff: the entry fails with the
+    closing error, as ``abandon`` reported it unconfirmed, and is never sent after the close
+    (before, it was queued again once the backoff was cut off, and went out later)."""
+    server = Server({"retry-me": ("InternalError", False)}, sticky=True)
+    b = batcher(server)
+    retried = b.submit({"name": "retry-me"})
+    ok = b.submit({"name": "ok"})
+    await asyncio.wait_for(ok, 2)  # the call answered: "retry-me" now backs off
+    closing = BrokerError("closing")
+    assert b.abandon(closing) == 1
+    with pytest.raises(BrokerError) as failed:
+        await asyncio.wait_for(retried, 2)
+    assert failed.value is closing
+    await asyncio.sleep(0)  # the cut-off send's last callbacks
+    assert not b
+    assert server.calls == [["retry-me", "ok"]]
