@@ -24,8 +24,11 @@ the contenders; the script prints medians of msgs/s, of client CPU µs per recor
 ratios to the raw loops. ``--before DIR`` adds the oncely contenders of another source tree
 (e.g. ``git archive <commit> | tar -x -C DIR``), run against the same raw loops.
 
+``--loop uvloop`` runs every contender, raw loops and Workers alike, on uvloop (what
+``oncely run`` uses when it is installed); the default is asyncio.
+
     python benchmarks/kafka_throughput.py [--messages 50000] [--partitions 4] [--rounds 3]
-        [--before DIR]
+        [--loop asyncio|uvloop] [--before DIR]
 """
 
 from __future__ import annotations
@@ -193,7 +196,7 @@ def run(args: argparse.Namespace, contender: str, topic: str, tree: Path) -> tup
     """One contender in a fresh process whose ``oncely`` comes from ``tree``."""
     command = [sys.executable, str(HERE / "kafka_throughput.py"), "--child", contender]
     command += ["--topic", topic, "--messages", str(args.messages)]
-    command += ["--concurrency", str(args.concurrency)]
+    command += ["--concurrency", str(args.concurrency), "--loop", args.loop]
     env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{HERE}"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -209,11 +212,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", type=Path, help="another source tree to compare")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        rate, cpu = asyncio.run(child(args.child, args.topic, args.messages, args.concurrency))
+        coro = child(args.child, args.topic, args.messages, args.concurrency)
+        if args.loop == "uvloop":
+            import uvloop
+
+            rate, cpu = uvloop.run(coro)
+        else:
+            rate, cpu = asyncio.run(coro)
         print(f"{rate:.1f} {cpu:.2f}")
         return
     topic = f"bench-{uuid.uuid4().hex[:8]}"
@@ -234,7 +244,7 @@ def main() -> None:
             rows[name].append((rate, cpu, rate / rates[base] if base else 1.0))
         print(f"round {i + 1}: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()), flush=True)
     med = {name: [statistics.median(r[j] for r in v) for j in range(3)] for name, v in rows.items()}
-    print(f"\nkafka, {args.messages} messages, {args.partitions} partitions, asyncio, ", end="")
+    print(f"\nkafka, {args.messages} messages, {args.partitions} partitions, {args.loop}, ", end="")
     print(f"{args.rounds} rounds, medians")
     print(f"  {'':<24}{'msgs/s':>9}{'CPU us/rec':>12}{'x raw':>8}")
     for name, (rate, cpu, ratio) in med.items():
