@@ -252,11 +252,25 @@ async def test_each_script_is_idempotent_for_its_token(store: RedisStore, raw: R
 def counting(sends: list[int]) -> type[Connection]:
     class Counting(Connection):
         """A real connection that records the port of every write it sends: one per round
-        trip."""
+        trip (counted at its stream, whichever path writes: redis-py's commands or the
+        store's own batch exchange)."""
 
-        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            sends.append(self.port)
-            await super().send_packed_command(command, check_health)
+        async def _connect(self) -> None:
+            await super()._connect()  # type: ignore[no-untyped-call]
+            writer, port = self._writer, self.port
+            assert writer is not None
+            write, writelines = writer.write, writer.writelines
+
+            def counted_write(data: bytes) -> None:
+                sends.append(port)
+                write(data)
+
+            def counted_writelines(data: Any) -> None:
+                sends.append(port)
+                writelines(data)
+
+            setattr(writer, "write", counted_write)  # noqa: B010 (mypy: a method)
+            setattr(writer, "writelines", counted_writelines)  # noqa: B010
 
     return Counting
 
