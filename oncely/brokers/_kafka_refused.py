@@ -140,9 +140,11 @@ def _name(
         f"the broker refused its output to {topic}[{partition}] for good: {error}; "
         f"the output is {size}"
     )
-    if offset in txn.poison and topic == dlq:
-        # Its dead-letter record was refused too: nothing is left to send instead, and
-        # dropping it would lose the record. The partition stays stuck, loudly.
+    if topic == dlq:
+        # A dead-letter record was refused (a poison record's copy, or the handler's own
+        # reject): nothing is left to send instead, and dropping it would lose the record.
+        # The partition stays stuck, loudly; not a new poison record, whose dead letter
+        # this already is.
         log.error("kafka: %s offset %d: its dead-letter record: %s", txn.tp, offset, reason)
         return False
     log.warning(

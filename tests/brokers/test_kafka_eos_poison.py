@@ -289,6 +289,48 @@ async def test_a_refused_dead_letter_record_holds_the_partition_and_loses_nothin
     assert await committed_offsets(group, src) == {0: 1}
 
 
+async def test_a_rejected_record_whose_dead_letter_is_refused_says_so_at_error(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler's own ``Reject`` whose dead-letter record the broker refuses: as for a poison
+    record's copy, nothing is left to send instead, so the partition holds at that offset with
+    an ERROR on each attempt. It used to be taken for a new poison record (a WARNING that its
+    dead-letter record replaces its outputs, which it never did), the partition stuck for good
+    with no ERROR at all."""
+    src, out, group = unique, f"{unique}-out", f"g-{unique}"
+    await create_small_topic(dlq_topic(src), 1000)
+    app = oncely.App()
+
+    @app.handler(src)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        if len(body) > 1000:
+            raise oncely.Reject("too big to keep")
+        await ctx.produce(out, b"out-" + body)
+
+    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
+    url = kafka_url(group, exactly_once=src, txn_messages=1)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([src, out])
+        for body in (b"a", b"y" * 1500, b"b"):  # one key: one at a time, a commits alone
+            await broker.publish(src, body, headers={"oncely-key": "k"})
+        async with oncely.Worker(app, broker=broker):
+
+            def stuck() -> int:
+                return sum(
+                    r.levelno == logging.ERROR
+                    and "offset 1: its dead-letter record" in r.getMessage()
+                    for r in caplog.records
+                )
+
+            await eventually(lambda: stuck() >= 2, 60)  # tried again, refused again
+            assert await committed_offsets(group, src) == {0: 1}
+    misleading = [m for r in caplog.records if "replaces its outputs" in (m := r.getMessage())]
+    assert misleading == []
+    assert [r.value for r in await read_topic(out)] == [b"out-a"]
+    assert await read_topic(dlq_topic(src)) == []
+    assert await committed_offsets(group, src) == {0: 1}
+
+
 async def test_at_least_once_a_refused_output_fails_the_handler(unique: str) -> None:
     """At-least-once, ``produce`` publishes at once: the handler sees the refusal, so its
     retries and then the dead-letter topic apply (the exactly-once bug never arises), and the
