@@ -24,8 +24,9 @@ read:
 
 Both live on the partition's ``Txn`` (they survive the rewind, since the same offsets run
 again) and are dropped once the offset they name is committed. If the dead-letter record is
-refused too, nothing is left to commit in the record's place: the partition stays at that
-offset, logging an ERROR on every attempt, rather than commit past a record that went nowhere.
+refused too (or any dead letter, a handler's own reject included), nothing is left to commit
+in the record's place: the partition stays at that offset, logging an ERROR on every attempt,
+rather than commit past a record that went nowhere.
 """
 
 from __future__ import annotations
