@@ -166,9 +166,12 @@ class PartitionOwner:
                     await self._flush(txn, force=True, recover=False)
                 except BrokerError as exc:
                     log.info("kafka: releasing %s without a final commit: %s", track.tp, exc)
-                    if txn.open:
-                        with contextlib.suppress(Exception):
-                            await txn.producer.abort_transaction()
+                # Also without an error here: a commit that failed just before (given up, not
+                # started over, as the partition was being released) left its transaction
+                # open, and nobody may take the partition to resolve it.
+                if txn.open:
+                    with contextlib.suppress(Exception):
+                        await txn.producer.abort_transaction()
                 await self._stop(txn)
                 txn.track = None  # its deliveries' acks must not reach the stopped producer
 

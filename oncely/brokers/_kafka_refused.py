@@ -24,8 +24,9 @@ read:
 
 Both live on the partition's ``Txn`` (they survive the rewind, since the same offsets run
 again) and are dropped once the offset they name is committed. If the dead-letter record is
-refused too, nothing is left to commit in the record's place: the partition stays at that
-offset, logging an ERROR on every attempt, rather than commit past a record that went nowhere.
+refused too (or any dead letter, a handler's own reject included), nothing is left to commit
+in the record's place: the partition stays at that offset, logging an ERROR on every attempt,
+rather than commit past a record that went nowhere.
 """
 
 from __future__ import annotations
@@ -140,9 +141,11 @@ def _name(
         f"the broker refused its output to {topic}[{partition}] for good: {error}; "
         f"the output is {size}"
     )
-    if offset in txn.poison and topic == dlq:
-        # Its dead-letter record was refused too: nothing is left to send instead, and
-        # dropping it would lose the record. The partition stays stuck, loudly.
+    if topic == dlq:
+        # A dead-letter record was refused (a poison record's copy, or the handler's own
+        # reject): nothing is left to send instead, and dropping it would lose the record.
+        # The partition stays stuck, loudly; not a new poison record, whose dead letter
+        # this already is.
         log.error("kafka: %s offset %d: its dead-letter record: %s", txn.tp, offset, reason)
         return False
     log.warning(

@@ -106,3 +106,21 @@ async def drop_topics(marker: str, *, within: float = 60.0) -> int:
         return len(names)
     finally:
         await admin.close()
+
+
+async def last_stable_and_end(topic: str, partition: int = 0) -> tuple[int, int]:
+    """``topic[partition]``'s last stable offset (what read-committed readers may read up to:
+    it stops at the first record of a transaction still open) and its end."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    tp = TopicPartition(topic, partition)
+    ends: list[int] = []
+    for level in ("read_committed", "read_uncommitted"):
+        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, isolation_level=level)
+        await consumer.start()
+        try:
+            ends.append((await consumer.end_offsets([tp]))[tp])
+        finally:
+            await consumer.stop()
+    return ends[0], ends[1]

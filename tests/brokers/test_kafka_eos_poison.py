@@ -10,20 +10,28 @@ after it was ever committed and nothing reached the dead-letter topic.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
+from typing import Any
 
 import pytest
 
 import oncely
+from oncely.brokers import _kafka_eos
+from oncely.brokers._kafka_delivery import ExactlyOnceDelivery
+from oncely.brokers._kafka_eos import ExactlyOnce
 from oncely.brokers._kafka_options import dlq_topic
+from oncely.brokers._kafka_refused import blame as real_blame
 from oncely.brokers.base import Headers
 from oncely.brokers.kafka import KafkaBroker
+from oncely.errors import DeliveryExpired
 from tests._wait import eventually
 from tests.brokers.kafka_support import (
     create_compacted_topic,
     create_small_topic,
     kafka_url,
+    last_stable_and_end,
     read_topic,
 )
 from tests.brokers.test_kafka import committed_offsets
@@ -289,6 +297,48 @@ async def test_a_refused_dead_letter_record_holds_the_partition_and_loses_nothin
     assert await committed_offsets(group, src) == {0: 1}
 
 
+async def test_a_rejected_record_whose_dead_letter_is_refused_says_so_at_error(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler's own ``Reject`` whose dead-letter record the broker refuses: as for a poison
+    record's copy, nothing is left to send instead, so the partition holds at that offset with
+    an ERROR on each attempt. It used to be taken for a new poison record (a WARNING that its
+    dead-letter record replaces its outputs, which it never did), the partition stuck for good
+    with no ERROR at all."""
+    src, out, group = unique, f"{unique}-out", f"g-{unique}"
+    await create_small_topic(dlq_topic(src), 1000)
+    app = oncely.App()
+
+    @app.handler(src)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        if len(body) > 1000:
+            raise oncely.Reject("too big to keep")
+        await ctx.produce(out, b"out-" + body)
+
+    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
+    url = kafka_url(group, exactly_once=src, txn_messages=1)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([src, out])
+        for body in (b"a", b"y" * 1500, b"b"):  # one key: one at a time, a commits alone
+            await broker.publish(src, body, headers={"oncely-key": "k"})
+        async with oncely.Worker(app, broker=broker):
+
+            def stuck() -> int:
+                return sum(
+                    r.levelno == logging.ERROR
+                    and "offset 1: its dead-letter record" in r.getMessage()
+                    for r in caplog.records
+                )
+
+            await eventually(lambda: stuck() >= 2, 60)  # tried again, refused again
+            assert await committed_offsets(group, src) == {0: 1}
+    misleading = [m for r in caplog.records if "replaces its outputs" in (m := r.getMessage())]
+    assert misleading == []
+    assert [r.value for r in await read_topic(out)] == [b"out-a"]
+    assert await read_topic(dlq_topic(src)) == []
+    assert await committed_offsets(group, src) == {0: 1}
+
+
 async def test_at_least_once_a_refused_output_fails_the_handler(unique: str) -> None:
     """At-least-once, ``produce`` publishes at once: the handler sees the refusal, so its
     retries and then the dead-letter topic apply (the exactly-once bug never arises), and the
@@ -323,3 +373,56 @@ async def test_at_least_once_a_refused_output_fails_the_handler(unique: str) -> 
     assert runs[b"c"] == runs[b"d"] == 1
     [dead] = await read_topic(dlq_topic(unique))
     assert dead.value == b"big"
+
+
+async def test_a_commit_failing_while_its_partition_is_released_is_aborted(
+    unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The subscription closes while a commit is failing (a refused output): the release
+    waits for the partition's lock, and the failed commit gives the partition up instead of
+    starting it over. Its transaction is still open on the broker (the outputs written before
+    the refusal in it), and nobody takes the partition after a close: unless the release
+    aborts it, read-committed readers of those outputs' partitions stay stuck until the
+    broker's transaction timeout (60 s) ends it. Seen on ``side``: its last stable offset must
+    reach its end, well before that timeout.
+
+    ``blame`` is held (after it ran) until the release has begun: only the order of the two
+    is pinned, Kafka and the producers are real."""
+    group, out, side = f"g-{unique}", f"{unique}-out", f"{unique}-side"
+    await create_small_topic(out, LIMIT)
+    reached, released = asyncio.Event(), asyncio.Event()
+    real_release = ExactlyOnce.release
+
+    async def held_blame(*args: Any) -> bool:
+        found = await real_blame(*args)
+        reached.set()
+        await asyncio.wait_for(released.wait(), 30)
+        return found
+
+    async def noted_release(self: ExactlyOnce, tracks: list[Any]) -> None:
+        if tracks:  # (the group's first join revokes nothing)
+            released.set()  # nothing runs before it takes the partition out and waits its lock
+        await real_release(self, tracks)
+
+    monkeypatch.setattr(_kafka_eos, "blame", held_blame)
+    monkeypatch.setattr(ExactlyOnce, "release", noted_release)
+    url = kafka_url(group, exactly_once=unique, txn_messages=1)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([side, out])
+        await broker.publish(unique, b"a")
+        sub = broker.consume(unique, prefetch=1, visibility=30)
+        d = await asyncio.wait_for(sub.__anext__(), 15)
+        assert isinstance(d, ExactlyOnceDelivery)
+        await d.produce(side, b"side-a")
+        await d.produce(out, b"x" * BIG)
+        acking = asyncio.create_task(d.ack())
+        await asyncio.wait_for(reached.wait(), 30)
+        await sub.aclose()
+        with pytest.raises(DeliveryExpired):
+            await acking
+    assert await committed_offsets(group, unique) == {}
+    deadline = asyncio.get_running_loop().time() + 20  # a third of the transaction timeout
+    while (ends := await last_stable_and_end(side))[0] != ends[1]:
+        assert asyncio.get_running_loop().time() < deadline, f"last stable, end: {ends}"
+        await asyncio.sleep(0.2)
+    assert await read_topic(side) == [], "the transaction was aborted, not committed"
