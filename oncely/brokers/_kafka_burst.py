@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
+from oncely.brokers._kafka_options import header_list
 from oncely.brokers._kafka_size import MAX_REQUEST
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ async def send_burst(
     for offset, outputs in pending:
         lone = bool(alone) and offset in alone
         for topic, value, key, headers in outputs:
-            listed = list(headers)  # aiokafka's builder takes a list only (see ``Output``)
+            listed = header_list(headers)  # aiokafka's builder takes a list of pairs only
             layout = layouts.get(topic)
             if layout is None:
                 layout = layouts[topic] = await _layout(producer, topic)

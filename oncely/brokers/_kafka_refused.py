@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import errors as kafka_errors
 from aiokafka.errors import BrokerResponseError, MessageSizeTooLargeError, RecordListTooLargeError
 
-from oncely.brokers._kafka_options import encode_headers
+from oncely.brokers._kafka_options import flat_headers
 from oncely.brokers._kafka_retry import dead_letter_copy
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def unless_poison(txn: Txn, topic: str, delivery: KafkaDelivery, outputs: Output
     if refused is None or all(output[0] != refused[0] for output in outputs):
         return outputs
     dlq, headers = dead_letter_copy(topic, delivery, refused[1])
-    return ((dlq, delivery.body, delivery.record.key, tuple(encode_headers(headers))),)
+    return ((dlq, delivery.body, delivery.record.key, flat_headers(headers)),)
 
 
 def prune(txn: Txn, committed: int) -> None:
