@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
+from oncely.brokers._kafka_options import header_list
 from oncely.brokers._kafka_size import MAX_REQUEST
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
     from aiokafka import AIOKafkaProducer
 
-    from oncely.brokers._kafka_delivery import Output
+    from oncely.brokers._kafka_delivery import Outputs
 
 __all__ = ["KeyHashes", "Sent", "delivered", "send_burst"]
 
@@ -62,7 +63,7 @@ class KeyHashes:
 
 async def send_burst(
     producer: AIOKafkaProducer,
-    pending: Iterable[tuple[int, list[Output]]],
+    pending: Iterable[tuple[int, Outputs]],
     hashes: KeyHashes,
     alone: Container[int] = (),
 ) -> list[Sent]:
@@ -82,6 +83,7 @@ async def send_burst(
     for offset, outputs in pending:
         lone = bool(alone) and offset in alone
         for topic, value, key, headers in outputs:
+            listed = header_list(headers)  # aiokafka's builder takes a list of pairs only
             layout = layouts.get(topic)
             if layout is None:
                 layout = layouts[topic] = await _layout(producer, topic)
@@ -96,19 +98,19 @@ async def send_burst(
                     del batches[(topic, partition)]
                     sent.append(await _hand_over(producer, batch, topic, partition))
                 batch = producer.create_batch()
-                batch.append(timestamp=None, key=key, value=value, headers=headers)
+                batch.append(timestamp=None, key=key, value=value, headers=listed)
                 _check(batch, topic)
                 sent.append(
                     await _hand_over(producer, batch, topic, partition, offset, batch.size())
                 )
                 continue
             if batch is not None:
-                if batch.append(timestamp=None, key=key, value=value, headers=headers) is not None:
+                if batch.append(timestamp=None, key=key, value=value, headers=listed) is not None:
                     continue
                 sent.append(await _hand_over(producer, batch, topic, partition))  # full
             batch = batches[(topic, partition)] = producer.create_batch()
             # The first record of a batch always goes in, whatever its size.
-            batch.append(timestamp=None, key=key, value=value, headers=headers)
+            batch.append(timestamp=None, key=key, value=value, headers=listed)
             _check(batch, topic)
     for (topic, partition), batch in batches.items():
         sent.append(await _hand_over(producer, batch, topic, partition))

@@ -66,6 +66,8 @@ class KafkaSubscription(Subscription):
         self._ready: deque[tuple[PartitionTrack, Any]] = deque()
         self._yielded = 0
         self._changed = asyncio.Event()
+        self._waiting = False
+        """The iterating task waits on ``_changed``: only then does a settle set it."""
         self._settle_event = asyncio.Event()
         self._settle_waiters = 0
         """Tasks in ``wait_settled``: only then does a settle set ``_settle_event``."""
@@ -204,7 +206,11 @@ class KafkaSubscription(Subscription):
                 raise self._error
             if (delivery := self._take()) is not None:
                 return delivery
-            await self._changed.wait()
+            self._waiting = True
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting = False
 
     @property
     def next_ready(self) -> Callable[[], KafkaDelivery | None] | None:
@@ -259,7 +265,8 @@ class KafkaSubscription(Subscription):
             # Exactly-once, the window only shrinks as records are passed (``_pass`` calls
             # this then): one call less per record.
             self.shrank(track)
-        self._changed.set()
+        if self._waiting:  # else it looks at the ready deliveries before it waits again
+            self._changed.set()
         if self._settle_waiters:
             self._settle_event.set()
         if track.eos is None:

@@ -40,7 +40,7 @@ import time
 from typing import TYPE_CHECKING
 
 from oncely.brokers._kafka_burst import KeyHashes, delivered, send_burst
-from oncely.brokers._kafka_options import dlq_topic, encode_headers, map_errors
+from oncely.brokers._kafka_options import dlq_topic, flat_headers, map_errors
 from oncely.brokers._kafka_owner import PartitionOwner
 from oncely.brokers._kafka_refused import REFUSED, blame, prune, unless_poison
 from oncely.brokers._kafka_retry import failure_copy
@@ -89,7 +89,8 @@ class ExactlyOnce(PartitionOwner):
         topic, headers = await failure_copy(
             self._broker, sub.topic, delivery, how, delay, reason, attempt
         )
-        delivery.outputs = [(topic, delivery.body, delivery.record.key, encode_headers(headers))]
+        encoded = flat_headers(headers)
+        delivery.outputs = [(topic, delivery.body, delivery.record.key, encoded)]
 
     def ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
         """Called once the delivery's offset was marked done: its outputs wait by offset, the
@@ -101,8 +102,8 @@ class ExactlyOnce(PartitionOwner):
         txn: Txn = track.eos
         if not track.live or txn.track is not track:
             raise DeliveryExpired(f"partition of {delivery.id} was revoked or rewound")
-        outputs = delivery.outputs
-        if outputs:
+        if delivery.outputs:
+            outputs = tuple(delivery.outputs)  # see ``Output``: the collector untracks it
             if txn.poison:
                 outputs = unless_poison(txn, self._sub.topic, delivery, outputs)
             txn.finished[delivery.record.offset] = outputs

@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 from urllib.parse import parse_qsl, urlsplit
 
 from aiokafka import errors as kerr
@@ -29,6 +29,8 @@ __all__ = [
     "decode_headers",
     "dlq_topic",
     "encode_headers",
+    "flat_headers",
+    "header_list",
     "map_errors",
     "parse_url",
     "retry_topic",
@@ -39,6 +41,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
 ``.1h``. A delay is rounded up to the smallest bucket at least as long."""
 
 HeaderList = list[tuple[str, bytes]]
+FlatHeaders = tuple["str | bytes", ...]
+"""Encoded headers as one flat tuple: name, value, name, value, ... (see ``Output``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,16 @@ def dlq_topic(topic: str) -> str:
 def encode_headers(headers: Mapping[str, str]) -> HeaderList:
     """Kafka headers are bytes: ``str`` values travel as UTF-8, readable by any consumer."""
     return [(k, v.encode()) for k, v in headers.items()]
+
+
+def flat_headers(headers: Mapping[str, str]) -> FlatHeaders:
+    """``encode_headers`` as one flat tuple (name, value, name, value, ...); see ``header_list``."""
+    return tuple(x for k, v in headers.items() for x in (k, v.encode()))
+
+
+def header_list(flat: FlatHeaders) -> HeaderList:
+    """The (name, value) pairs of ``flat_headers``: what aiokafka's batch builder takes."""
+    return cast("HeaderList", list(zip(flat[::2], flat[1::2], strict=True)))
 
 
 def decode_headers(raw: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import errors as kafka_errors
 from aiokafka.errors import BrokerResponseError, MessageSizeTooLargeError, RecordListTooLargeError
 
-from oncely.brokers._kafka_options import encode_headers
+from oncely.brokers._kafka_options import flat_headers
 from oncely.brokers._kafka_retry import dead_letter_copy
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
 
     from oncely.brokers._kafka_burst import KeyHashes, Sent
-    from oncely.brokers._kafka_delivery import KafkaDelivery, Output
+    from oncely.brokers._kafka_delivery import KafkaDelivery, Outputs
     from oncely.brokers._kafka_txn import Txn
 
 __all__ = ["REFUSED", "blame", "prune", "unless_poison"]
@@ -85,7 +85,7 @@ SETTLE = 10.0
 async def blame(
     txn: Txn,
     sent: Sequence[Sent],
-    pending: Sequence[tuple[int, list[Output]]],
+    pending: Sequence[tuple[int, Outputs]],
     producer: AIOKafkaProducer,
     hashes: KeyHashes,
     dlq: str,
@@ -159,9 +159,7 @@ def _name(
     return True
 
 
-def unless_poison(
-    txn: Txn, topic: str, delivery: KafkaDelivery, outputs: list[Output]
-) -> list[Output]:
+def unless_poison(txn: Txn, topic: str, delivery: KafkaDelivery, outputs: Outputs) -> Outputs:
     """``outputs`` of ``delivery`` (consumed for ``topic``'s subscription), or its dead-letter
     record if an output of its offset to the same topic was refused for good before (a replay
     that no longer produces one is copied as it is)."""
@@ -169,7 +167,7 @@ def unless_poison(
     if refused is None or all(output[0] != refused[0] for output in outputs):
         return outputs
     dlq, headers = dead_letter_copy(topic, delivery, refused[1])
-    return [(dlq, delivery.body, delivery.record.key, encode_headers(headers))]
+    return ((dlq, delivery.body, delivery.record.key, flat_headers(headers)),)
 
 
 def prune(txn: Txn, committed: int) -> None:

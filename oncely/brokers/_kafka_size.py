@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
-__all__ = ["MAX_REQUEST", "oversize"]
+__all__ = ["MAX_REQUEST", "SURELY_FITS", "oversize"]
 
 MAX_REQUEST = 1_048_576
 """aiokafka's default ``max_request_size``, which oncely's transactional producers keep:
@@ -14,6 +14,11 @@ MAX_REQUEST = 1_048_576
 
 _BATCH_HEADER = 61
 """Bytes of a v2 record batch's header, which a record alone in its batch carries too."""
+
+SURELY_FITS = MAX_REQUEST - 128
+"""A ``rough`` sum (see ``oversize``) plus 16 bytes a header below this always fits: the
+margin covers the batch header and every length prefix (at most 5 bytes each, 2 a header).
+A caller on the hot path checks it itself, sparing the call in the common case."""
 
 
 def oversize(
@@ -33,9 +38,8 @@ def oversize(
         rough = len(value) + (0 if key is None else len(key))
         for name, data in headers:
             rough += len(name) * 4 + len(data)  # at most 4 UTF-8 bytes a character
-    # The common case, far from the limit: nothing to count. The margin covers the batch
-    # header and every length prefix (at most 5 bytes each, 2 a header).
-    if rough + 128 + 16 * len(headers) < MAX_REQUEST:
+    # The common case, far from the limit: nothing to count.
+    if rough + 16 * len(headers) < SURELY_FITS:
         return None
     body = 3 + _DefaultRecordBatchBuilderPy.size_of(key, value, list(headers))
     size = _BATCH_HEADER + body + _varint_size(body)

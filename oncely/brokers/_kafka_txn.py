@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
     from aiokafka.structs import TopicPartition
 
-    from oncely.brokers._kafka_delivery import Output
+    from oncely.brokers._kafka_delivery import Outputs
     from oncely.brokers._kafka_track import PartitionTrack
 
 __all__ = ["Txn", "stop_producer"]
@@ -44,9 +44,9 @@ class Txn:
         """Records passed since the last commit (those with no outputs too)."""
         self.since = 0.0
         """When the first of them was passed (monotonic)."""
-        self.finished: dict[int, list[Output]] = {}
+        self.finished: dict[int, Outputs] = {}
         """Outputs of settled records not passed yet, by offset."""
-        self.pending: list[tuple[int, list[Output]]] = []
+        self.pending: list[tuple[int, Outputs]] = []
         """Outputs of passed records (those that have some) by offset, in offset order, for
         the next transaction."""
         self.poison: dict[int, tuple[str, str]] = {}

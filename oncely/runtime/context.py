@@ -22,6 +22,9 @@ _TRANSACTIONAL: dict[type, bool] = {}
 """Whether a delivery class is a ``TransactionalDelivery``: ``isinstance`` on an ABC runs
 Python code (``ABCMeta.__instancecheck__``), and ``produce`` asks once per output."""
 
+_KEY = Headers.KEY
+_PUBLISHED_AT = Headers.PUBLISHED_AT
+
 _stamp = (0.0, "")
 """The last ``oncely-published-at`` of a transactional output: the time, and its text."""
 
@@ -114,12 +117,17 @@ class Context:
             return await self.publish(topic, payload, key=key, headers=headers)
         produce: Callable[..., Awaitable[str]]
         produce = delivery.produce  # type: ignore[attr-defined]  # a TransactionalDelivery
-        merged = dict(headers) if headers else {}
-        if key is not None:
-            merged[Headers.KEY] = key
-        if Headers.PUBLISHED_AT not in merged:
-            merged[Headers.PUBLISHED_AT] = _published_at()
-        body = encode(payload)
+        if headers:
+            merged = dict(headers)
+            if key is not None:
+                merged[_KEY] = key
+            if _PUBLISHED_AT not in merged:
+                merged[_PUBLISHED_AT] = _published_at()
+        elif key is not None:  # the common case in one step: this runs for every output
+            merged = {_KEY: key, _PUBLISHED_AT: _published_at()}
+        else:
+            merged = {_PUBLISHED_AT: _published_at()}
+        body = payload if type(payload) is bytes else encode(payload)
         if self._publisher._tracer is not None:
             return await send(
                 self._publisher._tracer,
