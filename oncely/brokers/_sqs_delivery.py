@@ -57,15 +57,16 @@ class SqsDelivery(Delivery):
     """One received SQS message. See ``oncely.brokers.sqs`` for the guarantees."""
 
     __slots__ = (
+        "_body_text",
         "_capped",
         "_decoded",
         "_done",
         "_holding",
         "_sub",
+        "attributes",
         "batch",
         "group",
         "queue_url",
-        "raw",
         "receipt",
         "received",
     )
@@ -105,7 +106,12 @@ class SqsDelivery(Delivery):
         self.topic = sub.topic
         self._sub = sub
         self.queue_url = queue_url
-        self.raw = message
+        # Not the message itself: its dicts (the message's, its system attributes') would
+        # live as long as the delivery, more objects in flight per message for the garbage
+        # collector. What a dead letter and the headers need of it is kept.
+        self.attributes = attributes
+        """The message attributes as received (``MessageAttributes``), if any."""
+        self._body_text = message.get("Body", "")
         self.receipt = message["ReceiptHandle"]
         self.received = received
         self.group: str | None = group
@@ -120,7 +126,7 @@ class SqsDelivery(Delivery):
         read."""
         decoded = self._decoded
         if decoded is None:
-            attributes = self.raw.get("MessageAttributes")
+            attributes = self.attributes
             decoded = decode_headers(attributes) if attributes else {}
             decoded.pop(ENCODING, None)
             self._decoded = decoded
@@ -129,6 +135,11 @@ class SqsDelivery(Delivery):
     @headers.setter
     def headers(self, value: Mapping[str, str]) -> None:
         self._decoded = dict(value)
+
+    @property
+    def text(self) -> str:
+        """The body as SQS holds it (``Body``; base64 when ``oncely-body-encoding`` says so)."""
+        return self._body_text
 
     @property
     def settled(self) -> bool:
