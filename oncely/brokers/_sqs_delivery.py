@@ -84,6 +84,7 @@ class SqsDelivery(Delivery):
         # attributes that make the id, the key and the body are looked at here.
         self._decoded: dict[str, str] | None = None
         attributes = message.get("MessageAttributes")
+        text = message.get("Body", "")
         if attributes and PACKED in attributes:
             # A dead letter's packed headers may hold any of them: the whole decoding.
             id_, self.body, headers, self.attempt, self.enqueued_at, group = decode(message)
@@ -94,10 +95,10 @@ class SqsDelivery(Delivery):
                 id_ = _text(attributes, Headers.MESSAGE_ID) or message.get("MessageId", "")
                 key = _text(attributes, Headers.KEY)
                 self.key = id_ if key is None else key
-                self.body = decode_body(message.get("Body", ""), _text(attributes, ENCODING))
+                self.body = decode_body(text, _text(attributes, ENCODING))
             else:
                 id_ = self.key = message.get("MessageId", "")
-                self.body = message.get("Body", "").encode("utf-8")
+                self.body = text.encode("utf-8")
             system = message.get("Attributes") or {}
             self.attempt = int(system.get("ApproximateReceiveCount", "1"))
             self.enqueued_at = int(system.get("SentTimestamp", "0")) / 1000
@@ -111,7 +112,7 @@ class SqsDelivery(Delivery):
         # collector. What a dead letter and the headers need of it is kept.
         self.attributes = attributes
         """The message attributes as received (``MessageAttributes``), if any."""
-        self._body_text = message.get("Body", "")
+        self._body_text = text
         self.receipt = message["ReceiptHandle"]
         self.received = received
         self.group: str | None = group
