@@ -87,9 +87,8 @@ async def dead_letter(broker: BrokerLink, delivery: SqsDelivery, reason: str) ->
     _, dlq = await broker.queue_urls(delivery.topic)
     # Proves the handle is still ours (DeliveryExpired otherwise) before a dead letter exists.
     await broker._change_visibility(delivery.queue_url, delivery.receipt, _HOLD)
-    raw: MessageTypeDef = delivery.raw
     attributes = _fit(
-        copy_attributes(raw.get("MessageAttributes", {})),
+        copy_attributes(delivery.attributes or {}),
         {
             Headers.MESSAGE_ID: _string(delivery.id),
             Headers.REASON: _string(text_value(reason) or "(no reason given)"),
@@ -97,7 +96,7 @@ async def dead_letter(broker: BrokerLink, delivery: SqsDelivery, reason: str) ->
             Headers.FAILED_AT: _string(repr(time.time())),
         },
     )
-    body = raw.get("Body", "")
+    body = delivery.text
     out = Outgoing(delivery.id, body, attributes, message_size(body, attributes))
     fifo = is_fifo(delivery.topic, broker.options)
     group = delivery.group or delivery.key

@@ -88,6 +88,16 @@ class Batcher(Generic[E]):
         self._tries: dict[_Outcome, int] = {}  # retried entries (by future) -> times
         self._idle: asyncio.Event | None = None
         self._abandoned: BaseException | None = None  # closed: what entries left now fail with
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The running loop, looked up once: on Python 3.11 each ``get_running_loop()`` is a
+        ``getpid`` system call, and ``submit`` runs once per ack. A broker and its client live
+        on one loop."""
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def submit(self, entry: E, size: int = 0) -> asyncio.Future[Mapping[str, Any]]:
         """Queue ``entry``; the returned future is its outcome: the ``Successful`` entry of
@@ -99,7 +109,7 @@ class Batcher(Generic[E]):
         Raises (from the future):
             BrokerError: the entry failed (``on_failed``), or the whole call did.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._get_loop()
         future: _Outcome = loop.create_future()
         if self._max_bytes is not None:
             self._add(entry, size, future)
@@ -124,8 +134,7 @@ class Batcher(Generic[E]):
         if self._full():
             self._kick()
         elif state.timer is None:
-            loop = asyncio.get_running_loop()
-            state.timer = loop.call_later(self._window, self._kick)
+            state.timer = self._get_loop().call_later(self._window, self._kick)
 
     def _full(self) -> bool:
         state = self._state
@@ -157,11 +166,11 @@ class Batcher(Generic[E]):
         while state.pending and state.inflight < self._max_inflight:
             entries, futures, sizes = self._take()
             state.inflight += 1
-            task = asyncio.get_running_loop().create_task(self._send(entries, futures, sizes))
+            task = self._get_loop().create_task(self._send(entries, futures, sizes))
             self._tasks[task] = futures
             task.add_done_callback(self._forget)
         if state.pending and state.inflight < self._max_inflight and state.timer is None:
-            state.timer = asyncio.get_running_loop().call_later(self._window, self._kick)
+            state.timer = self._get_loop().call_later(self._window, self._kick)
 
     async def _send(self, chunk: list[E], futures: list[_Outcome], sizes: list[int]) -> None:
         retry: list[int] = []  # indexes into chunk

@@ -49,7 +49,10 @@ class SqsSubscription(Subscription):
         self._busy: dict[str, int] = {}
         self._batches = 0
         self._pollers: list[asyncio.Task[None]] = []
-        self._changed: asyncio.Event | None = None
+        # What an asyncio.Event would do, without its loop look-up (a ``getpid`` system call
+        # on Python 3.11) each time __anext__ has to wait.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[asyncio.Future[None]] = []
         # Pollers waiting for free prefetch slots, and whether one was woken and has not run
         # yet: pollers are woken one at a time (see _wake).
         self._sleepers: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -62,7 +65,6 @@ class SqsSubscription(Subscription):
     async def __anext__(self) -> SqsDelivery:
         if not self._pollers and not self._closed:
             self._start()
-        assert self._changed is not None
         while True:
             if self._closed:
                 raise StopAsyncIteration
@@ -70,11 +72,35 @@ class SqsSubscription(Subscription):
                 return self._ready.popleft()
             if self._error is not None:
                 raise self._error
-            self._changed.clear()
-            await self._changed.wait()
+            assert self._loop is not None
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+
+    def take_ready(self) -> SqsDelivery | None:
+        """The next received delivery if one is ready now, else ``None`` (then ``__anext__``
+        waits): the consume loop takes the rest of a receive's batch without a coroutine
+        each."""
+        if self._ready and not self._closed:
+            return self._ready.popleft()
+        return None
+
+    def _changed(self) -> None:
+        """Wake every ``__anext__`` waiting: something is ready, failed or closed."""
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _start(self) -> None:
-        self._changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         n = min(math.ceil(self.prefetch / 10), self.broker.options.max_pollers)
         for i in range(n):
             task = asyncio.create_task(self._poll(), name=f"sqs-poll:{self.topic}:{i}")
@@ -93,12 +119,10 @@ class SqsSubscription(Subscription):
         else:
             self._error = BrokerError(f"SQS poller died: {type(exc).__name__}: {exc}")
             self._error.__cause__ = exc
-        if self._changed is not None:
-            self._changed.set()
+        self._changed()
 
     async def _poll(self) -> None:
-        assert self._changed is not None
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         pause = 0.1
         while not self._closed:
             while self._free <= 0:
@@ -117,7 +141,7 @@ class SqsSubscription(Subscription):
             self._free -= n
             if self._free > 0:
                 self._wake()  # more slots than this receive takes: the next poller
-            receive = asyncio.ensure_future(self.broker._receive(self.topic, n, self.visibility))
+            receive = loop.create_task(self.broker._receive(self.topic, n, self.visibility))
             try:
                 # Shielded: a long poll cut off at the client may still claim messages on the
                 # server; aclose lets it finish and hands back what it got.
@@ -153,7 +177,7 @@ class SqsSubscription(Subscription):
                 else:
                     self._accept(delivery)
             if messages:
-                self._changed.set()
+                self._changed()
 
     def _accept(self, delivery: SqsDelivery) -> None:
         group = delivery.group
@@ -216,8 +240,7 @@ class SqsSubscription(Subscription):
             self._give_back([delivery])
             return
         self._ready.append(delivery)
-        if self._changed is not None:
-            self._changed.set()
+        self._changed()
 
     def _release(self, n: int) -> None:
         self._free += n
@@ -286,8 +309,7 @@ class SqsSubscription(Subscription):
                 d._holding = False
             self._release(len(buffered))
             await self._return(buffered)
-        if self._changed is not None:
-            self._changed.set()
+        self._changed()
 
     async def _return_late(self, receive: asyncio.Future[tuple[str, list[MessageTypeDef]]]) -> None:
         try:
@@ -306,5 +328,4 @@ class SqsSubscription(Subscription):
         self._closed = True
         for task in self._pollers:
             task.cancel()
-        if self._changed is not None:
-            self._changed.set()
+        self._changed()

@@ -57,15 +57,16 @@ class SqsDelivery(Delivery):
     """One received SQS message. See ``oncely.brokers.sqs`` for the guarantees."""
 
     __slots__ = (
+        "_body_text",
         "_capped",
         "_decoded",
         "_done",
         "_holding",
         "_sub",
+        "attributes",
         "batch",
         "group",
         "queue_url",
-        "raw",
         "receipt",
         "received",
     )
@@ -83,6 +84,7 @@ class SqsDelivery(Delivery):
         # attributes that make the id, the key and the body are looked at here.
         self._decoded: dict[str, str] | None = None
         attributes = message.get("MessageAttributes")
+        text = message.get("Body", "")
         if attributes and PACKED in attributes:
             # A dead letter's packed headers may hold any of them: the whole decoding.
             id_, self.body, headers, self.attempt, self.enqueued_at, group = decode(message)
@@ -93,10 +95,10 @@ class SqsDelivery(Delivery):
                 id_ = _text(attributes, Headers.MESSAGE_ID) or message.get("MessageId", "")
                 key = _text(attributes, Headers.KEY)
                 self.key = id_ if key is None else key
-                self.body = decode_body(message.get("Body", ""), _text(attributes, ENCODING))
+                self.body = decode_body(text, _text(attributes, ENCODING))
             else:
                 id_ = self.key = message.get("MessageId", "")
-                self.body = message.get("Body", "").encode("utf-8")
+                self.body = text.encode("utf-8")
             system = message.get("Attributes") or {}
             self.attempt = int(system.get("ApproximateReceiveCount", "1"))
             self.enqueued_at = int(system.get("SentTimestamp", "0")) / 1000
@@ -105,7 +107,12 @@ class SqsDelivery(Delivery):
         self.topic = sub.topic
         self._sub = sub
         self.queue_url = queue_url
-        self.raw = message
+        # Not the message itself: its dicts (the message's, its system attributes') would
+        # live as long as the delivery, more objects in flight per message for the garbage
+        # collector. What a dead letter and the headers need of it is kept.
+        self.attributes = attributes
+        """The message attributes as received (``MessageAttributes``), if any."""
+        self._body_text = text
         self.receipt = message["ReceiptHandle"]
         self.received = received
         self.group: str | None = group
@@ -120,7 +127,7 @@ class SqsDelivery(Delivery):
         read."""
         decoded = self._decoded
         if decoded is None:
-            attributes = self.raw.get("MessageAttributes")
+            attributes = self.attributes
             decoded = decode_headers(attributes) if attributes else {}
             decoded.pop(ENCODING, None)
             self._decoded = decoded
@@ -129,6 +136,11 @@ class SqsDelivery(Delivery):
     @headers.setter
     def headers(self, value: Mapping[str, str]) -> None:
         self._decoded = dict(value)
+
+    @property
+    def text(self) -> str:
+        """The body as SQS holds it (``Body``; base64 when ``oncely-body-encoding`` says so)."""
+        return self._body_text
 
     @property
     def settled(self) -> bool:

@@ -285,3 +285,36 @@ async def test_concurrent_publishes_share_send_batches(
             got.append(d.id)
             await d.ack()
     assert sorted(got) == sorted(ids)
+
+
+@pytest.mark.anyio
+async def test_take_ready_hands_over_received_messages_and_nothing_once_shut_down(
+    broker: SqsBroker, unique: str, topics: list[str]
+) -> None:
+    """``take_ready`` is how the consume loop takes the rest of a receive's batch without a
+    coroutine each: it hands over what was received, and once the subscription is shut down
+    nothing more, even what is still buffered (``__anext__`` then ends the iteration)."""
+    topics.append(unique)
+    sent = [await broker.publish(unique, f'{{"n": {n}}}'.encode()) for n in range(5)]
+    sub = broker.consume(unique, prefetch=10, visibility=30)
+    try:
+        assert sub.take_ready() is None  # polling starts with the first __anext__
+        got = [await anext(sub)]
+        while len(got) < 5:
+            ready = sub.take_ready()
+            got.append(ready if ready is not None else await anext(sub))
+        assert sorted(d.id for d in got) == sorted(sent)
+        assert sub.take_ready() is None
+        for d in got:
+            await d.ack()
+        more = {await broker.publish(unique, b"{}") for _ in range(3)}
+        got = [await anext(sub)]
+        # The others of that receive (or the next) wait in the subscription's buffer.
+        await eventually(lambda: len(sub._ready) == 2)
+        sub.shutdown()
+        assert sub.take_ready() is None
+        with pytest.raises(StopAsyncIteration):
+            await anext(sub)
+        assert got[0].id in more
+    finally:
+        await sub.aclose()
