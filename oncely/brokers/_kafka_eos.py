@@ -40,10 +40,11 @@ import time
 from typing import TYPE_CHECKING
 
 from oncely.brokers._kafka_burst import KeyHashes, delivered, send_burst
-from oncely.brokers._kafka_options import dlq_topic, flat_headers, map_errors
+from oncely.brokers._kafka_options import dlq_topic, encode_headers, flat_headers, map_errors
 from oncely.brokers._kafka_owner import PartitionOwner
 from oncely.brokers._kafka_refused import REFUSED, blame, prune, unless_poison
 from oncely.brokers._kafka_retry import failure_copy
+from oncely.brokers._kafka_size import MAX_REQUEST, SURELY_FITS, oversize
 from oncely.brokers._kafka_txn import Txn
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
 
@@ -89,8 +90,24 @@ class ExactlyOnce(PartitionOwner):
         topic, headers = await failure_copy(
             self._broker, sub.topic, delivery, how, delay, reason, attempt
         )
-        encoded = flat_headers(headers)
-        delivery.outputs = [(topic, delivery.body, delivery.record.key, encoded)]
+        key, body = delivery.record.key, delivery.body
+        if len(body) > SURELY_FITS and (size := oversize(key, body, encode_headers(headers))):
+            # An input topic may allow larger records than the producer sends: this copy can
+            # never go out, and its transaction fails on every attempt. Nothing may be
+            # committed past the record, so the partition holds here, as for a refused dead
+            # letter, and says so at ERROR (once per attempt) rather than replay quietly.
+            what = "dead-letter" if how == "reject" else "retry"
+            log.error(
+                "kafka: %s offset %d: its %s record is %d bytes when serialized, over the "
+                "exactly-once producer's max_request_size (%d): it can never be sent, so the "
+                "partition stays at this offset",
+                delivery.track.tp,
+                delivery.record.offset,
+                what,
+                size,
+                MAX_REQUEST,
+            )
+        delivery.outputs = [(topic, body, key, flat_headers(headers))]
 
     def ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
         """Called once the delivery's offset was marked done: its outputs wait by offset, the

@@ -124,3 +124,20 @@ async def last_stable_and_end(topic: str, partition: int = 0) -> tuple[int, int]
         finally:
             await consumer.stop()
     return ends[0], ends[1]
+
+
+async def publish_plain(
+    topic: str, bodies: list[bytes], *, key: bytes, max_request_size: int
+) -> None:
+    """Publish ``bodies`` in order with a plain aiokafka producer that allows records up to
+    ``max_request_size`` (oncely's own producers stop at 1 MiB), each with ``key`` as its
+    Kafka key and its ``oncely-key`` header."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, max_request_size=max_request_size)
+    await producer.start()
+    try:
+        for body in bodies:
+            await producer.send_and_wait(topic, body, key=key, headers=[("oncely-key", key)])
+    finally:
+        await producer.stop()

@@ -32,6 +32,7 @@ from tests.brokers.kafka_support import (
     create_small_topic,
     kafka_url,
     last_stable_and_end,
+    publish_plain,
     read_topic,
 )
 from tests.brokers.test_kafka import committed_offsets
@@ -334,6 +335,48 @@ async def test_a_rejected_record_whose_dead_letter_is_refused_says_so_at_error(
             assert await committed_offsets(group, src) == {0: 1}
     misleading = [m for r in caplog.records if "replaces its outputs" in (m := r.getMessage())]
     assert misleading == []
+    assert [r.value for r in await read_topic(out)] == [b"out-a"]
+    assert await read_topic(dlq_topic(src)) == []
+    assert await committed_offsets(group, src) == {0: 1}
+
+
+async def test_a_failing_record_too_large_to_copy_says_so_at_error(
+    unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An input topic that allows records over the producer's 1 MiB ``max_request_size``: a
+    failing handler's record can then have no retry or dead-letter copy (the client refuses
+    it before it goes out). Nothing may be committed past it, so the partition holds at that
+    offset, as for a refused dead letter, with an ERROR on each attempt that names the size
+    and the limit. It used to replay for ever with WARNINGs only ("transaction ... failed,
+    starting over")."""
+    src, out, group = unique, f"{unique}-out", f"g-{unique}"
+    await create_small_topic(src, 4_000_000)  # larger records allowed than oncely sends
+    app = oncely.App()
+
+    @app.handler(src)
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        if len(body) > 1000:
+            raise oncely.Reject("too big to keep")
+        await ctx.produce(out, b"out-" + body)
+
+    # One key: one at a time.
+    await publish_plain(src, [b"a", b"y" * 1_200_000, b"b"], key=b"k", max_request_size=4_000_000)
+    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
+    url = kafka_url(group, exactly_once=src, txn_messages=1)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([out])
+        async with oncely.Worker(app, broker=broker):
+
+            def stuck() -> int:
+                return sum(
+                    r.levelno == logging.ERROR
+                    and "offset 1: its dead-letter record is" in (m := r.getMessage())
+                    and "max_request_size" in m
+                    for r in caplog.records
+                )
+
+            await eventually(lambda: stuck() >= 2, 60)  # tried again, refused again
+            assert await committed_offsets(group, src) == {0: 1}
     assert [r.value for r in await read_topic(out)] == [b"out-a"]
     assert await read_topic(dlq_topic(src)) == []
     assert await committed_offsets(group, src) == {0: 1}
