@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -262,6 +263,41 @@ async def test_a_batch_refused_only_for_its_total_size_dead_letters_nobody(
     assert any("one per batch" in m for m in messages), "a batch was refused"
 
 
+async def held_at_offset_1(
+    app: oncely.App,
+    names: tuple[str, str, str],
+    caplog: pytest.LogCaptureFixture,
+    says: Callable[[str], bool],
+    *,
+    publish: bool = True,
+) -> None:
+    """Run ``app`` exactly-once (a transaction per record) until an ERROR that ``says`` is
+    logged twice (tried again, refused again) while the input partition holds at offset 1;
+    then only ``a``'s output is out, nothing is dead-lettered and nothing past ``a`` is
+    committed. ``names``: the input topic, the output topic and the group; ``publish``:
+    publish ``a``, a 1,500-byte record and ``b`` first (else the caller did)."""
+    src, out, group = names
+    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
+    url = kafka_url(group, exactly_once=src, txn_messages=1)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([src, out])
+        if publish:
+            for body in (b"a", b"y" * 1500, b"b"):  # one key: one at a time, a commits alone
+                await broker.publish(src, body, headers={"oncely-key": "k"})
+        async with oncely.Worker(app, broker=broker):
+
+            def stuck() -> int:
+                return sum(
+                    r.levelno == logging.ERROR and says(r.getMessage()) for r in caplog.records
+                )
+
+            await eventually(lambda: stuck() >= 2, 60)
+            assert await committed_offsets(group, src) == {0: 1}
+    assert [r.value for r in await read_topic(out)] == [b"out-a"]
+    assert await read_topic(dlq_topic(src)) == []
+    assert await committed_offsets(group, src) == {0: 1}
+
+
 async def test_a_refused_dead_letter_record_holds_the_partition_and_loses_nothing(
     unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -277,25 +313,7 @@ async def test_a_refused_dead_letter_record_holds_the_partition_and_loses_nothin
     async def copy(body: bytes, ctx: oncely.Context) -> None:
         await ctx.produce(out, b"x" * BIG if len(body) > 1000 else b"out-" + body)
 
-    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
-    url = kafka_url(group, exactly_once=src, txn_messages=1)
-    async with KafkaBroker.from_url(url) as broker:
-        await broker.ensure_topics([src, out])
-        for body in (b"a", b"y" * 1500, b"b"):  # one key: one at a time, a commits alone
-            await broker.publish(src, body, headers={"oncely-key": "k"})
-        async with oncely.Worker(app, broker=broker):
-
-            def stuck() -> int:
-                return sum(
-                    r.levelno == logging.ERROR and "its dead-letter record" in r.getMessage()
-                    for r in caplog.records
-                )
-
-            await eventually(lambda: stuck() >= 2, 60)  # tried again, refused again
-            assert await committed_offsets(group, src) == {0: 1}
-    assert [r.value for r in await read_topic(out)] == [b"out-a"]
-    assert await read_topic(dlq_topic(src)) == []
-    assert await committed_offsets(group, src) == {0: 1}
+    await held_at_offset_1(app, (src, out, group), caplog, lambda m: "its dead-letter record" in m)
 
 
 async def test_a_rejected_record_whose_dead_letter_is_refused_says_so_at_error(
@@ -316,28 +334,10 @@ async def test_a_rejected_record_whose_dead_letter_is_refused_says_so_at_error(
             raise oncely.Reject("too big to keep")
         await ctx.produce(out, b"out-" + body)
 
-    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
-    url = kafka_url(group, exactly_once=src, txn_messages=1)
-    async with KafkaBroker.from_url(url) as broker:
-        await broker.ensure_topics([src, out])
-        for body in (b"a", b"y" * 1500, b"b"):  # one key: one at a time, a commits alone
-            await broker.publish(src, body, headers={"oncely-key": "k"})
-        async with oncely.Worker(app, broker=broker):
-
-            def stuck() -> int:
-                return sum(
-                    r.levelno == logging.ERROR
-                    and "offset 1: its dead-letter record" in r.getMessage()
-                    for r in caplog.records
-                )
-
-            await eventually(lambda: stuck() >= 2, 60)  # tried again, refused again
-            assert await committed_offsets(group, src) == {0: 1}
+    says = "offset 1: its dead-letter record"
+    await held_at_offset_1(app, (src, out, group), caplog, lambda m: says in m)
     misleading = [m for r in caplog.records if "replaces its outputs" in (m := r.getMessage())]
     assert misleading == []
-    assert [r.value for r in await read_topic(out)] == [b"out-a"]
-    assert await read_topic(dlq_topic(src)) == []
-    assert await committed_offsets(group, src) == {0: 1}
 
 
 async def test_a_failing_record_too_large_to_copy_says_so_at_error(
@@ -361,25 +361,11 @@ async def test_a_failing_record_too_large_to_copy_says_so_at_error(
 
     # One key: one at a time.
     await publish_plain(src, [b"a", b"y" * 1_200_000, b"b"], key=b"k", max_request_size=4_000_000)
-    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
-    url = kafka_url(group, exactly_once=src, txn_messages=1)
-    async with KafkaBroker.from_url(url) as broker:
-        await broker.ensure_topics([out])
-        async with oncely.Worker(app, broker=broker):
 
-            def stuck() -> int:
-                return sum(
-                    r.levelno == logging.ERROR
-                    and "offset 1: its dead-letter record is" in (m := r.getMessage())
-                    and "max_request_size" in m
-                    for r in caplog.records
-                )
+    def says(m: str) -> bool:
+        return "offset 1: its dead-letter record is" in m and "max_request_size" in m
 
-            await eventually(lambda: stuck() >= 2, 60)  # tried again, refused again
-            assert await committed_offsets(group, src) == {0: 1}
-    assert [r.value for r in await read_topic(out)] == [b"out-a"]
-    assert await read_topic(dlq_topic(src)) == []
-    assert await committed_offsets(group, src) == {0: 1}
+    await held_at_offset_1(app, (src, out, group), caplog, says, publish=False)
 
 
 async def test_at_least_once_a_refused_output_fails_the_handler(unique: str) -> None:
