@@ -44,7 +44,7 @@ from oncely.brokers._kafka_options import dlq_topic, encode_headers, flat_header
 from oncely.brokers._kafka_owner import PartitionOwner
 from oncely.brokers._kafka_refused import REFUSED, blame, prune, unless_poison
 from oncely.brokers._kafka_retry import failure_copy
-from oncely.brokers._kafka_size import MAX_REQUEST, SURELY_FITS, oversize
+from oncely.brokers._kafka_size import MAX_REQUEST, oversize
 from oncely.brokers._kafka_txn import Txn
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
 
@@ -91,7 +91,7 @@ class ExactlyOnce(PartitionOwner):
             self._broker, sub.topic, delivery, how, delay, reason, attempt
         )
         key, body = delivery.record.key, delivery.body
-        if len(body) > SURELY_FITS and (size := oversize(key, body, encode_headers(headers))):
+        if (size := oversize(key, body, encode_headers(headers))) is not None:
             # An input topic may allow larger records than the producer sends: this copy can
             # never go out, and its transaction fails on every attempt. Nothing may be
             # committed past the record, so the partition holds here, as for a refused dead

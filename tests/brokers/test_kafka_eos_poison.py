@@ -340,15 +340,17 @@ async def test_a_rejected_record_whose_dead_letter_is_refused_says_so_at_error(
     assert misleading == []
 
 
+@pytest.mark.parametrize("size", [1_200_000, 1_048_576 - 200], ids=["over", "just-under"])
 async def test_a_failing_record_too_large_to_copy_says_so_at_error(
-    unique: str, caplog: pytest.LogCaptureFixture
+    unique: str, caplog: pytest.LogCaptureFixture, size: int
 ) -> None:
     """An input topic that allows records over the producer's 1 MiB ``max_request_size``: a
     failing handler's record can then have no retry or dead-letter copy (the client refuses
     it before it goes out). Nothing may be committed past it, so the partition holds at that
     offset, as for a refused dead letter, with an ERROR on each attempt that names the size
     and the limit. It used to replay for ever with WARNINGs only ("transaction ... failed,
-    starting over")."""
+    starting over"). ``just-under``: a record the producer could send, whose dead-letter
+    headers take its copy over the limit."""
     src, out, group = unique, f"{unique}-out", f"g-{unique}"
     await create_small_topic(src, 4_000_000)  # larger records allowed than oncely sends
     app = oncely.App()
@@ -360,7 +362,7 @@ async def test_a_failing_record_too_large_to_copy_says_so_at_error(
         await ctx.produce(out, b"out-" + body)
 
     # One key: one at a time.
-    await publish_plain(src, [b"a", b"y" * 1_200_000, b"b"], key=b"k", max_request_size=4_000_000)
+    await publish_plain(src, [b"a", b"y" * size, b"b"], key=b"k", max_request_size=4_000_000)
 
     def says(m: str) -> bool:
         return "offset 1: its dead-letter record is" in m and "max_request_size" in m
