@@ -104,7 +104,7 @@ from oncely.brokers.base import (
     Headers,
     check_headers,
 )
-from oncely.errors import BrokerError, ConfigError, NotSupported
+from oncely.errors import BrokerError, ConfigError, ConnectionLost, NotSupported
 
 if TYPE_CHECKING:
     from typing import Self
@@ -139,6 +139,8 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._connected = False
+        self._closed = False  # for good, as the other brokers: nothing connects a new client
+        self._connect_lock = asyncio.Lock()
         self._topics: set[str] = set()
         self._topic_lock = asyncio.Lock()
         self._renew_lock = asyncio.Lock()
@@ -151,8 +153,21 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         return cls(parse_url(url))
 
     async def connect(self) -> None:
+        """Start the idempotent producer and the admin client. Idempotent, and shared by
+        concurrent first calls (each would otherwise start a pair, all but one never closed).
+
+        Raises:
+            ConnectionLost: Kafka could not be reached, or the broker was closed.
+        """
         if self._connected:
             return
+        async with self._connect_lock:
+            if self._closed:
+                raise ConnectionLost("the Kafka broker was closed")
+            if not self._connected:
+                await self._connect()
+
+    async def _connect(self) -> None:
         opts = self.options
         producer = self._idempotent_producer()
         admin = AIOKafkaAdminClient(
@@ -232,7 +247,8 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         if not self._connected:
             await self.connect()
         producer = self._producer
-        assert producer is not None
+        if producer is None:  # aclose dropped it after the check above
+            raise ConnectionLost("the Kafka broker was closed")
         with map_errors(f"publishing to {topic}", publishing=True):
             future = await producer.send(topic, body, key=key, headers=encode_headers(headers))
             try:
@@ -369,6 +385,7 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         return await purge_dead_letters(self, topic, older_than)
 
     async def aclose(self) -> None:
+        self._closed = True
         subs = list(self._subs)
         self._subs = weakref.WeakSet()
         for sub in subs:
