@@ -220,6 +220,12 @@ class Batcher(Generic[E]):
                         tries.pop(future, None)
             try:
                 if retry:
+                    # Answered: only the entries to send again are unconfirmed now (abandon
+                    # counts them by this list; their callers may have gone, the futures
+                    # cancelled, so a future's state cannot tell).
+                    task = asyncio.current_task()
+                    if task is not None and task in self._tasks:
+                        self._tasks[task] = [futures[n] for n in retry]
                     # Back off with the call slot held, then queue them again.
                     await asyncio.sleep(0.05 * 2 ** max(tries[futures[n]] for n in retry))
             finally:
@@ -267,9 +273,9 @@ class Batcher(Generic[E]):
         running = [(task, futures) for task, futures in self._tasks.items() if not task.done()]
         for task, _ in running:
             task.cancel()
-        # A call's confirmed entries are not left unconfirmed (the one that answered and is
-        # backing off before it re-sends a failed entry has settled all the others).
-        return len(pending) + sum(not f.done() for _, futures in running for f in futures)
+        # A call in flight lists all its entries, cancelled callers' too (sent, never
+        # confirmed); one that answered and backs off, only those it would send again.
+        return len(pending) + sum(len(futures) for _, futures in running)
 
     def __len__(self) -> int:
         return len(self._state.pending) + self._state.inflight

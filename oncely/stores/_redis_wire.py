@@ -193,6 +193,14 @@ class Dedicated:
             except OSError as exc:  # from the write (read_response maps its own)
                 await conn.disconnect(nowait=True)
                 raise rx.ConnectionError(f"Error writing a batch to redis: {exc}") from exc
+            except rx.RedisError:
+                raise  # a reply read whole (NOSCRIPT), or read_response closed it already
+            except BaseException:
+                # Cancelled while the write waited for room (read_response closes it itself):
+                # the rest of the command still goes out and is answered, a reply the next
+                # batch would read as its own. As redis-py's send_packed_command does.
+                await conn.disconnect(nowait=True)
+                raise
 
         async def failed(_: BaseException) -> None:
             await conn.disconnect()

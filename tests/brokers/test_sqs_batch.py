@@ -18,6 +18,7 @@ import pytest
 from oncely.brokers._sqs_batch import RETRIES, Batcher
 from oncely.brokers._sqs_wire import entry_error, map_errors
 from oncely.errors import BrokerError, ConfigError, ConnectionLost, DeliveryExpired, PublishFailed
+from tests._wait import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -212,3 +213,48 @@ async def test_abandon_during_a_retry_backoff_fails_the_entry_and_sends_nothing_
     await asyncio.sleep(0)  # the cut-off send's last callbacks
     assert not b
     assert server.calls == [["retry-me", "ok"]]
+
+
+async def test_abandon_counts_a_call_in_flight_whose_callers_were_cancelled() -> None:
+    """Entries of a call still waiting for its answer are unconfirmed, also when the callers
+    awaiting them were cancelled (handlers cut off at shutdown: the broker's close logs these
+    as the acks that may come back, and nobody else is left to say so)."""
+    answer = asyncio.Event()
+    server = Server()
+
+    async def slow(entries: list[Entry]) -> Mapping[str, Any]:
+        await answer.wait()
+        return await server(entries)
+
+    b = Batcher(
+        slow,
+        on_failed=lambda code, msg: entry_error("settle", code, msg),
+        with_id=lambda e, i: {**e, "Id": i},
+        window=0.0,
+    )
+    futures = [b.submit({"name": f"e{i}"}) for i in range(3)]
+    await eventually(lambda: len(b) == 1)  # the call is out, waiting for its answer
+    assert not server.calls
+    for future in futures[:2]:
+        future.cancel()  # what a cancelled caller awaiting its ack does
+    assert b.abandon(BrokerError("closing")) == 3
+    with pytest.raises(BrokerError):
+        await asyncio.wait_for(futures[2], 2)
+    await asyncio.sleep(0)
+    assert not b
+
+
+async def test_abandon_during_a_backoff_counts_only_the_entries_to_send_again() -> None:
+    """A call that answered and backs off before re-sending its server-fault entry: its other
+    entries were confirmed, so only the retried one is unconfirmed, its caller cancelled or
+    not."""
+    server = Server({"retry-me": ("InternalError", False)}, sticky=True)
+    b = batcher(server)
+    retried = b.submit({"name": "retry-me"})
+    ok = [b.submit({"name": f"ok{i}"}) for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*ok), 2)  # answered: "retry-me" now backs off
+    retried.cancel()
+    assert b.abandon(BrokerError("closing")) == 1
+    await asyncio.sleep(0)
+    assert not b
+    assert server.calls == [["retry-me", "ok0", "ok1", "ok2"]]
