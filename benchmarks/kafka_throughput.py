@@ -21,7 +21,8 @@ separate JVM), its clock starts before its consumer joins the group and stops on
 records are done and committed (the Worker is timed through ``stop()``). Rounds interleave
 the contenders; the script prints medians of msgs/s, of client CPU µs per record
 (``time.process_time``, steadier than wall time on a shared machine) and of the per-round
-ratios to the raw loops. ``--before DIR`` adds the oncely contenders of another source tree
+ratios to the raw loops (each round's line shows msgs/s and CPU µs per record of every
+contender). ``--before DIR`` adds the oncely contenders of another source tree
 (e.g. ``git archive <commit> | tar -x -C DIR``), run against the same raw loops.
 
 ``--loop uvloop`` runs every contender, raw loops and Workers alike, on uvloop (what
@@ -234,15 +235,17 @@ def main() -> None:
     rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in order}
     for i in range(args.rounds):
         rates: dict[str, float] = {}
+        cpus: dict[str, float] = {}
         for name in order:
             before = name.startswith("before ")
             contender = name.removeprefix("before ")
             tree = trees["before " if before else ""]
             rate, cpu = run(args, contender, topic, tree)
-            rates[name] = rate
+            rates[name], cpus[name] = rate, cpu
             base = RAW_OF.get(contender)
             rows[name].append((rate, cpu, rate / rates[base] if base else 1.0))
-        print(f"round {i + 1}: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()), flush=True)
+        shown = ", ".join(f"{k} {v:,.0f} ({cpus[k]:.1f} us)" for k, v in rates.items())
+        print(f"round {i + 1}: {shown}", flush=True)
     med = {name: [statistics.median(r[j] for r in v) for j in range(3)] for name, v in rows.items()}
     print(f"\nkafka, {args.messages} messages, {args.partitions} partitions, {args.loop}, ", end="")
     print(f"{args.rounds} rounds, medians")

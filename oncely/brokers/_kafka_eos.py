@@ -59,6 +59,13 @@ __all__ = ["ExactlyOnce"]
 
 log = logging.getLogger("oncely.brokers.kafka")
 
+PULL_PASS = 64
+"""Most deliveries the worker's tasks take themselves (``take_ready``) in one pass of the
+event loop, all tasks together; the rest are handed over by the consume loop. A commit makes
+four round trips, and each waits for the pass under way to end: unbounded, every one of 64
+tasks could run 32 deliveries in a pass, some 2,000 records (50 ms of CPU) between two looks
+at the sockets."""
+
 
 class ExactlyOnce(PartitionOwner):
     """The exactly-once side of one ``KafkaSubscription``."""
@@ -66,6 +73,24 @@ class ExactlyOnce(PartitionOwner):
     def __init__(self, sub: SubscriptionLink, broker: BrokerLink) -> None:
         super().__init__(sub, broker)
         self._hashes = KeyHashes()
+        self._pulls = 0
+        """Deliveries the worker's tasks took themselves in this pass of the event loop."""
+
+    def take_ready(self) -> KafkaDelivery | None:
+        """The subscription's ``next_ready`` in this mode: a ready delivery for the task that
+        just settled one (sparing a hand-over through the consume loop, about a tenth of the
+        CPU per record), or ``None`` once ``PULL_PASS`` were taken in this pass."""
+        if self._pulls >= PULL_PASS:
+            return None
+        delivery = self._sub.take_ready()
+        if delivery is not None:
+            if not self._pulls:  # a callback queued now runs in the next pass: it renews
+                asyncio.get_running_loop().call_soon(self._new_pass)
+            self._pulls += 1
+        return delivery
+
+    def _new_pass(self) -> None:
+        self._pulls = 0
 
     # -- the Settler side ----------------------------------------------------------------------
 

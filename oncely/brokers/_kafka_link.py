@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from aiokafka.structs import TopicPartition
 
+    from oncely.brokers._kafka_delivery import KafkaDelivery
     from oncely.brokers._kafka_options import KafkaOptions
     from oncely.brokers._kafka_track import PartitionTrack
 
@@ -72,6 +73,10 @@ class SubscriptionLink(Protocol):
 
     def shrank(self, track: PartitionTrack) -> None:
         """``track``'s window shrank: admit its backlog, resume it, once it has room."""
+        ...
+
+    def take_ready(self) -> KafkaDelivery | None:
+        """The next delivery if one may be yielded now, else ``None``; never waits."""
         ...
 
     def new_track(self, tp: TopicPartition, start: int, eos: Any) -> None:

@@ -154,26 +154,35 @@ class PartitionOwner:
 
     async def release(self, tracks: list[PartitionTrack]) -> None:
         """Revoke or close: send and commit what is contiguous and settled (records still
-        running are left to the next owner), then stop the producers."""
-        for track in tracks:
-            txn = self._txns.pop(track.tp, None)
-            if txn is None:
-                continue
-            async with txn.lock:
-                try:
-                    if not (track.live and txn.track is track):
-                        raise DeliveryExpired(f"{track.tp} was already given up")
-                    await self._flush(txn, force=True, recover=False)
-                except BrokerError as exc:
-                    log.info("kafka: releasing %s without a final commit: %s", track.tp, exc)
-                # Also without an error here: a commit that failed just before (given up, not
-                # started over, as the partition was being released) left its transaction
-                # open, and nobody may take the partition to resolve it.
-                if txn.open:
-                    with contextlib.suppress(Exception):
-                        await txn.producer.abort_transaction()
-                await self._stop(txn)
-                txn.track = None  # its deliveries' acks must not reach the stopped producer
+        running are left to the next owner), then stop the producers. The partitions are
+        released together (each has its own producer and lock): a close or a rebalance
+        waits for one commit's round trips, not one per partition in turn."""
+        results = await asyncio.gather(
+            *(self._release(track) for track in tracks), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _release(self, track: PartitionTrack) -> None:
+        txn = self._txns.pop(track.tp, None)
+        if txn is None:
+            return
+        async with txn.lock:
+            try:
+                if not (track.live and txn.track is track):
+                    raise DeliveryExpired(f"{track.tp} was already given up")
+                await self._flush(txn, force=True, recover=False)
+            except BrokerError as exc:
+                log.info("kafka: releasing %s without a final commit: %s", track.tp, exc)
+            # Also without an error here: a commit that failed just before (given up, not
+            # started over, as the partition was being released) left its transaction
+            # open, and nobody may take the partition to resolve it.
+            if txn.open:
+                with contextlib.suppress(Exception):
+                    await txn.producer.abort_transaction()
+            await self._stop(txn)
+            txn.track = None  # its deliveries' acks must not reach the stopped producer
 
     async def close(self) -> None:
         """The subscription's consumer has stopped, so no rebalance callback runs any more:

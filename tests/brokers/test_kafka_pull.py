@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 import oncely
 from oncely.brokers._kafka_consume import KafkaSubscription
 from oncely.brokers._kafka_delivery import KafkaDelivery
+from oncely.brokers._kafka_eos import PULL_PASS
 from oncely.brokers.kafka import KafkaBroker
 from oncely.runtime._consume import PULL_RUN
 from tests._wait import eventually
@@ -31,10 +33,10 @@ def anyio_backend() -> str:
 
 
 @contextmanager
-def counting_pulls() -> Iterator[list[str]]:
-    """Record the id of every delivery a worker's task took itself (the consume loop, whose
-    task is ``consume:<handler>``, takes ready deliveries the same way before it hands them
-    over: those are not counted)."""
+def counting_pulls(on_take: Callable[[], None] = lambda: None) -> Iterator[list[str]]:
+    """Record the id of every delivery a worker's task took itself, and call ``on_take`` (the
+    consume loop, whose task is ``consume:<handler>``, takes ready deliveries the same way
+    before it hands them over: those are not counted)."""
     taken: list[str] = []
     original = KafkaSubscription.take_ready
 
@@ -43,6 +45,7 @@ def counting_pulls() -> Iterator[list[str]]:
         task = asyncio.current_task()
         if delivery is not None and not (task and task.get_name().startswith("consume:")):
             taken.append(delivery.id)
+            on_take()
         return delivery
 
     KafkaSubscription.take_ready = take_ready  # type: ignore[method-assign]
@@ -180,25 +183,50 @@ async def test_a_handler_that_never_awaits_still_lets_the_event_loop_run(unique:
     assert longest <= PULL_RUN + 1, longest
 
 
-async def test_exactly_once_deliveries_are_never_taken_by_the_tasks(unique: str) -> None:
-    """Exactly-once the consume loop hands every delivery over (``next_ready`` is ``None``):
-    tasks taking them themselves halved throughput while commits stalled, and are not
-    adopted yet (see ``KafkaSubscription.next_ready``)."""
+async def test_exactly_once_tasks_take_at_most_pull_pass_deliveries_in_a_pass(
+    unique: str,
+) -> None:
+    """Exactly-once the tasks take ready deliveries themselves too (no hand-over through the
+    consume loop), but at most ``PULL_PASS`` in one pass of the event loop, all tasks
+    together: each round trip of a commit waits for the pass under way, and 16 tasks taking
+    ``PULL_RUN`` each ran hundreds of records between two looks at the sockets. The copy
+    stays exactly once."""
     src, out = f"{unique}-in", f"{unique}-out"
     app = oncely.App()
+    n = 2000
 
-    @app.handler(src, concurrency=8)
+    @app.handler(src, concurrency=16)
     async def copy(body: bytes, ctx: oncely.Context) -> None:
         await ctx.produce(out, body, key=ctx.headers.get("oncely-key"))
 
     url = kafka_url(partitions=1, auto_offset_reset="earliest", exactly_once=src)
     async with KafkaBroker.from_url(url) as broker:  # before the worker: one fetch brings all
         await broker.ensure_topics([src, out])
-        for n in range(100):
-            await broker.publish(src, b"%d" % n, headers={"oncely-key": str(n % 10)})
-    with counting_pulls() as taken:
-        async with oncely.Worker(app, broker=url) as worker:
-            await eventually(lambda: worker.stats.processed == 100, 60)
-    assert taken == []
+        await asyncio.gather(*(
+            broker.publish(src, b"%d" % i, headers={"oncely-key": str(i % 200)})
+            for i in range(n)
+        ))  # fmt: skip
+
+    ticks = 0  # event-loop passes, counted by a task of its own
+    pulled_at: list[int] = []  # the pass of each delivery a task took itself
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        with counting_pulls(lambda: pulled_at.append(ticks)) as taken:
+            async with oncely.Worker(app, broker=url) as worker:
+                await eventually(lambda: worker.stats.processed == n, 60)
+    finally:
+        ticker.cancel()
+    assert len(taken) > n // 2, "the tasks took most records themselves"
+    # A pass's budget is renewed by a callback that runs early in the next pass, and the
+    # ticker may run after it: between two ticks, at most the end of one budget and the next.
+    busiest = max(Counter(pulled_at).values())
+    assert busiest <= 2 * PULL_PASS, busiest
     copied = sorted(int(r.value) for r in await read_topic(out))
-    assert copied == list(range(100)), "each exactly once"
+    assert copied == list(range(n)), "each exactly once"
