@@ -189,11 +189,13 @@ class Batcher(Generic[E]):
             else:
                 entries = [with_id(entry, _IDS[n]) for n, entry in enumerate(chunk)]
             response = await self._call(entries)
+            resolved = 0
             for ok in response.get("Successful", ()):
                 # _resolve inlined: once per entry.
                 future = futures[_INDEX[ok["Id"]]]
                 if not future.done():
                     future.set_result(ok)
+                    resolved += 1
             for failed in response.get("Failed", ()):
                 n = int(failed["Id"])
                 future = futures[n]
@@ -204,9 +206,10 @@ class Batcher(Generic[E]):
                     retry.append(n)
                 else:
                     _fail(future, self._on_failed(code, message))
-            for n, future in enumerate(futures):
-                if not future.done() and n not in retry:
-                    _fail(future, BrokerError("SQS returned no outcome for a batch entry"))
+            if resolved < len(futures):  # else all succeeded: no second pass per entry
+                for n, future in enumerate(futures):
+                    if not future.done() and n not in retry:
+                        _fail(future, BrokerError("SQS returned no outcome for a batch entry"))
         except BaseException as exc:
             error: BaseException = exc
             if not isinstance(exc, Exception):
@@ -301,7 +304,7 @@ def make_batcher(broker: BrokerLink, kind: str, url: str) -> Batcher[Any]:
     """The batcher of ``kind`` (``send``, ``delete``, ``change_visibility``) for one queue."""
 
     async def call(entries: list[Any]) -> Mapping[str, Any]:
-        client = await broker._connected()
+        client = broker._client or await broker._connected()  # no coroutine once made
         broker.api_calls[kind] += 1
         broker.api_entries[kind] += len(entries)
         if kind == "send":
