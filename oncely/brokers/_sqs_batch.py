@@ -37,6 +37,8 @@ MAX_ENTRIES = 10
 RETRIES = 4
 _IDS = tuple(str(n) for n in range(MAX_ENTRIES))
 """The batch-local entry ids, made once."""
+_INDEX = {id_: n for n, id_ in enumerate(_IDS)}
+"""An entry id back to its index: a look-up per entry, not an ``int()`` parse."""
 
 
 _Outcome = asyncio.Future[Mapping[str, Any]]
@@ -64,7 +66,8 @@ class Batcher(Generic[E]):
         window: seconds to wait for more entries after the first (0: the next loop turn).
         max_inflight: calls in flight at once for this queue.
         max_bytes: the most bytes one call may carry (sends), or ``None``.
-        with_id: puts the batch-local ``Id`` into an entry (entries are typed dicts).
+        with_id: puts the batch-local ``Id`` into an entry (entries are typed dicts);
+            ``None``: set in place (the entries are the caller's own dicts, made for it).
     """
 
     def __init__(
@@ -72,7 +75,7 @@ class Batcher(Generic[E]):
         call: Callable[[list[E]], Awaitable[Mapping[str, Any]]],
         *,
         on_failed: Callable[[str, str], BrokerError],
-        with_id: Callable[[E, str], E],
+        with_id: Callable[[E, str], E] | None = None,
         window: float,
         max_inflight: int = 4,
         max_bytes: int | None = None,
@@ -177,13 +180,22 @@ class Batcher(Generic[E]):
         tries = self._tries
         try:
             with_id = self._with_id
-            entries = [with_id(entry, _IDS[n]) for n, entry in enumerate(chunk)]
+            if with_id is None:
+                # In place, without a call per entry (a retried entry gets its new batch's
+                # Id the same way).
+                for n, entry in enumerate(chunk):
+                    entry["Id"] = _IDS[n]  # type: ignore[index]
+                entries = chunk
+            else:
+                entries = [with_id(entry, _IDS[n]) for n, entry in enumerate(chunk)]
             response = await self._call(entries)
+            resolved = 0
             for ok in response.get("Successful", ()):
                 # _resolve inlined: once per entry.
-                future = futures[int(ok["Id"])]
+                future = futures[_INDEX[ok["Id"]]]
                 if not future.done():
                     future.set_result(ok)
+                    resolved += 1
             for failed in response.get("Failed", ()):
                 n = int(failed["Id"])
                 future = futures[n]
@@ -194,9 +206,10 @@ class Batcher(Generic[E]):
                     retry.append(n)
                 else:
                     _fail(future, self._on_failed(code, message))
-            for n, future in enumerate(futures):
-                if not future.done() and n not in retry:
-                    _fail(future, BrokerError("SQS returned no outcome for a batch entry"))
+            if resolved < len(futures):  # else all succeeded: no second pass per entry
+                for n, future in enumerate(futures):
+                    if not future.done() and n not in retry:
+                        _fail(future, BrokerError("SQS returned no outcome for a batch entry"))
         except BaseException as exc:
             error: BaseException = exc
             if not isinstance(exc, Exception):
@@ -297,7 +310,7 @@ def make_batcher(broker: BrokerLink, kind: str, url: str) -> Batcher[Any]:
     """The batcher of ``kind`` (``send``, ``delete``, ``change_visibility``) for one queue."""
 
     async def call(entries: list[Any]) -> Mapping[str, Any]:
-        client = await broker._connected()
+        client = broker._client or await broker._connected()  # no coroutine once made
         broker.api_calls[kind] += 1
         broker.api_entries[kind] += len(entries)
         if kind == "send":
@@ -308,17 +321,11 @@ def make_batcher(broker: BrokerLink, kind: str, url: str) -> Batcher[Any]:
                 return await client.delete_message_batch(QueueUrl=url, Entries=entries)
             return await client.change_message_visibility_batch(QueueUrl=url, Entries=entries)
 
-    def with_id(entry: Any, id_: str) -> Any:
-        # The entry dicts are the broker's own, made for this one submit: set in place (a
-        # retried entry gets its new batch's Id the same way).
-        entry["Id"] = id_
-        return entry
-
     op: Op = "publish" if kind == "send" else "settle"
     return Batcher(
         call,
         on_failed=lambda code, message: entry_error(op, code, message),
-        with_id=with_id,
+        with_id=None,  # the entry dicts are the broker's own, made for this one submit
         # Publishes go at once (coalescing only what is queued meanwhile); settles wait
         # ``ack_window`` for company, since their latency matters less than their count.
         window=0.0 if kind == "send" else broker.options.ack_window,

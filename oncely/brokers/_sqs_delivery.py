@@ -57,10 +57,12 @@ class SqsDelivery(Delivery):
     """One received SQS message. See ``oncely.brokers.sqs`` for the guarantees."""
 
     __slots__ = (
+        "_attempt",
         "_body_text",
         "_capped",
         "_decoded",
         "_done",
+        "_enqueued",
         "_holding",
         "_sub",
         "attributes",
@@ -70,6 +72,8 @@ class SqsDelivery(Delivery):
         "receipt",
         "received",
     )
+    _attempt: int | str
+    _enqueued: float | str
 
     def __init__(
         self,
@@ -87,7 +91,7 @@ class SqsDelivery(Delivery):
         text = message.get("Body", "")
         if attributes and PACKED in attributes:
             # A dead letter's packed headers may hold any of them: the whole decoding.
-            id_, self.body, headers, self.attempt, self.enqueued_at, group = decode(message)
+            id_, self.body, headers, self._attempt, self._enqueued, group = decode(message)
             self._decoded = headers
             self.key = headers.get(Headers.KEY, id_)
         else:
@@ -100,8 +104,10 @@ class SqsDelivery(Delivery):
                 id_ = self.key = message.get("MessageId", "")
                 self.body = text.encode("utf-8")
             system = message.get("Attributes") or {}
-            self.attempt = int(system.get("ApproximateReceiveCount", "1"))
-            self.enqueued_at = int(system.get("SentTimestamp", "0")) / 1000
+            # Kept as SQS sent them, parsed on first read: nothing reads them for most
+            # messages, and two int() parses per message are measurable here.
+            self._attempt = system.get("ApproximateReceiveCount", "1")
+            self._enqueued = system.get("SentTimestamp", "0")
             group = system.get("MessageGroupId")
         self.id = id_
         self.topic = sub.topic
@@ -138,6 +144,30 @@ class SqsDelivery(Delivery):
         self._decoded = dict(value)
 
     @property
+    def attempt(self) -> int:
+        """SQS's ``ApproximateReceiveCount``, parsed on first read."""
+        attempt = self._attempt
+        if isinstance(attempt, str):
+            attempt = self._attempt = int(attempt)
+        return attempt
+
+    @attempt.setter
+    def attempt(self, value: int) -> None:
+        self._attempt = value
+
+    @property
+    def enqueued_at(self) -> float:
+        """SQS's ``SentTimestamp`` in seconds, parsed on first read."""
+        enqueued = self._enqueued
+        if isinstance(enqueued, str):
+            enqueued = self._enqueued = int(enqueued) / 1000
+        return enqueued
+
+    @enqueued_at.setter
+    def enqueued_at(self, value: float) -> None:
+        self._enqueued = value
+
+    @property
     def text(self) -> str:
         """The body as SQS holds it (``Body``; base64 when ``oncely-body-encoding`` says so)."""
         return self._body_text
@@ -164,12 +194,17 @@ class SqsDelivery(Delivery):
         if self._done:
             raise AlreadySettled(f"delivery {self.id} was already settled")
         # The hot path: no context manager, and the batcher's future awaited directly.
+        sub = self._sub
         try:
-            await self._sub.broker._delete(self.queue_url, self.receipt)
+            await sub.broker._delete(self.queue_url, self.receipt)
         except BrokerError:
             self._let_go()
             raise
-        self._finish(returned=False)
+        # self._finish(returned=False) inlined: once per message.
+        self._done = True
+        if self._holding:
+            self._holding = False
+            sub._settled(self, returned=False)
 
     async def nack(
         self, delay: float = 0.0, *, defer: bool = False, error: str | None = None

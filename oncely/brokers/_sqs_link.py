@@ -31,6 +31,8 @@ class BrokerLink(Protocol):
     api_calls: collections.Counter[str]
     api_entries: collections.Counter[str]
     visibility_capped: int
+    _client: SQSClient | None
+    """The client once made (``None`` before, and once closed): ``_connected`` makes it."""
 
     async def _connected(self) -> SQSClient:
         """The client (created on first use); ``ConnectionLost`` once the broker is closed."""

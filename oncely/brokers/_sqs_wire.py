@@ -7,9 +7,9 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import aiohttp
 import botocore.exceptions
@@ -333,8 +333,7 @@ def entry_error(op: Op, code: str, message: str) -> BrokerError:
     return BrokerError(what)
 
 
-@contextlib.contextmanager
-def map_errors(op: Op) -> Iterator[None]:
+def map_errors(op: Op) -> _ErrorMap:
     """Translate botocore/aiohttp errors into oncely's, by operation.
 
     A server that cannot be reached (after botocore's own retries) is ``ConnectionLost``.
@@ -342,9 +341,30 @@ def map_errors(op: Op) -> Iterator[None]:
     ``PublishFailed``; missing credentials or region are ``ConfigError``. Anything else the
     service returned is a ``BrokerError`` naming its code, and so is any other botocore error.
     """
-    try:
-        yield
-    except botocore.exceptions.ClientError as exc:
+    return _ERROR_MAPS[op]
+
+
+class _ErrorMap:
+    """``map_errors``' context manager: one per operation, made once and shared (it holds no
+    state), where a ``@contextmanager`` made a generator and its wrapper per API call."""
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: Op) -> None:
+        self.op = op
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is not None:
+            _translate(self.op, exc)  # raises the oncely error, or lets ``exc`` through
+
+
+def _translate(op: Op, exc: BaseException) -> None:
+    if isinstance(exc, botocore.exceptions.ClientError):
         code = error_code(exc)
         message = str(exc)
         if op == "settle" and code in _EXPIRED_CODES:
@@ -354,15 +374,18 @@ def map_errors(op: Op) -> Iterator[None]:
         if op == "publish":
             raise PublishFailed(message) from exc
         raise BrokerError(message) from exc
-    except (botocore.exceptions.NoCredentialsError, botocore.exceptions.NoRegionError) as exc:
+    if isinstance(exc, (botocore.exceptions.NoCredentialsError, botocore.exceptions.NoRegionError)):
         raise ConfigError(
             f"SQS needs credentials and a region (env, profile or ?region=): {exc}"
         ) from exc
-    except _TRANSPORT as exc:
+    if isinstance(exc, _TRANSPORT):
         raise ConnectionLost(f"SQS is unreachable ({op}): {type(exc).__name__}: {exc}") from exc
-    except _CREDENTIALS as exc:
+    if isinstance(exc, _CREDENTIALS):
         raise ConfigError(f"SQS credentials could not be resolved: {exc}") from exc
-    except botocore.exceptions.BotoCoreError as exc:
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
         # Anything else botocore raises (a response it cannot parse, a parameter it
         # refuses): still an oncely error, so callers and the runtime handle it as one.
         raise BrokerError(f"SQS {op} failed: {type(exc).__name__}: {exc}") from exc
+
+
+_ERROR_MAPS: dict[str, _ErrorMap] = {op: _ErrorMap(op) for op in get_args(Op)}

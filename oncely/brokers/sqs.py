@@ -158,6 +158,7 @@ class SqsBroker(Broker, DeadLetterAdmin):
         self._urls: dict[str, tuple[str, str]] = {}
         self._queue_locks: dict[str, asyncio.Lock] = {}
         self._batchers: dict[tuple[str, str], Batcher[Any]] = {}
+        self._deleters: dict[str, Batcher[Any]] = {}  # the "delete" ones, by queue URL
         self._subscriptions: list[SqsSubscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -396,7 +397,11 @@ class SqsBroker(Broker, DeadLetterAdmin):
     # Plain functions returning the batcher's future: a coroutine per ack is measurable.
     def _delete(self, url: str, receipt: str) -> Awaitable[object]:
         entry: DelEntry = {"Id": "", "ReceiptHandle": receipt}
-        return self._batcher("delete", url).submit(entry)
+        # Once per ack: a look-up by the URL alone, no (kind, url) tuple made each time.
+        batcher = self._deleters.get(url)
+        if batcher is None:
+            batcher = self._deleters[url] = self._batcher("delete", url)
+        return batcher.submit(entry)
 
     def _change_visibility(self, url: str, receipt: str, seconds: int) -> Awaitable[object]:
         entry: VisEntry = {"Id": "", "ReceiptHandle": receipt, "VisibilityTimeout": seconds}

@@ -119,7 +119,7 @@ class Pool:
         try:
             while True:
                 try:
-                    await runner.run(delivery)
+                    await runner.run(delivery, task)
                 except Exception:
                     # Runner.run settles everything itself; this is the last line for a bug.
                     log.exception("%s: unexpected error", runner.spec.name)
@@ -151,7 +151,11 @@ class Pool:
                     pulled += 1
                     continue
                 pulled = 0
-                self._finished()
+                # self._finished() inlined: once per delivery.
+                self.in_flight -= 1
+                room = self._room
+                if room is not None and not room.done():
+                    room.set_result(None)
                 waiter: asyncio.Future[Delivery | None] = self._loop.create_future()
                 self._idle.append(waiter)
                 try:

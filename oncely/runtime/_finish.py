@@ -52,6 +52,9 @@ class Finisher:
             and (store is None or vouched(store, "complete_on_caller", "complete"))
         )
         self._handed: dict[asyncio.Task[object], Delivery] = {}
+        self.handed = self._handed
+        """Settles handed on (task -> delivery), read-only: empty nearly always, so the
+        runner checks it before calling ``task_of`` once per delivery."""
 
     def __call__(
         self, settling: Coroutine[Any, Any, object], delivery: Delivery, *, success: bool = False

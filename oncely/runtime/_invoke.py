@@ -44,11 +44,18 @@ class Invoke:
         self.stats = stats
 
     async def __call__(
-        self, delivery: Delivery, payload: Any, key: str | None, lease: Lease | None
+        self,
+        delivery: Delivery,
+        payload: Any,
+        key: str | None,
+        lease: Lease | None,
+        task: asyncio.Task[Any] | None = None,
     ) -> bytes | None:
-        """Run the handler under its timeout and heartbeat; return the encoded result."""
+        """Run the handler under its timeout and heartbeat; return the encoded result.
+        ``task`` is the current task, if the caller knows it (else it is looked up)."""
         spec = self.spec
-        active = Active(delivery, self.heartbeat.current_task())  # no getpid per delivery
+        # No getpid per delivery (Heartbeat.current_task), nor a look-up if the pool said.
+        active = Active(delivery, task or self.heartbeat.current_task())
         transactional = False
         if lease is not None:
             # The heartbeat renews transactional leases too: a transaction may wait for a

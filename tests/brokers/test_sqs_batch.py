@@ -166,6 +166,32 @@ def test_every_botocore_error_becomes_an_oncely_error(
     assert caught.value.__cause__ is raised
 
 
+def test_map_errors_maps_by_operation_lets_other_errors_through_and_nests() -> None:
+    """One shared, stateless context manager per operation: it nests, maps the driver's
+    errors by the operation it was asked for, and leaves everything else alone."""
+    stale = botocore.exceptions.ClientError(
+        {"Error": {"Code": "ReceiptHandleIsInvalid", "Message": "stale"}}, "DeleteMessageBatch"
+    )
+    with pytest.raises(DeliveryExpired) as caught:
+        with map_errors("receive"), map_errors("settle"):
+            raise stale
+    assert caught.value.__cause__ is stale
+    with pytest.raises(BrokerError) as plain:
+        with map_errors("receive"):
+            raise stale
+    assert type(plain.value) is BrokerError
+    mine = ValueError("not the driver's")
+    with pytest.raises(ValueError) as through:
+        with map_errors("settle"):
+            raise mine
+    assert through.value is mine
+    with pytest.raises(asyncio.CancelledError):
+        with map_errors("receive"):
+            raise asyncio.CancelledError
+    with map_errors("publish"):
+        pass  # a clean exit stays clean
+
+
 async def test_a_response_naming_unknown_entries_fails_the_batch_with_an_oncely_error() -> None:
     async def confused(entries: list[Entry]) -> Mapping[str, Any]:
         return {"Successful": [{"Id": "7"}], "Failed": [{"Id": "x", "SenderFault": False}]}
