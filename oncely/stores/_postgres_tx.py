@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from oncely._postgres import map_errors, release_quietly, rollback_quietly
-from oncely.errors import LeaseLost, StoreError
-from oncely.stores.base import StoreTransaction
+from oncely.errors import LeaseLost, Reject, StoreError
+from oncely.stores.base import TRANSACTION_ENDED, StoreTransaction
 
 if TYPE_CHECKING:
     from oncely.stores._postgres_sql import Sql
@@ -63,6 +63,10 @@ async def completing_transaction(
             try:
                 tx = StoreTransaction(conn)
                 yield tx
+                if not conn.is_in_transaction():
+                    # The completion would commit on its own (asyncpg tracks the server's
+                    # transaction status, so this costs no round trip).
+                    raise Reject(TRANSACTION_ENDED)
                 finishing.add(entry)
                 with map_errors():
                     status = await conn.execute(
