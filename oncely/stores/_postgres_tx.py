@@ -63,7 +63,9 @@ async def completing_transaction(
             try:
                 tx = StoreTransaction(conn)
                 yield tx
-                if not conn.is_in_transaction():
+                with map_errors():  # a connection the handler terminated is detached
+                    ended = not conn.is_in_transaction()
+                if ended:
                     # The completion would commit on its own (asyncpg tracks the server's
                     # transaction status, so this costs no round trip).
                     raise Reject(TRANSACTION_ENDED)
