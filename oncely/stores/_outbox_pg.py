@@ -58,6 +58,11 @@ __all__ = ["PgBackend"]
 log = logging.getLogger("oncely.outbox")
 
 CONNECT_TIMEOUT = 10.0
+STATEMENT_TIMEOUT = 30.0
+"""The longest any of the relay's own statements (or a wait for a pooled connection) may go
+unanswered before it fails as ``StoreUnavailable``: a database that stops answering without
+closing the connection (a frozen host, a partition) would otherwise hold the relay for as long
+as the kernel keeps the socket, with no error to log or retry on."""
 CLOSE_TIMEOUT = 5.0
 POOL_CLOSE_TIMEOUT = 10.0
 LISTEN_RETRY = (0.5, 10.0)
@@ -238,18 +243,21 @@ class PgBackend(Backend):
 
     async def claim(self, limit: int, lease: float) -> Claim:
         pool = self._ready()
+        limit_s = STATEMENT_TIMEOUT
         with map_errors("claim"):
-            conn: asyncpg.Connection = await pool.acquire()
+            conn: asyncpg.Connection = await pool.acquire(timeout=limit_s)
         tx = conn.transaction()
         try:
             with map_errors("claim"):
-                await tx.start()
-                records = await conn.fetch(self._sql["scan"], limit)
+                async with asyncio.timeout(limit_s):  # BEGIN takes no timeout of its own
+                    await tx.start()
+                records = await conn.fetch(self._sql["scan"], limit, timeout=limit_s)
                 rows = [to_row(r) for r in records]
                 keys = sorted({r.key for r in rows if r.key is not None})
                 oldest: dict[str, int] = {}
                 if keys:
-                    others = await conn.fetch(self._sql["others"], keys, [r.id for r in rows])
+                    ids = [r.id for r in rows]
+                    others = await conn.fetch(self._sql["others"], keys, ids, timeout=limit_s)
                     oldest = {k: i for k, i in others}
         except BaseException:
             await asyncio.shield(_end(pool, conn, tx))
@@ -260,19 +268,21 @@ class PgBackend(Backend):
     async def purge(self, older_than: float, limit: int) -> int:
         pool = self._ready()
         with map_errors("purge"):
-            status: str = await pool.execute(self._sql["purge"], older_than, limit)
+            status: str = await pool.execute(
+                self._sql["purge"], older_than, limit, timeout=STATEMENT_TIMEOUT
+            )
         return int(status.rsplit(" ", 1)[-1])
 
     async def pending(self) -> int:
         pool = self._ready()
         with map_errors("pending"):
-            count: int = await pool.fetchval(self._sql["pending"])
+            count: int = await pool.fetchval(self._sql["pending"], timeout=STATEMENT_TIMEOUT)
         return count
 
     async def backlog(self) -> tuple[int, float | None]:
         pool = self._ready()
         with map_errors("backlog"):
-            row = await pool.fetchrow(self._sql["backlog"])
+            row = await pool.fetchrow(self._sql["backlog"], timeout=STATEMENT_TIMEOUT)
         return int(row[0]), row[1]
 
     async def listen(self, wake: Callable[[], None]) -> None:
@@ -330,19 +340,24 @@ class PgClaim(Claim):
             return
         self._done = True
         sql = self._backend._sql
+        limit = STATEMENT_TIMEOUT
         ok = False
         try:
             with map_errors("mark sent"):
                 if sent:
-                    await self._conn.execute(sql["sent"], sent)
+                    await self._conn.execute(sql["sent"], sent, timeout=limit)
                 if failed:
                     await self._conn.execute(
                         sql["failed"],
                         [f.id for f in failed],
                         [f.error for f in failed],
                         [f.delay for f in failed],
+                        timeout=limit,
                     )
-                await self._tx.commit()
+                # COMMIT takes no timeout of its own. One that times out has an unknown
+                # outcome, like a lost connection: rows not marked are published again.
+                async with asyncio.timeout(limit):
+                    await self._tx.commit()
             ok = True
         finally:
             await asyncio.shield(_end(self._pool, self._conn, self._tx, done=ok))
@@ -368,5 +383,5 @@ async def _end(
     """Roll back (unless already done) and give the connection back; never raises. A
     connection whose rollback failed is closed rather than reused."""
     if not done:
-        await rollback_quietly(conn, tx)
+        await rollback_quietly(conn, tx, STATEMENT_TIMEOUT)
     await release_quietly(pool, conn)

@@ -79,12 +79,12 @@ async def completing_transaction(
                 with map_errors():
                     await asyncio.shield(tr.commit())
             except BaseException:
-                await asyncio.shield(rollback_quietly(conn, tr))
+                await asyncio.shield(rollback_quietly(conn, tr, limit))
                 raise
             finally:
                 if reset:
                     # The handler may have changed the session (SET, LISTEN, advisory locks).
-                    await asyncio.shield(_reset_session(conn))
+                    await asyncio.shield(_reset_session(conn, limit))
     finally:
         # Last, with no await after it: the runtime renews the lease until this context has
         # exited, and a renewal that finds the row completed must not read as a lost lease.
@@ -96,10 +96,10 @@ async def keep_session(conn: Any) -> None:
     state, and transactions reset their connection themselves."""
 
 
-async def _reset_session(conn: Any) -> None:
+async def _reset_session(conn: Any, limit: float) -> None:
     try:
         if not conn.is_closed():
-            await conn.execute(conn.get_reset_query())
+            await conn.execute(conn.get_reset_query(), timeout=limit)
     except Exception:
         # A connection whose session cannot be reset must not be reused.
         with contextlib.suppress(Exception):
