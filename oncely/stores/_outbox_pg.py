@@ -126,7 +126,7 @@ WHERE {t}.id = f.id"""
 _PURGE = """WITH doomed AS (
     SELECT id FROM {t} WHERE sent_at < now() - $1 * interval '1 second'
     ORDER BY sent_at LIMIT $2 FOR UPDATE SKIP LOCKED
-) DELETE FROM {t} USING doomed WHERE {t}.id = doomed.id"""
+) DELETE FROM {t} USING doomed WHERE {t}.id = doomed.id RETURNING 1"""
 
 _PENDING = "SELECT count(*) FROM {t} WHERE sent_at IS NULL"
 _BACKLOG = (
@@ -265,25 +265,30 @@ class PgBackend(Backend):
         kept = [r for r in rows if r.key is None or r.key not in oldest or r.id < oldest[r.key]]
         return PgClaim(self, pool, conn, tx, kept, len(rows) - len(kept))
 
-    async def purge(self, older_than: float, limit: int) -> int:
+    async def _fetch(self, what: str, *args: Any) -> list[Any]:
+        """One statement on a pooled connection, all of it bounded by ``STATEMENT_TIMEOUT``:
+        the wait for the connection, the statement, and giving it back (the pool's own
+        ``fetch`` gives it back with no bound, and after a statement timed out that waits for
+        a cancel request the server may never answer: the connection would be lost to the
+        pool for good, and with both lost the relay could not claim again)."""
         pool = self._ready()
-        with map_errors("purge"):
-            status: str = await pool.execute(
-                self._sql["purge"], older_than, limit, timeout=STATEMENT_TIMEOUT
-            )
-        return int(status.rsplit(" ", 1)[-1])
+        with map_errors(what):
+            async with pool.acquire(timeout=STATEMENT_TIMEOUT) as conn:
+                rows: list[Any] = await conn.fetch(
+                    self._sql[what], *args, timeout=STATEMENT_TIMEOUT
+                )
+        return rows
+
+    async def purge(self, older_than: float, limit: int) -> int:
+        return len(await self._fetch("purge", older_than, limit))
 
     async def pending(self) -> int:
-        pool = self._ready()
-        with map_errors("pending"):
-            count: int = await pool.fetchval(self._sql["pending"], timeout=STATEMENT_TIMEOUT)
-        return count
+        rows = await self._fetch("pending")
+        return int(rows[0][0])
 
     async def backlog(self) -> tuple[int, float | None]:
-        pool = self._ready()
-        with map_errors("backlog"):
-            row = await pool.fetchrow(self._sql["backlog"], timeout=STATEMENT_TIMEOUT)
-        return int(row[0]), row[1]
+        rows = await self._fetch("backlog")
+        return int(rows[0][0]), rows[0][1]
 
     async def listen(self, wake: Callable[[], None]) -> None:
         pause = LISTEN_RETRY[0]

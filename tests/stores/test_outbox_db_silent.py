@@ -19,6 +19,7 @@ import pytest
 
 import oncely.stores._outbox_pg as outbox_pg
 from oncely.brokers.memory import MemoryBroker
+from oncely.errors import StoreUnavailable
 from oncely.stores.outbox import Outbox, OutboxRelay
 from tests._wait import eventually
 from tests.stores._freeze import pg_behind_freezing_proxy
@@ -80,3 +81,31 @@ async def test_a_relay_whose_database_stops_answering_errors_out_and_resumes(
     report(
         f"[outbox db silent] relay errors while PostgreSQL was silent: {errors}; delivered {got}"
     )
+
+
+async def test_a_backlog_read_that_meets_a_silent_database_fails_within_bounds(
+    monkeypatch: pytest.MonkeyPatch, anyio_backend: object
+) -> None:
+    """``pending``/``backlog``/``purge`` (the metrics sampler and the retention sweep) give
+    their connection back within the bound too; after their statement timed out, the pool's
+    own ``fetch`` waited for the server to answer the cancel request, for ever."""
+    monkeypatch.setattr(outbox_pg, "STATEMENT_TIMEOUT", 1.0)
+    proxy, via_proxy = await pg_behind_freezing_proxy()
+    ob = Outbox.from_url(PG_URL, table=table_name())
+    await ob.migrate()
+    watched = Outbox.from_url(via_proxy, table=ob.table)
+    try:
+        await watched.connect()
+        assert await watched.pending() == 0
+        proxy.freeze()
+        with pytest.raises(StoreUnavailable):
+            async with asyncio.timeout(20):  # the test's bound, far above the outbox's
+                await watched.pending()
+        proxy.thaw()
+        assert await watched.backlog() == (0, None)
+        assert await watched.backend.purge(0.0, 10) == 0
+    finally:
+        proxy.thaw()
+        await watched.aclose()
+        await proxy.aclose()
+        await drop(ob)
