@@ -204,12 +204,18 @@ async def close_quietly(closable: Any, within: float) -> None:
         closable.terminate()
 
 
-async def rollback_quietly(conn: Any, tr: Any) -> None:
+async def rollback_quietly(conn: Any, tr: Any, within: float) -> None:
     """Roll back on a cleanup path whose own exception must win. A connection that cannot
-    roll back (lost, or busy with a cancelled statement) is terminated: the server then
-    rolls the transaction back itself."""
+    roll back within ``within`` seconds (lost, busy with a cancelled statement, or a server
+    that stopped answering) is terminated: the server then rolls the transaction back itself.
+
+    The bound matters after a statement timed out: asyncpg sends the server a cancel request
+    on a connection of its own, unbounded, and the ``ROLLBACK`` waits for it; a server that
+    accepts connections but never answers would hold this cleanup, and its caller, for ever.
+    """
     try:
-        await tr.rollback()
+        async with asyncio.timeout(within):
+            await tr.rollback()
     except Exception:
         with contextlib.suppress(Exception):
             conn.terminate()

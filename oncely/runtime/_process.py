@@ -25,7 +25,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from oncely._logging import MESSAGE, note_key, redact_values
-from oncely.errors import DecodeError, HandlerTimeout, Reject, Retry, StoreError
+from oncely.errors import DecodeError, HandlerTimeout, Reject, Retry, StoreError, StoreUnavailable
 from oncely.runtime._finish import Finisher
 from oncely.runtime._invoke import Invoke
 from oncely.runtime._keys import Keys, Lease
@@ -336,7 +336,20 @@ class Runner:
         if self.tracing is not None:
             self.tracing.failed(delivery, exc)
         await self._release(lease)
-        if isinstance(exc, Reject):
+        if self.spec.transactional and isinstance(exc, StoreUnavailable) and self.keys is not None:
+            # The store failed around the handler (its own errors propagate unchanged):
+            # nothing committed, or a COMMIT whose reply was lost did and the redelivery finds
+            # the key completed. A deferral, as when begin finds the store down: it spends no
+            # attempt, so a store outage never dead-letters a message.
+            self.stats.store_errors += 1
+            log.warning(
+                "%s: store failed in the transaction, retrying later: %r", self.spec.name, exc
+            )
+            assert lease is not None
+            delay = self.spec.retry.delay(self.keys.deferrals(lease.key))
+            if await self.settle.nack(delivery, delay, defer=True):
+                self.stats.deferred += 1
+        elif isinstance(exc, Reject):
             self.stats.rejected += 1
             await self.settle.dead_letter(delivery, exc.reason)
         elif isinstance(exc, Retry):

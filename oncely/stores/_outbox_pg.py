@@ -58,6 +58,11 @@ __all__ = ["PgBackend"]
 log = logging.getLogger("oncely.outbox")
 
 CONNECT_TIMEOUT = 10.0
+STATEMENT_TIMEOUT = 30.0
+"""The longest any of the relay's own statements (or a wait for a pooled connection) may go
+unanswered before it fails as ``StoreUnavailable``: a database that stops answering without
+closing the connection (a frozen host, a partition) would otherwise hold the relay for as long
+as the kernel keeps the socket, with no error to log or retry on."""
 CLOSE_TIMEOUT = 5.0
 POOL_CLOSE_TIMEOUT = 10.0
 LISTEN_RETRY = (0.5, 10.0)
@@ -121,7 +126,7 @@ WHERE {t}.id = f.id"""
 _PURGE = """WITH doomed AS (
     SELECT id FROM {t} WHERE sent_at < now() - $1 * interval '1 second'
     ORDER BY sent_at LIMIT $2 FOR UPDATE SKIP LOCKED
-) DELETE FROM {t} USING doomed WHERE {t}.id = doomed.id"""
+) DELETE FROM {t} USING doomed WHERE {t}.id = doomed.id RETURNING 1"""
 
 _PENDING = "SELECT count(*) FROM {t} WHERE sent_at IS NULL"
 _BACKLOG = (
@@ -238,18 +243,21 @@ class PgBackend(Backend):
 
     async def claim(self, limit: int, lease: float) -> Claim:
         pool = self._ready()
+        limit_s = STATEMENT_TIMEOUT
         with map_errors("claim"):
-            conn: asyncpg.Connection = await pool.acquire()
+            conn: asyncpg.Connection = await pool.acquire(timeout=limit_s)
         tx = conn.transaction()
         try:
             with map_errors("claim"):
-                await tx.start()
-                records = await conn.fetch(self._sql["scan"], limit)
+                async with asyncio.timeout(limit_s):  # BEGIN takes no timeout of its own
+                    await tx.start()
+                records = await conn.fetch(self._sql["scan"], limit, timeout=limit_s)
                 rows = [to_row(r) for r in records]
                 keys = sorted({r.key for r in rows if r.key is not None})
                 oldest: dict[str, int] = {}
                 if keys:
-                    others = await conn.fetch(self._sql["others"], keys, [r.id for r in rows])
+                    ids = [r.id for r in rows]
+                    others = await conn.fetch(self._sql["others"], keys, ids, timeout=limit_s)
                     oldest = {k: i for k, i in others}
         except BaseException:
             await asyncio.shield(_end(pool, conn, tx))
@@ -257,23 +265,30 @@ class PgBackend(Backend):
         kept = [r for r in rows if r.key is None or r.key not in oldest or r.id < oldest[r.key]]
         return PgClaim(self, pool, conn, tx, kept, len(rows) - len(kept))
 
-    async def purge(self, older_than: float, limit: int) -> int:
+    async def _fetch(self, what: str, *args: Any) -> list[Any]:
+        """One statement on a pooled connection, all of it bounded by ``STATEMENT_TIMEOUT``:
+        the wait for the connection, the statement, and giving it back (the pool's own
+        ``fetch`` gives it back with no bound, and after a statement timed out that waits for
+        a cancel request the server may never answer: the connection would be lost to the
+        pool for good, and with both lost the relay could not claim again)."""
         pool = self._ready()
-        with map_errors("purge"):
-            status: str = await pool.execute(self._sql["purge"], older_than, limit)
-        return int(status.rsplit(" ", 1)[-1])
+        with map_errors(what):
+            async with pool.acquire(timeout=STATEMENT_TIMEOUT) as conn:
+                rows: list[Any] = await conn.fetch(
+                    self._sql[what], *args, timeout=STATEMENT_TIMEOUT
+                )
+        return rows
+
+    async def purge(self, older_than: float, limit: int) -> int:
+        return len(await self._fetch("purge", older_than, limit))
 
     async def pending(self) -> int:
-        pool = self._ready()
-        with map_errors("pending"):
-            count: int = await pool.fetchval(self._sql["pending"])
-        return count
+        rows = await self._fetch("pending")
+        return int(rows[0][0])
 
     async def backlog(self) -> tuple[int, float | None]:
-        pool = self._ready()
-        with map_errors("backlog"):
-            row = await pool.fetchrow(self._sql["backlog"])
-        return int(row[0]), row[1]
+        rows = await self._fetch("backlog")
+        return int(rows[0][0]), rows[0][1]
 
     async def listen(self, wake: Callable[[], None]) -> None:
         pause = LISTEN_RETRY[0]
@@ -330,19 +345,24 @@ class PgClaim(Claim):
             return
         self._done = True
         sql = self._backend._sql
+        limit = STATEMENT_TIMEOUT
         ok = False
         try:
             with map_errors("mark sent"):
                 if sent:
-                    await self._conn.execute(sql["sent"], sent)
+                    await self._conn.execute(sql["sent"], sent, timeout=limit)
                 if failed:
                     await self._conn.execute(
                         sql["failed"],
                         [f.id for f in failed],
                         [f.error for f in failed],
                         [f.delay for f in failed],
+                        timeout=limit,
                     )
-                await self._tx.commit()
+                # COMMIT takes no timeout of its own. One that times out has an unknown
+                # outcome, like a lost connection: rows not marked are published again.
+                async with asyncio.timeout(limit):
+                    await self._tx.commit()
             ok = True
         finally:
             await asyncio.shield(_end(self._pool, self._conn, self._tx, done=ok))
@@ -368,5 +388,5 @@ async def _end(
     """Roll back (unless already done) and give the connection back; never raises. A
     connection whose rollback failed is closed rather than reused."""
     if not done:
-        await rollback_quietly(conn, tx)
+        await rollback_quietly(conn, tx, STATEMENT_TIMEOUT)
     await release_quietly(pool, conn)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from oncely._postgres import map_errors, release_quietly, rollback_quietly
-from oncely.errors import LeaseLost, StoreError
-from oncely.stores.base import StoreTransaction
+from oncely.errors import LeaseLost, Reject, StoreError
+from oncely.stores.base import TRANSACTION_ENDED, StoreTransaction
 
 if TYPE_CHECKING:
     from oncely.stores._postgres_sql import Sql
@@ -63,6 +63,12 @@ async def completing_transaction(
             try:
                 tx = StoreTransaction(conn)
                 yield tx
+                with map_errors():  # a connection the handler terminated is detached
+                    ended = not conn.is_in_transaction()
+                if ended:
+                    # The completion would commit on its own (asyncpg tracks the server's
+                    # transaction status, so this costs no round trip).
+                    raise Reject(TRANSACTION_ENDED)
                 finishing.add(entry)
                 with map_errors():
                     status = await conn.execute(
@@ -73,12 +79,12 @@ async def completing_transaction(
                 with map_errors():
                     await asyncio.shield(tr.commit())
             except BaseException:
-                await asyncio.shield(rollback_quietly(conn, tr))
+                await asyncio.shield(rollback_quietly(conn, tr, limit))
                 raise
             finally:
                 if reset:
                     # The handler may have changed the session (SET, LISTEN, advisory locks).
-                    await asyncio.shield(_reset_session(conn))
+                    await asyncio.shield(_reset_session(conn, limit))
     finally:
         # Last, with no await after it: the runtime renews the lease until this context has
         # exited, and a renewal that finds the row completed must not read as a lost lease.
@@ -90,10 +96,10 @@ async def keep_session(conn: Any) -> None:
     state, and transactions reset their connection themselves."""
 
 
-async def _reset_session(conn: Any) -> None:
+async def _reset_session(conn: Any, limit: float) -> None:
     try:
         if not conn.is_closed():
-            await conn.execute(conn.get_reset_query())
+            await conn.execute(conn.get_reset_query(), timeout=limit)
     except Exception:
         # A connection whose session cannot be reset must not be reused.
         with contextlib.suppress(Exception):

@@ -159,6 +159,16 @@ class IdempotencyStore(abc.ABC):
         await self.aclose()
 
 
+TRANSACTION_ENDED = (
+    "the handler ended the store's transaction itself (COMMIT or ROLLBACK on ctx.connection), "
+    "so its writes no longer commit with the completion record; dead-lettered rather than run "
+    "again, since what it committed may include its effect"
+)
+"""Why ``TransactionalStore.transaction`` refuses to record a completion (``Reject``): on a
+connection back in autocommit the record would commit on its own, for an effect rolled back
+(lost for good: every redelivery finds the key completed) or committed a step earlier."""
+
+
 class StoreTransaction:
     """What ``TransactionalStore.transaction`` yields.
 
@@ -195,4 +205,7 @@ class TransactionalStore(IdempotencyStore):
         Raises:
             LeaseLost: another worker owns the key now; the handler's writes were rolled back.
             StoreUnavailable: the store could not be reached.
+            Reject: the body ended the transaction itself (a ``COMMIT`` or ``ROLLBACK`` on the
+                connection); no completion is recorded, since on its own it would commit
+                apart from the writes (``TRANSACTION_ENDED``).
         """

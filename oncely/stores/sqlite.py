@@ -43,7 +43,7 @@ from oncely._sqlite import (
     reject_unknown,
     rollback_quietly,
 )
-from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
+from oncely.errors import ConfigError, LeaseLost, Reject, StoreError, StoreUnavailable
 from oncely.stores._key_batch import BeginCall, CompleteCall
 from oncely.stores._sqlite_keys import (
     BATCH,
@@ -57,7 +57,7 @@ from oncely.stores._sqlite_keys import (
     write_begins,
     write_completes,
 )
-from oncely.stores.base import Begin, StoreTransaction, TransactionalStore
+from oncely.stores.base import TRANSACTION_ENDED, Begin, StoreTransaction, TransactionalStore
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -279,6 +279,8 @@ class SqliteStore(TransactionalStore):
                     yield tx
                 finally:
                     _in_transaction.set(outer)
+                if not db.in_transaction:
+                    raise Reject(TRANSACTION_ENDED)  # the completion would commit on its own
                 with map_sqlite_errors(StoreUnavailable):
                     args = (tx.result, time.time() + ttl, key, token)
                     if not await _changes(db, COMPLETE, args):
