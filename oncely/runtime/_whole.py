@@ -122,6 +122,9 @@ class _Relay:
         self._wakeup: tuple[Callable[..., object], Any] | None = None
         self.cancel_requested = False
 
+    def __repr__(self) -> str:  # a waiting task's repr shows it (``wait_for=``)
+        return f"<Whole relay of {self._waiting!r}>"
+
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._waiting.get_loop()
 

@@ -151,7 +151,6 @@ async def test_the_rest_task_cancelled_cancels_the_coroutine_where_it_waits() ->
     assert seen == ["cancelled inside"]
 
 
-
 async def test_the_caller_wakes_on_the_loop_pass_the_awaited_future_wakes_it() -> None:
     # A proxy future resolved by the awaited one's callback woke the caller a pass later:
     # an extra pass of the loop per suspension, on every message's store and ack path.
