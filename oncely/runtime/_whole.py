@@ -114,12 +114,13 @@ class _Relay:
     way), the relay refuses the cancel, and the task raises it when it wakes, as it does for
     any future that could not be cancelled."""
 
-    __slots__ = ("_asyncio_future_blocking", "_waiting", "_wakeup", "cancel_requested")
+    __slots__ = ("_asyncio_future_blocking", "_message", "_waiting", "_wakeup", "cancel_requested")
 
     def __init__(self, waiting: asyncio.Future[Any]) -> None:
         self._waiting = waiting
         self._asyncio_future_blocking = True
         self._wakeup: tuple[Callable[..., object], Any] | None = None
+        self._message: Any = None
         self.cancel_requested = False
 
     def __repr__(self) -> str:  # a waiting task's repr shows it (``wait_for=``)
@@ -142,6 +143,7 @@ class _Relay:
             return False
         fn, context = wakeup
         self._wakeup = None
+        self._message = msg
         self._waiting.remove_done_callback(fn)
         self._waiting.get_loop().call_soon(fn, self, context=context)
         return True
@@ -160,13 +162,19 @@ class _Relay:
 
     def result(self) -> Any:
         if self.cancelled():
-            raise asyncio.CancelledError
+            raise self._cancelled_error()
         return self._waiting.result()
 
     def exception(self) -> BaseException | None:
         if self.cancelled():
-            raise asyncio.CancelledError
+            raise self._cancelled_error()
         return self._waiting.exception()
+
+    def _cancelled_error(self) -> asyncio.CancelledError:
+        # With the cancel's message, as a cancelled future gives it to its task.
+        if self._message is None:
+            return asyncio.CancelledError()
+        return asyncio.CancelledError(self._message)
 
 
 async def _rest(coro: Coroutine[Any, Any, T], waiting: Any) -> T:

@@ -189,3 +189,23 @@ async def test_a_cancel_of_the_awaited_future_reaches_the_coroutine_not_the_call
     gate.cancel()
     assert await task == "recovered"
     assert handed == []
+
+
+async def test_the_caller_sees_the_message_its_cancel_carried() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def settle() -> None:
+        await gate
+
+    handed: list[asyncio.Task[None]] = []
+
+    async def run() -> None:
+        await Whole(settle(), handed.append)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0)
+    task.cancel("shutting down")
+    with pytest.raises(asyncio.CancelledError, match="shutting down"):
+        await task
+    gate.set_result(None)
+    await handed[0]
