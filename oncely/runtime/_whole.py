@@ -76,6 +76,7 @@ class Whole(Generic[T]):
                 if relay is not None and not relay.cancel_requested:
                     # Not the caller's cancel: the future coro waits on was cancelled (its
                     # owner gave up on it), which coro sees where it waits, as with ``await``.
+                    relay.detach()
                     try:
                         waiting = coro.throw(exc)
                     except StopIteration as stop:
@@ -91,6 +92,10 @@ class Whole(Generic[T]):
                 coro.close()
                 raise
             except BaseException as exc:
+                if relay is not None:
+                    # Nearly always the awaited future's own error, its wake-up spent; else
+                    # something thrown in meanwhile, and the wake-up must not come later.
+                    relay.detach()
                 try:
                     waiting = coro.throw(exc)
                 except StopIteration as stop:

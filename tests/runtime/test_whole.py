@@ -209,3 +209,21 @@ async def test_the_caller_sees_the_message_its_cancel_carried() -> None:
         await task
     gate.set_result(None)
     await handed[0]
+
+
+async def test_an_error_of_the_awaited_future_is_raised_where_the_coroutine_waits() -> None:
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def settle() -> str:
+        try:
+            return await gate
+        except ValueError as exc:
+            return f"handled {exc}"
+
+    async def run() -> str:
+        return await Whole(settle(), lambda _: None)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0)
+    gate.set_exception(ValueError("bad reply"))
+    assert await task == "handled bad reply"
