@@ -5,13 +5,18 @@ completion, then ack, for every delivery) creating that task, scheduling it and 
 callbacks cost as much as the rest of the store path (cProfile, memory broker and store).
 
 ``await Whole(coro, on_cancel)`` runs ``coro`` on the caller's own task instead, and for each of its
-suspensions makes the task wait on a proxy future that the awaited future resolves. A cancel
-of the caller then cancels only the proxy, never the future ``coro`` waits on (a lock, a
-store reply, a broker confirm). Should that happen, ``coro`` is handed, suspended where it is,
-to a new task that resumes it once its future is done and runs it to the end; ``on_cancel``
-gets that task, and the caller sees ``CancelledError`` as with ``asyncio.shield``. A
-coroutine that finishes without suspending (the memory store and broker) costs no future at
-all.
+suspensions makes the task wait on a relay (``_Relay``) of the awaited future: the task's
+wake-up goes straight onto that future, but a cancel of the caller reaches only the relay,
+never the future ``coro`` waits on (a lock, a store reply, a broker confirm). Should that
+happen, ``coro`` is handed, suspended where it is, to a new task that resumes it once its
+future is done and runs it to the end; ``on_cancel`` gets that task, and the caller sees
+``CancelledError`` as with ``asyncio.shield``. A coroutine that finishes without suspending
+(the memory store and broker) costs no relay at all.
+
+A relay rather than a proxy future that the awaited one resolves: a future's done callbacks
+run on the loop's next pass, so a proxy woke the task one pass after the future was done,
+and every suspension (a store's reply, a broker's ack confirm) cost an extra pass of the loop,
+a future and a callback on every message.
 
 Only for coroutines that never cancel their own task: an ``asyncio.timeout`` inside ``coro``
 (redis-py's socket timeout, the AMQP adapter's publish timeout; on Python 3.12+ every
@@ -59,29 +64,38 @@ class Whole(Generic[T]):
             # (flagged ``_asyncio_future_blocking``), ``None`` for a bare yield (a checkpoint),
             # or something foreign, which the task answers by throwing an error back in.
             future = getattr(waiting, "_asyncio_future_blocking", None) is not None
+            relay = None
             try:
                 if future:
                     waiting._asyncio_future_blocking = False
-                    proxy = waiting.get_loop().create_future()
-                    wake = _waker(proxy)
-                    waiting.add_done_callback(wake)
-                    proxy._asyncio_future_blocking = True
-                    try:
-                        yield proxy
-                    except BaseException:
-                        waiting.remove_done_callback(wake)
-                        raise
+                    relay = _Relay(waiting)
+                    yield relay
                 else:
                     yield waiting
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
+                if relay is not None and not relay.cancel_requested:
+                    # Not the caller's cancel: the future coro waits on was cancelled (its
+                    # owner gave up on it), which coro sees where it waits, as with ``await``.
+                    relay.detach()
+                    try:
+                        waiting = coro.throw(exc)
+                    except StopIteration as stop:
+                        return cast("T", stop.value)
+                    continue
                 # The caller is cancelled: the rest runs on a task of its own.
                 loop = asyncio.get_running_loop()
                 self._on_cancel(loop.create_task(_rest(coro, waiting if future else None)))
                 raise
             except GeneratorExit:
+                if relay is not None:
+                    relay.detach()
                 coro.close()
                 raise
             except BaseException as exc:
+                if relay is not None:
+                    # Nearly always the awaited future's own error, its wake-up spent; else
+                    # something thrown in meanwhile, and the wake-up must not come later.
+                    relay.detach()
                 try:
                     waiting = coro.throw(exc)
                 except StopIteration as stop:
@@ -93,12 +107,79 @@ class Whole(Generic[T]):
                 return cast("T", stop.value)
 
 
-def _waker(proxy: asyncio.Future[None]) -> Callable[[object], None]:
-    def wake(_: object) -> None:
-        if not proxy.done():
-            proxy.set_result(None)
+class _Relay:
+    """What the caller's task waits on for one suspension of ``coro``: a stand-in for the
+    future ``coro`` waits on, as asyncio's tasks accept any object with the future protocol.
 
-    return wake
+    The task's wake-up callback goes onto that future itself, so the task resumes on the same
+    loop pass as if it awaited the future directly, and with its outcome (``Whole`` throws an
+    error into ``coro`` where it waits). The task's ``cancel()`` calls ``cancel()`` here, which
+    takes the wake-up back off the future and wakes the task at once with a cancelled relay;
+    the future itself is never cancelled. If the future is already done (the wake-up is on its
+    way), the relay refuses the cancel, and the task raises it when it wakes, as it does for
+    any future that could not be cancelled."""
+
+    __slots__ = ("_asyncio_future_blocking", "_message", "_waiting", "_wakeup", "cancel_requested")
+
+    def __init__(self, waiting: asyncio.Future[Any]) -> None:
+        self._waiting = waiting
+        self._asyncio_future_blocking = True
+        self._wakeup: tuple[Callable[..., object], Any] | None = None
+        self._message: Any = None
+        self.cancel_requested = False
+
+    def __repr__(self) -> str:  # a waiting task's repr shows it (``wait_for=``)
+        return f"<Whole relay of {self._waiting!r}>"
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._waiting.get_loop()
+
+    def add_done_callback(self, fn: Callable[..., object], *, context: Any = None) -> None:
+        self._wakeup = (fn, context)
+        self._waiting.add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Callable[..., object]) -> int:
+        return self._waiting.remove_done_callback(fn)
+
+    def cancel(self, msg: Any = None) -> bool:
+        self.cancel_requested = True
+        wakeup = self._wakeup
+        if wakeup is None or self._waiting.done():
+            return False
+        fn, context = wakeup
+        self._wakeup = None
+        self._message = msg
+        self._waiting.remove_done_callback(fn)
+        self._waiting.get_loop().call_soon(fn, self, context=context)
+        return True
+
+    def detach(self) -> None:
+        """Take the task's wake-up back off the future (the caller is gone)."""
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            self._waiting.remove_done_callback(wakeup[0])
+
+    def cancelled(self) -> bool:
+        return self.cancel_requested and self._wakeup is None
+
+    def done(self) -> bool:
+        return self.cancelled() or self._waiting.done()
+
+    def result(self) -> Any:
+        if self.cancelled():
+            raise self._cancelled_error()
+        return self._waiting.result()
+
+    def exception(self) -> BaseException | None:
+        if self.cancelled():
+            raise self._cancelled_error()
+        return self._waiting.exception()
+
+    def _cancelled_error(self) -> asyncio.CancelledError:
+        # With the cancel's message, as a cancelled future gives it to its task.
+        if self._message is None:
+            return asyncio.CancelledError()
+        return asyncio.CancelledError(self._message)
 
 
 async def _rest(coro: Coroutine[Any, Any, T], waiting: Any) -> T:

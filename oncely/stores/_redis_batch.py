@@ -56,10 +56,16 @@ class Pipeliner(Generic[T, R]):
         self._tasks: set[asyncio.Task[None]] = set()
         self._giving: set[asyncio.Task[None]] = set()  # batches answered, giving back
         self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, item: T) -> R:
         """Queue ``item`` for the next batch and return its outcome; raises its error."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or not (self._scheduled or self._tasks):
+            # Looked up only while nothing is under way: on Python 3.11 get_running_loop()
+            # costs a getpid system call, which every begin and complete paid. While a batch
+            # is scheduled or out, its loop is the one its callers run on.
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, fut))
         if not self._scheduled:
@@ -90,7 +96,7 @@ class Pipeliner(Generic[T, R]):
         while self._queue and len(self._tasks) < self._in_flight:
             batch = self._queue[: self._limit]
             del self._queue[: self._limit]
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            task = (self._loop or asyncio.get_running_loop()).create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._done)
 
@@ -106,7 +112,7 @@ class Pipeliner(Generic[T, R]):
         self._tasks.discard(task)
         if self._queue and not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._kick)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._kick)
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:

@@ -149,3 +149,81 @@ async def test_the_rest_task_cancelled_cancels_the_coroutine_where_it_waits() ->
     with pytest.raises(asyncio.CancelledError):
         await rest
     assert seen == ["cancelled inside"]
+
+
+async def test_the_caller_wakes_on_the_loop_pass_the_awaited_future_wakes_it() -> None:
+    # A proxy future resolved by the awaited one's callback woke the caller a pass later:
+    # an extra pass of the loop per suspension, on every message's store and ack path.
+    gate: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def settle() -> int:
+        return await gate
+
+    async def run() -> int:
+        return await Whole(settle(), lambda _: None)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0)  # run() now waits on the gate
+    gate.set_result(5)
+    await asyncio.sleep(0)  # one pass: the wake-up the gate scheduled has run
+    assert task.done()
+    assert task.result() == 5
+
+
+async def test_a_cancel_of_the_awaited_future_reaches_the_coroutine_not_the_caller() -> None:
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def settle() -> str:
+        try:
+            return await gate
+        except asyncio.CancelledError:
+            return "recovered"  # its owner gave up on it: coro handles that itself
+
+    handed: list[asyncio.Task[str]] = []
+
+    async def run() -> str:
+        return await Whole(settle(), handed.append)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0)
+    gate.cancel()
+    assert await task == "recovered"
+    assert handed == []
+
+
+async def test_the_caller_sees_the_message_its_cancel_carried() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def settle() -> None:
+        await gate
+
+    handed: list[asyncio.Task[None]] = []
+
+    async def run() -> None:
+        await Whole(settle(), handed.append)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0)
+    task.cancel("shutting down")
+    with pytest.raises(asyncio.CancelledError, match="shutting down"):
+        await task
+    gate.set_result(None)
+    await handed[0]
+
+
+async def test_an_error_of_the_awaited_future_is_raised_where_the_coroutine_waits() -> None:
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def settle() -> str:
+        try:
+            return await gate
+        except ValueError as exc:
+            return f"handled {exc}"
+
+    async def run() -> str:
+        return await Whole(settle(), lambda _: None)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0)
+    gate.set_exception(ValueError("bad reply"))
+    assert await task == "handled bad reply"
