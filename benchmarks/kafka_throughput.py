@@ -12,7 +12,8 @@ Against a real Kafka (``ONCELY_TEST_KAFKA_URL``, default the local one from
 - ``oncely partition``: the same with ``ordering=partition``;
 - ``raw txn copy``: aiokafka consume-transform-produce into an output topic, one
   transactional producer per input partition, a transaction per ``getmany`` batch of up to
-  500 records of that partition, offsets sent in the transaction;
+  500 records of that partition, offsets sent in the transaction, the partitions'
+  transactions of one batch committed concurrently;
 - ``oncely txn copy``: a Worker in exactly-once mode whose handler ``ctx.produce``s each record
   to an output topic.
 
@@ -45,7 +46,7 @@ import uuid
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 import oncely
 from oncely.brokers.kafka import KafkaBroker
@@ -124,27 +125,32 @@ async def raw_copy(topic: str, out: str, n: int) -> float:
         isolation_level="read_committed",
     )
     producers: dict[TopicPartition, AIOKafkaProducer] = {}
+
+    async def copy(tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        producer = producers.get(tp)
+        if producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=BOOTSTRAP,
+                transactional_id=f"{group}-{tp.topic}-{tp.partition}",
+                linger_ms=5,
+            )
+            await producer.start()
+            producers[tp] = producer
+        async with producer.transaction():
+            for r in records:
+                await producer.send(out, r.value, key=r.key, headers=list(r.headers))
+            await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, group)
+
     started = time.perf_counter()
     await consumer.start()
     seen = 0
     try:
         while seen < n:
             batch = await consumer.getmany(timeout_ms=100, max_records=BATCH)
-            for tp, records in batch.items():
-                producer = producers.get(tp)
-                if producer is None:
-                    producer = AIOKafkaProducer(
-                        bootstrap_servers=BOOTSTRAP,
-                        transactional_id=f"{group}-{tp.topic}-{tp.partition}",
-                        linger_ms=5,
-                    )
-                    await producer.start()
-                    producers[tp] = producer
-                async with producer.transaction():
-                    for r in records:
-                        await producer.send(out, r.value, key=r.key, headers=list(r.headers))
-                    await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, group)
-                seen += len(records)
+            # The partitions' transactions at once, as their producers are independent (and
+            # as oncely commits them): one after another, the loop waited on each commit.
+            await asyncio.gather(*(copy(tp, records) for tp, records in batch.items()))
+            seen += sum(len(records) for records in batch.values())
     finally:
         await consumer.stop()
         for producer in producers.values():
