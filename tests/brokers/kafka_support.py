@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -27,10 +28,19 @@ def kafka_url(group: str | None = None, **options: object) -> str:
     return f"kafka://{BOOTSTRAP}/?" + "&".join(f"{k}={v}" for k, v in query.items())
 
 
+MARKERS_GRACE = 5.0
+"""How long a read-committed ``read_topic`` waits for transactions to end in the topic: a
+commit returns once the coordinator has logged it, and the coordinator writes its markers into
+the output partitions after that, so a read right after a commit could miss its records."""
+
+
 async def read_topic(
     topic: str, *, bootstrap: str = BOOTSTRAP, committed_only: bool = True, within: float = 60.0
 ) -> list[Any]:
-    """Every record of ``topic`` up to its current end, in partition then offset order."""
+    """Every record of ``topic`` up to its current end, in partition then offset order.
+
+    ``committed_only``: what a read-committed reader sees, once every transaction in the topic
+    has ended, or after ``MARKERS_GRACE`` seconds (a transaction left open on purpose)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -44,6 +54,8 @@ async def read_topic(
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
+        if committed_only:
+            ends = await _stable_ends(consumer, tps, ends, bootstrap)
         out: dict[int, list[Any]] = {tp.partition: [] for tp in tps}
         deadline = time.monotonic() + within
         while True:
@@ -58,6 +70,27 @@ async def read_topic(
         return [r for p in sorted(out) for r in out[p]]
     finally:
         await consumer.stop()
+
+
+async def _stable_ends(
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    ends: dict[TopicPartition, int],
+    bootstrap: str,
+) -> dict[TopicPartition, int]:
+    """``consumer``'s (read-committed) ends once they reach the partitions' high watermarks, or
+    as they are after ``MARKERS_GRACE``."""
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_uncommitted")
+    await probe.start()
+    try:
+        highs = await probe.end_offsets(tps)
+    finally:
+        await probe.stop()
+    deadline = time.monotonic() + MARKERS_GRACE
+    while any(ends[tp] < highs[tp] for tp in tps) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # polling the broker: there is nothing local to wait on
+        ends = await consumer.end_offsets(tps)
+    return ends
 
 
 async def create_small_topic(topic: str, max_message_bytes: int, partitions: int = 1) -> None:
