@@ -72,29 +72,24 @@ class Whole(Generic[T]):
                     yield relay
                 else:
                     yield waiting
-            except asyncio.CancelledError as exc:
-                if relay is not None and not relay.cancel_requested:
-                    # Not the caller's cancel: the future coro waits on was cancelled (its
-                    # owner gave up on it), which coro sees where it waits, as with ``await``.
-                    relay.detach()
-                    try:
-                        waiting = coro.throw(exc)
-                    except StopIteration as stop:
-                        return cast("T", stop.value)
-                    continue
-                # The caller is cancelled: the rest runs on a task of its own.
-                loop = asyncio.get_running_loop()
-                self._on_cancel(loop.create_task(_rest(coro, waiting if future else None)))
-                raise
             except GeneratorExit:
                 if relay is not None:
                     relay.detach()
                 coro.close()
                 raise
             except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError) and (
+                    relay is None or relay.cancel_requested
+                ):
+                    # The caller is cancelled: the rest runs on a task of its own.
+                    loop = asyncio.get_running_loop()
+                    self._on_cancel(loop.create_task(_rest(coro, waiting if future else None)))
+                    raise
                 if relay is not None:
-                    # Nearly always the awaited future's own error, its wake-up spent; else
-                    # something thrown in meanwhile, and the wake-up must not come later.
+                    # Nearly always the awaited future's own outcome, its wake-up spent: its
+                    # error, or its cancel (its owner gave up on it), which coro sees where it
+                    # waits, as with ``await``. Else something thrown in meanwhile, and the
+                    # wake-up must not come later.
                     relay.detach()
                 try:
                     waiting = coro.throw(exc)
