@@ -4,9 +4,8 @@ as opposed to one that closes its connections (``FaultProxy.cut``)."""
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urlsplit
 
-from tests.stores._outbox_support import PG_URL, FaultProxy
+from tests.stores._outbox_support import FaultProxy, pg_behind_proxy
 
 
 class FreezingProxy(FaultProxy):
@@ -48,10 +47,4 @@ class FreezingProxy(FaultProxy):
 
 async def pg_behind_freezing_proxy() -> tuple[FreezingProxy, str]:
     """A started proxy in front of the shared PostgreSQL, and the URL that goes through it."""
-    target = urlsplit(PG_URL)
-    proxy = FreezingProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    via = PG_URL.replace(
-        f"{target.hostname}:{target.port or 5432}", f"127.0.0.1:{proxy.listen_port}"
-    )
-    return proxy, via
+    return await pg_behind_proxy(FreezingProxy)

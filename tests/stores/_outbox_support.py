@@ -10,7 +10,8 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiosqlite
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
@@ -200,6 +201,21 @@ class FaultProxy:
         finally:
             dst.transport.abort()
             self._writers.discard(dst)
+
+
+P = TypeVar("P", bound=FaultProxy)
+
+
+async def pg_behind_proxy(kind: type[P]) -> tuple[P, str]:
+    """A started proxy of ``kind`` in front of the shared PostgreSQL, and the URL that goes
+    through it."""
+    target = urlsplit(PG_URL)
+    proxy = kind(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    via = PG_URL.replace(
+        f"{target.hostname}:{target.port or 5432}", f"127.0.0.1:{proxy.listen_port}"
+    )
+    return proxy, via
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

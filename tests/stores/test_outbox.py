@@ -13,7 +13,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 import pytest
@@ -32,6 +31,7 @@ from tests.stores._outbox_support import (
     UserDb,
     db,
     drop,
+    pg_behind_proxy,
     table_name,
 )
 
@@ -340,12 +340,7 @@ async def test_the_relay_rides_out_a_database_outage(
 ) -> None:
     """PostgreSQL behind a TCP fault proxy, cut mid-run (the shared server keeps running):
     the relay counts errors, backs off, reconnects, and every row arrives with its id."""
-    target = urlsplit(PG_URL)
-    proxy = FaultProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    via_proxy = PG_URL.replace(
-        f"{target.hostname}:{target.port or 5432}", f"127.0.0.1:{proxy.listen_port}"
-    )
+    proxy, via_proxy = await pg_behind_proxy(FaultProxy)
     ob = Outbox.from_url(PG_URL, table=table_name())
     await ob.migrate()
     user = UserDb(ob, PG_URL)

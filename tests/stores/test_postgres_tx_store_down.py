@@ -8,14 +8,13 @@ committed. Once the store is back the redelivery runs it (or finds it completed)
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 import oncely
 from tests._wait import eventually
-from tests.stores._outbox_support import PG_URL, FaultProxy
+from tests.stores._outbox_support import PG_URL, FaultProxy, pg_behind_proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -23,12 +22,7 @@ pytestmark = pytest.mark.anyio
 async def test_a_store_outage_inside_a_transaction_defers_and_spends_no_attempt(
     unique: str, anyio_backend: object
 ) -> None:
-    target = urlsplit(PG_URL)
-    proxy = FaultProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    via = PG_URL.replace(
-        f"{target.hostname}:{target.port or 5432}", f"127.0.0.1:{proxy.listen_port}"
-    )
+    proxy, via = await pg_behind_proxy(FaultProxy)
     table = f"oncely_{unique.replace('-', '_')}"
     effects = f"{table}_effects"
     admin = await asyncpg.connect(PG_URL)
