@@ -25,7 +25,7 @@ timed out. So:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from oncely.brokers.memory import MemoryBroker
@@ -63,7 +63,7 @@ class Finisher:
         when it only records a completion and acks) shielded from cancellation. If cancelled
         meanwhile, it runs on: ``has`` and ``task_of`` see it, and ``wait`` waits for it."""
         if self.inline_success if success else self.inline:
-            return Whole(settling, self._handed_off(delivery))
+            return Whole(settling, self._hand_off, delivery)
         return self._shielded(settling, delivery)
 
     def has(self, delivery: Delivery) -> bool:
@@ -84,19 +84,16 @@ class Finisher:
         if self._handed:
             await asyncio.gather(*self._handed, return_exceptions=True)
 
-    def _handed_off(self, delivery: Delivery) -> Callable[[asyncio.Task[object]], None]:
-        def handed_off(task: asyncio.Task[object]) -> None:
-            self._handed[task] = delivery
-            task.add_done_callback(self._handed.pop)
-
-        return handed_off
+    def _hand_off(self, task: asyncio.Task[object], delivery: Delivery) -> None:
+        self._handed[task] = delivery
+        task.add_done_callback(self._handed.pop)
 
     async def _shielded(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> None:
         task = asyncio.ensure_future(settling)
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            self._handed_off(delivery)(task)
+            self._hand_off(task, delivery)
             raise
 
 

@@ -166,54 +166,80 @@ class Keys:
         """Record completion, retrying a failing store while the lease surely holds."""
         # The heartbeat renewed the lease at most a third of visibility ago. (The monotonic
         # clock, not loop.time(): the same elapsed time, at a fraction of the cost.)
-        deadline = time.monotonic() + self.visibility / 3
-        pause = 0.05
+        since = time.monotonic()
         try:
-            timing = self.stats.store_seconds
-            for tries in range(1, COMPLETE_TRIES + 1):
+            if self.stats.store_seconds is None:
+                # The first try inline: nearly every completion is recorded by it.
                 try:
-                    started = perf_counter() if timing is not None else 0.0
-                    try:
-                        await self.store.complete(lease.key, lease.token, result, ttl)
-                    finally:
-                        if timing is not None:
-                            timing.observe(perf_counter() - started)
-                    return
-                except LeaseLost:
-                    # Another worker owns the key now and may run it again.
-                    self.stats.unrecorded += 1
-                    log.error(
-                        "%s: lease on %s lost before completion was recorded; the effect may "
-                        "run again (crash window)",
-                        self.name,
-                        lease.key,
-                    )
+                    await self.store.complete(lease.key, lease.token, result, ttl)
+                except Exception as exc:
+                    await self._complete_retrying(lease, result, ttl, since, exc)
+            else:
+                await self._complete_retrying(lease, result, ttl, since, None)
+        finally:
+            event = self._held.pop(lease.key, None)  # self.finished(), inlined
+            if event is not None:
+                event.set()
+
+    async def _complete_retrying(
+        self,
+        lease: Lease,
+        result: bytes | None,
+        ttl: float,
+        since: float,
+        failure: Exception | None,
+    ) -> None:
+        """The tries of ``complete`` begun at ``since``; ``failure`` is the first one's error
+        if it was made already."""
+        deadline = since + self.visibility / 3
+        pause = 0.05
+        timing = self.stats.store_seconds
+        tries = 0 if failure is None else 1
+        while True:
+            if failure is None:
+                tries += 1
+                started = perf_counter() if timing is not None else 0.0
+                try:
+                    await self.store.complete(lease.key, lease.token, result, ttl)
                     return
                 except Exception as exc:
-                    self.stats.store_errors += 1
-                    if tries == COMPLETE_TRIES or time.monotonic() + pause > deadline:
-                        self.stats.unrecorded += 1
-                        log.error(
-                            "%s: completion of %s could not be recorded after %d tries, acking "
-                            "anyway (crash window: a redelivery would run the effect again): %r",
-                            self.name,
-                            lease.key,
-                            tries,
-                            exc,
-                        )
-                        return
-                    self.stats.complete_retries += 1
-                    log.warning(
-                        "%s: recording completion of %s failed, retrying in %.2fs: %r",
-                        self.name,
-                        lease.key,
-                        pause,
-                        exc,
-                    )
-                    await asyncio.sleep(pause)
-                    pause *= 2
-        finally:
-            self.finished(lease.key)
+                    failure = exc
+                finally:
+                    if timing is not None:
+                        timing.observe(perf_counter() - started)
+            if isinstance(failure, LeaseLost):
+                # Another worker owns the key now and may run it again.
+                self.stats.unrecorded += 1
+                log.error(
+                    "%s: lease on %s lost before completion was recorded; the effect may "
+                    "run again (crash window)",
+                    self.name,
+                    lease.key,
+                )
+                return
+            self.stats.store_errors += 1
+            if tries >= COMPLETE_TRIES or time.monotonic() + pause > deadline:
+                self.stats.unrecorded += 1
+                log.error(
+                    "%s: completion of %s could not be recorded after %d tries, acking "
+                    "anyway (crash window: a redelivery would run the effect again): %r",
+                    self.name,
+                    lease.key,
+                    tries,
+                    failure,
+                )
+                return
+            self.stats.complete_retries += 1
+            log.warning(
+                "%s: recording completion of %s failed, retrying in %.2fs: %r",
+                self.name,
+                lease.key,
+                pause,
+                failure,
+            )
+            await asyncio.sleep(pause)
+            pause *= 2
+            failure = None
 
     async def release(self, lease: Lease | None) -> None:
         """Give a lease back so a retry can take the key at once; a failure lets it expire."""

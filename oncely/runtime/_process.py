@@ -373,8 +373,19 @@ class Runner:
                 keys.finished(lease.key)  # the transaction recorded the completion
             else:
                 await keys.complete(lease, result, self.spec.result_ttl)
-        if await self.settle.ack(delivery):
-            self.stats.processed += 1
+        if self.tracing is not None:
+            if await self.settle.ack(delivery):
+                self.stats.processed += 1
+            return
+        # Settler.ack inlined, as in run(): a coroutine less on every message with a store.
+        try:
+            await delivery.ack()
+        except Exception:
+            self.settle.ack_failed(delivery)
+        else:
+            stats = self.stats
+            stats.acked += 1
+            stats.processed += 1
 
     async def _failed(self, delivery: Delivery, reason: str, delay: float) -> None:
         if self.spec.retry.exhausted(delivery.attempt):

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 __all__ = ["Whole"]
 
 T = TypeVar("T")
+
+_NO_ARG: Any = object()
 
 
 class Whole(Generic[T]):
@@ -43,22 +45,29 @@ class Whole(Generic[T]):
         coro: a coroutine not started yet.
         on_cancel: called, if the caller is cancelled before ``coro`` ends, with the task
             that runs the rest of ``coro``; the caller's ``CancelledError`` follows at once.
+        arg: if given, passed to ``on_cancel`` after the task, so a caller need not make a
+            closure per call for a cancel that nearly never comes.
     """
 
-    __slots__ = ("_coro", "_on_cancel")
+    __slots__ = ("_arg", "_coro", "_on_cancel")
 
     def __init__(
-        self, coro: Coroutine[Any, Any, T], on_cancel: Callable[[asyncio.Task[T]], None]
+        self,
+        coro: Coroutine[Any, Any, T],
+        on_cancel: Callable[..., None],
+        arg: Any = _NO_ARG,
     ) -> None:
         self._coro = coro
         self._on_cancel = on_cancel
+        self._arg = arg
 
     def __await__(self) -> Generator[Any, None, T]:
         coro = self._coro
         try:
             waiting = coro.send(None)
         except StopIteration as stop:
-            return cast("T", stop.value)
+            done: T = stop.value
+            return done
         while True:
             # What the coroutine yields is what a task would wait on: an asyncio future
             # (flagged ``_asyncio_future_blocking``), ``None`` for a bare yield (a checkpoint),
@@ -83,7 +92,11 @@ class Whole(Generic[T]):
                 ):
                     # The caller is cancelled: the rest runs on a task of its own.
                     loop = asyncio.get_running_loop()
-                    self._on_cancel(loop.create_task(_rest(coro, waiting if future else None)))
+                    rest = loop.create_task(_rest(coro, waiting if future else None))
+                    if self._arg is _NO_ARG:
+                        self._on_cancel(rest)
+                    else:
+                        self._on_cancel(rest, self._arg)
                     raise
                 if relay is not None:
                     # Nearly always the awaited future's own outcome, its wake-up spent: its
@@ -94,12 +107,14 @@ class Whole(Generic[T]):
                 try:
                     waiting = coro.throw(exc)
                 except StopIteration as stop:
-                    return cast("T", stop.value)
+                    done = stop.value
+                    return done
                 continue
             try:
                 waiting = coro.send(None)
             except StopIteration as stop:
-                return cast("T", stop.value)
+                done = stop.value
+                return done
 
 
 class _Relay:
@@ -207,10 +222,12 @@ class _Resumed(Generic[T]):
                     try:
                         waiting = coro.throw(exc)
                     except StopIteration as stop:
-                        return cast("T", stop.value)
+                        done: T = stop.value
+                        return done
                     continue
             resume_now = False
             try:
                 waiting = coro.send(None)
             except StopIteration as stop:
-                return cast("T", stop.value)
+                done = stop.value
+                return done
