@@ -7,8 +7,8 @@ deferral (the attempt is not spent). ``Finisher`` runs each such settle shielded
 the ones a cancel handed off, so the runner neither settles their delivery a second time nor
 closes before they end.
 
-Where it can, the settle runs on the delivery's own task (``Whole``) instead of a task per
-message. That is only safe where no call in it cancels its own task: ``Whole`` takes such a
+Where it can, the settle runs on the delivery's own task (``whole``) instead of a task per
+message. That is only safe where no call in it cancels its own task: ``whole`` takes such a
 cancel (an ``asyncio.timeout`` firing inside a store or broker call; on Python 3.12+ every
 ``wait_for``) for the caller's, and hands the rest on without it, waiting for ever on what
 timed out. So:
@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from oncely.brokers.memory import MemoryBroker
-from oncely.runtime._whole import Whole
+from oncely.runtime._whole import whole
 from oncely.stores.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class Finisher:
         when it only records a completion and acks) shielded from cancellation. If cancelled
         meanwhile, it runs on: ``has`` and ``task_of`` see it, and ``wait`` waits for it."""
         if self.inline_success if success else self.inline:
-            return Whole(settling, self._hand_off, delivery)
+            return whole(settling, self._hand_off, delivery)
         return self._shielded(settling, delivery)
 
     def has(self, delivery: Delivery) -> bool:

@@ -1,4 +1,4 @@
-"""Lines logged by a settle a shutdown cancel handed to a task of its own (``_whole.Whole``)
+"""Lines logged by a settle a shutdown cancel handed to a task of its own (``_whole.whole``)
 are about the message too: they carry its fields although ``Runner.run`` has returned."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-message paths found in review of the merged runtime hot path (Whole, the single timeout
+"""Per-message paths found in review of the merged runtime hot path (``whole``, the single timeout
 timer, the per-delivery logging context, the counters)."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import pytest
 
 import oncely
 from oncely.brokers.memory import MemoryBroker
-from oncely.runtime import _finish
-from oncely.runtime._whole import Whole
+from oncely.runtime import _finish, _whole
 from oncely.runtime.heartbeat import Active, Heartbeat
 from oncely.runtime.stats import Stats
 from oncely.stores.memory import MemoryStore
@@ -49,7 +48,7 @@ async def test_a_store_call_timing_out_while_settling_is_retried_and_the_message
     unique: str,
 ) -> None:
     # The timeout cancels the task the store call runs on. Settled on the delivery's own task
-    # (Whole), that cancel was taken for a shutdown's: the rest of the settle was handed to a
+    # (``whole``), that cancel was taken for a shutdown's: the rest of the settle was handed to a
     # new task with the timeout lost, which then waited on the reply for ever (never acked,
     # and aclose() hung on it).
     app = oncely.App()
@@ -139,17 +138,17 @@ async def test_the_shutdown_cases_hold_when_settling_on_the_delivery_task(
     case: Callable[[str], Awaitable[None]], unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Their stores and brokers are test subclasses, which settle on a task of their own; the
-    # same cases through Whole (what the memory backends get).
+    # same cases through ``whole`` (what the memory backends get).
     monkeypatch.setattr(_finish, "settles_inline", lambda broker, store: True)
-    whole = Whole.__init__
+    whole = _whole.whole
     used = 0
 
-    def counted(self: Whole[Any], *args: Any) -> None:
+    def counted(*args: Any) -> Awaitable[object]:
         nonlocal used
         used += 1
-        whole(self, *args)
+        return whole(*args)
 
-    monkeypatch.setattr(Whole, "__init__", counted)
+    monkeypatch.setattr(_finish, "whole", counted)
     await case(unique)
     assert used > 0
 

@@ -1,4 +1,4 @@
-"""Which backends the runtime settles a success with on the delivery's own task (``Whole``):
+"""Which backends the runtime settles a success with on the delivery's own task (``whole``):
 only those whose class vouches for the method that runs (``Broker.ack_on_caller``,
 ``IdempotencyStore.complete_on_caller``)."""
 

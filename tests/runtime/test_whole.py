@@ -1,4 +1,4 @@
-"""``Whole``: a coroutine a cancel must not cut short, run on the caller's task."""
+"""``whole``: a coroutine a cancel must not cut short, run on the caller's task."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from oncely.runtime._whole import Whole
+from oncely.runtime._whole import whole
 
 pytestmark = pytest.mark.anyio
 
@@ -19,7 +19,7 @@ async def test_a_coroutine_that_never_suspends_runs_inline_and_returns_its_value
         return 7
 
     handed: list[asyncio.Task[int]] = []
-    assert await Whole(quick(), handed.append) == 7
+    assert await whole(quick(), handed.append) == 7
     assert handed == []
 
 
@@ -34,7 +34,7 @@ async def test_suspensions_resume_in_order_and_errors_propagate() -> None:
         raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        await Whole(slow(), lambda _: None)
+        await whole(slow(), lambda _: None)
     assert steps == ["checkpoint", "timer"]
 
 
@@ -55,7 +55,7 @@ async def test_a_cancel_hands_the_rest_to_a_task_and_never_cancels_what_it_waits
     handed: list[asyncio.Task[str]] = []
 
     async def run() -> str:
-        return await Whole(settle(), handed.append)
+        return await whole(settle(), handed.append)
 
     task = asyncio.create_task(run())
     await entered.wait()
@@ -83,7 +83,7 @@ async def test_a_cancel_at_a_bare_checkpoint_hands_the_rest_over_too() -> None:
     handed: list[asyncio.Task[None]] = []
 
     async def run() -> None:
-        await Whole(settle(), handed.append)
+        await whole(settle(), handed.append)
 
     task = asyncio.create_task(run())
     await entered.wait()  # settle() now sits at its checkpoint
@@ -108,7 +108,7 @@ async def test_a_cancel_after_the_awaited_future_is_done_still_finishes_the_rest
     handed: list[asyncio.Task[None]] = []
 
     async def run() -> None:
-        await Whole(settle(), handed.append)
+        await whole(settle(), handed.append)
 
     task = asyncio.create_task(run())
     await entered.wait()
@@ -136,7 +136,7 @@ async def test_the_rest_task_cancelled_cancels_the_coroutine_where_it_waits() ->
     handed: list[asyncio.Task[None]] = []
 
     async def run() -> None:
-        await Whole(settle(), handed.append)
+        await whole(settle(), handed.append)
 
     task = asyncio.create_task(run())
     await entered.wait()
@@ -160,7 +160,7 @@ async def test_the_caller_wakes_on_the_loop_pass_the_awaited_future_wakes_it() -
         return await gate
 
     async def run() -> int:
-        return await Whole(settle(), lambda _: None)
+        return await whole(settle(), lambda _: None)
 
     task = asyncio.create_task(run())
     await asyncio.sleep(0)  # run() now waits on the gate
@@ -182,7 +182,7 @@ async def test_a_cancel_of_the_awaited_future_reaches_the_coroutine_not_the_call
     handed: list[asyncio.Task[str]] = []
 
     async def run() -> str:
-        return await Whole(settle(), handed.append)
+        return await whole(settle(), handed.append)
 
     task = asyncio.create_task(run())
     await asyncio.sleep(0)
@@ -200,7 +200,7 @@ async def test_the_caller_sees_the_message_its_cancel_carried() -> None:
     handed: list[asyncio.Task[None]] = []
 
     async def run() -> None:
-        await Whole(settle(), handed.append)
+        await whole(settle(), handed.append)
 
     task = asyncio.create_task(run())
     await asyncio.sleep(0)
@@ -221,7 +221,7 @@ async def test_an_error_of_the_awaited_future_is_raised_where_the_coroutine_wait
             return f"handled {exc}"
 
     async def run() -> str:
-        return await Whole(settle(), lambda _: None)
+        return await whole(settle(), lambda _: None)
 
     task = asyncio.create_task(run())
     await asyncio.sleep(0)
