@@ -46,7 +46,7 @@ class Outcome(enum.Enum):
     MISMATCH = "mismatch"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, init=False)
 class Begin:
     """The answer of ``IdempotencyStore.begin``.
 
@@ -62,6 +62,22 @@ class Begin:
     token: str | None = None
     result: bytes | None = None
     retry_after: float = 0.0
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        token: str | None = None,
+        result: bytes | None = None,
+        retry_after: float = 0.0,
+    ) -> None:
+        # Every store makes one per message. A frozen dataclass's own __init__ sets each
+        # field through object.__setattr__, a call apiece: 7.3 k instructions per Begin
+        # against 3.7 k written straight into the instance's dict (cachegrind). Still frozen.
+        fields = self.__dict__
+        fields["outcome"] = outcome
+        fields["token"] = token
+        fields["result"] = result
+        fields["retry_after"] = retry_after
 
 
 class IdempotencyStore(abc.ABC):
