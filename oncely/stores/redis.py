@@ -65,6 +65,10 @@ from oncely.stores._redis_wire import (
 )
 from oncely.stores.base import Begin, IdempotencyStore, Outcome
 
+# A Call for begin and complete (every message) made by tuple.__new__ itself: a NamedTuple's
+# own __new__ is a Python function around it, 3.2 k instructions a Call against 1.6 k.
+_new_call = tuple.__new__
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
@@ -204,7 +208,9 @@ class RedisStore(IdempotencyStore):
                 token.encode(),
                 tail,
             )
-        reply = await self._batch.submit(_Call(_BEGIN, self.redis_key(key), args, argv))
+        reply = await self._batch.submit(
+            _new_call(_Call, (_BEGIN, self.redis_key(key), args, argv))
+        )
         code = int(reply[0])
         if code == 0:
             return Begin(Outcome.NEW, token=token)
@@ -234,7 +240,9 @@ class RedisStore(IdempotencyStore):
                 argv = head + b"$1\r\n0\r\n$0\r\n\r\n"
             else:
                 argv = b"%b$1\r\n1\r\n$%d\r\n%b\r\n" % (head, len(result), result)
-        reply = await self._batch.submit(_Call(_COMPLETE, self.redis_key(key), args, argv))
+        reply = await self._batch.submit(
+            _new_call(_Call, (_COMPLETE, self.redis_key(key), args, argv))
+        )
         if int(reply[0]) != 1:
             raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
 
