@@ -12,7 +12,15 @@ from typing import Any, NamedTuple
 from oncely._batch import copy_error
 from oncely.errors import LeaseLost, StoreError
 
-__all__ = ["BeginCall", "CompleteCall", "Fetch", "complete_rounds", "distinct", "new_token"]
+__all__ = [
+    "BeginCall",
+    "CompleteCall",
+    "Fetch",
+    "complete_rounds",
+    "distinct",
+    "new_call",
+    "new_token",
+]
 
 
 class BeginCall(NamedTuple):
@@ -101,3 +109,8 @@ class _Tokens:
 new_token = _Tokens()
 """A new lease token (see ``_Tokens``)."""
 os.register_at_fork(after_in_child=new_token.reseed)
+
+new_call = tuple.__new__
+"""``new_call(BeginCall, (key, fingerprint, lease))``: a call tuple made by ``tuple.__new__``
+itself, for the calls made per message. A NamedTuple's own ``__new__`` is a Python function
+around it: 3.2 k instructions a call against 1.6 k (cachegrind)."""

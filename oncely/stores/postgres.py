@@ -97,7 +97,7 @@ from oncely._postgres import (
     reject_unknown,
 )
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
-from oncely.stores._key_batch import BeginCall, CompleteCall
+from oncely.stores._key_batch import BeginCall, CompleteCall, new_call
 from oncely.stores._postgres_sql import (
     BATCH,
     db_key,
@@ -290,7 +290,9 @@ class PostgresStore(TransactionalStore):
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
         self._connected()  # fail before queueing
-        begun: Begin = await self._calls.submit(BeginCall(db_key(key), fingerprint, lease))
+        begun: Begin = await self._calls.submit(
+            new_call(BeginCall, (db_key(key), fingerprint, lease))
+        )
         return begun
 
     async def renew(self, key: str, token: str, lease: float) -> None:
@@ -306,7 +308,7 @@ class PostgresStore(TransactionalStore):
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
         self._connected()
-        await self._calls.submit(CompleteCall(db_key(key), token, result, ttl))
+        await self._calls.submit(new_call(CompleteCall, (db_key(key), token, result, ttl)))
 
     async def release(self, key: str, token: str) -> None:
         await self._execute(self.sql.release, db_key(key), token)

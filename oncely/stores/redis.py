@@ -40,7 +40,7 @@ from redis import exceptions as rx
 from redis.asyncio.cluster import RedisCluster
 
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
-from oncely.stores._key_batch import new_token
+from oncely.stores._key_batch import new_call, new_token
 from oncely.stores._redis_batch import Pipeliner
 from oncely.stores._redis_errors import close_quietly, map_errors, translate
 from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS
@@ -64,10 +64,6 @@ from oncely.stores._redis_wire import (
     send_by_node,
 )
 from oncely.stores.base import Begin, IdempotencyStore, Outcome
-
-# A Call for begin and complete (every message) made by tuple.__new__ itself: a NamedTuple's
-# own __new__ is a Python function around it, 3.2 k instructions a Call against 1.6 k.
-_new_call = tuple.__new__
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -208,9 +204,7 @@ class RedisStore(IdempotencyStore):
                 token.encode(),
                 tail,
             )
-        reply = await self._batch.submit(
-            _new_call(_Call, (_BEGIN, self.redis_key(key), args, argv))
-        )
+        reply = await self._batch.submit(new_call(_Call, (_BEGIN, self.redis_key(key), args, argv)))
         code = int(reply[0])
         if code == 0:
             return Begin(Outcome.NEW, token=token)
@@ -241,7 +235,7 @@ class RedisStore(IdempotencyStore):
             else:
                 argv = b"%b$1\r\n1\r\n$%d\r\n%b\r\n" % (head, len(result), result)
         reply = await self._batch.submit(
-            _new_call(_Call, (_COMPLETE, self.redis_key(key), args, argv))
+            new_call(_Call, (_COMPLETE, self.redis_key(key), args, argv))
         )
         if int(reply[0]) != 1:
             raise LeaseLost(f"lease on key {key!r} is no longer held by this token")

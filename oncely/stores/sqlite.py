@@ -44,7 +44,7 @@ from oncely._sqlite import (
     rollback_quietly,
 )
 from oncely.errors import ConfigError, LeaseLost, Reject, StoreError, StoreUnavailable
-from oncely.stores._key_batch import BeginCall, CompleteCall
+from oncely.stores._key_batch import BeginCall, CompleteCall, new_call
 from oncely.stores._sqlite_keys import (
     BATCH,
     COMPLETE,
@@ -184,7 +184,7 @@ class SqliteStore(TransactionalStore):
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
         self._plain()  # fail before queueing
-        return await self._begins.submit(BeginCall(key, fingerprint, lease))
+        return await self._begins.submit(new_call(BeginCall, (key, fingerprint, lease)))
 
     async def renew(self, key: str, token: str, lease: float) -> None:
         if self._in_tx[key, token]:
@@ -212,7 +212,7 @@ class SqliteStore(TransactionalStore):
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
         self._plain()
-        await self._completes.submit(CompleteCall(key, token, result, ttl))
+        await self._completes.submit(new_call(CompleteCall, (key, token, result, ttl)))
 
     async def release(self, key: str, token: str) -> None:
         db, lock = self._plain()
