@@ -45,14 +45,15 @@ class KeyHashes:
     """murmur2 of record keys (masked positive, as ``DefaultPartitioner`` uses it), memoised:
     keys repeat, and the pure-Python hash is the largest part of choosing a partition."""
 
-    __slots__ = ("_known", "_limit")
+    __slots__ = ("_limit", "known")
 
     def __init__(self, limit: int = 65_536) -> None:
-        self._known: dict[bytes, int] = {}
+        self.known: dict[bytes, int] = {}
+        """The memo, read directly on the hot path (``of`` adds to it)."""
         self._limit = limit
 
     def of(self, key: bytes) -> int:
-        known = self._known
+        known = self.known
         value = known.get(key)
         if value is None:
             if len(known) >= self._limit:
@@ -80,10 +81,19 @@ async def send_burst(
     batches: dict[tuple[str, int], _Open] = {}
     sent: list[Sent] = []
     layouts: dict[str, tuple[list[int], list[int]]] = {}
+    memo = hashes.known
     for offset, outputs in pending:
         lone = bool(alone) and offset in alone
         for topic, value, key, headers in outputs:
-            listed = header_list(headers)  # aiokafka's builder takes a list of pairs only
+            # header_list() inlined for the common length: this runs for every output.
+            if len(headers) == 6:
+                listed = [
+                    (headers[0], headers[1]),
+                    (headers[2], headers[3]),
+                    (headers[4], headers[5]),
+                ]
+            else:
+                listed = header_list(headers)  # aiokafka's builder takes a list of pairs only
             layout = layouts.get(topic)
             if layout is None:
                 layout = layouts[topic] = await _layout(producer, topic)
@@ -91,7 +101,8 @@ async def send_burst(
             if key is None:
                 partition = DefaultPartitioner()(None, every, layout[1])  # random, like send
             else:
-                partition = every[hashes.of(key) % len(every)]
+                code = memo.get(key)  # hashes.of() inlined while the key is known
+                partition = every[(hashes.of(key) if code is None else code) % len(every)]
             open_ = batches.get((topic, partition))
             if lone:
                 if open_ is not None:  # what came before it goes first
