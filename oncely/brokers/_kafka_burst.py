@@ -82,6 +82,7 @@ async def send_burst(
     sent: list[Sent] = []
     layouts: dict[str, tuple[list[int], list[int]]] = {}
     memo = hashes.known
+    listed: list[Any]  # (name, value) pairs; the inlined ones typed as the flat tuple's items
     for offset, outputs in pending:
         lone = bool(alone) and offset in alone
         for topic, value, key, headers in outputs:
