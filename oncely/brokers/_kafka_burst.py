@@ -134,7 +134,7 @@ async def send_burst(
 class _Open:
     """A ``BatchBuilder`` being filled, its records appended straight to the record batch
     builder inside it. ``BatchBuilder.append`` is a Python layer over that (keyword
-    arguments, a serializer call that oncely's producers do not have, a count), a sixth of
+    arguments, a serializer call that oncely's producers do not have, a count), a fifth of
     the CPU of an output in ``send_burst``. The count is the batch's ``_relative_offset``:
     each record's offset delta, and what the producer adds to the partition's idempotent
     sequence number when the batch goes out, so ``close`` writes it back before the batch
