@@ -20,7 +20,8 @@ with ``ONCELY_TEST_SQS_ENDPOINT``), on uvloop, in this one process run, over a b
 Each run is timed from start to the moment the last message's delete returned (the Worker's
 start, which makes its client, connects and resolves the queue, included; ``raw``'s client
 and queue look-up likewise). It prints msgs/s (the median of ``--rounds`` interleaved rounds,
-and the median of the per-round ratios to ``raw``), API calls per 1,000 messages (the most of
+and the median of the per-round ratios to ``raw``; ``raw`` and ``oncely`` run back to back,
+in turn first), API calls per 1,000 messages (the most of
 any round; queue look-ups and creation not counted), this process's CPU time per message (the
 backlog fill excluded; a steadier figure than msgs/s on a busy machine) and ratios measured in
 the same run. Nothing is asserted.
@@ -93,6 +94,9 @@ async def drop(topic: str) -> None:
 async def handle(_: dict[str, int]) -> None:
     """The raw loop's no-op handler (the Worker runs the same, as ``noop``)."""
 
+
+ORDER = ["raw", "oncely", "raw-ready", "oncely+idem"]
+"""A round's runs in even rounds; odd rounds swap each pair (see ``main``)."""
 
 FREEZE = False
 """``--freeze``: see the module docstring."""
@@ -226,14 +230,16 @@ async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
         f"median of {rounds} interleaved rounds{', gc.freeze() once started' if FREEZE else ''}"
     )
     runs: dict[str, list[tuple[float, int, float]]] = {
-        "raw": [],
-        "raw-ready": [],
-        "oncely": [],
-        "oncely+idem": [],
+        name: [] for name in ("raw", "raw-ready", "oncely", "oncely+idem")
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(rounds):
-            for name, got in runs.items():
+        for r in range(rounds):
+            # raw and oncely run back to back, first one then the other in turn (likewise
+            # raw-ready and oncely+idem after them): the machine's speed drifts between runs,
+            # and a fixed order gave the same side the same place every round.
+            order = ORDER if r % 2 == 0 else [ORDER[i ^ 1] for i in range(len(ORDER))]
+            for name in order:
+                got = runs[name]
                 topic = f"bench-{uuid.uuid4().hex[:8]}"
                 await fill(topic, n)
                 # Each run starts from a collected heap: a full collection costs ~100 ms of
@@ -251,7 +257,7 @@ async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
                 await drop(topic)
             print(
                 "  round:",
-                ", ".join(f"{k} {v[-1][0]:.0f}/s {v[-1][2]:.0f}us" for k, v in runs.items()),
+                ", ".join(f"{k} {runs[k][-1][0]:.0f}/s {runs[k][-1][2]:.0f}us" for k in order),
             )
     results = {
         name: (
@@ -264,16 +270,16 @@ async def main(n: int, concurrency: int, long: int, rounds: int) -> None:
     base, base_cpu = results["raw"][0], results["raw"][2]
     print(
         f"{'run':<12} {'msgs/s':>9} {'x raw':>6} {'[per round]':>11} {'calls/1000 msgs':>16} "
-        f"{'CPU us/msg':>11} {'x raw':>6}"
+        f"{'CPU us/msg':>11} {'x raw':>6} {'[per round]':>11}"
     )
     for name, (rate, calls, cpu) in results.items():
         # The median of the per-round ratios: each compares runs made close together in time.
-        per_round = statistics.median(
-            r / b for (r, _, _), (b, _, _) in zip(runs[name], runs["raw"], strict=True)
-        )
+        pairs = list(zip(runs[name], runs["raw"], strict=True))
+        per_round = statistics.median(r / b for (r, _, _), (b, _, _) in pairs)
+        cpu_per_round = statistics.median(u / b for (_, _, u), (_, _, b) in pairs)
         print(
             f"{name:<12} {rate:>9.0f} {rate / base:>6.2f} {per_round:>11.2f} "
-            f"{calls * 1000 / n:>16.0f} {cpu:>11.0f} {cpu / base_cpu:>6.2f}"
+            f"{calls * 1000 / n:>16.0f} {cpu:>11.0f} {cpu / base_cpu:>6.2f} {cpu_per_round:>11.2f}"
         )
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     await fill(topic, long)

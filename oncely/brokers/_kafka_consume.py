@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer
 
 from oncely.brokers._kafka_delivery import ExactlyOnceDelivery, KafkaDelivery
 from oncely.brokers._kafka_eos import ExactlyOnce
+from oncely.brokers._kafka_fetch import fetch
 from oncely.brokers._kafka_group import RebalanceListener, due_time, sticky_assignor
 from oncely.brokers._kafka_options import map_errors, retry_topic
 from oncely.brokers._kafka_retry import failure_copy
@@ -115,7 +116,7 @@ class KafkaSubscription(Subscription):
                 self._fetching = True
                 try:
                     with map_errors(f"polling {self.topic}"):
-                        batch = await consumer.getmany(timeout_ms=100)
+                        batch = await fetch(consumer, 100)  # getmany(), see _kafka_fetch
                 finally:
                     self._fetching = False
                 if batch:

@@ -61,10 +61,11 @@ class Pipeliner(Generic[T, R]):
     async def submit(self, item: T) -> R:
         """Queue ``item`` for the next batch and return its outcome; raises its error."""
         loop = self._loop
-        if loop is None or not (self._scheduled or self._tasks):
+        if loop is None or not (self._scheduled or self._tasks) or loop.is_closed():
             # Looked up only while nothing is under way: on Python 3.11 get_running_loop()
             # costs a getpid system call, which every begin and complete paid. While a batch
-            # is scheduled or out, its loop is the one its callers run on.
+            # is scheduled or out, its loop is the one its callers run on, unless it closed.
+            self._drop_closed()
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, fut))
@@ -85,11 +86,34 @@ class Pipeliner(Generic[T, R]):
 
     async def drain(self) -> None:
         """Wait until every queued item has been written (or failed)."""
+        self._drop_closed()
         while self._queue or self._tasks or self._giving:
             if self._tasks or self._giving:
                 await asyncio.gather(*self._tasks, *self._giving, return_exceptions=True)
             else:
                 await asyncio.sleep(0)
+
+    def _drop_closed(self) -> None:
+        """Forget what a loop that has closed left under way. A loop can close with a batch
+        scheduled or out (a store call from a task cancelled at the loop's shutdown, an
+        embedded worker's loop torn down): that batch never runs or answers, and its callers
+        are gone with the loop. Kept, it held the only slot for good, and every call on the
+        next loop failed (its futures on the closed loop) or, before, waited for ever."""
+        loop = self._loop
+        if loop is None or not loop.is_closed():
+            return
+        if self._queue or self._tasks or self._giving:
+            log.warning(
+                "store batcher: its event loop closed with %d call(s) queued and %d batch(es) "
+                "under way; dropped (their callers are gone with it)",
+                len(self._queue),
+                len(self._tasks) + len(self._giving),
+            )
+        self._queue.clear()
+        self._tasks.clear()
+        self._giving.clear()
+        self._scheduled = False
+        self._loop = None
 
     def _kick(self) -> None:
         self._scheduled = False
