@@ -1,4 +1,4 @@
-"""``Whole``'s relay on the paths around a cancel (guards: they pass on the reviewed code).
+"""``whole``'s relay on the paths around a cancel (guards: they pass on the reviewed code).
 
 What each checks is left behind too: no wake-up of the caller's task on the awaited future
 once the caller has moved on, and the rest handed off exactly once."""
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from oncely.runtime._whole import Whole
+from oncely.runtime._whole import whole
 from tests._wait import eventually
 
 pytestmark = pytest.mark.anyio
@@ -37,7 +37,7 @@ async def test_a_timeout_around_it_raises_timeout_error_and_the_rest_still_ends(
     async def caller() -> int:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.01):
-                await Whole(settle(), handed.append)
+                await whole(settle(), handed.append)
         task = asyncio.current_task()
         assert task is not None
         return task.cancelling()
@@ -56,7 +56,7 @@ async def test_a_second_cancel_before_the_first_lands_hands_off_once() -> None:
     async def settle() -> int:
         return await future
 
-    task = asyncio.ensure_future(Whole(settle(), handed.append))
+    task = asyncio.ensure_future(whole(settle(), handed.append))
     await _started(task)
     task.cancel("first")
     task.cancel("second")
@@ -76,7 +76,7 @@ async def test_a_cancel_and_the_completion_in_one_pass() -> None:
     async def settle() -> int:
         return await future
 
-    task = asyncio.ensure_future(Whole(settle(), handed.append))
+    task = asyncio.ensure_future(whole(settle(), handed.append))
     await _started(task)
     task.cancel()
     future.set_result(7)  # after the cancel took the wake-up off: the rest gets the value
@@ -97,7 +97,7 @@ async def test_a_caller_that_swallows_its_cancel_is_not_woken_by_the_old_future(
 
     async def caller() -> str:
         try:
-            await Whole(settle(), handed.append)
+            await whole(settle(), handed.append)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             assert task is not None
@@ -125,18 +125,18 @@ async def test_nested_wholes_each_keep_what_they_wait_on_from_the_cancel() -> No
         return await inner_future
 
     async def outer() -> tuple[int, int]:
-        first = await Whole(inner(), handed.append)
+        first = await whole(inner(), handed.append)
         return first, await outer_future
 
-    task = asyncio.ensure_future(Whole(outer(), handed.append))
+    task = asyncio.ensure_future(whole(outer(), handed.append))
     await _started(task)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert len(handed) == 1  # the outer Whole handed off; the inner one was not cancelled
+    assert len(handed) == 1  # the outer whole() handed off; the inner one was not cancelled
     rest = handed[0]
     await _started(rest)
-    rest.cancel()  # the rest's cancel reaches the inner Whole, which hands its part off
+    rest.cancel()  # the rest's cancel reaches the inner whole(), which hands its part off
     with pytest.raises(asyncio.CancelledError):
         await rest
     assert len(handed) == 2
