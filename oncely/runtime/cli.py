@@ -33,7 +33,7 @@ from oncely.runtime._cli_help import (
     RUN_EPILOG,
     RUN_HELP,
 )
-from oncely.runtime._cli_outbox import add_outbox_parser
+from oncely.runtime._cli_outbox import add_outbox_parser, refuse_in_process_broker
 from oncely.runtime._observe import require_metrics
 from oncely.runtime.app import App
 from oncely.runtime.config import Settings, load_settings
@@ -326,6 +326,7 @@ async def _cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
         if not sep or not name:
             raise ConfigError(f"--header expects NAME=VALUE, got {item!r}")
         headers[name] = value
+    refuse_in_process_broker(settings.broker, "oncely publish")
     async with Publisher(settings.broker) as publisher:
         message_id = await publisher.publish(
             args.topic, payload, key=args.key, headers=headers, delay=args.delay
