@@ -31,3 +31,24 @@ def test_the_outbox_relay_refuses_a_memory_broker(tmp_path: Path) -> None:
         "outbox", "relay", "--db", db, env={"ONCELY_BROKER": "memory://x"}, cwd=tmp_path
     )
     assert env_out.returncode == 2 and "cannot publish to 'memory://x'" in env_out.stderr
+
+
+@pytest.mark.parametrize(
+    ("decorated", "message"),
+    [
+        ("def h(p: dict) -> None: ...", "handler 'h' must be an async function"),
+        ("async def h(p: dict, ctx, extra: int) -> None: ...", "handler 'h' must take"),
+        ("async def h(p: Foo) -> None: ...", "handler 'h': msgspec cannot decode"),
+    ],
+)
+def test_a_handler_oncely_refuses_is_one_line_naming_the_users_line(
+    tmp_path: Path, decorated: str, message: str
+) -> None:
+    # Before, the ConfigError came with a traceback through oncely's own frames.
+    head = 'import oncely\nclass Foo: ...\napp = oncely.App("u")\n@app.handler("t")\n'
+    source = f"{head}{decorated}\n"
+    (tmp_path / "userapp.py").write_text(source)
+    out = oncely("run", "userapp:app", "--broker", "memory://", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"oncely: error: {tmp_path / 'userapp.py'}:4: {message}"), line
