@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -270,10 +271,14 @@ class App:
         where = f"handler {getattr(fn, '__qualname__', fn)!r}"
         if not topic:
             raise ConfigError(f"{where} needs a topic")
-        if concurrency < 1:
-            raise ConfigError(f"{where}: concurrency must be >= 1, got {concurrency}")
-        if timeout <= 0 or visibility <= 0 or result_ttl <= 0:
-            raise ConfigError(f"{where}: timeout, visibility and result_ttl must be > 0")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"{where}: concurrency must be an integer >= 1, got {concurrency!r}")
+        for option, seconds in (
+            ("timeout", timeout), ("visibility", visibility), ("result_ttl", result_ttl)
+        ):  # fmt: skip
+            # A string, None or NaN would fail (or never fire) far from here, at run time.
+            if not _positive_number(seconds):
+                raise ConfigError(f"{where}: {option} must be a number > 0, got {seconds!r}")
         if guarantee is not None and guarantee not in _GUARANTEES:
             raise ConfigError(f"{where}: guarantee must be one of {_GUARANTEES}")
         if idempotent and guarantee not in (None, "effectively_once"):
@@ -364,6 +369,15 @@ class App:
             if self._bound[i] is publisher:
                 del self._bound[i]
                 return
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value > 0
+        and math.isfinite(value)
+    )
 
 
 def _result_type(fn: Callable[..., Any], where: str) -> Any:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from oncely import App
+from oncely.errors import ConfigError
 from tests.runtime.test_cli import oncely
 
 
@@ -52,3 +55,28 @@ def test_a_handler_oncely_refuses_is_one_line_naming_the_users_line(
     assert out.returncode == 2, out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(f"oncely: error: {tmp_path / 'userapp.py'}:4: {message}"), line
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"timeout": "30"}, ": timeout must be a number > 0, got '30'"),
+        ({"timeout": float("nan")}, ": timeout must be a number > 0, got nan"),
+        ({"visibility": None}, ": visibility must be a number > 0, got None"),
+        ({"result_ttl": 0}, ": result_ttl must be a number > 0, got 0"),
+        ({"concurrency": 2.5}, ": concurrency must be an integer >= 1, got 2.5"),
+        ({"concurrency": True}, ": concurrency must be an integer >= 1, got True"),
+    ],
+)
+def test_a_handler_setting_of_the_wrong_type_is_a_config_error_naming_it(
+    setting: dict[str, Any], message: str
+) -> None:
+    # Before: a TypeError from a comparison ('<=' not supported between 'str' and 'int'), a
+    # NaN timeout or a fractional concurrency accepted, and one message for three settings.
+    app = App("u")
+
+    async def h(p: dict[str, Any]) -> None: ...
+
+    with pytest.raises(ConfigError) as raised:
+        app.handler("t", **setting)(h)
+    assert str(raised.value).endswith(f".<locals>.h'{message}")
