@@ -201,6 +201,7 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
+    from_env: dict[str, str] = {}  # field -> the variable that set it
     path = config_file or env.get(ENV_CONFIG)
     if path:
         merged.update(_read_toml(Path(path)))
@@ -212,12 +213,30 @@ def load_settings(
             known = ", ".join(ENV_PREFIX + f.upper() for f in sorted(_ENV_FIELDS))
             raise ConfigError(f"unknown environment variable {name}; known: {known}")
         merged[field] = value
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        from_env[field] = name
+    chosen = {k: v for k, v in (overrides or {}).items() if v is not None}
+    merged.update(chosen)
     try:
         # strict=False lets "8" from the environment become 8 and "true" become True.
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
+        what, _, path = str(exc).partition(" - at `$.")
+        name = from_env.get(path.rstrip("`"))
+        if name is not None and path.rstrip("`") not in chosen:
+            # A variable is always a string: "got `str`" would blame the wrong thing.
+            raise ConfigError(f"{name}={env[name]!r}: {_expected(what)}") from None
         raise ConfigError(f"invalid setting: {_name_handler(exc, merged)}") from None
+
+
+def _expected(what: str) -> str:
+    """What a variable's value should look like, from msgspec's "Expected `T`, got `str`"."""
+    if what.startswith("Expected `bool"):
+        return "expected true or false"
+    if what.startswith("Expected `int"):
+        return "expected a whole number"
+    if what.startswith("Expected `float"):
+        return "expected a number"
+    return what
 
 
 def _name_handler(exc: msgspec.ValidationError, merged: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from oncely import App
 from oncely.errors import ConfigError
+from oncely.runtime.config import load_settings
 from tests.runtime.test_cli import oncely
 
 
@@ -80,3 +81,25 @@ def test_a_handler_setting_of_the_wrong_type_is_a_config_error_naming_it(
     with pytest.raises(ConfigError) as raised:
         app.handler("t", **setting)(h)
     assert str(raised.value).endswith(f".<locals>.h'{message}")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ONCELY_FAIL_OPEN", "maybe", "ONCELY_FAIL_OPEN='maybe': expected true or false"),
+        ("ONCELY_CONCURRENCY", "abc", "ONCELY_CONCURRENCY='abc': expected a whole number"),
+        ("ONCELY_STALL_TIMEOUT", "soon", "ONCELY_STALL_TIMEOUT='soon': expected a number"),
+    ],
+)
+def test_a_bad_variable_value_names_the_variable(variable: str, value: str, message: str) -> None:
+    # Before: "invalid setting: Expected `bool`, got `str` - at `$.fail_open`", which names
+    # neither the variable nor what it takes (and a variable can only ever be a string).
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={variable: value})
+    assert str(raised.value) == message
+
+
+def test_a_bad_value_from_the_file_still_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('concurrency = "x"\n')
+    with pytest.raises(ConfigError, match=r"at `\$\.concurrency`"):
+        load_settings(config_file=tmp_path / "c.toml", environ={"ONCELY_FAIL_OPEN": "1"})
