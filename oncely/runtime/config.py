@@ -168,11 +168,13 @@ def _check(value: float | None, key: str, *, minimum: float | None = None) -> No
     """
     if value is None:
         return
+    # As written: a TOML "timeout = 0" arrives as 0.0 in a float field.
+    shown = int(value) if math.isfinite(value) and value == int(value) else value
     if minimum is None:
         if not (value > 0 and math.isfinite(value)):
-            raise ConfigError(f"{key} must be a number > 0, got {value}")
+            raise ConfigError(f"{key} must be a number > 0, got {shown}")
     elif not (value >= minimum and math.isfinite(value)):
-        raise ConfigError(f"{key} must be >= {minimum:g}, got {value}")
+        raise ConfigError(f"{key} must be >= {minimum:g}, got {shown}")
 
 
 def _quote(name: str) -> str:

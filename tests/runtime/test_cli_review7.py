@@ -103,3 +103,15 @@ def test_a_bad_value_from_the_file_still_names_the_key(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text('concurrency = "x"\n')
     with pytest.raises(ConfigError, match=r"at `\$\.concurrency`"):
         load_settings(config_file=tmp_path / "c.toml", environ={"ONCELY_FAIL_OPEN": "1"})
+
+
+def test_an_out_of_range_setting_is_shown_as_written(tmp_path: Path) -> None:
+    # README: `[handlers."shop.place_order"] timeout must be a number > 0, got 0`; it said 0.0.
+    (tmp_path / "c.toml").write_text('[handlers."shop.place_order"]\ntimeout = 0\n')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_file=tmp_path / "c.toml", environ={})
+    assert str(raised.value) == (
+        '[handlers."shop.place_order"] timeout must be a number > 0, got 0'
+    )
+    with pytest.raises(ConfigError, match=r"^grace_period must be a number > 0, got -0\.5$"):
+        load_settings(environ={"ONCELY_GRACE_PERIOD": "-0.5"})
