@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -150,10 +151,19 @@ def mask(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+# The characters pamqp lets through in a queue name; anything else raised its bare
+# ValueError("Invalid value for queue") from the declare, a traceback for a typo.
+_QUEUE_NAME = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]+")
+
+
 def check_topic(topic: str) -> None:
-    """Queue names are at most 255 bytes and ``amq.`` is reserved."""
-    if not topic or topic.startswith("amq.") or len(topic.encode()) > 240:
-        raise ConfigError(f"invalid AMQP topic (queue name) {topic!r}")
+    """Queue names are at most 255 bytes of letters, digits and ``-_.:@#,/+`` or space, and
+    ``amq.`` is reserved."""
+    if not _QUEUE_NAME.fullmatch(topic) or topic.startswith("amq.") or len(topic.encode()) > 240:
+        raise ConfigError(
+            f"invalid AMQP topic (queue name) {topic!r}: use up to 240 letters, digits, "
+            "spaces or -_.:@#,/+, not starting with amq."
+        )
 
 
 def dlq_name(topic: str) -> str:
