@@ -129,7 +129,7 @@ def parse_url(url: str) -> tuple[str, AmqpOptions, str]:
     except ValueError:
         publish_timeout = math.nan
     if not publish_timeout > 0 or math.isinf(publish_timeout):
-        raise ConfigError(f"publish_timeout must be a positive number of seconds: {url!r}")
+        raise ConfigError(f"publish_timeout must be a positive number of seconds: {mask(url)!r}")
     batch = own.get("batch_acks", "1").lower()
     if batch not in ("1", "0", "true", "false", "yes", "no"):
         raise ConfigError(f"batch_acks must be a boolean, got {batch!r}")

@@ -1,0 +1,35 @@
+"""A bad store or broker URL is refused with a message that never shows its password."""
+
+from __future__ import annotations
+
+import pytest
+
+from oncely.brokers.amqp import AmqpBroker
+from oncely.errors import ConfigError
+from oncely.stores.redis import RedisStore
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret@127.0.0.1:6379/0?bogus=1",
+        "redis://app:s3cret@127.0.0.1:6379/0?pool_size=x",
+        "redis://app:s3cret@127.0.0.1:6379/3?cluster=1",
+        "redis://app:s3cret@h1:7000,h2:7001/0",
+        "redis://app:s3cret@127.0.0.1:99999/0",
+        "rediss://app:s3cret@127.0.0.1:6379/0?ssl_cert_reqs=bad",
+        "redis://app:s3cret@127.0.0.1:6379/0#frag",
+    ],
+)
+def test_a_bad_redis_url_is_refused_without_its_password(url: str) -> None:
+    # Before, each message quoted the URL as given, password and all, into stderr and logs.
+    with pytest.raises(ConfigError) as raised:
+        RedisStore(url)
+    assert "s3cret" not in str(raised.value)
+    assert ":***@" in str(raised.value)
+
+
+def test_a_bad_amqp_publish_timeout_is_refused_without_the_password() -> None:
+    with pytest.raises(ConfigError) as raised:
+        AmqpBroker("amqp://guest:s3cret@127.0.0.1/?publish_timeout=-1")
+    assert "s3cret" not in str(raised.value) and "guest:***@" in str(raised.value)
