@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 
 from oncely.brokers.amqp import AmqpBroker
-from oncely.errors import ConfigError
+from oncely.brokers.registry import broker_from_url
+from oncely.errors import ConfigError, UnknownScheme
+from oncely.stores.outbox import Outbox
 from oncely.stores.redis import RedisStore
+from oncely.stores.registry import store_from_url
 
 
 @pytest.mark.parametrize(
@@ -33,3 +36,15 @@ def test_a_bad_amqp_publish_timeout_is_refused_without_the_password() -> None:
     with pytest.raises(ConfigError) as raised:
         AmqpBroker("amqp://guest:s3cret@127.0.0.1/?publish_timeout=-1")
     assert "s3cret" not in str(raised.value) and "guest:***@" in str(raised.value)
+
+
+def test_a_mistyped_scheme_is_refused_without_the_password() -> None:
+    # A typo in the scheme ("postgresq://") leaves the password in place: it was echoed.
+    with pytest.raises(UnknownScheme) as store:
+        store_from_url("postgresq://app:s3cret@db/app")
+    with pytest.raises(UnknownScheme) as broker:
+        broker_from_url("amqq://app:s3cret@rabbit/")
+    with pytest.raises(UnknownScheme) as outbox:
+        Outbox.from_url("mysql://app:s3cret@db/app")
+    for raised in (store, broker, outbox):
+        assert "s3cret" not in str(raised.value) and "app:***@" in str(raised.value)
