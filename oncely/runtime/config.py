@@ -222,11 +222,11 @@ def load_settings(
         # strict=False lets "8" from the environment become 8 and "true" become True.
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        what, _, path = str(exc).partition(" - at `$.")
-        name = from_env.get(path.rstrip("`"))
-        if name is not None and path.rstrip("`") not in chosen:
+        what, _, at = str(exc).partition(" - at `$.")
+        variable = from_env.get(at.rstrip("`"))
+        if variable is not None and at.rstrip("`") not in chosen:
             # A variable is always a string: "got `str`" would blame the wrong thing.
-            raise ConfigError(f"{name}={env[name]!r}: {_expected(what)}") from None
+            raise ConfigError(f"{variable}={env[variable]!r}: {_expected(what)}") from None
         raise ConfigError(f"invalid setting: {_name_handler(exc, merged)}") from None
 
 
