@@ -57,9 +57,12 @@ def handler_signature(fn: Callable[..., Any], where: str) -> tuple[Any, bool]:
         raise ConfigError(f"{where}: cannot read its signature: {exc}") from None
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if not 1 <= len(params) <= 2 or any(p.kind not in positional for p in params):
-        shown = ", ".join(str(p) for p in params)
+        # The Signature's own rendering keeps the * and / markers: a keyword-only ctx shown
+        # as "(p: dict, ctx: Context)" looked just like what the message asks for.
+        shown = inspect.Signature(params)
         raise ConfigError(
-            f"{where} must take (payload) or (payload, ctx: oncely.Context), got ({shown})"
+            f"{where} must take (payload) or (payload, ctx: oncely.Context), positionally; "
+            f"got {shown}"
         )
     target: Any = fn
     if isinstance(target, functools.partial):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from oncely import App
+from oncely import App, Context
 from oncely.errors import ConfigError
 from oncely.runtime.config import load_settings
 from tests.runtime.test_cli import oncely
@@ -115,3 +115,14 @@ def test_an_out_of_range_setting_is_shown_as_written(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"^grace_period must be a number > 0, got -0\.5$"):
         load_settings(environ={"ONCELY_GRACE_PERIOD": "-0.5"})
+
+
+def test_a_keyword_only_context_is_shown_as_keyword_only() -> None:
+    # Before: "must take (payload) or (payload, ctx: oncely.Context), got (p: dict, ctx:
+    # oncely.runtime.context.Context)", which reads as exactly what it asks for.
+    app = App("u")
+
+    async def h(p: dict[str, Any], *, ctx: Context) -> None: ...
+
+    with pytest.raises(ConfigError, match=r"positionally; got \(p: .*, \*, ctx: "):
+        app.handler("t")(h)
