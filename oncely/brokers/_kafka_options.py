@@ -153,6 +153,8 @@ def parse_url(url: str) -> KafkaOptions:
             kw[key] = _int(key, value, 1)
         elif key == "request_timeout":
             kw["request_timeout"] = _duration(key, value)
+            if not kw["request_timeout"]:  # every request and bounded wait would time out
+                raise ConfigError(f"kafka URL option request_timeout={value!r} must be > 0")
         elif key == "auto_offset_reset":
             kw["auto_offset_reset"] = _choice(key, value, ("earliest", "latest"))
         else:
