@@ -100,6 +100,29 @@ class AmqpOptions:
     batch_acks: bool = True
 
 
+# aiormq reads a number it cannot parse as 0 (heartbeat=abc or 1.5: no heartbeats) and a
+# flag it does not know as false, silently; oncely refuses them instead.
+_DRIVER_NUMBERS = {"heartbeat": int, "interleave": int, "timeout": float}
+_DRIVER_NUMBERS |= {"reconnect_interval": float, "happy_eyeballs_delay": float}
+
+
+def _check_driver_value(key: str, value: str) -> None:
+    kind = _DRIVER_NUMBERS.get(key)
+    if kind is not None:
+        try:
+            ok = 0 <= kind(value) < math.inf
+        except ValueError:
+            ok = False
+        if not ok:
+            what = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"AMQP URL option {key}={value!r} must be {what} >= 0")
+    elif key in ("fail_fast", "no_verify_ssl") and value.lower() not in _FLAGS:
+        raise ConfigError(f"AMQP URL option {key}={value!r} must be true or false")
+
+
+_FLAGS = ("1", "0", "true", "false", "yes", "no", "on", "off")
+
+
 def parse_url(url: str) -> tuple[str, AmqpOptions, str]:
     """Split an ``amqp(s)://`` URL into (driver URL, options, URL with password masked).
 
@@ -115,6 +138,7 @@ def parse_url(url: str) -> tuple[str, AmqpOptions, str]:
         if key in _OWN_OPTIONS:
             own[key] = value
         elif key in _DRIVER_OPTIONS:
+            _check_driver_value(key, value)
             driver.append((key, value))
         else:
             known = ", ".join(sorted(_OWN_OPTIONS | _DRIVER_OPTIONS))

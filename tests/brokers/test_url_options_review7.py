@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from oncely.brokers.registry import broker_from_url
@@ -27,3 +29,24 @@ def test_a_zero_kafka_request_timeout_is_refused(value: str) -> None:
     # the adapter's own bounded waits, so every request would time out at once.
     with pytest.raises(ConfigError, match=r"request_timeout='0.*' must be > 0"):
         broker_from_url(f"kafka://127.0.0.1:9092/?request_timeout={value}")
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("heartbeat=abc", "heartbeat='abc' must be a whole number >= 0"),
+        ("heartbeat=1.5", "heartbeat='1.5' must be a whole number >= 0"),
+        ("timeout=soon", "timeout='soon' must be a number >= 0"),
+        ("reconnect_interval=-1", "reconnect_interval='-1' must be a number >= 0"),
+        ("fail_fast=maybe", "fail_fast='maybe' must be true or false"),
+    ],
+)
+def test_an_unreadable_aio_pika_option_is_refused(option: str, message: str) -> None:
+    # Before, they passed through to aiormq, which reads a number it cannot parse as 0
+    # (heartbeat=abc turned heartbeats off) and an unknown flag as false, without a word.
+    with pytest.raises(ConfigError, match=re.escape(f"AMQP URL option {message}")):
+        broker_from_url(f"amqp://guest:guest@127.0.0.1/?{option}")
+
+
+def test_readable_aio_pika_options_are_taken() -> None:
+    broker_from_url("amqp://guest:guest@127.0.0.1/?heartbeat=30&timeout=2.5&fail_fast=true")
