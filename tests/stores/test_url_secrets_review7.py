@@ -1,4 +1,4 @@
-"""A bad store or broker URL is refused with a message that never shows its password."""
+"""Store and broker URLs: refused with precise errors that never show the password."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from oncely.errors import ConfigError, UnknownScheme
 from oncely.stores.outbox import Outbox
 from oncely.stores.redis import RedisStore
 from oncely.stores.registry import store_from_url
+from tests.stores._outbox_support import PG_URL
 
 
 @pytest.mark.parametrize(
@@ -57,3 +58,14 @@ def test_a_kafka_url_with_credentials_is_refused_without_them() -> None:
         broker_from_url("kafka://app:s3cret@127.0.0.1:9092/?group=g")
     assert "s3cret" not in str(raised.value)
     assert str(raised.value).startswith("a Kafka URL takes no user:password@")
+
+
+@pytest.mark.anyio
+async def test_a_libpq_parameter_asyncpg_refuses_is_a_config_error(anyio_backend: object) -> None:
+    # Before: StoreError (exit 1, as for a server failure) for a typo no retry can fix.
+    store = store_from_url(f"{PG_URL}?sslmode=bogus")
+    try:
+        with pytest.raises(ConfigError, match="sslmode"):
+            await store.connect()
+    finally:
+        await store.aclose()
