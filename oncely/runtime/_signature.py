@@ -15,7 +15,7 @@ import msgspec.inspect
 from oncely.errors import ConfigError
 from oncely.runtime.context import Context
 
-__all__ = ["default_name", "handler_signature"]
+__all__ = ["check_duplicate_hook", "default_name", "handler_signature", "is_async"]
 
 
 def default_name(fn: object) -> str:
@@ -86,6 +86,29 @@ def handler_signature(fn: Callable[..., Any], where: str) -> tuple[Any, bool]:
         )
     _check_decodable(payload_type, where)
     return payload_type, len(params) == 2
+
+
+def check_duplicate_hook(hook: Callable[..., Any], where: str) -> None:
+    """Refuse an ``on_duplicate`` hook that cannot be called as ``await hook(result, ctx)``.
+
+    Registered as is, it would fail on every duplicate, which then goes to the dead-letter
+    queue once its retries are spent.
+
+    Raises:
+        ConfigError: the hook is not async, or does not take two positional arguments.
+    """
+    if not is_async(hook):
+        raise ConfigError(f"{where}: on_duplicate must be an async function")
+    try:
+        signature = inspect.signature(hook)
+    except (TypeError, ValueError):
+        return  # no readable signature (some builtins): it is tried when called
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise ConfigError(
+            f"{where}: on_duplicate must take (result, ctx: oncely.Context), got {signature}"
+        ) from None
 
 
 def _is_context(annotation: Any) -> bool:

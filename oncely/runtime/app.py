@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from oncely.brokers.base import Headers
 from oncely.errors import ConfigError
-from oncely.runtime._signature import default_name, handler_signature, is_async
+from oncely.runtime._signature import check_duplicate_hook, default_name, handler_signature
 from oncely.runtime.codec import Decoder
 from oncely.runtime.retry import RetryPolicy
 
@@ -296,8 +296,7 @@ class App:
         if on_duplicate is not None:
             if chosen != "effectively_once":
                 raise ConfigError(f"{where}: on_duplicate needs guarantee='effectively_once'")
-            if not is_async(on_duplicate):
-                raise ConfigError(f"{where}: on_duplicate must be an async function")
+            check_duplicate_hook(on_duplicate, where)
         payload_type, wants_context = handler_signature(fn, where)
         result_type: Any = Any
         if on_duplicate is not None:

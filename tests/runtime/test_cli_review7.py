@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,42 @@ def test_a_keyword_only_context_is_shown_as_keyword_only() -> None:
 
     with pytest.raises(ConfigError, match=r"positionally; got \(p: .*, \*, ctx: "):
         app.handler("t")(h)
+
+
+async def _one_argument(result: dict[str, int]) -> None: ...
+
+
+async def _keyword_ctx(result: dict[str, int], *, ctx: Context) -> None: ...
+
+
+async def _right(result: dict[str, int], ctx: Context) -> None: ...
+
+
+async def _loose(*args: object) -> None: ...
+
+
+@pytest.mark.parametrize("hook", [_one_argument, _keyword_ctx])
+def test_an_on_duplicate_hook_that_cannot_take_result_and_ctx_is_refused(
+    hook: Callable[..., Awaitable[None]],
+) -> None:
+    # Before, it registered, and every duplicate failed with a TypeError in the hook and was
+    # dead-lettered once its retries were spent.
+    app = App("u")
+
+    async def h(p: dict[str, int]) -> dict[str, int]:
+        return p
+
+    with pytest.raises(ConfigError, match=r"on_duplicate must take \(result, ctx"):
+        app.handler("t", idempotent=True, on_duplicate=hook)(h)
+
+
+@pytest.mark.parametrize("hook", [_right, _loose])
+def test_an_on_duplicate_hook_that_takes_result_and_ctx_is_taken(
+    hook: Callable[..., Awaitable[None]],
+) -> None:
+    app = App("u")
+
+    async def h(p: dict[str, int]) -> dict[str, int]:
+        return p
+
+    app.handler("t", idempotent=True, on_duplicate=hook)(h)
