@@ -15,7 +15,13 @@ import msgspec.inspect
 from oncely.errors import ConfigError
 from oncely.runtime.context import Context
 
-__all__ = ["check_duplicate_hook", "default_name", "handler_signature", "is_async"]
+__all__ = [
+    "check_duplicate_hook",
+    "check_key_function",
+    "default_name",
+    "handler_signature",
+    "is_async",
+]
 
 
 def default_name(fn: object) -> str:
@@ -108,6 +114,30 @@ def check_duplicate_hook(hook: Callable[..., Any], where: str) -> None:
     except TypeError:
         raise ConfigError(
             f"{where}: on_duplicate must take (result, ctx: oncely.Context), got {signature}"
+        ) from None
+
+
+def check_key_function(fn: Callable[..., Any]) -> None:
+    """Refuse a ``key=`` function that cannot be called as ``fn(payload, delivery)``, or is
+    async: either way every message would be dead-lettered for its key.
+
+    Raises:
+        ConfigError: the function is async or does not take two positional arguments.
+    """
+    if is_async(fn):
+        raise ConfigError(
+            f"key function {default_name(fn)!r} must be a plain function (payload, delivery) "
+            "-> str | None, not async"
+        )
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # no readable signature (some builtins): it is tried when called
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise ConfigError(
+            f"key function {default_name(fn)!r} must take (payload, delivery), got {signature}"
         ) from None
 
 

@@ -10,7 +10,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from oncely.brokers.base import Headers
 from oncely.errors import ConfigError
-from oncely.runtime._signature import check_duplicate_hook, default_name, handler_signature
+from oncely.runtime._signature import (
+    check_duplicate_hook,
+    check_key_function,
+    default_name,
+    handler_signature,
+)
 from oncely.runtime.codec import Decoder
 from oncely.runtime.retry import RetryPolicy
 
@@ -69,6 +74,7 @@ class KeySource:
         if spec is None or spec == "auto":
             return cls("auto")
         if callable(spec):
+            check_key_function(spec)
             return cls("function", function=spec)
         kind, _, name = spec.partition(":")
         if kind == "header":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,26 @@ def test_an_on_duplicate_hook_that_takes_result_and_ctx_is_taken(
         return p
 
     app.handler("t", idempotent=True, on_duplicate=hook)(h)
+
+
+async def _async_key(payload: dict[str, str], delivery: object) -> str:
+    return payload["id"]
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        (lambda p: p["id"], "must take (payload, delivery), got (p)"),
+        (_async_key, "must be a plain function (payload, delivery) -> str | None, not async"),
+    ],
+)
+def test_a_key_function_that_cannot_give_a_key_is_refused(key: Any, message: str) -> None:
+    # Before, it registered, and every message was dead-lettered at once for its key: a
+    # TypeError for the lambda, "key must be a str, got coroutine" for the async one.
+    app = App("u")
+
+    async def h(p: dict[str, str]) -> None: ...
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        app.handler("t", idempotent=True, key=key)(h)
+    app.handler("t", idempotent=True, key=lambda p, d: p["id"], name="ok")(h)
