@@ -7,6 +7,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
+from dataclasses import is_dataclass
 from typing import Any
 
 import msgspec
@@ -18,6 +19,7 @@ from oncely.runtime.context import Context
 __all__ = [
     "check_duplicate_hook",
     "check_key_function",
+    "check_key_path",
     "default_name",
     "handler_signature",
     "is_async",
@@ -139,6 +141,36 @@ def check_key_function(fn: Callable[..., Any]) -> None:
         raise ConfigError(
             f"key function {default_name(fn)!r} must take (payload, delivery), got {signature}"
         ) from None
+
+
+def check_key_path(payload_type: Any, path: str, where: str) -> None:
+    """Refuse ``key="payload:PATH"`` when a typed payload has no such field.
+
+    It would yield no key for any message, so an effectively-once handler would run every
+    one without dedupe (or dead-letter it, with ``on_missing_key="reject"``). Only what the
+    types fix is checked: past a ``dict``, ``Any`` or a union, any name may exist.
+
+    Raises:
+        ConfigError: a field on the path is not one of its struct's or dataclass's fields.
+    """
+    current = payload_type
+    for part in path.split("."):
+        if not (isinstance(current, type) and (_is_struct(current) or is_dataclass(current))):
+            return
+        try:
+            hints = typing.get_type_hints(current)
+        except Exception:  # a forward reference it cannot resolve: msgspec will say at decode
+            return
+        if part not in hints:
+            raise ConfigError(
+                f"{where}: key 'payload:{path}' names no field of {current.__name__}: "
+                f"{part!r} is not one of {', '.join(sorted(hints))}"
+            )
+        current = hints[part]
+
+
+def _is_struct(tp: type) -> bool:
+    return issubclass(tp, msgspec.Struct)
 
 
 def _is_context(annotation: Any) -> bool:

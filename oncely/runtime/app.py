@@ -13,6 +13,7 @@ from oncely.errors import ConfigError
 from oncely.runtime._signature import (
     check_duplicate_hook,
     check_key_function,
+    check_key_path,
     default_name,
     handler_signature,
 )
@@ -304,6 +305,8 @@ class App:
                 raise ConfigError(f"{where}: on_duplicate needs guarantee='effectively_once'")
             check_duplicate_hook(on_duplicate, where)
         payload_type, wants_context = handler_signature(fn, where)
+        if key_source.kind == "payload":
+            check_key_path(payload_type, key_source.name, where)
         result_type: Any = Any
         if on_duplicate is not None:
             result_type = _result_type(fn, where)

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from oncely import App, Context
@@ -190,3 +191,35 @@ def test_a_key_function_that_cannot_give_a_key_is_refused(key: Any, message: str
     with pytest.raises(ConfigError, match=re.escape(message)):
         app.handler("t", idempotent=True, key=key)(h)
     app.handler("t", idempotent=True, key=lambda p, d: p["id"], name="ok")(h)
+
+
+class _Address(msgspec.Struct):
+    city: str
+
+
+class _Order(msgspec.Struct):
+    id: str
+    address: _Address
+    meta: dict[str, str]
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("order_id", "names no field of _Order: 'order_id' is not one of address, id, meta"),
+        ("address.zip", "names no field of _Address: 'zip' is not one of city"),
+    ],
+)
+def test_a_payload_key_naming_no_field_of_the_payload_type_is_refused(
+    path: str, message: str
+) -> None:
+    # Before, it registered and yielded no key for any message: the effectively-once handler
+    # ran every message without dedupe (on_missing_key="process"), with no error anywhere.
+    app = App("u")
+
+    async def h(order: _Order) -> None: ...
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        app.handler("t", idempotent=True, key=f"payload:{path}")(h)
+    for fine in ("id", "address.city", "meta.anything"):
+        app.handler("t", idempotent=True, key=f"payload:{fine}", name=fine)(h)
