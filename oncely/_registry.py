@@ -56,6 +56,9 @@ class Registry(Generic[T]):
         if entry is None:
             known = ", ".join(f"{s}://" for s in self.schemes())
             what = f"scheme {scheme!r}" if scheme else "no scheme"
+            bare = urlsplit(url).scheme.lower()
+            if not scheme and bare in self._entries:  # sqlite:x.db
+                what = f"no '//' after {bare}:; write {bare}://..."
             shown = mask(url)  # a mistyped scheme still carries the real password
             raise UnknownScheme(f"unknown {self._kind} URL {shown!r} ({what}); known: {known}")
         cls = self._load(scheme, entry)

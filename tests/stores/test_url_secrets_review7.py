@@ -69,3 +69,11 @@ async def test_a_libpq_parameter_asyncpg_refuses_is_a_config_error(anyio_backend
             await store.connect()
     finally:
         await store.aclose()
+
+
+def test_a_known_scheme_without_slashes_says_so() -> None:
+    # Before: "unknown broker URL 'sqlite:x.db' (no scheme)", though the scheme is there.
+    with pytest.raises(UnknownScheme, match=r"no '//' after sqlite:; write sqlite://"):
+        broker_from_url("sqlite:x.db")
+    with pytest.raises(UnknownScheme, match=r"\(no scheme\)"):
+        broker_from_url("x.db")
