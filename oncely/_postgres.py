@@ -284,6 +284,10 @@ def map_errors(
         message = f"{what}: {type(exc).__name__}: {exc}"
         if isinstance(exc, _REFUSED):
             raise refused(message) from exc
+        if isinstance(exc, asyncpg.ClientConfigurationError):
+            # A libpq parameter of the URL asyncpg cannot take (sslmode=bogus): retrying or
+            # waiting for the server cannot help.
+            raise ConfigError(message) from exc
         if missing_table is not None and isinstance(exc, asyncpg.UndefinedTableError):
             raise ConfigError(f"{message}; {missing_table}") from exc
         if unavailable(exc):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit
 
+from oncely._options import mask
 from oncely.errors import ConfigError, MissingExtra, UnknownScheme
 
 T = TypeVar("T")
@@ -55,7 +56,11 @@ class Registry(Generic[T]):
         if entry is None:
             known = ", ".join(f"{s}://" for s in self.schemes())
             what = f"scheme {scheme!r}" if scheme else "no scheme"
-            raise UnknownScheme(f"unknown {self._kind} URL {url!r} ({what}); known: {known}")
+            bare = urlsplit(url).scheme.lower()
+            if not scheme and bare in self._entries:  # sqlite:x.db
+                what = f"no '//' after {bare}:; write {bare}://..."
+            shown = mask(url)  # a mistyped scheme still carries the real password
+            raise UnknownScheme(f"unknown {self._kind} URL {shown!r} ({what}); known: {known}")
         cls = self._load(scheme, entry)
         backend = cls.from_url(url)
         if not isinstance(backend, self._base):

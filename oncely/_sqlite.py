@@ -58,6 +58,9 @@ async def open_db(path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> a
     path.parent.mkdir(parents=True, exist_ok=True)
     with map_sqlite_errors(StoreUnavailable):
         connecting = aiosqlite.connect(str(path), isolation_level=None, timeout=busy_timeout)
+        # A daemon thread: a Publisher or App(broker=...) the script never closed would keep
+        # the process from exiting, for ever. Every write oncely confirmed has committed.
+        _daemon(connecting)
         try:
             db = await connecting
         except BaseException:
@@ -73,6 +76,12 @@ async def open_db(path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> a
             await db.close()
             raise
     return db
+
+
+def _daemon(connection: aiosqlite.Connection) -> None:
+    thread = getattr(connection, "_thread", None)
+    if isinstance(thread, threading.Thread) and not thread.is_alive():
+        thread.daemon = True
 
 
 def _join_worker(connection: aiosqlite.Connection) -> None:

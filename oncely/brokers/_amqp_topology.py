@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -99,6 +100,29 @@ class AmqpOptions:
     batch_acks: bool = True
 
 
+# aiormq reads a number it cannot parse as 0 (heartbeat=abc or 1.5: no heartbeats) and a
+# flag it does not know as false, silently; oncely refuses them instead.
+_DRIVER_NUMBERS = {"heartbeat": int, "interleave": int, "timeout": float}
+_DRIVER_NUMBERS |= {"reconnect_interval": float, "happy_eyeballs_delay": float}
+
+
+def _check_driver_value(key: str, value: str) -> None:
+    kind = _DRIVER_NUMBERS.get(key)
+    if kind is not None:
+        try:
+            ok = 0 <= kind(value) < math.inf
+        except ValueError:
+            ok = False
+        if not ok:
+            what = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"AMQP URL option {key}={value!r} must be {what} >= 0")
+    elif key in ("fail_fast", "no_verify_ssl") and value.lower() not in _FLAGS:
+        raise ConfigError(f"AMQP URL option {key}={value!r} must be true or false")
+
+
+_FLAGS = ("1", "0", "true", "false", "yes", "no", "on", "off")
+
+
 def parse_url(url: str) -> tuple[str, AmqpOptions, str]:
     """Split an ``amqp(s)://`` URL into (driver URL, options, URL with password masked).
 
@@ -114,6 +138,7 @@ def parse_url(url: str) -> tuple[str, AmqpOptions, str]:
         if key in _OWN_OPTIONS:
             own[key] = value
         elif key in _DRIVER_OPTIONS:
+            _check_driver_value(key, value)
             driver.append((key, value))
         else:
             known = ", ".join(sorted(_OWN_OPTIONS | _DRIVER_OPTIONS))
@@ -128,7 +153,7 @@ def parse_url(url: str) -> tuple[str, AmqpOptions, str]:
     except ValueError:
         publish_timeout = math.nan
     if not publish_timeout > 0 or math.isinf(publish_timeout):
-        raise ConfigError(f"publish_timeout must be a positive number of seconds: {url!r}")
+        raise ConfigError(f"publish_timeout must be a positive number of seconds: {mask(url)!r}")
     batch = own.get("batch_acks", "1").lower()
     if batch not in ("1", "0", "true", "false", "yes", "no"):
         raise ConfigError(f"batch_acks must be a boolean, got {batch!r}")
@@ -150,10 +175,19 @@ def mask(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+# The characters pamqp lets through in a queue name; anything else raised its bare
+# ValueError("Invalid value for queue") from the declare, a traceback for a typo.
+_QUEUE_NAME = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]+")
+
+
 def check_topic(topic: str) -> None:
-    """Queue names are at most 255 bytes and ``amq.`` is reserved."""
-    if not topic or topic.startswith("amq.") or len(topic.encode()) > 240:
-        raise ConfigError(f"invalid AMQP topic (queue name) {topic!r}")
+    """Queue names are at most 255 bytes of letters, digits and ``-_.:@#,/+`` or space, and
+    ``amq.`` is reserved."""
+    if not _QUEUE_NAME.fullmatch(topic) or topic.startswith("amq.") or len(topic.encode()) > 240:
+        raise ConfigError(
+            f"invalid AMQP topic (queue name) {topic!r}: use up to 240 letters, digits, "
+            "spaces or -_.:@#,/+, not starting with amq."
+        )
 
 
 def dlq_name(topic: str) -> str:

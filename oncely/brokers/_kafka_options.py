@@ -112,6 +112,12 @@ def parse_url(url: str) -> KafkaOptions:
         raise ConfigError(f"not a Kafka URL (kafka://host:port[,host:port]/?group=...): {url!r}")
     if parts.path not in ("", "/"):
         raise ConfigError(f"a Kafka URL has no path; put options in the query string: {url!r}")
+    if "@" in parts.netloc:
+        # It would be taken for part of a host name, and echoed with the password in it.
+        raise ConfigError(
+            "a Kafka URL takes no user:password@ (oncely's Kafka adapter has no SASL "
+            f"support): kafka://{parts.netloc.rpartition('@')[2]}{parts.path}"
+        )
     kw: dict[str, object] = {"bootstrap": parts.netloc}
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key == "group":
@@ -147,6 +153,8 @@ def parse_url(url: str) -> KafkaOptions:
             kw[key] = _int(key, value, 1)
         elif key == "request_timeout":
             kw["request_timeout"] = _duration(key, value)
+            if not kw["request_timeout"]:  # every request and bounded wait would time out
+                raise ConfigError(f"kafka URL option request_timeout={value!r} must be > 0")
         elif key == "auto_offset_reset":
             kw["auto_offset_reset"] = _choice(key, value, ("earliest", "latest"))
         else:

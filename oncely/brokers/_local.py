@@ -13,9 +13,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from oncely.brokers.base import Delivery, Subscription
-from oncely.errors import AlreadySettled, DeliveryExpired
+from oncely.errors import AlreadySettled, ConfigError, DeliveryExpired
 
-__all__ = ["LocalDelivery", "LocalSubscription", "check_delay", "resolve", "wake_all"]
+__all__ = [
+    "LocalDelivery",
+    "LocalSubscription",
+    "check_delay",
+    "check_topic",
+    "resolve",
+    "wake_all",
+]
 
 
 def resolve(fut: asyncio.Future[bool], value: bool) -> None:
@@ -33,6 +40,12 @@ def wake_all(waiters: set[asyncio.Future[bool]]) -> None:
     for fut in waiters:
         resolve(fut, True)
     waiters.clear()
+
+
+def check_topic(topic: str) -> None:
+    # No handler can consume "" (App.handler refuses it): a message published there is lost.
+    if not isinstance(topic, str) or not topic:
+        raise ConfigError(f"topic must be a non-empty string, got {topic!r}")
 
 
 def check_delay(delay: float, name: str = "delay") -> None:

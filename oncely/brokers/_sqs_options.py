@@ -65,10 +65,16 @@ def parse_url(url: str) -> SqsOptions:
     prefix = parts.netloc
     if prefix and not re.fullmatch(r"[A-Za-z0-9_-]{1,60}", prefix):
         raise ConfigError(f"the SQS queue prefix may hold letters, digits, - and _: {prefix!r}")
+    endpoint = opts.get("endpoint") or None
+    if endpoint is not None:
+        # botocore's ValueError('Invalid endpoint') came out of connect as a traceback.
+        target = urlsplit(endpoint)
+        if target.scheme not in ("http", "https") or not target.hostname:
+            raise ConfigError(f"SQS option endpoint must be an http(s):// URL, got {endpoint!r}")
     return SqsOptions(
         prefix=prefix,
         region=opts.get("region") or None,
-        endpoint=opts.get("endpoint") or None,
+        endpoint=endpoint,
         profile=opts.get("profile") or None,
         wait=_int(opts, "wait", 20, 0, 20),
         fifo=_bool(opts, "fifo", False),

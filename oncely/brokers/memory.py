@@ -29,7 +29,13 @@ from collections.abc import Mapping
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-from oncely.brokers._local import LocalDelivery, LocalSubscription, check_delay, wake_all
+from oncely.brokers._local import (
+    LocalDelivery,
+    LocalSubscription,
+    check_delay,
+    check_topic,
+    wake_all,
+)
 from oncely.brokers._memory_hub import Dead, Hub, Record, Topic
 from oncely.brokers.base import (
     Broker,
@@ -132,6 +138,7 @@ class MemoryBroker(Broker, DeadLetterAdmin):
         as is (no second copy)."""
         checked = check_headers(headers)
         check_delay(delay)
+        check_topic(topic)
         hub = self._require()
         t = hub.topic(topic)
         mid = message_id if message_id is not None else uuid.uuid4().hex

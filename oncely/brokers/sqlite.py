@@ -52,7 +52,7 @@ from oncely._sqlite import (
     parse_sqlite_url,
     reject_unknown,
 )
-from oncely.brokers._local import check_delay, wake_all
+from oncely.brokers._local import check_delay, check_topic, wake_all
 from oncely.brokers._sqlite_consume import SqliteDelivery, SqliteSubscription
 from oncely.brokers._sqlite_queue import (
     BACKLOG,
@@ -242,6 +242,7 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         """
         encoded = to_json(check_headers(headers))
         check_delay(delay)
+        check_topic(topic)
         mid = message_id if message_id is not None else uuid.uuid4().hex
         now = time.time()
         await self._exec(PUBLISH, (mid, topic, bytes(body), encoded, now, now + delay))

@@ -24,7 +24,8 @@ Import module:app and consume every handler's topic until SIGTERM or SIGINT.
 
 The first signal stops fetching and lets in-flight handlers finish within the grace period;
 a second one stops at once. If the module fails to import, its own traceback is shown,
-followed by a one-line summary, and the exit status is 2.
+followed by a one-line summary, and the exit status is 2; a handler that oncely refuses (a
+sync function, a wrong signature) is one line naming the file and line, exit status 2.
 
 Logs go to stderr: JSON lines when it is not a terminal, readable lines when it is
 (--log-format). Lines about a message carry its handler, topic, message_id, key and attempt;

@@ -15,6 +15,7 @@ import logging
 import re
 import signal
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from oncely.errors import ConfigError
 from oncely.stores.outbox import DEFAULT_TABLE, OutboxRelay
@@ -22,10 +23,27 @@ from oncely.stores.outbox import DEFAULT_TABLE, OutboxRelay
 if TYPE_CHECKING:
     from oncely.runtime.config import Settings
 
-__all__ = ["add_outbox_parser", "parse_duration"]
+__all__ = ["add_outbox_parser", "parse_duration", "refuse_in_process_broker"]
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def refuse_in_process_broker(url: str, command: str) -> None:
+    """Refuse a ``memory://`` broker for a command that publishes from its own process.
+
+    Its hub lives and dies with that process, where nothing consumes: every message would be
+    reported published (an outbox row marked sent) and then lost with the process.
+
+    Raises:
+        ConfigError: ``url`` is a ``memory://`` URL.
+    """
+    if urlsplit(url).scheme.lower() == "memory":
+        raise ConfigError(
+            f"'{command}' cannot publish to {url!r}: a memory:// hub lives inside one process, "
+            "so its messages would be lost when the command exits; give the workers' broker "
+            "URL (--broker or ONCELY_BROKER)"
+        )
 
 
 def parse_duration(text: str) -> float | None:
@@ -80,6 +98,7 @@ def add_outbox_parser(
 
 
 async def _cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
+    refuse_in_process_broker(settings.broker, "oncely outbox relay")
     relay = OutboxRelay(
         args.db,
         settings.broker,

@@ -7,6 +7,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
+from dataclasses import is_dataclass
 from typing import Any
 
 import msgspec
@@ -15,7 +16,14 @@ import msgspec.inspect
 from oncely.errors import ConfigError
 from oncely.runtime.context import Context
 
-__all__ = ["default_name", "handler_signature"]
+__all__ = [
+    "check_duplicate_hook",
+    "check_key_function",
+    "check_key_path",
+    "default_name",
+    "handler_signature",
+    "is_async",
+]
 
 
 def default_name(fn: object) -> str:
@@ -57,9 +65,12 @@ def handler_signature(fn: Callable[..., Any], where: str) -> tuple[Any, bool]:
         raise ConfigError(f"{where}: cannot read its signature: {exc}") from None
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if not 1 <= len(params) <= 2 or any(p.kind not in positional for p in params):
-        shown = ", ".join(str(p) for p in params)
+        # The Signature's own rendering keeps the * and / markers: a keyword-only ctx shown
+        # as "(p: dict, ctx: Context)" looked just like what the message asks for.
+        shown = inspect.Signature(params)
         raise ConfigError(
-            f"{where} must take (payload) or (payload, ctx: oncely.Context), got ({shown})"
+            f"{where} must take (payload) or (payload, ctx: oncely.Context), positionally; "
+            f"got {shown}"
         )
     target: Any = fn
     if isinstance(target, functools.partial):
@@ -83,6 +94,83 @@ def handler_signature(fn: Callable[..., Any], where: str) -> tuple[Any, bool]:
         )
     _check_decodable(payload_type, where)
     return payload_type, len(params) == 2
+
+
+def check_duplicate_hook(hook: Callable[..., Any], where: str) -> None:
+    """Refuse an ``on_duplicate`` hook that cannot be called as ``await hook(result, ctx)``.
+
+    Registered as is, it would fail on every duplicate, which then goes to the dead-letter
+    queue once its retries are spent.
+
+    Raises:
+        ConfigError: the hook is not async, or does not take two positional arguments.
+    """
+    if not is_async(hook):
+        raise ConfigError(f"{where}: on_duplicate must be an async function")
+    try:
+        signature = inspect.signature(hook)
+    except (TypeError, ValueError):
+        return  # no readable signature (some builtins): it is tried when called
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise ConfigError(
+            f"{where}: on_duplicate must take (result, ctx: oncely.Context), got {signature}"
+        ) from None
+
+
+def check_key_function(fn: Callable[..., Any]) -> None:
+    """Refuse a ``key=`` function that cannot be called as ``fn(payload, delivery)``, or is
+    async: either way every message would be dead-lettered for its key.
+
+    Raises:
+        ConfigError: the function is async or does not take two positional arguments.
+    """
+    if is_async(fn):
+        raise ConfigError(
+            f"key function {default_name(fn)!r} must be a plain function (payload, delivery) "
+            "-> str | None, not async"
+        )
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # no readable signature (some builtins): it is tried when called
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise ConfigError(
+            f"key function {default_name(fn)!r} must take (payload, delivery), got {signature}"
+        ) from None
+
+
+def check_key_path(payload_type: Any, path: str, where: str) -> None:
+    """Refuse ``key="payload:PATH"`` when a typed payload has no such field.
+
+    It would yield no key for any message, so an effectively-once handler would run every
+    one without dedupe (or dead-letter it, with ``on_missing_key="reject"``). Only what the
+    types fix is checked: past a ``dict``, ``Any`` or a union, any name may exist.
+
+    Raises:
+        ConfigError: a field on the path is not one of its struct's or dataclass's fields.
+    """
+    current = payload_type
+    for part in path.split("."):
+        if not (isinstance(current, type) and (_is_struct(current) or is_dataclass(current))):
+            return
+        try:
+            hints = typing.get_type_hints(current)
+        except Exception:  # a forward reference it cannot resolve: msgspec will say at decode
+            return
+        if part not in hints:
+            raise ConfigError(
+                f"{where}: key 'payload:{path}' names no field of {current.__name__}: "
+                f"{part!r} is not one of {', '.join(sorted(hints))}"
+            )
+        current = hints[part]
+
+
+def _is_struct(tp: type) -> bool:
+    return issubclass(tp, msgspec.Struct)
 
 
 def _is_context(annotation: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -9,7 +10,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from oncely.brokers.base import Headers
 from oncely.errors import ConfigError
-from oncely.runtime._signature import default_name, handler_signature, is_async
+from oncely.runtime._signature import (
+    check_duplicate_hook,
+    check_key_function,
+    check_key_path,
+    default_name,
+    handler_signature,
+)
 from oncely.runtime.codec import Decoder
 from oncely.runtime.retry import RetryPolicy
 
@@ -68,6 +75,7 @@ class KeySource:
         if spec is None or spec == "auto":
             return cls("auto")
         if callable(spec):
+            check_key_function(spec)
             return cls("function", function=spec)
         kind, _, name = spec.partition(":")
         if kind == "header":
@@ -270,10 +278,14 @@ class App:
         where = f"handler {getattr(fn, '__qualname__', fn)!r}"
         if not topic:
             raise ConfigError(f"{where} needs a topic")
-        if concurrency < 1:
-            raise ConfigError(f"{where}: concurrency must be >= 1, got {concurrency}")
-        if timeout <= 0 or visibility <= 0 or result_ttl <= 0:
-            raise ConfigError(f"{where}: timeout, visibility and result_ttl must be > 0")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"{where}: concurrency must be an integer >= 1, got {concurrency!r}")
+        for option, seconds in (
+            ("timeout", timeout), ("visibility", visibility), ("result_ttl", result_ttl)
+        ):  # fmt: skip
+            # A string, None or NaN would fail (or never fire) far from here, at run time.
+            if not _positive_number(seconds):
+                raise ConfigError(f"{where}: {option} must be a number > 0, got {seconds!r}")
         if guarantee is not None and guarantee not in _GUARANTEES:
             raise ConfigError(f"{where}: guarantee must be one of {_GUARANTEES}")
         if idempotent and guarantee not in (None, "effectively_once"):
@@ -291,9 +303,10 @@ class App:
         if on_duplicate is not None:
             if chosen != "effectively_once":
                 raise ConfigError(f"{where}: on_duplicate needs guarantee='effectively_once'")
-            if not is_async(on_duplicate):
-                raise ConfigError(f"{where}: on_duplicate must be an async function")
+            check_duplicate_hook(on_duplicate, where)
         payload_type, wants_context = handler_signature(fn, where)
+        if key_source.kind == "payload":
+            check_key_path(payload_type, key_source.name, where)
         result_type: Any = Any
         if on_duplicate is not None:
             result_type = _result_type(fn, where)
@@ -364,6 +377,15 @@ class App:
             if self._bound[i] is publisher:
                 del self._bound[i]
                 return
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value > 0
+        and math.isfinite(value)
+    )
 
 
 def _result_type(fn: Callable[..., Any], where: str) -> Any:

@@ -33,7 +33,7 @@ from oncely.runtime._cli_help import (
     RUN_EPILOG,
     RUN_HELP,
 )
-from oncely.runtime._cli_outbox import add_outbox_parser
+from oncely.runtime._cli_outbox import add_outbox_parser, refuse_in_process_broker
 from oncely.runtime._observe import require_metrics
 from oncely.runtime.app import App
 from oncely.runtime.config import Settings, load_settings
@@ -210,6 +210,10 @@ def load_app(target: str) -> App:
             raise ConfigError(f"cannot import module {module_name!r}: {exc}") from None
         _print_user_traceback(exc)
         raise _import_failed(module_name, exc) from None
+    except ConfigError as exc:
+        # oncely refused something the module declares (a handler signature, a setting of
+        # @app.handler): its message says what, and the user's line says where.
+        raise ConfigError(f"{_user_line(exc)}{exc}") from None
     except Exception as exc:
         # The user's bug: their own traceback is worth seeing, then oncely's one-line summary.
         _print_user_traceback(exc)
@@ -244,6 +248,18 @@ def _hidden_frame(filename: str) -> bool:
     if filename.startswith("<frozen importlib"):
         return True
     return str(Path(filename).resolve()).startswith(_HIDDEN_DIRS) if filename else False
+
+
+def _user_line(exc: BaseException) -> str:
+    """``"path:line: "`` of the last frame in ``exc``'s traceback that is not oncely's."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not _hidden_frame(code.co_filename):
+            where = f"{code.co_filename}:{tb.tb_lineno}: "
+        tb = tb.tb_next
+    return where
 
 
 def _print_user_traceback(exc: BaseException) -> None:
@@ -326,6 +342,7 @@ async def _cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
         if not sep or not name:
             raise ConfigError(f"--header expects NAME=VALUE, got {item!r}")
         headers[name] = value
+    refuse_in_process_broker(settings.broker, "oncely publish")
     async with Publisher(settings.broker) as publisher:
         message_id = await publisher.publish(
             args.topic, payload, key=args.key, headers=headers, delay=args.delay

@@ -168,11 +168,13 @@ def _check(value: float | None, key: str, *, minimum: float | None = None) -> No
     """
     if value is None:
         return
+    # As written: a TOML "timeout = 0" arrives as 0.0 in a float field.
+    shown = int(value) if math.isfinite(value) and value == int(value) else value
     if minimum is None:
         if not (value > 0 and math.isfinite(value)):
-            raise ConfigError(f"{key} must be a number > 0, got {value}")
+            raise ConfigError(f"{key} must be a number > 0, got {shown}")
     elif not (value >= minimum and math.isfinite(value)):
-        raise ConfigError(f"{key} must be >= {minimum:g}, got {value}")
+        raise ConfigError(f"{key} must be >= {minimum:g}, got {shown}")
 
 
 def _quote(name: str) -> str:
@@ -201,6 +203,7 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
+    from_env: dict[str, str] = {}  # field -> the variable that set it
     path = config_file or env.get(ENV_CONFIG)
     if path:
         merged.update(_read_toml(Path(path)))
@@ -212,12 +215,30 @@ def load_settings(
             known = ", ".join(ENV_PREFIX + f.upper() for f in sorted(_ENV_FIELDS))
             raise ConfigError(f"unknown environment variable {name}; known: {known}")
         merged[field] = value
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        from_env[field] = name
+    chosen = {k: v for k, v in (overrides or {}).items() if v is not None}
+    merged.update(chosen)
     try:
         # strict=False lets "8" from the environment become 8 and "true" become True.
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
+        what, _, at = str(exc).partition(" - at `$.")
+        variable = from_env.get(at.rstrip("`"))
+        if variable is not None and at.rstrip("`") not in chosen:
+            # A variable is always a string: "got `str`" would blame the wrong thing.
+            raise ConfigError(f"{variable}={env[variable]!r}: {_expected(what)}") from None
         raise ConfigError(f"invalid setting: {_name_handler(exc, merged)}") from None
+
+
+def _expected(what: str) -> str:
+    """What a variable's value should look like, from msgspec's "Expected `T`, got `str`"."""
+    if what.startswith("Expected `bool"):
+        return "expected true or false"
+    if what.startswith("Expected `int"):
+        return "expected a whole number"
+    if what.startswith("Expected `float"):
+        return "expected a number"
+    return what
 
 
 def _name_handler(exc: msgspec.ValidationError, merged: Mapping[str, Any]) -> str:

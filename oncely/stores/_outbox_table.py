@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from oncely._codec import encode
+from oncely._options import mask
 from oncely._tracing_headers import created
 from oncely.errors import ConfigError, MissingExtra, UnknownScheme
 from oncely.stores._outbox_base import DEFAULT_TABLE, Backend, encode_headers
@@ -55,7 +56,7 @@ class Outbox:
 
             return cls(SqliteBackend(url, table))
         raise UnknownScheme(
-            f"unknown outbox URL {url!r}; known: postgresql://, postgres://, sqlite://"
+            f"unknown outbox URL {mask(url)!r}; known: postgresql://, postgres://, sqlite://"
         )
 
     @property

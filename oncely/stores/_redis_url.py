@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from oncely._options import mask
 from oncely.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def parse_redis_url(url: str) -> RedisOptions:
         ConfigError: wrong scheme, bad host list, port or db, or a bad or unknown option.
     """
     parts = urlsplit(url)
+    url = mask(url)  # from here on only for messages, which must not carry the password
     if parts.scheme not in ("redis", "rediss"):
         raise ConfigError(f"not a redis URL: {url!r}")
     if parts.fragment:

@@ -316,9 +316,10 @@ async def test_sqlite_rows_of_a_relay_that_died_are_taken_over_when_its_lease_en
     assert got == [0, 1, 2]
 
 
-def test_cli_exit_codes() -> None:
+def test_cli_exit_codes(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
-    base = [sys.executable, "-m", "oncely", "outbox", "relay", "--broker", "memory://"]
+    broker = f"sqlite:///{tmp_path / 'queue.db'}"  # the CLI refuses memory:// (lost messages)
+    base = [sys.executable, "-m", "oncely", "outbox", "relay", "--broker", broker]
     bad = subprocess.run(
         [*base, "--db", "sqlite:///x.db", "--retention", "soon"], capture_output=True, env=env
     )

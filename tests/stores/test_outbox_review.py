@@ -175,7 +175,7 @@ async def test_a_second_stop_with_no_grace_stops_a_relay_stuck_in_a_batch(
 
 
 async def test_cli_sigterm_while_the_relay_is_still_connecting_exits_0(
-    anyio_backend: object,
+    anyio_backend: object, tmp_path: Path
 ) -> None:
     """A pod stopped while its relay starts: the database accepts the connection but never
     answers (the relay is inside ``start()``). SIGTERM gives up the start and exits 0,
@@ -191,7 +191,8 @@ async def test_cli_sigterm_while_the_relay_is_still_connecting_exits_0(
     port = server.sockets[0].getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
     cmd = [
-        sys.executable, "-m", "oncely", "outbox", "relay", "--broker", "memory://",
+        sys.executable, "-m", "oncely", "outbox", "relay",
+        "--broker", f"sqlite:///{tmp_path / 'queue.db'}",
         "--db", f"postgresql://oncely:oncely@127.0.0.1:{port}/oncely",
     ]  # fmt: skip
     proc = spawn(cmd, env)
