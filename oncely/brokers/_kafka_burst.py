@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from aiokafka import __version__ as aiokafka_version
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from oncely.brokers._kafka_options import header_list
 from oncely.brokers._kafka_size import MAX_REQUEST
+from oncely.errors import BrokerError
 
 if TYPE_CHECKING:
     import asyncio
@@ -159,6 +161,14 @@ class _Open:
     def close(self) -> Any:
         batch = self.batch
         batch._relative_offset = self.count
+        if batch.record_count() != self.count:
+            # Another aiokafka than the ``kafka`` extra pins (``pip install oncely aiokafka``
+            # takes the newest): read as 0, the count made aiokafka complete the batch unsent,
+            # and the transaction committed its input without these outputs.
+            raise BrokerError(
+                f"aiokafka {aiokafka_version} does not read a batch's record count where "
+                "0.14 does; exactly-once needs aiokafka>=0.14,<0.15 (pip install 'oncely[kafka]')"
+            )
         # Closed, the batch is ready at once: nothing else may join it, so no linger helps.
         batch.close()
         return batch

@@ -42,8 +42,10 @@ async def fetch(consumer: AIOKafkaConsumer, timeout_ms: int) -> Fetched:
         return batch
     batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=1)
     if batch:
-        # aiokafka raises a partition's fetch error only once nothing else is drained, so
-        # the record taken above is never dropped by an error raised here.
+        # The drain can still raise (another partition's fetch error, a coordinator error)
+        # with the record taken above out of aiokafka's buffer. It is not lost: the error
+        # ends the poll and the subscription is made again from the committed offsets,
+        # and a track commits only up to records it was given (``PartitionTrack.head``).
         for tp, more in (await drain(consumer)).items():
             first = batch.get(tp)
             batch[tp] = more if first is None else [*first, *more]
