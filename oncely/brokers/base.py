@@ -387,7 +387,12 @@ class Broker(abc.ABC):
         return None
 
     async def __aenter__(self) -> Self:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:
+            # __aexit__ does not run when __aenter__ raises: close what connect opened.
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(

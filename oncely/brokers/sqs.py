@@ -181,8 +181,20 @@ class SqsBroker(Broker, DeadLetterAdmin):
         """
         client = await self._connected()
         self.api_calls["admin"] += 1
-        with map_errors("connect"):
-            await client.list_queues(QueueNamePrefix=self.options.prefix or "oncely", MaxResults=1)
+        try:
+            with map_errors("connect"):
+                await client.list_queues(
+                    QueueNamePrefix=self.options.prefix or "oncely", MaxResults=1
+                )
+        except BaseException:
+            # A client whose first call failed is dropped (its HTTP session closed), so a
+            # failed connect leaks nothing and the next connect starts afresh.
+            if self._client is client:
+                stack, self._stack, self._client = self._stack, None, None
+                if stack is not None:
+                    with contextlib.suppress(Exception):
+                        await stack.aclose()
+            raise
 
     async def _connected(self) -> SQSClient:
         if self._closed:
