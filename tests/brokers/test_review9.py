@@ -56,3 +56,18 @@ def test_a_failed_connect_leaks_nothing(url: str) -> None:
     assert done.returncode != 0, done
     assert "Traceback" not in done.stderr, done.stderr
     assert "Unclosed" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("name", ["oncely-attempt", "Oncely-Key", "oncely-dead-letter-reason"])
+def test_publish_refuses_oncely_s_own_headers(tmp_path: Path, name: str) -> None:
+    """'oncely publish --header oncely-attempt=3' would make a fresh message look like its
+    third attempt (fewer retries); oncely's own headers are refused, and nothing is sent."""
+    db = tmp_path / "pub.db"
+    url = f"sqlite:///{db}"
+    done = oncely("publish", "orders", "{}", "--header", f"{name}=3", "--broker", url)
+    assert done.returncode == 2, done
+    assert "reserved" in done.stderr and name in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not db.exists(), "refused before the broker was opened"
+    ok = oncely("publish", "orders", "{}", "--header", "x-source=cli", "--broker", url)
+    assert ok.returncode == 0, ok
