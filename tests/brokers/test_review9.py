@@ -71,3 +71,35 @@ def test_publish_refuses_oncely_s_own_headers(tmp_path: Path, name: str) -> None
     assert not db.exists(), "refused before the broker was opened"
     ok = oncely("publish", "orders", "{}", "--header", "x-source=cli", "--broker", url)
     assert ok.returncode == 0, ok
+
+
+@pytest.mark.parametrize(
+    ("tail", "says"),
+    [
+        ("sub/", "names a directory"),
+        ("jobs#2.db", "has a '#'"),
+        ("jobs.db#", "has a '#'"),
+        (":memory:", "not a file path"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["broker", "store", "outbox"])
+def test_sqlite_urls_that_name_no_shared_file_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tail: str, says: str, kind: str
+) -> None:
+    """sqlite:///dir/ created a file named 'dir', '#...' was dropped (another file opened),
+    and sqlite:///:memory: made a broker or store no other process can reach."""
+    from oncely.brokers.registry import broker_from_url
+    from oncely.errors import ConfigError
+    from oncely.stores._outbox_sqlite import SqliteBackend
+    from oncely.stores.registry import store_from_url
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tail}"
+    with pytest.raises(ConfigError, match=says):
+        if kind == "broker":
+            broker_from_url(url)
+        elif kind == "store":
+            store_from_url(url)
+        else:
+            SqliteBackend(url, "outbox")
+    assert list(tmp_path.iterdir()) == []
