@@ -316,6 +316,10 @@ class AmqpBroker(Broker, DeadLetterAdmin):
 
     # ---------------------------------------------------------------------------- consume
 
+    def check_topic(self, topic: str) -> None:
+        """Queue-name rules, as ``publish`` and ``consume`` check them (the module's function)."""
+        check_topic(topic)
+
     def consume(self, topic: str, *, prefetch: int, visibility: float) -> AmqpSubscription:
         """Subscribe on a channel of its own with ``basic.qos(prefetch)``.
 

@@ -374,6 +374,15 @@ class Broker(abc.ABC):
         """
         return None
 
+    def check_topic(self, topic: str) -> None:
+        """Raise ``ConfigError`` if this broker would refuse ``topic`` as a name (no I/O).
+
+        Optional contract: the worker calls it for every handler's topic before it connects,
+        so a name the broker's rules forbid is a one-line configuration mistake rather than
+        a consume that fails after start. The default accepts every name (rule unknown).
+        """
+        return None
+
     async def backlog(self, topic: str) -> dict[str, int] | None:
         """How many messages of ``topic`` wait to be consumed, or ``None`` when the broker
         cannot tell (the default). The metrics sampler calls it every few seconds.

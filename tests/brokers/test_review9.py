@@ -103,3 +103,48 @@ def test_sqlite_urls_that_name_no_shared_file_are_refused(
         else:
             SqliteBackend(url, "outbox")
     assert list(tmp_path.iterdir()) == []
+
+
+APP = """
+import oncely
+
+app = oncely.App()
+
+
+@app.handler({topic!r})
+async def handle(payload: dict, ctx: oncely.Context) -> None:
+    pass
+"""
+
+
+@pytest.mark.parametrize(
+    ("broker", "topic", "says"),
+    [
+        ("amqp://guest:guest@127.0.0.1:5672/", "bad topic!", "invalid AMQP topic"),
+        ("amqp://guest:guest@127.0.0.1:5672/", "amq.orders", "invalid AMQP topic"),
+        ("kafka://127.0.0.1:9092", "bad topic!", "invalid Kafka topic"),
+        ("kafka://127.0.0.1:9092", "t" * 245, "made from it, is too long"),
+    ],
+    ids=["amqp-char", "amqp-reserved", "kafka-char", "kafka-retry-length"],
+)
+def test_a_handler_topic_the_broker_refuses_is_a_config_error(
+    tmp_path: Path, broker: str, topic: str, says: str
+) -> None:
+    """'oncely run' with @app.handler("bad topic!") exited 1 with a CRITICAL log and a
+    traceback once consuming failed; the broker's naming rule is checked before it connects:
+    one line, exit 2."""
+    (tmp_path / "badtopic_app.py").write_text(APP.format(topic=topic))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
+    env["PYTHONPATH"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "oncely.runtime.cli", "run", "badtopic_app:app", "--broker", broker],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    assert says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "CRITICAL" not in done.stderr, done.stderr
