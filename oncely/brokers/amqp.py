@@ -81,7 +81,12 @@ import aio_pika
 from pamqp.commands import Basic
 
 from oncely.brokers._amqp_consume import AmqpSubscription
-from oncely.brokers._amqp_dlq import list_dead_letters, purge_dead_letters, replay_dead_letters
+from oncely.brokers._amqp_dlq import (
+    dlq_exists,
+    list_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+)
 from oncely.brokers._amqp_topology import (
     MAX_DELAY,
     AmqpOptions,
@@ -332,6 +337,12 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         return sub
 
     # ------------------------------------------------------------------------- dead letters
+
+    async def has_dead_letter_queue(self, topic: str) -> bool:
+        check_topic(topic)
+        connection = await self._connected()
+        with map_errors("admin"):
+            return await dlq_exists(connection, topic)
 
     async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
         """Read up to ``limit`` dead letters, oldest first, without removing them.

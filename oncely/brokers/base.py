@@ -383,6 +383,16 @@ class Broker(abc.ABC):
         """
         return None
 
+    async def has_dead_letter_queue(self, topic: str) -> bool | None:
+        """Whether ``topic``'s dead-letter queue (or the topic) exists, looked up without
+        creating anything; ``None`` when the broker makes nothing per topic (the default).
+
+        Optional contract: ``oncely dlq`` asks it first, so that a misspelt topic is refused
+        instead of having its queues created by the admin calls. It may do I/O and raises
+        like any broker call.
+        """
+        return None
+
     async def backlog(self, topic: str) -> dict[str, int] | None:
         """How many messages of ``topic`` wait to be consumed, or ``None`` when the broker
         cannot tell (the default). The metrics sampler calls it every few seconds.

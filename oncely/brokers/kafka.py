@@ -385,6 +385,15 @@ class KafkaBroker(Broker, DeadLetterAdmin):
                     lags[str(tp.partition)] = max(0, high - track.head())
         return lags
 
+    async def has_dead_letter_queue(self, topic: str) -> bool:
+        """The topic or its ``<topic>.dlq`` exists (topic metadata; creates nothing)."""
+        self.check_topic(topic)
+        await self.connect()
+        assert self._admin is not None
+        with map_errors("listing kafka topics"):
+            names = set(await self._admin.list_topics())
+        return topic in names or dlq_topic(topic) in names
+
     async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
         await self.connect()
         letters = await list_dead_letters(self, topic)

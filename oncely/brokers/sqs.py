@@ -431,6 +431,9 @@ class SqsBroker(Broker, DeadLetterAdmin):
 
     # ------------------------------------------------------------------------- dead letters
 
+    async def has_dead_letter_queue(self, topic: str) -> bool:
+        return await _sqs_queues.dlq_exists(self, topic)
+
     async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first, left in place; see ``_sqs_admin``."""
         return await _sqs_admin.dead_letters(self, topic, limit=limit)

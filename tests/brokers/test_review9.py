@@ -148,3 +148,77 @@ def test_a_handler_topic_the_broker_refuses_is_a_config_error(
     assert done.returncode == 2, done
     assert says in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "CRITICAL" not in done.stderr, done.stderr
+
+
+async def _amqp_has(name: str) -> bool:
+    import aio_pika
+    import aiormq.exceptions
+
+    from tests.brokers.test_amqp import AMQP_URL
+
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        async with connection.channel() as channel:
+            await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        await connection.close()
+    return True
+
+
+async def _made(kind: str, topic: str) -> list[str]:
+    """What exists of ``topic``'s topology, asked of the server directly."""
+    if kind == "amqp":
+        names = [topic, f"{topic}.dlq"]
+        return [n for n in names if await _amqp_has(n)]
+    if kind == "kafka":
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers="127.0.0.1:9092")
+        await admin.start()  # type: ignore[no-untyped-call]
+        try:
+            listed = set(await admin.list_topics())
+        finally:
+            await admin.close()  # type: ignore[no-untyped-call]
+        return sorted(n for n in listed if n == topic or n.startswith(topic + "."))
+    from tests.brokers.test_sqs import plain_client
+
+    async with plain_client() as client:
+        got = await client.list_queues(QueueNamePrefix=topic)
+    return list(got.get("QueueUrls", []))
+
+
+@pytest.mark.parametrize("kind", ["amqp", "kafka", "sqs"])
+async def test_dlq_commands_on_a_misspelt_topic_create_nothing(kind: str, unique: str) -> None:
+    """'oncely dlq list|show|replay|purge' on a topic the broker does not have refused
+    nothing and created its topology (8 queues on RabbitMQ, <topic>.dlq on Kafka, the queue
+    and DLQ on SQS). Now: one line, exit 2, nothing created; an existing topic still works."""
+    from oncely.brokers.registry import broker_from_url
+    from tests.brokers.kafka_support import KAFKA_URL
+    from tests.brokers.test_amqp import AMQP_URL
+    from tests.brokers.test_sqs import SQS_URL, delete_queues
+
+    url = {"amqp": AMQP_URL, "kafka": KAFKA_URL, "sqs": SQS_URL}[kind]
+    typo = f"{unique}-typo"
+    commands = [
+        ["dlq", "list", typo],
+        ["dlq", "show", typo, "some-id"],
+        ["dlq", "replay", typo, "--all"],
+        ["dlq", "purge", typo, "--older-than", "1d"],
+    ]
+    try:
+        for command in commands:
+            done = oncely(*command, "--broker", url)
+            assert done.returncode == 2, done
+            assert f"no such topic/dead-letter queue: {typo!r}" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr
+        assert await _made(kind, typo) == []
+        async with broker_from_url(url) as broker:
+            await broker.publish(unique, b"{}")  # the real topic now exists
+        done = oncely("dlq", "list", unique, "--format", "json", "--broker", url)
+        assert done.returncode == 0, done
+        assert f"0 dead letter(s) in {unique!r}" in done.stderr
+    finally:
+        if kind == "sqs":
+            await delete_queues([unique, typo])
