@@ -373,6 +373,9 @@ class SqsBroker(Broker, DeadLetterAdmin):
 
     # ---------------------------------------------------------------------------- consume
 
+    def check_topic(self, topic: str) -> None:
+        queue_name(topic, self.options)  # SQS's queue-name rule, with the prefix and -dlq
+
     def consume(self, topic: str, *, prefetch: int, visibility: float) -> SqsSubscription:
         """Subscribe with long polling; polling starts on the first ``__anext__``.
 

@@ -124,8 +124,9 @@ async def handle(payload: dict, ctx: oncely.Context) -> None:
         ("amqp://guest:guest@127.0.0.1:5672/", "amq.orders", "invalid AMQP topic"),
         ("kafka://127.0.0.1:9092", "bad topic!", "invalid Kafka topic"),
         ("kafka://127.0.0.1:9092", "t" * 245, "made from it, is too long"),
+        ("sqs://?region=us-east-1&endpoint=http://127.0.0.1:9324", "bad topic!", "SQS queue"),
     ],
-    ids=["amqp-char", "amqp-reserved", "kafka-char", "kafka-retry-length"],
+    ids=["amqp-char", "amqp-reserved", "kafka-char", "kafka-retry-length", "sqs-char"],
 )
 def test_a_handler_topic_the_broker_refuses_is_a_config_error(
     tmp_path: Path, broker: str, topic: str, says: str
@@ -135,6 +136,8 @@ def test_a_handler_topic_the_broker_refuses_is_a_config_error(
     one line, exit 2."""
     (tmp_path / "badtopic_app.py").write_text(APP.format(topic=topic))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
+    env.setdefault("AWS_ACCESS_KEY_ID", "oncely-test")
+    env.setdefault("AWS_SECRET_ACCESS_KEY", "oncely-test")
     env["PYTHONPATH"] = str(tmp_path)
     done = subprocess.run(
         [sys.executable, "-m", "oncely.runtime.cli", "run", "badtopic_app:app", "--broker", broker],
