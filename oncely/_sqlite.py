@@ -33,9 +33,21 @@ def parse_sqlite_url(url: str) -> tuple[Path, dict[str, str]]:
         raise ConfigError(
             f"sqlite URL {url!r} has a host; write sqlite:///relative.db or sqlite:////abs.db"
         )
+    if "#" in url:
+        # urlsplit drops a fragment: sqlite:///jobs#2.db would open 'jobs', silently.
+        raise ConfigError(f"sqlite URL {url!r} has a '#'; a file name cannot hold one here")
     raw = parts.path[1:] if parts.path.startswith("/") else parts.path
     if not raw:
         raise ConfigError(f"sqlite URL {url!r} names no file; write sqlite:///path/to.db")
+    if raw.endswith("/"):
+        raise ConfigError(f"sqlite URL {url!r} names a directory; write sqlite:///{raw}name.db")
+    if raw == ":memory:" or raw.startswith("file:"):
+        # An in-memory database lives in one connection of one process (a broker or store no
+        # other process can reach); a file: URI is not read as one (no uri=True).
+        raise ConfigError(
+            f"sqlite URL {url!r} is not a file path; oncely's SQLite backends share a file "
+            "between processes (memory:// is the in-process backend)"
+        )
     return Path(raw), dict(parse_qsl(parts.query, keep_blank_values=True))
 
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import aiormq.exceptions
 from pamqp.commands import Basic
 
 from oncely.brokers._amqp_topology import (
@@ -30,6 +31,16 @@ __all__ = ["list_dead_letters", "purge_dead_letters", "replay_dead_letters"]
 
 _FRESH = (Headers.ATTEMPT, Headers.REASON, Headers.FAILED_AT)
 """Headers of a dead letter's failure history, dropped when it is replayed."""
+
+
+async def dlq_exists(connection: AbstractRobustConnection, topic: str) -> bool:
+    """``AmqpBroker.has_dead_letter_queue``: a passive declare of the DLQ (creates nothing)."""
+    try:
+        async with connection.channel(publisher_confirms=False) as channel:
+            await channel.declare_queue(dlq_name(topic), passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    return True
 
 
 async def list_dead_letters(

@@ -63,6 +63,16 @@ async def lookup(broker: BrokerLink, topic: str) -> str:
     return url
 
 
+async def dlq_exists(broker: BrokerLink, topic: str) -> bool:
+    """Whether ``topic``'s DLQ exists: GetQueueUrl, which never creates it."""
+    client = await broker._connected()
+    try:
+        await _existing(broker, client, dlq_name(topic, broker.options))
+    except ConfigError:
+        return False
+    return True
+
+
 async def _create(
     broker: BrokerLink, client: SQSClient, name: str, attributes: dict[QueueAttributeNameType, str]
 ) -> str:

@@ -76,7 +76,7 @@ def queue_name(topic: str, options: SqsOptions) -> str:
     name = options.prefix + base
     if not _NAME.match(name) or len(name) > 80 - len(DLQ_SUFFIX) - 5:
         raise ConfigError(
-            f"SQS queue name {name!r} (from topic {topic!r}) must be 1-{74 - len(DLQ_SUFFIX)} "
+            f"SQS queue name {name!r} (from topic {topic!r}) must be 1-{75 - len(DLQ_SUFFIX)} "
             "letters, digits, - or _ (plus an optional .fifo suffix)"
         )
     return name + ".fifo" if is_fifo(topic, options) else name

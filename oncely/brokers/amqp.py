@@ -81,7 +81,12 @@ import aio_pika
 from pamqp.commands import Basic
 
 from oncely.brokers._amqp_consume import AmqpSubscription
-from oncely.brokers._amqp_dlq import list_dead_letters, purge_dead_letters, replay_dead_letters
+from oncely.brokers._amqp_dlq import (
+    dlq_exists,
+    list_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+)
 from oncely.brokers._amqp_topology import (
     MAX_DELAY,
     AmqpOptions,
@@ -316,6 +321,10 @@ class AmqpBroker(Broker, DeadLetterAdmin):
 
     # ---------------------------------------------------------------------------- consume
 
+    def check_topic(self, topic: str) -> None:
+        """Queue-name rules, as ``publish`` and ``consume`` check them (the module's function)."""
+        check_topic(topic)
+
     def consume(self, topic: str, *, prefetch: int, visibility: float) -> AmqpSubscription:
         """Subscribe on a channel of its own with ``basic.qos(prefetch)``.
 
@@ -328,6 +337,12 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         return sub
 
     # ------------------------------------------------------------------------- dead letters
+
+    async def has_dead_letter_queue(self, topic: str) -> bool:
+        check_topic(topic)
+        connection = await self._connected()
+        with map_errors("admin"):
+            return await dlq_exists(connection, topic)
 
     async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
         """Read up to ``limit`` dead letters, oldest first, without removing them.

@@ -374,6 +374,25 @@ class Broker(abc.ABC):
         """
         return None
 
+    def check_topic(self, topic: str) -> None:
+        """Raise ``ConfigError`` if this broker would refuse ``topic`` as a name (no I/O).
+
+        Optional contract: the worker calls it for every handler's topic before it connects,
+        so a name the broker's rules forbid is a one-line configuration mistake rather than
+        a consume that fails after start. The default accepts every name (rule unknown).
+        """
+        return None
+
+    async def has_dead_letter_queue(self, topic: str) -> bool | None:
+        """Whether ``topic``'s dead-letter queue (or the topic) exists, looked up without
+        creating anything; ``None`` when the broker makes nothing per topic (the default).
+
+        Optional contract: ``oncely dlq`` asks it first, so that a misspelt topic is refused
+        instead of having its queues created by the admin calls. It may do I/O and raises
+        like any broker call.
+        """
+        return None
+
     async def backlog(self, topic: str) -> dict[str, int] | None:
         """How many messages of ``topic`` wait to be consumed, or ``None`` when the broker
         cannot tell (the default). The metrics sampler calls it every few seconds.
@@ -387,7 +406,12 @@ class Broker(abc.ABC):
         return None
 
     async def __aenter__(self) -> Self:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:
+            # __aexit__ does not run when __aenter__ raises: close what connect opened.
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(

@@ -69,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 import weakref
@@ -91,6 +92,7 @@ from oncely.brokers._kafka_options import (
     DEFAULT_BUCKETS,
     KafkaOptions,
     bucket_for,
+    dlq_topic,
     encode_headers,
     map_errors,
     parse_url,
@@ -114,6 +116,7 @@ __all__ = ["DEFAULT_BUCKETS", "KafkaBroker", "KafkaOptions"]
 log = logging.getLogger("oncely.brokers.kafka")
 
 _TOPIC_EXISTS = 36
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 _RESTART_FAILED = "kafka: producer restart failed"
 
@@ -331,6 +334,18 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         await self.send(target, body, key=key.encode() if key is not None else None, headers=merged)
         return mid
 
+    def check_topic(self, topic: str) -> None:
+        """Kafka's rule (up to 249 ASCII letters, digits, '.', '_', '-'; not '.' or '..'),
+        for the topic and the retry and dead-letter topics made from it."""
+        retries = (retry_topic(topic, b) for b in self.options.buckets)
+        for name in (topic, dlq_topic(topic), *retries):
+            if not _TOPIC_NAME.fullmatch(name) or topic in (".", ".."):
+                made = f" ({name!r}, made from it, is too long)" if name != topic else ""
+                raise ConfigError(
+                    f"invalid Kafka topic {topic!r}: Kafka takes up to 249 ASCII letters, "
+                    f"digits, '.', '_' and '-'{made}"
+                )
+
     def consume(self, topic: str, *, prefetch: int, visibility: float) -> KafkaSubscription:
         sub = KafkaSubscription(self, topic, prefetch=prefetch, visibility=visibility)
         self._subs.add(sub)
@@ -369,6 +384,15 @@ class KafkaBroker(Broker, DeadLetterAdmin):
                 if high is not None:
                     lags[str(tp.partition)] = max(0, high - track.head())
         return lags
+
+    async def has_dead_letter_queue(self, topic: str) -> bool:
+        """The topic or its ``<topic>.dlq`` exists (topic metadata; creates nothing)."""
+        self.check_topic(topic)
+        await self.connect()
+        assert self._admin is not None
+        with map_errors("listing kafka topics"):
+            names = set(await self._admin.list_topics())
+        return topic in names or dlq_topic(topic) in names
 
     async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
         await self.connect()

@@ -181,8 +181,20 @@ class SqsBroker(Broker, DeadLetterAdmin):
         """
         client = await self._connected()
         self.api_calls["admin"] += 1
-        with map_errors("connect"):
-            await client.list_queues(QueueNamePrefix=self.options.prefix or "oncely", MaxResults=1)
+        try:
+            with map_errors("connect"):
+                await client.list_queues(
+                    QueueNamePrefix=self.options.prefix or "oncely", MaxResults=1
+                )
+        except BaseException:
+            # A client whose first call failed is dropped (its HTTP session closed), so a
+            # failed connect leaks nothing and the next connect starts afresh.
+            if self._client is client:
+                stack, self._stack, self._client = self._stack, None, None
+                if stack is not None:
+                    with contextlib.suppress(Exception):
+                        await stack.aclose()
+            raise
 
     async def _connected(self) -> SQSClient:
         if self._closed:
@@ -361,6 +373,9 @@ class SqsBroker(Broker, DeadLetterAdmin):
 
     # ---------------------------------------------------------------------------- consume
 
+    def check_topic(self, topic: str) -> None:
+        queue_name(topic, self.options)  # SQS's queue-name rule, with the prefix and -dlq
+
     def consume(self, topic: str, *, prefetch: int, visibility: float) -> SqsSubscription:
         """Subscribe with long polling; polling starts on the first ``__anext__``.
 
@@ -418,6 +433,9 @@ class SqsBroker(Broker, DeadLetterAdmin):
         await _sqs_admin.dead_letter(self, delivery, reason)
 
     # ------------------------------------------------------------------------- dead letters
+
+    async def has_dead_letter_queue(self, topic: str) -> bool:
+        return await _sqs_queues.dlq_exists(self, topic)
 
     async def dead_letters(self, topic: str, *, limit: int = 100) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first, left in place; see ``_sqs_admin``."""

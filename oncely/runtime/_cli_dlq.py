@@ -127,6 +127,13 @@ def _admin(settings: Settings) -> Broker:
     return broker
 
 
+async def _require_dlq(broker: Broker, topic: str) -> None:
+    """Refuse a topic the broker does not have: the admin calls would create its queues, and
+    an operator's typo must not create topology."""
+    if await broker.has_dead_letter_queue(topic) is False:
+        raise ConfigError(f"no such topic/dead-letter queue: {topic!r}")
+
+
 def _body(body: bytes) -> tuple[str, str]:
     try:
         return body.decode("utf-8"), "utf-8"
@@ -194,6 +201,7 @@ async def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     broker = _admin(settings)
     async with broker:
         assert isinstance(broker, DeadLetterAdmin)
+        await _require_dlq(broker, args.topic)
         letters = await broker.dead_letters(args.topic, limit=args.limit)
     now = time.time()
     if _tty(sys.stdout, args.format):
@@ -209,6 +217,7 @@ async def _cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     broker = _admin(settings)
     async with broker:
         assert isinstance(broker, DeadLetterAdmin)
+        await _require_dlq(broker, args.topic)
         letter = await broker.get(args.topic, args.id)
     if letter is None:
         echo(f"oncely: error: no dead letter {args.id!r} in {args.topic!r}", file=sys.stderr)
@@ -253,6 +262,7 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     progress = _Progress("replayed")
     async with broker:
         assert isinstance(broker, DeadLetterAdmin)
+        await _require_dlq(broker, args.topic)
         if args.all:
             ids = [letter.id for letter in await broker.dead_letters(args.topic, limit=ALL)]
         else:
@@ -289,6 +299,7 @@ async def _cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     broker = _admin(settings)
     async with broker:
         assert isinstance(broker, DeadLetterAdmin)
+        await _require_dlq(broker, args.topic)
         # One broker call, which cannot report counts as it goes: on a TTY the time it has
         # taken so far shows it is still working.
         ticker = _Ticker(f"purging dead letters of {args.topic!r}…")

@@ -341,6 +341,13 @@ async def _cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise ConfigError(f"--header expects NAME=VALUE, got {item!r}")
+        if name.lower().startswith("oncely-"):
+            # oncely reads these (attempt count, keys, dead-letter fields): one set by hand
+            # would cut retries short or change what dedupes.
+            raise ConfigError(
+                f"--header {name}: names starting with oncely- are oncely's own (reserved); "
+                "use --key for the idempotency key"
+            )
         headers[name] = value
     refuse_in_process_broker(settings.broker, "oncely publish")
     async with Publisher(settings.broker) as publisher:

@@ -193,6 +193,8 @@ class Worker(Surfaces):
         self.broker = broker_from_url(self._broker_arg)
         if isinstance(self._broker_arg, str):
             self._owned.append(self.broker)
+        for spec in self.specs:
+            self.broker.check_topic(spec.topic)  # a name it refuses: ConfigError before I/O
         needs_store = [s for s in self.specs if s.uses_store]
         if needs_store:
             if self._store_arg is None:
