@@ -107,16 +107,11 @@ def check_duplicate_hook(hook: Callable[..., Any], where: str) -> None:
     """
     if not is_async(hook):
         raise ConfigError(f"{where}: on_duplicate must be an async function")
-    try:
-        signature = inspect.signature(hook)
-    except (TypeError, ValueError):
-        return  # no readable signature (some builtins): it is tried when called
-    try:
-        signature.bind(None, None)
-    except TypeError:
+    refused = _refuses_two_arguments(hook)
+    if refused is not None:
         raise ConfigError(
-            f"{where}: on_duplicate must take (result, ctx: oncely.Context), got {signature}"
-        ) from None
+            f"{where}: on_duplicate must take (result, ctx: oncely.Context), got {refused}"
+        )
 
 
 def check_key_function(fn: Callable[..., Any]) -> None:
@@ -131,16 +126,25 @@ def check_key_function(fn: Callable[..., Any]) -> None:
             f"key function {default_name(fn)!r} must be a plain function (payload, delivery) "
             "-> str | None, not async"
         )
+    refused = _refuses_two_arguments(fn)
+    if refused is not None:
+        raise ConfigError(
+            f"key function {default_name(fn)!r} must take (payload, delivery), got {refused}"
+        )
+
+
+def _refuses_two_arguments(fn: Callable[..., Any]) -> inspect.Signature | None:
+    """``fn``'s signature if it cannot be called with two positional arguments, else None
+    (also when it has no readable signature, as some builtins: it is tried when called)."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
-        return  # no readable signature (some builtins): it is tried when called
+        return None
     try:
         signature.bind(None, None)
     except TypeError:
-        raise ConfigError(
-            f"key function {default_name(fn)!r} must take (payload, delivery), got {signature}"
-        ) from None
+        return signature
+    return None
 
 
 def check_key_path(payload_type: Any, path: str, where: str) -> None:
