@@ -146,7 +146,7 @@ class SqliteStore(TransactionalStore):
         if not raw_pool.isdigit() or int(raw_pool) < 1:
             raise ConfigError(f"{url!r}: option pool={raw_pool!r} must be a whole number >= 1")
         purge_interval = option(options, "purge_interval", 60.0, url)
-        reject_unknown(options, url)
+        reject_unknown(options, url, ("pool", "purge_interval"))
         store = cls(path, pool=int(raw_pool), purge_interval=purge_interval)
         store.url = url
         return store
