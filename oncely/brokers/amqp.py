@@ -197,9 +197,18 @@ class AmqpBroker(Broker, DeadLetterAdmin):
                 with map_errors("connect"):
                     self._conn = await aio_pika.connect_robust(self._driver_url)
             if self._pub is None:
-                with map_errors("connect"):
-                    pub = self._conn.channel(publisher_confirms=True, on_return_raises=True)
-                    await pub.initialize()
+                try:
+                    with map_errors("connect"):
+                        pub = self._conn.channel(publisher_confirms=True, on_return_raises=True)
+                        await pub.initialize()
+                except BaseException:
+                    # A failed connect leaks nothing: the caller has no broker to aclose, and a
+                    # robust connection left open would keep reading and reconnecting. The
+                    # next connect opens a new one.
+                    conn, self._conn = self._conn, None
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                    raise
                 self._pub = pub
         return self._conn
 
