@@ -75,7 +75,7 @@ class Invoke:
                 value = await spec.fn(payload, Context(delivery, key, self.publisher))
             else:
                 value = await spec.fn(payload)
-            return None if value is None else self._encode_result(value)
+            return None if value is None else self._encode_result(value, delivery)
         except asyncio.CancelledError:
             if not (active.timed_out or active.lease_lost) or active.task is None:
                 raise
@@ -99,17 +99,26 @@ class Invoke:
                 value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
             else:
                 value = await spec.fn(payload)
-            result = self._encode_result(value)
+            result = self._encode_result(value, delivery)
             tx.result = result
         return result
 
-    def _encode_result(self, value: object) -> bytes | None:
+    def _encode_result(self, value: object, delivery: Delivery) -> bytes | None:
         if value is None:
             return None
         try:
             return encode(value)
-        except TypeError as exc:
+        except Exception as exc:
             # The effect already happened: a return value that cannot be cached must not turn
-            # a success into a retry (which would run the effect again).
-            log.error("%s: result not cached, cannot encode it: %s", self.spec.name, exc)
+            # a success into a retry (which would run the effect again). Any exception: msgspec
+            # raises RecursionError, not TypeError, on a value that contains itself.
+            self.stats.results_not_cached += 1
+            log.error(
+                "%s: message %s ran, but its result is not cached: cannot encode it (%s: %s); "
+                "the key completes without it, so a duplicate's on_duplicate gets None",
+                self.spec.name,
+                delivery.id,
+                type(exc).__name__,
+                exc,
+            )
             return None

@@ -71,6 +71,12 @@ METRICS: tuple[Metric, ...] = (
         _HTB,
         "Completions the store never recorded: a redelivery would run the effect again.",
     ),
+    Metric(
+        "oncely_results_not_cached_total",
+        "counter",
+        _HTB,
+        "Runs done whose return value could not be encoded for the result cache.",
+    ),
     Metric("oncely_store_errors_total", "counter", _HTB, "Idempotency-store calls that failed."),
     Metric("oncely_visibility_extensions_total", "counter", _HTB, "Visibility extensions made."),
     Metric(

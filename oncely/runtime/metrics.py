@@ -67,6 +67,11 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
         "unrecorded",
         "Completions the store did not record (a redelivery would run again).",
     ),
+    (
+        "oncely_results_not_cached",
+        "results_not_cached",
+        "Runs whose return value could not be encoded for the result cache.",
+    ),
     ("oncely_store_errors", "store_errors", "Idempotency-store calls that failed."),
     ("oncely_visibility_extensions", "extensions", "Visibility extensions made."),
     (
