@@ -325,11 +325,19 @@ class Runner:
                 if deadline.expired():
                     error = HandlerTimeout(f"ran past its {self.spec.timeout}s timeout")
                 log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, error)
-                await self._failed(
-                    delivery,
-                    f"on_duplicate: {_describe(error)}",
-                    self.spec.retry.delay(delivery.attempt),
-                )
+                # As for the handler: Reject dead-letters at once (retrying would run the hook,
+                # and whatever it sends, again), and Retry's own delay wins.
+                if isinstance(error, Reject):
+                    self.stats.rejected += 1
+                    await self.settle.dead_letter(delivery, error.reason)
+                    return
+                delay = self.spec.retry.delay(delivery.attempt)
+                if isinstance(error, Retry):
+                    delay = delay if error.delay is None else error.delay
+                    reason = f"on_duplicate: Retry: {error.reason}"
+                else:
+                    reason = f"on_duplicate: {_describe(error)}"
+                await self._failed(delivery, reason, delay)
                 return
             finally:
                 self.heartbeat.untrack(active)
