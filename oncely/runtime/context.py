@@ -76,7 +76,8 @@ class Context:
 
     @property
     def connection(self) -> Any:
-        """The connection of the open store transaction (transactional handlers only)."""
+        """The connection of the open store transaction (transactional handlers only), for as
+        long as the handler runs: once its transaction has ended, any use of it raises."""
         if self.transaction is None:
             raise ConfigError("ctx.connection needs a handler declared with transactional=True")
         return self.transaction.connection
