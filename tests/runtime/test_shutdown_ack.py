@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import oncely
+from oncely.brokers.base import DeadLetterAdmin
 from tests._wait import eventually
 from tests.brokers.test_sqs import SQS_URL, delete_queues, plain_client
 
@@ -110,3 +111,58 @@ async def test_on_sqs_a_cancel_during_a_batched_ack_gives_nothing_back(
     finally:
         await worker.stop(0.0)
         await delete_queues([unique])
+
+
+class DriverError(Exception):
+    """What some drivers raise when the task awaiting them is cancelled."""
+
+
+async def test_a_shutdown_cancel_a_handler_turns_into_its_own_error_still_gives_back(
+    unique: str,
+) -> None:
+    app = oncely.App()
+    started = asyncio.Event()
+
+    @app.handler("jobs", concurrency=1, retry=oncely.RetryPolicy(max_attempts=1))
+    async def handle(_: dict[str, str]) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise DriverError("connection reset while waiting for a reply") from None
+
+    url = f"memory://{unique}"
+    worker = oncely.Worker(app, broker=url, settings=oncely.Settings(grace_period=0.1))
+    await worker.start()
+    await app.publish("jobs", {"id": "a"})
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.wait_for(worker.stop(), 10)
+    # Before, the handler's error was its failure: with its one attempt spent the message was
+    # dead-lettered by the shutdown (elsewhere: retried later, an attempt spent).
+    assert worker.stats.dead_lettered == 0 and worker.stats.cancelled == 1, worker.stats
+    broker = oncely.broker_from_url(url)
+    async with broker, broker.consume("jobs", prefetch=1, visibility=5) as sub:
+        again = await asyncio.wait_for(sub.__anext__(), 5)
+        assert again.attempt == 1  # a deferral: the attempt is kept
+        await again.ack()
+
+
+async def test_a_timeout_a_handler_turns_into_its_own_error_is_a_timeout(unique: str) -> None:
+    app = oncely.App()
+    runs: list[int] = []
+
+    @app.handler("jobs", concurrency=1, timeout=0.1, retry=oncely.RetryPolicy(max_attempts=1))
+    async def handle(_: dict[str, str], ctx: oncely.Context) -> None:
+        runs.append(ctx.attempt)
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise DriverError("connection reset while waiting for a reply") from None
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        await app.publish("jobs", {"id": "a"})
+        await eventually(lambda: worker.stats.dead_lettered == 1)
+        assert isinstance(worker.broker, DeadLetterAdmin)
+        (letter,) = await worker.broker.dead_letters("jobs")
+    assert runs == [1]
+    assert letter.reason.startswith("HandlerTimeout: "), letter.reason
