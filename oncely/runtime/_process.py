@@ -324,6 +324,10 @@ class Runner:
                 error = exc
                 if deadline.expired():
                     error = HandlerTimeout(f"ran past its {self.spec.timeout}s timeout")
+                elif active.task is not None and active.task.cancelling():
+                    # A shutdown's cancel the hook turned into an error of its own (see
+                    # Invoke): given back, not a failure.
+                    raise asyncio.CancelledError from exc
                 log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, error)
                 # As for the handler: Reject dead-letters at once (retrying would run the hook,
                 # and whatever it sends, again), and Retry's own delay wins.

@@ -11,6 +11,7 @@ import pytest
 
 import oncely
 from oncely.brokers.base import DeadLetterAdmin
+from oncely.stores.memory import MemoryStore
 from tests._wait import eventually
 from tests.brokers.test_sqs import SQS_URL, delete_queues, plain_client
 
@@ -166,3 +167,44 @@ async def test_a_timeout_a_handler_turns_into_its_own_error_is_a_timeout(unique:
         (letter,) = await worker.broker.dead_letters("jobs")
     assert runs == [1]
     assert letter.reason.startswith("HandlerTimeout: "), letter.reason
+
+
+async def test_a_shutdown_cancel_an_on_duplicate_hook_turns_into_its_error_gives_back(
+    unique: str,
+) -> None:
+    app = oncely.App()
+    hooked = asyncio.Event()
+
+    async def answer_again(result: None, ctx: oncely.Context) -> None:
+        hooked.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise DriverError("connection reset while sending the reply") from None
+
+    @app.handler(
+        "jobs",
+        idempotent=True,
+        key="payload:id",
+        concurrency=1,
+        retry=oncely.RetryPolicy(max_attempts=1),
+        on_duplicate=answer_again,
+    )
+    async def handle(_: dict[str, str]) -> None: ...
+
+    url = f"memory://{unique}"
+    store = MemoryStore()
+    worker = oncely.Worker(app, broker=url, store=store, settings=oncely.Settings(grace_period=0.1))
+    await worker.start()
+    await app.publish("jobs", {"id": "a"})
+    await eventually(lambda: worker.stats.processed == 1)
+    await app.publish("jobs", {"id": "a"})
+    await asyncio.wait_for(hooked.wait(), 10)
+    await asyncio.wait_for(worker.stop(), 10)
+    # Before: the hook's failure, dead-lettered on its one attempt by the shutdown.
+    assert worker.stats.dead_lettered == 0 and worker.stats.nacked == 1, worker.stats
+    broker = oncely.broker_from_url(url)
+    async with broker, broker.consume("jobs", prefetch=1, visibility=5) as sub:
+        again = await asyncio.wait_for(sub.__anext__(), 5)
+        assert again.attempt == 1
+        await again.ack()
