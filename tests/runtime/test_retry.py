@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from oncely import ConfigError, Retry, RetryPolicy
+from oncely import App, ConfigError, Retry, RetryPolicy
 
 
 def test_full_jitter_stays_under_the_capped_exponential_ceiling() -> None:
@@ -60,3 +60,15 @@ def test_a_retry_delay_that_never_ends_is_refused(delay: float) -> None:
     # Memory and SQLite have no max_delay to clamp it to: the message was parked for good.
     with pytest.raises(ValueError, match="Retry delay must be a finite number"):
         Retry(delay=delay)
+
+
+@pytest.mark.parametrize("retry", [0, 3, {"max_attempts": 3}, False])
+def test_a_handler_retry_that_is_not_a_policy_is_refused(retry: Any) -> None:
+    # Before: 0 and False (meaning "no retries") silently became the default 5 attempts, and
+    # 3 or a dict failed only at the handler's first failure, as an internal error each time.
+    app = App()
+
+    async def handle(_: Any) -> None: ...
+
+    with pytest.raises(ConfigError, match="retry must be a RetryPolicy"):
+        app.handler("t", retry=retry)(handle)
