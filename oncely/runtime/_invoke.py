@@ -83,6 +83,19 @@ class Invoke:
             if active.timed_out:
                 raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from None
             raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from None
+        except Exception as exc:
+            # A cancel the handler (or a driver in it) turned into an error of its own is still
+            # that cancel: a delivery starts with none pending (Pool), so one now was thrown in.
+            # A shutdown's must give the message back, not spend (or end) its attempts.
+            task = active.task
+            if task is None or not task.cancelling():
+                raise
+            if not (active.timed_out or active.lease_lost):
+                raise asyncio.CancelledError from exc
+            task.uncancel()
+            if active.timed_out:
+                raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from exc
+            raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from exc
         finally:
             self.heartbeat.untrack(active)
             if timing is not None:

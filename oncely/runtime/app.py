@@ -240,7 +240,7 @@ class App:
                 name=name,
                 concurrency=concurrency,
                 timeout=timeout,
-                retry=retry or RetryPolicy(),
+                retry=RetryPolicy() if retry is None else retry,
                 guarantee=guarantee,
                 idempotent=idempotent,
                 key=key,
@@ -280,6 +280,13 @@ class App:
             raise ConfigError(f"{where} needs a topic")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"{where}: concurrency must be an integer >= 1, got {concurrency!r}")
+        if not isinstance(retry, RetryPolicy):
+            # retry=0 ("no retries") read as unset, the default's 5 attempts; retry=3 failed
+            # only at the first failure, every one an internal error.
+            raise ConfigError(
+                f"{where}: retry must be a RetryPolicy, e.g. RetryPolicy(max_attempts=3); "
+                f"got {retry!r}"
+            )
         for option, seconds in (
             ("timeout", timeout), ("visibility", visibility), ("result_ttl", result_ttl)
         ):  # fmt: skip
