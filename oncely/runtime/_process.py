@@ -25,7 +25,15 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from oncely._logging import MESSAGE, note_key, redact_values
-from oncely.errors import DecodeError, HandlerTimeout, Reject, Retry, StoreError, StoreUnavailable
+from oncely.errors import (
+    DecodeError,
+    HandlerTimeout,
+    LeaseLost,
+    Reject,
+    Retry,
+    StoreError,
+    StoreUnavailable,
+)
 from oncely.runtime._finish import Finisher
 from oncely.runtime._invoke import Invoke
 from oncely.runtime._keys import Keys, Lease
@@ -365,6 +373,15 @@ class Runner:
             )
             assert lease is not None
             delay = self.spec.retry.delay(self.keys.deferrals(lease.key))
+            if await self.settle.nack(delivery, delay, defer=True):
+                self.stats.deferred += 1
+        elif isinstance(exc, LeaseLost) and lease is not None and self.keys is not None:
+            # Another worker took the key over (the heartbeat found the lease gone and
+            # cancelled the handler, or the transaction's completion was refused): the key is
+            # its work now, not this copy's failure. Deferred, spending no attempt, so the copy
+            # comes back to find the key in progress or completed, never dead-lettered for it.
+            log.warning("%s: %s lost its lease, deferring: %s", self.spec.name, delivery.id, exc)
+            delay = self.keys.recheck_delay(lease.key, self.keys.visibility)
             if await self.settle.nack(delivery, delay, defer=True):
                 self.stats.deferred += 1
         elif isinstance(exc, Reject):
