@@ -256,6 +256,10 @@ class Worker(Surfaces):
         """
         if not self._started or self._stopping is None or self._stopped is None:
             return
+        if self._failed_start:
+            # start() closed what it had opened; the startup hooks did not all run, so the
+            # shutdown hooks (which undo them) must not either.
+            return
         assert self._hurry is not None
         loop = asyncio.get_running_loop()
         grace = self.settings.grace_period if grace is None else grace

@@ -382,3 +382,29 @@ async def test_publisher_refuses_non_str_headers(unique: str) -> None:
     async with oncely.Publisher(f"memory://{unique}") as pub:
         with pytest.raises(TypeError, match="headers must map str to str"):
             await pub.publish("t", {}, headers={"n": 1})  # type: ignore[dict-item]
+
+
+async def test_stop_after_a_failed_start_runs_no_shutdown_hook(unique: str) -> None:
+    # The shutdown hooks close what the startup hooks opened; after a start that failed,
+    # those never all ran (here none did), so stop() has nothing to undo.
+    app = oncely.App()
+    shut: list[str] = []
+
+    @app.handler("t")
+    async def handle(_: Any) -> None:
+        pass
+
+    @app.on_startup
+    async def boom() -> None:
+        raise RuntimeError("startup refused")
+
+    @app.on_shutdown
+    async def close() -> None:
+        shut.append("closed")
+
+    worker = oncely.Worker(app, broker=f"memory://{unique}")
+    with pytest.raises(RuntimeError, match="startup refused"):
+        await worker.start()
+    await worker.stop()
+    assert shut == []
+    assert worker.state == "failed" or worker.state == "stopped"
