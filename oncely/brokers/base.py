@@ -115,8 +115,8 @@ class Delivery(abc.ABC):
 
     Attributes:
         id: the broker's message id, stable across redeliveries of the same message where the
-            broker allows (memory, SQLite, SQS, AMQP via ``oncely-message-id``; Kafka uses
-            ``topic:partition:offset``).
+            broker allows (memory, SQLite, SQS, AMQP via ``oncely-message-id``; Kafka the
+            ``oncely-message-id`` header, else ``topic/partition/offset``).
         key: the idempotency key the publisher set (``oncely-key`` header), else ``id``.
         attempt: how many times this message has been delivered, counting this one (1 on the
             first delivery). An expired visibility counts as a delivery; a deferral

@@ -204,7 +204,8 @@ class App:
         Args:
             topic: the topic (queue) to consume.
             name: a unique handler name (default: the function's qualified name); it prefixes
-                idempotency keys, so two handlers of one topic dedupe independently.
+                idempotency keys. Two handlers of one topic compete for its messages, and a
+                duplicate reaching the other one is not absorbed: one per topic.
             concurrency: the most messages this handler runs at once; the broker prefetch
                 follows it.
             timeout: seconds before a running handler is cancelled and counted as failed.

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 from oncely.brokers.registry import broker_from_url
 from oncely.errors import ConfigError, OncelyError, WorkerFailed
 from oncely.runtime._consume import ConsumeLoop, Pool
-from oncely.runtime._handlers import select_handlers
+from oncely.runtime._handlers import select_handlers, warn_shared_topics
 from oncely.runtime._observe import Observer, metrics_installed
 from oncely.runtime._page import add_status_page
 from oncely.runtime._process import Runner
@@ -199,6 +199,7 @@ class Worker(Surfaces):
             self._owned.append(self.broker)
         for spec in self.specs:
             self.broker.check_topic(spec.topic)  # a name it refuses: ConfigError before I/O
+        warn_shared_topics(self.specs)
         needs_store = [s for s in self.specs if s.uses_store]
         if needs_store:
             if self._store_arg is None:
