@@ -95,7 +95,9 @@ class Runner:
             store=store if spec.uses_store else None,
             stats=stats,
         )
-        self._invoke = Invoke(spec, self.heartbeat, store, publisher, stats)
+        # The bound method, not the instance: calling an object runs its type's ``__call__``
+        # look-up and a call from C on every message, a method is called inline.
+        self._invoke = Invoke(spec, self.heartbeat, store, publisher, stats).__call__
 
     async def aclose(self) -> None:
         """Finish the successes and give-backs a cancel cut short, then stop the heartbeat; call
