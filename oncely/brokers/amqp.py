@@ -87,6 +87,7 @@ from oncely.brokers._amqp_dlq import (
     purge_dead_letters,
     replay_dead_letters,
 )
+from oncely.brokers._amqp_message import properties
 from oncely.brokers._amqp_topology import (
     MAX_DELAY,
     AmqpOptions,
@@ -97,7 +98,6 @@ from oncely.brokers._amqp_topology import (
     declare,
     map_errors,
     parse_url,
-    properties,
 )
 from oncely.brokers.base import (
     Broker,
