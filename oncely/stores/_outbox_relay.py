@@ -71,8 +71,8 @@ class OutboxRelay:
         retention: seconds a sent row is kept before it is deleted; ``None`` keeps them.
         publish_timeout: seconds one publish may take before it counts as failed.
         retry_base, retry_cap: a failed row waits ``retry_base * 2**(attempts-1)`` seconds,
-            at most ``retry_cap``, before it is tried again; a relay whose whole batch failed
-            (the broker is down) pauses the same way.
+            at most ``retry_cap``, before it is tried again; a relay whose whole batch failed,
+            rows never tried before among it (the broker is down), pauses the same way.
         table: the outbox table, when ``outbox`` is a URL.
 
     Use ``async with OutboxRelay(...)``, or ``start()`` and ``stop()``, or ``run()`` (until
@@ -137,6 +137,7 @@ class OutboxRelay:
         """True while the relay waits for new rows (a notification or the next poll)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._cut_short = False
+        self._failed_first = 0
         self._loop_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
@@ -301,14 +302,21 @@ class OutboxRelay:
                 await self._sleep(delay)
                 continue
             if failed and not sent:
-                # Nothing got through: most likely the broker is down. Pause instead of
-                # spinning through every row; each row keeps its own backoff as well.
-                failures += 1
-                delay = backoff(failures, self.retry_base, self.retry_cap)
-                log.warning("outbox relay: %d publish(es) failed; pausing %.1fs", failed, delay)
-                await self._sleep(delay)
-                continue
-            failures = 0
+                if self._failed_first:
+                    # Nothing got through, rows never tried before among it: most likely the
+                    # broker is down. Pause instead of spinning through every row; each row
+                    # keeps its own backoff as well.
+                    failures += 1
+                    delay = backoff(failures, self.retry_base, self.retry_cap)
+                    log.warning("outbox relay: %d publish(es) failed; pausing %.1fs", failed, delay)
+                    await self._sleep(delay)
+                    continue
+                # Only rows that failed before failed again, which says nothing about the
+                # broker: a row it refuses for good would pause the relay at each of its
+                # retries, deaf to new rows. Their own backoff spaces them; ``failures`` stays,
+                # so the pauses of an outage keep growing.
+            else:
+                failures = 0
             if (claimed >= self.batch or self._cut_short) and sent:
                 continue  # a backlog: the next batch at once
             if withheld:
@@ -347,6 +355,8 @@ class OutboxRelay:
             raise
         # Rows the deadline left unpublished are released by finish: take them next.
         self._cut_short = len(sent) + len(failed) < len(claim.rows)
+        tried_before = {row.id for row in claim.rows if row.attempts}
+        self._failed_first = sum(1 for failure in failed if failure.id not in tried_before)
         await claim.finish(sent, failed)
         for failure in failed:
             log.warning("outbox row %d not published (%s)", failure.id, failure.error)
