@@ -313,12 +313,13 @@ class PostgresStore(TransactionalStore):
         lease was taken over raises ``LeaseLost`` on exit and its writes are rolled back. On
         any exception the transaction rolls back and the lease stays with ``token`` (the
         caller releases it or lets it expire); the handler's own database errors propagate
-        unchanged.
+        unchanged, but for the loss of the connection, which is the store's.
 
         Raises:
             LeaseLost: ``token`` does not own the key any more; nothing was committed.
-            StoreUnavailable: the store could not be reached (or the connection was lost
-                during ``COMMIT``, leaving the outcome to the database).
+            StoreUnavailable: the store could not be reached, or the connection was lost (under
+                a statement of the handler's: nothing committed; during ``COMMIT``: the
+                outcome is the database's).
         """
         pool = self._connected()
         slots = self._tx_slots
