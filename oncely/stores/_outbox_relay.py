@@ -71,8 +71,9 @@ class OutboxRelay:
         retention: seconds a sent row is kept before it is deleted; ``None`` keeps them.
         publish_timeout: seconds one publish may take before it counts as failed.
         retry_base, retry_cap: a failed row waits ``retry_base * 2**(attempts-1)`` seconds,
-            at most ``retry_cap``, before it is tried again; a relay whose whole batch failed,
-            rows never tried before among it (the broker is down), pauses the same way.
+            at most ``retry_cap``, before it is tried again; a relay whose whole batch failed
+            (the broker is down: rows never tried before among it, or a pause already under
+            way) pauses the same way.
         table: the outbox table, when ``outbox`` is a URL.
 
     Use ``async with OutboxRelay(...)``, or ``start()`` and ``stop()``, or ``run()`` (until
@@ -301,22 +302,20 @@ class OutboxRelay:
                 )
                 await self._sleep(delay)
                 continue
-            if failed and not sent:
-                if self._failed_first:
-                    # Nothing got through, rows never tried before among it: most likely the
-                    # broker is down. Pause instead of spinning through every row; each row
-                    # keeps its own backoff as well.
-                    failures += 1
-                    delay = backoff(failures, self.retry_base, self.retry_cap)
-                    log.warning("outbox relay: %d publish(es) failed; pausing %.1fs", failed, delay)
-                    await self._sleep(delay)
-                    continue
-                # Only rows that failed before failed again, which says nothing about the
-                # broker: a row it refuses for good would pause the relay at each of its
-                # retries, deaf to new rows. Their own backoff spaces them; ``failures`` stays,
-                # so the pauses of an outage keep growing.
-            else:
-                failures = 0
+            if failed and not sent and (self._failed_first or failures):
+                # Nothing got through, rows never tried before among it, or during an outage:
+                # most likely the broker is down. Pause instead of spinning through every
+                # row; each row keeps its own backoff as well.
+                failures += 1
+                delay = backoff(failures, self.retry_base, self.retry_cap)
+                log.warning("outbox relay: %d publish(es) failed; pausing %.1fs", failed, delay)
+                await self._sleep(delay)
+                continue
+            # Rows that failed before failing again, while other rows get through, say
+            # nothing about the broker: a row it refuses for good (too big, a topic it
+            # rejects) would otherwise pause the relay at each of its retries, deaf to new
+            # rows. Their own backoff spaces them.
+            failures = 0
             if (claimed >= self.batch or self._cut_short) and sent:
                 continue  # a backlog: the next batch at once
             if withheld:
