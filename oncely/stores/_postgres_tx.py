@@ -58,7 +58,10 @@ async def completing_transaction(
     try:
         async with acquired(pool, limit) as conn:
             with map_errors():
-                tr = conn.transaction()
+                # READ COMMITTED whatever the database's default: the heartbeat renews the key's
+                # row meanwhile, and under a snapshot older than that renewal the completion's
+                # UPDATE of it would fail to serialize (40001), at every retry.
+                tr = conn.transaction(isolation="read_committed")
                 await tr.start()
             try:
                 tx = StoreTransaction(conn)

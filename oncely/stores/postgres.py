@@ -72,6 +72,12 @@ no more:
   never waits for a row another session has locked (``SKIP LOCKED``); an expired row that stays
   locked answers ``IN_PROGRESS`` after a few tries. ``command_timeout`` bounds every wait.
 
+The transaction begins at READ COMMITTED whatever the database's default isolation: under an
+older snapshot the completion could not update the row a renewal changed meanwhile (40001,
+at every retry). A handler that raises the level itself (``SET TRANSACTION ISOLATION LEVEL
+SERIALIZABLE``) fails so whenever a renewal lands while it runs (the heartbeat renews every
+third of the visibility), and is deferred and run again.
+
 Give the pool more connections than the worker runs transactional handlers at once: each open
 transaction holds one, and this store keeps one back for its own calls (renewals above all).
 """
