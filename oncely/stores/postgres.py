@@ -72,7 +72,9 @@ no more:
   never waits for a row another session has locked (``SKIP LOCKED``); an expired row that stays
   locked answers ``IN_PROGRESS`` after a few tries. ``command_timeout`` bounds every wait.
 
-The transaction begins at READ COMMITTED whatever the database's default isolation: under an
+The store's own pool sets READ COMMITTED for its sessions, whatever the database's default
+(an application's pool keeps its own; give it that setting too). The transaction begins at READ
+COMMITTED whatever the pool's default: under an
 older snapshot the completion could not update the row a renewal changed meanwhile (40001,
 at every retry). A handler that raises the level itself (``SET TRANSACTION ISOLATION LEVEL
 SERIALIZABLE``) fails so whenever a renewal lands while it runs (the heartbeat renews every
@@ -242,6 +244,9 @@ class PostgresStore(TransactionalStore):
                     # The store's own statements change no session state; a transaction
                     # resets its connection itself (see ``transaction``).
                     reset=keep_session,
+                    # A statement that waits for a row another session changes must read it
+                    # anew, not fail to serialize (40001) on a database that defaults higher.
+                    server_settings={"default_transaction_isolation": "read committed"},
                 )
             try:
                 await prepare_table(
