@@ -72,13 +72,14 @@ no more:
   never waits for a row another session has locked (``SKIP LOCKED``); an expired row that stays
   locked answers ``IN_PROGRESS`` after a few tries. ``command_timeout`` bounds every wait.
 
-The store's own pool sets READ COMMITTED for its sessions, whatever the database's default
-(an application's pool keeps its own; give it that setting too). The transaction begins at READ
-COMMITTED whatever the pool's default: under an
-older snapshot the completion could not update the row a renewal changed meanwhile (40001,
-at every retry). A handler that raises the level itself (``SET TRANSACTION ISOLATION LEVEL
-SERIALIZABLE``) fails so whenever a renewal lands while it runs (the heartbeat renews every
-third of the visibility), and is deferred and run again.
+Isolation. The store's own pool sets READ COMMITTED for its sessions, whatever the
+database's default: above it, a statement that waits for a row another session changes fails
+to serialize (40001) instead of reading the row anew. An application's pool keeps its own
+settings; give it that one too. The transaction begins at READ COMMITTED whatever the pool's
+default: under an older snapshot the completion could not update the row a renewal changed
+meanwhile (40001, at every retry). A handler that raises the level itself (``SET TRANSACTION
+ISOLATION LEVEL SERIALIZABLE``) fails so whenever a renewal lands while it runs (the heartbeat
+renews every third of the visibility), and is deferred and run again.
 
 Give the pool more connections than the worker runs transactional handlers at once: each open
 transaction holds one, and this store keeps one back for its own calls (renewals above all).
