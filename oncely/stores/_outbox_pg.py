@@ -384,6 +384,10 @@ def _settings() -> dict[str, str]:
     return {
         "application_name": f"oncely-outbox-relay:{os.getpid()}",
         "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION:.0f}s",
+        # Claims side by side rely on READ COMMITTED: under SERIALIZABLE two of them form a
+        # read/write cycle and the later commit fails (its batch published again); under
+        # REPEATABLE READ a scan fails on a row another relay just marked.
+        "default_transaction_isolation": "read committed",
     }
 
 

@@ -72,7 +72,8 @@ class OutboxRelay:
         publish_timeout: seconds one publish may take before it counts as failed.
         retry_base, retry_cap: a failed row waits ``retry_base * 2**(attempts-1)`` seconds,
             at most ``retry_cap``, before it is tried again; a relay whose whole batch failed
-            (the broker is down) pauses the same way.
+            (the broker is down: rows never tried before among it, or a pause already under
+            way) pauses the same way.
         table: the outbox table, when ``outbox`` is a URL.
 
     Use ``async with OutboxRelay(...)``, or ``start()`` and ``stop()``, or ``run()`` (until
@@ -137,6 +138,7 @@ class OutboxRelay:
         """True while the relay waits for new rows (a notification or the next poll)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._cut_short = False
+        self._failed_first = 0
         self._loop_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
@@ -300,14 +302,19 @@ class OutboxRelay:
                 )
                 await self._sleep(delay)
                 continue
-            if failed and not sent:
-                # Nothing got through: most likely the broker is down. Pause instead of
-                # spinning through every row; each row keeps its own backoff as well.
+            if failed and not sent and (self._failed_first or failures):
+                # Nothing got through, rows never tried before among it, or during an outage:
+                # most likely the broker is down. Pause instead of spinning through every
+                # row; each row keeps its own backoff as well.
                 failures += 1
                 delay = backoff(failures, self.retry_base, self.retry_cap)
                 log.warning("outbox relay: %d publish(es) failed; pausing %.1fs", failed, delay)
                 await self._sleep(delay)
                 continue
+            # Rows that failed before failing again, while other rows get through, say
+            # nothing about the broker: a row it refuses for good (too big, a topic it
+            # rejects) would otherwise pause the relay at each of its retries, deaf to new
+            # rows. Their own backoff spaces them.
             failures = 0
             if (claimed >= self.batch or self._cut_short) and sent:
                 continue  # a backlog: the next batch at once
@@ -347,6 +354,8 @@ class OutboxRelay:
             raise
         # Rows the deadline left unpublished are released by finish: take them next.
         self._cut_short = len(sent) + len(failed) < len(claim.rows)
+        tried_before = {row.id for row in claim.rows if row.attempts}
+        self._failed_first = sum(1 for failure in failed if failure.id not in tried_before)
         await claim.finish(sent, failed)
         for failure in failed:
             log.warning("outbox row %d not published (%s)", failure.id, failure.error)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from oncely._postgres import map_errors, release_quietly, rollback_quietly
-from oncely.errors import LeaseLost, Reject, StoreError
+from oncely._postgres import map_errors, release_quietly, rollback_quietly, unavailable
+from oncely.errors import LeaseLost, Reject, StoreError, StoreUnavailable
 from oncely.stores.base import TRANSACTION_ENDED, StoreTransaction
 
 if TYPE_CHECKING:
@@ -58,7 +58,10 @@ async def completing_transaction(
     try:
         async with acquired(pool, limit) as conn:
             with map_errors():
-                tr = conn.transaction()
+                # READ COMMITTED whatever the database's default: the heartbeat renews the key's
+                # row meanwhile, and under a snapshot older than that renewal the completion's
+                # UPDATE of it would fail to serialize (40001), at every retry.
+                tr = conn.transaction(isolation="read_committed")
                 await tr.start()
             try:
                 tx = StoreTransaction(conn)
@@ -78,8 +81,13 @@ async def completing_transaction(
                     raise LeaseLost(f"lease on key {key!r} was lost during the transaction")
                 with map_errors():
                     await asyncio.shield(tr.commit())
-            except BaseException:
+            except BaseException as exc:
                 await asyncio.shield(rollback_quietly(conn, tr, limit))
+                if isinstance(exc, Exception) and lost(exc, conn):
+                    # The connection is the store's: its loss is an outage of the store (a
+                    # deferral that spends no attempt), not a failure of the handler, however
+                    # it surfaced. The handler's other database errors propagate unchanged.
+                    raise StoreUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from exc
                 raise
             finally:
                 if reset:
@@ -89,6 +97,19 @@ async def completing_transaction(
         # Last, with no await after it: the runtime renews the lease until this context has
         # exited, and a renewal that finds the row completed must not read as a lost lease.
         finishing.discard(entry)
+
+
+def lost(exc: Exception, conn: Any) -> bool:
+    """Whether ``exc`` reports that the transaction's connection went away (it is closed
+    now, and the error is a connection error): a deadlock, a serialization failure or a
+    statement timeout of the handler's own leaves the connection open, and stays its error."""
+    if isinstance(exc, StoreError):
+        return False  # ours, mapped already
+    try:
+        closed = bool(conn.is_closed())
+    except Exception:
+        closed = True  # a pool's proxy that gave up its connection: it was terminated
+    return closed and unavailable(exc)
 
 
 async def keep_session(conn: Any) -> None:

@@ -72,6 +72,15 @@ no more:
   never waits for a row another session has locked (``SKIP LOCKED``); an expired row that stays
   locked answers ``IN_PROGRESS`` after a few tries. ``command_timeout`` bounds every wait.
 
+Isolation. The store's own pool sets READ COMMITTED for its sessions, whatever the
+database's default: above it, a statement that waits for a row another session changes fails
+to serialize (40001) instead of reading the row anew. An application's pool keeps its own
+settings; give it that one too. The transaction begins at READ COMMITTED whatever the pool's
+default: under an older snapshot the completion could not update the row a renewal changed
+meanwhile (40001, at every retry). A handler that raises the level itself (``SET TRANSACTION
+ISOLATION LEVEL SERIALIZABLE``) fails so whenever a renewal lands while it runs (the heartbeat
+renews every third of the visibility), and is deferred and run again.
+
 Give the pool more connections than the worker runs transactional handlers at once: each open
 transaction holds one, and this store keeps one back for its own calls (renewals above all).
 """
@@ -236,6 +245,9 @@ class PostgresStore(TransactionalStore):
                     # The store's own statements change no session state; a transaction
                     # resets its connection itself (see ``transaction``).
                     reset=keep_session,
+                    # A statement that waits for a row another session changes must read it
+                    # anew, not fail to serialize (40001) on a database that defaults higher.
+                    server_settings={"default_transaction_isolation": "read committed"},
                 )
             try:
                 await prepare_table(
@@ -313,12 +325,13 @@ class PostgresStore(TransactionalStore):
         lease was taken over raises ``LeaseLost`` on exit and its writes are rolled back. On
         any exception the transaction rolls back and the lease stays with ``token`` (the
         caller releases it or lets it expire); the handler's own database errors propagate
-        unchanged.
+        unchanged, but for the loss of the connection, which is the store's.
 
         Raises:
             LeaseLost: ``token`` does not own the key any more; nothing was committed.
-            StoreUnavailable: the store could not be reached (or the connection was lost
-                during ``COMMIT``, leaving the outcome to the database).
+            StoreUnavailable: the store could not be reached, or the connection was lost (under
+                a statement of the handler's: nothing committed; during ``COMMIT``: the
+                outcome is the database's).
         """
         pool = self._connected()
         slots = self._tx_slots
