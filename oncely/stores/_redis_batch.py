@@ -69,8 +69,10 @@ class Pipeliner(Generic[T, R]):
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, fut))
-        if not self._scheduled:
-            # At the end of this tick: every call issued in it joins the batch.
+        if not self._scheduled and len(self._tasks) < self._in_flight:
+            # At the end of this tick: every call issued in it joins the batch. (With every
+            # slot taken, the batch that frees one kicks: a kick per tick meanwhile found no
+            # slot, and cost a callback per message under load.)
             self._scheduled = True
             loop.call_soon(self._kick)
         try:
