@@ -42,6 +42,7 @@ from redis.asyncio.cluster import RedisCluster
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._key_batch import new_call, new_token
 from oncely.stores._redis_batch import Pipeliner
+from oncely.stores._redis_dedicated import Dedicated
 from oncely.stores._redis_errors import close_quietly, map_errors, translate
 from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS
 from oncely.stores._redis_url import (
@@ -53,7 +54,6 @@ from oncely.stores._redis_url import (
 )
 from oncely.stores._redis_wire import Call as _Call
 from oncely.stores._redis_wire import (
-    Dedicated,
     batch_command,
     by_slot,
     check_encoding,

@@ -1,4 +1,4 @@
-"""The Redis store's batch connection (``oncely.stores._redis_wire.Dedicated``): one connection
+"""The Redis store's batch connection (``oncely.stores._redis_dedicated.Dedicated``): one connection
 made from the client's pool options and kept out of the pool. It must heal as a pooled one
 does (a connection the server closed is opened again), never hand one batch another's reply,
 and take the given client's options."""
