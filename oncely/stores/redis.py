@@ -204,7 +204,14 @@ class RedisStore(IdempotencyStore):
                 token.encode(),
                 tail,
             )
-        reply = await self._batch.submit(new_call(_Call, (_BEGIN, self.redis_key(key), args, argv)))
+        call = new_call(_Call, (_BEGIN, self.redis_key(key), args, argv))
+        # The batch's future awaited here, not through Pipeliner.submit: a coroutine less.
+        fut = self._batch.put(call)
+        try:
+            reply = await fut
+        except asyncio.CancelledError:
+            await self._batch.abandon(call, fut)
+            raise
         code = int(reply[0])
         if code == 0:
             return Begin(Outcome.NEW, token=token)
@@ -234,9 +241,13 @@ class RedisStore(IdempotencyStore):
                 argv = head + b"$1\r\n0\r\n$0\r\n\r\n"
             else:
                 argv = b"%b$1\r\n1\r\n$%d\r\n%b\r\n" % (head, len(result), result)
-        reply = await self._batch.submit(
-            new_call(_Call, (_COMPLETE, self.redis_key(key), args, argv))
-        )
+        call = new_call(_Call, (_COMPLETE, self.redis_key(key), args, argv))
+        fut = self._batch.put(call)
+        try:
+            reply = await fut
+        except asyncio.CancelledError:
+            await self._batch.abandon(call, fut)
+            raise
         if int(reply[0]) != 1:
             raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
 
