@@ -313,18 +313,23 @@ class RedisStore(IdempotencyStore):
     async def _write_encoded(
         self, client: Redis | RedisCluster, calls: list[_Call], encoding: tuple[str, str]
     ) -> list[Any]:
-        if isinstance(client, RedisCluster):
-            return await self._write_cluster(client, calls, encoding)
         wire = self._wire
+        # The standalone wire first, and map_errors' work only on an error: per batch, a
+        # Protocol isinstance (RedisCluster is one) and a context manager cost ~5 k
+        # instructions.
         if wire is None:
+            if isinstance(client, RedisCluster):
+                return await self._write_cluster(client, calls, encoding)
             raise StoreUnavailable("redis store is not connected (call connect() first)")
         packed = pack_batch(calls, encoding)
-        with map_errors("batch"):
+        try:
             try:
                 reply = await wire.send(packed)
             except rx.NoScriptError:
                 await self._load_scripts(client)
                 reply = await wire.send(packed)
+        except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
+            raise translate(exc, "batch") from exc  # as map_errors("batch") does
         return outcomes(calls, reply)
 
     async def _write_cluster(
