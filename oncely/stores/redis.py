@@ -189,9 +189,12 @@ class RedisStore(IdempotencyStore):
             await close_quietly(client)
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
-        self._checked()
+        if self._client is None:  # self._checked() and self._packed_ms() inlined: per message
+            self._checked()
         token = new_token()
-        lease_ms, key_ttl, tail = self._packed_ms(lease, STALE_LEASE_GRACE_MS)
+        lease_ms, key_ttl, tail = self._ms_memo.get((lease, STALE_LEASE_GRACE_MS)) or (
+            self._packed_ms(lease, STALE_LEASE_GRACE_MS)
+        )
         args = (fingerprint, token, lease_ms, key_ttl)
         argv = None
         # Every message: packed here in one go. (The client's encoding writes ASCII as ASCII:
@@ -231,8 +234,9 @@ class RedisStore(IdempotencyStore):
             raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
-        self._checked()
-        ttl_ms, _, packed_ttl = self._packed_ms(ttl, None)
+        if self._client is None:  # inlined as in begin
+            self._checked()
+        ttl_ms, _, packed_ttl = self._ms_memo.get((ttl, None)) or self._packed_ms(ttl, None)
         args = (token, ttl_ms, "0", b"") if result is None else (token, ttl_ms, "1", result)
         argv = None
         if token.isascii():  # every message: packed here in one go, as in begin
