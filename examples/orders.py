@@ -4,7 +4,7 @@ Run it on the embedded default, or on any broker, with no code change::
 
     oncely run examples.orders:app                              # sqlite:///oncely.db
     ONCELY_BROKER=memory:// oncely run examples.orders:app
-    oncely run examples.orders:app --broker amqp://guest:guest@127.0.0.1/
+    oncely run examples.orders:app --broker amqp://guest:guest@127.0.0.1/ --store sqlite:///keys.db
 """
 
 from __future__ import annotations

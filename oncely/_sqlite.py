@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -56,9 +56,13 @@ def option(options: dict[str, str], name: str, default: float, url: str) -> floa
     return number(options, name, default, url)
 
 
-def reject_unknown(options: dict[str, str], url: str) -> None:
+def reject_unknown(options: dict[str, str], url: str, known: Collection[str]) -> None:
+    """Refuse the options left in ``options`` (those not popped), naming the ``known`` ones."""
     if options:
-        raise ConfigError(f"{url!r}: unknown option(s) {', '.join(sorted(options))}")
+        raise ConfigError(
+            f"{url!r}: unknown option(s) {', '.join(sorted(options))}; "
+            f"known: {', '.join(sorted(known)) or 'none'}"
+        )
 
 
 async def open_db(path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> aiosqlite.Connection:

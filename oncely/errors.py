@@ -154,13 +154,15 @@ class Retry(HandlerOutcome):
     Raises:
         TypeError: ``reason`` is not a string (``Retry(5)`` is a mistake for
             ``Retry(delay=5)``).
-        ValueError: ``delay`` is negative.
+        ValueError: ``delay`` is negative, infinite or NaN.
     """
 
     def __init__(self, reason: str = "retry requested", *, delay: float | None = None) -> None:
         _check_reason(type(self).__name__, reason)
-        if delay is not None and not delay >= 0:
-            raise ValueError(f"Retry delay must be >= 0, got {delay}")
+        # "0 <= delay < inf" also refuses NaN; an infinite delay would park the message for
+        # good on a broker without a max_delay (memory, SQLite).
+        if delay is not None and not 0 <= delay < float("inf"):
+            raise ValueError(f"Retry delay must be a finite number >= 0, got {delay}")
         super().__init__(reason)
         self.reason = reason
         self.delay = delay

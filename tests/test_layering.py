@@ -1,7 +1,7 @@
 """The package is layered and every import points down (the house style):
 
-    oncely.errors, the contracts (brokers/base.py with brokers/_headers.py and
-      brokers/_dead_letters.py, stores/base.py)
+    oncely.errors, the contracts (brokers/base.py with brokers/_capabilities.py,
+      brokers/_headers.py and brokers/_dead_letters.py, stores/base.py)
       < backends (oncely/brokers/*, oncely/stores/*, and the private oncely/_*.py they share)
       < the runtime (oncely/runtime/*)
       < the CLI and oncely.testing
@@ -23,7 +23,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "oncely"
 CONTRACTS = {
     "oncely.errors",
     "oncely.brokers.base",
-    "oncely.brokers._headers",  # split out of base, which re-exports them
+    "oncely.brokers._capabilities",  # split out of base, which re-exports them
+    "oncely.brokers._headers",
     "oncely.brokers._dead_letters",
     "oncely.stores.base",
 }

@@ -16,7 +16,8 @@ import aiormq.exceptions
 
 from oncely.brokers._amqp_acks import AckWindow
 from oncely.brokers._amqp_delivery import AmqpDelivery, BrokerLink
-from oncely.brokers._amqp_topology import map_errors, props_of, topology
+from oncely.brokers._amqp_message import props_of
+from oncely.brokers._amqp_topology import map_errors, topology
 from oncely.brokers.base import Subscription
 from oncely.errors import BrokerError
 

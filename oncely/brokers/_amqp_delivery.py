@@ -14,15 +14,8 @@ import time
 from typing import TYPE_CHECKING, Final, Protocol
 
 from oncely.brokers._amqp_acks import AckWindow
-from oncely.brokers._amqp_topology import (
-    AmqpOptions,
-    bucket_for,
-    bucket_name,
-    dlq_name,
-    own_headers,
-    parse_props,
-    properties,
-)
+from oncely.brokers._amqp_message import own_headers, parse_props, properties
+from oncely.brokers._amqp_topology import AmqpOptions, bucket_for, bucket_name, dlq_name
 from oncely.brokers.base import Delivery, Headers, error_headers
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired, NotSupported, PublishFailed
 

@@ -13,15 +13,8 @@ from typing import TYPE_CHECKING
 import aiormq.exceptions
 from pamqp.commands import Basic
 
-from oncely.brokers._amqp_topology import (
-    dlq_name,
-    map_errors,
-    own_headers,
-    parse,
-    properties,
-    props_of,
-    text,
-)
+from oncely.brokers._amqp_message import own_headers, parse, properties, props_of, text
+from oncely.brokers._amqp_topology import dlq_name, map_errors
 from oncely.brokers.base import DeadLetter, Headers, replayed_headers
 
 if TYPE_CHECKING:

@@ -242,7 +242,8 @@ class KafkaSubscription(Subscription):
                 track.parked.append(record)
                 continue
             cls = KafkaDelivery if track.eos is None else ExactlyOnceDelivery
-            delivery = cls(self, track, record, topic=self.topic)
+            # ``topic`` by position: a keyword argument to a class costs a dict per call.
+            delivery = cls(self, track, record, self.topic)
             track.in_flight += 1
             self._yielded += 1
             return delivery

@@ -105,21 +105,6 @@ def _published_at(text: str | None, record: ConsumerRecord[bytes, bytes]) -> flo
     return record.timestamp / 1000.0
 
 
-def _decode(raw: Mapping[str, bytes | None]) -> dict[str, str]:
-    """A record's headers (``raw``, the last of a repeated name winning) for its handler:
-    UTF-8 text (a plain producer's undecodable bytes keep their ``latin-1`` text rather than
-    failing the message), the retry machinery's ``TRANSPORT`` headers left out."""
-    if not raw:
-        return {}
-    try:
-        out = {name: value.decode() for name, value in raw.items()}  # type: ignore[union-attr]
-    except (AttributeError, UnicodeDecodeError):  # a None value, or not UTF-8
-        out = {name: _text(value) for name, value in raw.items()}
-    if DUE in out:  # TRANSPORT's one header: no loop over the set, this runs per record
-        del out[DUE]
-    return out
-
-
 def _text(value: bytes | None) -> str:
     if value is None:
         return ""
@@ -157,7 +142,6 @@ class KafkaDelivery(Delivery):
         settler: Settler,
         track: PartitionTrack,
         record: ConsumerRecord[bytes, bytes],
-        *,
         topic: str,
     ) -> None:
         # ``Delivery.__init__`` inlined, and the headers decoded only when read: only the four
@@ -199,10 +183,25 @@ class KafkaDelivery(Delivery):
 
     @property
     def headers(self) -> Mapping[str, str]:
-        """The record's headers (see ``_decode``), decoded on first read."""
+        """The record's headers (the last of a repeated name winning), decoded on first read:
+        UTF-8 text (a plain producer's undecodable bytes keep their ``latin-1`` text rather
+        than failing the message), the retry machinery's ``TRANSPORT`` headers left out."""
         decoded = self._decoded
-        if decoded is None:
-            decoded = self._decoded = _decode(self._raw)
+        if decoded is not None:
+            return decoded
+        decoded = self._decoded = {}
+        raw = self._raw
+        if not raw:
+            return decoded
+        try:
+            # A loop, not a comprehension (a function call of its own on Python 3.11, dearer
+            # than a loop over a record's three or so headers): this runs per record.
+            for name, value in raw.items():
+                decoded[name] = value.decode()  # type: ignore[union-attr]
+        except (AttributeError, UnicodeDecodeError):  # a None value, or not UTF-8
+            decoded = self._decoded = {name: _text(value) for name, value in raw.items()}
+        if DUE in decoded:  # TRANSPORT's one header: no loop over the set
+            del decoded[DUE]
         return decoded
 
     @headers.setter

@@ -9,6 +9,7 @@ whose every slot met a failed settle would park for ever."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -49,8 +50,10 @@ def check_topic(topic: str) -> None:
 
 
 def check_delay(delay: float, name: str = "delay") -> None:
-    if not delay >= 0:  # also refuses NaN, which would corrupt a heap or a deadline
-        raise ValueError(f"{name} must be >= 0, got {delay}")
+    # Also refuses NaN, which would corrupt a heap or a deadline, and infinity: with no
+    # max_delay to stop it, the message would never become visible again.
+    if not 0 <= delay < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {delay}")
 
 
 class LocalSubscription(Subscription):

@@ -99,7 +99,7 @@ class SqsDelivery(Delivery):
                 id_ = _text(attributes, Headers.MESSAGE_ID) or message.get("MessageId", "")
                 key = _text(attributes, Headers.KEY)
                 self.key = id_ if key is None else key
-                self.body = decode_body(text, _text(attributes, ENCODING))
+                self.body = decode_body(text, _text(attributes, ENCODING), id_)
             else:
                 id_ = self.key = message.get("MessageId", "")
                 self.body = text.encode("utf-8")

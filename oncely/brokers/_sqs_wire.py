@@ -6,6 +6,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
         MessageAttributeValueTypeDef,
         MessageTypeDef,
     )
+
+log = logging.getLogger("oncely.brokers.sqs")
 
 MAX_ATTRIBUTES = 10
 """SQS accepts at most 10 message attributes per message."""
@@ -234,12 +237,13 @@ def decode(message: MessageTypeDef) -> Incoming:
     headers = decode_headers(attributes) if attributes else {}
     encoding = headers.pop(ENCODING, None)
     system = message.get("Attributes") or {}
+    id_ = headers.get(Headers.MESSAGE_ID) or message.get("MessageId", "")
     # tuple.__new__ rather than Incoming(...): the generated __new__ is a Python call.
     return _new_tuple(
         Incoming,
         (
-            headers.get(Headers.MESSAGE_ID) or message.get("MessageId", ""),
-            decode_body(message.get("Body", ""), encoding),
+            id_,
+            decode_body(message.get("Body", ""), encoding, id_),
             headers,
             int(system.get("ApproximateReceiveCount", "1")),
             int(system.get("SentTimestamp", "0")) / 1000,
@@ -274,12 +278,27 @@ def decode_headers(attributes: Mapping[str, MessageAttributeValueOutputTypeDef])
     return headers
 
 
-def decode_body(text: str, encoding: str | None) -> bytes:
-    """The body bytes from a received body's text and its ``oncely-body-encoding``."""
+def decode_body(text: str, encoding: str | None, message_id: str) -> bytes:
+    """The body bytes from a received body's text and its ``oncely-body-encoding``.
+
+    A body that the encoding does not fit (a plain client's, marked base64 but not base64)
+    is its text, as with an encoding oncely does not know, and a warning names the message:
+    raising here would fail the whole receive (the poller, or ``oncely dlq list``) over one
+    message, again at each redelivery.
+    """
     if encoding is None:
         return text.encode("utf-8")
     if encoding == "base64":
-        return base64.b64decode(text)
+        try:
+            return base64.b64decode(text)
+        except ValueError as exc:  # binascii.Error
+            log.warning(
+                "SQS message %s: its oncely-body-encoding says base64 but its body is not "
+                "base64 (%s); the body is handed on as its UTF-8 text",
+                message_id,
+                exc,
+            )
+            return text.encode("utf-8")
     if encoding == "empty":
         return b""
     return text.encode("utf-8")

@@ -77,9 +77,9 @@ import uuid
 import weakref
 from typing import TYPE_CHECKING, ClassVar
 
-import aio_pika
 from pamqp.commands import Basic
 
+from oncely.brokers._amqp_connect import opened
 from oncely.brokers._amqp_consume import AmqpSubscription
 from oncely.brokers._amqp_dlq import (
     dlq_exists,
@@ -87,6 +87,7 @@ from oncely.brokers._amqp_dlq import (
     purge_dead_letters,
     replay_dead_letters,
 )
+from oncely.brokers._amqp_message import properties
 from oncely.brokers._amqp_topology import (
     MAX_DELAY,
     AmqpOptions,
@@ -97,7 +98,6 @@ from oncely.brokers._amqp_topology import (
     declare,
     map_errors,
     parse_url,
-    properties,
 )
 from oncely.brokers.base import (
     Broker,
@@ -166,6 +166,7 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         self._topology_lock: asyncio.Lock | None = None
         self._subscriptions: weakref.WeakSet[AmqpSubscription] = weakref.WeakSet()
         self._closed = False
+        self._leftovers: set[asyncio.Task[None]] = set()  # connects given up, closing
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -193,14 +194,16 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         if self._connect_lock is None:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
-            if self._conn is None:
-                with map_errors("connect"):
-                    self._conn = await aio_pika.connect_robust(self._driver_url)
-            if self._pub is None:
-                with map_errors("connect"):
-                    pub = self._conn.channel(publisher_confirms=True, on_return_raises=True)
-                    await pub.initialize()
-                self._pub = pub
+            if self._pub is None:  # set with _conn, both or neither
+                conn, pub = await opened(
+                    self._driver_url, self.options.publish_timeout, self._leftovers
+                )
+                if self._closed:  # aclose ran meanwhile: it could not close this one
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                    raise ConnectionLost("the AMQP broker was closed")
+                self._conn, self._pub = conn, pub
+        assert self._conn is not None
         return self._conn
 
     async def aclose(self) -> None:

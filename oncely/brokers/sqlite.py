@@ -158,7 +158,7 @@ class SqliteBroker(Broker, DeadLetterAdmin):
         poll = option(options, "poll_interval", 0.05, url)
         max_poll = option(options, "max_poll_interval", max(0.25, poll), url)
         busy = option(options, "busy_timeout", BUSY_TIMEOUT_MS / 1000, url)
-        reject_unknown(options, url)
+        reject_unknown(options, url, ("poll_interval", "max_poll_interval", "busy_timeout"))
         if max_poll < poll:
             raise ConfigError(f"{url!r}: max_poll_interval must be >= poll_interval")
         broker = cls(path, poll_interval=poll, max_poll_interval=max_poll, busy_timeout=busy)

@@ -23,7 +23,8 @@ RUN_HELP = """\
 Import module:app and consume every handler's topic until SIGTERM or SIGINT.
 
 The first signal stops fetching and lets in-flight handlers finish within the grace period;
-a second one stops at once. If the module fails to import, its own traceback is shown,
+a second one stops at once (exit status 1 if a handler ignored its cancel and was left
+running). If the module fails to import, its own traceback is shown,
 followed by a one-line summary, and the exit status is 2; a handler that oncely refuses (a
 sync function, a wrong signature) is one line naming the file and line, exit status 2.
 

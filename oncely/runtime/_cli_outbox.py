@@ -86,13 +86,22 @@ def add_outbox_parser(
         help="delete sent rows after this long: 30s, 15m, 12h, 7d, or forever (default: 7d)",
     )
     relay.add_argument(
-        "--poll", type=float, default=1.0, help="seconds between looks without a notification"
+        "--poll",
+        type=float,
+        default=1.0,
+        help="seconds between looks without a notification (default: %(default)s)",
     )
     relay.add_argument(
-        "--publish-timeout", type=float, default=30.0, help="seconds one publish may take"
+        "--publish-timeout",
+        type=float,
+        default=30.0,
+        help="seconds one publish may take (default: %(default)s)",
     )
     relay.add_argument(
-        "--grace", type=float, default=30.0, help="seconds to finish the batch at shutdown"
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds to finish the batch at shutdown (default: %(default)s)",
     )
     relay.set_defaults(func=_cmd_outbox_relay)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,8 @@ from oncely.runtime.retry import RetryPolicy
 if TYPE_CHECKING:
     from oncely.runtime.app import App, HandlerSpec
     from oncely.runtime.config import Settings
+
+log = logging.getLogger("oncely.worker")
 
 
 def select_handlers(app: App, settings: Settings, names: list[str] | None) -> list[HandlerSpec]:
@@ -54,3 +57,24 @@ def select_handlers(app: App, settings: Settings, names: list[str] | None) -> li
             )
         )
     return specs
+
+
+def warn_shared_topics(specs: list[HandlerSpec]) -> None:
+    """Log a WARNING for each topic that several handlers consume, one effectively-once.
+
+    They are competing consumers of one queue (one consumer group on Kafka): each message
+    goes to one of them, and each dedupes under its own name, so a duplicate that reaches
+    another handler than the first copy did runs again.
+    """
+    by_topic: dict[str, list[HandlerSpec]] = {}
+    for spec in specs:
+        by_topic.setdefault(spec.topic, []).append(spec)
+    for topic, group in by_topic.items():
+        if len(group) > 1 and any(spec.uses_store for spec in group):
+            log.warning(
+                "handlers %s share topic %r: each message goes to one of them, so a duplicate "
+                "that reaches another handler is not absorbed; give a topic one "
+                "effectively-once handler",
+                ", ".join(spec.name for spec in group),
+                topic,
+            )

@@ -75,7 +75,7 @@ class Invoke:
                 value = await spec.fn(payload, Context(delivery, key, self.publisher))
             else:
                 value = await spec.fn(payload)
-            return None if value is None else self._encode_result(value)
+            return None if value is None else self._encode_result(value, delivery)
         except asyncio.CancelledError:
             if not (active.timed_out or active.lease_lost) or active.task is None:
                 raise
@@ -83,6 +83,19 @@ class Invoke:
             if active.timed_out:
                 raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from None
             raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from None
+        except Exception as exc:
+            # A cancel the handler (or a driver in it) turned into an error of its own is still
+            # that cancel: a delivery starts with none pending (Pool), so one now was thrown in.
+            # A shutdown's must give the message back, not spend (or end) its attempts.
+            task = active.task
+            if task is None or not task.cancelling():
+                raise
+            if not (active.timed_out or active.lease_lost):
+                raise asyncio.CancelledError from exc
+            task.uncancel()
+            if active.timed_out:
+                raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from exc
+            raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from exc
         finally:
             self.heartbeat.untrack(active)
             if timing is not None:
@@ -99,17 +112,26 @@ class Invoke:
                 value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
             else:
                 value = await spec.fn(payload)
-            result = self._encode_result(value)
+            result = self._encode_result(value, delivery)
             tx.result = result
         return result
 
-    def _encode_result(self, value: object) -> bytes | None:
+    def _encode_result(self, value: object, delivery: Delivery) -> bytes | None:
         if value is None:
             return None
         try:
             return encode(value)
-        except TypeError as exc:
+        except Exception as exc:
             # The effect already happened: a return value that cannot be cached must not turn
-            # a success into a retry (which would run the effect again).
-            log.error("%s: result not cached, cannot encode it: %s", self.spec.name, exc)
+            # a success into a retry (which would run the effect again). Any exception: msgspec
+            # raises RecursionError, not TypeError, on a value that contains itself.
+            self.stats.results_not_cached += 1
+            log.error(
+                "%s: message %s ran, but its result is not cached: cannot encode it (%s: %s); "
+                "the key completes without it, so a duplicate's on_duplicate gets None",
+                self.spec.name,
+                delivery.id,
+                type(exc).__name__,
+                exc,
+            )
             return None

@@ -25,7 +25,15 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from oncely._logging import MESSAGE, note_key, redact_values
-from oncely.errors import DecodeError, HandlerTimeout, Reject, Retry, StoreError, StoreUnavailable
+from oncely.errors import (
+    DecodeError,
+    HandlerTimeout,
+    LeaseLost,
+    Reject,
+    Retry,
+    StoreError,
+    StoreUnavailable,
+)
 from oncely.runtime._finish import Finisher
 from oncely.runtime._invoke import Invoke
 from oncely.runtime._keys import Keys, Lease
@@ -87,7 +95,9 @@ class Runner:
             store=store if spec.uses_store else None,
             stats=stats,
         )
-        self._invoke = Invoke(spec, self.heartbeat, store, publisher, stats)
+        # The bound method, not the instance: calling an object runs its type's ``__call__``
+        # look-up and a call from C on every message, a method is called inline.
+        self._invoke = Invoke(spec, self.heartbeat, store, publisher, stats).__call__
 
     async def aclose(self) -> None:
         """Finish the successes and give-backs a cancel cut short, then stop the heartbeat; call
@@ -106,22 +116,33 @@ class Runner:
         # after, so neither tasks started meanwhile nor this pooled task keep it.
         current = [self.spec.name, delivery]
         logged = MESSAGE.set(current)
+        acking = False
         try:
             if await self._run(delivery, task):
-                # Settler.ack, done here rather than down in _run: while a (batched) ack is
-                # on its way, this coroutine is all a message holds, not _run's frame with
-                # its payload too. Fewer objects live per message in flight, fewer garbage
+                # The ack, done here rather than down in _run: while a (batched) ack is on its
+                # way, this coroutine is all a message holds, not _run's frame with its
+                # payload too. Fewer objects live per message in flight, fewer garbage
                 # collections run.
-                try:
-                    await delivery.ack()
-                except Exception:
-                    self.settle.ack_failed(delivery)
+                acking = True
+                if self.tracing is not None:
+                    if await self.settle.ack(delivery):
+                        self.stats.processed += 1
                 else:
-                    stats = self.stats
-                    stats.acked += 1
-                    stats.processed += 1
+                    # Settler.ack inlined.
+                    try:
+                        await delivery.ack()
+                    except Exception:
+                        self.settle.ack_failed(delivery)
+                    else:
+                        stats = self.stats
+                        stats.acked += 1
+                        stats.processed += 1
         except asyncio.CancelledError:
-            if not is_settled(delivery) and not self._finish.has(delivery):
+            # A cancel during the ack of a handler that finished (the end of the shutdown
+            # grace) gives nothing back: the broker's ack goes on without its caller (or the
+            # message comes back after its visibility), and a give-back would fail against
+            # it or, were it first, run the finished handler again.
+            if not acking and not is_settled(delivery) and not self._finish.has(delivery):
                 # Cancelled before the handler ran (shutdown): give it straight back.
                 await self._finish(self.settle.nack(delivery, 0.0, defer=True), delivery)
             raise
@@ -156,8 +177,8 @@ class Runner:
                     traced.end(rest)
 
     async def _run(self, delivery: Delivery, task: asyncio.Task[Any] | None = None) -> bool:
-        """Run and settle ``delivery``, except a plain ack: ``True`` when it is left to the
-        caller (``run``)."""
+        """Run and settle ``delivery``, except the ack of a success without a lease: ``True``
+        when it is left to the caller (``run``)."""
         spec = self.spec
         try:
             payload = spec.decoder.decode(delivery.body)
@@ -216,12 +237,7 @@ class Runner:
             await self._finish(self._ran_and_failed(delivery, lease, exc), delivery)
         else:
             if lease is None:
-                # Just the ack: no task on the hot path of handlers without a store.
-                if self.tracing is None:
-                    return True
-                if await self.settle.ack(delivery):
-                    self.stats.processed += 1
-                return False
+                return True  # just the ack, in run: no task on the hot path without a store
             # The effect happened: recording it and acking are not cut short by a shutdown
             # cancel (a give-back now would run the effect again).
             await self._finish(self._succeeded(delivery, lease, result), delivery, success=True)
@@ -318,12 +334,24 @@ class Runner:
                 error = exc
                 if deadline.expired():
                     error = HandlerTimeout(f"ran past its {self.spec.timeout}s timeout")
+                elif active.task is not None and active.task.cancelling():
+                    # A shutdown's cancel the hook turned into an error of its own (see
+                    # Invoke): given back, not a failure.
+                    raise asyncio.CancelledError from exc
                 log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, error)
-                await self._failed(
-                    delivery,
-                    f"on_duplicate: {_describe(error)}",
-                    self.spec.retry.delay(delivery.attempt),
-                )
+                # As for the handler: Reject dead-letters at once (retrying would run the hook,
+                # and whatever it sends, again), and Retry's own delay wins.
+                if isinstance(error, Reject):
+                    self.stats.rejected += 1
+                    await self.settle.dead_letter(delivery, error.reason)
+                    return
+                delay = self.spec.retry.delay(delivery.attempt)
+                if isinstance(error, Retry):
+                    delay = delay if error.delay is None else error.delay
+                    reason = f"on_duplicate: Retry: {error.reason}"
+                else:
+                    reason = f"on_duplicate: {_describe(error)}"
+                await self._failed(delivery, reason, delay)
                 return
             finally:
                 self.heartbeat.untrack(active)
@@ -347,6 +375,15 @@ class Runner:
             )
             assert lease is not None
             delay = self.spec.retry.delay(self.keys.deferrals(lease.key))
+            if await self.settle.nack(delivery, delay, defer=True):
+                self.stats.deferred += 1
+        elif isinstance(exc, LeaseLost) and lease is not None and self.keys is not None:
+            # Another worker took the key over (the heartbeat found the lease gone and
+            # cancelled the handler, or the transaction's completion was refused): the key is
+            # its work now, not this copy's failure. Deferred, spending no attempt, so the copy
+            # comes back to find the key in progress or completed, never dead-lettered for it.
+            log.warning("%s: %s lost its lease, deferring: %s", self.spec.name, delivery.id, exc)
+            delay = self.keys.recheck_delay(lease.key, self.keys.visibility)
             if await self.settle.nack(delivery, delay, defer=True):
                 self.stats.deferred += 1
         elif isinstance(exc, Reject):

@@ -1,140 +1,42 @@
-"""The application: a router from topics to handlers, and how each handler runs."""
+"""The application: a router from topics to handlers, and how each handler runs (the
+record it runs by, ``HandlerSpec``, and its key source are ``_spec``, re-exported here)."""
 
 from __future__ import annotations
 
 import math
 import typing
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from oncely.brokers.base import Headers
 from oncely.errors import ConfigError
 from oncely.runtime._signature import (
     check_duplicate_hook,
-    check_key_function,
     check_key_path,
     default_name,
     handler_signature,
+)
+from oncely.runtime._spec import (
+    DuplicateHook,
+    Guarantee,
+    HandlerSpec,
+    KeyFunction,
+    KeySource,
+    MissingKey,
 )
 from oncely.runtime.codec import Decoder
 from oncely.runtime.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from oncely.brokers.base import Broker, Delivery
-    from oncely.runtime.context import Context
+    from oncely.brokers.base import Broker
     from oncely.runtime.publisher import Publisher
 
 __all__ = ["App", "DuplicateHook", "Guarantee", "HandlerSpec", "KeyFunction", "MissingKey"]
-
-Guarantee = Literal["at_most_once", "at_least_once", "effectively_once"]
-"""How hard a handler's effects are protected against redelivery; see README's tier table."""
-
-MissingKey = Literal["process", "reject"]
-"""What to do with a message whose key source yields nothing."""
 
 _GUARANTEES = typing.get_args(Guarantee)
 _MISSING = typing.get_args(MissingKey)
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None]])
-
-
-class DuplicateHook(Protocol):
-    """A user function awaited when a duplicate of a completed key arrives.
-
-    It receives the handler's stored return value, decoded into the handler's return
-    annotation (``None`` if it returned nothing), and the duplicate's ``Context``; for example
-    to send a request/reply answer again. If it raises, the duplicate is retried like a failed
-    handler run.
-    """
-
-    def __call__(self, result: Any, ctx: Context, /) -> Awaitable[None]: ...
-
-
-class KeyFunction(Protocol):
-    """A user function that derives the idempotency key from the decoded payload."""
-
-    def __call__(self, payload: Any, delivery: Delivery, /) -> str | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class KeySource:
-    """Where a handler's idempotency key comes from.
-
-    ``auto`` reads the ``oncely-dedupe-key`` header (the outbox's per-row identity), then the
-    ``oncely-key`` header, then the broker's message id.
-    """
-
-    kind: Literal["auto", "header", "message_id", "payload", "function"]
-    name: str = ""
-    function: KeyFunction | None = None
-
-    @classmethod
-    def parse(cls, spec: str | KeyFunction | None) -> KeySource:
-        if spec is None or spec == "auto":
-            return cls("auto")
-        if callable(spec):
-            check_key_function(spec)
-            return cls("function", function=spec)
-        kind, _, name = spec.partition(":")
-        if kind == "header":
-            return cls("header", name or "oncely-key")
-        if kind == "message_id" and not name:
-            return cls("message_id")
-        if kind == "payload" and name:
-            return cls("payload", name)
-        raise ConfigError(
-            f"bad key source {spec!r}; use 'auto', 'header', 'header:NAME', 'message_id', "
-            "'payload:FIELD[.SUB]' or a function (payload, delivery) -> str | None"
-        )
-
-    def extract(self, payload: Any, delivery: Delivery) -> str | None:
-        if self.kind == "auto":
-            return delivery.headers.get(Headers.DEDUPE_KEY) or delivery.key
-        if self.kind == "header":
-            return delivery.headers.get(self.name)
-        if self.kind == "message_id":
-            return delivery.id
-        if self.kind == "function":
-            assert self.function is not None
-            return self.function(payload, delivery)
-        value: Any = payload
-        for part in self.name.split("."):
-            if isinstance(value, Mapping):
-                value = value.get(part)
-            else:
-                value = getattr(value, part, None)
-            if value is None:
-                return None
-        return str(value)
-
-
-@dataclass(slots=True)
-class HandlerSpec:
-    """Everything the worker needs to run one handler. Built by ``App.handler``."""
-
-    name: str
-    topic: str
-    fn: Callable[..., Awaitable[Any]]
-    concurrency: int
-    timeout: float
-    retry: RetryPolicy
-    guarantee: Guarantee
-    key: KeySource
-    on_missing_key: MissingKey
-    transactional: bool
-    visibility: float
-    result_ttl: float
-    decoder: Decoder
-    wants_context: bool
-    payload_type: Any = field(default=Any)
-    on_duplicate: DuplicateHook | None = None
-    result_type: Any = field(default=Any)
-
-    @property
-    def uses_store(self) -> bool:
-        return self.guarantee == "effectively_once"
 
 
 class App:
@@ -204,7 +106,8 @@ class App:
         Args:
             topic: the topic (queue) to consume.
             name: a unique handler name (default: the function's qualified name); it prefixes
-                idempotency keys, so two handlers of one topic dedupe independently.
+                idempotency keys. Two handlers of one topic compete for its messages, and a
+                duplicate reaching the other one is not absorbed: one per topic.
             concurrency: the most messages this handler runs at once; the broker prefetch
                 follows it.
             timeout: seconds before a running handler is cancelled and counted as failed.
@@ -240,7 +143,7 @@ class App:
                 name=name,
                 concurrency=concurrency,
                 timeout=timeout,
-                retry=retry or RetryPolicy(),
+                retry=RetryPolicy() if retry is None else retry,
                 guarantee=guarantee,
                 idempotent=idempotent,
                 key=key,
@@ -280,6 +183,13 @@ class App:
             raise ConfigError(f"{where} needs a topic")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"{where}: concurrency must be an integer >= 1, got {concurrency!r}")
+        if not isinstance(retry, RetryPolicy):
+            # retry=0 ("no retries") read as unset, the default's 5 attempts; retry=3 failed
+            # only at the first failure, every one an internal error.
+            raise ConfigError(
+                f"{where}: retry must be a RetryPolicy, e.g. RetryPolicy(max_attempts=3); "
+                f"got {retry!r}"
+            )
         for option, seconds in (
             ("timeout", timeout), ("visibility", visibility), ("result_ttl", result_ttl)
         ):  # fmt: skip

@@ -19,7 +19,7 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from oncely._logging import configure_logging
 from oncely._version import __version__
@@ -311,7 +311,22 @@ async def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if worker.abandoned:
+            _exit_now(len(worker.abandoned))
     return 0
+
+
+def _exit_now(abandoned: int) -> NoReturn:
+    """Exit 1 at once, past ``asyncio.run``'s clean-up: it cancels every task left and waits
+    for it, so a handler that ignores its cancel (the worker gave up on it) would hold the
+    process for ever, whatever signal came next."""
+    logging.getLogger("oncely").critical(
+        "exiting without waiting for %d handler(s) that ignored their cancel", abandoned
+    )
+    logging.shutdown()  # flush what is logged; nothing else runs after this
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_FAILURE)
 
 
 def _freeze_startup_heap() -> None:

@@ -212,7 +212,7 @@ def load_settings(
             continue
         field = name[len(ENV_PREFIX) :].lower()
         if field not in _ENV_FIELDS:
-            known = ", ".join(ENV_PREFIX + f.upper() for f in sorted(_ENV_FIELDS))
+            known = ", ".join(sorted([ENV_CONFIG, *(ENV_PREFIX + f.upper() for f in _ENV_FIELDS)]))
             raise ConfigError(f"unknown environment variable {name}; known: {known}")
         merged[field] = value
         from_env[field] = name

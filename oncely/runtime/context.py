@@ -76,7 +76,8 @@ class Context:
 
     @property
     def connection(self) -> Any:
-        """The connection of the open store transaction (transactional handlers only)."""
+        """The connection of the open store transaction (transactional handlers only), for as
+        long as the handler runs: once its transaction has ended, any use of it raises."""
         if self.transaction is None:
             raise ConfigError("ctx.connection needs a handler declared with transactional=True")
         return self.transaction.connection
@@ -107,7 +108,17 @@ class Context:
         consumed offset (visible to ``read_committed`` consumers only once the handler's
         message is acked). Everywhere else this is ``publish``: confirmed at once, and kept
         even if the handler then fails.
+
+        Raises:
+            ValueError: ``key`` is an empty string (as ``publish``).
         """
+        if key == "":
+            # As Publisher.publish: every output produced with it would share one key, and
+            # an effectively-once consumer would run only the first of them.
+            raise ValueError(
+                "key must be a non-empty string (an empty key would be shared by every message "
+                "published with it); pass key=None for none"
+            )
         delivery = self.delivery
         kind = type(delivery)
         transactional = _TRANSACTIONAL.get(kind)

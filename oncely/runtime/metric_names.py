@@ -71,6 +71,12 @@ METRICS: tuple[Metric, ...] = (
         _HTB,
         "Completions the store never recorded: a redelivery would run the effect again.",
     ),
+    Metric(
+        "oncely_results_not_cached_total",
+        "counter",
+        _HTB,
+        "Runs done whose return value could not be encoded for the result cache.",
+    ),
     Metric("oncely_store_errors_total", "counter", _HTB, "Idempotency-store calls that failed."),
     Metric("oncely_visibility_extensions_total", "counter", _HTB, "Visibility extensions made."),
     Metric(
@@ -102,6 +108,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("oncely_in_flight", "gauge", _HTB, "Handler runs in progress now."),
     Metric("oncely_broker_connected", "gauge", ("broker",), "1 while the broker is connected."),
     Metric("oncely_worker_ready", "gauge", (), "1 while the worker is ready (/readyz)."),
+    Metric("oncely_worker_live", "gauge", (), "1 while the worker is live (/livez)."),
     Metric(
         "oncely_consumer_lag",
         "gauge",
@@ -114,11 +121,11 @@ METRICS: tuple[Metric, ...] = (
         ("topic",),
         "Messages waiting in the queue, where the broker can tell.",
     ),
-    Metric("oncely_outbox_backlog", "gauge", (), "Outbox rows not yet published."),
+    Metric("oncely_outbox_backlog", "gauge", ("outbox",), "Outbox rows not yet published."),
     Metric(
         "oncely_outbox_oldest_row_age_seconds",
         "gauge",
-        (),
+        ("outbox",),
         "Age of the oldest unpublished outbox row.",
     ),
 )

@@ -8,7 +8,8 @@ them); per-handler series carry ``handler``, ``topic`` and ``broker`` (the URL s
 Counters: ``oncely_messages_{received,acked,nacked,rejected,retried}_total``,
 ``oncely_dead_letters_total``, ``oncely_duplicates_total``,
 ``oncely_in_progress_collisions_total``, ``oncely_deferred_total``, ``oncely_fail_open_total``,
-``oncely_completion_record_failures_total``, ``oncely_store_errors_total``,
+``oncely_completion_record_failures_total``, ``oncely_results_not_cached_total``,
+``oncely_store_errors_total``,
 ``oncely_visibility_extensions_total``, ``oncely_visibility_extension_failures_total``,
 ``oncely_settle_errors_total``, ``oncely_internal_errors_total``,
 ``oncely_consume_errors_total``.
@@ -66,6 +67,11 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
         "oncely_completion_record_failures",
         "unrecorded",
         "Completions the store did not record (a redelivery would run again).",
+    ),
+    (
+        "oncely_results_not_cached",
+        "results_not_cached",
+        "Runs whose return value could not be encoded for the result cache.",
     ),
     ("oncely_store_errors", "store_errors", "Idempotency-store calls that failed."),
     ("oncely_visibility_extensions", "extensions", "Visibility extensions made."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import msgspec
@@ -33,10 +34,17 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     jitter: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ConfigError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts}")
-        if self.base < 0 or self.cap < 0:
-            raise ConfigError(f"RetryPolicy base and cap must be >= 0, got {self.base}, {self.cap}")
+        # A Struct checks no types when built in code, only when decoded, and NaN passes every
+        # "< 0" test: max_attempts=NaN never runs out, cap=NaN makes every nack fail, and an
+        # infinite delay parks the message for good on a broker without max_delay.
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ConfigError(f"RetryPolicy.max_attempts must be an integer >= 1, got {attempts!r}")
+        for name, seconds in (("base", self.base), ("cap", self.cap)):
+            if not _seconds(seconds):
+                raise ConfigError(
+                    f"RetryPolicy.{name} must be a finite number >= 0, got {seconds!r}"
+                )
 
     def exhausted(self, attempt: int) -> bool:
         """True when delivery number ``attempt`` was the last one allowed."""
@@ -50,3 +58,13 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         if not self.jitter:
             return ceiling
         return random.uniform(0.0, ceiling)
+
+
+def _seconds(value: object) -> bool:
+    """Whether ``value`` is a finite, non-negative number of seconds (a bool is not)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )

@@ -117,6 +117,9 @@ class Stats:
         complete_retries: completions retried because the store failed to record them.
         unrecorded: completions given up (store down past the retries, or lease lost): the
             effect happened but a redelivery of the message would run it again.
+        results_not_cached: runs that succeeded but returned a value the codec cannot encode
+            (logged at ERROR): the key completed without a result, so a duplicate is still
+            absorbed and its ``on_duplicate`` hook gets ``None``.
         internal_errors: deliveries on which the runtime itself failed (a bug, logged with its
             traceback); each was nacked for a later retry, or dead-lettered once the
             message's attempts ran out.
@@ -147,6 +150,7 @@ class Stats:
     store_errors: int = 0
     complete_retries: int = 0
     unrecorded: int = 0
+    results_not_cached: int = 0
     internal_errors: int = 0
     consume_errors: int = 0
     rejected: int = 0

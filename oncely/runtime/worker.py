@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
 
 from oncely.brokers.registry import broker_from_url
 from oncely.errors import ConfigError, OncelyError, WorkerFailed
 from oncely.runtime._consume import ConsumeLoop, Pool
-from oncely.runtime._handlers import select_handlers
+from oncely.runtime._handlers import select_handlers, warn_shared_topics
 from oncely.runtime._observe import Observer, metrics_installed
 from oncely.runtime._page import add_status_page
 from oncely.runtime._process import Runner
@@ -129,6 +130,9 @@ class Worker(Surfaces):
         self._failed_start = False
         self._publisher: Publisher | None = None
         self._self_stop: asyncio.Task[None] | None = None
+        self.abandoned: set[asyncio.Task[None]] = set()
+        """Handler tasks that ignored their cancel at shutdown and still ran when ``stop()``
+        gave up on them (see ``stop``); their messages come back after their visibility."""
         self.failure: BaseException | None = None
         """What stopped the worker on its own (see the module docstring), else ``None``."""
 
@@ -195,6 +199,7 @@ class Worker(Surfaces):
             self._owned.append(self.broker)
         for spec in self.specs:
             self.broker.check_topic(spec.topic)  # a name it refuses: ConfigError before I/O
+        warn_shared_topics(self.specs)
         needs_store = [s for s in self.specs if s.uses_store]
         if needs_store:
             if self._store_arg is None:
@@ -246,9 +251,15 @@ class Worker(Surfaces):
         cancelled; each releases its idempotency lease and nacks its message with no delay so
         another worker takes it at once. Nothing is acked that did not finish. Idempotent: a
         second call while the first drains waits for it, and cuts the drain short if its
-        ``grace`` ends sooner (a second signal stops at once).
+        ``grace`` ends sooner (a second signal stops at once). A handler that swallows its
+        cancel and runs on is waited for until a later call's ``grace`` ends; then ``stop``
+        gives up on it (``abandoned``), logs it and closes all the same.
         """
         if not self._started or self._stopping is None or self._stopped is None:
+            return
+        if self._failed_start:
+            # start() closed what it had opened; the startup hooks did not all run, so the
+            # shutdown hooks (which undo them) must not either.
             return
         assert self._hurry is not None
         loop = asyncio.get_running_loop()
@@ -273,9 +284,21 @@ class Worker(Surfaces):
             log.info("draining %d in-flight handler(s), up to %.1fs", self.in_flight, grace)
         tasks = {task for pool in self._pools for task in pool.tasks}
         pending = await self._drain(tasks)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            log.warning("cancelling %d handler(s) still running after the grace", len(pending))
+            for task in pending:
+                task.cancel()
+            # Each gives its message back now. One that ignores the cancel would hold stop()
+            # (and a second signal) for ever: from here a later stop() sets how long to wait.
+            self._deadline = math.inf
+            self.abandoned = await self._drain(pending)
+        if self.abandoned:
+            log.error(
+                "%d handler(s) ignored their cancel and still run; stopping without them "
+                "(their messages come back after their visibility): %s",
+                len(self.abandoned),
+                ", ".join(sorted(task.get_name() for task in self.abandoned)),
+            )
         for runner in self._runners:
             await runner.aclose()
         for hook in reversed(self.app.shutdown_hooks):
@@ -301,9 +324,10 @@ class Worker(Surfaces):
                 break
             self._hurry.clear()
             hurry = asyncio.create_task(self._hurry.wait())
+            timeout = None if remaining == math.inf else remaining
             try:
                 done, _ = await asyncio.wait(
-                    {*pending, hurry}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                    {*pending, hurry}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
                 hurry.cancel()

@@ -146,6 +146,10 @@ class Backend(abc.ABC):
     """The database URL, password masked."""
     table: str
     dialect: str
+    max_claim_idle: float | None = None
+    """Seconds a claim may go without a statement while its batch publishes, if the database
+    bounds it (PostgreSQL: below the relay session's ``idle_in_transaction_session_timeout``);
+    the relay refuses a ``publish_timeout`` that could take longer."""
 
     @abc.abstractmethod
     def schema(self) -> list[str]:

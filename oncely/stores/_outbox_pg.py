@@ -67,9 +67,10 @@ CLOSE_TIMEOUT = 5.0
 POOL_CLOSE_TIMEOUT = 10.0
 LISTEN_RETRY = (0.5, 10.0)
 """First and largest pause before the listener reconnects."""
-IDLE_IN_TRANSACTION = "15min"
-"""PostgreSQL ends a relay session that sits in a claim this long without a statement (a
-hung relay, not a dead one: a dead one's connection drops at once), freeing its rows."""
+IDLE_IN_TRANSACTION = 900.0
+"""Seconds after which PostgreSQL ends a relay session that sits in a claim without a
+statement (a hung relay, not a dead one: a dead one's connection drops at once), freeing its
+rows. Set on the relay's own sessions, so a server or role setting does not apply."""
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS {t} (
@@ -146,6 +147,10 @@ def map_errors(what: str) -> contextlib.AbstractContextManager[None]:
 
 class PgBackend(Backend):
     dialect = "postgresql"
+    # A claim idles while its batch publishes; one that outlives IDLE_IN_TRANSACTION loses its
+    # session, marks nothing, and its batch is published again, each time alike. 3 minutes
+    # kept clear for a slow loop and the statements around the publishes.
+    max_claim_idle = IDLE_IN_TRANSACTION - 180.0
 
     def __init__(self, url: str, table: str) -> None:
         # No options of its own: only libpq's parameters pass (anything else is refused).
@@ -378,7 +383,7 @@ def _settings() -> dict[str, str]:
     # The pid lets an operator (and the tests) find a relay's sessions in pg_stat_activity.
     return {
         "application_name": f"oncely-outbox-relay:{os.getpid()}",
-        "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION,
+        "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION:.0f}s",
     }
 
 

@@ -122,6 +122,16 @@ class OutboxRelay:
         # claimed again by another relay while still being published (SQLite), or the claim
         # would sit idle in its transaction for as long as one key's rows take.
         self.lease = max(60.0, 4 * publish_timeout)
+        idle, dialect = self.outbox.backend.max_claim_idle, self.outbox.backend.dialect
+        if idle is not None and self.lease / 2 + publish_timeout > idle:
+            # lease / 2 + publish_timeout: the last publish may start just before the deadline.
+            raise ConfigError(
+                f"publish_timeout={publish_timeout:g} is too long for a {dialect} outbox: a "
+                f"claim's transaction stays open while its batch publishes, up to "
+                f"{self.lease / 2 + publish_timeout:g} s here, past what the relay's sessions "
+                f"allow (idle_in_transaction_session_timeout, {idle:g} s with a margin); use at "
+                f"most {idle / 3:g}"
+            )
         self.stats = RelayStats()
         self.idle = False
         """True while the relay waits for new rows (a notification or the next poll)."""

@@ -111,7 +111,7 @@ class SqliteBackend(Backend):
 
     def __init__(self, url: str, table: str) -> None:
         self.path, options = parse_sqlite_url(url)
-        reject_unknown(options, url)
+        reject_unknown(options, url, ())
         self.url = url
         self.table = check_table(table)
         if "." in table:

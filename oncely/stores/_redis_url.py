@@ -39,6 +39,8 @@ _TLS_OPTIONS = (
     "ssl_keyfile",
     "ssl_check_hostname",
 )
+_OPTIONS = ("cluster", "prefix", "pool_size", "socket_timeout", "connect_timeout", *_TLS_OPTIONS)
+"""Every option ``parse_redis_url`` reads, for the error that names an unknown one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +126,10 @@ def parse_redis_url(url: str) -> RedisOptions:
         ssl=ssl,
     )
     if options:
-        raise ConfigError(f"{url!r}: unknown option(s) {', '.join(sorted(options))}")
+        known = ", ".join(sorted(_OPTIONS))
+        raise ConfigError(
+            f"{url!r}: unknown option(s) {', '.join(sorted(options))}; known: {known}"
+        )
     return result
 
 

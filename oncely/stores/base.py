@@ -192,6 +192,7 @@ class StoreTransaction:
         connection: the driver connection with the transaction open (an
             ``aiosqlite.Connection`` for SQLite, an ``asyncpg.Connection`` for PostgreSQL).
             The handler runs its own writes on it and must not commit or roll back itself.
+            It serves this transaction only: once it has ended, any use of it raises.
         result: the bytes to record as the key's result; the runtime sets it from the
             handler's return value before the context exits.
     """

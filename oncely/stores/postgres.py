@@ -7,8 +7,9 @@ string:
 - ``pool_min``/``pool_max`` (default 1/10): the asyncpg pool this store opens;
 - ``command_timeout`` (default 10 s): the longest any of the store's own statements, or a wait
   for a pooled connection, may take before it raises ``StoreUnavailable``;
-- ``sweep_interval`` (default 60 s) and ``sweep_batch`` (default 1000): how often expired rows
-  are deleted, and how many per statement;
+- ``sweep_interval`` (default 60 s; 0 turns the background sweeper off, to sweep from one place
+  with ``sweep()``) and ``sweep_batch`` (default 1000): how often expired rows are deleted, and
+  how many per statement;
 - ``create_table`` (default true): ``false`` for teams that forbid DDL at runtime; run the
   migration below instead (``connect`` then only checks that the table exists);
 - libpq parameters asyncpg understands (``sslmode``, ``sslrootcert``, ``target_session_attrs``,
@@ -88,16 +89,13 @@ import asyncpg
 from oncely._postgres import (
     close_quietly,
     create_pool,
-    flag,
     identifier,
     map_errors,
-    number,
-    parse_postgres_url,
     quote_ident,
-    reject_unknown,
 )
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._key_batch import BeginCall, CompleteCall, new_call
+from oncely.stores._postgres_options import store_options
 from oncely.stores._postgres_sql import (
     BATCH,
     db_key,
@@ -132,17 +130,6 @@ as in SQLite's group commit. A statement costs asyncpg and the server far more t
 in it, so fewer, fuller batches win: on RabbitMQ with 32 handlers, 1 in flight gave 0.54x of
 no store where 2 gave 0.45x (one run, three interleaved rounds each)."""
 
-OPTIONS = (
-    "table",
-    "schema",
-    "pool_min",
-    "pool_max",
-    "command_timeout",
-    "sweep_interval",
-    "sweep_batch",
-    "create_table",
-)
-
 
 class PostgresStore(TransactionalStore):
     """Keys, leases and results in one PostgreSQL table.
@@ -157,7 +144,8 @@ class PostgresStore(TransactionalStore):
         pool_max: the most connections the store's own pool opens.
         command_timeout: seconds any of the store's statements (or a wait for a connection)
             may take before ``StoreUnavailable``.
-        sweep_interval: seconds between sweeps of expired rows.
+        sweep_interval: seconds between sweeps of expired rows; 0 runs no background sweeper
+            (call ``sweep()`` yourself, from one place).
         sweep_batch: rows one sweep statement deletes at most.
         create_table: create the table and index on ``connect`` if missing.
 
@@ -190,13 +178,11 @@ class PostgresStore(TransactionalStore):
             )
         if pool is not None and pool.get_max_size() < 2:
             raise ConfigError("the pool needs max_size >= 2: one connection stays for renewals")
-        for name, value in (
-            ("command_timeout", command_timeout),
-            ("sweep_interval", sweep_interval),
-            ("sweep_batch", sweep_batch),
-        ):
+        for name, value in (("command_timeout", command_timeout), ("sweep_batch", sweep_batch)):
             if value <= 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
+        if sweep_interval < 0:
+            raise ConfigError(f"sweep_interval must be >= 0 (0: no sweeper), got {sweep_interval}")
         self.table = identifier(table, "table")
         self.schema = None if schema is None else identifier(schema, "schema")
         self.url = dsn or ""
@@ -227,22 +213,8 @@ class PostgresStore(TransactionalStore):
         Raises:
             ConfigError: not a PostgreSQL URL, or a bad or unknown option.
         """
-        parsed = parse_postgres_url(url, OPTIONS)
-        opts = parsed.options
-        pool_min = int(number(opts, "pool_min", 1, url, integer=True, minimum=1, inclusive=True))
-        pool_max = int(number(opts, "pool_max", 10, url, integer=True, minimum=2, inclusive=True))
-        store = cls(
-            parsed.dsn,
-            table=opts.pop("table", "oncely_idempotency"),
-            schema=opts.pop("schema", None),
-            pool_min=pool_min,
-            pool_max=pool_max,
-            command_timeout=number(opts, "command_timeout", 10.0, url),
-            sweep_interval=number(opts, "sweep_interval", 60.0, url),
-            sweep_batch=int(number(opts, "sweep_batch", 1000, url, integer=True)),
-            create_table=flag(opts, "create_table", True, url),
-        )
-        reject_unknown(opts, url)
+        dsn, options = store_options(url)
+        store = cls(dsn, **options)
         store.url = url
         return store
 
@@ -275,7 +247,8 @@ class PostgresStore(TransactionalStore):
                 raise
             self._pool = pool
             self._tx_slots = asyncio.Semaphore(pool.get_max_size() - 1)
-            self._sweeper = asyncio.create_task(self._sweep_forever(), name="oncely:pg-sweep")
+            if self.sweep_interval > 0:
+                self._sweeper = asyncio.create_task(self._sweep_forever(), name="oncely:pg-sweep")
 
     async def aclose(self) -> None:
         # Calls already queued still get their outcomes; the pool goes after them.

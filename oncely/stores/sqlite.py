@@ -82,6 +82,17 @@ _in_transaction: contextvars.ContextVar[frozenset[tuple[str, asyncio.Task[Any] |
 )
 
 
+class _Ended:
+    """What ``StoreTransaction.connection`` becomes once the transaction is over: any use
+    raises (as asyncpg's pooled connection does once released)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(
+            f"connection.{name}: the handler's transaction has ended; its connection serves "
+            "other transactions now (was it used from a task the handler left running?)"
+        )
+
+
 class SqliteStore(TransactionalStore):
     """Keys, leases and results in the ``oncely_idempotency`` table of a SQLite file.
 
@@ -146,7 +157,7 @@ class SqliteStore(TransactionalStore):
         if not raw_pool.isdigit() or int(raw_pool) < 1:
             raise ConfigError(f"{url!r}: option pool={raw_pool!r} must be a whole number >= 1")
         purge_interval = option(options, "purge_interval", 60.0, url)
-        reject_unknown(options, url)
+        reject_unknown(options, url, ("pool", "purge_interval"))
         store = cls(path, pool=int(raw_pool), purge_interval=purge_interval)
         store.url = url
         return store
@@ -279,6 +290,9 @@ class SqliteStore(TransactionalStore):
                     yield tx
                 finally:
                     _in_transaction.set(outer)
+                    # The connection goes back to the pool: a task the handler left running
+                    # with its ctx would otherwise write into another message's transaction.
+                    tx.connection = _Ended()
                 if not db.in_transaction:
                     raise Reject(TRANSACTION_ENDED)  # the completion would commit on its own
                 with map_sqlite_errors(StoreUnavailable):

@@ -26,12 +26,12 @@ from pamqp.header import ContentHeader
 
 from oncely.brokers._amqp_consume import AmqpSubscription, consumer_timeout_ms
 from oncely.brokers._amqp_delivery import AmqpDelivery
+from oncely.brokers._amqp_message import parse
 from oncely.brokers._amqp_topology import (
     BUCKETS,
     bucket_for,
     bucket_name,
     dlq_name,
-    parse,
     parse_url,
     topology,
 )

@@ -366,3 +366,32 @@ async def test_a_fenced_member_takes_its_partition_again(unique: str) -> None:
             await eventually(lambda: worker.stats.processed == 2, 60)
             await eventually_offsets(group, unique, {0: 2})
     assert [r.value for r in await read_topic(out)] == [b"1", b"2"]
+
+
+async def test_produce_refuses_an_empty_key_as_publish_does(unique: str) -> None:
+    # Before, the exactly-once path sent it: every output with key "" shared one idempotency
+    # key downstream, where an effectively-once consumer ran only the first.
+    src, out = f"{unique}-in", f"{unique}-out"
+    app = oncely.App()
+    errors: list[ValueError] = []
+
+    @app.handler(src, retry=oncely.RetryPolicy(max_attempts=1))
+    async def copy(body: bytes, ctx: oncely.Context) -> None:
+        try:
+            await ctx.produce(out, body, key="")
+        except ValueError as exc:
+            errors.append(exc)
+        await ctx.produce(out, body, key="k")
+
+    async with KafkaBroker.from_url(kafka_url(exactly_once=src)) as broker:
+        await broker.ensure_topics([out])
+        await broker.publish(src, b"one")
+        async with oncely.Worker(app, broker=broker) as worker:
+            await eventually(lambda: worker.stats.processed == 1, 60)
+    assert [str(e) for e in errors] == [
+        "key must be a non-empty string (an empty key would be shared by every message "
+        "published with it); pass key=None for none"
+    ]
+    assert [(r.value, dict(r.headers)["oncely-key"]) for r in await read_topic(out)] == [
+        (b"one", b"k")
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,21 @@ async def test_a_script_that_never_closes_its_publisher_still_exits(
     assert done.returncode == 0, done.stderr
     async with SqliteBroker(tmp_path / "q.db") as broker:
         assert await broker.backlog("t") == {"": 1}  # confirmed, so it is there
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+async def test_an_endless_delay_is_refused(tmp_path: Path, kind: str) -> None:
+    # Before, both took it: with no max_delay to clamp it, the message (a publish, or a
+    # delivery nacked with it) never became visible again, and nothing said so.
+    broker = SqliteBroker(tmp_path / "q.db") if kind == "sqlite" else MemoryBroker()
+    async with broker:
+        with pytest.raises(ValueError, match="delay must be a finite number >= 0, got inf"):
+            await broker.publish("t", b"{}", delay=math.inf)
+        await broker.publish("t", b"{}")
+        async with broker.consume("t", prefetch=1, visibility=5) as sub:
+            delivery = await asyncio.wait_for(sub.__anext__(), 5)
+            with pytest.raises(ValueError, match="delay must be a finite number"):
+                await delivery.nack(math.inf)
+            await delivery.nack(0.0)
+            again = await asyncio.wait_for(sub.__anext__(), 5)
+            await again.ack()

@@ -41,3 +41,18 @@ async def slow(job: dict[str, Any]) -> None:
 
 def _mark(text: str) -> None:
     Path(os.environ["CLI_APPS_STARTED"]).write_text(text)
+
+
+stubborn_app = oncely.App("cli-apps-stubborn")
+
+
+@stubborn_app.handler("stubborn", visibility=1.0)
+async def stubborn(job: dict[str, Any]) -> None:
+    # Swallows every cancel (a shutdown's included) and runs on: a handler bug the worker
+    # must not wait on for ever.
+    _mark(job["id"])
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            _mark("swallowed")

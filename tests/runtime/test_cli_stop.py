@@ -107,3 +107,45 @@ def test_second_signal_cuts_the_drain_short_and_gives_the_message_back(tmp_path:
     assert attempt == 1
     assert outcome is oncely.Outcome.NEW, "the lease was not released"
     assert "cancelled" in out or "'cancelled': 1" in out
+
+
+def test_a_second_signal_exits_past_a_handler_that_swallows_its_cancel(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    url = f"sqlite:///{db}"
+    started = tmp_path / "started"
+
+    async def publish() -> None:
+        async with oncely.Publisher(url) as pub:
+            await pub.publish("stubborn", {"id": "job-1"})
+
+    asyncio.run(publish())
+    log = tmp_path / "worker.log"
+    proc = start(
+        ["tests.runtime.cli_apps:stubborn_app", "--broker", url, "--grace", "0.2"],
+        log,
+        {"CLI_APPS_STARTED": str(started)},
+    )
+    try:
+        wait_for(started.exists, 30, "the handler to start")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: started.read_text() == "swallowed", 30, "the cancel to be swallowed")
+        # Before, the second signal changed nothing: the process waited for the handler for
+        # ever (and asyncio.run's own clean-up would have too).
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    out = log.read_text()
+    assert code == 1, out
+    assert "1 handler(s) ignored their cancel" in out and "stubborn" in out, out
+
+    async def take_over() -> int:
+        # Never acked nor given back: it comes back once its visibility (1 s) runs out.
+        broker = SqliteBroker.from_url(url)
+        async with broker, broker.consume("stubborn", prefetch=1, visibility=30) as sub:
+            delivery = await asyncio.wait_for(sub.__anext__(), 30)
+            await delivery.ack()
+            return delivery.attempt
+
+    assert asyncio.run(take_over()) == 2

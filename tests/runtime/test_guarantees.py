@@ -257,6 +257,56 @@ async def test_on_duplicate_receives_the_stored_result(unique: str) -> None:
     assert answers == [(Reply(order="o1", status="placed"), "o1")]
 
 
+async def test_on_duplicate_raising_reject_dead_letters_at_once(unique: str) -> None:
+    app = oncely.App()
+    hooks: list[int] = []
+
+    async def answer_again(result: None, ctx: oncely.Context) -> None:
+        hooks.append(ctx.attempt)  # stands for a reply sent: must not go out again
+        raise oncely.Reject("no second reply")
+
+    retry = oncely.RetryPolicy(max_attempts=3, base=0.01, jitter=False)
+
+    @app.handler("t", idempotent=True, key="payload:id", retry=retry, on_duplicate=answer_again)
+    async def handle(order: Order) -> None: ...
+
+    async with oncely.Worker(app, broker=f"memory://{unique}", store=MemoryStore()) as worker:
+        await app.publish("t", Order(id="o1", qty=1))
+        await eventually(lambda: worker.stats.processed == 1)
+        await app.publish("t", Order(id="o1", qty=1))
+        await eventually(lambda: worker.stats.dead_lettered == 1)
+        assert isinstance(worker.broker, DeadLetterAdmin)
+        (letter,) = await worker.broker.dead_letters("t")
+    # Before, a failure like any other: the hook ran 3 times, then "on_duplicate: Reject: ...
+    # (gave up after 3 attempts)".
+    assert hooks == [1]
+    assert letter.reason == "no second reply"
+    assert worker.stats.rejected == 1 and worker.stats.retried == 0
+
+
+async def test_on_duplicate_raising_retry_gets_its_own_delay(unique: str) -> None:
+    app = oncely.App()
+    hooks: list[int] = []
+
+    async def answer_again(result: None, ctx: oncely.Context) -> None:
+        hooks.append(ctx.attempt)
+        if len(hooks) == 1:
+            raise oncely.Retry("not yet", delay=0.0)
+
+    # The policy's delay would hold the duplicate back for an hour.
+    retry = oncely.RetryPolicy(max_attempts=3, base=3600, cap=3600, jitter=False)
+
+    @app.handler("t", idempotent=True, key="payload:id", retry=retry, on_duplicate=answer_again)
+    async def handle(order: Order) -> None: ...
+
+    async with oncely.Worker(app, broker=f"memory://{unique}", store=MemoryStore()) as worker:
+        await app.publish("t", Order(id="o1", qty=1))
+        await eventually(lambda: worker.stats.processed == 1)
+        await app.publish("t", Order(id="o1", qty=1))
+        await eventually(lambda: worker.stats.duplicates == 1)
+    assert hooks == [1, 2] and worker.stats.retried == 1
+
+
 def test_on_duplicate_needs_an_effectively_once_async_hook() -> None:
     app = oncely.App()
 

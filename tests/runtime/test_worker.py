@@ -319,6 +319,51 @@ async def test_graceful_stop_drains_and_gives_back_what_outlives_grace(unique: s
         await again.ack()
 
 
+async def test_a_second_stop_gives_up_on_a_handler_that_swallows_its_cancel(unique: str) -> None:
+    app = oncely.App()
+    swallowed = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.handler("stubborn", concurrency=1, visibility=0.5)
+    async def stubborn(_: dict[str, int]) -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                swallowed.set()  # and runs on: a handler bug
+
+    @app.handler("stuck", concurrency=1)
+    async def stuck(_: dict[str, int]) -> None:
+        await asyncio.sleep(60)
+
+    url = f"memory://{unique}"
+    worker = oncely.Worker(app, broker=url, settings=oncely.Settings(grace_period=0.2))
+    await worker.start()
+    await app.publish("stubborn", {})
+    await app.publish("stuck", {})
+    await eventually(lambda: worker.in_flight == 2)
+    first = asyncio.create_task(worker.stop())
+    try:
+        await asyncio.wait_for(swallowed.wait(), 10)
+        await eventually(lambda: worker.stats.cancelled == 1)  # the other one gave back
+        assert not first.done() and worker.state == "draining"
+        # Before, no later stop() (no second signal) could end this: stop() waited for ever.
+        await asyncio.wait_for(worker.stop(0.0), 10)
+        await asyncio.wait_for(first, 10)
+        assert worker.state == "stopped"
+        (task,) = worker.abandoned
+        assert task.get_name().endswith("stubborn")
+        # Never acked: its visibility, no longer extended, runs out and it comes back.
+        broker = oncely.broker_from_url(url)
+        async with broker, broker.consume("stubborn", prefetch=1, visibility=5) as sub:
+            again = await asyncio.wait_for(sub.__anext__(), 10)
+            assert again.attempt == 2
+            await again.ack()
+    finally:
+        release.set()
+        await asyncio.gather(*worker.abandoned, first, return_exceptions=True)
+
+
 async def test_same_module_runs_on_memory_and_sqlite(unique: str, tmp_path: Any) -> None:
     from examples import orders
 
@@ -337,3 +382,29 @@ async def test_publisher_refuses_non_str_headers(unique: str) -> None:
     async with oncely.Publisher(f"memory://{unique}") as pub:
         with pytest.raises(TypeError, match="headers must map str to str"):
             await pub.publish("t", {}, headers={"n": 1})  # type: ignore[dict-item]
+
+
+async def test_stop_after_a_failed_start_runs_no_shutdown_hook(unique: str) -> None:
+    # The shutdown hooks close what the startup hooks opened; after a start that failed,
+    # those never all ran (here none did), so stop() has nothing to undo.
+    app = oncely.App()
+    shut: list[str] = []
+
+    @app.handler("t")
+    async def handle(_: Any) -> None:
+        pass
+
+    @app.on_startup
+    async def boom() -> None:
+        raise RuntimeError("startup refused")
+
+    @app.on_shutdown
+    async def close() -> None:
+        shut.append("closed")
+
+    worker = oncely.Worker(app, broker=f"memory://{unique}")
+    with pytest.raises(RuntimeError, match="startup refused"):
+        await worker.start()
+    await worker.stop()
+    assert shut == []
+    assert worker.state == "failed" or worker.state == "stopped"

@@ -117,7 +117,7 @@ def test_url_options_are_read_and_libpq_ones_pass_through() -> None:
         ("pool_min=4&pool_max=3", "pool_min=4 and pool_max=3"),
         ("pool_max=two", "pool_max='two' is not a whole number"),
         ("command_timeout=0", "command_timeout must be > 0"),
-        ("sweep_interval=-1", "sweep_interval must be > 0"),
+        ("sweep_interval=-1", "sweep_interval must be >= 0"),
         ("sweep_batch=1.5", "sweep_batch='1.5' is not a whole number"),
         ("create_table=maybe", "create_table='maybe' must be true or false"),
     ],
@@ -142,6 +142,8 @@ def test_constructor_checks_its_arguments() -> None:
         PostgresStore()
     with pytest.raises(ConfigError, match="pool_max >= 2"):
         PostgresStore("postgresql://h/db", pool_max=1)
+    with pytest.raises(ConfigError, match="sweep_interval must be >= 0"):
+        PostgresStore("postgresql://h/db", sweep_interval=-1)
 
 
 @pytest.mark.anyio
@@ -238,20 +240,28 @@ async def test_an_application_pool_is_used_and_left_open(table: str, effects: st
 # -- the sweep --------------------------------------------------------------------------------
 
 
-async def _stop_background_sweep(store: PostgresStore) -> None:
-    sweeper, store._sweeper = store._sweeper, None
-    assert sweeper is not None
-    sweeper.cancel()
-    await asyncio.gather(sweeper, return_exceptions=True)
+@pytest.mark.anyio
+async def test_sweep_interval_0_turns_the_background_sweeper_off(table: str) -> None:
+    """For deployments that sweep from one place (cron calling ``sweep()``) and for tests
+    that count what their own sweep deletes. Both spellings: the URL and the argument."""
+    async with PostgresStore.from_url(f"{URL}?table={table}&sweep_interval=0") as store:
+        assert store.sweep_interval == 0
+        assert "oncely:pg-sweep" not in {t.get_name() for t in asyncio.all_tasks()}
+        await store.complete("gone", await own(store, "gone"), None, 0.05)
+        await anyio.sleep(0.2)  # past the ttl: only an explicit sweep deletes it
+        assert await count(table) == 1
+        assert await store.sweep() == 1
+    again = PostgresStore(URL, table=table, sweep_interval=0)
+    async with again:
+        assert "oncely:pg-sweep" not in {t.get_name() for t in asyncio.all_tasks()}
 
 
 @pytest.mark.anyio
 async def test_sweep_deletes_expired_rows_in_batches_skipping_locked_ones(table: str) -> None:
-    async with PostgresStore.from_url(f"{URL}?table={table}&sweep_batch=7") as store:
-        # The counts below are this sweep's alone: the store's background sweeper, whose first
-        # run falls anywhere in its first interval, must not take the rows first (it did, in
-        # about one run in fifty).
-        await _stop_background_sweep(store)
+    # sweep_interval=0: the counts below are this sweep's alone (a background sweeper's first
+    # run falls anywhere in its first interval and took the rows first about one run in fifty).
+    url = f"{URL}?table={table}&sweep_batch=7&sweep_interval=0"
+    async with PostgresStore.from_url(url) as store:
         for i in range(30):
             await store.complete(f"old{i}", await own(store, f"old{i}"), b"r", 0.1)
         for i in range(5):

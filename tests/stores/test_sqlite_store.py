@@ -121,7 +121,8 @@ def test_constructed_store_url_round_trips(tmp_path: Path) -> None:
         ),
         (
             "sqlite:///x.db?pool=2&colour=red&busy=1",
-            "'sqlite:///x.db?pool=2&colour=red&busy=1': unknown option(s) busy, colour",
+            "'sqlite:///x.db?pool=2&colour=red&busy=1': unknown option(s) busy, colour; "
+            "known: pool, purge_interval",
         ),
         (
             "sqlite://host/x.db",
