@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from oncely._logging import MESSAGE
 from oncely.errors import BrokerError, ConfigError, NotSupported
 from oncely.runtime._settle import is_settled
 
@@ -114,6 +115,9 @@ class Pool:
         runner = self.runner
         task = asyncio.current_task()
         assert task is not None
+        # Runner.run leaves an emptied list in MESSAGE after each delivery: start with one,
+        # so the context after a delivery compares equal to this one.
+        MESSAGE.set([])
         context = contextvars.copy_context()
         pulled = 0  # deliveries this task took itself since it last let the loop run
         try:

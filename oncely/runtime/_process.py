@@ -112,10 +112,14 @@ class Runner:
         timeout cancels it, and looking it up costs two calls per delivery."""
         self.stats.received += 1
         traced = None if self.tracing is None else self.tracing.enter(delivery)
-        # Log lines about this delivery carry its fields (oncely._logging); emptied and reset
-        # after, so neither tasks started meanwhile nor this pooled task keep it.
+        # Log lines about this delivery carry its fields (oncely._logging); emptied after, so
+        # neither tasks started meanwhile nor this pooled task keep them. Not reset: the
+        # emptied list left in this task's context is as good as none (and equal to the one
+        # the pool set, see Pool._work), and a reset would keep a token and make a new
+        # context mapping per message, objects that live across the ack and bring the next
+        # garbage collection sooner.
         current = [self.spec.name, delivery]
-        logged = MESSAGE.set(current)
+        MESSAGE.set(current)
         acking = False
         try:
             if await self._run(delivery, task):
@@ -162,7 +166,6 @@ class Runner:
                 error = f"internal error: {_describe(exc)}"
                 await self.settle.nack(delivery, INTERNAL_ERROR_DELAY, error=error)
         finally:
-            MESSAGE.reset(logged)
             finish = self._finish
             rest = finish.task_of(delivery) if finish.handed else None  # no call, nearly always
             if rest is None:
@@ -172,7 +175,8 @@ class Runner:
             else:
                 # The settle runs on in a task that copied this context: its lines are still
                 # about this message, and the span ends with the outcome it records.
-                rest.add_done_callback(lambda _: current.clear())
+                _clear_when_done(rest, current)
+                MESSAGE.set([])  # this pooled task is done with the message meanwhile
                 if traced is not None:
                     traced.end(rest)
 
@@ -440,6 +444,12 @@ class Runner:
     async def _release(self, lease: Lease | None) -> None:
         if self.keys is not None:
             await self.keys.release(lease)
+
+
+def _clear_when_done(task: asyncio.Task[object], current: list[Any]) -> None:
+    """Empty ``current`` (a delivery's log fields) once ``task`` is done. Not a lambda in
+    ``Runner.run``: a closure there makes ``current`` a cell, one more object per message."""
+    task.add_done_callback(lambda _: current.clear())
 
 
 def _describe(exc: Exception) -> str:

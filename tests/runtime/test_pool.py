@@ -84,3 +84,41 @@ async def test_stop_cancels_a_running_handler_and_gives_its_message_back(unique:
             again = await asyncio.wait_for(sub.__anext__(), 10)
             assert again.body == b"7"
             await again.ack()
+
+
+async def test_one_task_runs_delivery_after_delivery_and_a_task_it_started_keeps_no_fields(
+    unique: str,
+) -> None:
+    # The runtime leaves an emptied log-fields list in the task's context after a delivery
+    # (no reset): the context must still compare equal, or every delivery would get a new
+    # task; and a task the handler started must not carry the message's fields once it ended.
+    from oncely._logging import MESSAGE
+
+    app = oncely.App()
+    tasks: list[asyncio.Task[object] | None] = []
+    during: list[bool] = []
+    after: list[bool] = []
+    go_on = asyncio.Event()
+
+    async def spawned() -> None:
+        during.append(bool(MESSAGE.get()))
+        await go_on.wait()
+        after.append(bool(MESSAGE.get()))
+
+    started: list[asyncio.Task[None]] = []
+
+    @app.handler("same-task", concurrency=1)
+    async def handle(n: int) -> None:
+        tasks.append(asyncio.current_task())
+        if n == 0:
+            started.append(asyncio.create_task(spawned()))
+            await asyncio.sleep(0)
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        for n in range(5):
+            await app.publish("same-task", n)
+        await eventually(lambda: worker.stats.processed == 5)
+        go_on.set()
+        await started[0]
+    assert len(tasks) == 5 and len(set(map(id, tasks))) == 1
+    assert during == [True] and after == [False]
