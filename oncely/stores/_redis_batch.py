@@ -60,6 +60,17 @@ class Pipeliner(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Queue ``item`` for the next batch and return its outcome; raises its error."""
+        fut = self.put(item)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            await self.abandon(item, fut)
+            raise
+
+    def put(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item`` for the next batch; the future gets its outcome. For a caller on
+        the hot path that awaits the future itself (a coroutine layer less per call than
+        ``submit``), and calls ``abandon`` if it is cancelled meanwhile, as ``submit`` does."""
         loop = self._loop
         if loop is None or not (self._scheduled or self._tasks) or loop.is_closed():
             # Looked up only while nothing is under way: on Python 3.11 get_running_loop()
@@ -69,20 +80,22 @@ class Pipeliner(Generic[T, R]):
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, fut))
-        if not self._scheduled:
-            # At the end of this tick: every call issued in it joins the batch.
+        if not self._scheduled and len(self._tasks) < self._in_flight:
+            # At the end of this tick: every call issued in it joins the batch. (With every
+            # slot taken, the batch that frees one kicks: a kick per tick meanwhile found no
+            # slot, and cost a callback per message under load.)
             self._scheduled = True
             loop.call_soon(self._kick)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            # Cancelled after the outcome arrived but before this task resumed: the value is
-            # lost to the caller, so it counts as abandoned (earlier, _run sees to it).
-            abandoned = self._abandoned
-            if abandoned is not None and fut.done() and not fut.cancelled():
-                if fut.exception() is None:
-                    await asyncio.shield(abandoned(item, fut.result()))
-            raise
+        return fut
+
+    async def abandon(self, item: T, fut: asyncio.Future[R]) -> None:
+        """The caller of ``put`` was cancelled while it awaited ``fut``. Cancelled after the
+        outcome arrived but before it resumed, the value is lost to it, so it counts as
+        abandoned (earlier, ``_run`` sees to it)."""
+        abandoned = self._abandoned
+        if abandoned is not None and fut.done() and not fut.cancelled():
+            if fut.exception() is None:
+                await asyncio.shield(abandoned(item, fut.result()))
 
     async def drain(self) -> None:
         """Wait until every queued item has been written (or failed)."""

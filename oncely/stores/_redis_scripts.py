@@ -5,7 +5,8 @@ A key's state is one hash, ``KEYS[1]``, with the fields
 
 - ``s``: ``r`` while a lease runs, ``c`` once completed;
 - ``t``: the lease token (kept after completion, so a retried ``complete`` is recognised);
-- ``u``: the lease's end, in milliseconds of the server clock (``r`` only);
+- ``u``: the lease's end, in milliseconds of the server clock (read only while ``s`` is ``r``;
+  a completed key keeps it, unread);
 - ``f``: the payload fingerprint;
 - ``r``: the result, absent when the handler returned nothing.
 
@@ -83,9 +84,13 @@ local function complete_(key, token, ttl, has, result)
     local h = redis.call('HMGET', key, 's', 't')
     if h[2] ~= token then return {0} end
     if h[1] == 'c' then return {1} end
-    redis.call('HDEL', key, 'u', 'r')
-    redis.call('HSET', key, 's', 'c')
-    if has == '1' then redis.call('HSET', key, 'r', result) end
+    -- One HSET: a running key holds no 'r' (begin writes it afresh), and its 'u' is left,
+    -- unread once 's' is 'c'. Each redis.call costs the server more than its work here.
+    if has == '1' then
+        redis.call('HSET', key, 's', 'c', 'r', result)
+    else
+        redis.call('HSET', key, 's', 'c')
+    end
     redis.call('PEXPIRE', key, ttl)
     return {1}
 end

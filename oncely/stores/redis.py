@@ -42,6 +42,7 @@ from redis.asyncio.cluster import RedisCluster
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._key_batch import new_call, new_token
 from oncely.stores._redis_batch import Pipeliner
+from oncely.stores._redis_dedicated import Dedicated
 from oncely.stores._redis_errors import close_quietly, map_errors, translate
 from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS
 from oncely.stores._redis_url import (
@@ -53,7 +54,6 @@ from oncely.stores._redis_url import (
 )
 from oncely.stores._redis_wire import Call as _Call
 from oncely.stores._redis_wire import (
-    Dedicated,
     batch_command,
     by_slot,
     check_encoding,
@@ -189,9 +189,12 @@ class RedisStore(IdempotencyStore):
             await close_quietly(client)
 
     async def begin(self, key: str, fingerprint: str, lease: float) -> Begin:
-        self._checked()
+        if self._client is None:  # self._checked() and self._packed_ms() inlined: per message
+            self._checked()
         token = new_token()
-        lease_ms, key_ttl, tail = self._packed_ms(lease, STALE_LEASE_GRACE_MS)
+        lease_ms, key_ttl, tail = self._ms_memo.get((lease, STALE_LEASE_GRACE_MS)) or (
+            self._packed_ms(lease, STALE_LEASE_GRACE_MS)
+        )
         args = (fingerprint, token, lease_ms, key_ttl)
         argv = None
         # Every message: packed here in one go. (The client's encoding writes ASCII as ASCII:
@@ -204,7 +207,14 @@ class RedisStore(IdempotencyStore):
                 token.encode(),
                 tail,
             )
-        reply = await self._batch.submit(new_call(_Call, (_BEGIN, self.redis_key(key), args, argv)))
+        call = new_call(_Call, (_BEGIN, self.redis_key(key), args, argv))
+        # The batch's future awaited here, not through Pipeliner.submit: a coroutine less.
+        fut = self._batch.put(call)
+        try:
+            reply = await fut
+        except asyncio.CancelledError:
+            await self._batch.abandon(call, fut)
+            raise
         code = int(reply[0])
         if code == 0:
             return Begin(Outcome.NEW, token=token)
@@ -224,8 +234,9 @@ class RedisStore(IdempotencyStore):
             raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
-        self._checked()
-        ttl_ms, _, packed_ttl = self._packed_ms(ttl, None)
+        if self._client is None:  # inlined as in begin
+            self._checked()
+        ttl_ms, _, packed_ttl = self._ms_memo.get((ttl, None)) or self._packed_ms(ttl, None)
         args = (token, ttl_ms, "0", b"") if result is None else (token, ttl_ms, "1", result)
         argv = None
         if token.isascii():  # every message: packed here in one go, as in begin
@@ -234,9 +245,13 @@ class RedisStore(IdempotencyStore):
                 argv = head + b"$1\r\n0\r\n$0\r\n\r\n"
             else:
                 argv = b"%b$1\r\n1\r\n$%d\r\n%b\r\n" % (head, len(result), result)
-        reply = await self._batch.submit(
-            new_call(_Call, (_COMPLETE, self.redis_key(key), args, argv))
-        )
+        call = new_call(_Call, (_COMPLETE, self.redis_key(key), args, argv))
+        fut = self._batch.put(call)
+        try:
+            reply = await fut
+        except asyncio.CancelledError:
+            await self._batch.abandon(call, fut)
+            raise
         if int(reply[0]) != 1:
             raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
 
@@ -302,18 +317,23 @@ class RedisStore(IdempotencyStore):
     async def _write_encoded(
         self, client: Redis | RedisCluster, calls: list[_Call], encoding: tuple[str, str]
     ) -> list[Any]:
-        if isinstance(client, RedisCluster):
-            return await self._write_cluster(client, calls, encoding)
         wire = self._wire
+        # The standalone wire first, and map_errors' work only on an error: per batch, a
+        # Protocol isinstance (RedisCluster is one) and a context manager cost ~5 k
+        # instructions.
         if wire is None:
+            if isinstance(client, RedisCluster):
+                return await self._write_cluster(client, calls, encoding)
             raise StoreUnavailable("redis store is not connected (call connect() first)")
         packed = pack_batch(calls, encoding)
-        with map_errors("batch"):
+        try:
             try:
                 reply = await wire.send(packed)
             except rx.NoScriptError:
                 await self._load_scripts(client)
                 reply = await wire.send(packed)
+        except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
+            raise translate(exc, "batch") from exc  # as map_errors("batch") does
         return outcomes(calls, reply)
 
     async def _write_cluster(

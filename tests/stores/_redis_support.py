@@ -125,13 +125,14 @@ def batch_connection(store: Any) -> Any:
 
 def reading(store: Any) -> asyncio.Event:
     """An event set once ``store``'s batch connection waits for a reply: the batch is out."""
-    conn = batch_connection(store)
+    wire = store._wire
+    assert wire is not None, "a standalone store batches on its own connection"
     event = asyncio.Event()
-    read_response = conn.read_response
+    read = wire._read
 
-    async def spy(*args: Any, **kwargs: Any) -> Any:
+    async def spy() -> Any:
         event.set()
-        return await read_response(*args, **kwargs)
+        return await read()
 
-    conn.read_response = spy
+    wire._read = spy
     return event

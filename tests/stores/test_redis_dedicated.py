@@ -1,4 +1,4 @@
-"""The Redis store's batch connection (``oncely.stores._redis_wire.Dedicated``): one connection
+"""The Redis store's batch connection (``oncely.stores._redis_dedicated.Dedicated``): one connection
 made from the client's pool options and kept out of the pool. It must heal as a pooled one
 does (a connection the server closed is opened again), never hand one batch another's reply,
 and take the given client's options."""
@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from oncely.stores._redis_dedicated import _Watch
 from oncely.stores._redis_url import parse_redis_url
 from oncely.stores.base import Outcome
 from oncely.stores.redis import RedisStore
@@ -119,3 +120,32 @@ async def test_aclose_closes_thebatch_connection(unique: str, anyio_backend: obj
     assert conn.is_connected
     await store.aclose()
     assert not conn.is_connected
+
+
+@pytest.mark.anyio
+async def test_the_deadline_timer_aborts_only_an_exchange_past_its_deadline(
+    anyio_backend: object,
+) -> None:
+    # One timer per connection, re-armed only when it fires: an exchange that ended in time
+    # is never cut off by it, one that did not is, even while the timer was armed for an
+    # earlier exchange's (earlier) deadline.
+    options = parse_redis_url(REDIS_URL)
+    [(host, port)] = options.nodes
+    _, writer = await asyncio.open_connection(host, port)
+    watch = _Watch()
+    try:
+        watch.start(writer, 0.05)
+        assert watch.stop() is False  # over in time
+        await eventually(lambda: watch._timer is None)  # the timer fired, on nothing
+        assert not writer.transport.is_closing()
+        watch.start(writer, 0.05)
+        assert watch.stop() is False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        watch.start(writer, 0.2)  # armed for the first deadline, it must wait for this one
+        await eventually(lambda: writer.transport.is_closing())
+        assert loop.time() - started >= 0.2  # not cut off when the earlier deadline fired
+        assert watch.stop() is True
+    finally:
+        watch.cancel()
+        writer.close()

@@ -1,4 +1,4 @@
-"""Review of the Redis store's batch connection (``oncely.stores._redis_wire.Dedicated``): an
+"""Review of the Redis store's batch connection (``oncely.stores._redis_dedicated.Dedicated``): an
 exchange cut off anywhere must leave no reply pending on the connection for the next batch to
 read as its own."""
 

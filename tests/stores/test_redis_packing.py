@@ -27,13 +27,14 @@ def test_only_encodings_that_write_ascii_as_ascii_pack_ahead() -> None:
 
 def _spied(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     submitted: list[Any] = []
-    submit = store._batch.submit
+    put = store._batch.put
 
-    async def spy(call: Any) -> Any:
+    def spy(call: Any) -> Any:
         submitted.append(call)
-        return await submit(call)
+        return put(call)
 
-    monkeypatch.setattr(store._batch, "submit", spy)
+    # Every call is queued by put: begin and complete call it, renew and release submit.
+    monkeypatch.setattr(store._batch, "put", spy)
     return submitted
 
 

@@ -195,7 +195,8 @@ async def test_ttls_follow_the_lease_then_the_result_ttl(store: RedisStore, raw:
 
     await store.complete("k", token, b"out", 60.0)
     fields = await raw.hgetall(key)
-    assert fields[b"s"] == b"c" and fields[b"r"] == b"out" and b"u" not in fields
+    # The lease's end "u" stays, unread once "s" is "c" (one redis.call less per complete).
+    assert fields[b"s"] == b"c" and fields[b"r"] == b"out" and fields[b"t"] == token.encode()
     assert 59000 <= await raw.pttl(key) <= 60000
 
     other = (await store.begin("k2", "fp", LONG)).token
