@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from typing import TYPE_CHECKING
 
 import pytest
@@ -134,3 +135,23 @@ async def test_extend_while_a_nack_is_on_its_way_does_not_undo_it(
     await extend
     again = await asyncio.wait_for(anext(sub), 10)  # at once, not in 60 s
     assert (again.id, again.attempt) == (d.id, 2)
+
+
+async def test_a_cancelled_ack_whose_delete_fails_is_logged(
+    broker: SqsBroker, unique: str, topics: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its caller gone, a refused delete was dropped without a word (the batcher only sets
+    the outcome of a future still awaited): the message came back later, unexplained."""
+    topics.append(unique)
+    _, d = await _one(broker, unique)
+    d.receipt = "not-a-receipt-handle"  # as if received again elsewhere: SQS refuses it
+    ack = asyncio.ensure_future(d.ack())
+    await eventually(lambda: _deletes(broker) == 1)
+    ack.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await ack
+    url, _ = await broker.queue_urls(unique)
+    with caplog.at_level(logging.WARNING, "oncely.brokers.sqs"):
+        await broker._batcher("delete", url).flush()
+    assert "1 SQS batch entry whose caller was cancelled failed" in caplog.text
+    assert "ReceiptHandleIsInvalid" in caplog.text
