@@ -222,8 +222,18 @@ class Heartbeat:
         if self.extend and not delivery.settled:
             try:
                 await delivery.extend(self.visibility)
-            except NotSupported:
-                self.extend = False
+            except NotSupported as exc:
+                # Every delivery of the handler goes unextended from now on: say so once.
+                if self.extend:
+                    self.extend = False
+                    log.warning(
+                        "%s: the broker cannot extend visibility (%s); no delivery of this "
+                        "handler is extended any more, so one running past %.0fs may be "
+                        "delivered again meanwhile",
+                        self.name,
+                        exc,
+                        self.visibility,
+                    )
             else:
                 self.stats.extensions += 1
 

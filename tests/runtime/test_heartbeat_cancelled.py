@@ -11,11 +11,13 @@ import logging
 
 import pytest
 
+from oncely.brokers.base import Delivery
 from oncely.brokers.memory import MemoryBroker
+from oncely.errors import NotSupported
 from oncely.runtime.heartbeat import Active, Heartbeat
 from oncely.runtime.stats import Stats
 from tests._wait import eventually
-from tests.runtime._faulty import FaultyStore
+from tests.runtime._faulty import FaultyStore, WrappedBroker
 
 pytestmark = pytest.mark.anyio
 
@@ -86,3 +88,32 @@ async def test_a_heartbeat_task_cancelled_from_outside_is_restarted(
     assert heartbeat._task is None or heartbeat._task is not dead
     assert "heartbeat died; restarting it" in caplog.text
     assert stats.heartbeat_errors == 1
+
+
+async def test_a_broker_refusing_extend_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A broker that declares ``extend`` but refuses it (``NotSupported``) turns extension
+    off for the whole handler: every running delivery may then be redelivered meanwhile. It
+    happened without a word."""
+
+    def refuse(_: Delivery) -> None:
+        raise NotSupported("not on this queue")
+
+    stats = Stats()
+    heartbeat = Heartbeat("h", 0.3, extend=True, store=None, stats=stats)
+    async with WrappedBroker(MemoryBroker(), on_extend=refuse) as broker:
+        await broker.publish("t", b"{}")
+        await broker.publish("t", b"{}")
+        sub = broker.consume("t", prefetch=2, visibility=30)
+        actives = [Active(await anext(sub), None), Active(await anext(sub), None)]
+        for active in actives:
+            heartbeat.track(active)
+        try:
+            with caplog.at_level(logging.WARNING, "oncely.worker"):
+                await eventually(lambda: not heartbeat.extend)
+        finally:
+            for active in actives:
+                heartbeat.untrack(active)
+            await heartbeat.aclose()
+            await sub.aclose()
+    said = [r for r in caplog.records if "cannot extend visibility" in r.getMessage()]
+    assert len(said) == 1 and "not on this queue" in said[0].getMessage()
