@@ -10,6 +10,7 @@ replays exactly what is left.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,13 +18,21 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from oncely.brokers._kafka_delivery import ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC
-from oncely.brokers._kafka_options import decode_headers, dlq_topic, encode_headers, map_errors
+from oncely.brokers._kafka_options import (
+    BODY_DROPPED,
+    decode_headers,
+    dlq_topic,
+    encode_headers,
+    map_errors,
+)
 from oncely.brokers.base import DeadLetter, Headers, replayed_headers
 
 if TYPE_CHECKING:
     from oncely.brokers._kafka_link import BrokerLink
 
 __all__ = ["list_dead_letters", "purge_dead_letters", "replay_dead_letters"]
+
+log = logging.getLogger("oncely.brokers.kafka")
 
 REPLAYED = "oncely-replayed"
 PURGED = "oncely-purged"
@@ -124,6 +133,18 @@ async def replay_dead_letters(broker: BrokerLink, topic: str, ids: list[str] | N
         for ltr, r in await list_dead_letters(broker, topic)
         if wanted is None or ltr.id in wanted
     ]
+    empty = [letter.id for letter, _ in chosen if BODY_DROPPED in letter.headers]
+    if empty:
+        # Too large to copy: an empty body is not the message (``BODY_DROPPED``).
+        log.warning(
+            "%s: not replaying %d dead letter%s without a body (too large to copy; the "
+            "original is at its oncely-original-* offset): %s",
+            topic,
+            len(empty),
+            "" if len(empty) == 1 else "s",
+            ", ".join(empty),
+        )
+        chosen = [(ltr, r) for ltr, r in chosen if BODY_DROPPED not in ltr.headers]
     if not chosen:
         return 0
     dlq = dlq_topic(topic)

@@ -40,10 +40,16 @@ import time
 from typing import TYPE_CHECKING
 
 from oncely.brokers._kafka_burst import KeyHashes, delivered, send_burst
-from oncely.brokers._kafka_options import dlq_topic, encode_headers, flat_headers, map_errors
+from oncely.brokers._kafka_options import (
+    BODY_DROPPED,
+    dlq_topic,
+    encode_headers,
+    flat_headers,
+    map_errors,
+)
 from oncely.brokers._kafka_owner import PartitionOwner
 from oncely.brokers._kafka_refused import REFUSED, blame, prune, unless_poison
-from oncely.brokers._kafka_retry import failure_copy
+from oncely.brokers._kafka_retry import dead_letter_copy, failure_copy
 from oncely.brokers._kafka_size import MAX_REQUEST, oversize
 from oncely.brokers._kafka_txn import Txn
 from oncely.errors import AlreadySettled, BrokerError, DeliveryExpired
@@ -118,16 +124,28 @@ class ExactlyOnce(PartitionOwner):
         key, body = delivery.record.key, delivery.body
         if (size := oversize(key, body, encode_headers(headers))) is not None:
             # An input topic may allow larger records than the producer sends: this copy can
-            # never go out, and its transaction fails on every attempt. Nothing may be
-            # committed past the record, so the partition holds here, as for a refused dead
-            # letter, and says so at ERROR (once per attempt) rather than replay quietly.
+            # never go out, and a transaction holding it fails on every replay, so the
+            # partition would stop here for good. The record is dead-lettered without its
+            # body instead (a retry copy could not go out either), at ERROR: its headers
+            # name the original's partition and offset, where it stays until the input
+            # topic's retention removes it, and ``BODY_DROPPED`` its size (``replay``
+            # skips such a letter: an empty body is not the message).
             what = "dead-letter" if how == "reject" else "retry"
+            tp, offset = delivery.track.tp, delivery.record.offset
+            reason = (
+                f"{reason}; its {what} copy ({size} bytes) is over the exactly-once "
+                f"producer's max_request_size ({MAX_REQUEST}): dead-lettered without its body"
+            )
+            await self._broker.ensure_topics([dlq_topic(sub.topic)], partitions=1)
+            topic, headers = dead_letter_copy(sub.topic, delivery, reason)
+            headers[BODY_DROPPED] = str(len(body))
+            body = b""
             log.error(
                 "kafka: %s offset %d: its %s record is %d bytes when serialized, over the "
-                "exactly-once producer's max_request_size (%d): it can never be sent, so the "
-                "partition stays at this offset",
-                delivery.track.tp,
-                delivery.record.offset,
+                "exactly-once producer's max_request_size (%d): dead-lettered without its "
+                "body (the original stays at that offset until the topic's retention)",
+                tp,
+                offset,
                 what,
                 size,
                 MAX_REQUEST,

@@ -22,6 +22,7 @@ from oncely.errors import (
 )
 
 __all__ = [
+    "BODY_DROPPED",
     "DEFAULT_BUCKETS",
     "KafkaOptions",
     "bucket_for",
@@ -35,6 +36,11 @@ __all__ = [
     "parse_url",
     "retry_topic",
 ]
+
+BODY_DROPPED = "oncely-dead-letter-body-dropped"
+"""On an exactly-once dead letter whose record was too large to copy: the original body's
+size in bytes. The letter's body is empty; the original stays at the offset its
+``oncely-original-*`` headers name until the input topic's retention removes it."""
 
 DEFAULT_BUCKETS: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
 """Retry-topic delays in seconds: ``<topic>.retry.1s``, ``.5s``, ``.30s``, ``.2m``, ``.10m``,

@@ -168,21 +168,29 @@ class PartitionOwner:
         txn = self._txns.pop(track.tp, None)
         if txn is None:
             return
-        async with txn.lock:
-            try:
-                if not (track.live and txn.track is track):
-                    raise DeliveryExpired(f"{track.tp} was already given up")
-                await self._flush(txn, force=True, recover=False)
-            except BrokerError as exc:
-                log.info("kafka: releasing %s without a final commit: %s", track.tp, exc)
-            # Also without an error here: a commit that failed just before (given up, not
-            # started over, as the partition was being released) left its transaction
-            # open, and nobody may take the partition to resolve it.
-            if txn.open:
-                with contextlib.suppress(Exception):
-                    await txn.producer.abort_transaction()
-            await self._stop(txn)
-            txn.track = None  # its deliveries' acks must not reach the stopped producer
+        try:
+            async with txn.lock:
+                try:
+                    if not (track.live and txn.track is track):
+                        raise DeliveryExpired(f"{track.tp} was already given up")
+                    await self._flush(txn, force=True, recover=False)
+                except BrokerError as exc:
+                    log.info("kafka: releasing %s without a final commit: %s", track.tp, exc)
+                # Also without an error here: a commit that failed just before (given up,
+                # not started over, as the partition was being released) left its
+                # transaction open, and nobody may take the partition to resolve it.
+                if txn.open:
+                    with contextlib.suppress(Exception):
+                        await txn.producer.abort_transaction()
+                await self._stop(txn)
+                txn.track = None  # its deliveries' acks must not reach the stopped producer
+        except asyncio.CancelledError:
+            # Cut short (waiting for the lock, committing, aborting): the producer is out of
+            # ``_txns``, so nothing else would ever stop it. An open transaction is left to
+            # the next owner's InitProducerId, which aborts it.
+            txn.track = None
+            await self._stop(txn)  # idempotent; finishes a stop under way
+            raise
 
     async def close(self) -> None:
         """The subscription's consumer has stopped, so no rebalance callback runs any more:
@@ -191,12 +199,17 @@ class PartitionOwner:
         took during the close (left running, they would leak with their connections)."""
         await self.forget()
         txns, self._txns = list(self._txns.values()), {}
-        for txn in txns:
-            async with txn.lock:
-                if txn.open:  # nothing in it may commit: its partition is not ours now
-                    with contextlib.suppress(Exception):
-                        await txn.producer.abort_transaction()
-                await self._stop(txn)
+        for n, txn in enumerate(txns):
+            try:
+                async with txn.lock:
+                    if txn.open:  # nothing in it may commit: its partition is not ours now
+                        with contextlib.suppress(Exception):
+                            await txn.producer.abort_transaction()
+                    await self._stop(txn)
+            except asyncio.CancelledError:
+                # As in ``_release``: the rest are out of ``_txns``; stop them all first.
+                await asyncio.gather(*(self._stop(t) for t in txns[n:]), return_exceptions=True)
+                raise
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -64,6 +63,28 @@ class Txn:
         outputs are gone, so nothing may commit on it until a new producer resolves it."""
 
 
+_STOPPING: set[asyncio.Task[None]] = set()
+"""Stops whose waiter was cancelled twice: referenced until they end."""
+
+
 async def stop_producer(producer: AIOKafkaProducer) -> None:
-    with contextlib.suppress(Exception):
-        await producer.stop()
+    """Stop ``producer``; a failure is ignored (it is being dropped). Cancelled meanwhile, the
+    stop is still finished before the cancel goes on: aiokafka's ``stop`` marks the producer
+    closed before it awaits anything, so one cut short is never finished by another call, and
+    its connections and background tasks would stay open for good."""
+    stop = asyncio.ensure_future(producer.stop())
+    try:
+        await asyncio.shield(stop)
+    except asyncio.CancelledError:
+        _STOPPING.add(stop)
+        stop.add_done_callback(_stopped)
+        await asyncio.wait([stop])  # cancelled again: it still runs to its end on its own
+        raise
+    except Exception:
+        pass
+
+
+def _stopped(stop: asyncio.Task[None]) -> None:
+    _STOPPING.discard(stop)
+    if not stop.cancelled():
+        stop.exception()  # retrieved: a failure is ignored, as above

@@ -204,6 +204,8 @@ class Batcher(Generic[E]):
                 if not failed.get("SenderFault", False) and tried < RETRIES:
                     tries[future] = tried + 1
                     retry.append(n)
+                elif future.cancelled():
+                    _unheard(1, self._on_failed(code, message))
                 else:
                     _fail(future, self._on_failed(code, message))
             if resolved < len(futures):  # else all succeeded: no second pass per entry
@@ -221,6 +223,8 @@ class Batcher(Generic[E]):
                 error = BrokerError(f"SQS batch call failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
             retry.clear()  # failed with the rest: not sent again
+            if isinstance(exc, Exception) and (gone := sum(f.cancelled() for f in futures)):
+                _unheard(gone, error)
             for future in futures:
                 _fail(future, error)
             if not isinstance(exc, Exception):
@@ -292,6 +296,19 @@ class Batcher(Generic[E]):
 
     def __len__(self) -> int:
         return len(self._state.pending) + self._state.inflight
+
+
+def _unheard(n: int, exc: BaseException) -> None:
+    """Entries whose callers were cancelled (a shutdown cut an ``ack`` short; its entry went
+    out anyway) failed: nobody else hears of it. Their messages come back once their
+    visibility runs out."""
+    log.warning(
+        "%d SQS batch entr%s whose caller was cancelled failed: %s; an ack's message comes "
+        "back when its visibility runs out",
+        n,
+        "y" if n == 1 else "ies",
+        exc,
+    )
 
 
 def _fail(future: asyncio.Future[Mapping[str, Any]], exc: BaseException) -> None:

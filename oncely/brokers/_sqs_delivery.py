@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -174,6 +175,9 @@ class SqsDelivery(Delivery):
 
     @property
     def settled(self) -> bool:
+        """True from the moment ``ack`` or ``nack`` queues its batch entry (it cannot be
+        withdrawn: cancelled, the call still goes out) and after ``reject``; false again if
+        the ack or nack fails."""
         return self._done
 
     def _check(self) -> None:
@@ -193,15 +197,25 @@ class SqsDelivery(Delivery):
         """
         if self._done:
             raise AlreadySettled(f"delivery {self.id} was already settled")
+        # Settled from here on: the delete is queued and goes out even if this is cancelled
+        # (a batch entry cannot be withdrawn), so no visibility change may follow it. The
+        # runtime gives back what a cancel left unsettled, and a nack racing the delete
+        # reported the message returned while the delete removed it; a beat racing it got
+        # the handle refused. A cancelled ack is an ack whose outcome nobody hears: the
+        # message is deleted, or (the delete failed) comes back when its visibility runs out.
+        self._done = True
         # The hot path: no context manager, and the batcher's future awaited directly.
         sub = self._sub
         try:
             await sub.broker._delete(self.queue_url, self.receipt)
         except BrokerError:
+            self._done = False  # failed: the message is left to SQS (see _let_go)
             self._let_go()
             raise
+        except asyncio.CancelledError:
+            self._let_go()  # as given back: on FIFO, its group's held messages go back too
+            raise
         # self._finish(returned=False) inlined: once per message.
-        self._done = True
         if self._holding:
             self._holding = False
             sub._settled(self, returned=False)
@@ -226,9 +240,14 @@ class SqsDelivery(Delivery):
                 f"SQS keeps a message invisible at most 12 hours from its receive; a "
                 f"{delay:.0f}s delay is past that for {self.id}"
             )
+        self._done = True  # as for ack: the change goes out even if this is cancelled
         try:
             await self._sub.broker._change_visibility(self.queue_url, self.receipt, seconds)
         except BrokerError:
+            self._done = False
+            self._let_go()
+            raise
+        except asyncio.CancelledError:
             self._let_go()
             raise
         self._finish(returned=True)
@@ -252,7 +271,9 @@ class SqsDelivery(Delivery):
 
     async def extend(self, seconds: float) -> None:
         """Set the visibility to ``seconds`` from now, batched across deliveries
-        (``ChangeMessageVisibilityBatch``). Past the 12-hour cap it stops extending, logs and
+        (``ChangeMessageVisibilityBatch``). A no-op once settled, and while an ``ack`` or
+        ``nack`` is on its way (a change racing it would undo the nack, or find the handle
+        deleted). Past the 12-hour cap it stops extending, logs and
         counts it (``SqsBroker.visibility_capped``), and leaves the handler's timeout to decide.
 
         Raises:

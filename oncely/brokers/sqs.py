@@ -30,7 +30,10 @@ the id ``oncely-message-id`` (else the SQS ``MessageId``).
 **Acks and visibility** go out in batches of up to 10 per queue (``DeleteMessageBatch``,
 ``ChangeMessageVisibilityBatch``); every response's ``Failed`` entries are read: the server's
 faults are retried, a refused receipt handle fails that caller's ``ack`` with
-``DeliveryExpired``. SQS may also accept a stale handle silently and may redeliver a message
+``DeliveryExpired``. A queued entry cannot be withdrawn, so a delivery counts as settled
+from the moment its ``ack`` or ``nack`` is called: a cancelled ack still deletes (or, if the
+delete fails, the message comes back when its visibility runs out), and no ``extend`` or
+give-back may race it. SQS may also accept a stale handle silently and may redeliver a message
 after its delete on a standard queue: that is at-least-once, which the idempotency store
 absorbs. ``extend`` sets a new visibility counted from the call; SQS caps a message's
 invisibility at 12 hours from its receive, past which extending stops (logged, counted in

@@ -153,11 +153,16 @@ class Heartbeat:
         self._task.add_done_callback(self._supervise)
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
-        if task is not self._task or task.cancelled() or self._closed:
+        if task is not self._task or self._closed:
             return
-        exc = task.exception()
+        # Cancelled but not by ``aclose`` (which clears ``_task`` first): someone else's
+        # cancel, a death like any other. Left alone, ``_task`` stayed set, so nothing ever
+        # started another and no delivery of the handler was beaten again.
+        exc = None if task.cancelled() else task.exception()
         log.error(
-            "%s: heartbeat died; restarting it", self.name, exc_info=exc or RuntimeError("exited")
+            "%s: heartbeat died; restarting it",
+            self.name,
+            exc_info=exc or RuntimeError("cancelled" if task.cancelled() else "exited"),
         )
         self.stats.heartbeat_errors += 1
         self._task = None
@@ -185,15 +190,23 @@ class Heartbeat:
             self._failed(active, "beat (timed out)", active.delivery.id)
 
     async def _beat(self, active: Active) -> None:
-        """Beat one delivery; never raises (except on cancel)."""
+        """Beat one delivery; never raises (except on a cancel of this beat)."""
         try:
             await self._extend(active)
         except Exception:
+            self._failed(active, "extend visibility of", active.delivery.id)
+        except asyncio.CancelledError:
+            if self._asked():
+                raise
             self._failed(active, "extend visibility of", active.delivery.id)
         if active.lease_key is None or active.lease_token is None or self.store is None:
             return
         try:
             await self.store.renew(active.lease_key, active.lease_token, self.visibility)
+        except asyncio.CancelledError:
+            if self._asked():
+                raise
+            self._failed(active, "renew lease", active.lease_key)
         except LeaseLost:
             if active in self._active:
                 # Someone else runs this key now; running on would duplicate the effect.
@@ -209,10 +222,29 @@ class Heartbeat:
         if self.extend and not delivery.settled:
             try:
                 await delivery.extend(self.visibility)
-            except NotSupported:
-                self.extend = False
+            except NotSupported as exc:
+                # Every delivery of the handler goes unextended from now on: say so once.
+                if self.extend:
+                    self.extend = False
+                    log.warning(
+                        "%s: the broker cannot extend visibility (%s); no delivery of this "
+                        "handler is extended any more, so one running past %.0fs may be "
+                        "delivered again meanwhile",
+                        self.name,
+                        exc,
+                        self.visibility,
+                    )
             else:
                 self.stats.extensions += 1
+
+    def _asked(self) -> bool:
+        """Whether a ``CancelledError`` being handled in a beat is this beat's own cancel (its
+        time limit, the heartbeat's close). Any other came from a backend call (one that
+        cancels futures its callers await, as a batch task cut off does) and is that call's
+        failure: raised on, it ended the heartbeat's task as if closed, so no delivery of
+        the handler was beaten again, and nothing said so."""
+        task = self.current_task()
+        return task is not None and task.cancelling() > 0
 
     def _failed(self, active: Active, what: str, name: object) -> None:
         if active not in self._active:

@@ -340,34 +340,56 @@ async def test_a_rejected_record_whose_dead_letter_is_refused_says_so_at_error(
     assert misleading == []
 
 
+@pytest.mark.parametrize("failure", ["reject", "retry"])
 @pytest.mark.parametrize("size", [1_200_000, 1_048_576 - 200], ids=["over", "just-under"])
-async def test_a_failing_record_too_large_to_copy_says_so_at_error(
-    unique: str, caplog: pytest.LogCaptureFixture, size: int
+async def test_a_failing_record_too_large_to_copy_is_dead_lettered_without_its_body(
+    unique: str, caplog: pytest.LogCaptureFixture, size: int, failure: str
 ) -> None:
     """An input topic that allows records over the producer's 1 MiB ``max_request_size``: a
     failing handler's record can then have no retry or dead-letter copy (the client refuses
-    it before it goes out). Nothing may be committed past it, so the partition holds at that
-    offset, as for a refused dead letter, with an ERROR on each attempt that names the size
-    and the limit. It used to replay for ever with WARNINGs only ("transaction ... failed,
-    starting over"). ``just-under``: a record the producer could send, whose dead-letter
-    headers take its copy over the limit."""
+    it before it goes out), and every replay fails the same way. It held the partition at
+    that offset for good, the handler running again and again (an ERROR each attempt). Now
+    it is dead-lettered without its body, at ERROR once, the letter naming the original's
+    offset and size, and the partition goes on; ``replay`` skips such a letter (an empty
+    body is not the message). ``just-under``: a record the producer could send, whose
+    dead-letter headers take its copy over the limit."""
     src, out, group = unique, f"{unique}-out", f"g-{unique}"
     await create_small_topic(src, 4_000_000)  # larger records allowed than oncely sends
     app = oncely.App()
 
-    @app.handler(src)
+    @app.handler(src, retry=oncely.RetryPolicy(max_attempts=5, base=0.01, cap=0.01))
     async def copy(body: bytes, ctx: oncely.Context) -> None:
         if len(body) > 1000:
-            raise oncely.Reject("too big to keep")
+            if failure == "reject":
+                raise oncely.Reject("too big to keep")
+            raise RuntimeError("try again")
         await ctx.produce(out, b"out-" + body)
 
     # One key: one at a time.
     await publish_plain(src, [b"a", b"y" * size, b"b"], key=b"k", max_request_size=4_000_000)
-
-    def says(m: str) -> bool:
-        return "offset 1: its dead-letter record is" in m and "max_request_size" in m
-
-    await held_at_offset_1(app, (src, out, group), caplog, says, publish=False)
+    caplog.set_level(logging.INFO, logger="oncely.brokers.kafka")
+    url = kafka_url(group, exactly_once=src, txn_messages=1)
+    async with KafkaBroker.from_url(url) as broker:
+        await broker.ensure_topics([out])
+        async with oncely.Worker(app, broker=broker):
+            await eventually_offsets_within(group, src, {0: 3}, 60)
+        errors = [
+            m
+            for r in caplog.records
+            if r.levelno == logging.ERROR and "offset 1: its" in (m := r.getMessage())
+        ]
+        assert len(errors) == 1, errors
+        assert "dead-lettered without its body" in errors[0]
+        assert [r.value for r in await read_topic(out)] == [b"out-a", b"out-b"]
+        (letter,) = await read_topic(dlq_topic(src))
+        headers = {k: v.decode() for k, v in letter.headers}
+        assert letter.value == b""
+        assert headers["oncely-dead-letter-body-dropped"] == str(size)
+        where = (headers["oncely-original-partition"], headers["oncely-original-offset"])
+        assert where == ("0", "1")
+        assert "max_request_size" in headers[Headers.REASON]
+        assert await broker.replay(src) == 0
+        assert "not replaying 1 dead letter without a body" in caplog.text
 
 
 async def test_at_least_once_a_refused_output_fails_the_handler(unique: str) -> None:
