@@ -65,8 +65,7 @@ class Dedicated:
                     failed, first = first, None
                     raise failed
                 if not conn.is_connected:
-                    # No health check: the connection is read to the end of every reply.
-                    await conn.connect_check_health(check_health=False)
+                    await self._reconnect()
                 return await self._exchange(packed)
 
             async def failed(_: BaseException) -> None:
@@ -124,6 +123,17 @@ class Dedicated:
             # An error reply: hiredis makes it the exception to raise.
             raise reply
         return reply
+
+    async def _reconnect(self) -> None:
+        conn: Any = self._conn
+        check = getattr(conn, "connect_check_health", None)
+        if check is None:
+            # redis-py 5.3 (the extra allows it) has no connect_check_health; its
+            # connect() checks no health either (a PING only with health_check_interval).
+            await conn.connect()
+        else:
+            # No health check: the connection is read to the end of every reply.
+            await check(check_health=False)
 
     async def connect(self) -> None:
         await self._conn.connect()

@@ -237,5 +237,11 @@ async def _send_to_node(node: ClusterNode, packed: list[bytes]) -> list[Any]:
         await conn.disconnect(nowait=True)
         raise
     finally:
-        node.release(conn)
+        release = getattr(node, "release", None)
+        if release is None:
+            # redis-py 5.3 (the extra allows it) has no ClusterNode.release: its own commands
+            # put the connection back on the free queue themselves.
+            node._free.append(conn)
+        else:
+            release(conn)
     return replies
