@@ -80,9 +80,7 @@ class Invoke:
             if not (active.timed_out or active.lease_lost) or active.task is None:
                 raise
             active.task.uncancel()
-            if active.timed_out:
-                raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from None
-            raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from None
+            raise self._cut_short(active, key) from None
         except Exception as exc:
             # A cancel the handler (or a driver in it) turned into an error of its own is still
             # that cancel: a delivery starts with none pending (Pool), so one now was thrown in.
@@ -93,9 +91,7 @@ class Invoke:
             if not (active.timed_out or active.lease_lost):
                 raise asyncio.CancelledError from exc
             task.uncancel()
-            if active.timed_out:
-                raise HandlerTimeout(f"handler ran past its {spec.timeout}s timeout") from exc
-            raise LeaseLost(f"lease on {key!r} was taken over while the handler ran") from exc
+            raise self._cut_short(active, key) from exc
         finally:
             self.heartbeat.untrack(active)
             if timing is not None:
@@ -115,6 +111,13 @@ class Invoke:
             result = self._encode_result(value, delivery)
             tx.result = result
         return result
+
+    def _cut_short(self, active: Active, key: str | None) -> Exception:
+        """What a run the heartbeat cancelled (``active.timed_out`` or ``lease_lost``) fails
+        with."""
+        if active.timed_out:
+            return HandlerTimeout(f"handler ran past its {self.spec.timeout}s timeout")
+        return LeaseLost(f"lease on {key!r} was taken over while the handler ran")
 
     def _encode_result(self, value: object, delivery: Delivery) -> bytes | None:
         if value is None:

@@ -345,17 +345,7 @@ class Runner:
                 log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, error)
                 # As for the handler: Reject dead-letters at once (retrying would run the hook,
                 # and whatever it sends, again), and Retry's own delay wins.
-                if isinstance(error, Reject):
-                    self.stats.rejected += 1
-                    await self.settle.dead_letter(delivery, error.reason)
-                    return
-                delay = self.spec.retry.delay(delivery.attempt)
-                if isinstance(error, Retry):
-                    delay = delay if error.delay is None else error.delay
-                    reason = f"on_duplicate: Retry: {error.reason}"
-                else:
-                    reason = f"on_duplicate: {_describe(error)}"
-                await self._failed(delivery, reason, delay)
+                await self._settle_failure(delivery, error, "on_duplicate: ")
                 return
             finally:
                 self.heartbeat.untrack(active)
@@ -390,22 +380,32 @@ class Runner:
             delay = self.keys.recheck_delay(lease.key, self.keys.visibility)
             if await self.settle.nack(delivery, delay, defer=True):
                 self.stats.deferred += 1
-        elif isinstance(exc, Reject):
+        else:
+            if not isinstance(exc, Reject | Retry):
+                log.info(
+                    "%s: %s failed on attempt %d: %r",
+                    self.spec.name,
+                    delivery.id,
+                    delivery.attempt,
+                    exc,
+                )
+            await self._settle_failure(delivery, exc)
+
+    async def _settle_failure(self, delivery: Delivery, exc: Exception, prefix: str = "") -> None:
+        """Settle a run of user code (the handler, or ``on_duplicate`` with its ``prefix``) that
+        raised ``exc``: ``Reject`` dead-letters at once, ``Retry`` retries after its own delay
+        if it gives one, anything else is a failure retried with the policy's backoff."""
+        if isinstance(exc, Reject):
             self.stats.rejected += 1
             await self.settle.dead_letter(delivery, exc.reason)
-        elif isinstance(exc, Retry):
+            return
+        if isinstance(exc, Retry):
             delay = exc.delay if exc.delay is not None else self.spec.retry.delay(delivery.attempt)
-            await self._failed(delivery, f"Retry: {exc.reason}", delay)
+            reason = f"{prefix}Retry: {exc.reason}"
         else:
-            log.info(
-                "%s: %s failed on attempt %d: %r",
-                self.spec.name,
-                delivery.id,
-                delivery.attempt,
-                exc,
-            )
-            reason = _describe(exc)
-            await self._failed(delivery, reason, self.spec.retry.delay(delivery.attempt))
+            delay = self.spec.retry.delay(delivery.attempt)
+            reason = prefix + _describe(exc)
+        await self._failed(delivery, reason, delay)
 
     async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
         keys = self.keys
