@@ -6,10 +6,16 @@ transaction that re-produces the message to ``<topic>``. A dead letter is listed
 no marker. Reads are ``read_committed`` and bounded by the end offsets taken at the start, so a
 replay that is interrupted leaves either both records or neither, and running it again
 replays exactly what is left.
+
+A purge or replay returns once ``read_committed`` readers can see its markers. Kafka answers
+the commit before the commit markers reach the partitions, and until they do the last stable
+offset stays before the records, so a listing straight after would still show what was
+purged or replayed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -150,6 +156,7 @@ async def replay_dead_letters(broker: BrokerLink, topic: str, ids: list[str] | N
     dlq = dlq_topic(topic)
     await broker.ensure_topics([topic])
     producer = broker.transactional_producer(f"oncely-dlq-replay-{broker.options.group}-{topic}")
+    sent: list[asyncio.Future[Any]] = []
     with map_errors(f"replaying {dlq}", publishing=True):
         await producer.start()
         try:
@@ -164,11 +171,14 @@ async def replay_dead_letters(broker: BrokerLink, topic: str, ids: list[str] | N
                             topic, letter.body, key=record.key, headers=encode_headers(headers)
                         )
                         marker = {REPLAYED: f"{record.partition}:{record.offset}"}
-                        await producer.send(
-                            dlq, b"", key=record.key, headers=encode_headers(marker)
+                        sent.append(
+                            await producer.send(
+                                dlq, b"", key=record.key, headers=encode_headers(marker)
+                            )
                         )
         finally:
             await producer.stop()
+    await _until_visible(broker, dlq, sent)
     return len(chosen)
 
 
@@ -185,6 +195,7 @@ async def purge_dead_letters(broker: BrokerLink, topic: str, older_than: float |
         return 0
     dlq = dlq_topic(topic)
     producer = broker.transactional_producer(f"oncely-dlq-replay-{broker.options.group}-{topic}")
+    sent: list[asyncio.Future[Any]] = []
     with map_errors(f"purging {dlq}", publishing=True):
         await producer.start()
         try:
@@ -192,9 +203,58 @@ async def purge_dead_letters(broker: BrokerLink, topic: str, older_than: float |
                 async with producer.transaction():
                     for record in chosen[i : i + _BATCH]:
                         marker = {PURGED: f"{record.partition}:{record.offset}"}
-                        await producer.send(
-                            dlq, b"", key=record.key, headers=encode_headers(marker)
+                        sent.append(
+                            await producer.send(
+                                dlq, b"", key=record.key, headers=encode_headers(marker)
+                            )
                         )
         finally:
             await producer.stop()
+    await _until_visible(broker, dlq, sent)
     return len(chosen)
+
+
+async def _until_visible(broker: BrokerLink, topic: str, sent: list[asyncio.Future[Any]]) -> None:
+    """Wait until ``read_committed`` readers of ``topic`` can see every record in ``sent``
+    (send futures of committed transactions): its last stable offset is past each of them.
+
+    Another producer's open transaction on the partition holds that offset back too, so the
+    wait is bounded by ``request_timeout``; past it the records are committed all the same
+    and a warning says a listing may not show them yet."""
+    last: dict[TopicPartition, int] = {}
+    for future in sent:
+        meta = future.result()
+        tp = TopicPartition(topic, meta.partition)
+        last[tp] = max(last.get(tp, -1), meta.offset)
+    if not last:
+        return
+    opts = broker.options
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=opts.bootstrap,
+        client_id=f"{opts.client_id}-dlq",
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",  # so end_offsets answers the last stable offset
+    )
+    deadline = time.monotonic() + opts.request_timeout
+    delay = 0.01
+    with map_errors(f"reading {topic}"):
+        await consumer.start()
+        try:
+            while True:
+                stable = await consumer.end_offsets(list(last))
+                if all(stable[tp] > offset for tp, offset in last.items()):
+                    return
+                if time.monotonic() + delay > deadline:
+                    log.warning(
+                        "%s: the markers are committed but not yet visible to readers after "
+                        "%ss (another producer's open transaction holds the partition); a "
+                        "listing may still show those dead letters for a while",
+                        topic,
+                        opts.request_timeout,
+                    )
+                    return
+                await asyncio.sleep(delay)  # the coordinator writes the markers in the background
+                delay = min(delay * 2, 0.2)
+        finally:
+            await consumer.stop()

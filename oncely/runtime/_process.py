@@ -188,8 +188,8 @@ class Runner:
             payload = spec.decoder.decode(delivery.body)
         except Exception as exc:
             # Decoding has no side effects, so even an at-most-once poison message can go to
-            # the dead-letter queue rather than vanish. Not only DecodeError: msgspec raises
-            # UnicodeDecodeError for invalid UTF-8 inside a JSON string, for one.
+            # the dead-letter queue rather than vanish. Not only DecodeError: msgspec before
+            # 0.23 raises UnicodeDecodeError for invalid UTF-8 inside a JSON string, for one.
             why = _describe(exc)
             await self.settle.dead_letter(
                 delivery,
