@@ -55,16 +55,22 @@ _DROP_ON_REPLAY = frozenset(
 )
 
 
-async def _read_all(broker: BrokerLink, topic: str) -> list[Any]:
-    """Every committed record of ``topic`` up to its end offsets at the start of the call."""
+def _committed_reader(broker: BrokerLink) -> AIOKafkaConsumer:
+    """A consumer outside any group that sees committed records only (not started)."""
     opts = broker.options
-    consumer = AIOKafkaConsumer(
+    return AIOKafkaConsumer(
         bootstrap_servers=opts.bootstrap,
         client_id=f"{opts.client_id}-dlq",
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
+
+
+async def _read_all(broker: BrokerLink, topic: str) -> list[Any]:
+    """Every committed record of ``topic`` up to its end offsets at the start of the call."""
+    opts = broker.options
+    consumer = _committed_reader(broker)
     records: list[Any] = []
     with map_errors(f"reading {topic}"):
         await consumer.start()
@@ -229,13 +235,7 @@ async def _until_visible(broker: BrokerLink, topic: str, sent: list[asyncio.Futu
     if not last:
         return
     opts = broker.options
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=opts.bootstrap,
-        client_id=f"{opts.client_id}-dlq",
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",  # so end_offsets answers the last stable offset
-    )
+    consumer = _committed_reader(broker)  # its end_offsets answer the last stable offsets
     deadline = time.monotonic() + opts.request_timeout
     delay = 0.01
     with map_errors(f"reading {topic}"):
