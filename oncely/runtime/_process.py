@@ -146,7 +146,12 @@ class Runner:
             # grace) gives nothing back: the broker's ack goes on without its caller (or the
             # message comes back after its visibility), and a give-back would fail against
             # it or, were it first, run the finished handler again.
-            if not acking and not is_settled(delivery) and not self._finish.has(delivery):
+            if (
+                not acking
+                and self.spec.guarantee != "at_most_once"  # acked before it runs: lost
+                and not is_settled(delivery)
+                and not self._finish.has(delivery)
+            ):
                 # Cancelled before the handler ran (shutdown): give it straight back.
                 await self._finish(self.settle.nack(delivery, 0.0, defer=True), delivery)
             raise
@@ -251,10 +256,11 @@ class Runner:
         self, delivery: Delivery, payload: Any, task: asyncio.Task[Any] | None
     ) -> None:
         # Acked before the handler runs: a crash or failure from here on loses the message,
-        # which is the contract the handler asked for.
-        if not await self.settle.ack(delivery):
-            return
+        # which is the contract the handler asked for. A cancel during the ack loses it too:
+        # the ack goes on without its caller, so nothing is given back (``run``).
         try:
+            if not await self.settle.ack(delivery):
+                return
             await self._invoke(delivery, payload, None, None, task)
         except asyncio.CancelledError:
             self.stats.lost += 1
