@@ -78,7 +78,7 @@ class Runner:
         self.fail_open = fail_open
         self._key_prefix = f"{spec.name}:"
         self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
-        self._finish = Finisher(broker, store)
+        self._finish = Finisher(broker, store, spec.name, stats)
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.tracing = for_handler(spec, broker, stats)  # None unless OpenTelemetry is on
         if self.tracing is not None:
