@@ -42,6 +42,19 @@ class Escaped(Exception):
         return repr(self.error)
 
 
+def raised(exc: Exception) -> BaseException:
+    """What user code raised: ``exc``, or the ``BaseException`` an ``Escaped`` carries."""
+    return exc.error if isinstance(exc, Escaped) else exc
+
+
+def stop_if_asked(exc: Exception) -> None:
+    """Raise the ``KeyboardInterrupt`` or ``SystemExit`` user code raised, its message settled
+    (as a failure: the attempt is spent, so a handler that always exits is dead-lettered in
+    the end rather than stopping every worker it reaches for ever)."""
+    if isinstance(exc, Escaped) and exc.stops:
+        raise exc.error
+
+
 class Invoke:
     """Calls one handler (one instance per handler per worker, owned by its ``Runner``)."""
 

@@ -35,7 +35,7 @@ from oncely.errors import (
     StoreUnavailable,
 )
 from oncely.runtime._finish import Finisher
-from oncely.runtime._invoke import Escaped, Invoke
+from oncely.runtime._invoke import Escaped, Invoke, raised, stop_if_asked
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
 from oncely.runtime._tracing import for_handler
@@ -244,7 +244,7 @@ class Runner:
             # The run is over: a shutdown cancel must not turn its failure into a give-back
             # (a deferral, which would not spend the attempt).
             await self._finish(self._ran_and_failed(delivery, lease, exc), delivery)
-            _stop_if_asked(exc)
+            stop_if_asked(exc)
         else:
             if lease is None:
                 return True  # just the ack, in run: no task on the hot path without a store
@@ -273,10 +273,10 @@ class Runner:
             raise
         except Exception as exc:
             if self.tracing is not None:
-                self.tracing.failed(delivery, exc)
+                self.tracing.failed(delivery, raised(exc))
             self.stats.failed += 1
             log.warning("%s: at-most-once message %s failed: %r", self.spec.name, delivery.id, exc)
-            _stop_if_asked(exc)
+            stop_if_asked(exc)
         else:
             self.stats.processed += 1
 
@@ -356,7 +356,7 @@ class Runner:
                 # As for the handler: Reject dead-letters at once (retrying would run the hook,
                 # and whatever it sends, again), and Retry's own delay wins.
                 await self._settle_failure(delivery, error, "on_duplicate: ")
-                _stop_if_asked(error)
+                stop_if_asked(error)
                 return
             finally:
                 self.heartbeat.untrack(active)
@@ -367,7 +367,7 @@ class Runner:
         self, delivery: Delivery, lease: Lease | None, exc: Exception
     ) -> None:
         if self.tracing is not None:
-            self.tracing.failed(delivery, exc)
+            self.tracing.failed(delivery, raised(exc))
         await self._release(lease)
         if self.spec.transactional and isinstance(exc, StoreUnavailable) and self.keys is not None:
             # The store failed around the handler (its own errors propagate unchanged):
@@ -463,20 +463,11 @@ def _clear_when_done(task: asyncio.Task[object], current: list[Any]) -> None:
     task.add_done_callback(lambda _: current.clear())
 
 
-def _stop_if_asked(exc: Exception) -> None:
-    """Raise the ``KeyboardInterrupt`` or ``SystemExit`` user code raised, its message settled
-    (as a failure: the attempt is spent, so a handler that always exits is dead-lettered in
-    the end rather than stopping every worker it reaches for ever)."""
-    if isinstance(exc, Escaped) and exc.stops:
-        raise exc.error
-
-
 def _describe(exc: BaseException) -> str:
     """``"Type: message"`` for a dead-letter reason. Never raises: a user exception whose
     ``__str__`` fails would otherwise turn every failure of its handler into an internal error
     (nacked, never dead-lettered), and the handler would run again and again."""
-    if isinstance(exc, Escaped):
-        exc = exc.error  # described as what user code raised
+    exc = raised(exc) if isinstance(exc, Exception) else exc
     try:
         text = str(exc)
     except Exception:
