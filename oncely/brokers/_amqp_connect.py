@@ -11,6 +11,7 @@ import aio_pika
 from aio_pika.connection import make_url
 
 from oncely.brokers._amqp_topology import map_errors
+from oncely.errors import ConnectionLost
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
@@ -21,7 +22,8 @@ Opened = tuple["AbstractRobustConnection", "AbstractRobustChannel"]
 
 
 async def opened(url: str, within: float, leftovers: set[asyncio.Task[None]]) -> Opened:
-    """Open a robust connection to ``url`` and its publish channel (confirms on).
+    """Open a robust connection to ``url`` and its publish channel (confirms on), within
+    ``within`` seconds; the robust connection's reconnects get as long each.
 
     The opening runs on a task of its own, which a cancelled caller does not cancel: aio-pika
     leaks a connection cancelled between its handshake and its first use (the reader, writer
@@ -31,10 +33,10 @@ async def opened(url: str, within: float, leftovers: set[asyncio.Task[None]]) ->
     it, on a task kept in ``leftovers``.
 
     Raises:
-        ConnectionLost: the broker could not be reached.
+        ConnectionLost: the broker could not be reached, or did not answer in time.
         ConfigError: the credentials or vhost were refused.
     """
-    opening = asyncio.ensure_future(_open(url))
+    opening = asyncio.ensure_future(_open(url, within))
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:
@@ -44,14 +46,27 @@ async def opened(url: str, within: float, leftovers: set[asyncio.Task[None]]) ->
         raise
 
 
-async def _open(url: str) -> Opened:
+async def _open(url: str, within: float) -> Opened:
     # Not aio_pika.connect_robust, which keeps the connection to itself until it is made.
-    conn = aio_pika.RobustConnection(make_url(url))
+    driver_url = make_url(url)
+    conn = aio_pika.RobustConnection(driver_url)
     try:
-        with map_errors("connect"):
-            await conn.connect()
-            pub = conn.channel(publisher_confirms=True, on_return_raises=True)
-            await pub.initialize()
+        try:
+            # The whole opening is bounded, the channel's too; connect(timeout=) bounds each
+            # of the robust connection's later reconnects as well, which would otherwise hang
+            # on a silent host just the same.
+            async with asyncio.timeout(within):
+                with map_errors("connect"):
+                    await conn.connect(timeout=within)
+                    pub = conn.channel(publisher_confirms=True, on_return_raises=True)
+                    await pub.initialize()
+        except (TimeoutError, ConnectionLost) as exc:
+            if isinstance(exc, TimeoutError) or isinstance(exc.__cause__, TimeoutError):
+                where = f"{driver_url.host}:{driver_url.port}"
+                raise ConnectionLost(
+                    f"no AMQP answer from {where} within {within:g} s (the URL's timeout=)"
+                ) from exc
+            raise
     except BaseException:
         # Also for a failure of the channel: the caller, whose connect failed, has nothing
         # it knows to close, and a robust connection left open would reconnect for ever.

@@ -75,6 +75,11 @@ _DRIVER_OPTIONS = frozenset(
 )
 _OWN_OPTIONS = frozenset({"queue_type", "publish_timeout", "batch_acks"})
 
+CONNECT_TIMEOUT = 10.0
+"""Without it a host that takes the TCP connection and never answers (a black hole behind a
+load balancer, a wrong port) holds ``connect`` for ever; 10 s, as the PostgreSQL store's
+default ``command_timeout`` bounds its connects (Redis and SQS allow 5 s per try, and retry)."""
+
 
 @dataclass(frozen=True, slots=True)
 class AmqpOptions:
@@ -85,11 +90,15 @@ class AmqpOptions:
         publish_timeout: seconds to wait for a connection and a publisher confirm.
         batch_acks: coalesce acks of concurrently settled deliveries into ``multiple=True``
             frames where every lower delivery tag on the channel is settled too.
+        connect_timeout: seconds one connect (TCP, TLS, the AMQP handshake and the publish
+            channel) may take, then ``ConnectionLost``: the URL's ``timeout`` (aio-pika's own
+            name, which aio-pika 10 reads but does not apply), else ``CONNECT_TIMEOUT``.
     """
 
     queue_type: QueueType = "classic"
     publish_timeout: float = 30.0
     batch_acks: bool = True
+    connect_timeout: float = CONNECT_TIMEOUT
 
 
 # aiormq reads a number it cannot parse as 0 (heartbeat=abc or 1.5: no heartbeats) and a
@@ -149,10 +158,14 @@ def parse_url(url: str) -> tuple[str, AmqpOptions, str]:
     batch = own.get("batch_acks", "1").lower()
     if batch not in ("1", "0", "true", "false", "yes", "no"):
         raise ConfigError(f"batch_acks must be a boolean, got {batch!r}")
+    timeout = next((float(v) for k, v in driver if k == "timeout"), CONNECT_TIMEOUT)
+    if not timeout > 0:
+        raise ConfigError(f"AMQP URL option timeout must be > 0 seconds: {mask(url)!r}")
     options = AmqpOptions(
         queue_type="quorum" if queue_type == "quorum" else "classic",
         publish_timeout=publish_timeout,
         batch_acks=batch in ("1", "true", "yes"),
+        connect_timeout=timeout,
     )
     query = "&".join(f"{k}={v}" for k, v in driver)
     driver_url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))

@@ -310,9 +310,9 @@ class KafkaSubscription(Subscription):
 
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
-    ) -> None:
+    ) -> bool:
         assert self._eos is not None
-        await self._eos.fail(delivery, how, delay, reason, attempt)
+        return await self._eos.fail(delivery, how, delay, reason, attempt)
 
     def eos_produce(self, delivery: KafkaDelivery, output: Output) -> Awaitable[None]:
         assert self._eos is not None

@@ -84,7 +84,10 @@ class Settler(Protocol):
 
     async def eos_fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
-    ) -> None: ...
+    ) -> bool:
+        """Exactly-once: replace the outputs with a retry (``how="nack"``) or dead-letter
+        record; ``False`` if the retry had to be a dead letter."""
+        ...
 
     def eos_produce(self, delivery: KafkaDelivery, output: Output) -> Awaitable[None]: ...
 
@@ -260,7 +263,7 @@ class KafkaDelivery(Delivery):
 
     async def nack(
         self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
-    ) -> None:
+    ) -> bool:
         self._check()
         if delay > self._settler.max_delay:
             raise NotSupported(
@@ -272,9 +275,9 @@ class KafkaDelivery(Delivery):
             self.headers = error_headers(self.headers, error)
         attempt = self.attempt if defer else self.attempt + 1
         if self.exactly_once:
-            await self._settler.eos_fail(self, "nack", max(delay, 0.0), "", attempt)
+            retried = await self._settler.eos_fail(self, "nack", max(delay, 0.0), "", attempt)
             await self._settle_exactly_once()
-            return
+            return retried
         try:
             await self._settler.resend(self, max(delay, 0.0), attempt)
         except BrokerError:
@@ -282,6 +285,7 @@ class KafkaDelivery(Delivery):
             raise
         self._check_live_after_send()
         self.mark_settled()
+        return True
 
     async def reject(self, reason: str) -> None:
         self._check()
@@ -320,11 +324,12 @@ class KafkaDelivery(Delivery):
             commit = self._settler.settled(self)
             assert commit is None, "at-least-once only: exactly-once settles await the commit"
 
-    async def extend(self, seconds: float) -> None:
+    async def extend(self, seconds: float) -> bool:
         if self._settled:
-            return
+            return False
         if not self.track.live:
             raise DeliveryExpired(f"partition of {self.id} was revoked")
+        return True  # nothing times a record out: the check that it is still ours is all
 
 
 class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):

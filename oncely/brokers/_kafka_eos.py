@@ -115,8 +115,9 @@ class ExactlyOnce(PartitionOwner):
 
     async def fail(
         self, delivery: KafkaDelivery, how: str, delay: float, reason: str, attempt: int
-    ) -> None:
-        """Replace the delivery's outputs with its retry or dead-letter record."""
+    ) -> bool:
+        """Replace the delivery's outputs with its retry or dead-letter record; ``False`` if
+        a retry record could not be made and it is dead-lettered instead."""
         sub = self._sub
         if how == "reject":  # its own dead letter (and reason) instead of a refusal's
             delivery.track.eos.poison.pop(delivery.record.offset, None)
@@ -152,7 +153,10 @@ class ExactlyOnce(PartitionOwner):
                 size,
                 MAX_REQUEST,
             )
+            delivery.outputs = [(topic, body, key, flat_headers(headers))]
+            return how == "reject"
         delivery.outputs = [(topic, body, key, flat_headers(headers))]
+        return True
 
     def ack(self, delivery: KafkaDelivery) -> Awaitable[None] | None:
         """Called once the delivery's offset was marked done: its outputs wait by offset, the

@@ -171,10 +171,11 @@ class SqliteDelivery(LocalDelivery):
     async def reject(self, reason: str) -> None:
         await self._settle(lambda: self._broker._reject(self, reason))
 
-    async def extend(self, seconds: float) -> None:
+    async def extend(self, seconds: float) -> bool:
         check_delay(seconds, "seconds")
         if self._settled:
-            return
+            return False
         params = (time.time() + seconds, self._rowid, self._token)
         if not await self._broker._exec(EXTEND, params):
             self._expired()
+        return True

@@ -269,18 +269,21 @@ class SqsDelivery(Delivery):
             raise
         self._finish(returned=False)
 
-    async def extend(self, seconds: float) -> None:
+    async def extend(self, seconds: float) -> bool:
         """Set the visibility to ``seconds`` from now, batched across deliveries
         (``ChangeMessageVisibilityBatch``). A no-op once settled, and while an ``ack`` or
         ``nack`` is on its way (a change racing it would undo the nack, or find the handle
         deleted). Past the 12-hour cap it stops extending, logs and
         counts it (``SqsBroker.visibility_capped``), and leaves the handler's timeout to decide.
 
+        Returns:
+            ``False`` for those no-ops, ``True`` if it extended.
+
         Raises:
             DeliveryExpired: SQS refused the receipt handle.
         """
         if self._done:
-            return
+            return False
         left = math.floor(self.visibility_left())
         wanted = math.ceil(seconds)
         if left < wanted:
@@ -294,13 +297,14 @@ class SqsDelivery(Delivery):
                     self.id,
                 )
             if left <= 0:
-                return
+                return False
             wanted = left
         try:
             await self._sub.broker._change_visibility(self.queue_url, self.receipt, wanted)
         except DeliveryExpired:
             self._let_go()
             raise
+        return True
 
     def _let_go(self) -> None:
         """After a failed settle (any ``BrokerError``) or a refused ``extend``

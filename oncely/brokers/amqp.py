@@ -7,7 +7,8 @@ URL options (anything else is a ``ConfigError``):
   messages persistent either way, so both survive a broker restart.
 * ``publish_timeout=30``: seconds to wait for the connection and the publisher confirm.
 * ``batch_acks=1``: coalesce acks into ``multiple=True`` frames (see ``AckWindow``).
-* aio-pika's own: ``heartbeat``, ``timeout``, ``name``, ``reconnect_interval`` (default 1 here),
+* ``timeout=10``: seconds a connect (and each reconnect) may take, then ``ConnectionLost``.
+* aio-pika's own: ``heartbeat``, ``name``, ``reconnect_interval`` (default 1 here),
   ``fail_fast``, TLS files for ``amqps://`` and a few more.
 
 Topology (see ``_amqp_topology``): per topic, a work queue ``<topic>``, a dead-letter queue
@@ -158,6 +159,7 @@ class AmqpBroker(Broker, DeadLetterAdmin):
             queue_type=queue_type or options.queue_type,
             publish_timeout=publish_timeout or options.publish_timeout,
             batch_acks=options.batch_acks if batch_acks is None else batch_acks,
+            connect_timeout=options.connect_timeout,
         )
         self._conn: AbstractRobustConnection | None = None
         self._pub: AbstractRobustChannel | None = None
@@ -196,7 +198,7 @@ class AmqpBroker(Broker, DeadLetterAdmin):
         async with self._connect_lock:
             if self._pub is None:  # set with _conn, both or neither
                 conn, pub = await opened(
-                    self._driver_url, self.options.publish_timeout, self._leftovers
+                    self._driver_url, self.options.connect_timeout, self._leftovers
                 )
                 if self._closed:  # aclose ran meanwhile: it could not close this one
                     with contextlib.suppress(Exception):

@@ -119,7 +119,7 @@ class Delivery(abc.ABC):
     @abc.abstractmethod
     async def nack(
         self, delay: float = 0.0, *, defer: bool = False, error: str | None = None
-    ) -> None:
+    ) -> bool | None:
         """Give the message back for redelivery no sooner than ``delay`` seconds from now.
 
         ``delay=0`` makes it available at once. Adapters without native delay round the delay
@@ -135,6 +135,12 @@ class Delivery(abc.ABC):
         present (so it keeps the first failure's), both clipped by ``error_headers``; the
         change is part of the nack, so a nack that fails changes no header. Elsewhere it is
         ignored. The runtime passes it only where ``carries_errors`` holds.
+
+        Returns:
+            ``False`` if the broker settled the message by dead-lettering it instead, since
+            it cannot give it back (Kafka exactly-once: a retry copy over the producer's
+            ``max_request_size``), having logged why: the runtime counts a dead letter, not a
+            retry. ``None`` (or ``True``) if the message will come back.
 
         Raises:
             AlreadySettled, DeliveryExpired, ConnectionLost: as for ``ack``.
@@ -156,9 +162,14 @@ class Delivery(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def extend(self, seconds: float) -> None:
+    async def extend(self, seconds: float) -> bool | None:
         """Set the visibility deadline to ``seconds`` from now (SQS semantics: not added to
         what remains). Idempotent; calling it on a settled delivery is a no-op.
+
+        Returns:
+            ``False`` if it changed nothing (settled, a settle on its way, a broker's cap
+            reached), so the runtime does not count it as an extension; ``None`` (or ``True``)
+            if it extended.
 
         Raises:
             NotSupported: the broker cannot extend a single message (``Capabilities.extend``).

@@ -317,14 +317,14 @@ class _MemoryDelivery(LocalDelivery):
 
         await self._settle(attempt)
 
-    async def extend(self, seconds: float) -> None:
+    async def extend(self, seconds: float) -> bool:
         check_delay(seconds, "seconds")
         if self._settled:
-            return
+            return False
         hub = self._own()
         if hub is None:
             self._expired()
-            return
+            return False
         rec = self._record
         visible_at = time.monotonic() + seconds
         earlier = visible_at < rec.visible_at
@@ -332,3 +332,4 @@ class _MemoryDelivery(LocalDelivery):
         if earlier:
             # Consumers sleep until the earliest deadline they know of; this one moved up.
             wake_all(self._t.waiters)
+        return True

@@ -25,6 +25,7 @@ timed out. So:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,10 @@ from oncely.stores.memory import MemoryStore
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Broker, Delivery
+    from oncely.runtime.stats import Stats
     from oncely.stores.base import IdempotencyStore
+
+log = logging.getLogger("oncely.worker")
 
 
 class Finisher:
@@ -43,9 +47,16 @@ class Finisher:
     Args:
         broker: the worker's broker.
         store: the worker's store, if any.
+        name: the handler's name, for logs.
+        stats: the worker's counters; a settle handed on that fails counts as an internal
+            error, as it does on the delivery's own task.
     """
 
-    def __init__(self, broker: Broker, store: IdempotencyStore | None) -> None:
+    def __init__(
+        self, broker: Broker, store: IdempotencyStore | None, name: str, stats: Stats
+    ) -> None:
+        self._name = name
+        self._stats = stats
         self.inline = settles_inline(broker, store)
         self.inline_success = self.inline or (
             vouched(broker, "ack_on_caller", "consume")
@@ -80,13 +91,28 @@ class Finisher:
         return None
 
     async def wait(self) -> None:
-        """Wait for every settle handed on; call once no delivery of the handler runs."""
+        """Wait for every settle handed on; call once no delivery of the handler runs. A
+        failed one was reported when it ended (``_ended``)."""
         if self._handed:
             await asyncio.gather(*self._handed, return_exceptions=True)
 
     def _hand_off(self, task: asyncio.Task[object], delivery: Delivery) -> None:
         self._handed[task] = delivery
-        task.add_done_callback(self._handed.pop)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[object]) -> None:
+        delivery = self._handed.pop(task)
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            # A runtime bug, as run() reports one on the delivery's own task; unsettled, the
+            # delivery comes back after its visibility. Nobody else awaits this task.
+            self._stats.internal_errors += 1
+            log.error(
+                "%s: internal error settling %s after a cancel; it comes back after its visibility",
+                self._name,
+                delivery.id,
+                exc_info=exc,
+            )
 
     async def _shielded(self, settling: Coroutine[Any, Any, object], delivery: Delivery) -> None:
         task = asyncio.ensure_future(settling)

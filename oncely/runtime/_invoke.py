@@ -26,6 +26,35 @@ if TYPE_CHECKING:
 log = logging.getLogger("oncely.worker")
 
 
+class Escaped(Exception):
+    """A ``BaseException`` that is not an ``Exception`` (a library's own unwinding signal,
+    ``sys.exit()``), raised by user code: settled as the failure of its message it is. Past
+    every ``except Exception`` it would kill the pool's task instead, leaving the delivery
+    unsettled and its key leased, to come back and do the same for ever. ``stops``: it is
+    ``KeyboardInterrupt`` or ``SystemExit``, raised on once the message is settled."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+        self.stops = isinstance(error, KeyboardInterrupt | SystemExit)
+
+    def __repr__(self) -> str:
+        return repr(self.error)
+
+
+def raised(exc: Exception) -> BaseException:
+    """What user code raised: ``exc``, or the ``BaseException`` an ``Escaped`` carries."""
+    return exc.error if isinstance(exc, Escaped) else exc
+
+
+def stop_if_asked(exc: Exception) -> None:
+    """Raise the ``KeyboardInterrupt`` or ``SystemExit`` user code raised, its message settled
+    (as a failure: the attempt is spent, so a handler that always exits is dead-lettered in
+    the end rather than stopping every worker it reaches for ever)."""
+    if isinstance(exc, Escaped) and exc.stops:
+        raise exc.error
+
+
 class Invoke:
     """Calls one handler (one instance per handler per worker, owned by its ``Runner``)."""
 
@@ -92,6 +121,10 @@ class Invoke:
                 raise asyncio.CancelledError from exc
             task.uncancel()
             raise self._cut_short(active, key) from exc
+        except GeneratorExit:
+            raise  # the coroutine is being closed
+        except BaseException as exc:
+            raise Escaped(exc) from exc
         finally:
             self.heartbeat.untrack(active)
             if timing is not None:

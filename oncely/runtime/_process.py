@@ -35,7 +35,7 @@ from oncely.errors import (
     StoreUnavailable,
 )
 from oncely.runtime._finish import Finisher
-from oncely.runtime._invoke import Invoke
+from oncely.runtime._invoke import Escaped, Invoke, raised, stop_if_asked
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
 from oncely.runtime._tracing import for_handler
@@ -78,7 +78,7 @@ class Runner:
         self.fail_open = fail_open
         self._key_prefix = f"{spec.name}:"
         self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
-        self._finish = Finisher(broker, store)
+        self._finish = Finisher(broker, store, spec.name, stats)
         self.settle = Settler(spec.name, broker.capabilities, stats)
         self.tracing = for_handler(spec, broker, stats)  # None unless OpenTelemetry is on
         if self.tracing is not None:
@@ -146,7 +146,12 @@ class Runner:
             # grace) gives nothing back: the broker's ack goes on without its caller (or the
             # message comes back after its visibility), and a give-back would fail against
             # it or, were it first, run the finished handler again.
-            if not acking and not is_settled(delivery) and not self._finish.has(delivery):
+            if (
+                not acking
+                and self.spec.guarantee != "at_most_once"  # acked before it runs: lost
+                and not is_settled(delivery)
+                and not self._finish.has(delivery)
+            ):
                 # Cancelled before the handler ran (shutdown): give it straight back.
                 await self._finish(self.settle.nack(delivery, 0.0, defer=True), delivery)
             raise
@@ -239,6 +244,7 @@ class Runner:
             # The run is over: a shutdown cancel must not turn its failure into a give-back
             # (a deferral, which would not spend the attempt).
             await self._finish(self._ran_and_failed(delivery, lease, exc), delivery)
+            stop_if_asked(exc)
         else:
             if lease is None:
                 return True  # just the ack, in run: no task on the hot path without a store
@@ -251,10 +257,11 @@ class Runner:
         self, delivery: Delivery, payload: Any, task: asyncio.Task[Any] | None
     ) -> None:
         # Acked before the handler runs: a crash or failure from here on loses the message,
-        # which is the contract the handler asked for.
-        if not await self.settle.ack(delivery):
-            return
+        # which is the contract the handler asked for. A cancel during the ack loses it too:
+        # the ack goes on without its caller, so nothing is given back (``run``).
         try:
+            if not await self.settle.ack(delivery):
+                return
             await self._invoke(delivery, payload, None, None, task)
         except asyncio.CancelledError:
             self.stats.lost += 1
@@ -266,9 +273,10 @@ class Runner:
             raise
         except Exception as exc:
             if self.tracing is not None:
-                self.tracing.failed(delivery, exc)
+                self.tracing.failed(delivery, raised(exc))
             self.stats.failed += 1
             log.warning("%s: at-most-once message %s failed: %r", self.spec.name, delivery.id, exc)
+            stop_if_asked(exc)
         else:
             self.stats.processed += 1
 
@@ -334,8 +342,10 @@ class Runner:
                 result = None if begin.result is None else self._results.decode(begin.result)
                 async with deadline:
                     await hook(result, Context(delivery, key, self.publisher))
-            except Exception as exc:
-                error = exc
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                    raise
+                error = exc if isinstance(exc, Exception) else Escaped(exc)
                 if deadline.expired():
                     error = HandlerTimeout(f"ran past its {self.spec.timeout}s timeout")
                 elif active.task is not None and active.task.cancelling():
@@ -346,6 +356,7 @@ class Runner:
                 # As for the handler: Reject dead-letters at once (retrying would run the hook,
                 # and whatever it sends, again), and Retry's own delay wins.
                 await self._settle_failure(delivery, error, "on_duplicate: ")
+                stop_if_asked(error)
                 return
             finally:
                 self.heartbeat.untrack(active)
@@ -356,7 +367,7 @@ class Runner:
         self, delivery: Delivery, lease: Lease | None, exc: Exception
     ) -> None:
         if self.tracing is not None:
-            self.tracing.failed(delivery, exc)
+            self.tracing.failed(delivery, raised(exc))
         await self._release(lease)
         if self.spec.transactional and isinstance(exc, StoreUnavailable) and self.keys is not None:
             # The store failed around the handler (its own errors propagate unchanged):
@@ -452,10 +463,11 @@ def _clear_when_done(task: asyncio.Task[object], current: list[Any]) -> None:
     task.add_done_callback(lambda _: current.clear())
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: BaseException) -> str:
     """``"Type: message"`` for a dead-letter reason. Never raises: a user exception whose
     ``__str__`` fails would otherwise turn every failure of its handler into an internal error
     (nacked, never dead-lettered), and the handler would run again and again."""
+    exc = raised(exc) if isinstance(exc, Exception) else exc
     try:
         text = str(exc)
     except Exception:

@@ -69,7 +69,9 @@ class Settler:
         the longest delay the broker has, rather than the nack failing on every attempt.
         ``defer=True`` marks a deferral: the handler did not run, so the attempt is kept where
         the broker can (``Capabilities.defer_keeps_attempt``). ``error`` (the failure) is
-        passed on only to brokers that carry it (``Capabilities.carries_errors``).
+        passed on only to brokers that carry it (``Capabilities.carries_errors``). ``True``
+        if the broker took the nack and the message comes back; ``False`` if the nack failed
+        (logged and counted) or the broker dead-lettered the message instead.
         """
         if self.max_delay is not None and delay > self.max_delay:
             log.info(
@@ -82,17 +84,25 @@ class Settler:
             self.stats.delays_clamped += 1
             delay = self.max_delay
         delay = max(delay, 0.0)
-        if error is not None and self.carries_errors:
-            settled = await self._settle(
-                lambda: delivery.nack(delay, defer=defer, error=error), delivery, "nack"
-            )
-        else:
-            settled = await self._settle(
-                lambda: delivery.nack(delay, defer=defer), delivery, "nack"
-            )
-        if settled:
-            self.stats.nacked += 1
-        return settled
+        try:
+            if error is not None and self.carries_errors:
+                kept = await delivery.nack(delay, defer=defer, error=error)
+            else:
+                kept = await delivery.nack(delay, defer=defer)
+        except Exception:
+            self._failed(delivery, "nack")
+            return False
+        if kept is False:
+            self.dead_lettered_instead(delivery)
+            return False
+        self.stats.nacked += 1
+        return True
+
+    def dead_lettered_instead(self, delivery: Delivery) -> None:
+        """The broker settled a nack of ``delivery`` by dead-lettering it (``Delivery.nack``
+        returned ``False``; the broker logged why): a dead letter, not a retry, a deferral or
+        a give-back, so ``nack`` returns ``False`` and none of those is counted."""
+        self.stats.dead_lettered += 1
 
     async def dead_letter(
         self, delivery: Delivery, reason: str, *, logged: str | None = None

@@ -31,9 +31,11 @@ class DuplicateHook(Protocol):
     """A user function awaited when a duplicate of a completed key arrives.
 
     It receives the handler's stored return value, decoded into the handler's return
-    annotation (``None`` if it returned nothing), and the duplicate's ``Context``; for example
-    to send a request/reply answer again. If it raises, the duplicate is retried like a failed
-    handler run.
+    annotation, and the duplicate's ``Context``; for example to send a request/reply answer
+    again. The value is ``None`` both when the handler returned ``None`` and when its result
+    could not be encoded (``Stats.results_not_cached``): the store keeps no result for either,
+    so the two cannot be told apart. If it raises (a stored result that no longer decodes
+    included), the duplicate is retried like a failed handler run.
     """
 
     def __call__(self, result: Any, ctx: Context, /) -> Awaitable[None]: ...

@@ -104,7 +104,7 @@ def for_handler(spec: HandlerSpec, broker: Broker, stats: Stats) -> Tracing | No
 class Tracing(Settler):
     """Spans of one handler's runs; also that handler's ``Settler``."""
 
-    __slots__ = ("_runs", "handler", "system", "tracer")
+    __slots__ = ("_instead", "_runs", "handler", "system", "tracer")
 
     def __init__(
         self, tracer: Tracer, system: str, spec: HandlerSpec, broker: Broker, stats: Stats
@@ -116,6 +116,7 @@ class Tracing(Settler):
         # Keyed by the delivery object: a settle after ``end()`` (a cancelled run's outcome
         # finishing later) finds nothing and records nothing on the ended span.
         self._runs: dict[int, _Run] = {}
+        self._instead: set[int] = set()  # nacks dead-lettered instead, being returned
 
     def enter(self, delivery: Delivery) -> _Run | None:
         """Start the run's span, parented by the message's trace context, and make it current
@@ -200,11 +201,19 @@ class Tracing(Settler):
         self, delivery: Delivery, delay: float, *, defer: bool = False, error: str | None = None
     ) -> bool:
         ok = await super().nack(delivery, delay, defer=defer, error=error)
+        if not ok and id(delivery) in self._instead:
+            self._instead.discard(id(delivery))
+            return ok  # its outcome, a dead letter, is recorded
         if defer:
             self._outcome(delivery, ok, DEFERRED, None)
         else:
             self._outcome(delivery, ok, RETRIED, "retried")
         return ok
+
+    def dead_lettered_instead(self, delivery: Delivery) -> None:
+        super().dead_lettered_instead(delivery)
+        self._instead.add(id(delivery))
+        self._outcome(delivery, True, DEAD_LETTERED, None)
 
     async def dead_letter(
         self, delivery: Delivery, reason: str, *, logged: str | None = None

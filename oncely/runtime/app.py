@@ -129,8 +129,9 @@ class App:
             on_duplicate: an async ``(result, ctx)`` function awaited when a duplicate of a
                 completed key arrives, with the first run's return value (decoded into the
                 handler's return annotation) from the store: the way to answer a duplicate
-                request again. Effectively-once handlers only. Without it a duplicate is acked
-                silently.
+                request again. It gets ``None`` both for a run that returned ``None`` and for
+                one whose result could not be encoded (the store keeps neither). Effectively-
+                once handlers only. Without it a duplicate is acked silently.
 
         Raises:
             ConfigError: a bad argument or a handler already registered under that name.

@@ -221,7 +221,7 @@ class Heartbeat:
         delivery = active.delivery
         if self.extend and not delivery.settled:
             try:
-                await delivery.extend(self.visibility)
+                extended = await delivery.extend(self.visibility)
             except NotSupported as exc:
                 # Every delivery of the handler goes unextended from now on: say so once.
                 if self.extend:
@@ -235,7 +235,8 @@ class Heartbeat:
                         self.visibility,
                     )
             else:
-                self.stats.extensions += 1
+                if extended is not False:  # False: a no-op (a settle on its way, a cap)
+                    self.stats.extensions += 1
 
     def _asked(self) -> bool:
         """Whether a ``CancelledError`` being handled in a beat is this beat's own cancel (its

@@ -107,9 +107,11 @@ class Stats:
         cancelled: runs cancelled at shutdown and given back to the broker.
         settle_errors: acks, nacks or rejects the broker refused (lease lost, connection
             lost); the broker redelivers those messages.
-        lost: at-most-once runs cancelled at shutdown; they were acked first, so they are
-            gone (each is logged at WARNING with its message id).
-        extensions: visibility extensions the heartbeat made.
+        lost: at-most-once runs cancelled at shutdown, their ack made or on its way (it
+            goes on without its caller), so they are gone (each is logged at WARNING with its
+            message id).
+        extensions: visibility extensions the heartbeat made (an ``extend`` that changed
+            nothing, a settle on its way or SQS's 12-hour cap reached, is not one).
         heartbeat_errors: visibility extensions or lease renewals that failed (each affects
             only its own delivery; the heartbeat goes on for the others).
         delays_clamped: nack delays cut to the broker's ``Capabilities.max_delay``.

@@ -19,6 +19,14 @@ MAX_ERROR = 1000
 """Characters of a publish error kept in ``last_error``."""
 
 
+def error_text(text: str) -> str:
+    """``text`` as ``last_error`` keeps it: clipped, and with each NUL written ``\\x00``.
+    PostgreSQL's ``text`` cannot hold a NUL, and a driver's error may quote one (a header, a
+    payload): the UPDATE that records it would fail, and with it the marking of the whole
+    batch, sent rows included, which would then be published again on every batch."""
+    return text[:MAX_ERROR].replace("\x00", "\\x00")
+
+
 def headers_for(row: Row) -> dict[str, str]:
     """The headers a row is published with: the user's, plus ``oncely-published-at`` (when
     the row was added) and the keys. A keyed row carries its key in ``oncely-key`` (brokers
@@ -72,7 +80,8 @@ async def publish_rows(
             if deadline is not None and loop.time() >= deadline:
                 return
             if row.error is not None:
-                failed.append(Failure(row.id, row.error, backoff(row.attempts + 1, *retry)))
+                error = error_text(row.error)
+                failed.append(Failure(row.id, error, backoff(row.attempts + 1, *retry)))
                 return
             headers = headers_for(row)
             try:
@@ -98,7 +107,7 @@ async def publish_rows(
                             resume=True,
                         )
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
+                error = error_text(f"{type(exc).__name__}: {exc}")
                 failed.append(Failure(row.id, error, backoff(row.attempts + 1, *retry)))
                 return
             sent.append(row.id)

@@ -371,8 +371,12 @@ async def test_a_failing_record_too_large_to_copy_is_dead_lettered_without_its_b
     url = kafka_url(group, exactly_once=src, txn_messages=1)
     async with KafkaBroker.from_url(url) as broker:
         await broker.ensure_topics([out])
-        async with oncely.Worker(app, broker=broker):
+        async with oncely.Worker(app, broker=broker) as worker:
             await eventually_offsets_within(group, src, {0: 3}, 60)
+        # The counters say what happened: a dead letter, not a retry (before, the retry's
+        # nack counted as retried and nacked, and no dead letter).
+        assert worker.stats.dead_lettered == 1, worker.stats
+        assert worker.stats.retried == 0 and worker.stats.nacked == 0, worker.stats
         errors = [
             m
             for r in caplog.records

@@ -317,3 +317,27 @@ async def test_a_malformed_traceparent_starts_a_new_trace_and_changes_nothing_el
     assert span.parent is None
     assert dict(span.attributes or {})["oncely.outcome"] == "acked"
     assert len(seen) == 1
+
+
+class Unwind(BaseException):
+    """A library's own unwinding signal, not an ``Exception``."""
+
+
+async def test_a_base_exception_from_a_handler_is_traced_as_itself(
+    spans: InMemorySpanExporter, unique: str
+) -> None:
+    app = oncely.App()
+
+    @app.handler("jobs", name="jobs", retry=FAST)
+    async def handle(msg: dict[str, Any], ctx: oncely.Context) -> None:
+        if ctx.attempt == 1:
+            raise Unwind("unwinding")
+
+    async with oncely.Worker(app, broker=f"memory://{unique}") as worker:
+        await app.publish("jobs", {"n": 1})
+        await eventually(lambda: worker.stats.processed == 1)
+        await eventually(lambda: len(named(spans, "process jobs")) == 2)
+    failed, _ = sorted(named(spans, "process jobs"), key=lambda s: s.start_time or 0)
+    # Not the runtime's wrapper (Escaped) it is settled through.
+    assert failed.status.description == "Unwind: unwinding"
+    assert str(dict(failed.events[0].attributes or {})["exception.type"]).endswith("Unwind")
