@@ -18,10 +18,7 @@ if TYPE_CHECKING:
 
 
 class TestMemoryBroker(BrokerConformance):
-    # A visibility of seconds, not the default 0.5 s: the extend case beats every third of it,
-    # and a stall of the test process (a loaded machine) longer than two thirds of it let
-    # another consumer take the message.
-    features = BrokerFeatures(latency=1.0, carries_errors=True, visibility_seconds=1.5)
+    features = BrokerFeatures(latency=1.0, carries_errors=True)
 
     @pytest.fixture
     def broker_factory(self) -> BrokerFactory:
@@ -37,7 +34,7 @@ class TestMemoryBroker(BrokerConformance):
 
 
 class TestSqliteBroker(BrokerConformance):
-    features = BrokerFeatures(latency=2.0, carries_errors=True, visibility_seconds=1.5)
+    features = BrokerFeatures(latency=2.0, carries_errors=True)
 
     @pytest.fixture
     def broker_factory(self, tmp_path: Path) -> BrokerFactory:
