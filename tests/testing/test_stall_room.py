@@ -14,7 +14,7 @@ from oncely.testing import BrokerConformance, BrokerFactory
 
 pytestmark = pytest.mark.anyio
 
-STALL = 0.6
+STALL = 0.45
 """Seconds the test process stands still, as a busy 2-core machine can make it."""
 
 
