@@ -49,6 +49,8 @@ class BrokerFeatures:
         reopen: a new broker on the same location sees what a closed one left (durable
             brokers, and named ``memory://`` hubs within one process).
         visibility_seconds: a short visibility the broker honours, for the expiry cases.
+            Seconds, not tenths: the extend case renews every third of it, so a stall of
+            the test process over two thirds of it (a loaded CI machine) looks like a lapse.
         long_visibility_seconds: a visibility no case should outlive.
         delay_seconds: the delay used by the delay cases.
         latency: the longest a consumer may take to see a message that is available
@@ -68,7 +70,7 @@ class BrokerFeatures:
     defer_keeps_attempt: bool = True
     carries_errors: bool = False
     reopen: bool = True
-    visibility_seconds: float = 0.5
+    visibility_seconds: float = 1.5
     long_visibility_seconds: float = 60.0
     delay_seconds: float = 0.3
     latency: float = 3.0

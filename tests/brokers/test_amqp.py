@@ -432,7 +432,13 @@ async def test_plain_consumer_reject_lands_in_dlq(
     queue = await channel.get_queue(topic, ensure=False)
     message = await queue.get(timeout=5)
     await message.reject(requeue=False)  # the work queue's native dead-lettering
-    (dl,) = await broker.dead_letters(topic)
+    # basic.reject has no answer, and RabbitMQ routes the dead letter through the DLX on its
+    # own time: a listing on another connection right after may come before it.
+    deadline = time.monotonic() + 30
+    while not (letters := await broker.dead_letters(topic)):
+        assert time.monotonic() < deadline, "no dead letter listed within 30 s"
+        await asyncio.sleep(0.05)
+    (dl,) = letters
     assert (dl.id, dl.reason, dl.body) == (mid, "rejected", b"poison")
 
 

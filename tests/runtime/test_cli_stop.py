@@ -96,7 +96,8 @@ def test_second_signal_cuts_the_drain_short_and_gives_the_message_back(tmp_path:
         broker = SqliteBroker.from_url(url)
         store = SqliteStore(db)
         async with broker, store, broker.consume("slow", prefetch=1, visibility=30) as sub:
-            delivery = await asyncio.wait_for(sub.__anext__(), 5)
+            # At once; without the nack it would wait out the 30 s visibility.
+            delivery = await asyncio.wait_for(sub.__anext__(), 15)
             begun = await store.begin(
                 "tests.runtime.cli_apps.slow:job-1", fingerprint(delivery.body), 30
             )

@@ -318,7 +318,9 @@ async def test_begin_during_an_open_transaction_is_in_progress_at_once(
     token = await own(store, "k")
     async with store.transaction("k", token, LONG) as tx:
         await tx.connection.execute(f"INSERT INTO {effects} VALUES ('k')")
-        with anyio.fail_after(2):
+        # Waiting for the row lock would last the 10 s command_timeout and fail; 8 s tells that
+        # apart and leaves a loaded machine's stalls room.
+        with anyio.fail_after(8):
             found = await other.begin("k", "fp", LONG)
         assert found.outcome is Outcome.IN_PROGRESS and found.retry_after > LONG - 5
         tx.result = b"ok"
@@ -335,7 +337,7 @@ async def test_begin_never_waits_for_an_expired_row_another_session_locked(
     try:
         async with holder.transaction():
             await holder.execute(f"SELECT 1 FROM {table} WHERE key = 'k' FOR UPDATE")
-            with anyio.fail_after(3):
+            with anyio.fail_after(8):  # under the 10 s command_timeout a lock wait would hit
                 found = await other.begin("k", "fp", LONG)
             assert found == Begin(Outcome.IN_PROGRESS, retry_after=RETRY_SOON)
     finally:
@@ -352,7 +354,9 @@ async def test_takeover_during_a_transaction_rolls_it_back(
         async with store.transaction("k", token, LONG) as tx:
             await tx.connection.execute(f"INSERT INTO {effects} VALUES ('k')")
             await anyio.sleep(0.5)  # the lease runs out, unrenewed
-            with anyio.fail_after(2):  # the open transaction does not hold the takeover up
+            # The open transaction does not hold the takeover up (a lock wait would last the
+            # 10 s command_timeout).
+            with anyio.fail_after(8):
                 fresh = await own(other, "k")
             tx.result = b"stale"
     assert await count(effects) == 0

@@ -285,7 +285,9 @@ async def test_renew_during_an_open_transaction_does_not_wait(store: SqliteStore
     token = await held_token(store, "k")
     async with store.transaction("k", token, LONG) as tx:
         await tx.connection.execute("INSERT INTO effects VALUES ('m')")
-        with anyio.fail_after(0.5):
+        # Waiting on the transaction's write lock would last the 30 s busy timeout: 10 s
+        # tells that apart and leaves a loaded machine's stalls room.
+        with anyio.fail_after(10):
             await store.renew("k", token, LONG)  # from the handler's own task
             async with anyio.create_task_group() as tg:  # and from another one
                 tg.start_soon(store.renew, "k", token, LONG)
@@ -378,7 +380,7 @@ async def test_pooled_transactions_on_different_keys_all_commit(db_path: Path) -
 @pytest.mark.anyio
 async def test_store_calls_from_inside_the_transaction_fail_fast(store: SqliteStore) -> None:
     token = await held_token(store, "k")
-    with anyio.fail_after(2):
+    with anyio.fail_after(10):  # waiting on its own write lock would last the 30 s busy timeout
         async with store.transaction("k", token, LONG) as tx:
             with pytest.raises(RuntimeError, match="would wait for its own write lock"):
                 await store.begin("k2", "fp", LONG)
