@@ -77,12 +77,12 @@ import math
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
 from oncely._tasks import spawn
 from oncely.brokers import _sqs_admin, _sqs_queues
 from oncely.brokers._sqs_batch import Batcher, make_batcher
+from oncely.brokers._sqs_client import client_config
 from oncely.brokers._sqs_consume import SqsSubscription
 from oncely.brokers._sqs_options import SqsOptions, parse_url
 from oncely.brokers._sqs_wire import (
@@ -209,15 +209,10 @@ class SqsBroker(Broker, DeadLetterAdmin):
         async with self._connect_lock:
             if self._client is None:
                 o = self.options
-                config = AioConfig(
-                    retries={"mode": "standard", "max_attempts": 4},
-                    connect_timeout=5,
-                    read_timeout=o.wait + 15,
-                    max_pool_connections=max(32, 4 * o.max_pollers),
-                )
                 stack = contextlib.AsyncExitStack()
                 with map_errors("connect"):
                     session = AioSession(profile=o.profile)
+                    config = client_config(o, session)
                     self._client = await stack.enter_async_context(
                         session.create_client(
                             "sqs", region_name=o.region, endpoint_url=o.endpoint, config=config
