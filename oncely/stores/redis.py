@@ -41,7 +41,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._key_batch import new_call, new_token
-from oncely.stores._redis_batch import Pipeliner
+from oncely.stores._redis_batch import Finish, Pipeliner
 from oncely.stores._redis_dedicated import Dedicated
 from oncely.stores._redis_errors import close_quietly, map_errors, translate
 from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS
@@ -126,8 +126,13 @@ class RedisStore(IdempotencyStore):
         self._encoding: tuple[str, str] | None = None
         self._wire: Dedicated | None = None
         self._ms_memo: dict[tuple[float, int | None], tuple[int, int, bytes]] = {}
+        self._reload = False  # a batch met NOSCRIPT: load the scripts before the next
         self._batch: Pipeliner[_Call, Any] = Pipeliner(
-            self._write, limit=BATCH, in_flight=IN_FLIGHT, abandoned=self._give_back
+            self._write,
+            limit=BATCH,
+            in_flight=IN_FLIGHT,
+            abandoned=self._give_back,
+            start=self._start,
         )
 
     @classmethod
@@ -284,6 +289,39 @@ class RedisStore(IdempotencyStore):
             raise StoreUnavailable("redis store is not connected (call connect() first)")
         return self._client
 
+    def _start(self, calls: list[_Call], finish: Finish[Any]) -> bool:
+        """The batch sent from the batcher's callback and answered from the connection's
+        (``Dedicated.start``), where nothing needs a coroutine: whatever does (a lost
+        connection to reopen and retry, scripts to load again, a key the encoding cannot
+        carry) goes back to ``_write`` on a task."""
+        wire = self._wire
+        encoding = self._encoding
+        if wire is None or encoding is None or self._reload:
+            return False
+        try:
+            packed = pack_batch(calls, encoding)
+        except UnicodeError:
+            return False
+
+        def answer(reply: Any) -> None:
+            if isinstance(reply, Exception):
+                if isinstance(reply, rx.NoScriptError):
+                    self._reload = True
+                    finish(None)
+                elif isinstance(reply, rx.ConnectionError | rx.TimeoutError):
+                    finish(None)  # the wire retries it, this try counted
+                else:
+                    finish(translate(reply, "batch"))
+                return
+            try:
+                got = outcomes(calls, reply)
+            except StoreError as exc:
+                finish(exc)
+                return
+            finish(got)
+
+        return wire.start(packed, answer)
+
     async def _write(self, calls: list[_Call]) -> list[Any]:
         """The batch on the wire (``oncely.stores._redis_wire``); one outcome per call: the
         script's reply, or an error for that call alone. A server that answers NOSCRIPT (it
@@ -327,6 +365,9 @@ class RedisStore(IdempotencyStore):
             raise StoreUnavailable("redis store is not connected (call connect() first)")
         packed = pack_batch(calls, encoding)
         try:
+            if self._reload:
+                self._reload = False
+                await self._load_scripts(client)
             try:
                 reply = await wire.send(packed)
             except rx.NoScriptError:
