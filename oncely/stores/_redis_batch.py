@@ -170,8 +170,12 @@ class Pipeliner(Generic[T, R]):
         if sent not in self._out:
             return  # its loop closed meanwhile (_drop_closed): its callers are gone
         batch = sent.batch
+        self._out.discard(sent)
+        if not self._out:
+            settled, self._settled = self._settled, None
+            if settled is not None and not settled.done():
+                settled.set_result(None)  # drain() goes on to the tasks
         if outcome is None:
-            self._out.discard(sent)
             self._spawn(batch)  # its slot passes to the task: no other batch goes between
             return
         if isinstance(outcome, Exception):
@@ -191,12 +195,6 @@ class Pipeliner(Generic[T, R]):
                 task = loop.create_task(self._give_back(give_back, answered))
                 self._giving.add(task)
                 task.add_done_callback(self._done)
-        self._out.discard(sent)
-        settled = self._settled
-        if settled is not None and not self._out:
-            self._settled = None
-            if not settled.done():
-                settled.set_result(None)
         if self._queue and not self._scheduled:
             self._scheduled = True
             (self._loop or asyncio.get_running_loop()).call_soon(self._kick)
