@@ -47,6 +47,11 @@ class Link(asyncio.Protocol):
         self._waiters.append(waiter)
         self._write(packed)
 
+    def send_many(self, packed: list[bytes], waiters: list[Waiter]) -> None:
+        """Write several commands in one buffer; ``waiters[i]`` gets the ``i``-th reply."""
+        self._waiters.extend(waiters)
+        self._write(b"".join(packed))
+
     @property
     def idle(self) -> bool:
         return not self._waiters

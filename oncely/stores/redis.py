@@ -19,7 +19,10 @@ are out, so a lone call is not delayed and many concurrent ones share one round 
 standalone server a batch is one ``EVALSHA`` of a script that runs every transition of the
 batch (``oncely.stores._redis_wire``); on a Cluster it is one command per slot, written to
 each node in one buffer. Each caller still gets its own outcome, and a transition that fails
-(``WRONGTYPE`` on its key) fails only its own call.
+(``WRONGTYPE`` on its key) fails only its own call. A batch goes out on the store's own
+connection (one per node on a Cluster, ``_redis_dedicated``, ``_redis_nodes``), written from
+the batcher's callback and answered from the connection's protocol (``_redis_link``); what
+needs more (a reconnect and retry, scripts to load again, a redirect) runs on a task.
 
 Failure: a server that is down, refuses, times out, is loading or failing over raises
 ``StoreUnavailable``, and the worker fails closed (the message is retried later, the handler
@@ -44,6 +47,7 @@ from oncely.stores._key_batch import new_call, new_token
 from oncely.stores._redis_batch import Finish, Pipeliner
 from oncely.stores._redis_dedicated import Dedicated
 from oncely.stores._redis_errors import close_quietly, map_errors, translate
+from oncely.stores._redis_nodes import NodeLinks, start_cluster
 from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS
 from oncely.stores._redis_url import (
     DEFAULT_PREFIX,
@@ -125,6 +129,7 @@ class RedisStore(IdempotencyStore):
         self._connecting: asyncio.Lock | None = None
         self._encoding: tuple[str, str] | None = None
         self._wire: Dedicated | None = None
+        self._nodes: NodeLinks | None = None  # a Cluster's batch links, one per node
         self._ms_memo: dict[tuple[float, int | None], tuple[int, int, bytes]] = {}
         self._reload = False  # a batch met NOSCRIPT: load the scripts before the next
         self._batch: Pipeliner[_Call, Any] = Pipeliner(
@@ -172,7 +177,11 @@ class RedisStore(IdempotencyStore):
                     await client.ping()
                     await self._load_scripts(client)
                     self._encoding = encoding_of(client)
-                    if not isinstance(client, RedisCluster):
+                    if isinstance(client, RedisCluster):
+                        nodes = NodeLinks(client)
+                        await nodes.connect()
+                        self._nodes = nodes
+                    else:
                         wire = Dedicated(client)
                         await wire.connect()
                         self._wire = wire
@@ -187,6 +196,9 @@ class RedisStore(IdempotencyStore):
         await self._batch.drain()
         client, self._client = self._client, None
         wire, self._wire = self._wire, None
+        nodes, self._nodes = self._nodes, None
+        if nodes is not None:
+            await nodes.aclose()
         if wire is not None:
             with contextlib.suppress(rx.RedisError, OSError):
                 await wire.aclose()
@@ -297,6 +309,8 @@ class RedisStore(IdempotencyStore):
         wire = self._wire
         encoding = self._encoding
         if wire is None or encoding is None or self._reload:
+            if self._nodes is not None and encoding is not None:
+                return start_cluster(self._nodes, calls, encoding, finish)
             return False
         try:
             packed = pack_batch(calls, encoding)
