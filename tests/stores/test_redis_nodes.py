@@ -68,6 +68,7 @@ async def test_a_node_link_the_server_closed_is_opened_again(
     spawned = _spawns(monkeypatch)
     nodes = [ClusterNode(h, p) for h, p in parse_redis_url(CLUSTER_URL).nodes]
     admin = RedisCluster(startup_nodes=nodes)
+    await admin.initialize()  # its map of the nodes, to send each kill to its own
     try:
         async with RedisStore(with_options(CLUSTER_URL, prefix=f"{unique}:")) as store:
             _linked(store)
@@ -76,6 +77,7 @@ async def test_a_node_link_the_server_closed_is_opened_again(
             for name, held in list(links.items()):  # as an idle timeout or a proxy would
                 host, port = held.conn._writer.get_extra_info("sockname")[:2]
                 node = admin.get_node(node_name=name)
+                assert node is not None, name
                 assert await admin.client_kill(f"{host}:{port}", target_nodes=node)
             await eventually(lambda: all(held.link.lost for held in links.values()))
             keys = [f"a{i}" for i in range(40)]
