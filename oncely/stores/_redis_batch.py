@@ -26,6 +26,10 @@ R = TypeVar("R")
 
 log = logging.getLogger("oncely.stores.redis")
 
+_PASSES = 8
+"""The most loop passes the next batch waits, after one answered from a callback, for calls
+that keep coming."""
+
 Finish: TypeAlias = Callable[[list[R | Exception] | Exception | None], None]
 """How a batch started by ``start`` ends: its outcomes, an exception that fails it whole, or
 ``None`` to send it again on a task through ``write`` (the slow path)."""
@@ -195,9 +199,23 @@ class Pipeliner(Generic[T, R]):
                 task = loop.create_task(self._give_back(give_back, answered))
                 self._giving.add(task)
                 task.add_done_callback(self._done)
-        if self._queue and not self._scheduled:
+        if not self._scheduled:
+            # Not at once: the callers woken here make the next calls over the next loop
+            # passes, so the next batch waits while they keep coming (up to _PASSES passes).
+            # Kicked at once, a batch carried what one pass made: under load, the batches
+            # came smaller and more of them (their cost per call more than what the callback
+            # saved). A lone caller's next call waits one pass.
             self._scheduled = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._kick)
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._kick_after, len(self._queue), _PASSES)
+
+    def _kick_after(self, seen: int, passes: int) -> None:
+        queued = len(self._queue)
+        if seen < queued < self._limit and passes > 1:
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._kick_after, queued, passes - 1)
+        else:
+            self._kick()
 
     @staticmethod
     async def _give_back(
