@@ -138,6 +138,9 @@ class NodeLinks:
             log.debug("redis store: no batch link to %s: %s", node.name, exc)
             await conn.disconnect(nowait=True)
             return
+        except BaseException:  # cancelled by aclose: no half-open connection left behind
+            await asyncio.shield(conn.disconnect(nowait=True))
+            raise
         link = None
         if type(conn._parser) is not _AsyncHiredisParser:
             self._plain = True  # the task path, as before, reads with redis-py's parser
