@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 from oncely._batch import answer, fail_all
 
@@ -25,6 +25,14 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 log = logging.getLogger("oncely.stores.redis")
+
+_PASSES = 8
+"""The most loop passes the next batch waits, after one answered from a callback, for calls
+that keep coming."""
+
+Finish: TypeAlias = Callable[[list[R | Exception] | Exception | None], None]
+"""How a batch started by ``start`` ends: its outcomes, an exception that fails it whole, or
+``None`` to send it again on a task through ``write`` (the slow path)."""
 
 
 class Pipeliner(Generic[T, R]):
@@ -38,6 +46,10 @@ class Pipeliner(Generic[T, R]):
         in_flight: the most batches written at once.
         abandoned: awaited with an item and its value when its caller was cancelled before it
             got the value (to give back a lease nobody will use). It must not raise.
+        start: tries to send a batch without a task (a write, the reply answered from the
+            connection's own callback): returns whether it did, and then calls the given
+            ``Finish`` once, from a loop callback, never from inside ``start``. A batch it
+            does not take, or hands back (``None``), goes through ``write`` on a task.
     """
 
     def __init__(
@@ -47,13 +59,17 @@ class Pipeliner(Generic[T, R]):
         limit: int,
         in_flight: int,
         abandoned: Callable[[T, R], Awaitable[None]] | None = None,
+        start: Callable[[list[T], Finish[R]], bool] | None = None,
     ) -> None:
         self._write = write
+        self._start = start
         self._limit = limit
         self._in_flight = in_flight
         self._abandoned = abandoned
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._out: set[_Sent[T, R]] = set()  # batches out without a task (``start``)
+        self._settled: asyncio.Future[None] | None = None  # drain() waits on ``_out``
         self._giving: set[asyncio.Task[None]] = set()  # batches answered, giving back
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -72,7 +88,7 @@ class Pipeliner(Generic[T, R]):
         the hot path that awaits the future itself (a coroutine layer less per call than
         ``submit``), and calls ``abandon`` if it is cancelled meanwhile, as ``submit`` does."""
         loop = self._loop
-        if loop is None or not (self._scheduled or self._tasks) or loop.is_closed():
+        if loop is None or not (self._scheduled or self._tasks or self._out) or loop.is_closed():
             # Looked up only while nothing is under way: on Python 3.11 get_running_loop()
             # costs a getpid system call, which every begin and complete paid. While a batch
             # is scheduled or out, its loop is the one its callers run on, unless it closed.
@@ -80,7 +96,7 @@ class Pipeliner(Generic[T, R]):
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, fut))
-        if not self._scheduled and len(self._tasks) < self._in_flight:
+        if not self._scheduled and len(self._tasks) + len(self._out) < self._in_flight:
             # At the end of this tick: every call issued in it joins the batch. (With every
             # slot taken, the batch that frees one kicks: a kick per tick meanwhile found no
             # slot, and cost a callback per message under load.)
@@ -100,8 +116,13 @@ class Pipeliner(Generic[T, R]):
     async def drain(self) -> None:
         """Wait until every queued item has been written (or failed)."""
         self._drop_closed()
-        while self._queue or self._tasks or self._giving:
-            if self._tasks or self._giving:
+        while self._queue or self._tasks or self._giving or self._out:
+            if self._out:
+                settled = self._settled
+                if settled is None or settled.done():
+                    settled = self._settled = asyncio.get_running_loop().create_future()
+                await asyncio.gather(*self._tasks, *self._giving, settled, return_exceptions=True)
+            elif self._tasks or self._giving:
                 await asyncio.gather(*self._tasks, *self._giving, return_exceptions=True)
             else:
                 await asyncio.sleep(0)
@@ -115,27 +136,93 @@ class Pipeliner(Generic[T, R]):
         loop = self._loop
         if loop is None or not loop.is_closed():
             return
-        if self._queue or self._tasks or self._giving:
+        if self._queue or self._tasks or self._giving or self._out:
             log.warning(
                 "store batcher: its event loop closed with %d call(s) queued and %d batch(es) "
                 "under way; dropped (their callers are gone with it)",
                 len(self._queue),
-                len(self._tasks) + len(self._giving),
+                len(self._tasks) + len(self._giving) + len(self._out),
             )
         self._queue.clear()
         self._tasks.clear()
+        self._out.clear()
+        self._settled = None
         self._giving.clear()
         self._scheduled = False
         self._loop = None
 
     def _kick(self) -> None:
         self._scheduled = False
-        while self._queue and len(self._tasks) < self._in_flight:
+        start = self._start
+        while self._queue and len(self._tasks) + len(self._out) < self._in_flight:
             batch = self._queue[: self._limit]
             del self._queue[: self._limit]
-            task = (self._loop or asyncio.get_running_loop()).create_task(self._run(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
+            if start is not None:
+                sent = _Sent(self, batch)
+                if start([item for item, _ in batch], sent.finish):
+                    self._out.add(sent)
+                    continue
+            self._spawn(batch)
+
+    def _spawn(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        task = (self._loop or asyncio.get_running_loop()).create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _finished(self, sent: _Sent[T, R], outcome: list[R | Exception] | Exception | None) -> None:
+        """A batch ``start`` sent has its outcome (or is handed back, ``None``)."""
+        if sent not in self._out:
+            return  # its loop closed meanwhile (_drop_closed): its callers are gone
+        batch = sent.batch
+        self._out.discard(sent)
+        if not self._out:
+            settled, self._settled = self._settled, None
+            if settled is not None and not settled.done():
+                settled.set_result(None)  # drain() goes on to the tasks
+        if outcome is None:
+            self._spawn(batch)  # its slot passes to the task: no other batch goes between
+            return
+        if isinstance(outcome, Exception):
+            fail_all(batch, outcome)
+        else:
+            try:
+                answered = answer(batch, outcome)
+            except Exception as exc:  # outcomes that do not match the batch: a bug
+                log.error("redis store batch failed", exc_info=exc)
+                fail_all(batch, exc)
+                answered = []
+            give_back = self._abandoned
+            if give_back is not None and answered:
+                # Only after every waiter has its answer, and out of the batch's slot, as
+                # _run does.
+                loop = self._loop or asyncio.get_running_loop()
+                task = loop.create_task(self._give_back(give_back, answered))
+                self._giving.add(task)
+                task.add_done_callback(self._done)
+        if not self._scheduled:
+            # Not at once: the callers woken here make the next calls over the next loop
+            # passes, so the next batch waits while they keep coming (up to _PASSES passes).
+            # Kicked at once, a batch carried what one pass made: under load, the batches
+            # came smaller and more of them (their cost per call more than what the callback
+            # saved). A lone caller's next call waits one pass.
+            self._scheduled = True
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._kick_after, len(self._queue), _PASSES)
+
+    def _kick_after(self, seen: int, passes: int) -> None:
+        queued = len(self._queue)
+        if seen < queued < self._limit and passes > 1:
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._kick_after, queued, passes - 1)
+        else:
+            self._kick()
+
+    @staticmethod
+    async def _give_back(
+        give_back: Callable[[T, R], Awaitable[None]], answered: list[tuple[T, R]]
+    ) -> None:
+        for item, value in answered:
+            await give_back(item, value)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._giving.discard(task)
@@ -176,3 +263,16 @@ class Pipeliner(Generic[T, R]):
             for _, fut in batch:
                 fut.cancel()
             raise
+
+
+class _Sent(Generic[T, R]):
+    """A batch ``start`` sent, until its ``Finish``: it holds a slot as a task would."""
+
+    __slots__ = ("batch", "owner")
+
+    def __init__(self, owner: Pipeliner[T, R], batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        self.owner = owner
+        self.batch = batch
+
+    def finish(self, outcome: list[R | Exception] | Exception | None) -> None:
+        self.owner._finished(self, outcome)

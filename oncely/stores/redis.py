@@ -19,7 +19,10 @@ are out, so a lone call is not delayed and many concurrent ones share one round 
 standalone server a batch is one ``EVALSHA`` of a script that runs every transition of the
 batch (``oncely.stores._redis_wire``); on a Cluster it is one command per slot, written to
 each node in one buffer. Each caller still gets its own outcome, and a transition that fails
-(``WRONGTYPE`` on its key) fails only its own call.
+(``WRONGTYPE`` on its key) fails only its own call. A batch goes out on the store's own
+connection (one per node on a Cluster, ``_redis_dedicated``, ``_redis_nodes``), written from
+the batcher's callback and answered from the connection's protocol (``_redis_link``); what
+needs more (a reconnect and retry, scripts to load again, a redirect) runs on a task.
 
 Failure: a server that is down, refuses, times out, is loading or failing over raises
 ``StoreUnavailable``, and the worker fails closed (the message is retried later, the handler
@@ -41,9 +44,10 @@ from redis.asyncio.cluster import RedisCluster
 
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._key_batch import new_call, new_token
-from oncely.stores._redis_batch import Pipeliner
+from oncely.stores._redis_batch import Finish, Pipeliner
 from oncely.stores._redis_dedicated import Dedicated
 from oncely.stores._redis_errors import close_quietly, map_errors, translate
+from oncely.stores._redis_nodes import NodeLinks, start_cluster
 from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS
 from oncely.stores._redis_url import (
     DEFAULT_PREFIX,
@@ -125,9 +129,15 @@ class RedisStore(IdempotencyStore):
         self._connecting: asyncio.Lock | None = None
         self._encoding: tuple[str, str] | None = None
         self._wire: Dedicated | None = None
+        self._nodes: NodeLinks | None = None  # a Cluster's batch links, one per node
         self._ms_memo: dict[tuple[float, int | None], tuple[int, int, bytes]] = {}
+        self._reload = False  # a batch met NOSCRIPT: load the scripts before the next
         self._batch: Pipeliner[_Call, Any] = Pipeliner(
-            self._write, limit=BATCH, in_flight=IN_FLIGHT, abandoned=self._give_back
+            self._write,
+            limit=BATCH,
+            in_flight=IN_FLIGHT,
+            abandoned=self._give_back,
+            start=self._start,
         )
 
     @classmethod
@@ -167,7 +177,11 @@ class RedisStore(IdempotencyStore):
                     await client.ping()
                     await self._load_scripts(client)
                     self._encoding = encoding_of(client)
-                    if not isinstance(client, RedisCluster):
+                    if isinstance(client, RedisCluster):
+                        nodes = NodeLinks(client)
+                        await nodes.connect()
+                        self._nodes = nodes
+                    else:
                         wire = Dedicated(client)
                         await wire.connect()
                         self._wire = wire
@@ -182,6 +196,9 @@ class RedisStore(IdempotencyStore):
         await self._batch.drain()
         client, self._client = self._client, None
         wire, self._wire = self._wire, None
+        nodes, self._nodes = self._nodes, None
+        if nodes is not None:
+            await nodes.aclose()
         if wire is not None:
             with contextlib.suppress(rx.RedisError, OSError):
                 await wire.aclose()
@@ -284,6 +301,41 @@ class RedisStore(IdempotencyStore):
             raise StoreUnavailable("redis store is not connected (call connect() first)")
         return self._client
 
+    def _start(self, calls: list[_Call], finish: Finish[Any]) -> bool:
+        """The batch sent from the batcher's callback and answered from the connection's
+        (``Dedicated.start``), where nothing needs a coroutine: whatever does (a lost
+        connection to reopen and retry, scripts to load again, a key the encoding cannot
+        carry) goes back to ``_write`` on a task."""
+        wire = self._wire
+        encoding = self._encoding
+        if wire is None or encoding is None or self._reload:
+            if self._nodes is not None and encoding is not None:
+                return start_cluster(self._nodes, calls, encoding, finish)
+            return False
+        try:
+            packed = pack_batch(calls, encoding)
+        except UnicodeError:
+            return False
+
+        def answer(reply: Any) -> None:
+            if isinstance(reply, Exception):
+                if isinstance(reply, rx.NoScriptError):
+                    self._reload = True
+                    finish(None)
+                elif isinstance(reply, rx.ConnectionError | rx.TimeoutError):
+                    finish(None)  # the wire retries it, this try counted
+                else:
+                    finish(translate(reply, "batch"))
+                return
+            try:
+                got = outcomes(calls, reply)
+            except StoreError as exc:
+                finish(exc)
+                return
+            finish(got)
+
+        return wire.start(packed, answer)
+
     async def _write(self, calls: list[_Call]) -> list[Any]:
         """The batch on the wire (``oncely.stores._redis_wire``); one outcome per call: the
         script's reply, or an error for that call alone. A server that answers NOSCRIPT (it
@@ -327,6 +379,9 @@ class RedisStore(IdempotencyStore):
             raise StoreUnavailable("redis store is not connected (call connect() first)")
         packed = pack_batch(calls, encoding)
         try:
+            if self._reload:
+                self._reload = False
+                await self._load_scripts(client)
             try:
                 reply = await wire.send(packed)
             except rx.NoScriptError:

@@ -124,15 +124,16 @@ def batch_connection(store: Any) -> Any:
 
 
 def reading(store: Any) -> asyncio.Event:
-    """An event set once ``store``'s batch connection waits for a reply: the batch is out."""
+    """An event set once ``store``'s batch connection has written a command and waits for its
+    reply: the batch is out."""
     wire = store._wire
     assert wire is not None, "a standalone store batches on its own connection"
     event = asyncio.Event()
-    read = wire._read
+    put = wire._put
 
-    async def spy() -> Any:
+    def spy(link: Any, packed: bytes, waiter: Any) -> None:
+        put(link, packed, waiter)
         event.set()
-        return await read()
 
-    wire._read = spy
+    wire._put = spy
     return event

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from oncely.stores._redis_batch import Pipeliner
 from oncely.stores._redis_dedicated import _Watch
 from oncely.stores._redis_url import parse_redis_url
 from oncely.stores.base import Outcome
@@ -66,19 +67,29 @@ async def test_a_batch_connection_the_server_closed_is_opened_again(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("path", ["callback", "task"])
 async def test_a_batch_cancelled_mid_read_leaves_no_reply_for_the_next(
-    tmp_path: Path, anyio_backend: object
+    path: str, tmp_path: Path, anyio_backend: object
 ) -> None:
+    # A batch is sent from a callback and answered from the connection's protocol; one that
+    # needs a coroutine (a retry) runs on a task. Cut off on either, the reply still due must
+    # not be read as the next batch's.
     async with private_redis(tmp_path) as server, RedisStore(server.url) as store:
         done = await store.begin("done", "fp", LONG)
         assert done.token is not None
         await store.complete("done", done.token, b"result", LONG)
+        if path == "task":
+            store._batch._start = None  # every batch on a task, as a retried one is
         sent = reading(store)
         server.pause()
         cut = asyncio.ensure_future(store.begin("fresh", "fp", LONG))
         await asyncio.wait_for(sent.wait(), 10)  # the batch is out; its reply is on its way
-        [batch] = store._batch._tasks
-        batch.cancel()  # what a loop shutting down does to the batch task
+        if path == "task":
+            [batch] = store._batch._tasks
+            batch.cancel()  # what a loop shutting down does to the batch task
+        else:
+            assert not store._batch._tasks
+            cut.cancel()  # no task of its own: its caller is what a shutdown cancels
         with pytest.raises(asyncio.CancelledError):
             await cut
         server.resume()  # the server now answers the cut batch ("fresh" is NEW)
@@ -149,3 +160,34 @@ async def test_the_deadline_timer_aborts_only_an_exchange_past_its_deadline(
     finally:
         watch.cancel()
         writer.close()
+
+
+@pytest.mark.anyio
+async def test_batches_are_sent_and_answered_without_a_task(
+    unique: str, anyio_backend: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fast path: a batch is written from the batcher's callback and answered from the
+    # connection's protocol. A task per batch (its coroutine layers, the stream's reads) cost
+    # more than the batch's own I/O.
+    spawned: list[int] = []
+    spawn = Pipeliner._spawn
+
+    def counted(self: Any, batch: Any) -> None:
+        spawned.append(len(batch))
+        spawn(self, batch)
+
+    monkeypatch.setattr(Pipeliner, "_spawn", counted)
+    async with RedisStore(with_options(REDIS_URL, prefix=f"{unique}:")) as store:
+        for i in range(5):
+            begun = await store.begin(f"k{i}", "fp", LONG)
+            assert begun.outcome is Outcome.NEW and begun.token is not None
+            await store.complete(f"k{i}", begun.token, b"r", LONG)
+        together = await asyncio.gather(*(store.begin(f"k{i}", "fp", LONG) for i in range(5)))
+        assert {(b.outcome, b.result) for b in together} == {(Outcome.COMPLETED, b"r")}
+        assert spawned == []
+        # A batch that needs a coroutine (the connection to open again) goes on a task.
+        await batch_connection(store).disconnect()
+        assert (await store.begin("after", "fp", LONG)).outcome is Outcome.NEW
+        assert spawned == [1]
+        assert (await store.begin("again", "fp", LONG)).outcome is Outcome.NEW
+        assert spawned == [1]  # and the next is back on the fast path

@@ -20,8 +20,9 @@ BIG = 32 * 1024 * 1024
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("path", ["callback", "task"])
 async def test_a_batch_cancelled_mid_write_leaves_no_reply_for_the_next(
-    tmp_path: Path, anyio_backend: object
+    path: str, tmp_path: Path, anyio_backend: object
 ) -> None:
     async with private_redis(tmp_path) as server:
         # No deadline in the way: the batch is cut off by a cancel alone.
@@ -32,17 +33,23 @@ async def test_a_batch_cancelled_mid_write_leaves_no_reply_for_the_next(
             big = await store.begin("big", "fp", LONG)
             assert big.token is not None
             conn = batch_connection(store)
+            if path == "task":
+                store._batch._start = None  # every batch on a task, as a retried one is
             server.pause()
             cut = asyncio.ensure_future(store.complete("big", big.token, b"x" * BIG, LONG))
-            # The server reads nothing: the write fills the socket's buffers and waits for
-            # room, the rest of the batch still in the transport.
+            # The server reads nothing: the write fills the socket's buffers, the rest of the
+            # batch waits in the transport (on a task, the write waits for room).
             await eventually(
                 lambda: (
                     conn._writer is not None and conn._writer.transport.get_write_buffer_size() > 0
                 )
             )
-            [batch] = store._batch._tasks
-            batch.cancel()  # what a loop shutting down does to the batch task
+            if path == "task":
+                [batch] = store._batch._tasks
+                batch.cancel()  # what a loop shutting down does to the batch task
+            else:
+                assert not store._batch._tasks
+                cut.cancel()  # no task of its own: its caller is what a shutdown cancels
             with pytest.raises(asyncio.CancelledError):
                 await cut
             server.resume()  # whatever of the cut batch got out is answered now
