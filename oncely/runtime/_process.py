@@ -212,7 +212,8 @@ class Runner:
             return False
         lease: Lease | None = None
         key: str | None = None
-        if self.keys is not None:
+        keys = self.keys
+        if keys is not None:
             try:
                 if self._auto_key:
                     # KeySource.extract for "auto", inlined: a call less per message.
@@ -243,9 +244,36 @@ class Runner:
                 await self.settle.dead_letter(delivery, "message has no idempotency key")
                 return False
             if key is not None:
-                started, lease = await self._begin(delivery, key)
-                if not started:
+                # Claim the key (inline, and Keys.begin too: two coroutines less per message).
+                store_key = self._key_prefix + key
+                try:
+                    fp = fingerprint(delivery.body)
+                except Exception as exc:
+                    await self.settle.dead_letter(delivery, f"cannot fingerprint payload: {exc!r}")
                     return False
+                try:
+                    if self.stats.store_seconds is None:
+                        begin = await keys.store.begin(store_key, fp, keys.visibility)
+                    else:
+                        begin = await keys.timed_begin(store_key, fp)
+                    outcome = begin.outcome
+                    if outcome is IN_PROGRESS:
+                        begin = await keys.in_progress(store_key, fp, begin)
+                    elif outcome is NEW and store_key not in keys.held and not keys.deferred:
+                        keys.held[store_key] = None  # Keys.begun, inlined for the usual case
+                    else:
+                        keys.begun(store_key, begin)
+                except Exception as exc:
+                    if not await self._begin_failed(delivery, key, store_key, exc):
+                        return False
+                else:
+                    if self.tracing is not None:
+                        self.tracing.begun(delivery, key, begin)
+                    if begin.outcome is not NEW:
+                        await self._not_new(delivery, key, store_key, begin)
+                        return False
+                    assert begin.token is not None
+                    lease = Lease(store_key, begin.token)
         # Invoke the handler and settle the outcome (inline: a coroutine less per message).
         try:
             result = await self._invoke(delivery, payload, key, lease, task)
@@ -300,55 +328,41 @@ class Runner:
         else:
             self.stats.processed += 1
 
-    async def _begin(self, delivery: Delivery, key: str) -> tuple[bool, Lease | None]:
-        """Claim ``key``; return whether to run the handler, and the lease if one was taken."""
-        keys = self.keys
-        assert keys is not None
-        store_key = self._key_prefix + key
-        try:
-            fp = fingerprint(delivery.body)
-        except Exception as exc:
-            await self.settle.dead_letter(delivery, f"cannot fingerprint payload: {exc!r}")
-            return False, None
-        try:
-            # Keys.begin, inlined: a coroutine layer less per message.
-            if self.stats.store_seconds is None:
-                begin = await keys.store.begin(store_key, fp, keys.visibility)
-            else:
-                begin = await keys.timed_begin(store_key, fp)
-            if begin.outcome is IN_PROGRESS:
-                begin = await keys.in_progress(store_key, fp, begin)
-            else:
-                keys.begun(store_key, begin)
-        except Exception as exc:
-            # Any store failure, a third-party store's RuntimeError included, fails closed.
-            self.stats.store_errors += 1
-            if not isinstance(exc, StoreError):
-                log.exception("%s: store.begin failed unexpectedly", self.spec.name)
-            if self.fail_open and not self.spec.transactional:
-                self.stats.fail_open += 1
-                log.warning(
-                    "%s: store unreachable, running %s WITHOUT dedupe (fail_open): %r",
-                    self.spec.name,
-                    delivery.id,
-                    exc,
-                )
-                return True, None
-            log.warning("%s: store unreachable, retrying %s later: %r", self.spec.name, key, exc)
-            delay = self.spec.retry.delay(keys.deferrals(store_key))
-            # Counted once the broker took it: a failed nack comes back and counts then.
-            if await self.settle.nack(delivery, delay, defer=True):
-                self.stats.deferred += 1
-            return False, None
-        if self.tracing is not None:
-            self.tracing.begun(delivery, key, begin)
-        if begin.outcome is NEW:
-            assert begin.token is not None
-            return True, Lease(store_key, begin.token)
-        if begin.outcome is COMPLETED:
+    async def _begin_failed(
+        self, delivery: Delivery, key: str, store_key: str, exc: Exception
+    ) -> bool:
+        """``store.begin`` raised ``exc``: fail closed (defer the delivery), or open if so
+        configured. Return whether to run the handler anyway (without a lease)."""
+        # Any store failure, a third-party store's RuntimeError included, fails closed.
+        self.stats.store_errors += 1
+        if not isinstance(exc, StoreError):
+            log.exception("%s: store.begin failed unexpectedly", self.spec.name)
+        if self.fail_open and not self.spec.transactional:
+            self.stats.fail_open += 1
+            log.warning(
+                "%s: store unreachable, running %s WITHOUT dedupe (fail_open): %r",
+                self.spec.name,
+                delivery.id,
+                exc,
+            )
+            return True
+        log.warning("%s: store unreachable, retrying %s later: %r", self.spec.name, key, exc)
+        assert self.keys is not None
+        delay = self.spec.retry.delay(self.keys.deferrals(store_key))
+        # Counted once the broker took it: a failed nack comes back and counts then.
+        if await self.settle.nack(delivery, delay, defer=True):
+            self.stats.deferred += 1
+        return False
+
+    async def _not_new(self, delivery: Delivery, key: str, store_key: str, begin: Begin) -> None:
+        """Settle a delivery whose key ``store.begin`` did not give this worker: a duplicate
+        of a completed key, a key held elsewhere, or a key reused with another payload."""
+        outcome = begin.outcome
+        if outcome is COMPLETED:
             await self._duplicate(delivery, key, begin)
-        elif begin.outcome is IN_PROGRESS:
-            delay = keys.recheck_delay(store_key, begin.retry_after)
+        elif outcome is IN_PROGRESS:
+            assert self.keys is not None
+            delay = self.keys.recheck_delay(store_key, begin.retry_after)
             if await self.settle.nack(delivery, delay, defer=True):
                 self.stats.deferred += 1
                 self.stats.in_progress += 1
@@ -356,7 +370,6 @@ class Runner:
             await self.settle.dead_letter(
                 delivery, f"idempotency key {key!r} was reused with a different payload"
             )
-        return False, None
 
     async def _duplicate(self, delivery: Delivery, key: str, begin: Begin) -> None:
         hook = self.spec.on_duplicate
@@ -458,7 +471,9 @@ class Runner:
                 except Exception as exc:
                     await keys.complete_retrying(lease, result, ttl, since, exc)
                 finally:
-                    keys.finished(lease.key)
+                    event = keys.held.pop(lease.key, None)  # keys.finished(), inlined
+                    if event is not None:
+                        event.set()
             else:
                 await keys.complete(lease, result, self.spec.result_ttl)
         if self.tracing is not None:
