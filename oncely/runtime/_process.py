@@ -210,7 +210,9 @@ class Runner:
         if spec.guarantee == "at_most_once":
             await self._at_most_once(delivery, payload, task)
             return False
-        lease: Lease | None = None
+        # The lease, if one is taken, as two strings: no Lease object on the success path.
+        store_key = ""
+        token: str | None = None
         key: str | None = None
         keys = self.keys
         if keys is not None:
@@ -272,24 +274,25 @@ class Runner:
                     if begin.outcome is not NEW:
                         await self._not_new(delivery, key, store_key, begin)
                         return False
-                    assert begin.token is not None
-                    lease = Lease(store_key, begin.token)
+                    token = begin.token
+                    assert token is not None
         # Invoke the handler and settle the outcome (inline: a coroutine less per message).
         try:
-            result = await self._invoke(delivery, payload, key, lease, task)
+            result = await self._invoke(delivery, payload, key, store_key, token, task)
         except asyncio.CancelledError:
-            await self._finish(self._give_back(delivery, lease), delivery)
+            await self._finish(self._give_back(delivery, _lease(store_key, token)), delivery)
             raise
         except Exception as exc:
             # The run is over: a shutdown cancel must not turn its failure into a give-back
             # (a deferral, which would not spend the attempt).
+            lease = _lease(store_key, token)
             await self._finish(self._ran_and_failed(delivery, lease, exc), delivery)
         else:
-            if lease is None:
+            if token is None:
                 return True  # just the ack, in run: no task on the hot path without a store
             # The effect happened: recording it and acking are not cut short by a shutdown
             # cancel (a give-back now would run the effect again).
-            settling = self._succeeded(delivery, lease, result)
+            settling = self._succeeded(delivery, store_key, token, result)
             finish = self._finish
             if finish.inline_success:
                 # Finisher(...) inlined: the settle's first step runs here, and one that
@@ -311,7 +314,7 @@ class Runner:
         if not await self.settle.ack(delivery):
             return
         try:
-            await self._invoke(delivery, payload, None, None, task)
+            await self._invoke(delivery, payload, None, "", None, task)
         except asyncio.CancelledError:
             self.stats.lost += 1
             log.warning(
@@ -457,25 +460,28 @@ class Runner:
             reason = prefix + _describe(exc)
         await self._failed(delivery, reason, delay)
 
-    async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
+    async def _succeeded(
+        self, delivery: Delivery, store_key: str, token: str, result: bytes | None
+    ) -> None:
         keys = self.keys
         if keys is not None:
             if self.spec.transactional:
-                keys.finished(lease.key)  # the transaction recorded the completion
+                keys.finished(store_key)  # the transaction recorded the completion
             elif self.stats.store_seconds is None:
                 # Keys.complete with timings off, inlined: a coroutine layer less per message.
                 ttl = self.spec.result_ttl
                 since = time.monotonic()
                 try:
-                    await keys.store.complete(lease.key, lease.token, result, ttl)
+                    await keys.store.complete(store_key, token, result, ttl)
                 except Exception as exc:
+                    lease = Lease(store_key, token)
                     await keys.complete_retrying(lease, result, ttl, since, exc)
                 finally:
-                    event = keys.held.pop(lease.key, None)  # keys.finished(), inlined
+                    event = keys.held.pop(store_key, None)  # keys.finished(), inlined
                     if event is not None:
                         event.set()
             else:
-                await keys.complete(lease, result, self.spec.result_ttl)
+                await keys.complete(Lease(store_key, token), result, self.spec.result_ttl)
         if self.tracing is not None:
             if await self.settle.ack(delivery):
                 self.stats.processed += 1
@@ -506,6 +512,11 @@ class Runner:
     async def _release(self, lease: Lease | None) -> None:
         if self.keys is not None:
             await self.keys.release(lease)
+
+
+def _lease(store_key: str, token: str | None) -> Lease | None:
+    """The lease a run took, if any, as the failure paths take it."""
+    return None if token is None else Lease(store_key, token)
 
 
 def _clear_when_done(task: asyncio.Task[object], current: list[Any]) -> None:
