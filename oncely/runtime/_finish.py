@@ -77,6 +77,14 @@ class Finisher:
             return whole(settling, self._hand_off, delivery)
         return self._shielded(settling, delivery)
 
+    def resume(
+        self, settling: Coroutine[Any, Any, object], waiting: Any, delivery: Delivery
+    ) -> Awaitable[object]:
+        """As ``self(settling, delivery, success=True)`` where that would run it on the
+        caller's task (``inline_success``), for a ``settling`` whose first step the caller
+        ran itself: it yielded ``waiting``."""
+        return whole(settling, self._hand_off, delivery, waiting)
+
     def has(self, delivery: Delivery) -> bool:
         """Whether a cancel handed ``delivery``'s settle on and it still runs."""
         return self.task_of(delivery) is not None

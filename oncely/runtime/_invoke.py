@@ -16,7 +16,6 @@ from oncely.stores.base import TransactionalStore
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Delivery
-    from oncely.runtime._keys import Lease
     from oncely.runtime.app import HandlerSpec
     from oncely.runtime.heartbeat import Heartbeat
     from oncely.runtime.publisher import Publisher
@@ -77,19 +76,21 @@ class Invoke:
         delivery: Delivery,
         payload: Any,
         key: str | None,
-        lease: Lease | None,
+        lease_key: str,
+        token: str | None,
         task: asyncio.Task[Any] | None = None,
     ) -> bytes | None:
         """Run the handler under its timeout and heartbeat; return the encoded result.
+        ``lease_key`` and ``token`` are the lease's, if one was taken (``token`` not ``None``);
         ``task`` is the current task, if the caller knows it (else it is looked up)."""
         spec = self.spec
         # No getpid per delivery (Heartbeat.current_task), nor a look-up if the pool said.
         active = Active(delivery, task or self.heartbeat.current_task())
         transactional = False
-        if lease is not None:
+        if token is not None:
             # The heartbeat renews transactional leases too: a transaction may wait for a
             # connection (or, on PostgreSQL, run) longer than the lease.
-            active.lease_key, active.lease_token = lease.key, lease.token
+            active.lease_key, active.lease_token = lease_key, token
             transactional = spec.transactional
         # The heartbeat's one timer per handler times it out (Active.expire): same effect as
         # asyncio.timeout(), without a timer armed and cancelled per delivery.
@@ -98,8 +99,8 @@ class Invoke:
         started = perf_counter() if timing is not None else 0.0
         try:
             if transactional:
-                assert lease is not None
-                return await self._in_transaction(delivery, payload, key, lease)
+                assert token is not None
+                return await self._in_transaction(delivery, payload, key, lease_key, token)
             if spec.wants_context:
                 value = await spec.fn(payload, Context(delivery, key, self.publisher))
             else:
@@ -131,12 +132,12 @@ class Invoke:
                 timing.observe(perf_counter() - started)
 
     async def _in_transaction(
-        self, delivery: Delivery, payload: Any, key: str | None, lease: Lease
+        self, delivery: Delivery, payload: Any, key: str | None, lease_key: str, token: str
     ) -> bytes | None:
         """The handler run inside the store transaction that records its completion."""
         spec = self.spec
         assert isinstance(self.store, TransactionalStore)
-        async with self.store.transaction(lease.key, lease.token, spec.result_ttl) as tx:
+        async with self.store.transaction(lease_key, token, spec.result_ttl) as tx:
             if spec.wants_context:
                 value = await spec.fn(payload, Context(delivery, key, self.publisher, tx))
             else:

@@ -43,6 +43,10 @@ LOCAL_WAIT_CAP = 5.0
 COMPLETE_TRIES = 5
 """How many times a completion is attempted before it is given up as the crash window."""
 
+# Module constants: on Python 3.11 reading an enum member off its class runs the enum
+# metaclass's attribute hook, ~1 k instructions a read.
+NEW, IN_PROGRESS = Outcome.NEW, Outcome.IN_PROGRESS
+
 _REMEMBERED = 10_000
 """Keys whose deferral count is remembered, to grow their recheck delay; oldest forgotten."""
 
@@ -74,6 +78,10 @@ class Keys:
         # on: made by the first of them, so a key nobody waits for costs no event.
         self._held: dict[str, asyncio.Event | None] = {}
         self._deferrals: OrderedDict[str, int] = OrderedDict()
+        self.held = self._held
+        self.deferred = self._deferrals
+        """The same two, read-only, for the runner's inlined copies of ``begun`` and
+        ``finished`` (a call less each per message)."""
 
     async def begin(self, key: str, fingerprint: str) -> Begin:
         """``store.begin``, waiting for a local holder of ``key`` to finish first.
@@ -84,15 +92,28 @@ class Keys:
         if self.stats.store_seconds is None:
             begun = await self.store.begin(key, fingerprint, self.visibility)
         else:
-            begun = await self._timed_begin(key, fingerprint)
-        outcome = begun.outcome
-        if outcome is Outcome.IN_PROGRESS:
-            if key in self._held and key not in self._deferrals:
-                begun = await self._after_local_holder(key, fingerprint, begun)
-                outcome = begun.outcome
-            if outcome is Outcome.IN_PROGRESS:
-                return begun
-        if outcome is Outcome.NEW:
+            begun = await self.timed_begin(key, fingerprint)
+        if begun.outcome is IN_PROGRESS:
+            return await self.in_progress(key, fingerprint, begun)
+        self.begun(key, begun)
+        return begun
+
+    async def in_progress(self, key: str, fingerprint: str, begun: Begin) -> Begin:
+        """The rest of ``begin`` after ``store.begin`` found ``key`` in progress: wait for a
+        local holder (see the module docstring), then as ``begun``."""
+        if key in self._held and key not in self._deferrals:
+            begun = await self._after_local_holder(key, fingerprint, begun)
+            if begun.outcome is not IN_PROGRESS:
+                self.begun(key, begun)
+        return begun
+
+    def begun(self, key: str, begun: Begin) -> None:
+        """The rest of ``begin`` after ``store.begin`` answered ``begun``, not in progress:
+        a lease taken is held here, and the key's deferrals are forgotten.
+
+        Split out so the runner can await ``store.begin`` itself (a coroutine layer less per
+        message) and call this, as ``begin`` does."""
+        if begun.outcome is NEW:
             held = self._held
             if key in held:  # a lease of ours expired and was taken over: re-check
                 stale = held[key]
@@ -101,7 +122,6 @@ class Keys:
             held[key] = None
         if self._deferrals:
             self._deferrals.pop(key, None)
-        return begun
 
     async def _after_local_holder(self, key: str, fingerprint: str, begun: Begin) -> Begin:
         """Wait (at most ``LOCAL_WAIT_CAP``) for the local holder of ``key``, and begin again
@@ -110,7 +130,7 @@ class Keys:
         deadline = loop.time() + LOCAL_WAIT_CAP
         while True:
             held = self._held
-            if begun.outcome is not Outcome.IN_PROGRESS or key not in held:
+            if begun.outcome is not IN_PROGRESS or key not in held:
                 return begun
             if key in self._deferrals:  # deferred meanwhile: no second wait for this key
                 return begun
@@ -124,9 +144,9 @@ class Keys:
                 await asyncio.wait_for(event.wait(), wait)
             except TimeoutError:
                 return begun
-            begun = await self._timed_begin(key, fingerprint)
+            begun = await self.timed_begin(key, fingerprint)
 
-    async def _timed_begin(self, key: str, fingerprint: str) -> Begin:
+    async def timed_begin(self, key: str, fingerprint: str) -> Begin:
         """``store.begin``, its latency observed (failures too) when timings are on."""
         timing = self.stats.store_seconds
         if timing is None:
@@ -173,15 +193,15 @@ class Keys:
                 try:
                     await self.store.complete(lease.key, lease.token, result, ttl)
                 except Exception as exc:
-                    await self._complete_retrying(lease, result, ttl, since, exc)
+                    await self.complete_retrying(lease, result, ttl, since, exc)
             else:
-                await self._complete_retrying(lease, result, ttl, since, None)
+                await self.complete_retrying(lease, result, ttl, since, None)
         finally:
             event = self._held.pop(lease.key, None)  # self.finished(), inlined
             if event is not None:
                 event.set()
 
-    async def _complete_retrying(
+    async def complete_retrying(
         self,
         lease: Lease,
         result: bytes | None,

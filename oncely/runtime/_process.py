@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
-from oncely._logging import MESSAGE, note_key, redact_values
+from oncely._logging import MESSAGE, redact_values
+from oncely.brokers.base import Headers
 from oncely.errors import (
     DecodeError,
     HandlerTimeout,
@@ -53,6 +55,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("oncely.worker")
 
+# Module constants: on Python 3.11 reading an enum member off its class (``Outcome.NEW``) runs
+# the enum metaclass's attribute hook, ~1 k instructions a read, three reads per message.
+DEDUPE_KEY = Headers.DEDUPE_KEY
+NEW, IN_PROGRESS, COMPLETED = Outcome.NEW, Outcome.IN_PROGRESS, Outcome.COMPLETED
+
 INTERNAL_ERROR_DELAY = 1.0
 """Seconds before a delivery the runtime itself failed on is tried again."""
 
@@ -77,6 +84,7 @@ class Runner:
         self.stats = stats
         self.fail_open = fail_open
         self._key_prefix = f"{spec.name}:"
+        self._auto_key = spec.key.kind == "auto"
         self._results = Decoder(spec.result_type if spec.on_duplicate else Any)
         self._finish = Finisher(broker, store, spec.name, stats)
         self.settle = Settler(spec.name, broker.capabilities, stats)
@@ -122,7 +130,7 @@ class Runner:
         MESSAGE.set(current)
         acking = False
         try:
-            if await self._run(delivery, task):
+            if await self._run(delivery, task, current):
                 # The ack, done here rather than down in _run: while a (batched) ack is on its
                 # way, this coroutine is all a message holds, not _run's frame with its
                 # payload too. Fewer objects live per message in flight, fewer garbage
@@ -185,9 +193,11 @@ class Runner:
                 if traced is not None:
                     traced.end(rest)
 
-    async def _run(self, delivery: Delivery, task: asyncio.Task[Any] | None = None) -> bool:
+    async def _run(
+        self, delivery: Delivery, task: asyncio.Task[Any] | None, current: list[Any]
+    ) -> bool:
         """Run and settle ``delivery``, except the ack of a success without a lease: ``True``
-        when it is left to the caller (``run``)."""
+        when it is left to the caller (``run``). ``current`` is the delivery's log fields."""
         spec = self.spec
         try:
             payload = spec.decoder.decode(delivery.body)
@@ -205,22 +215,32 @@ class Runner:
         if spec.guarantee == "at_most_once":
             await self._at_most_once(delivery, payload, task)
             return False
-        lease: Lease | None = None
+        # The lease, if one is taken, as two strings: no Lease object on the success path.
+        store_key = ""
+        token: str | None = None
         key: str | None = None
-        if self.keys is not None:
+        keys = self.keys
+        if keys is not None:
             try:
-                key = spec.key.extract(payload, delivery)
+                if self._auto_key:
+                    # KeySource.extract for "auto", inlined: a call less per message.
+                    key = delivery.headers.get(DEDUPE_KEY) or delivery.key
+                else:
+                    key = spec.key.extract(payload, delivery)
                 if key is not None:
                     if not isinstance(key, str):
                         raise TypeError(f"key must be a str, got {type(key).__name__}")
                     # A lone surrogate (a JSON "\ud800" escape) has no UTF-8 form: a store
                     # refuses it on every redelivery, which would defer the message for ever.
-                    key.encode()
+                    # An ASCII key has one (isascii reads a flag; encode makes a bytes object).
+                    if not key.isascii():
+                        key.encode()
             except Exception as exc:
                 # A key function that fails on this payload will fail on every redelivery.
                 await self.settle.dead_letter(delivery, f"key extraction failed: {exc!r}")
                 return False
-            note_key(key)  # log lines from here on show this key, not the header's
+            # note_key, inlined: log lines from here on show this key, not the header's.
+            current.append(key)
             if key is None and spec.transactional:
                 # No key, no lease, no transaction: the handler cannot run as declared.
                 await self.settle.dead_letter(
@@ -231,26 +251,65 @@ class Runner:
                 await self.settle.dead_letter(delivery, "message has no idempotency key")
                 return False
             if key is not None:
-                started, lease = await self._begin(delivery, key)
-                if not started:
+                # Claim the key (inline, and Keys.begin too: two coroutines less per message).
+                store_key = self._key_prefix + key
+                try:
+                    fp = fingerprint(delivery.body)
+                except Exception as exc:
+                    await self.settle.dead_letter(delivery, f"cannot fingerprint payload: {exc!r}")
                     return False
+                try:
+                    if self.stats.store_seconds is None:
+                        begin = await keys.store.begin(store_key, fp, keys.visibility)
+                    else:
+                        begin = await keys.timed_begin(store_key, fp)
+                    outcome = begin.outcome
+                    if outcome is IN_PROGRESS:
+                        begin = await keys.in_progress(store_key, fp, begin)
+                    elif outcome is NEW and store_key not in keys.held and not keys.deferred:
+                        keys.held[store_key] = None  # Keys.begun, inlined for the usual case
+                    else:
+                        keys.begun(store_key, begin)
+                except Exception as exc:
+                    if not await self._begin_failed(delivery, key, store_key, exc):
+                        return False
+                else:
+                    if self.tracing is not None:
+                        self.tracing.begun(delivery, key, begin)
+                    if begin.outcome is not NEW:
+                        await self._not_new(delivery, key, store_key, begin)
+                        return False
+                    token = begin.token
+                    assert token is not None
         # Invoke the handler and settle the outcome (inline: a coroutine less per message).
         try:
-            result = await self._invoke(delivery, payload, key, lease, task)
+            result = await self._invoke(delivery, payload, key, store_key, token, task)
         except asyncio.CancelledError:
-            await self._finish(self._give_back(delivery, lease), delivery)
+            await self._finish(self._give_back(delivery, _lease(store_key, token)), delivery)
             raise
         except Exception as exc:
             # The run is over: a shutdown cancel must not turn its failure into a give-back
             # (a deferral, which would not spend the attempt).
+            lease = _lease(store_key, token)
             await self._finish(self._ran_and_failed(delivery, lease, exc), delivery)
             stop_if_asked(exc)
         else:
-            if lease is None:
+            if token is None:
                 return True  # just the ack, in run: no task on the hot path without a store
             # The effect happened: recording it and acking are not cut short by a shutdown
             # cancel (a give-back now would run the effect again).
-            await self._finish(self._succeeded(delivery, lease, result), delivery, success=True)
+            settling = self._succeeded(delivery, store_key, token, result)
+            finish = self._finish
+            if finish.inline_success:
+                # Finisher(...) inlined: the settle's first step runs here, and one that
+                # ends without suspending (the in-process backends) needs no ``whole``.
+                try:
+                    waiting = settling.send(None)
+                except StopIteration:
+                    return False
+                await finish.resume(settling, waiting, delivery)
+            else:
+                await finish(settling, delivery, success=True)
         return False
 
     async def _at_most_once(
@@ -262,7 +321,7 @@ class Runner:
         try:
             if not await self.settle.ack(delivery):
                 return
-            await self._invoke(delivery, payload, None, None, task)
+            await self._invoke(delivery, payload, None, "", None, task)
         except asyncio.CancelledError:
             self.stats.lost += 1
             log.warning(
@@ -280,45 +339,40 @@ class Runner:
         else:
             self.stats.processed += 1
 
-    async def _begin(self, delivery: Delivery, key: str) -> tuple[bool, Lease | None]:
-        """Claim ``key``; return whether to run the handler, and the lease if one was taken."""
+    async def _begin_failed(
+        self, delivery: Delivery, key: str, store_key: str, exc: Exception
+    ) -> bool:
+        """``store.begin`` raised ``exc``: fail closed (defer the delivery), or open if so
+        configured. Return whether to run the handler anyway (without a lease)."""
+        # Any store failure, a third-party store's RuntimeError included, fails closed.
+        self.stats.store_errors += 1
+        if not isinstance(exc, StoreError):
+            log.exception("%s: store.begin failed unexpectedly", self.spec.name)
+        if self.fail_open and not self.spec.transactional:
+            self.stats.fail_open += 1
+            log.warning(
+                "%s: store unreachable, running %s WITHOUT dedupe (fail_open): %r",
+                self.spec.name,
+                delivery.id,
+                exc,
+            )
+            return True
+        log.warning("%s: store unreachable, retrying %s later: %r", self.spec.name, key, exc)
         assert self.keys is not None
-        store_key = self._key_prefix + key
-        try:
-            fp = fingerprint(delivery.body)
-        except Exception as exc:
-            await self.settle.dead_letter(delivery, f"cannot fingerprint payload: {exc!r}")
-            return False, None
-        try:
-            begin = await self.keys.begin(store_key, fp)
-        except Exception as exc:
-            # Any store failure, a third-party store's RuntimeError included, fails closed.
-            self.stats.store_errors += 1
-            if not isinstance(exc, StoreError):
-                log.exception("%s: store.begin failed unexpectedly", self.spec.name)
-            if self.fail_open and not self.spec.transactional:
-                self.stats.fail_open += 1
-                log.warning(
-                    "%s: store unreachable, running %s WITHOUT dedupe (fail_open): %r",
-                    self.spec.name,
-                    delivery.id,
-                    exc,
-                )
-                return True, None
-            log.warning("%s: store unreachable, retrying %s later: %r", self.spec.name, key, exc)
-            delay = self.spec.retry.delay(self.keys.deferrals(store_key))
-            # Counted once the broker took it: a failed nack comes back and counts then.
-            if await self.settle.nack(delivery, delay, defer=True):
-                self.stats.deferred += 1
-            return False, None
-        if self.tracing is not None:
-            self.tracing.begun(delivery, key, begin)
-        if begin.outcome is Outcome.NEW:
-            assert begin.token is not None
-            return True, Lease(store_key, begin.token)
-        if begin.outcome is Outcome.COMPLETED:
+        delay = self.spec.retry.delay(self.keys.deferrals(store_key))
+        # Counted once the broker took it: a failed nack comes back and counts then.
+        if await self.settle.nack(delivery, delay, defer=True):
+            self.stats.deferred += 1
+        return False
+
+    async def _not_new(self, delivery: Delivery, key: str, store_key: str, begin: Begin) -> None:
+        """Settle a delivery whose key ``store.begin`` did not give this worker: a duplicate
+        of a completed key, a key held elsewhere, or a key reused with another payload."""
+        outcome = begin.outcome
+        if outcome is COMPLETED:
             await self._duplicate(delivery, key, begin)
-        elif begin.outcome is Outcome.IN_PROGRESS:
+        elif outcome is IN_PROGRESS:
+            assert self.keys is not None
             delay = self.keys.recheck_delay(store_key, begin.retry_after)
             if await self.settle.nack(delivery, delay, defer=True):
                 self.stats.deferred += 1
@@ -327,7 +381,6 @@ class Runner:
             await self.settle.dead_letter(
                 delivery, f"idempotency key {key!r} was reused with a different payload"
             )
-        return False, None
 
     async def _duplicate(self, delivery: Delivery, key: str, begin: Begin) -> None:
         hook = self.spec.on_duplicate
@@ -418,13 +471,28 @@ class Runner:
             reason = prefix + _describe(exc)
         await self._failed(delivery, reason, delay)
 
-    async def _succeeded(self, delivery: Delivery, lease: Lease, result: bytes | None) -> None:
+    async def _succeeded(
+        self, delivery: Delivery, store_key: str, token: str, result: bytes | None
+    ) -> None:
         keys = self.keys
         if keys is not None:
             if self.spec.transactional:
-                keys.finished(lease.key)  # the transaction recorded the completion
+                keys.finished(store_key)  # the transaction recorded the completion
+            elif self.stats.store_seconds is None:
+                # Keys.complete with timings off, inlined: a coroutine layer less per message.
+                ttl = self.spec.result_ttl
+                since = time.monotonic()
+                try:
+                    await keys.store.complete(store_key, token, result, ttl)
+                except Exception as exc:
+                    lease = Lease(store_key, token)
+                    await keys.complete_retrying(lease, result, ttl, since, exc)
+                finally:
+                    event = keys.held.pop(store_key, None)  # keys.finished(), inlined
+                    if event is not None:
+                        event.set()
             else:
-                await keys.complete(lease, result, self.spec.result_ttl)
+                await keys.complete(Lease(store_key, token), result, self.spec.result_ttl)
         if self.tracing is not None:
             if await self.settle.ack(delivery):
                 self.stats.processed += 1
@@ -455,6 +523,11 @@ class Runner:
     async def _release(self, lease: Lease | None) -> None:
         if self.keys is not None:
             await self.keys.release(lease)
+
+
+def _lease(store_key: str, token: str | None) -> Lease | None:
+    """The lease a run took, if any, as the failure paths take it."""
+    return None if token is None else Lease(store_key, token)
 
 
 def _clear_when_done(task: asyncio.Task[object], current: list[Any]) -> None:

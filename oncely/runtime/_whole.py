@@ -41,7 +41,10 @@ _NO_ARG: Any = object()
 
 @types.coroutine
 def whole(
-    coro: Coroutine[Any, Any, T], on_cancel: Callable[..., None], arg: Any = _NO_ARG
+    coro: Coroutine[Any, Any, T],
+    on_cancel: Callable[..., None],
+    arg: Any = _NO_ARG,
+    waiting: Any = _NO_ARG,
 ) -> Generator[Any, None, T]:
     """Await ``coro`` to its end whatever cancel arrives meanwhile (see the module docstring).
 
@@ -54,12 +57,16 @@ def whole(
             that runs the rest of ``coro``; the caller's ``CancelledError`` follows at once.
         arg: if given, passed to ``on_cancel`` after the task, so a caller need not make a
             closure per call for a cancel that nearly never comes.
+        waiting: if given, ``coro`` was started by the caller already (on this task, with no
+            suspension in between), and its first step yielded this: a caller that steps it
+            once itself needs no ``whole`` at all for a ``coro`` that ends at once.
     """
-    try:
-        waiting = coro.send(None)
-    except StopIteration as stop:
-        done: T = stop.value
-        return done
+    if waiting is _NO_ARG:
+        try:
+            waiting = coro.send(None)
+        except StopIteration as stop:
+            done: T = stop.value
+            return done
     while True:
         # What the coroutine yields is what a task would wait on: an asyncio future
         # (flagged ``_asyncio_future_blocking``), ``None`` for a bare yield (a checkpoint),
