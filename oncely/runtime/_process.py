@@ -27,23 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 from oncely._logging import MESSAGE, redact_values
 from oncely.brokers.base import Headers
-from oncely.errors import (
-    DecodeError,
-    HandlerTimeout,
-    LeaseLost,
-    Reject,
-    Retry,
-    StoreError,
-    StoreUnavailable,
-)
+from oncely.runtime._failures import FailurePaths, describe
 from oncely.runtime._finish import Finisher
-from oncely.runtime._invoke import Escaped, Invoke, raised, stop_if_asked
+from oncely.runtime._invoke import Invoke, raised, stop_if_asked
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
 from oncely.runtime._tracing import for_handler
 from oncely.runtime.codec import Decoder, fingerprint
-from oncely.runtime.context import Context
-from oncely.runtime.heartbeat import Active, Heartbeat
+from oncely.runtime.heartbeat import Heartbeat
 from oncely.stores.base import Outcome
 
 if TYPE_CHECKING:
@@ -51,21 +42,24 @@ if TYPE_CHECKING:
     from oncely.runtime.app import HandlerSpec
     from oncely.runtime.publisher import Publisher
     from oncely.runtime.stats import Stats
-    from oncely.stores.base import Begin, IdempotencyStore
+    from oncely.stores.base import IdempotencyStore
 
 log = logging.getLogger("oncely.worker")
 
 # Module constants: on Python 3.11 reading an enum member off its class (``Outcome.NEW``) runs
 # the enum metaclass's attribute hook, ~1 k instructions a read, three reads per message.
 DEDUPE_KEY = Headers.DEDUPE_KEY
-NEW, IN_PROGRESS, COMPLETED = Outcome.NEW, Outcome.IN_PROGRESS, Outcome.COMPLETED
+NEW, IN_PROGRESS = Outcome.NEW, Outcome.IN_PROGRESS
 
 INTERNAL_ERROR_DELAY = 1.0
 """Seconds before a delivery the runtime itself failed on is tried again."""
 
 
-class Runner:
-    """Runs deliveries of one handler. One instance per handler per worker."""
+class Runner(FailurePaths):
+    """Runs deliveries of one handler. One instance per handler per worker.
+
+    The settles other than a success it inherits from ``FailurePaths``
+    (``oncely.runtime._failures``)."""
 
     def __init__(
         self,
@@ -173,10 +167,10 @@ class Runner:
                 # time must not loop it for ever: the attempts run out as for a failure.
                 await self.settle.dead_letter(
                     delivery,
-                    f"internal error: {_describe(exc)} (gave up after {delivery.attempt} attempts)",
+                    f"internal error: {describe(exc)} (gave up after {delivery.attempt} attempts)",
                 )
             else:
-                error = f"internal error: {_describe(exc)}"
+                error = f"internal error: {describe(exc)}"
                 await self.settle.nack(delivery, INTERNAL_ERROR_DELAY, error=error)
         finally:
             finish = self._finish
@@ -205,7 +199,7 @@ class Runner:
             # Decoding has no side effects, so even an at-most-once poison message can go to
             # the dead-letter queue rather than vanish. Not only DecodeError: msgspec before
             # 0.23 raises UnicodeDecodeError for invalid UTF-8 inside a JSON string, for one.
-            why = _describe(exc)
+            why = describe(exc)
             await self.settle.dead_letter(
                 delivery,
                 f"undecodable payload: {why}",
@@ -339,138 +333,6 @@ class Runner:
         else:
             self.stats.processed += 1
 
-    async def _begin_failed(
-        self, delivery: Delivery, key: str, store_key: str, exc: Exception
-    ) -> bool:
-        """``store.begin`` raised ``exc``: fail closed (defer the delivery), or open if so
-        configured. Return whether to run the handler anyway (without a lease)."""
-        # Any store failure, a third-party store's RuntimeError included, fails closed.
-        self.stats.store_errors += 1
-        if not isinstance(exc, StoreError):
-            log.exception("%s: store.begin failed unexpectedly", self.spec.name)
-        if self.fail_open and not self.spec.transactional:
-            self.stats.fail_open += 1
-            log.warning(
-                "%s: store unreachable, running %s WITHOUT dedupe (fail_open): %r",
-                self.spec.name,
-                delivery.id,
-                exc,
-            )
-            return True
-        log.warning("%s: store unreachable, retrying %s later: %r", self.spec.name, key, exc)
-        assert self.keys is not None
-        delay = self.spec.retry.delay(self.keys.deferrals(store_key))
-        # Counted once the broker took it: a failed nack comes back and counts then.
-        if await self.settle.nack(delivery, delay, defer=True):
-            self.stats.deferred += 1
-        return False
-
-    async def _not_new(self, delivery: Delivery, key: str, store_key: str, begin: Begin) -> None:
-        """Settle a delivery whose key ``store.begin`` did not give this worker: a duplicate
-        of a completed key, a key held elsewhere, or a key reused with another payload."""
-        outcome = begin.outcome
-        if outcome is COMPLETED:
-            await self._duplicate(delivery, key, begin)
-        elif outcome is IN_PROGRESS:
-            assert self.keys is not None
-            delay = self.keys.recheck_delay(store_key, begin.retry_after)
-            if await self.settle.nack(delivery, delay, defer=True):
-                self.stats.deferred += 1
-                self.stats.in_progress += 1
-        else:
-            await self.settle.dead_letter(
-                delivery, f"idempotency key {key!r} was reused with a different payload"
-            )
-
-    async def _duplicate(self, delivery: Delivery, key: str, begin: Begin) -> None:
-        hook = self.spec.on_duplicate
-        if hook is not None:
-            # The hook is user code like the handler, so the handler's timeout and heartbeat
-            # apply: a hook that never returns would otherwise hold its slot for good, and
-            # its redeliveries the others.
-            active = Active(delivery, asyncio.current_task())
-            self.heartbeat.track(active)
-            deadline = asyncio.timeout(self.spec.timeout)
-            try:
-                result = None if begin.result is None else self._results.decode(begin.result)
-                async with deadline:
-                    await hook(result, Context(delivery, key, self.publisher))
-            except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-                    raise
-                error = exc if isinstance(exc, Exception) else Escaped(exc)
-                if deadline.expired():
-                    error = HandlerTimeout(f"ran past its {self.spec.timeout}s timeout")
-                elif active.task is not None and active.task.cancelling():
-                    # A shutdown's cancel the hook turned into an error of its own (see
-                    # Invoke): given back, not a failure.
-                    raise asyncio.CancelledError from exc
-                log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, error)
-                # As for the handler: Reject dead-letters at once (retrying would run the hook,
-                # and whatever it sends, again), and Retry's own delay wins.
-                await self._settle_failure(delivery, error, "on_duplicate: ")
-                stop_if_asked(error)
-                return
-            finally:
-                self.heartbeat.untrack(active)
-        if await self.settle.ack(delivery):
-            self.stats.duplicates += 1
-
-    async def _ran_and_failed(
-        self, delivery: Delivery, lease: Lease | None, exc: Exception
-    ) -> None:
-        if self.tracing is not None:
-            self.tracing.failed(delivery, raised(exc))
-        await self._release(lease)
-        if self.spec.transactional and isinstance(exc, StoreUnavailable) and self.keys is not None:
-            # The store failed around the handler (its own errors propagate unchanged):
-            # nothing committed, or a COMMIT whose reply was lost did and the redelivery finds
-            # the key completed. A deferral, as when begin finds the store down: it spends no
-            # attempt, so a store outage never dead-letters a message.
-            self.stats.store_errors += 1
-            log.warning(
-                "%s: store failed in the transaction, retrying later: %r", self.spec.name, exc
-            )
-            assert lease is not None
-            delay = self.spec.retry.delay(self.keys.deferrals(lease.key))
-            if await self.settle.nack(delivery, delay, defer=True):
-                self.stats.deferred += 1
-        elif isinstance(exc, LeaseLost) and lease is not None and self.keys is not None:
-            # Another worker took the key over (the heartbeat found the lease gone and
-            # cancelled the handler, or the transaction's completion was refused): the key is
-            # its work now, not this copy's failure. Deferred, spending no attempt, so the copy
-            # comes back to find the key in progress or completed, never dead-lettered for it.
-            log.warning("%s: %s lost its lease, deferring: %s", self.spec.name, delivery.id, exc)
-            delay = self.keys.recheck_delay(lease.key, self.keys.visibility)
-            if await self.settle.nack(delivery, delay, defer=True):
-                self.stats.deferred += 1
-        else:
-            if not isinstance(exc, Reject | Retry):
-                log.info(
-                    "%s: %s failed on attempt %d: %r",
-                    self.spec.name,
-                    delivery.id,
-                    delivery.attempt,
-                    exc,
-                )
-            await self._settle_failure(delivery, exc)
-
-    async def _settle_failure(self, delivery: Delivery, exc: Exception, prefix: str = "") -> None:
-        """Settle a run of user code (the handler, or ``on_duplicate`` with its ``prefix``) that
-        raised ``exc``: ``Reject`` dead-letters at once, ``Retry`` retries after its own delay
-        if it gives one, anything else is a failure retried with the policy's backoff."""
-        if isinstance(exc, Reject):
-            self.stats.rejected += 1
-            await self.settle.dead_letter(delivery, exc.reason)
-            return
-        if isinstance(exc, Retry):
-            delay = exc.delay if exc.delay is not None else self.spec.retry.delay(delivery.attempt)
-            reason = f"{prefix}Retry: {exc.reason}"
-        else:
-            delay = self.spec.retry.delay(delivery.attempt)
-            reason = prefix + _describe(exc)
-        await self._failed(delivery, reason, delay)
-
     async def _succeeded(
         self, delivery: Delivery, store_key: str, token: str, result: bytes | None
     ) -> None:
@@ -507,23 +369,6 @@ class Runner:
             stats.acked += 1
             stats.processed += 1
 
-    async def _failed(self, delivery: Delivery, reason: str, delay: float) -> None:
-        if self.spec.retry.exhausted(delivery.attempt):
-            await self.settle.dead_letter(
-                delivery, f"{reason} (gave up after {delivery.attempt} attempts)"
-            )
-        elif await self.settle.nack(delivery, delay, error=reason):
-            self.stats.retried += 1
-
-    async def _give_back(self, delivery: Delivery, lease: Lease | None) -> None:
-        await self._release(lease)
-        if await self.settle.nack(delivery, 0.0, defer=True):
-            self.stats.cancelled += 1
-
-    async def _release(self, lease: Lease | None) -> None:
-        if self.keys is not None:
-            await self.keys.release(lease)
-
 
 def _lease(store_key: str, token: str | None) -> Lease | None:
     """The lease a run took, if any, as the failure paths take it."""
@@ -534,17 +379,3 @@ def _clear_when_done(task: asyncio.Task[object], current: list[Any]) -> None:
     """Empty ``current`` (a delivery's log fields) once ``task`` is done. Not a lambda in
     ``Runner.run``: a closure there makes ``current`` a cell, one more object per message."""
     task.add_done_callback(lambda _: current.clear())
-
-
-def _describe(exc: BaseException) -> str:
-    """``"Type: message"`` for a dead-letter reason. Never raises: a user exception whose
-    ``__str__`` fails would otherwise turn every failure of its handler into an internal error
-    (nacked, never dead-lettered), and the handler would run again and again."""
-    exc = raised(exc) if isinstance(exc, Exception) else exc
-    try:
-        text = str(exc)
-    except Exception:
-        text = "<unprintable>"
-    if isinstance(exc, DecodeError):
-        return text
-    return f"{type(exc).__name__}: {text}"
