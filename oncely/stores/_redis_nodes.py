@@ -22,12 +22,10 @@ from typing import TYPE_CHECKING, Any
 from redis import exceptions as rx
 from redis._parsers.hiredis import _AsyncHiredisParser
 
-from oncely.errors import StoreError
 from oncely.stores._redis_batch import Finish
 from oncely.stores._redis_dedicated import _Watch
-from oncely.stores._redis_errors import translate
 from oncely.stores._redis_link import Link, take_over
-from oncely.stores._redis_wire import Call, by_slot, outcomes, pack_batch
+from oncely.stores._redis_wire import Call, by_slot, fill_group, pack_batch
 
 if TYPE_CHECKING:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -190,16 +188,7 @@ def start_cluster(
             return
         results: list[Any] = [None] * len(calls)
         for group, reply in zip(groups, replies, strict=True):
-            if isinstance(reply, Exception):  # as the task path: that group's calls fail
-                for i in group:
-                    results[i] = translate(reply, calls[i].script.name)
-                continue
-            try:
-                got = outcomes([calls[i] for i in group], reply)
-            except StoreError as exc:
-                got = [exc] * len(group)
-            for i, outcome in zip(group, got, strict=True):
-                results[i] = outcome
+            fill_group(results, calls, group, reply)  # as the task path does
         finish(results)
 
     return nodes.start(list(slots), packed, answer)

@@ -27,6 +27,7 @@ from redis import exceptions as rx
 from redis.crc import key_slot
 
 from oncely.errors import ConfigError, StoreError, StoreUnavailable
+from oncely.stores._redis_errors import translate
 from oncely.stores._redis_scripts import SCRIPTS, Script
 
 if TYPE_CHECKING:
@@ -129,6 +130,22 @@ def batch_command(calls: Sequence[Call]) -> Command:
         argv.append(_CODES[call.script.name])
         argv.extend(call.args)
     return ("EVALSHA", BATCH_SCRIPT.sha, len(calls), *(c.key for c in calls), *argv)
+
+
+def fill_group(results: list[Any], calls: Sequence[Call], group: Sequence[int], reply: Any) -> None:
+    """Put one slot's reply into ``results`` at ``group``'s places (``calls[i]`` for ``i`` in
+    ``group``): an error reply fails each of its calls, translated; a reply that does not
+    parse fails them all."""
+    if isinstance(reply, BaseException):
+        for i in group:
+            results[i] = translate(reply, calls[i].script.name)
+        return
+    try:
+        got = outcomes([calls[i] for i in group], reply)
+    except StoreError as exc:
+        got = [exc] * len(group)
+    for i, outcome in zip(group, got, strict=True):
+        results[i] = outcome
 
 
 def outcomes(calls: Sequence[Call], reply: Any) -> list[Any]:

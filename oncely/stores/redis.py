@@ -62,6 +62,7 @@ from oncely.stores._redis_wire import (
     by_slot,
     check_encoding,
     encoding_of,
+    fill_group,
     outcomes,
     pack_batch,
     pack_ints,
@@ -415,16 +416,7 @@ class RedisStore(IdempotencyStore):
                 if isinstance(reply, rx.NoScriptError) and round_ == 0:
                     again.append(g)
                     continue
-                if isinstance(reply, BaseException):
-                    for i in group:
-                        results[i] = translate(reply, calls[i].script.name)
-                    continue
-                try:
-                    got = outcomes([calls[i] for i in group], reply)
-                except StoreError as exc:
-                    got = [exc] * len(group)
-                for i, outcome in zip(group, got, strict=True):
-                    results[i] = outcome
+                fill_group(results, calls, group, reply)
             if not again:
                 break
             try:
