@@ -57,6 +57,19 @@ async def delete_queues(topics: list[str], url: str = SQS_URL) -> None:
                     await client.delete_queue(QueueUrl=got["QueueUrl"])
 
 
+async def queue_counts(topic: str, url: str = SQS_URL) -> tuple[str, str]:
+    """``topic``'s queue as the server counts it: (visible, in flight) messages."""
+    options = parse_url(url)
+    async with plain_client(options.endpoint or ENDPOINT) as client:
+        queue = (await client.get_queue_url(QueueName=queue_name(topic, options)))["QueueUrl"]
+        got = await client.get_queue_attributes(
+            QueueUrl=queue,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )
+    counts = got["Attributes"]
+    return counts["ApproximateNumberOfMessages"], counts["ApproximateNumberOfMessagesNotVisible"]
+
+
 @pytest.fixture
 async def topics() -> AsyncIterator[list[str]]:
     """Topics a test uses; their queues are deleted afterwards."""
@@ -158,12 +171,7 @@ async def test_partial_delete_batch_failure_is_surfaced_per_entry(
     assert not any(d.settled for d in stale) and all(d.settled for d in fresh)
     await first.aclose()
     await second.aclose()
-    async with plain_client() as client:
-        url, _ = await broker.queue_urls(unique)
-        got = await client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
-    counts = got["Attributes"]
-    assert counts["ApproximateNumberOfMessages"] == "0"
-    assert counts["ApproximateNumberOfMessagesNotVisible"] == "0"
+    assert await queue_counts(unique) == ("0", "0")
 
 
 @pytest.mark.anyio

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
@@ -17,25 +17,11 @@ from oncely.brokers._sqs_wire import Outgoing, encode
 from oncely.brokers.sqs import SqsBroker
 from oncely.errors import BrokerError, ConnectionLost, DeliveryExpired, PublishFailed
 from tests._wait import eventually
-from tests.brokers.test_sqs import SQS_URL, delete_queues, plain_client
+from tests.brokers.test_sqs import SQS_URL, broker, plain_client, topics
 
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+__all__ = ["broker", "topics"]  # the fixtures (from test_sqs), used by name
 
 pytestmark = [pytest.mark.sqs, pytest.mark.anyio]
-
-
-@pytest.fixture
-async def topics() -> AsyncIterator[list[str]]:
-    made: list[str] = []
-    yield made
-    await delete_queues(made)
-
-
-@pytest.fixture
-async def broker(topics: list[str]) -> AsyncIterator[SqsBroker]:
-    async with SqsBroker.from_url(SQS_URL) as b:
-        yield b
 
 
 async def test_a_failed_ack_does_not_keep_its_prefetch_slot(

@@ -15,7 +15,7 @@ from oncely.brokers._sqs_options import parse_url
 from oncely.brokers.sqs import SqsBroker
 from oncely.errors import AlreadySettled
 from tests._wait import eventually
-from tests.brokers.test_sqs import SQS_URL, delete_queues, plain_client
+from tests.brokers.test_sqs import SQS_URL, queue_counts, topics
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -23,14 +23,9 @@ if TYPE_CHECKING:
     from oncely.brokers._sqs_consume import SqsSubscription
     from oncely.brokers._sqs_delivery import SqsDelivery
 
+__all__ = ["topics"]  # the fixture (from test_sqs), used by name
+
 pytestmark = [pytest.mark.sqs, pytest.mark.anyio]
-
-
-@pytest.fixture
-async def topics() -> AsyncIterator[list[str]]:
-    made: list[str] = []
-    yield made
-    await delete_queues(made)
 
 
 @pytest.fixture
@@ -46,14 +41,6 @@ async def _one(broker: SqsBroker, topic: str) -> tuple[SqsSubscription, SqsDeliv
     sub = broker.consume(topic, prefetch=1, visibility=60)
     delivery = await asyncio.wait_for(anext(sub), 10)
     return sub, delivery
-
-
-async def _counts(broker: SqsBroker, topic: str) -> tuple[str, str]:
-    url, _ = await broker.queue_urls(topic)
-    async with plain_client() as client:
-        got = await client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
-    a = got["Attributes"]
-    return a["ApproximateNumberOfMessages"], a["ApproximateNumberOfMessagesNotVisible"]
 
 
 def _deletes(broker: SqsBroker) -> int:
@@ -89,12 +76,12 @@ async def test_a_cancelled_ack_counts_as_settled_and_is_not_given_back(
         await given_back  # reported: the message is back in the queue
     await broker._batcher("delete", url).flush()
     if given_back is not None:
-        assert await _counts(broker, unique) == ("1", "0"), "given back, then deleted"
+        assert await queue_counts(unique) == ("1", "0"), "given back, then deleted"
     assert d.settled
     with pytest.raises(AlreadySettled):
         await d.nack(0)
     assert broker.api_calls["change_visibility"] == 0
-    assert await _counts(broker, unique) == ("0", "0")
+    assert await queue_counts(unique) == ("0", "0")
 
 
 async def test_extend_while_an_ack_is_on_its_way_changes_nothing(
@@ -114,7 +101,7 @@ async def test_extend_while_an_ack_is_on_its_way_changes_nothing(
     await broker._batcher("change_visibility", url).flush()
     await extend  # raised DeliveryExpired before: the handle was gone
     assert broker.api_calls["change_visibility"] == 0
-    assert await _counts(broker, unique) == ("0", "0")
+    assert await queue_counts(unique) == ("0", "0")
 
 
 async def test_extend_while_a_nack_is_on_its_way_does_not_undo_it(

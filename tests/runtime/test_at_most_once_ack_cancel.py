@@ -9,7 +9,8 @@ import pytest
 
 import oncely
 from tests._wait import eventually
-from tests.brokers.test_sqs import SQS_URL, delete_queues, plain_client
+from tests.brokers.test_sqs import delete_queues, queue_counts
+from tests.runtime.test_shutdown_ack import cut_in_its_ack
 
 pytestmark = pytest.mark.anyio
 
@@ -26,10 +27,7 @@ async def test_a_cancel_during_an_at_most_once_ack_gives_nothing_back_and_counts
     async def handle(job: dict[str, str]) -> None:
         runs.append(job["id"])
 
-    # Each ack waits up to 1 s for others to share its DeleteMessageBatch: the end of a
-    # 0.1 s grace cancels the task in it, before the handler ran.
-    url = SQS_URL + "&ack_window=1"
-    worker = oncely.Worker(app, broker=url, settings=oncely.Settings(grace_period=0.1))
+    worker = cut_in_its_ack(app)  # cancels the task in the ack made before the handler ran
     try:
         await worker.start()
         await app.publish(unique, {"id": "a"})
@@ -45,18 +43,7 @@ async def test_a_cancel_during_an_at_most_once_ack_gives_nothing_back_and_counts
         assert "nack of" not in caplog.text, caplog.text
         (record,) = [r for r in caplog.records if "so it is lost" in r.message]
         assert record.levelno == logging.WARNING
-        async with plain_client() as client:
-            queue = (await client.get_queue_url(QueueName=unique))["QueueUrl"]
-            got = await client.get_queue_attributes(
-                QueueUrl=queue,
-                AttributeNames=[
-                    "ApproximateNumberOfMessages",
-                    "ApproximateNumberOfMessagesNotVisible",
-                ],
-            )
-        counts = got["Attributes"]
-        assert counts["ApproximateNumberOfMessages"] == "0"
-        assert counts["ApproximateNumberOfMessagesNotVisible"] == "0"
+        assert await queue_counts(unique) == ("0", "0")
     finally:
         await worker.stop(0.0)
         await delete_queues([unique])

@@ -13,7 +13,7 @@ import oncely
 from oncely.brokers.base import DeadLetterAdmin
 from oncely.stores.memory import MemoryStore
 from tests._wait import eventually
-from tests.brokers.test_sqs import SQS_URL, delete_queues, plain_client
+from tests.brokers.test_sqs import SQS_URL, delete_queues, queue_counts
 
 pytestmark = pytest.mark.anyio
 
@@ -72,6 +72,13 @@ async def test_a_cancel_during_the_ack_of_a_finished_handler_gives_nothing_back(
         assert check.execute("SELECT count(*) FROM oncely_messages").fetchone() == (0,)
 
 
+def cut_in_its_ack(app: oncely.App) -> oncely.Worker:
+    """A worker on SQS whose stop cancels a task in its ack: each ack waits up to 1 s for
+    others to share its DeleteMessageBatch, and the grace ends after 0.1 s."""
+    url = SQS_URL + "&ack_window=1"
+    return oncely.Worker(app, broker=url, settings=oncely.Settings(grace_period=0.1))
+
+
 @pytest.mark.sqs
 async def test_on_sqs_a_cancel_during_a_batched_ack_gives_nothing_back(
     unique: str, caplog: pytest.LogCaptureFixture
@@ -84,10 +91,7 @@ async def test_on_sqs_a_cancel_during_a_batched_ack_gives_nothing_back(
     async def handle(job: dict[str, str]) -> None:
         runs.append(job["id"])
 
-    # Each ack waits up to 1 s for others to share its DeleteMessageBatch: the end of a 0.1 s
-    # grace cancels the finished handler's task in it.
-    url = SQS_URL + "&ack_window=1"
-    worker = oncely.Worker(app, broker=url, settings=oncely.Settings(grace_period=0.1))
+    worker = cut_in_its_ack(app)  # cancels the finished handler's task in its ack
     try:
         await worker.start()
         await app.publish(unique, {"id": "a"})
@@ -97,18 +101,7 @@ async def test_on_sqs_a_cancel_during_a_batched_ack_gives_nothing_back(
         # its receipt (a settle error), or, landing first, made the message visible again.
         assert worker.stats.settle_errors == 0 and worker.stats.cancelled == 0, worker.stats
         assert "nack of" not in caplog.text, caplog.text
-        async with plain_client() as client:
-            queue = (await client.get_queue_url(QueueName=unique))["QueueUrl"]
-            got = await client.get_queue_attributes(
-                QueueUrl=queue,
-                AttributeNames=[
-                    "ApproximateNumberOfMessages",
-                    "ApproximateNumberOfMessagesNotVisible",
-                ],
-            )
-        counts = got["Attributes"]
-        assert counts["ApproximateNumberOfMessages"] == "0"
-        assert counts["ApproximateNumberOfMessagesNotVisible"] == "0"
+        assert await queue_counts(unique) == ("0", "0")
     finally:
         await worker.stop(0.0)
         await delete_queues([unique])
