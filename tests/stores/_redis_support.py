@@ -19,6 +19,8 @@ import anyio
 from anyio.abc import Process
 from redis.asyncio import Redis
 
+from oncely.stores._redis_batch import Pipeliner
+
 REDIS_URL = os.environ.get("ONCELY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLUSTER_URL = os.environ.get(
     "ONCELY_TEST_REDIS_CLUSTER_URL",
@@ -137,3 +139,28 @@ def reading(store: Any) -> asyncio.Event:
 
     wire._put = spy
     return event
+
+
+def spawned_batches(monkeypatch: Any) -> list[int]:
+    """The sizes of the batches ``Pipeliner`` puts on a task of their own, from now on (the
+    fast path sends a batch from its callback and answers it from the connection: none)."""
+    spawned: list[int] = []
+    spawn = Pipeliner._spawn
+
+    def counted(self: Any, batch: Any) -> None:
+        spawned.append(len(batch))
+        spawn(self, batch)
+
+    monkeypatch.setattr(Pipeliner, "_spawn", counted)
+    return spawned
+
+
+def cut_batch(store: Any, path: str, caller: asyncio.Future[Any]) -> None:
+    """Cancel the batch out now the way a shutdown does: its task on the task ``path``; on the
+    fast path, which has no task of its own, its ``caller``."""
+    if path == "task":
+        [batch] = store._batch._tasks
+        batch.cancel()  # what a loop shutting down does to the batch task
+    else:
+        assert not store._batch._tasks
+        caller.cancel()  # no task of its own: its caller is what a shutdown cancels

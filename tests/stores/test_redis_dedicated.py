@@ -14,7 +14,6 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from oncely.stores._redis_batch import Pipeliner
 from oncely.stores._redis_dedicated import _Watch
 from oncely.stores._redis_url import parse_redis_url
 from oncely.stores.base import Outcome
@@ -23,8 +22,10 @@ from tests._wait import eventually
 from tests.stores._redis_support import (
     REDIS_URL,
     batch_connection,
+    cut_batch,
     private_redis,
     reading,
+    spawned_batches,
     with_options,
 )
 
@@ -84,12 +85,7 @@ async def test_a_batch_cancelled_mid_read_leaves_no_reply_for_the_next(
         server.pause()
         cut = asyncio.ensure_future(store.begin("fresh", "fp", LONG))
         await asyncio.wait_for(sent.wait(), 10)  # the batch is out; its reply is on its way
-        if path == "task":
-            [batch] = store._batch._tasks
-            batch.cancel()  # what a loop shutting down does to the batch task
-        else:
-            assert not store._batch._tasks
-            cut.cancel()  # no task of its own: its caller is what a shutdown cancels
+        cut_batch(store, path, cut)
         with pytest.raises(asyncio.CancelledError):
             await cut
         server.resume()  # the server now answers the cut batch ("fresh" is NEW)
@@ -169,14 +165,7 @@ async def test_batches_are_sent_and_answered_without_a_task(
     # The fast path: a batch is written from the batcher's callback and answered from the
     # connection's protocol. A task per batch (its coroutine layers, the stream's reads) cost
     # more than the batch's own I/O.
-    spawned: list[int] = []
-    spawn = Pipeliner._spawn
-
-    def counted(self: Any, batch: Any) -> None:
-        spawned.append(len(batch))
-        spawn(self, batch)
-
-    monkeypatch.setattr(Pipeliner, "_spawn", counted)
+    spawned = spawned_batches(monkeypatch)
     async with RedisStore(with_options(REDIS_URL, prefix=f"{unique}:")) as store:
         for i in range(5):
             begun = await store.begin(f"k{i}", "fp", LONG)

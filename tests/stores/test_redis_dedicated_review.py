@@ -12,7 +12,12 @@ import pytest
 from oncely.stores.base import Outcome
 from oncely.stores.redis import RedisStore
 from tests._wait import eventually
-from tests.stores._redis_support import batch_connection, private_redis, with_options
+from tests.stores._redis_support import (
+    batch_connection,
+    cut_batch,
+    private_redis,
+    with_options,
+)
 
 LONG = 30.0
 BIG = 32 * 1024 * 1024
@@ -44,12 +49,7 @@ async def test_a_batch_cancelled_mid_write_leaves_no_reply_for_the_next(
                     conn._writer is not None and conn._writer.transport.get_write_buffer_size() > 0
                 )
             )
-            if path == "task":
-                [batch] = store._batch._tasks
-                batch.cancel()  # what a loop shutting down does to the batch task
-            else:
-                assert not store._batch._tasks
-                cut.cancel()  # no task of its own: its caller is what a shutdown cancels
+            cut_batch(store, path, cut)
             with pytest.raises(asyncio.CancelledError):
                 await cut
             server.resume()  # whatever of the cut batch got out is answered now

@@ -5,17 +5,15 @@ server closed is opened again, its batch meanwhile going the task path."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from oncely.stores._redis_batch import Pipeliner
 from oncely.stores._redis_url import parse_redis_url
 from oncely.stores.base import Outcome
 from oncely.stores.redis import RedisStore
 from tests._wait import eventually
-from tests.stores._redis_support import CLUSTER_URL, with_options
+from tests.stores._redis_support import CLUSTER_URL, spawned_batches, with_options
 
 LONG = 30.0
 
@@ -28,23 +26,11 @@ def _linked(store: RedisStore) -> None:
         pytest.skip("the cluster nodes' parser is not hiredis")
 
 
-def _spawns(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    spawned: list[int] = []
-    spawn = Pipeliner._spawn
-
-    def counted(self: Any, batch: Any) -> None:
-        spawned.append(len(batch))
-        spawn(self, batch)
-
-    monkeypatch.setattr(Pipeliner, "_spawn", counted)
-    return spawned
-
-
 @pytest.mark.anyio
 async def test_cluster_batches_are_sent_and_answered_without_a_task(
     unique: str, anyio_backend: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spawned = _spawns(monkeypatch)
+    spawned = spawned_batches(monkeypatch)
     async with RedisStore(with_options(CLUSTER_URL, prefix=f"{unique}:")) as store:
         _linked(store)
         keys = [f"k{i}" for i in range(40)]  # on every node
@@ -65,7 +51,7 @@ async def test_cluster_batches_are_sent_and_answered_without_a_task(
 async def test_a_node_link_the_server_closed_is_opened_again(
     unique: str, anyio_backend: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spawned = _spawns(monkeypatch)
+    spawned = spawned_batches(monkeypatch)
     nodes = [ClusterNode(h, p) for h, p in parse_redis_url(CLUSTER_URL).nodes]
     admin = RedisCluster(startup_nodes=nodes)
     await admin.initialize()  # its map of the nodes, to send each kill to its own
