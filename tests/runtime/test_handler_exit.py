@@ -82,6 +82,43 @@ def test_a_handler_exiting_drains_the_others_then_raises_on(
     ]
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_handler_exiting_during_a_stop_is_raised_once_the_stop_ends(
+    unique: str, loop: str
+) -> None:
+    app = oncely.App()
+    started: list[int] = []
+    go = asyncio.Event()
+    seen: dict[str, Any] = {}
+
+    @app.handler("t", guarantee="at_least_once", concurrency=2)
+    async def handle(job: dict[str, int]) -> None:
+        started.append(job["n"])
+        await go.wait()
+        if job["n"] == 1:
+            sys.exit(4)
+
+    async def main() -> None:
+        worker = oncely.Worker(app, broker=f"memory://{unique}")
+        seen["worker"] = worker
+        await worker.start()
+        for n in (1, 2):
+            await app.publish("t", {"n": n})
+        await eventually(lambda: sorted(started) == [1, 2])
+        stopping = asyncio.create_task(worker.stop())  # as SIGTERM does
+        await eventually(lambda: worker.state == "draining")
+        go.set()
+        await stopping  # the stop drains both, then the exit goes on
+        await asyncio.Event().wait()
+
+    with pytest.raises(SystemExit) as raised:
+        LOOPS[loop](main())
+    assert raised.value.code == 4
+    worker = seen["worker"]
+    assert worker.state == "stopped"
+    assert worker.stats.processed == 1 and worker.stats.retried == 1, worker.stats
+
+
 async def _left(hub: str) -> tuple[int, list[Any]]:
     async with MemoryBroker(hub) as broker:
         backlog = await broker.backlog("t")
