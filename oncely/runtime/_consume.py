@@ -53,14 +53,27 @@ class Pool:
     or a cancel request is still pending, ends and a fresh task takes the next delivery, so
     nothing leaks from one delivery into another.
 
+    A handler that raises ``KeyboardInterrupt`` or ``SystemExit`` (``sys.exit()``) has its
+    message settled as a failure by the runner, which then raises it on; the task ends there and
+    hands it to ``on_exit``, which stops the worker as ``stop()`` does and raises it once the
+    others are drained. Without ``on_exit`` it goes on up the task at once.
+
     Args:
         runner: the handler's runner; ``Runner.run`` settles every delivery.
         size: how many deliveries may be in flight (the handler's concurrency).
+        on_exit: called with a ``KeyboardInterrupt`` or ``SystemExit`` a handler raised.
     """
 
-    def __init__(self, runner: Runner, size: int) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        size: int,
+        *,
+        on_exit: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.runner = runner
         self.size = size
+        self.on_exit = on_exit
         self.in_flight = 0
         """Deliveries handed to the pool and not yet finished."""
         self._loop = asyncio.get_running_loop()
@@ -127,6 +140,14 @@ class Pool:
                 except Exception:
                     # Runner.run settles everything itself; this is the last line for a bug.
                     log.exception("%s: unexpected error", runner.spec.name)
+                except (KeyboardInterrupt, SystemExit) as exc:
+                    # Raised by the handler, its message settled: the worker is to stop.
+                    self._finished()
+                    if self.on_exit is None:
+                        raise
+                    log.warning("%s: the handler raised %r; stopping", runner.spec.name, exc)
+                    self.on_exit(exc)
+                    return
                 except BaseException:
                     self._finished()
                     raise

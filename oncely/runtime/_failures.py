@@ -11,6 +11,14 @@ record, ack); these are the other outcomes, kept apart so that path reads straig
   attempts run out, a store outage in a transaction or a lost lease defers;
 - the handler was cancelled (shutdown): the lease is released and the delivery given back.
 
+Every settle here is run whole (``Finisher``, ``oncely.runtime._finish``), not just those of
+a run that is over: a shutdown cancel that lands while a dead-letter or a deferral's nack is
+on its way must not add a give-back on top of it. The broker's step goes on without its caller
+(SQLite's ``COMMIT`` runs on the connection's thread, a broker's publish to its dead-letter
+queue is in flight), so the delivery still reads unsettled, and the give-back either fails
+against a message that is gone (a settle error, the dead letter uncounted) or, on a broker
+whose reject is two steps, puts the message back while its dead-letter copy is written.
+
 ``FailurePaths`` is a base class of ``Runner``, not an object it calls: the methods are found
 on the runner's type as before, so no call layer or attribute read is added anywhere.
 """
@@ -37,6 +45,7 @@ from oncely.stores.base import Outcome
 
 if TYPE_CHECKING:
     from oncely.brokers.base import Delivery
+    from oncely.runtime._finish import Finisher
     from oncely.runtime._keys import Keys, Lease
     from oncely.runtime._settle import Settler
     from oncely.runtime._tracing import Tracing
@@ -65,6 +74,7 @@ class FailurePaths:
     publisher: Publisher
     fail_open: bool
     _results: Decoder
+    _finish: Finisher
 
     async def _begin_failed(
         self, delivery: Delivery, key: str, store_key: str, exc: Exception
@@ -87,9 +97,7 @@ class FailurePaths:
         log.warning("%s: store unreachable, retrying %s later: %r", self.spec.name, key, exc)
         assert self.keys is not None
         delay = self.spec.retry.delay(self.keys.deferrals(store_key))
-        # Counted once the broker took it: a failed nack comes back and counts then.
-        if await self.settle.nack(delivery, delay, defer=True):
-            self.stats.deferred += 1
+        await self._finish(self._defer(delivery, delay), delivery)
         return False
 
     async def _not_new(self, delivery: Delivery, key: str, store_key: str, begin: Begin) -> None:
@@ -101,11 +109,9 @@ class FailurePaths:
         elif outcome is IN_PROGRESS:
             assert self.keys is not None
             delay = self.keys.recheck_delay(store_key, begin.retry_after)
-            if await self.settle.nack(delivery, delay, defer=True):
-                self.stats.deferred += 1
-                self.stats.in_progress += 1
+            await self._finish(self._defer(delivery, delay, in_progress=True), delivery)
         else:
-            await self.settle.dead_letter(
+            await self._dead_letter(
                 delivery, f"idempotency key {key!r} was reused with a different payload"
             )
 
@@ -135,11 +141,15 @@ class FailurePaths:
                 log.info("%s: on_duplicate failed for %s: %r", self.spec.name, delivery.id, error)
                 # As for the handler: Reject dead-letters at once (retrying would run the hook,
                 # and whatever it sends, again), and Retry's own delay wins.
-                await self._settle_failure(delivery, error, "on_duplicate: ")
+                settling = self._settle_failure(delivery, error, "on_duplicate: ")
+                await self._finish(settling, delivery)
                 stop_if_asked(error)
                 return
             finally:
                 self.heartbeat.untrack(active)
+        await self._finish(self._ack_duplicate(delivery), delivery)
+
+    async def _ack_duplicate(self, delivery: Delivery) -> None:
         if await self.settle.ack(delivery):
             self.stats.duplicates += 1
 
@@ -159,18 +169,14 @@ class FailurePaths:
                 "%s: store failed in the transaction, retrying later: %r", self.spec.name, exc
             )
             assert lease is not None
-            delay = self.spec.retry.delay(self.keys.deferrals(lease.key))
-            if await self.settle.nack(delivery, delay, defer=True):
-                self.stats.deferred += 1
+            await self._defer(delivery, self.spec.retry.delay(self.keys.deferrals(lease.key)))
         elif isinstance(exc, LeaseLost) and lease is not None and self.keys is not None:
             # Another worker took the key over (the heartbeat found the lease gone and
             # cancelled the handler, or the transaction's completion was refused): the key is
             # its work now, not this copy's failure. Deferred, spending no attempt, so the copy
             # comes back to find the key in progress or completed, never dead-lettered for it.
             log.warning("%s: %s lost its lease, deferring: %s", self.spec.name, delivery.id, exc)
-            delay = self.keys.recheck_delay(lease.key, self.keys.visibility)
-            if await self.settle.nack(delivery, delay, defer=True):
-                self.stats.deferred += 1
+            await self._defer(delivery, self.keys.recheck_delay(lease.key, self.keys.visibility))
         else:
             if not isinstance(exc, Reject | Retry):
                 log.info(
@@ -205,6 +211,21 @@ class FailurePaths:
             )
         elif await self.settle.nack(delivery, delay, error=reason):
             self.stats.retried += 1
+
+    async def _dead_letter(
+        self, delivery: Delivery, reason: str, *, logged: str | None = None
+    ) -> None:
+        """Dead-letter ``delivery`` whole: a cancel meanwhile lets it finish (see the module
+        docstring). For a run's own settle, not one already inside a ``Finisher``."""
+        await self._finish(self.settle.dead_letter(delivery, reason, logged=logged), delivery)
+
+    async def _defer(self, delivery: Delivery, delay: float, *, in_progress: bool = False) -> None:
+        """Nack ``delivery`` as a deferral (the attempt kept) after ``delay``; counted once the
+        broker took it: a failed nack comes back and counts then."""
+        if await self.settle.nack(delivery, delay, defer=True):
+            self.stats.deferred += 1
+            if in_progress:
+                self.stats.in_progress += 1
 
     async def _give_back(self, delivery: Delivery, lease: Lease | None) -> None:
         await self._release(lease)

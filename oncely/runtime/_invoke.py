@@ -49,7 +49,8 @@ def raised(exc: Exception) -> BaseException:
 def stop_if_asked(exc: Exception) -> None:
     """Raise the ``KeyboardInterrupt`` or ``SystemExit`` user code raised, its message settled
     (as a failure: the attempt is spent, so a handler that always exits is dead-lettered in
-    the end rather than stopping every worker it reaches for ever)."""
+    the end rather than stopping every worker it reaches for ever). The pool hands it to the
+    worker, which stops gracefully and then raises it on (``oncely.runtime._exit``)."""
     if isinstance(exc, Escaped) and exc.stops:
         raise exc.error
 

@@ -165,13 +165,14 @@ class Runner(FailurePaths):
             if self.spec.retry.exhausted(delivery.attempt):
                 # A runtime bug (or a third-party store's) that this message triggers every
                 # time must not loop it for ever: the attempts run out as for a failure.
-                await self.settle.dead_letter(
+                await self._dead_letter(
                     delivery,
                     f"internal error: {describe(exc)} (gave up after {delivery.attempt} attempts)",
                 )
             else:
                 error = f"internal error: {describe(exc)}"
-                await self.settle.nack(delivery, INTERNAL_ERROR_DELAY, error=error)
+                nack = self.settle.nack(delivery, INTERNAL_ERROR_DELAY, error=error)
+                await self._finish(nack, delivery)
         finally:
             finish = self._finish
             rest = finish.task_of(delivery) if finish.handed else None  # no call, nearly always
@@ -200,7 +201,7 @@ class Runner(FailurePaths):
             # the dead-letter queue rather than vanish. Not only DecodeError: msgspec before
             # 0.23 raises UnicodeDecodeError for invalid UTF-8 inside a JSON string, for one.
             why = describe(exc)
-            await self.settle.dead_letter(
+            await self._dead_letter(
                 delivery,
                 f"undecodable payload: {why}",
                 logged=f"undecodable payload: {redact_values(why)}",  # logs never show payloads
@@ -231,18 +232,18 @@ class Runner(FailurePaths):
                         key.encode()
             except Exception as exc:
                 # A key function that fails on this payload will fail on every redelivery.
-                await self.settle.dead_letter(delivery, f"key extraction failed: {exc!r}")
+                await self._dead_letter(delivery, f"key extraction failed: {exc!r}")
                 return False
             # note_key, inlined: log lines from here on show this key, not the header's.
             current.append(key)
             if key is None and spec.transactional:
                 # No key, no lease, no transaction: the handler cannot run as declared.
-                await self.settle.dead_letter(
+                await self._dead_letter(
                     delivery, "message has no idempotency key (a transactional handler needs one)"
                 )
                 return False
             if key is None and spec.on_missing_key == "reject":
-                await self.settle.dead_letter(delivery, "message has no idempotency key")
+                await self._dead_letter(delivery, "message has no idempotency key")
                 return False
             if key is not None:
                 # Claim the key (inline, and Keys.begin too: two coroutines less per message).
@@ -250,7 +251,7 @@ class Runner(FailurePaths):
                 try:
                     fp = fingerprint(delivery.body)
                 except Exception as exc:
-                    await self.settle.dead_letter(delivery, f"cannot fingerprint payload: {exc!r}")
+                    await self._dead_letter(delivery, f"cannot fingerprint payload: {exc!r}")
                     return False
                 try:
                     if self.stats.store_seconds is None:

@@ -27,6 +27,10 @@ Consume loops are supervised. What ends one decides what happens next:
 A worker that stops itself logs the cause with its traceback and keeps it in ``failure``;
 ``wait_stopped()`` then raises ``WorkerFailed``, so ``oncely run`` exits 1. A worker never
 sits idle while it claims to consume.
+
+A handler that raises ``KeyboardInterrupt`` or ``SystemExit`` (``sys.exit(n)``) has its message
+settled as the failure it is and stops the worker as SIGTERM does: no message starts after it,
+the others in flight finish within ``grace_period``; then it goes on (``oncely.runtime._exit``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import TYPE_CHECKING
 from oncely.brokers.registry import broker_from_url
 from oncely.errors import ConfigError, OncelyError, WorkerFailed
 from oncely.runtime._consume import ConsumeLoop, Pool
+from oncely.runtime._exit import raise_when_stopped
 from oncely.runtime._handlers import select_handlers, warn_shared_topics
 from oncely.runtime._observe import Observer, metrics_installed
 from oncely.runtime._page import add_status_page
@@ -53,6 +58,7 @@ from oncely.stores.base import IdempotencyStore, TransactionalStore
 from oncely.stores.registry import store_from_url
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
     from types import TracebackType
     from typing import Self
 
@@ -130,6 +136,7 @@ class Worker(Surfaces):
         self._failed_start = False
         self._publisher: Publisher | None = None
         self._self_stop: asyncio.Task[None] | None = None
+        self._exit: asyncio.Task[None] | None = None
         self.abandoned: set[asyncio.Task[None]] = set()
         """Handler tasks that ignored their cancel at shutdown and still ran when ``stop()``
         gave up on them (see ``stop``); their messages come back after their visibility."""
@@ -176,7 +183,7 @@ class Worker(Surfaces):
                 fail_open=self.settings.fail_open,
             )
             self._runners.append(runner)
-            pool = Pool(runner, spec.concurrency)
+            pool = Pool(runner, spec.concurrency, on_exit=self._exit_asked)
             self._pools.append(pool)
             loop = asyncio.create_task(self._consume(runner, pool), name=f"consume:{spec.name}")
             loop.add_done_callback(self._loop_done)
@@ -234,6 +241,23 @@ class Worker(Surfaces):
         if self._self_stop is None:
             self._self_stop = asyncio.create_task(self.stop(), name="oncely:self-stop")
 
+    def _exit_asked(self, exc: BaseException) -> None:
+        """A handler raised ``exc`` (``KeyboardInterrupt`` or ``SystemExit``), its message
+        settled: stop as ``stop()`` does, then raise it on (see the module docstring). The
+        first one wins; a later one (another handler's, meanwhile) is dropped."""
+        if self._exit is not None:
+            return
+        assert self._stopping is not None and self._stopped is not None
+        stopping: Awaitable[object]
+        if not self._stopping.is_set():
+            # Now, not on the task's first step: the consume loops fetch nothing more, so no
+            # message starts after the one that asked to exit.
+            self._halt(self.settings.grace_period)
+            stopping = self._wind_down(self.settings.grace_period)
+        else:
+            stopping = self._stopped.wait()  # a stop() drains already
+        self._exit = raise_when_stopped(stopping, exc)
+
     def _loop_done(self, task: asyncio.Task[None]) -> None:
         # _consume catches everything; this is the last line should that ever change.
         if self.failure is not None:
@@ -262,20 +286,30 @@ class Worker(Surfaces):
             # shutdown hooks (which undo them) must not either.
             return
         assert self._hurry is not None
-        loop = asyncio.get_running_loop()
         grace = self.settings.grace_period if grace is None else grace
-        deadline = loop.time() + max(grace, 0.0)
         if self._stopping.is_set():
+            deadline = asyncio.get_running_loop().time() + max(grace, 0.0)
             if deadline < self._deadline:
                 self._deadline = deadline
                 self._hurry.set()
             await self._stopped.wait()
             return
+        self._halt(grace)
+        await self._wind_down(grace)
+
+    def _halt(self, grace: float) -> None:
+        """The first step of a stop, taken at once: fetch nothing more, and drain until
+        ``grace`` seconds from now."""
+        assert self._stopping is not None
         self._stopping.set()
-        self._deadline = deadline
+        self._deadline = asyncio.get_running_loop().time() + max(grace, 0.0)
         for task in self._loops:
             if task is not asyncio.current_task():
                 task.cancel()
+
+    async def _wind_down(self, grace: float) -> None:
+        """The rest of a stop, after ``_halt``: drain, close, mark the worker stopped."""
+        assert self._stopped is not None
         await asyncio.gather(*self._loops, return_exceptions=True)
         # Idle pool tasks end at once; busy ones after their delivery, or when cancelled here.
         for pool in self._pools:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +59,28 @@ async def stubborn(job: dict[str, Any]) -> None:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
             _mark("swallowed")
+
+
+exiting_app = oncely.App("cli-apps-exiting")
+
+
+@exiting_app.handler(
+    "exiting", guarantee="at_least_once", concurrency=2, retry=oncely.RetryPolicy(max_attempts=1)
+)
+async def exiting(job: dict[str, Any]) -> None:
+    # "exit" calls sys.exit(3) while "slow" is in flight; "slow" then finishes in the drain,
+    # once the test lets it.
+    started = Path(os.environ["CLI_APPS_STARTED"])
+    if job["id"] == "exit":
+        await _until(started.exists)
+        sys.exit(3)
+    _mark(job["id"])
+    await _until(Path(os.environ["CLI_APPS_GO"]).exists)
+
+
+async def _until(cond: Callable[[], bool], within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test did not go on")
+        await asyncio.sleep(0.01)

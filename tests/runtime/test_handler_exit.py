@@ -1,0 +1,176 @@
+"""A handler that raises ``SystemExit`` (``sys.exit(n)``) or ``KeyboardInterrupt`` stops the
+worker as SIGTERM does: no message starts after it, the others in flight finish and are acked,
+and then the exception goes on, out of ``asyncio.run()`` (or ``oncely run``, with its code).
+
+Before, it went on at once from the pool's task: the event loop's run ended with the other
+handlers mid-flight, cancelled by ``asyncio.run()``'s clean-up and given back, not finished.
+
+The in-process tests run their own event loop (the exception ends it), on asyncio and uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+import oncely
+from oncely.brokers.base import DeadLetterAdmin
+from oncely.brokers.memory import MemoryBroker
+from tests._wait import eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+
+Run = Callable[[Coroutine[Any, Any, None]], None]
+LOOPS: dict[str, Run] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("exit_with", [SystemExit(3), KeyboardInterrupt()], ids=repr)
+def test_a_handler_exiting_drains_the_others_then_raises_on(
+    unique: str, loop: str, exit_with: BaseException
+) -> None:
+    app = oncely.App()
+    started: list[int] = []
+    finished: list[int] = []
+    go = asyncio.Event()
+    seen: dict[str, Any] = {}
+
+    @app.handler(
+        "t", guarantee="at_least_once", concurrency=3, retry=oncely.RetryPolicy(max_attempts=1)
+    )
+    async def handle(job: dict[str, int]) -> None:
+        started.append(job["n"])
+        if job["n"] == 3:
+            raise exit_with
+        await go.wait()
+        finished.append(job["n"])
+
+    async def main() -> None:
+        worker = oncely.Worker(app, broker=f"memory://{unique}")
+        seen["worker"] = worker
+        async with worker:
+            for n in (1, 2):
+                await app.publish("t", {"n": n})
+            await eventually(lambda: started == [1, 2])  # both mid-flight, on the event
+            for n in (3, 4):  # 4 waits for room: the pool holds 3
+                await app.publish("t", {"n": n})
+            await eventually(lambda: worker.state == "draining")
+            go.set()
+            await asyncio.Event().wait()  # the handler's exit ends this run
+
+    with pytest.raises(type(exit_with)) as raised:
+        LOOPS[loop](main())
+    assert raised.value is exit_with
+    assert started == [1, 2, 3] and sorted(finished) == [1, 2]  # nothing started after 3
+    worker = seen["worker"]
+    assert worker.state == "stopped"
+    assert worker.stats.processed == 2 and worker.stats.acked == 2, worker.stats
+    assert worker.stats.dead_lettered == 1 and worker.stats.cancelled == 0, worker.stats
+    left, letters = asyncio.run(_left(unique))
+    assert left == 1  # message 4, never taken
+    assert [letter.reason for letter in letters] == [
+        f"{type(exit_with).__name__}: {exit_with} (gave up after 1 attempts)"
+    ]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_handler_exiting_during_a_stop_is_raised_once_the_stop_ends(
+    unique: str, loop: str
+) -> None:
+    app = oncely.App()
+    started: list[int] = []
+    go = asyncio.Event()
+    seen: dict[str, Any] = {}
+
+    @app.handler("t", guarantee="at_least_once", concurrency=2)
+    async def handle(job: dict[str, int]) -> None:
+        started.append(job["n"])
+        await go.wait()
+        if job["n"] == 1:
+            sys.exit(4)
+
+    async def main() -> None:
+        worker = oncely.Worker(app, broker=f"memory://{unique}")
+        seen["worker"] = worker
+        await worker.start()
+        for n in (1, 2):
+            await app.publish("t", {"n": n})
+        await eventually(lambda: sorted(started) == [1, 2])
+        stopping = asyncio.create_task(worker.stop())  # as SIGTERM does
+        await eventually(lambda: worker.state == "draining")
+        go.set()
+        await stopping  # the stop drains both, then the exit goes on
+        await asyncio.Event().wait()
+
+    with pytest.raises(SystemExit) as raised:
+        LOOPS[loop](main())
+    assert raised.value.code == 4
+    worker = seen["worker"]
+    assert worker.state == "stopped"
+    assert worker.stats.processed == 1 and worker.stats.retried == 1, worker.stats
+
+
+async def _left(hub: str) -> tuple[int, list[Any]]:
+    async with MemoryBroker(hub) as broker:
+        backlog = await broker.backlog("t")
+        assert backlog is not None and isinstance(broker, DeadLetterAdmin)
+        return backlog[""], await broker.dead_letters("t")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_oncely_run_exits_with_the_code_a_handler_exits_with(tmp_path: Path, loop: str) -> None:
+    db = tmp_path / "q.db"
+    url = f"sqlite:///{db}"
+    started, go = tmp_path / "started", tmp_path / "go"
+
+    async def publish() -> None:
+        async with oncely.Publisher(url) as pub:
+            await pub.publish("exiting", {"id": "slow"})
+            await pub.publish("exiting", {"id": "exit"})
+
+    asyncio.run(publish())
+    log = tmp_path / "worker.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONCELY_")}
+    env.update(CLI_APPS_STARTED=str(started), CLI_APPS_GO=str(go))
+    args = ["tests.runtime.cli_apps:exiting_app", "--broker", url, "--grace", "30"]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "oncely", "run", *args, "--loop", loop],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "draining 1 in-flight" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        go.touch()  # the slow handler, still in flight, may finish
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    out = log.read_text()
+    assert code == 3, out
+    assert "'processed': 1" in out, out  # the slow one finished and was acked
+    letters = asyncio.run(_dead_letters(url))
+    assert [letter.reason for letter in letters] == ["SystemExit: 3 (gave up after 1 attempts)"]
+
+
+async def _dead_letters(url: str) -> list[Any]:
+    broker = oncely.broker_from_url(url)
+    async with broker:
+        assert isinstance(broker, DeadLetterAdmin)
+        backlog = await broker.backlog("exiting")
+        assert backlog == {"": 0}, backlog  # the slow one was acked
+        return await broker.dead_letters("exiting")
