@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from typing import TYPE_CHECKING
 
 from oncely.brokers.registry import broker_from_url
-from oncely.errors import ConfigError, OncelyError, WorkerFailed
+from oncely.errors import ConfigError, WorkerFailed
 from oncely.runtime._consume import ConsumeLoop, Pool
+from oncely.runtime._drain import Drain
 from oncely.runtime._exit import raise_when_stopped
 from oncely.runtime._handlers import select_handlers, warn_shared_topics
 from oncely.runtime._observe import Observer, metrics_installed
@@ -70,7 +70,7 @@ __all__ = ["Worker"]
 log = logging.getLogger("oncely.worker")
 
 
-class Worker(Surfaces):
+class Worker(Surfaces, Drain):
     """Runs an ``App``'s handlers against a broker.
 
     Args:
@@ -307,80 +307,6 @@ class Worker(Surfaces):
             if task is not asyncio.current_task():
                 task.cancel()
 
-    async def _wind_down(self, grace: float) -> None:
-        """The rest of a stop, after ``_halt``: drain, close, mark the worker stopped."""
-        assert self._stopped is not None
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        # Idle pool tasks end at once; busy ones after their delivery, or when cancelled here.
-        for pool in self._pools:
-            pool.close()
-        if self.in_flight:
-            log.info("draining %d in-flight handler(s), up to %.1fs", self.in_flight, grace)
-        tasks = {task for pool in self._pools for task in pool.tasks}
-        pending = await self._drain(tasks)
-        if pending:
-            log.warning("cancelling %d handler(s) still running after the grace", len(pending))
-            for task in pending:
-                task.cancel()
-            # Each gives its message back now. One that ignores the cancel would hold stop()
-            # (and a second signal) for ever: from here a later stop() sets how long to wait.
-            self._deadline = math.inf
-            self.abandoned = await self._drain(pending)
-        if self.abandoned:
-            log.error(
-                "%d handler(s) ignored their cancel and still run; stopping without them "
-                "(their messages come back after their visibility): %s",
-                len(self.abandoned),
-                ", ".join(sorted(task.get_name() for task in self.abandoned)),
-            )
-        for runner in self._runners:
-            await runner.aclose()
-        for hook in reversed(self.app.shutdown_hooks):
-            try:
-                await hook()
-            except Exception:
-                log.exception("shutdown hook %r failed", hook)
-        if self._publisher is not None:
-            self.app.unbind(self._publisher)
-        await self._close_owned()
-        await self.observer.aclose()
-        await self.endpoints.aclose()
-        self._stopped.set()
-        log.info("worker stopped: %s", self.stats.as_dict())
-
-    async def _drain(self, pending: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
-        """Wait for ``pending`` until the deadline, which a later ``stop()`` may bring in."""
-        assert self._hurry is not None
-        loop = asyncio.get_running_loop()
-        while pending:
-            remaining = self._deadline - loop.time()
-            if remaining <= 0:
-                break
-            self._hurry.clear()
-            hurry = asyncio.create_task(self._hurry.wait())
-            timeout = None if remaining == math.inf else remaining
-            try:
-                done, _ = await asyncio.wait(
-                    {*pending, hurry}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                hurry.cancel()
-            pending -= done
-        return pending
-
-    async def _close_owned(self) -> None:
-        # A third-party driver may raise anything on close: were it to escape, the resources
-        # after it would stay open and stop() would never mark the worker stopped, so
-        # wait_stopped() (and `oncely run`) would hang.
-        for resource in reversed(self._owned):
-            try:
-                await resource.aclose()
-            except OncelyError as exc:
-                log.warning("closing %s failed: %s", type(resource).__name__, exc)
-            except Exception:
-                log.exception("closing %s failed unexpectedly", type(resource).__name__)
-        self._owned.clear()
-
     async def wait_stopped(self) -> None:
         """Wait until ``stop()`` has finished (for a CLI or a supervisor task).
 
@@ -395,11 +321,6 @@ class Worker(Surfaces):
             raise WorkerFailed(
                 f"the worker stopped: {type(self.failure).__name__}: {self.failure}"
             ) from self.failure
-
-    @property
-    def in_flight(self) -> int:
-        """How many handlers are running now."""
-        return sum(pool.in_flight for pool in self._pools)
 
     @property
     def state(self) -> str:
