@@ -1,4 +1,5 @@
-"""Kafka deliveries: one consumed record, settled against its partition's track."""
+"""Kafka deliveries: one consumed record, settled against its partition's track. The
+headers of the copy a ``nack`` or ``reject`` produces are made in ``_kafka_retry``."""
 
 from __future__ import annotations
 
@@ -34,15 +35,10 @@ __all__ = [
     "Output",
     "Outputs",
     "Settler",
-    "dead_letter_headers",
-    "retry_headers",
 ]
 
 DUE = "oncely-due"
 """Wall-clock time before which a record in a retry topic must not run."""
-ORIGIN_TOPIC = "oncely-original-topic"
-ORIGIN_PARTITION = "oncely-original-partition"
-ORIGIN_OFFSET = "oncely-original-offset"
 TRANSPORT = frozenset({DUE})
 """Headers of the retry machinery, dropped before a record is handed to a handler."""
 Output = tuple[str, bytes, "bytes | None", FlatHeaders]
@@ -390,35 +386,3 @@ class ExactlyOnceDelivery(KafkaDelivery, TransactionalDelivery):
         else:
             await self._settler.eos_produce(self, output)  # creates the topic first
         return mid
-
-
-def retry_headers(delivery: KafkaDelivery, attempt: int, due: float | None) -> dict[str, str]:
-    """Headers for the re-produced copy of a nacked record: its id, key and first publish
-    time are kept, ``oncely-attempt`` is the next delivery's attempt."""
-    headers = dict(delivery.headers)
-    headers[Headers.MESSAGE_ID] = delivery.id
-    headers[Headers.ATTEMPT] = str(attempt)
-    headers.setdefault(Headers.PUBLISHED_AT, repr(delivery.enqueued_at))
-    if due is not None:
-        headers[DUE] = repr(due)
-    return headers
-
-
-def dead_letter_headers(delivery: KafkaDelivery, reason: str, now: float) -> dict[str, str]:
-    """Headers of a dead letter: the reason (which carries the handler's error), the attempt,
-    the time, and where the record was consumed from."""
-    headers = dict(delivery.headers)
-    rec = delivery.record
-    headers.update(
-        {
-            Headers.MESSAGE_ID: delivery.id,
-            Headers.REASON: reason,
-            Headers.ATTEMPT: str(delivery.attempt),
-            Headers.FAILED_AT: repr(now),
-            ORIGIN_TOPIC: rec.topic,
-            ORIGIN_PARTITION: str(rec.partition),
-            ORIGIN_OFFSET: str(rec.offset),
-        }
-    )
-    headers.setdefault(Headers.PUBLISHED_AT, repr(delivery.enqueued_at))
-    return headers

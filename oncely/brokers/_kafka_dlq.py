@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from oncely.brokers._kafka_delivery import ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC
 from oncely.brokers._kafka_options import (
     BODY_DROPPED,
     decode_headers,
@@ -31,6 +30,7 @@ from oncely.brokers._kafka_options import (
     encode_headers,
     map_errors,
 )
+from oncely.brokers._kafka_retry import ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC
 from oncely.brokers.base import DeadLetter, Headers, replayed_headers
 
 if TYPE_CHECKING:

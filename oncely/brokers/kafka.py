@@ -67,7 +67,6 @@ follows the last, they continue where they were, deliveries included.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -98,6 +97,7 @@ from oncely.brokers._kafka_options import (
     parse_url,
     retry_topic,
 )
+from oncely.brokers._kafka_producers import RESTART_FAILED, Producers
 from oncely.brokers.base import (
     Broker,
     Capabilities,
@@ -118,11 +118,10 @@ log = logging.getLogger("oncely.brokers.kafka")
 _TOPIC_EXISTS = 36
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
-_RESTART_FAILED = "kafka: producer restart failed"
 
-
-class KafkaBroker(Broker, DeadLetterAdmin):
-    """Kafka behind the broker contract; see the module docstring."""
+class KafkaBroker(Producers, Broker, DeadLetterAdmin):
+    """Kafka behind the broker contract; see the module docstring. How its producers are made
+    and replaced is in ``_kafka_producers``."""
 
     def __init__(self, options: KafkaOptions) -> None:
         self.options = options
@@ -189,30 +188,6 @@ class KafkaBroker(Broker, DeadLetterAdmin):
         self._producer, self._admin = producer, admin
         self._connected = True
 
-    def _idempotent_producer(self) -> AIOKafkaProducer:
-        opts = self.options
-        return AIOKafkaProducer(
-            bootstrap_servers=opts.bootstrap,
-            client_id=opts.client_id,
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=opts.linger_ms,
-            request_timeout_ms=int(opts.request_timeout * 1000),
-        )
-
-    def transactional_producer(self, transactional_id: str) -> AIOKafkaProducer:
-        """A new (not started) transactional producer; ``start()`` runs InitProducerId."""
-        opts = self.options
-        return AIOKafkaProducer(
-            bootstrap_servers=opts.bootstrap,
-            client_id=opts.client_id,
-            transactional_id=transactional_id,
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=opts.linger_ms,
-            request_timeout_ms=int(opts.request_timeout * 1000),
-        )
-
     @property
     def known_topics(self) -> set[str]:
         """Topics this broker created or found (read-only use)."""
@@ -258,53 +233,10 @@ class KafkaBroker(Broker, DeadLetterAdmin):
                 await future
             except BrokerResponseError as exc:
                 restart = spawn(
-                    self._tasks, self._renew_producer(producer, topic, exc), log, _RESTART_FAILED
+                    self._tasks, self._renew_producer(producer, topic, exc), log, RESTART_FAILED
                 )
                 await asyncio.wait([restart])  # not shield(): a cancel here leaves it running
                 raise
-
-    async def _renew_producer(self, broken: AIOKafkaProducer, topic: str, exc: Exception) -> None:
-        """Replace the idempotent producer after the broker refused one of its batches for
-        good (a record over the topic's ``max.message.bytes``, say). That batch's sequence
-        numbers were spent and never written, so the broker answers every later batch of the
-        partition with OutOfOrderSequenceNumber, and aiokafka does not recover (no epoch
-        bump): without a new producer (a new producer id) one refused record would fail every
-        publish to its partition until the process restarts. Runs as the broker's task (a
-        cancelled send does not cut it short) and never raises: a failed restart is logged,
-        and the next refused batch tries again."""
-        async with self._renew_lock:
-            if self._producer is not broken:
-                return  # renewed already (a send that failed alongside), or closed
-            fresh = self._idempotent_producer()
-            try:
-                with map_errors("restarting the kafka producer"):
-                    async with asyncio.timeout(self.options.request_timeout):
-                        await fresh.start()
-            except BaseException as error:
-                with contextlib.suppress(Exception):
-                    await fresh.stop()
-                if not isinstance(error, BrokerError):
-                    raise
-                log.warning("kafka: could not restart the producer after a refusal: %s", error)
-                return
-            if self._producer is not broken:  # closed meanwhile: the new one is not wanted
-                with contextlib.suppress(Exception):
-                    await fresh.stop()
-                return
-            self._producer = fresh
-        log.warning(
-            "kafka: the broker refused a batch to %s for good (%r); producer restarted", topic, exc
-        )
-        spawn(self._tasks, self._retire(broken), log, _RESTART_FAILED)
-
-    async def _retire(self, old: AIOKafkaProducer) -> None:
-        """Stop a replaced producer once the sends that took it just before the swap are done:
-        stopped under them, a send still waiting for metadata would wait for ever."""
-        try:
-            await asyncio.sleep(2 * self.options.request_timeout)
-        finally:
-            with contextlib.suppress(Exception):
-                await old.stop()
 
     async def publish(
         self,

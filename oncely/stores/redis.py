@@ -47,6 +47,7 @@ from oncely.stores._key_batch import new_call, new_token
 from oncely.stores._redis_batch import Finish, Pipeliner
 from oncely.stores._redis_dedicated import Dedicated
 from oncely.stores._redis_errors import close_quietly, map_errors, translate
+from oncely.stores._redis_fallbacks import Fallbacks
 from oncely.stores._redis_nodes import NodeLinks, start_cluster
 from oncely.stores._redis_scripts import SCRIPTS, STALE_LEASE_GRACE_MS
 from oncely.stores._redis_url import (
@@ -58,15 +59,11 @@ from oncely.stores._redis_url import (
 )
 from oncely.stores._redis_wire import Call as _Call
 from oncely.stores._redis_wire import (
-    batch_command,
-    by_slot,
     check_encoding,
     encoding_of,
-    fill_group,
     outcomes,
     pack_batch,
     pack_ints,
-    send_by_node,
 )
 from oncely.stores.base import Begin, IdempotencyStore, Outcome
 
@@ -92,7 +89,7 @@ _BEGIN, _RENEW, _COMPLETE, _RELEASE = (
 )
 
 
-class RedisStore(IdempotencyStore):
+class RedisStore(Fallbacks, IdempotencyStore):
     """Keys, leases and results in Redis hashes, one per key, changed only by Lua scripts.
 
     Args:
@@ -351,22 +348,6 @@ class RedisStore(IdempotencyStore):
             # encoding cannot carry (a lone surrogate). It fails its own call, not the batch.
             return await self._write_apart(client, calls, self._encoding)
 
-    async def _write_apart(
-        self, client: Redis | RedisCluster, calls: list[_Call], encoding: tuple[str, str]
-    ) -> list[Any]:
-        bad: dict[int, StoreError] = {}
-        for i, call in enumerate(calls):
-            try:
-                pack_batch([call], encoding)
-            except UnicodeError as exc:
-                bad[i] = StoreError(
-                    f"redis {call.script.name}: key {call.key!r} or its arguments cannot be "
-                    f"encoded as {encoding[0]}: {exc}"
-                )
-        good = [call for i, call in enumerate(calls) if i not in bad]
-        got = iter(await self._write_encoded(client, good, encoding) if good else [])
-        return [bad[i] if i in bad else next(got) for i in range(len(calls))]
-
     async def _write_encoded(
         self, client: Redis | RedisCluster, calls: list[_Call], encoding: tuple[str, str]
     ) -> list[Any]:
@@ -391,62 +372,6 @@ class RedisStore(IdempotencyStore):
         except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
             raise translate(exc, "batch") from exc  # as map_errors("batch") does
         return outcomes(calls, reply)
-
-    async def _write_cluster(
-        self, client: RedisCluster, calls: list[_Call], encoding: tuple[str, str]
-    ) -> list[Any]:
-        """One command per slot, each node's in one buffer (see ``_redis_wire``)."""
-        slots = by_slot(calls, encoding)
-        slot_of, groups = list(slots), list(slots.values())
-        packed = [pack_batch([calls[i] for i in group], encoding) for group in groups]
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(groups)))
-        for round_ in range(2):
-
-            def command(i: int, todo: list[int] = todo) -> tuple[Any, ...]:
-                return batch_command([calls[c] for c in groups[todo[i]]])
-
-            with map_errors("batch"):
-                replies = await send_by_node(
-                    client, [slot_of[g] for g in todo], [packed[g] for g in todo], command
-                )
-            again = []
-            for g, reply in zip(todo, replies, strict=True):
-                group = groups[g]
-                if isinstance(reply, rx.NoScriptError) and round_ == 0:
-                    again.append(g)
-                    continue
-                fill_group(results, calls, group, reply)
-            if not again:
-                break
-            try:
-                with map_errors("script load"):
-                    await self._load_scripts(client)
-            except StoreError as exc:
-                # The first round's replies are committed: this fails only its own calls.
-                for g in again:
-                    for i in groups[g]:
-                        results[i] = exc
-                break
-            todo = again
-        return results
-
-    async def _give_back(self, call: _Call, reply: Any) -> None:
-        """Release a key a cancelled ``begin`` took: its caller will never use or release the
-        lease, which would otherwise block the key until it runs out. Sent on its own, not
-        through the batch, which is what is waiting for this."""
-        client = self._client
-        if call.script is not _BEGIN or client is None or int(reply[0]) != 0:
-            return
-        with contextlib.suppress(StoreError):
-            with map_errors("release"):
-                await client.evalsha(_RELEASE.sha, 1, call.key, call.args[1])
-
-    @staticmethod
-    async def _load_scripts(client: Redis | RedisCluster) -> None:
-        # On a Cluster, SCRIPT LOAD goes to every primary.
-        for script in SCRIPTS.values():
-            await client.script_load(script.source)
 
 
 def _ms(seconds: float) -> int:
