@@ -30,6 +30,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from oncely.brokers._sqs_errors import map_errors
 from oncely.brokers._sqs_wire import (
     MAX_ATTRIBUTES,
     PACKED,
@@ -37,7 +38,6 @@ from oncely.brokers._sqs_wire import (
     copy_attributes,
     decode,
     is_fifo,
-    map_errors,
     message_size,
     text_value,
 )

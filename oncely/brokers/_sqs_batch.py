@@ -20,12 +20,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from oncely.brokers._sqs_wire import entry_error, map_errors
+from oncely.brokers._sqs_errors import entry_error, map_errors
 from oncely.errors import BrokerError
 
 if TYPE_CHECKING:
+    from oncely.brokers._sqs_errors import Op
     from oncely.brokers._sqs_link import BrokerLink
-    from oncely.brokers._sqs_wire import Op
 
 __all__ = ["Batcher", "make_batcher"]
 

@@ -17,7 +17,7 @@ from aiobotocore.session import AioSession
 
 from oncely._tasks import spawn
 from oncely.brokers._sqs_client import client_config
-from oncely.brokers._sqs_wire import map_errors
+from oncely.brokers._sqs_errors import map_errors
 from oncely.errors import ConnectionLost
 
 if TYPE_CHECKING:

@@ -10,7 +10,8 @@ import time
 from typing import TYPE_CHECKING
 
 from oncely.brokers._sqs_delivery import SqsDelivery
-from oncely.brokers._sqs_wire import MAX_VISIBILITY, is_missing_queue
+from oncely.brokers._sqs_errors import is_missing_queue
+from oncely.brokers._sqs_wire import MAX_VISIBILITY
 from oncely.brokers.base import Subscription
 from oncely.errors import (
     BrokerError,

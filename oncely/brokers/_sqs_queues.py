@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from oncely.brokers._sqs_wire import dlq_name, is_fifo, is_missing_queue, map_errors, queue_name
+from oncely.brokers._sqs_errors import is_missing_queue, map_errors
+from oncely.brokers._sqs_wire import dlq_name, is_fifo, queue_name
 from oncely.errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:

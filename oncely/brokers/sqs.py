@@ -80,16 +80,9 @@ from oncely.brokers import _sqs_admin, _sqs_queues
 from oncely.brokers._sqs_batch import Batcher, make_batcher
 from oncely.brokers._sqs_connection import Connection
 from oncely.brokers._sqs_consume import SqsSubscription
+from oncely.brokers._sqs_errors import is_missing_queue, map_errors
 from oncely.brokers._sqs_options import SqsOptions, parse_url
-from oncely.brokers._sqs_wire import (
-    MAX_PUBLISH_DELAY,
-    encode,
-    fifo_id,
-    is_fifo,
-    is_missing_queue,
-    map_errors,
-    queue_name,
-)
+from oncely.brokers._sqs_wire import MAX_PUBLISH_DELAY, encode, fifo_id, is_fifo, queue_name
 from oncely.brokers.base import (
     Broker,
     Capabilities,

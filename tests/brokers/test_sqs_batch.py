@@ -16,7 +16,7 @@ import botocore.exceptions
 import pytest
 
 from oncely.brokers._sqs_batch import RETRIES, Batcher
-from oncely.brokers._sqs_wire import entry_error, map_errors
+from oncely.brokers._sqs_errors import entry_error, map_errors
 from oncely.errors import BrokerError, ConfigError, ConnectionLost, DeliveryExpired, PublishFailed
 from tests._wait import eventually
 
