@@ -129,6 +129,7 @@ __all__ = ["SqsBroker", "SqsOptions"]
 log = logging.getLogger("oncely.brokers.sqs")
 
 _CLOSE_GRACE = 2.0
+_CLOSE_FLUSH = 10.0  # bounds the first flush of aclose: a silent server must not hang a close
 
 
 class SqsBroker(Broker, DeadLetterAdmin):
@@ -236,7 +237,7 @@ class SqsBroker(Broker, DeadLetterAdmin):
             return
         for sub in self._subscriptions:
             sub.shutdown()
-        await self._flush(10.0)
+        await self._flush(_CLOSE_FLUSH)
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks), timeout=_CLOSE_GRACE)
             for task in pending:
