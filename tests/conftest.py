@@ -11,10 +11,16 @@ from typing import Any
 
 import pytest
 
+ASYNCIO_ONLY = pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio")
+one_loop = pytest.mark.parametrize("anyio_backend", [ASYNCIO_ONLY])
+"""For a test whose subject runs in a subprocess (the CLI): the test's own loop only sets up
+and checks, on adapter paths the other tests cover on both loops, so a uvloop run of it tests
+nothing the asyncio one does not."""
+
 
 @pytest.fixture(
     params=[
-        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+        ASYNCIO_ONLY,
         pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
     ]
 )
