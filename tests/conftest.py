@@ -13,9 +13,9 @@ import pytest
 
 ASYNCIO_ONLY = pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio")
 one_loop = pytest.mark.parametrize("anyio_backend", [ASYNCIO_ONLY])
-"""For a test whose subject runs in a subprocess (the CLI): the test's own loop only sets up
-and checks, on adapter paths the other tests cover on both loops, so a uvloop run of it tests
-nothing the asyncio one does not."""
+"""For a test whose subject runs outside the test's event loop (an oncely CLI subprocess, the
+status page's script in a browser): the test's own loop only sets up and checks, on paths
+other tests cover on both loops, so a uvloop run of it tests nothing the asyncio one does not."""
 
 
 @pytest.fixture(
