@@ -11,10 +11,16 @@ from typing import Any
 
 import pytest
 
+ASYNCIO_ONLY = pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio")
+one_loop = pytest.mark.parametrize("anyio_backend", [ASYNCIO_ONLY])
+"""For a test whose subject runs outside the test's event loop (an oncely CLI subprocess, the
+status page's script in a browser): the test's own loop only sets up and checks, on paths
+other tests cover on both loops, so a uvloop run of it tests nothing the asyncio one does not."""
+
 
 @pytest.fixture(
     params=[
-        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+        ASYNCIO_ONLY,
         pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
     ]
 )

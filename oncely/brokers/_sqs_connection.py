@@ -35,6 +35,7 @@ __all__ = ["Connection"]
 log = logging.getLogger("oncely.brokers.sqs")
 
 _CLOSE_GRACE = 2.0
+_CLOSE_FLUSH = 10.0  # bounds the first flush of aclose: a silent server must not hang a close
 
 
 class Connection:
@@ -113,7 +114,7 @@ class Connection:
             return
         for sub in self._subscriptions:
             sub.shutdown()
-        await self._flush(10.0)
+        await self._flush(_CLOSE_FLUSH)
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks), timeout=_CLOSE_GRACE)
             for task in pending:

@@ -74,8 +74,9 @@ async def test_a_connect_that_times_out_in_the_handshake_leaks_nothing() -> None
     server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        # The connect given up goes on in the background for publish_timeout, then closes.
-        broker = AmqpBroker(f"amqp://guest:guest@127.0.0.1:{port}/?publish_timeout=1")
+        # The connect given up goes on in the background for the URL's timeout= (the connect
+        # bound; 10 s by default, which this test used to wait out), then closes.
+        broker = AmqpBroker(f"amqp://guest:guest@127.0.0.1:{port}/?timeout=1")
         before = asyncio.all_tasks()
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(broker.connect(), 0.5)

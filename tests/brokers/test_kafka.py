@@ -217,7 +217,9 @@ async def test_a_slow_message_holds_the_commit_and_a_sigkill_redelivers_from_it(
 ) -> None:
     n, k = 60, 23
     group = f"g-{unique}"
-    url = kafka_url(group, commit_interval="100ms")
+    # The reader below joins once the killed member's session has timed out: the smallest
+    # Kafka allows, not the 10 s default.
+    url = kafka_url(group, commit_interval="100ms", session_timeout_ms=6000)
     log = tmp_path / "handled.log"
     async with KafkaBroker.from_url(url) as broker:
         for i in range(n):

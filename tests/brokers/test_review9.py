@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import one_loop
+
 pytestmark = [pytest.mark.anyio]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,6 +194,7 @@ async def _made(kind: str, topic: str) -> list[str]:
     return list(got.get("QueueUrls", []))
 
 
+@one_loop  # the commands run in a subprocess
 @pytest.mark.parametrize("kind", ["amqp", "kafka", "sqs"])
 async def test_dlq_commands_on_a_misspelt_topic_create_nothing(kind: str, unique: str) -> None:
     """'oncely dlq list|show|replay|purge' on a topic the broker does not have refused

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from oncely.brokers import _sqs_admin
+from oncely.brokers import _sqs_connection as sqs_connection
 from oncely.brokers._sqs_consume import SqsSubscription
 from oncely.brokers._sqs_wire import Outgoing, encode
 from oncely.brokers.sqs import SqsBroker
@@ -48,11 +49,13 @@ async def test_a_failed_ack_does_not_keep_its_prefetch_slot(
 
 
 async def test_settles_left_unsent_at_close_fail_their_callers_and_are_logged(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server that accepts connections and never answers: the close's flush gives up on
     the ack's batch call. Its caller must get an error at once (not hang on a call nobody
     will finish), and since a cancelled handler no longer awaits it, the close logs it."""
+    # The flush is given up either way; its default 10 s was nearly all of this test's time.
+    monkeypatch.setattr(sqs_connection, "_CLOSE_FLUSH", 1.0)
     held: list[asyncio.StreamWriter] = []
 
     async def mute(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -23,6 +23,7 @@ from examples import orders
 from oncely.brokers.sqs import SqsBroker
 from tests._wait import eventually
 from tests.brokers.test_sqs import SQS_URL, delete_queues, plain_client
+from tests.conftest import one_loop
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -254,6 +255,7 @@ async def test_worker_carries_on_after_a_server_restart(
     )
 
 
+@one_loop  # the commands run in a subprocess
 async def test_dlq_list_and_replay_through_the_cli(topic: str) -> None:
     async with SqsBroker.from_url(SQS_URL) as broker:
         mid = await broker.publish(topic, b'{"bad": true}')

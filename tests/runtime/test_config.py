@@ -181,26 +181,29 @@ def test_sqlite_store_rejects_broker_options() -> None:
 
 
 @pytest.mark.parametrize(
-    ("toml", "message"),
+    ("toml", "field", "where"),
     [
-        (
-            '[handlers."shop.place"]\ntimout = 3',
-            "invalid setting: Object contains unknown field `timout` - at "
-            '`[handlers."shop.place"]`',
-        ),
+        ('[handlers."shop.place"]\ntimout = 3', "timout", '[handlers."shop.place"]'),
         (
             "[handlers.a]\ntimeout = 3\n[handlers.b]\nconcurrency = 1.5",
-            "invalid setting: Expected `int | null`, got `float` - at `[handlers.b] concurrency`",
+            "concurrency",
+            "[handlers.b] concurrency",
         ),
     ],
 )
-def test_a_bad_handler_table_is_named(tmp_path: Path, toml: str, message: str) -> None:
-    """msgspec writes ``$.handlers[...]`` for any handler; the error must say which one."""
+def test_a_bad_handler_table_is_named(tmp_path: Path, toml: str, field: str, where: str) -> None:
+    """msgspec writes ``$.handlers[...]`` for any handler; the error must say which one.
+
+    Only oncely's part of the message is asserted (its prefix and the ``- at`` location it
+    rewrites) and the name of the bad key: msgspec's own wording may change."""
     cfg = tmp_path / "bad.toml"
     cfg.write_text(toml)
     with pytest.raises(ConfigError) as caught:
         load_settings(config_file=cfg, environ={})
-    assert str(caught.value) == message
+    message = str(caught.value)
+    assert message.startswith("invalid setting: "), message
+    assert field in message, message
+    assert message.endswith(f" - at `{where}`"), message
 
 
 def test_a_max_attempts_setting_keeps_the_rest_of_the_codes_retry_policy() -> None:

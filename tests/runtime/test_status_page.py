@@ -17,6 +17,7 @@ import oncely
 from oncely.runtime._page import RATE_WINDOW, add_status_page
 from oncely.runtime.http import Endpoints, Response
 from tests._wait import eventually
+from tests.conftest import one_loop
 from tests.runtime._chromium import Browser, Page
 
 # A handler name is a user string: this one would run script if the page inserted it as markup.
@@ -186,6 +187,7 @@ async def test_the_page_shows_the_workers_numbers_while_it_works(tmp_path: Path)
 
 
 @pytest.mark.anyio
+@one_loop  # the subject is the page's script; the server is a stub of /status.json
 async def test_the_page_renders_health_failures_and_rates_from_snapshots() -> None:
     """A served sequence of snapshots: 10 more processed per second of snapshot time gives
     10 msgs/s; a failing broker check shows as disconnected and not ready."""
@@ -271,6 +273,7 @@ async def test_the_page_is_self_contained_and_only_its_own_script_may_run() -> N
 
 
 @pytest.mark.anyio
+@one_loop  # the subject is the page's script; the server is a stub of /status.json
 async def test_the_page_restarts_its_rates_with_the_worker_and_bounds_a_refresh() -> None:
     """A worker restart resets its counters: the page starts its rates over rather than showing
     a stall (0 msgs/s) for a window. A status.json that never answers shows as an error."""
