@@ -56,7 +56,9 @@ class Pool:
     A handler that raises ``KeyboardInterrupt`` or ``SystemExit`` (``sys.exit()``) has its
     message settled as a failure by the runner, which then raises it on; the task ends there and
     hands it to ``on_exit``, which stops the worker as ``stop()`` does and raises it once the
-    others are drained. Without ``on_exit`` it goes on up the task at once.
+    others are drained. Without ``on_exit`` it goes on up the task at once. The worker then
+    sets ``halted``: a delivery handed to a task that has not started it yet (the consume loop
+    ran earlier in the same pass of the event loop) is given back rather than run.
 
     Args:
         runner: the handler's runner; ``Runner.run`` settles every delivery.
@@ -76,6 +78,9 @@ class Pool:
         self.on_exit = on_exit
         self.in_flight = 0
         """Deliveries handed to the pool and not yet finished."""
+        self.halted = False
+        """Set once a handler asked the worker to exit: a delivery handed over from now on is
+        given back, not started (see the class docstring)."""
         self._loop = asyncio.get_running_loop()
         self._idle: list[asyncio.Future[Delivery | None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -134,6 +139,9 @@ class Pool:
         context = contextvars.copy_context()
         pulled = 0  # deliveries this task took itself since it last let the loop run
         try:
+            if self.halted:
+                await self._hand_back(delivery)
+                return
             while True:
                 try:
                     await runner.run(delivery, task)
@@ -190,6 +198,9 @@ class Pool:
                     raise
                 if handed is None:
                     return
+                if self.halted:
+                    await self._hand_back(handed)
+                    return
                 delivery = handed
         finally:
             self._tasks.discard(task)
@@ -202,6 +213,10 @@ class Pool:
             return
         delivery = waiter.result()
         assert delivery is not None
+        await self._hand_back(delivery)
+
+    async def _hand_back(self, delivery: Delivery) -> None:
+        """Give back a delivery handed over and never started."""
         runner = self.runner
         try:
             if not is_settled(delivery):

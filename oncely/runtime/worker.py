@@ -248,6 +248,10 @@ class Worker(Surfaces, Drain):
         if self._exit is not None:
             return
         assert self._stopping is not None and self._stopped is not None
+        for pool in self._pools:
+            # Deliveries the consume loops handed over earlier in this pass of the event
+            # loop would otherwise start after this one asked to exit.
+            pool.halted = True
         stopping: Awaitable[object]
         if not self._stopping.is_set():
             # Now, not on the task's first step: the consume loops fetch nothing more, so no

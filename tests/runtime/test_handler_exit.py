@@ -119,6 +119,55 @@ def test_a_handler_exiting_during_a_stop_is_raised_once_the_stop_ends(
     assert worker.stats.processed == 1 and worker.stats.retried == 1, worker.stats
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("taker", ["new task", "idle task"])
+def test_a_delivery_handed_over_in_the_pass_a_handler_exits_in_is_given_back(
+    unique: str, loop: str, taker: str
+) -> None:
+    """The consume loop hands message 3 over (to a new task, or to an idle one) in the same
+    pass of the event loop in which, after it, message 2's handler exits: 3's task has not
+    started it yet. Before, it started it after the exit (spending an attempt: with one
+    attempt, dead-lettered for an exit that was not its own)."""
+    app = oncely.App()
+    started: list[int] = []
+    boom = asyncio.Event()
+    seen: dict[str, Any] = {}
+
+    @app.handler(
+        "t", guarantee="at_least_once", concurrency=3, retry=oncely.RetryPolicy(max_attempts=1)
+    )
+    async def handle(job: dict[str, int]) -> None:
+        started.append(job["n"])
+        if job["n"] == 2:
+            await boom.wait()
+            sys.exit(5)
+
+    async def main() -> None:
+        worker = oncely.Worker(app, broker=f"memory://{unique}")
+        seen["worker"] = worker
+        async with worker:
+            await app.publish("t", {"n": 2})
+            await eventually(lambda: started == [2])
+            if taker == "idle task":
+                await app.publish("t", {"n": 1})
+                await eventually(lambda: worker.stats.processed == 1)  # its task waits idle
+            # In one step: the publish wakes the consume loop, then boom wakes 2's handler,
+            # so on the next pass the loop hands 3 over just before 2 exits.
+            await app.publish("t", {"n": 3})
+            boom.set()
+            await asyncio.Event().wait()  # the handler's exit ends this run
+
+    with pytest.raises(SystemExit) as raised:
+        LOOPS[loop](main())
+    assert raised.value.code == 5
+    assert 3 not in started, started
+    worker = seen["worker"]
+    assert worker.state == "stopped"
+    left, letters = asyncio.run(_left(unique))
+    assert left == 1  # message 3, given back
+    assert [letter.reason for letter in letters] == ["SystemExit: 5 (gave up after 1 attempts)"]
+
+
 async def _left(hub: str) -> tuple[int, list[Any]]:
     async with MemoryBroker(hub) as broker:
         backlog = await broker.backlog("t")
