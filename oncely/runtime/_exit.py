@@ -11,7 +11,10 @@ it always has, so ``asyncio.run()`` (and an application embedding the worker) ra
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
+
+log = logging.getLogger("oncely.worker")
 
 
 def raise_when_stopped(stopping: Awaitable[object], exc: BaseException) -> asyncio.Task[None]:
@@ -23,7 +26,14 @@ def raise_when_stopped(stopping: Awaitable[object], exc: BaseException) -> async
 
 
 async def _raise_after(stopping: Awaitable[object], exc: BaseException) -> None:
-    await stopping
+    try:
+        await stopping
+    except asyncio.CancelledError:
+        raise  # the loop's own clean-up (an embedding app ended first): nothing to raise into
+    except BaseException as failed:
+        # A stop that fails (a shutdown hook's BaseException, a close that raises) must not
+        # swallow the exit: the loop's run would go on, and `oncely run` wait for ever.
+        log.error("stopping the worker after the handler's %r failed", exc, exc_info=failed)
     raise exc
 
 

@@ -119,6 +119,37 @@ def test_a_handler_exiting_during_a_stop_is_raised_once_the_stop_ends(
     assert worker.stats.processed == 1 and worker.stats.retried == 1, worker.stats
 
 
+class _HookBroke(BaseException):
+    """Not an ``Exception``: the shutdown hooks' ``except Exception`` lets it through."""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_handler_exit_goes_on_even_if_the_stop_it_asked_for_fails(unique: str, loop: str) -> None:
+    """A stop that raises (here a shutdown hook's ``BaseException``) must not swallow the
+    handler's exit: before, the exit's task kept the failure to itself and never raised, so
+    the run (and ``oncely run``) waited for ever on a worker that would never stop."""
+    app = oncely.App()
+
+    @app.handler("t", guarantee="at_least_once", retry=oncely.RetryPolicy(max_attempts=1))
+    async def handle(_: dict[str, int]) -> None:
+        sys.exit(5)
+
+    @app.on_shutdown
+    async def broken() -> None:
+        raise _HookBroke("the hook broke")
+
+    async def main() -> None:
+        # Not ``async with``: its stop() would wait for ever on the stop that failed.
+        await oncely.Worker(app, broker=f"memory://{unique}").start()
+        await app.publish("t", {"n": 1})
+        # Bounded: the exit ends this run long before; without it, this raises instead.
+        await asyncio.wait_for(asyncio.Event().wait(), 10)
+
+    with pytest.raises(SystemExit) as raised:
+        LOOPS[loop](main())
+    assert raised.value.code == 5
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("taker", ["new task", "idle task"])
 def test_a_delivery_handed_over_in_the_pass_a_handler_exits_in_is_given_back(
