@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiormq.exceptions
 
+from oncely.brokers._ack_after import withheld
 from oncely.brokers._amqp_topology import map_errors
 from oncely.errors import BrokerError, DeliveryExpired
 
@@ -30,9 +31,22 @@ class AckWindow:
     used when no lower tag on the channel is still unsettled (held by a handler, buffered, or
     about to be handed back with ``basic.nack(requeue=True)``), so it never acks a message this
     consumer did not finish. Flushes are serialised so frames leave in the order computed.
+
+    An ack may come with a condition (``oncely.brokers._ack_after``): its flush waits for it,
+    and a tag whose condition failed is left out of every frame, stays unsettled and its
+    caller gets ``AckWithheld``.
     """
 
-    __slots__ = ("_batch", "_lock", "_ready", "_task", "_waiters", "channel", "unsettled")
+    __slots__ = (
+        "_batch",
+        "_conditions",
+        "_lock",
+        "_ready",
+        "_task",
+        "_waiters",
+        "channel",
+        "unsettled",
+    )
 
     def __init__(self, channel: aiormq.abc.AbstractChannel, *, batch: bool) -> None:
         self.channel = channel
@@ -40,6 +54,7 @@ class AckWindow:
         self._batch = batch
         self._ready: list[int] = []
         self._waiters: list[asyncio.Future[None]] = []
+        self._conditions: dict[int, asyncio.Future[Any]] | None = None  # tag -> condition
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -47,9 +62,20 @@ class AckWindow:
     def closed(self) -> bool:
         return self.channel.is_closed
 
-    async def ack(self, tag: int) -> None:
+    async def ack(self, tag: int, after: asyncio.Future[Any] | None = None) -> None:
+        """Ack ``tag``; with ``after``, only once it is done without an error, else raise
+        ``AckWithheld`` with nothing sent (``oncely.brokers._ack_after``)."""
         if self.closed:
             raise DeliveryExpired("the delivery's AMQP channel closed; it will be redelivered")
+        if after is not None:
+            if not self._batch:
+                failed = await withheld({tag: after})
+                if failed:
+                    raise failed[tag]
+            else:
+                if self._conditions is None:
+                    self._conditions = {}
+                self._conditions[tag] = after
         if not self._batch:
             with map_errors("settle"):
                 await self.channel.basic_ack(tag)
@@ -71,6 +97,17 @@ class AckWindow:
                 self._task = None
                 tags, self._ready = self._ready, []
                 waiters, self._waiters = self._waiters, []
+                conditions, self._conditions = self._conditions, None
+                if conditions is not None:
+                    failed = await withheld(conditions)
+                    if failed:
+                        # Left out of every frame, and unsettled: no multiple=True covers them.
+                        kept = [i for i, tag in enumerate(tags) if tag not in failed]
+                        for i, tag in enumerate(tags):
+                            if tag in failed and not waiters[i].done():
+                                waiters[i].set_exception(failed[tag])
+                        tags = [tags[i] for i in kept]
+                        waiters = [waiters[i] for i in kept]
                 self.unsettled.difference_update(tags)
                 low = min(self.unsettled, default=None)
                 prefix = [t for t in tags if low is None or t < low]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from oncely.brokers._ack_after import AckWithheld
 from oncely.brokers._amqp_acks import AckWindow
 from oncely.brokers._amqp_message import own_headers, parse_props, properties
 from oncely.brokers._amqp_topology import AmqpOptions, bucket_for, bucket_name, dlq_name
@@ -113,10 +114,13 @@ class AmqpDelivery(Delivery):
             self._state = _EXPIRED
             await self._sub.release()
 
-    async def _finish(self) -> None:
+    async def _finish(self, after: asyncio.Future[Any] | None = None) -> None:
         self._state = _SETTLING
         try:
-            await self._window.ack(self._tag)
+            await self._window.ack(self._tag, after)
+        except AckWithheld:
+            self._state = _OPEN  # nothing was sent: still this consumer's to settle
+            raise
         except BrokerError:
             await self._expire()
             raise
@@ -129,6 +133,12 @@ class AmqpDelivery(Delivery):
     async def ack(self) -> None:
         await self._begin()
         await self._finish()
+
+    async def ack_after(self, recorded: asyncio.Future[Any]) -> None:
+        """Ack once ``recorded`` is done without an error; if it fails, nothing is sent and
+        ``AckWithheld`` is raised (``oncely.brokers._ack_after``)."""
+        await self._begin()
+        await self._finish(recorded)
 
     async def nack(
         self, delay: float = 0.0, *, defer: bool = False, error: str | None = None

@@ -133,6 +133,9 @@ class AmqpBroker(Broker, DeadLetterAdmin):
     # Batched acks are flushed on a task of their own (_amqp_acks); an unbatched one writes
     # its frame on the caller's task, with no timeout (aiormq's basic_ack has none).
     ack_on_caller: ClassVar[bool] = True
+    # Deliveries have ack_after: the batched flush waits for the completion it follows
+    # (oncely.brokers._ack_after), so a success with a store waits once, not twice.
+    acks_after: ClassVar[bool] = True
 
     capabilities = Capabilities(
         native_delay=False,

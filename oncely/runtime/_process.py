@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from oncely._logging import MESSAGE, redact_values
 from oncely.brokers.base import Headers
 from oncely.runtime._failures import FailurePaths, describe
-from oncely.runtime._finish import Finisher
+from oncely.runtime._finish import Finisher, vouched
 from oncely.runtime._invoke import Invoke, raised, stop_if_asked
 from oncely.runtime._keys import Keys, Lease
 from oncely.runtime._settle import Settler, is_settled
+from oncely.runtime._success import SuccessPaths
 from oncely.runtime._tracing import for_handler
 from oncely.runtime.codec import Decoder, fingerprint
 from oncely.runtime.heartbeat import Heartbeat
@@ -55,10 +55,11 @@ INTERNAL_ERROR_DELAY = 1.0
 """Seconds before a delivery the runtime itself failed on is tried again."""
 
 
-class Runner(FailurePaths):
+class Runner(SuccessPaths, FailurePaths):
     """Runs deliveries of one handler. One instance per handler per worker.
 
-    The settles other than a success it inherits from ``FailurePaths``
+    The settle of a success under a lease it inherits from ``SuccessPaths``
+    (``oncely.runtime._success``), the others from ``FailurePaths``
     (``oncely.runtime._failures``)."""
 
     def __init__(
@@ -96,6 +97,16 @@ class Runner(FailurePaths):
             extend=broker.capabilities.extend,
             store=store if spec.uses_store else None,
             stats=stats,
+        )
+        # A success acked with its completion as the ack's condition (``_chained``): where
+        # the store can queue the completion without awaiting it and the broker's ack batch
+        # can wait for it. Not with tracing (its ack span) or store timings (per call).
+        self._chain = (
+            self.keys is not None
+            and not spec.transactional
+            and self.tracing is None
+            and vouched(store, "completes_soon", "complete")
+            and vouched(broker, "acks_after", "consume")
         )
         # The bound method, not the instance: calling an object runs its type's ``__call__``
         # look-up and a call from C on every message, a method is called inline.
@@ -293,7 +304,10 @@ class Runner(FailurePaths):
                 return True  # just the ack, in run: no task on the hot path without a store
             # The effect happened: recording it and acking are not cut short by a shutdown
             # cancel (a give-back now would run the effect again).
-            settling = self._succeeded(delivery, store_key, token, result)
+            if self._chain and self.stats.store_seconds is None:
+                settling = self._chained(delivery, store_key, token, result)
+            else:
+                settling = self._succeeded(delivery, store_key, token, result)
             finish = self._finish
             if finish.inline_success:
                 # Finisher(...) inlined: the settle's first step runs here, and one that
@@ -333,42 +347,6 @@ class Runner(FailurePaths):
             stop_if_asked(exc)
         else:
             self.stats.processed += 1
-
-    async def _succeeded(
-        self, delivery: Delivery, store_key: str, token: str, result: bytes | None
-    ) -> None:
-        keys = self.keys
-        if keys is not None:
-            if self.spec.transactional:
-                keys.finished(store_key)  # the transaction recorded the completion
-            elif self.stats.store_seconds is None:
-                # Keys.complete with timings off, inlined: a coroutine layer less per message.
-                ttl = self.spec.result_ttl
-                since = time.monotonic()
-                try:
-                    await keys.store.complete(store_key, token, result, ttl)
-                except Exception as exc:
-                    lease = Lease(store_key, token)
-                    await keys.complete_retrying(lease, result, ttl, since, exc)
-                finally:
-                    event = keys.held.pop(store_key, None)  # keys.finished(), inlined
-                    if event is not None:
-                        event.set()
-            else:
-                await keys.complete(Lease(store_key, token), result, self.spec.result_ttl)
-        if self.tracing is not None:
-            if await self.settle.ack(delivery):
-                self.stats.processed += 1
-            return
-        # Settler.ack inlined, as in run(): a coroutine less on every message with a store.
-        try:
-            await delivery.ack()
-        except Exception:
-            self.settle.ack_failed(delivery)
-        else:
-            stats = self.stats
-            stats.acked += 1
-            stats.processed += 1
 
 
 def _lease(store_key: str, token: str | None) -> Lease | None:

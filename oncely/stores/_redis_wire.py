@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from redis import exceptions as rx
 from redis.crc import key_slot
 
-from oncely.errors import ConfigError, StoreError, StoreUnavailable
+from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._redis_errors import translate
 from oncely.stores._redis_scripts import SCRIPTS, Script
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 BATCH_SCRIPT = SCRIPTS["batch"]
+_COMPLETE = SCRIPTS["complete"]
 
 _CODES = {"begin": "b", "renew": "n", "complete": "c", "release": "x"}
 
@@ -160,6 +161,14 @@ def outcomes(calls: Sequence[Call], reply: Any) -> list[Any]:
             busy = message.split(" ", 1)[0] in _UNAVAILABLE_WORDS
             kind = StoreUnavailable if busy else StoreError
             result.append(kind(f"redis {call.script.name} failed: {message}"))
+        elif call.script is _COMPLETE:
+            # Its whole outcome here, so a caller that does not await it (complete_soon: the
+            # broker's ack waits for it) needs no second future to read the reply.
+            if one[0] == 1:
+                result.append(None)
+            else:
+                lost = f"lease on key {call.key!r} is no longer held by this token"
+                result.append(LeaseLost(lost))
         else:
             result.append(one)
     return result

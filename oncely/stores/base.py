@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    import asyncio
     from contextlib import AbstractAsyncContextManager
     from types import TracebackType
     from typing import Self
@@ -137,6 +138,18 @@ class IdempotencyStore(abc.ABC):
             LeaseLost: ``token`` no longer owns the key; nothing was recorded.
             StoreUnavailable: the store could not be reached.
         """
+
+    completes_soon: ClassVar[bool] = False
+    """Whether ``complete_soon`` is offered; honoured as ``complete_on_caller`` is (a subclass
+    that overrides ``complete`` must set it again)."""
+
+    def complete_soon(
+        self, key: str, token: str, result: bytes | None, ttl: float
+    ) -> asyncio.Future[None]:
+        """``complete``, queued now and not awaited: the future gets its outcome, ``None`` or
+        the error ``complete`` would raise. For a caller that lets another wait for it (the
+        broker's batched ack, ``oncely.brokers._ack_after``). Only where ``completes_soon``."""
+        raise NotImplementedError(f"{type(self).__name__} has no complete_soon")
 
     @abc.abstractmethod
     async def release(self, key: str, token: str) -> None:

@@ -292,8 +292,18 @@ class PostgresStore(TransactionalStore):
         raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
+        await self.complete_soon(key, token, result, ttl)  # nothing to give back if cancelled
+
+    completes_soon: ClassVar[bool] = True
+
+    def complete_soon(
+        self, key: str, token: str, result: bytes | None, ttl: float
+    ) -> asyncio.Future[None]:
         self._connected()
-        await self._calls.submit(new_call(CompleteCall, (db_key(key), token, result, ttl)))
+        future: asyncio.Future[None] = self._calls.put(
+            new_call(CompleteCall, (db_key(key), token, result, ttl))
+        )
+        return future
 
     async def release(self, key: str, token: str) -> None:
         await self._execute(self.sql.release, db_key(key), token)

@@ -249,6 +249,15 @@ class RedisStore(Fallbacks, IdempotencyStore):
             raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
 
     async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
+        # Its outcome is None or LeaseLost already (outcomes()); nothing to give back if
+        # cancelled (no abandon): a completion someone else may rely on stands.
+        await self.complete_soon(key, token, result, ttl)
+
+    completes_soon: ClassVar[bool] = True
+
+    def complete_soon(
+        self, key: str, token: str, result: bytes | None, ttl: float
+    ) -> asyncio.Future[None]:
         if self._client is None:  # inlined as in begin
             self._checked()
         ttl_ms, _, packed_ttl = self._ms_memo.get((ttl, None)) or self._packed_ms(ttl, None)
@@ -260,15 +269,10 @@ class RedisStore(Fallbacks, IdempotencyStore):
                 argv = head + b"$1\r\n0\r\n$0\r\n\r\n"
             else:
                 argv = b"%b$1\r\n1\r\n$%d\r\n%b\r\n" % (head, len(result), result)
-        call = new_call(_Call, (_COMPLETE, self.redis_key(key), args, argv))
-        fut = self._batch.put(call)
-        try:
-            reply = await fut
-        except asyncio.CancelledError:
-            await self._batch.abandon(call, fut)
-            raise
-        if int(reply[0]) != 1:
-            raise LeaseLost(f"lease on key {key!r} is no longer held by this token")
+        future: asyncio.Future[None] = self._batch.put(
+            new_call(_Call, (_COMPLETE, self.redis_key(key), args, argv))
+        )
+        return future
 
     async def release(self, key: str, token: str) -> None:
         self._checked()

@@ -48,3 +48,22 @@ def test_a_subclass_that_overrides_the_method_vouches_for_nothing_until_it_says_
     assert vouched(VouchedAgain(), "complete_on_caller", "complete")
     # A wrapper is a broker of its own: it has not vouched for the deliveries it hands out.
     assert not vouched(WrappedBroker(MemoryBroker()), "ack_on_caller", "consume")
+
+
+class CompleteOverridden(RedisStore):
+    async def complete(self, key: str, token: str, result: bytes | None, ttl: float) -> None:
+        async with asyncio.timeout(1):
+            await super().complete(key, token, result, ttl)
+
+
+def test_the_chained_success_is_vouched_for_by_the_classes_that_run_it(tmp_path: Path) -> None:
+    """``_chained`` (the ack waiting for the completion, ``oncely.runtime._success``) runs only
+    where the broker's ``consume`` class offers ``ack_after`` and the store's ``complete``
+    class offers ``complete_soon``: a store that overrides ``complete`` keeps its own."""
+    assert vouched(AmqpBroker("amqp://127.0.0.1/"), "acks_after", "consume")
+    for broker in (MemoryBroker(), SqliteBroker(tmp_path / "b.db"), WrappedBroker(MemoryBroker())):
+        assert not vouched(broker, "acks_after", "consume")
+    assert vouched(RedisStore(), "completes_soon", "complete")
+    assert vouched(PostgresStore("postgresql://127.0.0.1/x"), "completes_soon", "complete")
+    for store in (MemoryStore(), SqliteStore(tmp_path / "s.db"), CompleteOverridden()):
+        assert not vouched(store, "completes_soon", "complete")
