@@ -34,7 +34,9 @@ class AckWindow:
 
     An ack may come with a condition (``oncely.brokers._ack_after``): its flush waits for it,
     and a tag whose condition failed is left out of every frame, stays unsettled and its
-    caller gets ``AckWithheld``.
+    caller gets ``AckWithheld``. The flush waits holding the lock, so the channel's later acks
+    wait behind it: as long as the store's reply takes, at most its own timeout (a store that
+    hangs with no timeout holds them as long, where before only its own callers waited).
     """
 
     __slots__ = (

@@ -95,22 +95,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import asyncpg
 
-from oncely._postgres import (
-    close_quietly,
-    create_pool,
-    identifier,
-    map_errors,
-    quote_ident,
-)
+from oncely._postgres import close_quietly, create_pool, identifier, map_errors, quote_ident
 from oncely.errors import ConfigError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores._key_batch import BeginCall, CompleteCall, new_call
 from oncely.stores._postgres_options import store_options
-from oncely.stores._postgres_sql import (
-    BATCH,
-    db_key,
-    statements,
-    write_calls,
-)
+from oncely.stores._postgres_sql import BATCH, db_key, statements, write_calls
 from oncely.stores._postgres_tx import (
     acquired,
     completing_transaction,
