@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 import oncely
 from oncely.brokers.amqp import AmqpBroker
@@ -18,7 +17,7 @@ from oncely.errors import StoreUnavailable
 from oncely.stores.redis import RedisStore
 from tests._wait import eventually
 from tests.brokers.test_amqp import AMQP_URL, delete_topology, nothing_within
-from tests.stores._redis_support import REDIS_URL, with_options
+from tests.stores._redis_support import CLUSTER_URL, REDIS_URL, with_options
 
 pytestmark = [pytest.mark.amqp, pytest.mark.anyio]
 
@@ -109,11 +108,13 @@ async def test_a_stop_while_the_ack_waits_for_the_completion_settles_it_whole(
 
 
 @pytest.mark.parametrize("url", ACK_MODES, ids=["batched", "one_by_one"])
+@pytest.mark.parametrize("redis_url", [REDIS_URL, CLUSTER_URL], ids=["standalone", "cluster"])
 async def test_a_lost_lease_withholds_the_ack_then_acks_it_as_unrecorded(
-    topic: str, unique: str, url: str
+    topic: str, unique: str, url: str, redis_url: str
 ) -> None:
-    store = RedisStore(with_options(REDIS_URL, prefix=f"{unique}:"))
-    raw = aioredis.Redis.from_url(REDIS_URL)
+    store = RedisStore(with_options(redis_url, prefix=f"{unique}:"))
+    await store.connect()
+    raw = store._checked()  # the store's own client: a Cluster's routes by the key's slot
     app = oncely.App()
     names: list[str] = []
 
@@ -134,5 +135,4 @@ async def test_a_lost_lease_withholds_the_ack_then_acks_it_as_unrecorded(
             assert (stats.complete_retries, stats.store_errors, stats.settle_errors) == (0, 0, 0)
     finally:
         await store.aclose()
-        await raw.aclose()
     await _nothing_left(topic)
