@@ -17,6 +17,11 @@ A broker offers it by setting ``acks_after = True`` on the class that defines ``
   (unsettled) and may be acked, nacked or rejected afterwards: ``AckWithheld`` carries the
   error;
 - any other error is the ack's own, as from ``ack``.
+
+A caller cancelled while it waits gives up on the outcome, as with ``ack``; the adapter
+treats the delivery as settled. If the condition then fails, nothing is acked and the
+message comes back when its channel closes. (The runtime never cancels it: the settle runs
+whole, ``oncely.runtime._whole``, and a handed-on settle is awaited by the worker's stop.)
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ class AckWithheld(Exception):
 
 async def withheld(conditions: dict[int, asyncio.Future[Any]]) -> dict[int, AckWithheld]:
     """Wait for every condition (by delivery tag), then ``{tag: AckWithheld}`` for those that
-    failed. Only from a task that nothing cancels but the loop's end (an ack batch's): a
-    cancel of it cancels the condition it waits on, whose owner sees an abandoned call."""
+    failed. A cancel of the task that waits (the ack batch's, only at the loop's end; the
+    caller's, with one-by-one acks) cancels the condition it waits on, as awaiting the
+    store's call itself would: its owner sees an abandoned call."""
     for condition in conditions.values():
         if not condition.done():
             # Awaited one at a time, directly: they mostly resolve together (one store

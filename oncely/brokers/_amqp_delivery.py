@@ -125,7 +125,8 @@ class AmqpDelivery(Delivery):
             await self._expire()
             raise
         finally:
-            # Also on cancellation: the shielded flush still sends this ack.
+            # Also on cancellation: the flush still sends this ack (a conditional one only if
+            # its condition holds: oncely.brokers._ack_after).
             if self._state == _SETTLING:
                 self._state = _SETTLED
                 await self._sub.release()
