@@ -76,11 +76,24 @@ class Drain:
             )
         for runner in self._runners:
             await runner.aclose()
+        raised: BaseException | None = None
         for hook in reversed(self.app.shutdown_hooks):
             try:
                 await hook()
             except Exception:
                 log.exception("shutdown hook %r failed", hook)
+            except BaseException as exc:
+                # sys.exit(), KeyboardInterrupt or a cancel out of a hook: the hooks after it
+                # are skipped, but the worker still closes what it owns and reads as stopped
+                # (else wait_stopped(), and `oncely run` on a signal, waited for ever); then
+                # the exception goes on.
+                log.error(
+                    "shutdown hook %r raised %s; closing the worker, then raising it",
+                    hook,
+                    type(exc).__name__,
+                )
+                raised = exc
+                break
         if self._publisher is not None:
             self.app.unbind(self._publisher)
         await self._close_owned()
@@ -88,6 +101,8 @@ class Drain:
         await self.endpoints.aclose()
         self._stopped.set()
         log.info("worker stopped: %s", self.stats.as_dict())
+        if raised is not None:
+            raise raised
 
     async def _drain(self, pending: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
         """Wait for ``pending`` until the deadline, which a later ``stop()`` may bring in."""
