@@ -7,6 +7,7 @@ unsettled, so it is the broker's connection that is closed.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -46,14 +47,24 @@ def _amqp(delivery: Delivery) -> AmqpDelivery:
     return delivery
 
 
+Acking = tuple[Delivery, "asyncio.Future[None]", "asyncio.Future[None]"]
+
+
+@contextlib.asynccontextmanager
+async def _acking_one(broker: AmqpBroker, topic: str) -> AsyncIterator[Acking]:
+    """One message published and taken, its ``ack_after`` started on a fresh condition:
+    ``(delivery, condition, the ack_after future)``, while the subscription is open."""
+    await broker.publish(topic, b"one")
+    condition: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async with broker.consume(topic, prefetch=5, visibility=30) as sub:
+        (d,) = await take(sub, 1)
+        yield d, condition, asyncio.ensure_future(_amqp(d).ack_after(condition))
+
+
 @pytest.mark.parametrize("url", [BATCHED, ONE_BY_ONE])
 async def test_nothing_is_acked_before_its_condition(topic: str, url: str) -> None:
     async with AmqpBroker(url) as broker:
-        await broker.publish(topic, b"one")
-        condition: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        async with broker.consume(topic, prefetch=5, visibility=30) as sub:
-            (d,) = await take(sub, 1)
-            acking = asyncio.ensure_future(_amqp(d).ack_after(condition))
+        async with _acking_one(broker, topic) as (_, condition, acking):
             await asyncio.sleep(0.3)  # give an unconditional ack ample time to go out
             assert not acking.done()
     # The connection closed with the condition still open: the message was not acked.
@@ -66,11 +77,7 @@ async def test_nothing_is_acked_before_its_condition(topic: str, url: str) -> No
 @pytest.mark.parametrize("url", [BATCHED, ONE_BY_ONE])
 async def test_acked_once_its_condition_holds(topic: str, url: str) -> None:
     async with AmqpBroker(url) as broker:
-        await broker.publish(topic, b"one")
-        condition: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        async with broker.consume(topic, prefetch=5, visibility=30) as sub:
-            (d,) = await take(sub, 1)
-            acking = asyncio.ensure_future(_amqp(d).ack_after(condition))
+        async with _acking_one(broker, topic) as (d, condition, acking):
             asyncio.get_running_loop().call_later(0.05, condition.set_result, None)
             await acking
             assert d.settled
@@ -83,11 +90,7 @@ async def test_a_failed_condition_withholds_the_ack_and_leaves_the_delivery_open
     topic: str, url: str
 ) -> None:
     async with AmqpBroker(url) as broker:
-        await broker.publish(topic, b"one")
-        condition: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        async with broker.consume(topic, prefetch=5, visibility=30) as sub:
-            (d,) = await take(sub, 1)
-            acking = asyncio.ensure_future(_amqp(d).ack_after(condition))
+        async with _acking_one(broker, topic) as (d, condition, acking):
             down = StoreUnavailable("redis is down")
             asyncio.get_running_loop().call_later(0.05, condition.set_exception, down)
             with pytest.raises(AckWithheld) as withheld:
@@ -135,11 +138,7 @@ async def test_one_batch_acks_what_was_recorded_and_no_multiple_ack_covers_the_r
 
 async def test_a_cancelled_condition_withholds_too(topic: str) -> None:
     async with AmqpBroker(BATCHED) as broker:
-        await broker.publish(topic, b"one")
-        condition: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        async with broker.consume(topic, prefetch=5, visibility=30) as sub:
-            (d,) = await take(sub, 1)
-            acking = asyncio.ensure_future(_amqp(d).ack_after(condition))
+        async with _acking_one(broker, topic) as (d, condition, acking):
             condition.cancel()  # the store's batch, cancelled as its loop ends
             with pytest.raises(AckWithheld) as withheld:
                 await acking
